@@ -1,0 +1,63 @@
+"""The training batch: what the loader yields and the backbone consumes.
+
+It lives at the package root (not in ``pipelines/``) because both the loader and the backbone use
+it, and the backbone must import neither Ray nor any modality (DESIGN.md, deviation noted there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    """One batch of one modality, padded to the longest sequence L in the batch.
+
+    tokens:    (B, L, D) float32 for continuous tokens (values as stored: uint8 pixels stay 0..255),
+               or (B, L) int64 ids for discrete tokens. Padding positions hold 0.
+    positions: (B, L, P) float32 coordinates on the modality's axes.
+    padding:   (B, L) bool, True where there is no token (padding), False for real tokens.
+    modality:  the registered modality name shared by every sample of the batch.
+    labels:    (B,) int64 class indices, -1 where a sample has no label; or None.
+    edges:     (B, E, 2) int64 token-index pairs, padded with -1; or None.
+    ids:       the B sample ids.
+    meta:      per-sample meta dicts (JSON from the table), for detokenising and drawing; may be empty.
+    """
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    padding: torch.Tensor
+    modality: str
+    labels: torch.Tensor | None = None
+    edges: torch.Tensor | None = None
+    ids: list[str] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) number of real tokens per sample."""
+        return (~self.padding).sum(dim=1)
+
+    @property
+    def is_discrete(self) -> bool:
+        return not torch.is_floating_point(self.tokens)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBatch:
+        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(self, tokens=mv(self.tokens), positions=mv(self.positions), padding=mv(self.padding),
+                       labels=mv(self.labels), edges=mv(self.edges))
+
+    def pin_memory(self) -> TokenBatch:
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return replace(self, tokens=pin(self.tokens), positions=pin(self.positions), padding=pin(self.padding),
+                       labels=pin(self.labels), edges=pin(self.edges))

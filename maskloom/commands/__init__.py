@@ -1,0 +1,1 @@
+"""Subcommands of the `maskloom` CLI, one module each (see maskloom/cli.py)."""

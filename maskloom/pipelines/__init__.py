@@ -1,0 +1,1 @@
+"""Ray preprocessing (sources, preprocess) and the training loader."""

@@ -1,0 +1,1 @@
+"""Recipes: objectives, recipe definitions, training, evaluation, visualisation."""

@@ -1,0 +1,502 @@
+"""The token-table schema: one module, one comment per column; writing, reading, validating.
+
+A token table is a directory (DESIGN.md):
+
+    part-00000.parquet ...   shards (zstd), named deterministically from the shard index
+    _manifest.json           schema version, modality, tokenizer name + config + version, config
+                             fingerprint, per-shard {name, rows, bytes, sha256, inputs}, totals
+                             {inputs, rows, errors}. Readers trust the manifest, never a glob.
+    _errors.parquet          one row per rejected input: source, kind, message
+    artifacts/               tokenizer artifacts (a BPE vocabulary, dataset statistics)
+
+Every shard carries the table-level facts in its Parquet schema metadata under key ``maskloom``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from maskloom.tokenizers.base import TOKENIZERS, Record, TableSpec
+
+SCHEMA_VERSION = 1
+META_KEY = b"maskloom"
+MANIFEST = "_manifest.json"
+ERRORS = "_errors.parquet"
+ARTIFACTS = "artifacts"
+
+_ARROW_DTYPES = {"uint8": pa.uint8(), "float16": pa.float16(), "float32": pa.float32(), "int32": pa.int32()}
+
+
+class TableError(ValueError):
+    """A token table (or the records for one) that breaks the schema; the message says where and why."""
+
+
+def shard_name(index: int) -> str:
+    """Deterministic shard file name for shard ``index``."""
+    return f"part-{index:05d}.parquet"
+
+
+def arrow_schema(spec: TableSpec, meta: dict[str, Any] | None = None) -> pa.Schema:
+    """The Arrow schema of a table of ``spec``; ``meta`` goes in the schema metadata under ``maskloom``."""
+    if spec.token_kind == "discrete":
+        token_type = pa.large_list(pa.int32())
+    else:
+        token_type = pa.large_list(pa.list_(_ARROW_DTYPES[spec.token_dtype], spec.token_dim))
+    fields = [
+        pa.field("id", pa.string(), nullable=False),  # stable sample id (source + sub-index), unique in the table
+        pa.field("source", pa.string(), nullable=False),  # where the sample came from (input path)
+        pa.field("modality", pa.dictionary(pa.int8(), pa.string()), nullable=False),  # registered modality name
+        pa.field("tokens", token_type, nullable=False),  # per-token payload: (L, D) vectors or (L,) ids
+        pa.field("positions", pa.large_list(pa.list_(pa.float32(), spec.position_dim)), nullable=False),  # (L, P) coordinates
+        pa.field("edges", pa.large_list(pa.list_(pa.int32(), 2)), nullable=True),  # (E, 2) token-index pairs (graphs)
+        pa.field("label", pa.int64(), nullable=True),  # class index, for probes and fine-tuning
+        pa.field("meta", pa.string(), nullable=False),  # JSON: what detokenize needs (shape, sample rate, stats)
+    ]
+    md = {META_KEY: json.dumps(meta, sort_keys=True).encode()} if meta is not None else None
+    return pa.schema(fields, metadata=md)
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string()),  # the rejected input
+        pa.field("kind", pa.string()),  # TokenizeError kind: missing, unsupported, corrupt, empty, ...
+        pa.field("message", pa.string()),  # the reason, for people
+    ]
+)
+
+
+def table_meta(
+    spec: TableSpec,
+    *,
+    tokenizer: str,
+    tokenizer_version: str,
+    config: dict[str, Any],
+    fingerprint: str,
+    label_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The table-level facts stored in every shard's schema metadata and in the manifest."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "modality": spec.modality,
+        "tokenizer": tokenizer,
+        "tokenizer_version": tokenizer_version,
+        "config": config,
+        "fingerprint": fingerprint,
+        "token_kind": spec.token_kind,
+        "token_dim": spec.token_dim,
+        "token_dtype": spec.token_dtype,
+        "token_shape": list(spec.token_shape) if spec.token_shape else None,
+        "vocab_size": spec.vocab_size,
+        "position_axes": list(spec.position_axes),
+        "position_kind": spec.position_kind,
+        "label_names": list(label_names) if label_names is not None else None,
+    }
+
+
+def spec_from_meta(meta: dict[str, Any]) -> TableSpec:
+    return TableSpec.from_json(meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+def validate_record(rec: Record, spec: TableSpec) -> None:
+    """Raise TableError naming the record and the problem if ``rec`` does not satisfy ``spec``."""
+    where = f"record {rec.id!r} (source {rec.source!r})"
+    tok = np.asarray(rec.tokens)
+    pos = np.asarray(rec.positions)
+    if spec.token_kind == "discrete":
+        if tok.ndim != 1:
+            raise TableError(f"{where}: discrete tokens must be a 1-D array of ids, got shape {tok.shape}")
+        if tok.size and (tok.min() < 0 or (spec.vocab_size and tok.max() >= spec.vocab_size)):
+            raise TableError(f"{where}: token ids must lie in [0, {spec.vocab_size}), got [{tok.min()}, {tok.max()}]")
+    else:
+        if tok.ndim != 2 or tok.shape[1] != spec.token_dim:
+            raise TableError(f"{where}: tokens must have shape (L, {spec.token_dim}), got {tok.shape}")
+        if tok.dtype.kind == "f" and not np.isfinite(tok).all():
+            raise TableError(f"{where}: tokens contain non-finite values (NaN or inf)")
+    if pos.ndim != 2 or pos.shape[1] != spec.position_dim:
+        raise TableError(
+            f"{where}: positions must have shape (L, {spec.position_dim}) for axes {spec.position_axes}, got {pos.shape}"
+        )
+    if pos.shape[0] != tok.shape[0]:
+        raise TableError(f"{where}: {tok.shape[0]} tokens but {pos.shape[0]} positions")
+    if not np.isfinite(pos).all():
+        raise TableError(f"{where}: positions contain non-finite values (NaN or inf)")
+    if tok.shape[0] == 0:
+        raise TableError(f"{where}: a record needs at least one token")
+    if rec.edges is not None:
+        e = np.asarray(rec.edges)
+        if e.ndim != 2 or e.shape[1] != 2:
+            raise TableError(f"{where}: edges must have shape (E, 2), got {e.shape}")
+        if e.size and (e.min() < 0 or e.max() >= tok.shape[0]):
+            raise TableError(f"{where}: edge endpoints must lie in [0, {tok.shape[0]}), got [{e.min()}, {e.max()}]")
+
+
+def validate_table(table: pa.Table, *, where: str = "table") -> dict[str, Any]:
+    """Validate an Arrow table against its own ``maskloom`` schema metadata; return that metadata.
+
+    Checks: schema version, known modality, column types (token and position widths), per-row
+    token/position length agreement, finite values, edge ranges, unique ids.
+    """
+    md = table.schema.metadata or {}
+    if META_KEY not in md:
+        raise TableError(f"{where}: no 'maskloom' schema metadata; not a token table")
+    meta = json.loads(md[META_KEY])
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise TableError(
+            f"{where}: schema version {meta.get('schema_version')!r} but this maskloom reads version {SCHEMA_VERSION}"
+        )
+    modality = meta.get("modality")
+    if modality not in TOKENIZERS:
+        raise TableError(f"{where}: unknown modality {modality!r}; registered: {', '.join(TOKENIZERS.names())}")
+    spec = spec_from_meta(meta)
+    expected = arrow_schema(spec)
+    for f in expected:
+        if f.name not in table.schema.names:
+            raise TableError(f"{where}: missing column {f.name!r}")
+        got = table.schema.field(f.name).type
+        if got != f.type:
+            raise TableError(f"{where}: column {f.name!r} has type {got}, expected {f.type} (token_dim/position axes)")
+    if table.num_rows == 0:
+        return meta
+    tok, pos = table.column("tokens").combine_chunks(), table.column("positions").combine_chunks()
+    tok_len = np.diff(tok.offsets.to_numpy())
+    pos_len = np.diff(pos.offsets.to_numpy())
+    ids = table.column("id").to_pylist()
+    bad = np.nonzero(tok_len != pos_len)[0]
+    if bad.size:
+        i = int(bad[0])
+        raise TableError(f"{where}: row {ids[i]!r}: {tok_len[i]} tokens but {pos_len[i]} positions")
+    empty = np.nonzero(tok_len == 0)[0]
+    if empty.size:
+        raise TableError(f"{where}: row {ids[int(empty[0])]!r} has no tokens")
+    values = tok.values if spec.token_kind == "discrete" else tok.values.values
+    vals = values.to_numpy(zero_copy_only=False)
+    if vals.dtype.kind == "f":
+        row_of = np.repeat(np.arange(len(tok_len)), tok_len * (1 if spec.token_kind == "discrete" else spec.token_dim))
+        nonfinite = np.nonzero(~np.isfinite(vals))[0]
+        if nonfinite.size:
+            raise TableError(f"{where}: row {ids[int(row_of[nonfinite[0]])]!r}: tokens contain non-finite values")
+    elif spec.token_kind == "discrete" and vals.size:
+        if vals.min() < 0 or (spec.vocab_size and vals.max() >= spec.vocab_size):
+            raise TableError(f"{where}: token ids outside [0, {spec.vocab_size})")
+    pvals = pos.values.values.to_numpy(zero_copy_only=False)
+    if not np.isfinite(pvals).all():
+        row_of = np.repeat(np.arange(len(pos_len)), pos_len * spec.position_dim)
+        i = int(row_of[np.nonzero(~np.isfinite(pvals))[0][0]])
+        raise TableError(f"{where}: row {ids[i]!r}: positions contain non-finite values")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(x for x in ids if x in seen or seen.add(x))  # type: ignore[func-returns-value]
+        raise TableError(f"{where}: duplicate id {dup!r}")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# records <-> arrow
+# ---------------------------------------------------------------------------------------------
+def _offsets(lengths: Sequence[int]) -> pa.Array:
+    return pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]), pa.int64())
+
+
+def records_to_arrow(records: Sequence[Record], spec: TableSpec, meta: dict[str, Any] | None = None) -> pa.Table:
+    """Pack records into one Arrow table of the token-table schema (vectorised, no per-token Python).
+
+    Every record is validated first (``validate_record``), so a bad record raises TableError naming it.
+    """
+    for r in records:
+        validate_record(r, spec)
+    schema = arrow_schema(spec, meta)
+    n = len(records)
+    lengths = [r.num_tokens for r in records]
+    np_dtype = np.dtype(spec.token_dtype)
+    if n:
+        flat_tok = np.concatenate([np.asarray(r.tokens, dtype=np_dtype).reshape(-1) for r in records])
+        flat_pos = np.concatenate([np.asarray(r.positions, dtype=np.float32).reshape(-1) for r in records])
+    else:
+        flat_tok = np.zeros(0, np_dtype)
+        flat_pos = np.zeros(0, np.float32)
+    if spec.token_kind == "discrete":
+        tokens = pa.LargeListArray.from_arrays(_offsets(lengths), pa.array(flat_tok, pa.int32()))
+    else:
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat_tok, _ARROW_DTYPES[spec.token_dtype]), spec.token_dim)
+        tokens = pa.LargeListArray.from_arrays(_offsets(lengths), inner)
+    positions = pa.LargeListArray.from_arrays(
+        _offsets(lengths), pa.FixedSizeListArray.from_arrays(pa.array(flat_pos, pa.float32()), spec.position_dim)
+    )
+    # edges: null for records without edges
+    has_edges = [r.edges is not None for r in records]
+    if any(has_edges):
+        elens = [0 if r.edges is None else int(np.asarray(r.edges).shape[0]) for r in records]
+        flat_e = np.concatenate([np.asarray(r.edges, np.int32).reshape(-1) for r in records if r.edges is not None] or [np.zeros(0, np.int32)])
+        mask = pa.array([not h for h in has_edges])
+        edges = pa.LargeListArray.from_arrays(
+            _offsets(elens), pa.FixedSizeListArray.from_arrays(pa.array(flat_e, pa.int32()), 2), mask=mask
+        )
+    else:
+        edges = pa.nulls(n, schema.field("edges").type)
+    modality = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([spec.modality]))
+    cols = [
+        pa.array([r.id for r in records], pa.string()),
+        pa.array([r.source for r in records], pa.string()),
+        modality,
+        tokens,
+        positions,
+        edges,
+        pa.array([r.label for r in records], pa.int64()),
+        pa.array([json.dumps(r.meta, sort_keys=True, default=_json_default) for r in records], pa.string()),
+    ]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"meta value of type {type(o).__name__} is not JSON-serialisable")
+
+
+def arrow_to_records(table: pa.Table) -> list[Record]:
+    """Unpack an Arrow token table into records (for detokenize, inspection and tests)."""
+    meta = json.loads((table.schema.metadata or {})[META_KEY])
+    spec = spec_from_meta(meta)
+    out = []
+    d = table.to_pydict()
+    for i in range(table.num_rows):
+        tok = np.asarray(d["tokens"][i], dtype=np.dtype(spec.token_dtype))
+        if spec.token_kind == "continuous":
+            tok = tok.reshape(-1, spec.token_dim)
+        pos = np.asarray(d["positions"][i], np.float32).reshape(-1, spec.position_dim)
+        e = d["edges"][i]
+        edges = None if e is None else np.asarray(e, np.int32).reshape(-1, 2)
+        out.append(Record(id=d["id"][i], source=d["source"][i], tokens=tok, positions=pos, edges=edges,
+                          label=d["label"][i], meta=json.loads(d["meta"][i])))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# files: shards, errors, manifest
+# ---------------------------------------------------------------------------------------------
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file + fsync + rename: readers never see a partial file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(d)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def row_group_rows(table: pa.Table, target_bytes: int = 32 << 20) -> int:
+    """Rows per Parquet row group so that a group holds about ``target_bytes`` (tensor-sized reads)."""
+    if table.num_rows == 0:
+        return 1
+    per_row = max(1, table.nbytes // table.num_rows)
+    return int(max(1, min(table.num_rows, math.ceil(target_bytes / per_row))))
+
+
+def write_shard(path: str, table: pa.Table) -> dict[str, Any]:
+    """Write one shard atomically (temp name + rename); return {name, rows, bytes, sha256}."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".parquet")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
+        with open(tmp, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+            os.fsync(f.fileno())
+        size = os.path.getsize(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(d)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"name": os.path.basename(path), "rows": table.num_rows, "bytes": size, "sha256": digest}
+
+
+def errors_to_arrow(errors: Iterable[tuple[str, str, str]]) -> pa.Table:
+    rows = list(errors)
+    return pa.Table.from_pylist([{"source": s, "kind": k, "message": m} for s, k, m in rows], schema=ERRORS_SCHEMA)
+
+
+@dataclass
+class Manifest:
+    """The table's index: readers open exactly the shards it lists."""
+
+    meta: dict[str, Any]
+    shards: list[dict[str, Any]] = field(default_factory=list)  # {name, rows, bytes, sha256, inputs}
+    totals: dict[str, int] = field(default_factory=lambda: {"inputs": 0, "rows": 0, "errors": 0})
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. run statistics
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "modality": self.meta["modality"],
+            "tokenizer": {
+                "name": self.meta["tokenizer"],
+                "version": self.meta["tokenizer_version"],
+                "config": self.meta["config"],
+            },
+            "fingerprint": self.meta["fingerprint"],
+            "meta": self.meta,
+            "shards": self.shards,
+            "totals": self.totals,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        return cls(meta=d["meta"], shards=d["shards"], totals=d["totals"], extra=d.get("extra", {}))
+
+
+def write_manifest(directory: str, manifest: Manifest) -> None:
+    atomic_write_bytes(os.path.join(directory, MANIFEST), json.dumps(manifest.to_json(), indent=1).encode())
+
+
+def read_manifest(directory: str) -> Manifest:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        raise TableError(f"{directory}: no such token table directory")
+    if not os.path.exists(path):
+        raise TableError(f"{directory}: no {MANIFEST}; not a finished token table")
+    try:
+        d = json.loads(open(path, encoding="utf-8").read())
+    except json.JSONDecodeError as e:
+        raise TableError(f"{path}: manifest is not valid JSON ({e})") from None
+    if d.get("schema_version") != SCHEMA_VERSION:
+        raise TableError(f"{path}: schema version {d.get('schema_version')!r}, this maskloom reads {SCHEMA_VERSION}")
+    return Manifest.from_json(d)
+
+
+class TokenTable:
+    """A finished token table on disk, opened through its manifest."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.manifest = read_manifest(directory)
+        self.meta = self.manifest.meta
+        self.spec = spec_from_meta(self.meta)
+
+    @property
+    def modality(self) -> str:
+        return self.spec.modality
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest.totals["rows"])
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.meta.get("label_names")
+
+    def shard_paths(self) -> list[str]:
+        return [os.path.join(self.directory, s["name"]) for s in self.manifest.shards]
+
+    def read(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """All shards concatenated (in manifest order)."""
+        parts = [pq.read_table(p, columns=list(columns) if columns else None) for p in self.shard_paths()]
+        if not parts:
+            return arrow_schema(self.spec, self.meta).empty_table()
+        return pa.concat_tables(parts)
+
+    def records(self, limit: int | None = None) -> list[Record]:
+        t = self.read()
+        return arrow_to_records(t.slice(0, limit) if limit is not None else t)
+
+    def errors(self) -> pa.Table:
+        p = os.path.join(self.directory, ERRORS)
+        return pq.read_table(p) if os.path.exists(p) else ERRORS_SCHEMA.empty_table()
+
+    def artifacts_dir(self) -> str:
+        return os.path.join(self.directory, ARTIFACTS)
+
+    def tokenizer(self):
+        """Rebuild the tokenizer that made this table (with its artifacts), e.g. to detokenize."""
+        from maskloom.tokenizers.base import get_tokenizer
+
+        tok = get_tokenizer(self.meta["tokenizer"], self.meta["config"])
+        if os.path.isdir(self.artifacts_dir()):
+            tok.load_artifacts(self.artifacts_dir())
+        return tok
+
+
+def write_table(
+    directory: str,
+    records: Sequence[Record],
+    tokenizer: Any,
+    *,
+    errors: Iterable[tuple[str, str, str]] = (),
+    inputs: int | None = None,
+    rows_per_shard: int = 4096,
+    label_names: Sequence[str] | None = None,
+) -> TokenTable:
+    """Write a whole token table in one process (tests, small jobs). The Ray pipeline writes the same
+    layout shard by shard. ``tokenizer`` is the Tokenizer instance that made ``records``."""
+    spec = tokenizer.spec()
+    names = label_names if label_names is not None else tokenizer.label_names()
+    meta = table_meta(spec, tokenizer=tokenizer.name, tokenizer_version=tokenizer.version,
+                      config=tokenizer.config_dict(), fingerprint=tokenizer.fingerprint(), label_names=names)
+    os.makedirs(directory, exist_ok=True)
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(x for x in ids if x in seen or seen.add(x))  # type: ignore[func-returns-value]
+        raise TableError(f"{directory}: duplicate id {dup!r}")
+    shards = []
+    for k, start in enumerate(range(0, max(len(records), 1), rows_per_shard)):
+        chunk = records[start : start + rows_per_shard]
+        if not chunk and k > 0:
+            break
+        info = write_shard(os.path.join(directory, shard_name(k)), records_to_arrow(chunk, spec, meta))
+        info["inputs"] = len({r.source for r in chunk})
+        shards.append(info)
+    errs = list(errors)
+    atomic_write_bytes(os.path.join(directory, ERRORS), _parquet_bytes(errors_to_arrow(errs)))
+    if tokenizer.save_artifacts is not None:
+        tokenizer.save_artifacts(os.path.join(directory, ARTIFACTS))
+    n_inputs = inputs if inputs is not None else len({r.source for r in records}) + len(errs)
+    write_manifest(directory, Manifest(meta=meta, shards=shards,
+                                       totals={"inputs": n_inputs, "rows": len(records), "errors": len(errs)}))
+    return TokenTable(directory)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()

@@ -1,0 +1,302 @@
+"""The tokenizer contract and the tokenizer registry.
+
+A tokenizer turns one raw input (a file, or one sample inside a dataset file) into token records,
+and back. It owns all domain knowledge of its modality; nothing else in maskloom knows what a
+pixel, a mel bin or an atom is. The contract (DESIGN.md):
+
+    read(source) -> raw             decode a file; bad input raises TokenizeError(source, kind, reason)
+    tokenize(raw) -> [Record, ...]  one or more samples, each a sequence of tokens with coordinates
+    detokenize(record) -> raw       invert tokenize (up to resampling/cropping)
+
+plus ``spec()``, the table-level facts (token kind/width/dtype, position axes) that every record
+it makes satisfies, and optional ``fit(sources)`` for tokenizers that learn from the corpus (a BPE
+vocabulary, dataset statistics) with ``save_artifacts``/``load_artifacts`` to keep what they
+learned beside the table.
+
+Tokenizers do no Ray, no training and no printing: the pipelines call them.
+
+A new modality is one file: subclass :class:`Tokenizer`, give it a frozen ``Config`` dataclass,
+decorate it with ``@register_tokenizer("name")``. Another package can add one without touching
+maskloom through the ``maskloom.tokenizers`` entry-point group (value: ``module:Class``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from maskloom.registry import Registry
+
+log = logging.getLogger(__name__)
+
+TokenKind = Literal["continuous", "discrete"]
+PositionKind = Literal["grid", "continuous", "spectral"]
+TOKEN_DTYPES = ("uint8", "float16", "float32", "int32")
+
+
+class TokenizeError(ValueError):
+    """A raw input that cannot be tokenized: names the source, a short error kind and the reason.
+
+    ``kind`` is one of a small vocabulary so that error tables can be summarised:
+    ``missing`` (no such file), ``unsupported`` (format/extension not handled), ``corrupt``
+    (decoder failed), ``empty`` (no content: zero-length audio, empty text, no nodes),
+    ``too_small`` (fewer elements than one token needs), ``invalid`` (content violates the config,
+    e.g. all-NaN series), ``config`` (the tokenizer config is wrong for this input).
+    """
+
+    KINDS = ("missing", "unsupported", "corrupt", "empty", "too_small", "invalid", "config")
+
+    def __init__(self, source: str, kind: str, reason: str) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"TokenizeError kind must be one of {self.KINDS}, got {kind!r}")
+        self.source = str(source)
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"{self.source}: {kind}: {reason}")
+
+    def __reduce__(self):  # picklable across Ray/multiprocessing boundaries
+        return (type(self), (self.source, self.kind, self.reason))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableSpec:
+    """Table-level facts shared by every record of one tokenizer configuration."""
+
+    modality: str
+    """Registered modality (tokenizer) name."""
+    token_kind: TokenKind
+    """``continuous`` (vectors) or ``discrete`` (integer ids)."""
+    token_dim: int
+    """Width D of a continuous token (e.g. 16*16*3 = 768); 1 for discrete tokens."""
+    token_dtype: str
+    """Storage dtype of tokens: uint8 (pixels), float16, float32, or int32 (ids)."""
+    position_axes: tuple[str, ...]
+    """Names of the P coordinate axes, e.g. ("row", "col") or ("t", "row", "col")."""
+    position_kind: PositionKind
+    """grid (integer lattice), continuous (e.g. xyz centres), spectral (Laplacian eigenvectors)."""
+    vocab_size: int | None = None
+    """Number of ids for discrete tokens; None for continuous."""
+    token_shape: tuple[int, ...] | None = None
+    """Unflattened shape of one token, e.g. (16, 16, 3); informative, for visualisation."""
+
+    def __post_init__(self) -> None:
+        if self.token_kind not in ("continuous", "discrete"):
+            raise ValueError(f"token_kind must be continuous or discrete, got {self.token_kind!r}")
+        if self.position_kind not in ("grid", "continuous", "spectral"):
+            raise ValueError(f"position_kind must be grid, continuous or spectral, got {self.position_kind!r}")
+        if self.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"token_dtype must be one of {TOKEN_DTYPES}, got {self.token_dtype!r}")
+        if self.token_kind == "discrete" and (self.token_dtype != "int32" or self.token_dim != 1):
+            raise ValueError("discrete tokens are stored as int32 with token_dim 1")
+        if self.token_kind == "discrete" and not self.vocab_size:
+            raise ValueError("discrete tokens need vocab_size")
+        if self.token_dim < 1 or not self.position_axes:
+            raise ValueError("token_dim must be >= 1 and position_axes non-empty")
+
+    @property
+    def position_dim(self) -> int:
+        return len(self.position_axes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["position_axes"] = list(self.position_axes)
+        d["token_shape"] = list(self.token_shape) if self.token_shape else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> TableSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["position_axes"] = tuple(kw["position_axes"])
+        if kw.get("token_shape") is not None:
+            kw["token_shape"] = tuple(kw["token_shape"])
+        return cls(**kw)
+
+
+@dataclass
+class Record:
+    """One sample: a sequence of L tokens with coordinates.
+
+    tokens:    (L, D) array of spec.token_dtype for continuous tokens, (L,) int32 for discrete.
+    positions: (L, P) float32 coordinates on the modality's axes.
+    edges:     (E, 2) int32 token-index pairs (graphs), or None.
+    label:     class index, or None.
+    meta:      JSON-serialisable dict with what detokenize needs (shape, sample rate, stats ...).
+    id:        stable id, unique in a table: "<source>#<sub-index>" by convention.
+    """
+
+    id: str
+    source: str
+    tokens: np.ndarray
+    positions: np.ndarray
+    edges: np.ndarray | None = None
+    label: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A frozen config dataclass as a JSON-friendly dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=list))
+
+
+def config_from_dict(cls: type, d: Mapping[str, Any], *, where: str = "config") -> Any:
+    """Build config dataclass ``cls`` from a dict, with a clear message for unknown keys or bad values.
+
+    Lists become tuples where the field default is a tuple, so that configs stay hashable.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
+    kw: dict[str, Any] = {}
+    for k, v in d.items():
+        default = fields[k].default
+        if isinstance(v, list) and (isinstance(default, tuple) or default is dataclasses.MISSING):
+            v = tuple(v)
+        kw[k] = v
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+class Tokenizer(ABC):
+    """Base class of every modality tokenizer. Subclasses set ``name``, ``Config``, ``version``,
+    ``extensions`` and implement ``spec``, ``read``, ``tokenize``, ``detokenize``.
+
+    The base never mutates the caller's data, and a tokenizer instance is safe to reuse for many
+    inputs (the pipelines build one per worker and call it for every file).
+    """
+
+    name: ClassVar[str] = ""
+    """Registered modality name; set by @register_tokenizer."""
+    Config: ClassVar[type]
+    """Frozen, keyword-only config dataclass with a docstring per field."""
+    version: ClassVar[str] = "1"
+    """Bump when the output of the same config changes (part of a table's fingerprint)."""
+    extensions: ClassVar[tuple[str, ...]] = ()
+    """Lower-case file extensions (with dot) this tokenizer reads; used to discover inputs."""
+    needs_fit: ClassVar[bool] = False
+    """True when fit() must run on the corpus before tokenize() (e.g. a BPE vocabulary)."""
+
+    def __init__(self, config: Any = None) -> None:
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, Mapping):
+            config = config_from_dict(self.Config, config, where=f"{self.name} tokenizer config")
+        elif not isinstance(config, self.Config):
+            raise TypeError(f"{self.name} tokenizer expects {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    # ---- the contract -------------------------------------------------------------------------
+    @abstractmethod
+    def spec(self) -> TableSpec:
+        """Table-level facts every record satisfies (may depend on the config and on fit())."""
+
+    @abstractmethod
+    def read(self, source: str) -> Any:
+        """Decode one input file into the modality's raw form; raise TokenizeError on bad input."""
+
+    @abstractmethod
+    def tokenize(self, raw: Any, *, source: str = "") -> list[Record]:
+        """Turn a raw input into records (one or more samples). ``source`` names the input in ids
+        and in errors. Must be deterministic for a given config and raw input."""
+
+    @abstractmethod
+    def detokenize(self, record: Record) -> Any:
+        """Invert tokenize for one record, back to the raw form (up to resampling/cropping)."""
+
+    # ---- optional -----------------------------------------------------------------------------
+    def fit(self, sources: Iterable[str]) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Learn corpus-level state (vocabulary, statistics) from ``sources`` before tokenizing."""
+
+    def save_artifacts(self, directory: str) -> list[str]:
+        """Write what fit() learned under ``directory``; return the file names written."""
+        return []
+
+    def load_artifacts(self, directory: str) -> None:  # noqa: B027
+        """Restore what save_artifacts() wrote (so a later table can reuse a vocabulary)."""
+
+    def label_names(self) -> tuple[str, ...] | None:
+        """Class names when the dataset files themselves carry labels (e.g. TU graphs); else None."""
+        return None
+
+    def render(self, raw: Any, path: str) -> None:
+        """Draw a raw sample to a PNG at ``path`` (used by ``maskloom inspect --render``)."""
+        raise NotImplementedError(f"{self.name} tokenizer cannot render samples")
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def __call__(self, source: str) -> list[Record]:
+        """read + tokenize one file."""
+        return self.tokenize(self.read(source), source=source)
+
+    def config_dict(self) -> dict[str, Any]:
+        return config_to_dict(self.config)
+
+    def fingerprint(self) -> str:
+        """Hash of tokenizer name, version and config: tables built with another value don't mix."""
+        blob = json.dumps({"name": self.name, "version": self.version, "config": self.config_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @staticmethod
+    def check_file(source: str) -> None:
+        """Raise TokenizeError(missing/empty) for a path that does not exist or has no bytes."""
+        if not os.path.exists(source):
+            raise TokenizeError(source, "missing", "no such file or directory")
+        if os.path.isfile(source) and os.path.getsize(source) == 0:
+            raise TokenizeError(source, "empty", "file is empty (0 bytes)")
+
+
+def _load_entry_points(reg: Registry[type[Tokenizer]]) -> None:
+    import maskloom.tokenizers  # noqa: F401  (registers the built-ins)
+
+    try:
+        eps = metadata.entry_points(group="maskloom.tokenizers")
+    except TypeError:  # pragma: no cover - Python < 3.10 API
+        eps = metadata.entry_points().get("maskloom.tokenizers", [])
+    for ep in eps:
+        if ep.name in reg._items:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken plug-in must not break the built-ins
+            log.warning("could not load tokenizer plug-in %r (%s): %s", ep.name, ep.value, e)
+            continue
+        register_tokenizer(ep.name)(cls)
+
+
+TOKENIZERS: Registry[type[Tokenizer]] = Registry("tokenizer", loader=_load_entry_points)
+
+
+def register_tokenizer(name: str):
+    """Class decorator: register a Tokenizer subclass under modality ``name`` (duplicates refused)."""
+
+    def deco(cls: type[Tokenizer]) -> type[Tokenizer]:
+        if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
+            raise TypeError(f"@register_tokenizer({name!r}) needs a Tokenizer subclass, got {cls!r}")
+        if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+            raise TypeError(f"tokenizer {name!r} must define a dataclass Config")
+        TOKENIZERS.add(name, cls)
+        cls.name = name
+        return cls
+
+    return deco
+
+
+def get_tokenizer(name: str, config: Any = None) -> Tokenizer:
+    """Instantiate the tokenizer registered as ``name`` with ``config`` (dataclass, dict or None)."""
+    return TOKENIZERS.get(name)(config)
