@@ -1,0 +1,347 @@
+"""Audio tokenizer: 16x16 patches of a 128-bin Kaldi log-mel filterbank, as AudioMAE.
+
+Huang et al., "Masked Autoencoders that Listen" (NeurIPS 2022), facebookresearch/AudioMAE
+``dataset.py``: the waveform minus its mean goes through
+``torchaudio.compliance.kaldi.fbank(htk_compat=True, use_energy=False, window_type='hanning',
+num_mel_bins=128, dither=0.0, frame_shift=10)``; the (frames, 128) filterbank is zero-padded or cut
+to a fixed number of frames (1024 for 10 s clips), normalised as ``(fbank - mean) / (2 * std)`` with
+dataset statistics (AudioSet: -4.2677393, 4.5689974), and cut into 16x16 patches over
+(time, mel) -> 64 x 8 = 512 tokens for 1024 frames.
+
+Decisions (documented here once):
+
+* Decoding uses ``soundfile`` (libsndfile: WAV, FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1,
+  AIFF); multi-channel audio is mixed down to mono by averaging channels; the waveform is resampled
+  to ``Config.sample_rate`` with ``torchaudio.functional.resample``.
+* Padding follows AudioMAE: the *filterbank* is padded with ``Config.pad_value`` (0.0, i.e. zeros in
+  the log-mel domain) before normalisation, so padded frames become ``(0 - mean) / (2 * std)``.
+  Every patch is a token (padding included); ``meta["frames"]`` is the number of real frames.
+* Long audio is cut to the first ``target_frames`` frames (AudioMAE's evaluation crop).
+* Audio shorter than one analysis window (25 ms, 400 samples at 16 kHz) is zero-padded to one window
+  after mean removal, which gives exactly one real frame. Zero-length audio is rejected (``empty``).
+* ``Config.normalize_with = "config"`` (default) normalises with ``norm_mean``/``norm_std`` (AudioSet
+  statistics, as AudioMAE). ``"dataset"`` uses statistics learned by :meth:`AudioTokenizer.fit`
+  (mean/std over the real frames of a bounded, evenly spaced sample of the corpus), saved as
+  ``audio_stats.json`` beside the table; such a tokenizer sets ``needs_fit``.
+* ``detokenize`` returns the un-normalised filterbank of the real frames, (frames, num_mel_bins):
+  a log-mel filterbank discards phase, so the waveform cannot be recovered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from einops import rearrange
+from torchaudio.compliance import kaldi
+
+from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "audio_stats.json"
+WINDOW_MS = 25.0  # Kaldi's default frame length
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudioConfig:
+    """Configuration of the audio tokenizer (defaults reproduce AudioMAE on 10 s AudioSet clips)."""
+
+    sample_rate: int = 16000
+    """Every input is resampled to this rate (Hz) before the filterbank."""
+    num_mel_bins: int = 128
+    """Mel bins of the Kaldi filterbank (the frequency axis of the spectrogram)."""
+    frame_shift_ms: float = 10.0
+    """Hop between filterbank frames in milliseconds (AudioMAE: 10 ms -> 100 frames per second)."""
+    target_frames: int = 1024
+    """Frames per sample after padding/cutting (1024 = 10.24 s at a 10 ms shift; 128 suits 1 s clips)."""
+    patch_size: int = 16
+    """Side of the square (time x mel) patch; target_frames and num_mel_bins must be multiples of it."""
+    pad_value: float = 0.0
+    """Filterbank value used for padded frames, before normalisation (AudioMAE pads with zeros)."""
+    normalize_with: Literal["config", "dataset"] = "config"
+    """"config": normalise with norm_mean/norm_std; "dataset": with statistics learned by fit()."""
+    norm_mean: float = -4.2677393
+    """Filterbank mean used when normalize_with="config" (AudioSet value from AudioMAE)."""
+    norm_std: float = 4.5689974
+    """Filterbank standard deviation used when normalize_with="config" (AudioSet value from AudioMAE)."""
+    fit_max_files: int = 500
+    """fit() reads at most this many files, evenly spaced over the sorted source list."""
+
+    def __post_init__(self) -> None:
+        if self.sample_rate <= 0:
+            raise ValueError(f"sample_rate must be positive, got {self.sample_rate}")
+        if self.patch_size <= 0:
+            raise ValueError(f"patch_size must be positive, got {self.patch_size}")
+        for name in ("target_frames", "num_mel_bins"):
+            v = getattr(self, name)
+            if v <= 0 or v % self.patch_size:
+                raise ValueError(
+                    f"{name} must be a positive multiple of patch_size {self.patch_size}, got {v}"
+                )
+        if self.frame_shift_ms <= 0:
+            raise ValueError(f"frame_shift_ms must be positive, got {self.frame_shift_ms}")
+        if self.normalize_with not in ("config", "dataset"):
+            raise ValueError(f"normalize_with must be 'config' or 'dataset', got {self.normalize_with!r}")
+        if not self.norm_std > 0:
+            raise ValueError(f"norm_std must be positive, got {self.norm_std}")
+        if self.fit_max_files < 1:
+            raise ValueError(f"fit_max_files must be >= 1, got {self.fit_max_files}")
+
+
+@dataclass
+class Audio:
+    """Decoded audio: a mono waveform at the tokenizer's sample rate."""
+
+    waveform: np.ndarray
+    """(N,) float32 samples in [-1, 1]."""
+    sample_rate: int
+    """Samples per second of ``waveform``."""
+
+    @property
+    def duration(self) -> float:
+        return self.waveform.shape[0] / self.sample_rate
+
+
+@register_tokenizer("audio")
+class AudioTokenizer(Tokenizer):
+    """Waveform -> Kaldi fbank -> normalised 16x16 (time, mel) patches (AudioMAE)."""
+
+    Config = AudioConfig
+    version = "1"
+    extensions = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        # Only dataset normalisation needs a pass over the corpus first.
+        self.needs_fit = self.config.normalize_with == "dataset"
+        self.stats: dict[str, float] | None = None
+        """Learned {"mean", "std", "frames", "files"} from fit()/load_artifacts(), or None."""
+
+    # ---- contract -----------------------------------------------------------------------------
+    def spec(self) -> TableSpec:
+        p = self.config.patch_size
+        return TableSpec(
+            modality=self.name,
+            token_kind="continuous",
+            token_dim=p * p,
+            token_dtype="float16",
+            position_axes=("time", "freq"),
+            position_kind="grid",
+            token_shape=(p, p),
+        )
+
+    def read(self, source: str) -> Audio:
+        """Decode an audio file to a mono float32 waveform at ``Config.sample_rate``."""
+        self.check_file(source)
+        ext = os.path.splitext(source)[1].lower()
+        try:
+            data, sr = sf.read(source, dtype="float32", always_2d=True)  # (N, C)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+            if ext in self.extensions:
+                raise TokenizeError(source, "corrupt", f"cannot decode audio: {e}") from None
+            raise TokenizeError(
+                source, "unsupported", f"not an audio format libsndfile reads ({e})"
+            ) from None
+        if data.shape[0] == 0 or data.shape[1] == 0:
+            raise TokenizeError(source, "empty", "audio has no samples")
+        if not np.isfinite(data).all():
+            raise TokenizeError(source, "corrupt", "audio contains non-finite samples (NaN or inf)")
+        wav = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]  # (N,) mono mix-down
+        if sr != self.config.sample_rate:
+            wav = torchaudio.functional.resample(torch.from_numpy(wav), sr, self.config.sample_rate).numpy()
+        return Audio(
+            waveform=np.ascontiguousarray(wav, dtype=np.float32), sample_rate=self.config.sample_rate
+        )
+
+    def tokenize(self, raw: Audio, *, source: str = "") -> list[Record]:
+        """One record per input: (L, patch_size**2) float16 tokens, (L, 2) (time, freq) grid positions.
+
+        L = (target_frames / patch_size) * (num_mel_bins / patch_size), time-major.
+        """
+        c = self.config
+        src = source or "<memory>"
+        if raw.sample_rate != c.sample_rate:
+            raise TokenizeError(
+                src,
+                "config",
+                f"waveform is at {raw.sample_rate} Hz but the tokenizer expects {c.sample_rate} Hz",
+            )
+        if raw.waveform.size == 0:
+            raise TokenizeError(src, "empty", "audio has no samples")
+        mean, std = self.norm_stats()
+        fb = self.fbank(raw.waveform)  # (T, F)
+        total = fb.shape[0]
+        frames = min(total, c.target_frames)
+        fb = self.pad_or_cut(fb)  # (target_frames, F)
+        x = (fb - mean) / (2.0 * std)
+        p = c.patch_size
+        tokens = rearrange(x, "(t pt) (f pf) -> (t f) (pt pf)", pt=p, pf=p)  # (L, p*p)
+        nt, nf = c.target_frames // p, c.num_mel_bins // p
+        tt, ff = torch.meshgrid(torch.arange(nt), torch.arange(nf), indexing="ij")
+        positions = torch.stack([tt.reshape(-1), ff.reshape(-1)], dim=1).float()  # (L, 2) (time, freq)
+        meta = {
+            "sample_rate": c.sample_rate,
+            "frames": frames,
+            "total_frames": total,
+            "duration": raw.waveform.shape[0] / c.sample_rate,
+            "grid": [nt, nf],
+            "patch_size": p,
+            "num_mel_bins": c.num_mel_bins,
+            "norm_mean": mean,
+            "norm_std": std,
+        }
+        return [
+            Record(
+                id=f"{source}#0",
+                source=source,
+                tokens=tokens.to(torch.float16).numpy(),
+                positions=positions.numpy(),
+                meta=meta,
+            )
+        ]
+
+    def detokenize(self, record: Record) -> np.ndarray:
+        """The un-normalised filterbank of the real frames, (frames, num_mel_bins) float32.
+
+        The waveform cannot be recovered (a log-mel filterbank has no phase)."""
+        m = record.meta
+        p = int(m["patch_size"])
+        nt, nf = (int(v) for v in m["grid"])
+        tok = torch.as_tensor(np.asarray(record.tokens, dtype=np.float32))  # (L, p*p)
+        pos = torch.as_tensor(np.asarray(record.positions)).long()  # (L, 2)
+        grid = torch.zeros(nt, nf, p * p)
+        grid[pos[:, 0], pos[:, 1]] = tok  # placed by position: order-independent
+        x = rearrange(grid, "t f (pt pf) -> (t pt) (f pf)", pt=p, pf=p)  # (nt*p, nf*p)
+        fb = x * (2.0 * float(m["norm_std"])) + float(m["norm_mean"])
+        return fb[: int(m["frames"])].numpy()
+
+    # ---- statistics ---------------------------------------------------------------------------
+    def fit(self, sources: Iterable[str]) -> None:
+        """Learn the filterbank mean/std over the real frames of up to ``fit_max_files`` files
+        (evenly spaced over the sorted list; unreadable files are skipped with a warning)."""
+        srcs = sorted(str(s) for s in sources)
+        if not srcs:
+            raise ValueError("audio fit(): no sources given")
+        if len(srcs) > self.config.fit_max_files:
+            idx = np.linspace(0, len(srcs) - 1, self.config.fit_max_files).round().astype(int)
+            srcs = [srcs[i] for i in np.unique(idx)]
+        s1 = s2 = 0.0
+        n = used = 0
+        for s in srcs:
+            try:
+                fb = self.fbank(self.read(s).waveform).double()  # (T, F)
+            except TokenizeError as e:
+                log.warning("audio fit(): skipping %s", e)
+                continue
+            fb = fb[: self.config.target_frames]
+            s1 += float(fb.sum())
+            s2 += float((fb * fb).sum())
+            n += fb.numel()
+            used += 1
+        if n == 0:
+            raise ValueError(f"audio fit(): none of the {len(srcs)} sampled sources could be read")
+        mean = s1 / n
+        std = math.sqrt(max(s2 / n - mean * mean, 0.0))
+        if not std > 0:
+            raise ValueError("audio fit(): the filterbank has zero variance over the sampled sources")
+        self.stats = {"mean": mean, "std": std, "frames": n // self.config.num_mel_bins, "files": used}
+        log.info("audio fit(): fbank mean %.6f std %.6f over %d files", mean, std, used)
+
+    def save_artifacts(self, directory: str) -> list[str]:
+        if self.stats is None:
+            return []
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, STATS_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.stats, f, indent=1)
+        return [STATS_FILE]
+
+    def load_artifacts(self, directory: str) -> None:
+        path = os.path.join(directory, STATS_FILE)
+        if not os.path.exists(path):
+            if self.needs_fit:
+                raise FileNotFoundError(f"{path}: no audio statistics (normalize_with='dataset' needs them)")
+            return
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        self.stats = {
+            "mean": float(d["mean"]),
+            "std": float(d["std"]),
+            "frames": int(d.get("frames", 0)),
+            "files": int(d.get("files", 0)),
+        }
+
+    def norm_stats(self) -> tuple[float, float]:
+        """(mean, std) used to normalise the filterbank under the current config."""
+        if self.config.normalize_with == "config":
+            return float(self.config.norm_mean), float(self.config.norm_std)
+        if self.stats is None:
+            raise RuntimeError(
+                "audio tokenizer: normalize_with='dataset' needs fit() or load_artifacts() first"
+            )
+        return float(self.stats["mean"]), float(self.stats["std"])
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def fbank(self, waveform: np.ndarray) -> torch.Tensor:
+        """Kaldi log-mel filterbank of a mono waveform, exactly as AudioMAE: (N,) -> (T, num_mel_bins).
+
+        The waveform's mean is removed first; audio shorter than one 25 ms window is zero-padded to one
+        window (one frame)."""
+        c = self.config
+        wav = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+        wav = (wav - wav.mean()).unsqueeze(0)  # (1, N); a new tensor: the caller's array is untouched
+        win = int(c.sample_rate * WINDOW_MS / 1000)
+        if wav.shape[1] < win:
+            wav = torch.nn.functional.pad(wav, (0, win - wav.shape[1]))
+        return kaldi.fbank(
+            wav,
+            htk_compat=True,
+            sample_frequency=c.sample_rate,
+            use_energy=False,
+            window_type="hanning",
+            num_mel_bins=c.num_mel_bins,
+            dither=0.0,
+            frame_shift=c.frame_shift_ms,
+        )
+
+    def pad_or_cut(self, fb: torch.Tensor) -> torch.Tensor:
+        """(T, F) -> (target_frames, F): pad with ``pad_value`` at the end or keep the first frames."""
+        n = self.config.target_frames - fb.shape[0]
+        if n > 0:
+            return torch.nn.functional.pad(fb, (0, 0, 0, n), value=self.config.pad_value)
+        return fb[: self.config.target_frames]
+
+    def render(self, raw: Audio | np.ndarray, path: str) -> None:
+        """Draw a spectrogram PNG: ``raw`` is an :class:`Audio` (its filterbank is computed) or a
+        (frames, mel) filterbank such as detokenize() returns."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fb = self.fbank(raw.waveform).numpy() if isinstance(raw, Audio) else np.asarray(raw, dtype=np.float32)
+        if fb.ndim != 2:
+            raise ValueError(f"render expects Audio or a (frames, mel) filterbank, got shape {fb.shape}")
+        fig, ax = plt.subplots(figsize=(max(4.0, min(16.0, fb.shape[0] / 40)), 3), dpi=100)
+        im = ax.imshow(
+            fb.T,
+            origin="lower",
+            aspect="auto",
+            cmap="magma",
+            extent=(0, fb.shape[0] * self.config.frame_shift_ms / 1000, 0, fb.shape[1]),
+        )
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("mel bin")
+        fig.colorbar(im, ax=ax, label="log-mel")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)

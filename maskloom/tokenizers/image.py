@@ -1,0 +1,340 @@
+"""Image tokenizer: non-overlapping 16x16x3 pixel patches, as in ViT and MAE.
+
+Patches follow Dosovitskiy et al., 2021, "An Image is Worth 16x16 Words" (ViT); the masked
+autoencoder recipe that consumes them is He et al., 2022, "Masked Autoencoders Are Scalable Vision
+Learners" (MAE, ``models_mae.py``: 224x224 input, 16x16 patches, 196 tokens). Pixels are stored
+as raw ``uint8``; normalisation (e.g. MAE's per-patch norm-pix target) belongs to the recipe.
+
+Pipeline:
+
+``read(path)``
+    Decode JPEG / PNG / WebP / BMP / TIFF with Pillow into RGB ``uint8`` of shape (H, W, 3).
+    EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo stands upright.
+    Only the first frame of an animated or multi-page file is used. Mode conversion:
+
+    * ``RGB``: as is; ``L`` (grey) and ``1`` (bilevel): the grey value repeated in R, G and B;
+    * ``RGBA``, ``LA``, ``PA`` and palette (``P``) images with transparency: **composited on a
+      white background**, ``out = round((c * a + 255 * (255 - a)) / 255)`` per channel, so a
+      fully transparent pixel is white and an opaque one keeps its colour (dropping the alpha
+      channel would expose whatever colour the encoder left under transparent pixels, often black);
+    * ``P`` without transparency: its palette colours;
+    * 16-bit grey (``I;16`` variants, and ``I`` with values in [0, 65535]): **scaled**,
+      ``round(v * 255 / 65535)`` — not clipped, which is what Pillow's own ``convert("RGB")`` does;
+    * ``I`` outside [0, 65535] and ``F`` (float) outside [0, 1]: min-max stretched to [0, 255]
+      (there is no fixed range to scale by); ``F`` inside [0, 1]: ``round(v * 255)``;
+    * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's conversion to RGB.
+
+``tokenize(raw)``
+    Resize so that the shorter side is ``image_size`` (aspect kept; no resize when it already
+    is), centre-crop to ``image_size`` x ``image_size``, cut into patches with
+    ``'(h p1) (w p2) c -> (h w) (p1 p2 c)'``: tokens (L, p*p*3) uint8 in row-major patch order,
+    positions (L, 2) float32 ``(row, col)`` patch-grid indices. One record per image, id
+    ``<source>#0``.
+
+``detokenize(record)``
+    Puts every patch back at its ``(row, col)`` position: the processed (resized + cropped) image
+    (S, S, 3) uint8, exactly. A record holding a subset of the patches (e.g. only the visible ones)
+    leaves the missing patches black.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from einops import rearrange
+
+from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+
+log = logging.getLogger(__name__)
+
+INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+"""Names accepted for the resize filter (Pillow's ``Image.Resampling`` members, lower case)."""
+
+PIL_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF")
+"""Pillow format names ``read`` accepts (MPO is the multi-picture JPEG many cameras write)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageConfig:
+    """Configuration of the image tokenizer."""
+
+    image_size: int = 224
+    """Side S of the square processed image: shorter side resized to S, then a centre S x S crop."""
+    patch_size: int = 16
+    """Side p of a square patch; S must be a multiple of p. One token holds p*p*3 uint8 values."""
+    interpolation: str = "bicubic"
+    """Resize filter: nearest, bilinear, bicubic (MAE's choice), lanczos, box or hamming."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_size, int) or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
+        if not isinstance(self.patch_size, int) or self.patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer, got {self.patch_size!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared with the video tokenizer
+# ---------------------------------------------------------------------------------------------
+def resample_filter(name: str):
+    """Pillow resampling filter for an ``INTERPOLATIONS`` name."""
+    from PIL import Image
+
+    return getattr(Image.Resampling, name.upper())
+
+
+def resize_shorter_center_crop(
+    image: np.ndarray, size: int, interpolation: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Resize (H, W, 3) uint8 so its shorter side is ``size``, then centre-crop to (size, size, 3).
+
+    The longer side becomes ``max(size, round(long * size / short))``. An image whose shorter side
+    already equals ``size`` is only cropped (no resampling, so its pixels are kept exactly). The
+    crop offset is ``(resized - size) // 2`` on each axis. Returns the crop (a new array) and
+    ``{"resized_size": [H', W'], "crop_offset": [top, left]}``.
+    """
+    from PIL import Image
+
+    h, w = int(image.shape[0]), int(image.shape[1])
+    short = min(h, w)
+    new_h = max(size, round(h * size / short))
+    new_w = max(size, round(w * size / short))
+    if (new_h, new_w) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample_filter(interpolation)))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    out = np.ascontiguousarray(image[top : top + size, left : left + size])
+    return out, {"resized_size": [new_h, new_w], "crop_offset": [top, left]}
+
+
+def grid_positions(*sizes: int) -> np.ndarray:
+    """Row-major integer lattice of shape ``sizes`` as float32 coordinates: (prod(sizes), len(sizes))."""
+    axes = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in sizes], indexing="ij")
+    return np.stack([a.reshape(-1) for a in axes], axis=-1)
+
+
+def tokens_to_uint8(tokens: np.ndarray) -> np.ndarray:
+    """uint8 tokens as they are; float tokens (e.g. a model's predictions) rounded and clipped to [0, 255]."""
+    tokens = np.asarray(tokens)
+    if tokens.dtype == np.uint8:
+        return tokens
+    return np.clip(np.rint(tokens.astype(np.float64)), 0, 255).astype(np.uint8)
+
+
+def grid_size_of(record: Record, key: str, ndim: int) -> tuple[int, ...]:
+    """Grid size from ``record.meta[key]``, else from the largest position per axis."""
+    grid = record.meta.get(key)
+    if grid is not None:
+        return tuple(int(g) for g in grid)
+    pos = np.asarray(record.positions)
+    if pos.size == 0:
+        raise ValueError(f"record {record.id!r}: no tokens and no {key!r} in meta; cannot detokenize")
+    return tuple(int(m) + 1 for m in pos[:, :ndim].max(axis=0))
+
+
+def scatter_patches(record: Record, grid: tuple[int, ...], token_shape: tuple[int, ...]) -> np.ndarray:
+    """Place every token of ``record`` at its integer grid position.
+
+    Returns an array of shape ``grid + token_shape`` (e.g. (h, w, p, p, 3)) of uint8; cells with no
+    token are 0. Vectorised: one fancy-indexed assignment.
+    """
+    tokens = tokens_to_uint8(record.tokens)
+    pos = np.rint(np.asarray(record.positions, dtype=np.float64)).astype(np.int64)  # (L, P)
+    if tokens.ndim != 2 or tokens.shape[1] != int(np.prod(token_shape)):
+        raise ValueError(
+            f"record {record.id!r}: tokens of shape {tokens.shape} do not hold {token_shape} patches"
+        )
+    if pos.shape != (tokens.shape[0], len(grid)):
+        raise ValueError(
+            f"record {record.id!r}: positions of shape {pos.shape}, expected ({tokens.shape[0]}, {len(grid)})"
+        )
+    if pos.size and ((pos < 0).any() or (pos >= np.asarray(grid)).any()):
+        raise ValueError(f"record {record.id!r}: positions outside the grid {grid}")
+    canvas = np.zeros((*grid, *token_shape), dtype=np.uint8)
+    canvas[tuple(pos.T)] = tokens.reshape(-1, *token_shape)
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+# ---------------------------------------------------------------------------------------------
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 -> (H, W, 3) uint8: ``round((c * a + 255 * (255 - a)) / 255)``, exact integers."""
+    c = rgba[..., :3].astype(np.uint32)
+    a = rgba[..., 3:4].astype(np.uint32)
+    return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _scale_wide(values: np.ndarray, source: str, mode: str) -> np.ndarray:
+    """Integer or float grey values of a wide mode (I;16, I, F) -> uint8 grey (see module docstring)."""
+    v = values.astype(np.float64)
+    if not np.isfinite(v).all():
+        raise TokenizeError(source, "invalid", f"{mode} image has non-finite pixel values")
+    if mode == "F":
+        lo, hi, top = 0.0, 1.0, 1.0
+    else:
+        lo, hi, top = 0.0, 65535.0, 65535.0
+    if v.size and lo <= v.min() and v.max() <= hi:
+        if mode != "F":  # exact integer rounding: round(v * 255 / 65535)
+            iv = values.astype(np.int64)
+            return ((iv * 255 + 32767) // 65535).astype(np.uint8)
+        return np.rint(v * (255.0 / top)).astype(np.uint8)
+    vmin, vmax = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    log.info("%s: %s values span [%g, %g]; stretching to [0, 255]", source, mode, vmin, vmax)
+    if vmax == vmin:
+        return np.zeros(v.shape, np.uint8)
+    return np.rint((v - vmin) * (255.0 / (vmax - vmin))).astype(np.uint8)
+
+
+def pil_to_rgb(img, source: str = "") -> np.ndarray:
+    """A loaded Pillow image of any common mode -> (H, W, 3) uint8 RGB (rules in the module docstring)."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.array(img, dtype=np.uint8)
+    if mode in ("L", "1"):
+        return _grey_to_rgb(np.array(img.convert("L"), dtype=np.uint8))
+    if mode == "P":
+        if "transparency" in img.info:
+            return _composite_on_white(np.array(img.convert("RGBA"), dtype=np.uint8))
+        return np.array(img.convert("RGB"), dtype=np.uint8)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _composite_on_white(np.array(img.convert("RGBA"), dtype=np.uint8))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        key = "F" if mode == "F" else "I"
+        return _grey_to_rgb(_scale_wide(np.asarray(img), source, key))
+    try:
+        return np.array(img.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError) as e:
+        raise TokenizeError(
+            source, "unsupported", f"cannot convert Pillow mode {mode!r} to RGB ({e})"
+        ) from None
+
+
+@register_tokenizer("image")
+class ImageTokenizer(Tokenizer):
+    """Square image -> grid of p x p x 3 uint8 pixel patches with (row, col) positions (ViT / MAE).
+
+    raw: (H, W, 3) uint8 RGB. Record tokens (L, p*p*3) uint8 with L = (S/p)^2, positions (L, 2)
+    float32 (row, col). ``meta``: ``original_size`` [H, W], ``resized_size`` [H', W'],
+    ``crop_offset`` [top, left], ``processed_size`` [S, S], ``patch_size`` p, ``grid`` [S/p, S/p].
+    """
+
+    Config: ClassVar[type] = ImageConfig
+    version: ClassVar[str] = "1"
+    extensions: ClassVar[tuple[str, ...]] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+    def spec(self) -> TableSpec:
+        p = self.config.patch_size
+        return TableSpec(
+            modality=self.name,
+            token_kind="continuous",
+            token_dim=p * p * 3,
+            token_dtype="uint8",
+            position_axes=("row", "col"),
+            position_kind="grid",
+            token_shape=(p, p, 3),
+        )
+
+    # ---- read -----------------------------------------------------------------------------------
+    def read(self, source: str) -> np.ndarray:
+        """Decode an image file to (H, W, 3) uint8 RGB, upright (EXIF) and converted as documented."""
+        from PIL import Image, ImageOps, UnidentifiedImageError
+
+        source = os.fspath(source)
+        self.check_file(source)
+        if os.path.isdir(source):
+            raise TokenizeError(source, "unsupported", "is a directory, not an image file")
+        ext = os.path.splitext(source)[1].lower()
+        if ext not in self.extensions:
+            raise TokenizeError(
+                source, "unsupported", f"extension {ext or '(none)'!r} is not one of {self.extensions}"
+            )
+        try:
+            with Image.open(source) as img:
+                if img.format not in PIL_FORMATS:
+                    raise TokenizeError(
+                        source, "unsupported", f"{img.format} images are not read (only {PIL_FORMATS})"
+                    )
+                img.load()  # decode now: a truncated file fails here, inside the try
+                try:
+                    upright = ImageOps.exif_transpose(img)
+                except Exception as e:  # noqa: BLE001 - broken EXIF must not reject an image that decodes
+                    log.warning("%s: ignoring unreadable EXIF orientation (%s)", source, e)
+                    upright = img
+                if upright.width == 0 or upright.height == 0:
+                    raise TokenizeError(source, "empty", "image has zero width or height")
+                return pil_to_rgb(upright, source)
+        except TokenizeError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise TokenizeError(source, "invalid", f"image too large ({e})") from None
+        except UnidentifiedImageError:
+            raise TokenizeError(
+                source, "corrupt", "not a decodable image (Pillow cannot identify it)"
+            ) from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated / damaged data
+            raise TokenizeError(source, "corrupt", f"cannot decode image: {e}") from None
+
+    # ---- tokenize -------------------------------------------------------------------------------
+    def _check_raw(self, raw: Any, source: str) -> np.ndarray:
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 3 or raw.shape[2] != 3:
+            what = f"{type(raw).__name__} {getattr(raw, 'dtype', '')} {getattr(raw, 'shape', '')}".strip()
+            raise TokenizeError(
+                source or "<array>", "invalid", f"image raw must be a (H, W, 3) uint8 array, got {what}"
+            )
+        if raw.shape[0] == 0 or raw.shape[1] == 0:
+            raise TokenizeError(source or "<array>", "empty", f"image has shape {raw.shape}")
+        return raw
+
+    def preprocess(self, raw: np.ndarray, *, source: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+        """(H, W, 3) uint8 -> the processed (S, S, 3) uint8 image and the resize/crop facts for meta."""
+        raw = self._check_raw(raw, source)
+        return resize_shorter_center_crop(raw, self.config.image_size, self.config.interpolation)
+
+    def tokenize(self, raw: np.ndarray, *, source: str = "") -> list[Record]:
+        """(H, W, 3) uint8 -> one record: tokens (L, p*p*3) uint8, positions (L, 2) float32 (row, col)."""
+        p, s = self.config.patch_size, self.config.image_size
+        image, facts = self.preprocess(raw, source=source)  # (S, S, 3)
+        tokens = rearrange(image, "(h p1) (w p2) c -> (h w) (p1 p2 c)", p1=p, p2=p)  # (L, p*p*3)
+        grid = [s // p, s // p]
+        meta = {
+            "original_size": [int(raw.shape[0]), int(raw.shape[1])],
+            **facts,
+            "processed_size": [s, s],
+            "patch_size": p,
+            "grid": grid,
+        }
+        return [
+            Record(
+                id=f"{source}#0",
+                source=source,
+                tokens=np.ascontiguousarray(tokens),
+                positions=grid_positions(*grid),
+                meta=meta,
+            )
+        ]
+
+    def detokenize(self, record: Record) -> np.ndarray:
+        """Record -> processed image (S, S, 3) uint8; patches placed by their (row, col) positions."""
+        p = int(record.meta.get("patch_size", self.config.patch_size))
+        grid = grid_size_of(record, "grid", 2)
+        canvas = scatter_patches(record, grid, (p, p, 3))  # (h, w, p, p, 3)
+        return rearrange(canvas, "h w p1 p2 c -> (h p1) (w p2) c")
+
+    def render(self, raw: np.ndarray, path: str) -> None:
+        """Save a (H, W, 3) uint8 image (raw or detokenized) as a PNG at ``path``."""
+        from PIL import Image
+
+        Image.fromarray(self._check_raw(raw, str(path))).save(path, format="PNG")

@@ -1,0 +1,702 @@
+"""Time-series tokenizer: RevIN-normalised patches of one channel, as PatchTST.
+
+Nie et al., "A Time Series is Worth 64 Words: Long-term Forecasting with Transformers" (ICLR 2023),
+yuqinie98/PatchTST: each channel is its own univariate series (channel independence), normalised by
+its own mean/std over the input window (RevIN: Kim et al., "Reversible Instance Normalization for
+Accurate Time-Series Forecasting against Distribution Shift", ICLR 2022), and cut into patches of
+``patch_len`` steps every ``patch_stride`` steps (self-supervised: 12 and 12, context 512 -> 42
+patches). RevIN statistics go in the record's meta so that detokenize (and a forecaster) can undo
+them.
+
+Inputs and decisions (documented here once):
+
+* Tables: CSV, TSV (with a header row) and Parquet. Every numeric column is a channel; other columns
+  (a date/time column, text) are skipped, and so are columns without any value (with a warning).
+  ``Config.columns`` picks channels by name. One file is one series, cut into sliding windows of
+  ``Config.window`` steps every ``Config.stride`` steps (a tail shorter than a window is dropped; a
+  series shorter than one window is rejected as ``too_small``; ``window=None`` makes the whole series
+  one window).
+* UCR/UEA classification files: sktime ``.ts`` (``@`` header lines, then ``@data``; per line the
+  dimensions are separated by ``:`` and their values by ``,``; ``?`` is missing; the class label is
+  the last field; class names from ``@classLabel``) and UCR ``.tsv`` (no header; label in the first
+  column; trailing NaNs mark the end of a shorter series and are trimmed). Each line is one labelled
+  series and, unless ``Config.window_labelled``, one window. A ``.tsv`` file is read as UCR when its
+  first line is all numbers, else as a table. Label indices follow ``Config.class_labels``, else the
+  names learned by :meth:`TimeSeriesTokenizer.fit` (cheap: it reads headers/label fields only; so
+  ``needs_fit`` is True unless ``class_labels`` is given), else the file's own ``@classLabel`` order
+  (``.ts``) or its sorted labels (``.tsv``).
+* Patches are aligned to the *end* of each window, as PatchTST's ``create_patch``: with
+  P = (window - patch_len) // patch_stride + 1 patches, the first
+  window - ((P - 1) * patch_stride + patch_len) steps of a window are not tokenised. RevIN statistics
+  are computed over the tokenised steps: ``std = sqrt(var + eps)`` (biased variance), as RevIN.
+* Missing values (NaN, empty cells, ``?``, inf) are filled per channel over the whole series by
+  linear interpolation between the nearest valid steps, and by the nearest valid value at the ends.
+  A window (channel-independent mode: a window of one channel; joint mode: a window in which any
+  channel) with more than ``Config.max_missing`` of its steps missing is skipped with a logged
+  warning. A channel with no valid value makes its series invalid: a table file, or a UCR file whose
+  every series is invalid, raises ``TokenizeError(kind="invalid")``; an invalid UCR series among
+  valid ones is skipped with a warning. ``meta["missing"]`` counts the filled steps.
+* Channel-independent mode (default, PatchTST): one record per (window, channel) with positions
+  (0, patch) — channels share everything, the channel is in ``meta["channels"]``. Joint mode: one
+  record per window with every channel's patches, channel-major, positions (channel, patch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from einops import rearrange
+
+from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+
+log = logging.getLogger(__name__)
+
+LABELS_FILE = "time_series_labels.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeSeriesConfig:
+    """Configuration of the time-series tokenizer (defaults: PatchTST self-supervised pretraining)."""
+
+    window: int | None = 512
+    """Steps per sample window (PatchTST context 512); None: the whole series is one window."""
+    stride: int = 128
+    """Steps between consecutive window starts (PatchTST slides by 1; 128 keeps tables small)."""
+    patch_len: int = 12
+    """Steps per patch (token width)."""
+    patch_stride: int = 12
+    """Steps between patch starts; at most patch_len (patches overlap when smaller)."""
+    channel_independent: bool = True
+    """True: one record per (window, channel), as PatchTST; False: one record per window, all channels."""
+    columns: tuple[str, ...] | None = None
+    """Table columns to use as channels, in this order; None: every numeric column."""
+    format: Literal["auto", "table", "ucr"] = "auto"
+    """"table": a CSV/TSV/Parquet series; "ucr": one labelled series per line; "auto": by extension/content."""
+    window_labelled: bool = False
+    """Also cut labelled (UCR) series into windows; default: each labelled series is one window."""
+    class_labels: tuple[str, ...] | None = None
+    """Class names of labelled files, in label-index order; None: learned by fit() or from each file."""
+    max_missing: float = 0.5
+    """A window with a larger fraction of missing (interpolated) steps is skipped."""
+    eps: float = 1e-5
+    """RevIN epsilon: std = sqrt(var + eps)."""
+
+    def __post_init__(self) -> None:
+        # lists from JSON/TOML configs become tuples so the config stays hashable
+        for name in ("columns", "class_labels"):
+            v = getattr(self, name)
+            if v is not None:
+                if isinstance(v, str) or not all(isinstance(s, str) for s in v) or not v:
+                    raise ValueError(f"{name} must be a non-empty list of strings or None, got {v!r}")
+                object.__setattr__(self, name, tuple(v))
+        if self.patch_len < 1 or self.patch_stride < 1:
+            raise ValueError(
+                f"patch_len and patch_stride must be >= 1, got {self.patch_len}, {self.patch_stride}"
+            )
+        if self.patch_stride > self.patch_len:
+            raise ValueError(
+                f"patch_stride ({self.patch_stride}) must not exceed patch_len ({self.patch_len}): steps would be lost"
+            )
+        if self.window is not None and self.window < self.patch_len:
+            raise ValueError(f"window ({self.window}) must be at least patch_len ({self.patch_len})")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.format not in ("auto", "table", "ucr"):
+            raise ValueError(f"format must be 'auto', 'table' or 'ucr', got {self.format!r}")
+        if not 0.0 <= self.max_missing <= 1.0:
+            raise ValueError(f"max_missing must lie in [0, 1], got {self.max_missing}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+
+
+@dataclass
+class TimeSeries:
+    """Decoded time series: one series (a table file) or many labelled series (a UCR file)."""
+
+    series: list[np.ndarray]
+    """One (T_i, C) float32 array per series; NaN marks a missing value."""
+    channels: tuple[str, ...]
+    """Names of the C channels."""
+    labels: list[int] | None = None
+    """Class index per series (UCR files), or None."""
+    label_names: tuple[str, ...] | None = None
+    """Class names that the label indices refer to, or None."""
+    labelled: bool = False
+    """True for UCR-style files: each series is one sample (one window unless window_labelled)."""
+
+    @property
+    def values(self) -> np.ndarray:
+        """(T, C) values of a single-series input."""
+        if len(self.series) != 1:
+            raise ValueError(f"values: this input holds {len(self.series)} series; use .series")
+        return self.series[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# small pure functions (also used by the forecasting evaluation)
+# ---------------------------------------------------------------------------------------------
+def window_starts(length: int, window: int, stride: int) -> np.ndarray:
+    """Start indices of the full windows of ``window`` steps every ``stride`` steps in ``length`` steps."""
+    if length < window:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(0, length - window + 1, stride, dtype=np.int64)
+
+
+def num_patches(window: int, patch_len: int, patch_stride: int) -> int:
+    """Patches in a window (PatchTST): (window - patch_len) // patch_stride + 1."""
+    return (window - patch_len) // patch_stride + 1
+
+
+def fill_missing(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fill non-finite values per channel: linear interpolation inside, nearest value at the ends.
+
+    x: (T, C). Returns (filled (T, C) float64, missing (T, C) bool). A channel with no finite value
+    stays all-NaN (the caller rejects it). The input is not modified."""
+    x = np.asarray(x, dtype=np.float64)
+    missing = ~np.isfinite(x)
+    out = np.where(missing, np.nan, x)
+    t = np.arange(x.shape[0])
+    for c in np.nonzero(missing.any(axis=0) & ~missing.all(axis=0))[0]:  # loop over channels, not steps
+        ok = ~missing[:, c]
+        out[:, c] = np.interp(t, t[ok], x[ok, c])  # np.interp holds the end values constant
+    return out, missing
+
+
+def record_span(record: Record) -> tuple[int, int]:
+    """(start, stop) step indices, in its series, of the steps a record tokenised."""
+    start = int(record.meta["start"])
+    return start, start + int(record.meta["length"])
+
+
+def _parse_float_fields(fields: Sequence[str]) -> np.ndarray:
+    vals = [f.strip() for f in fields]
+    vals = ["nan" if v in ("?", "", "NaN", "nan", "NA") else v for v in vals]
+    return np.asarray(vals, dtype=np.float64)
+
+
+def _sort_labels(names: Iterable[str]) -> tuple[str, ...]:
+    names = set(names)
+    try:
+        return tuple(sorted(names, key=float))
+    except ValueError:
+        return tuple(sorted(names))
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+@register_tokenizer("time_series")
+class TimeSeriesTokenizer(Tokenizer):
+    """Series -> windows -> RevIN per (window, channel) -> patches of patch_len steps (PatchTST)."""
+
+    Config = TimeSeriesConfig
+    version = "1"
+    extensions = (".csv", ".tsv", ".parquet", ".ts")
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        # fit() learns the class names of labelled files (cheap; table files are not opened), so that
+        # label indices agree across files and the table carries label names.
+        self.needs_fit = self.config.class_labels is None
+        self.fitted_labels: tuple[str, ...] | None = None
+        """Class names learned by fit() / load_artifacts() from labelled files, or None."""
+
+    # ---- contract -----------------------------------------------------------------------------
+    def spec(self) -> TableSpec:
+        return TableSpec(
+            modality=self.name,
+            token_kind="continuous",
+            token_dim=self.config.patch_len,
+            token_dtype="float32",
+            position_axes=("channel", "patch"),
+            position_kind="grid",
+            token_shape=(self.config.patch_len,),
+        )
+
+    def label_names(self) -> tuple[str, ...] | None:
+        return self.config.class_labels or self.fitted_labels
+
+    def read(self, source: str) -> TimeSeries:
+        """Decode a CSV/TSV/Parquet table (one series) or a UCR .ts/.tsv file (labelled series)."""
+        self.check_file(source)
+        fmt = self._format(source)
+        if fmt == "ucr":
+            names, series, labels = self._read_ucr(source)
+            if not series:
+                raise TokenizeError(source, "empty", "no series in the file")
+            names = self._label_list(source, names)
+            index = {n: i for i, n in enumerate(names)} if names is not None else {}
+            bad = sorted({lab for lab in labels if lab is not None and lab not in index})
+            if bad:
+                raise TokenizeError(
+                    source, "invalid", f"class label(s) {bad} not among the class names {list(names or ())}"
+                )
+            ints = (
+                [index[lab] for lab in labels]
+                if names is not None and all(lab is not None for lab in labels)
+                else None
+            )
+            width = max(s.shape[1] for s in series)
+            channels = tuple(f"dim_{i}" for i in range(width))
+            return TimeSeries(series=series, channels=channels, labels=ints, label_names=names, labelled=True)
+        values, channels = self._read_table(source)
+        return TimeSeries(series=[values], channels=channels)
+
+    def tokenize(self, raw: TimeSeries, *, source: str = "") -> list[Record]:
+        """Records of (P, patch_len) float32 tokens (channel-independent) or (C * P, patch_len) (joint),
+        positions (channel, patch). meta: series, window, start, length, channels, mean, std, missing."""
+        src = source or "<memory>"
+        c = self.config
+        records: list[Record] = []
+        errors: list[TokenizeError] = []
+        for si, x in enumerate(raw.series):
+            try:
+                records.extend(self._tokenize_series(raw, si, x, source, src))
+            except TokenizeError as e:
+                if len(raw.series) == 1:
+                    raise
+                log.warning("%s: skipping series %d: %s: %s", src, si, e.kind, e.reason)
+                errors.append(e)
+        if not records:
+            if errors:
+                e = errors[0]
+                raise TokenizeError(
+                    src, e.kind, f"no usable series ({len(errors)} rejected; first: {e.reason})"
+                )
+            raise TokenizeError(
+                src, "invalid", f"every window has more than {c.max_missing:.0%} missing values"
+            )
+        return records
+
+    def detokenize(self, record: Record) -> np.ndarray:
+        """Undo patching and RevIN: (length, C) float32 values of the tokenised steps (C = 1 in
+        channel-independent mode); overlapping patches are averaged."""
+        m = record.meta
+        pl, ps, n_p = int(m["patch_len"]), int(m["patch_stride"]), int(m["patches"])
+        mean = np.asarray(m["mean"], dtype=np.float64)  # (C,)
+        std = np.asarray(m["std"], dtype=np.float64)  # (C,)
+        pos = np.asarray(record.positions).astype(np.int64)  # (L, 2) (channel, patch)
+        tok = np.asarray(record.tokens, dtype=np.float64)  # (L, pl)
+        n_c = mean.shape[0]
+        grid = np.zeros((n_c, n_p, pl))
+        grid[pos[:, 0], pos[:, 1]] = tok  # placed by position: order-independent
+        length = (n_p - 1) * ps + pl
+        idx = (np.arange(n_p)[:, None] * ps + np.arange(pl)).reshape(-1)  # (P * pl,) step of each value
+        total = np.zeros((length, n_c))
+        np.add.at(total, idx, rearrange(grid, "c p l -> (p l) c"))
+        z = total / np.bincount(idx, minlength=length)[:, None]  # (length, C)
+        return (z * std + mean).astype(np.float32)
+
+    # ---- labels -------------------------------------------------------------------------------
+    def fit(self, sources: Iterable[str]) -> None:
+        """Learn the class names of labelled (UCR) files, so that label indices agree across files
+        (e.g. TRAIN and TEST): the ``.ts`` ``@classLabel`` lists in order of appearance over the sorted
+        sources, then the sorted labels of header-less files (``.tsv``) not already named. Cheap: reads
+        headers and label fields only; table files are not opened."""
+        if self.config.class_labels is not None:
+            return
+        declared: dict[str, None] = {}
+        found: set[str] = set()
+        for s in sorted(str(s) for s in sources):
+            try:
+                self.check_file(s)
+                if self._format(s) != "ucr":
+                    continue
+                if s.lower().endswith(".ts"):
+                    declared.update(dict.fromkeys(self._ts_class_labels(s) or ()))
+                else:
+                    found.update(self._label_fields(s))
+            except (TokenizeError, OSError) as e:
+                log.warning("time_series fit(): skipping %s", e)
+        names = tuple(declared) + _sort_labels(found - set(declared))
+        if names:
+            self.fitted_labels = names
+            log.info("time_series fit(): class names %s", list(names))
+
+    @staticmethod
+    def _ts_class_labels(source: str) -> tuple[str, ...] | None:
+        """A ``.ts`` file's ``@classLabel`` names (None when it declares none), from its header only."""
+        try:
+            with open(source, encoding="utf-8") as f:
+                for line in f:
+                    s = line.strip()
+                    if s.lower().startswith("@classlabel"):
+                        spec = s.split()[1:]
+                        return tuple(spec[1:]) if spec and spec[0].lower() == "true" else None
+                    if s.lower().startswith("@data"):
+                        return None
+        except UnicodeDecodeError as e:
+            raise TokenizeError(source, "corrupt", f"not UTF-8 text ({e})") from None
+        return None
+
+    @staticmethod
+    def _label_fields(source: str) -> set[str]:
+        """The distinct labels (first field of each line) of a header-less UCR ``.tsv``/``.csv`` file."""
+        delim = "\t" if source.lower().endswith(".tsv") else ","
+        try:
+            with open(source, encoding="utf-8") as f:
+                return {ln.split(delim, 1)[0].strip() for ln in f if ln.strip()}
+        except UnicodeDecodeError as e:
+            raise TokenizeError(source, "corrupt", f"not UTF-8 text ({e})") from None
+
+    def save_artifacts(self, directory: str) -> list[str]:
+        if self.fitted_labels is None:
+            return []
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, LABELS_FILE), "w", encoding="utf-8") as f:
+            json.dump({"class_labels": list(self.fitted_labels)}, f, indent=1)
+        return [LABELS_FILE]
+
+    def load_artifacts(self, directory: str) -> None:
+        path = os.path.join(directory, LABELS_FILE)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                self.fitted_labels = tuple(json.load(f)["class_labels"])
+
+    # ---- forecasting helpers ------------------------------------------------------------------
+    @staticmethod
+    def normalize(values: np.ndarray, record: Record) -> np.ndarray:
+        """Apply a record's RevIN statistics to raw values (H, C) of its channels (e.g. a horizon)."""
+        mean, std = np.asarray(record.meta["mean"]), np.asarray(record.meta["std"])
+        return ((np.asarray(values, dtype=np.float64) - mean) / std).astype(np.float32)
+
+    @staticmethod
+    def denormalize(values: np.ndarray, record: Record) -> np.ndarray:
+        """Undo a record's RevIN statistics on normalised values (H, C) (e.g. a model's forecast)."""
+        mean, std = np.asarray(record.meta["mean"]), np.asarray(record.meta["std"])
+        return (np.asarray(values, dtype=np.float64) * std + mean).astype(np.float32)
+
+    @staticmethod
+    def future(raw: TimeSeries, record: Record, horizon: int) -> np.ndarray:
+        """The raw values of the record's channels in the ``horizon`` steps after its window:
+        (H', C) float32 with H' <= horizon (shorter at the end of the series)."""
+        _, stop = record_span(record)
+        x = raw.series[int(record.meta["series"])]
+        return np.asarray(x[stop : stop + horizon][:, list(record.meta["channels"])], dtype=np.float32)
+
+    # ---- rendering ----------------------------------------------------------------------------
+    def render(self, raw: TimeSeries | np.ndarray, path: str) -> None:
+        """Line plot PNG of a series (the first series of a UCR file) or of a (T, C) array."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if isinstance(raw, TimeSeries):
+            x, names = raw.series[0], raw.channels
+            title = None if raw.labels is None else f"label {raw.labels[0]}"
+            if raw.labels is not None and raw.label_names is not None:
+                title = f"label {raw.label_names[raw.labels[0]]}"
+        else:
+            x = np.asarray(raw, dtype=np.float32)
+            x = x[:, None] if x.ndim == 1 else x
+            names, title = tuple(f"ch{i}" for i in range(x.shape[1])), None
+        fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+        for ci in range(x.shape[1]):
+            ax.plot(x[:, ci], lw=0.8, label=names[ci] if ci < len(names) else f"ch{ci}")
+        if x.shape[1] <= 10:
+            ax.legend(fontsize=7, loc="upper right")
+        ax.set_xlabel("step")
+        if title:
+            ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _tokenize_series(
+        self, raw: TimeSeries, si: int, x: np.ndarray, source: str, src: str
+    ) -> list[Record]:
+        c = self.config
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+            raise TokenizeError(src, "empty", f"series {si} has shape {x.shape}; expected (T > 0, C > 0)")
+        filled, missing = fill_missing(x)  # (T, C)
+        dead = np.nonzero(missing.all(axis=0))[0]
+        if dead.size:
+            names = [raw.channels[i] if i < len(raw.channels) else str(i) for i in dead]
+            raise TokenizeError(src, "invalid", f"series {si}: channel(s) {names} have no valid value")
+        n_t, n_c = x.shape
+        window = c.window if (c.window is not None and (not raw.labelled or c.window_labelled)) else n_t
+        if n_t < max(window, c.patch_len):
+            raise TokenizeError(
+                src, "too_small", f"series {si} has {n_t} steps; a sample needs {max(window, c.patch_len)}"
+            )
+        n_p = num_patches(window, c.patch_len, c.patch_stride)
+        length = (n_p - 1) * c.patch_stride + c.patch_len
+        starts = window_starts(n_t, window, c.stride) + (window - length)  # (W,) first tokenised step
+        miss_cum = np.concatenate([np.zeros((1, n_c), np.int64), np.cumsum(missing, axis=0)])  # (T + 1, C)
+        miss = miss_cum[starts + length] - miss_cum[starts]  # (W, C) filled steps per window and channel
+        mean, std, patches = self._revin_patches(filled, starts, length, n_p)
+        ok = miss <= c.max_missing * length  # (W, C)
+        label = raw.labels[si] if raw.labels is not None else None
+        base = {
+            "series": si,
+            "length": length,
+            "patches": n_p,
+            "patch_len": c.patch_len,
+            "patch_stride": c.patch_stride,
+            "window": window,
+        }
+        patch_pos = np.arange(n_p, dtype=np.float32)
+        records = []
+        if c.channel_independent:
+            pos = np.stack([np.zeros(n_p, np.float32), patch_pos], axis=1)  # (P, 2) channel 0: shared
+            mean_l, std_l, miss_l, starts_l = mean.tolist(), std.tolist(), miss.tolist(), starts.tolist()
+            ws, chs = np.nonzero(ok)
+            for w, ch in zip(ws.tolist(), chs.tolist()):
+                meta = {
+                    **base,
+                    "window_index": w,
+                    "start": starts_l[w],
+                    "channels": [ch],
+                    "channel_names": [raw.channels[ch]],
+                    "mean": [mean_l[w][ch]],
+                    "std": [std_l[w][ch]],
+                    "missing": [miss_l[w][ch]],
+                }
+                records.append(
+                    Record(
+                        id=f"{source}#s{si}-w{w}-c{ch}",
+                        source=source,
+                        tokens=patches[w, ch],
+                        positions=pos.copy(),
+                        label=label,
+                        meta=meta,
+                    )
+                )
+        else:
+            cc, pp = np.meshgrid(np.arange(n_c, dtype=np.float32), patch_pos, indexing="ij")
+            pos = np.stack([cc.reshape(-1), pp.reshape(-1)], axis=1)  # (C * P, 2) channel-major
+            for w in np.nonzero(ok.all(axis=1))[0]:
+                meta = {
+                    **base,
+                    "window_index": int(w),
+                    "start": int(starts[w]),
+                    "channels": list(range(n_c)),
+                    "channel_names": list(raw.channels),
+                    "mean": mean[w].tolist(),
+                    "std": std[w].tolist(),
+                    "missing": miss[w].tolist(),
+                }
+                records.append(
+                    Record(
+                        id=f"{source}#s{si}-w{w}",
+                        source=source,
+                        tokens=patches[w].reshape(n_c * n_p, c.patch_len),
+                        positions=pos.copy(),
+                        label=label,
+                        meta=meta,
+                    )
+                )
+        skipped = int((~ok).sum()) if c.channel_independent else int((~ok.all(axis=1)).sum())
+        if skipped:
+            log.warning(
+                "%s: series %d: skipped %d window(s) with more than %.0f%% missing values",
+                src,
+                si,
+                skipped,
+                100 * c.max_missing,
+            )
+        return records
+
+    def _revin_patches(
+        self, filled: np.ndarray, starts: np.ndarray, length: int, n_p: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """RevIN per window and channel, then patches: filled (T, C), starts (W,) ->
+        mean (W, C), std (W, C) float64 and patches (W, C, P, patch_len) float32.
+        Windows are processed in chunks so that memory stays bounded for a stride of 1."""
+        c = self.config
+        n_w, n_c = starts.shape[0], filled.shape[1]
+        mean = np.empty((n_w, n_c))
+        std = np.empty((n_w, n_c))
+        patches = np.empty((n_w, n_c, n_p, c.patch_len), np.float32)
+        pidx = np.arange(n_p)[:, None] * c.patch_stride + np.arange(c.patch_len)  # (P, pl) step in window
+        chunk = max(1, (1 << 21) // (length * n_c))  # about 16 MB of float64 per chunk
+        for a in range(0, n_w, chunk):
+            b = min(a + chunk, n_w)
+            seg = filled[starts[a:b, None] + np.arange(length)]  # (w, length, C)
+            mean[a:b] = seg.mean(axis=1)  # RevIN: per window and channel
+            std[a:b] = np.sqrt(seg.var(axis=1) + c.eps)  # biased variance, as RevIN
+            z = (seg - mean[a:b, None, :]) / std[a:b, None, :]  # (w, length, C)
+            patches[a:b] = rearrange(z[:, pidx, :], "w p l c -> w c p l")  # (w, C, P, pl)
+        return mean, std, patches
+
+    def _format(self, source: str) -> str:
+        if self.config.format != "auto":
+            return self.config.format
+        ext = os.path.splitext(source)[1].lower()
+        if ext == ".ts":
+            return "ucr"
+        if ext == ".tsv":
+            try:
+                with open(source, encoding="utf-8") as f:
+                    first = next((ln for ln in f if ln.strip()), "")
+            except UnicodeDecodeError as e:
+                raise TokenizeError(source, "corrupt", f"not UTF-8 text ({e})") from None
+            fields = first.rstrip("\r\n").split("\t")
+            return "ucr" if len(fields) > 1 and all(_is_number(v) for v in fields) else "table"
+        if ext in (".csv", ".parquet"):
+            return "table"
+        raise TokenizeError(source, "unsupported", f"extension {ext!r} is not one of {list(self.extensions)}")
+
+    def _label_list(self, source: str, file_names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if self.config.class_labels is not None:
+            return self.config.class_labels
+        if self.fitted_labels is not None:
+            return self.fitted_labels
+        return file_names
+
+    def _read_table(self, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
+        ext = os.path.splitext(source)[1].lower()
+        try:
+            if ext == ".parquet":
+                table = pq.read_table(source)
+            else:
+                delim = "\t" if ext == ".tsv" else ","
+                table = pacsv.read_csv(source, parse_options=pacsv.ParseOptions(delimiter=delim))
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise TokenizeError(source, "corrupt", f"cannot read table: {e}") from None
+        if table.num_rows == 0:
+            raise TokenizeError(source, "empty", "table has no rows")
+
+        def numeric(t: pa.DataType) -> bool:
+            return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+        if self.config.columns is not None:
+            absent = [n for n in self.config.columns if n not in table.column_names]
+            if absent:
+                raise TokenizeError(
+                    source, "config", f"column(s) {absent} not in the table; it has {table.column_names}"
+                )
+            # an all-empty column has Arrow type null: a chosen one is a channel with no valid value
+            wrong = [
+                n
+                for n in self.config.columns
+                if not (numeric(table.schema.field(n).type) or pa.types.is_null(table.schema.field(n).type))
+            ]
+            if wrong:
+                raise TokenizeError(source, "config", f"column(s) {wrong} are not numeric")
+            names = list(self.config.columns)
+        else:
+            names = [f.name for f in table.schema if numeric(f.type)]
+            skipped = [f.name for f in table.schema if not numeric(f.type) and not pa.types.is_null(f.type)]
+            if skipped:
+                log.debug("%s: skipping non-numeric column(s) %s", source, skipped)
+            blank = [f.name for f in table.schema if pa.types.is_null(f.type)]
+            if blank:
+                log.warning(
+                    "%s: skipping column(s) %s: no values at all (choose them in columns= to be strict)",
+                    source,
+                    blank,
+                )
+            if not names:
+                raise TokenizeError(
+                    source, "invalid", f"no numeric columns (columns: {table.column_names[:10]})"
+                )
+        cols = [pc.cast(table.column(n), pa.float64()).to_numpy(zero_copy_only=False) for n in names]
+        values = np.stack(cols, axis=1).astype(np.float32)  # (T, C); nulls became NaN
+        return values, tuple(names)
+
+    def _read_ucr(self, source: str) -> tuple[tuple[str, ...] | None, list[np.ndarray], list[str | None]]:
+        """(class names from the header or None, series (T_i, C) float32, raw label strings)."""
+        try:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise TokenizeError(source, "corrupt", f"not UTF-8 text ({e})") from None
+        if source.lower().endswith(".ts"):
+            return self._parse_ts(source, text)
+        delim = "\t" if source.lower().endswith(".tsv") else ","
+        series: list[np.ndarray] = []
+        labels: list[str | None] = []
+        for ln, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split(delim)
+            try:
+                v = _parse_float_fields(fields[1:])
+            except ValueError:
+                raise TokenizeError(source, "corrupt", f"line {ln}: non-numeric value") from None
+            keep = np.nonzero(np.isfinite(v))[0]
+            v = v[: keep[-1] + 1] if keep.size else v[:0]  # trailing NaNs: end of a shorter series
+            labels.append(fields[0].strip())
+            series.append(v.astype(np.float32)[:, None])
+        return _sort_labels(labels) if labels else None, series, labels
+
+    @staticmethod
+    def _parse_ts(
+        source: str, text: str
+    ) -> tuple[tuple[str, ...] | None, list[np.ndarray], list[str | None]]:
+        header: dict[str, str] = {}
+        lines = text.splitlines()
+        data_at = None
+        for ln, line in enumerate(lines):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            if not s.startswith("@"):
+                raise TokenizeError(
+                    source, "corrupt", f"line {ln + 1}: expected an @ header line before @data"
+                )
+            key, _, value = s[1:].partition(" ")
+            if key.lower() == "data":
+                data_at = ln + 1
+                break
+            header[key.lower()] = value.strip()
+        if data_at is None:
+            raise TokenizeError(source, "corrupt", "no @data line: not a sktime .ts file")
+        if header.get("timestamps", "false").lower() == "true":
+            raise TokenizeError(
+                source, "unsupported", "time-stamped .ts data (@timeStamps true) is not supported"
+            )
+        class_spec = header.get("classlabel", "false").split()
+        labelled = bool(class_spec) and class_spec[0].lower() == "true"
+        names = tuple(class_spec[1:]) if labelled else None
+        has_target = header.get("targetlabel", "false").split()[:1] == ["true"]
+        series: list[np.ndarray] = []
+        labels: list[str | None] = []
+        n_dims = None
+        for ln, line in enumerate(lines[data_at:], data_at + 1):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            fields = s.split(":")
+            label = None
+            if labelled or has_target:  # the last field is the class label (or a regression target, dropped)
+                if len(fields) < 2:
+                    raise TokenizeError(source, "corrupt", f"line {ln}: no label after the values")
+                last = fields.pop().strip()
+                label = last if labelled else None
+            if n_dims is None:
+                n_dims = len(fields)
+            elif len(fields) != n_dims:
+                raise TokenizeError(
+                    source, "corrupt", f"line {ln}: {len(fields)} dimensions, earlier lines have {n_dims}"
+                )
+            try:
+                dims = [_parse_float_fields(d.split(",")) for d in fields]
+            except ValueError:
+                raise TokenizeError(source, "corrupt", f"line {ln}: non-numeric value") from None
+            t = max(d.shape[0] for d in dims)
+            x = np.full((t, len(dims)), np.nan, dtype=np.float32)  # dimensions of unequal length: NaN-padded
+            for i, d in enumerate(dims):
+                x[: d.shape[0], i] = d
+            series.append(x)
+            labels.append(label)
+        return names, series, labels

@@ -1,0 +1,362 @@
+"""Video tokenizer: a clip of sampled frames cut into 2x16x16x3 uint8 tubelets, as in VideoMAE.
+
+Tubelet embedding follows Arnab et al., 2021, "ViViT: A Video Vision Transformer"; the defaults
+(16 frames, stride 4, 224x224, 2x16x16 tubelets -> 8x14x14 = 1568 tokens) are those of Tong et
+al., 2022, "VideoMAE: Masked Autoencoders are Data-Efficient Learners for Self-Supervised Video
+Pre-Training" (MCG-NJU/VideoMAE, Kinetics setting). Frames are decoded with decord.
+
+Frame sampling (``sample_indices(n)`` for a video of ``n`` frames, ``T = num_frames``,
+``s = frame_stride``), exactly:
+
+* **long enough** (``n >= T * s``): a strided clip ``start + s * i`` for ``i = 0 .. T-1``, with
+  ``start = 0`` when ``clip_start == "begin"`` and ``start = (n - T * s) // 2`` when
+  ``clip_start == "center"`` (the default: the clip in the middle of the video, where the action
+  of a trimmed clip usually is; VideoMAE picks a random start during training, which a
+  deterministic tokenizer cannot);
+* **too short** (``n < T * s``): ``T`` indices spread uniformly over the whole video,
+  ``floor(i * n / T)`` for ``i = 0 .. T-1``. When ``n < T`` some frames repeat
+  (e.g. ``n = 3, T = 8`` -> ``[0, 0, 0, 1, 1, 1, 2, 2]``); a single-frame video repeats its frame
+  ``T`` times. Every clip therefore has exactly ``T`` frames and the same number of tokens.
+
+Pipeline:
+
+``read(path)``
+    Opens the file with ``decord.VideoReader(path, ctx=cpu(0), num_threads=1)`` (one decoding
+    thread: the pipelines parallelise over files), decodes **only the sampled frames**
+    (``get_batch``), and releases the reader before returning. Returns a :class:`Video`: frames
+    (T, H, W, 3) uint8 RGB, fps, the source frame indices, and the video's frame count.
+    decord 0.6 fails to copy out frames of some widths (8, 12, 16, 24, 48, 72 px among those
+    tried: the decoder pads RGB rows and decord's size check refuses them); then the same frames
+    are decoded with PyAV, sequentially from the start. A file neither can decode is ``corrupt``.
+
+``tokenize(raw)``
+    Samples ``raw`` again with the same rule — the identity on a clip ``read`` made (it has ``T``
+    frames, and ``n = T`` falls in the uniform case with ``floor(i * T / T) = i``; for
+    ``frame_stride == 1`` the strided case with start 0), so a whole decoded video passed as an
+    array is sampled as ``read`` would. Each frame is resized (shorter side ``image_size``, bilinear
+    by default, as VideoMAE's evaluation transform) and centre-cropped like an image, then cut with
+    ``'(t pt) (h p1) (w p2) c -> (t h w) (pt p1 p2 c)'``: tokens (L, pt*p*p*3) uint8,
+    positions (L, 3) float32 ``(t, row, col)`` tubelet-grid indices, L = (T/pt) * (S/p)^2.
+
+``detokenize(record)``
+    The processed clip back, exactly: a :class:`Video` with frames (T, S, S, 3) uint8 (tubelets
+    placed by their positions; missing ones black).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from einops import rearrange
+
+from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+from maskloom.tokenizers.image import (
+    INTERPOLATIONS,
+    grid_positions,
+    grid_size_of,
+    resize_shorter_center_crop,
+    scatter_patches,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoConfig:
+    """Configuration of the video tokenizer."""
+
+    num_frames: int = 16
+    """Frames T in a clip (a multiple of tubelet_size)."""
+    frame_stride: int = 4
+    """Step between sampled frames of a long-enough video (4 for Kinetics, 2 for SSv2 in VideoMAE)."""
+    clip_start: Literal["begin", "center"] = "center"
+    """Where the strided clip of a long video starts: at frame 0, or centred in the video."""
+    image_size: int = 224
+    """Side S of the square processed frames (shorter side resized to S, then a centre crop)."""
+    patch_size: int = 16
+    """Spatial side p of a tubelet; image_size must be a multiple of it."""
+    tubelet_size: int = 2
+    """Frames pt per tubelet; one token holds pt*p*p*3 uint8 values."""
+    interpolation: str = "bilinear"
+    """Frame resize filter: nearest, bilinear, bicubic, lanczos, box or hamming."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "frame_stride", "image_size", "patch_size", "tubelet_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.num_frames % self.tubelet_size:
+            raise ValueError(
+                f"num_frames ({self.num_frames}) must be a multiple of tubelet_size ({self.tubelet_size})"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        if self.clip_start not in ("begin", "center"):
+            raise ValueError(f"clip_start must be 'begin' or 'center', got {self.clip_start!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+
+
+@dataclass
+class Video:
+    """The raw form of a video clip.
+
+    frames:            (T, H, W, 3) uint8 RGB.
+    fps:               average frame rate of the source (None when unknown, e.g. a bare array).
+    frame_indices:     (T,) index of each frame in the source video.
+    num_source_frames: frames in the source video.
+
+    ``np.asarray(video)`` gives the frames.
+    """
+
+    frames: np.ndarray
+    fps: float | None = None
+    frame_indices: np.ndarray | None = None
+    num_source_frames: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth keeping (e.g. the processed clip's meta after detokenize)."""
+
+    def __array__(self, dtype=None, copy=None):
+        return self.frames if dtype is None else self.frames.astype(dtype)
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def sample_indices(n: int, num_frames: int, stride: int, clip_start: str = "center") -> np.ndarray:
+    """Indices (num_frames,) int64 of the frames of an ``n``-frame video to keep (rule in the module docstring)."""
+    if n < 1:
+        raise ValueError(f"a video needs at least one frame, got {n}")
+    i = np.arange(num_frames, dtype=np.int64)
+    if n >= num_frames * stride:
+        start = 0 if clip_start == "begin" else (n - num_frames * stride) // 2
+        return start + stride * i
+    return (i * n) // num_frames
+
+
+def _to_numpy(batch: Any) -> np.ndarray:
+    """decord's batch -> numpy, whatever bridge another library switched decord to."""
+    if hasattr(batch, "asnumpy"):
+        return batch.asnumpy()
+    if hasattr(batch, "numpy"):  # torch bridge
+        return batch.numpy()
+    return np.asarray(batch)
+
+
+@register_tokenizer("video")
+class VideoTokenizer(Tokenizer):
+    """Video -> T sampled frames -> grid of pt x p x p x 3 uint8 tubelets with (t, row, col) positions.
+
+    ``meta``: ``original_size`` [H, W], ``resized_size``, ``crop_offset`` [top, left],
+    ``processed_size`` [S, S], ``num_frames`` T, ``frame_indices`` (source index of each frame),
+    ``num_source_frames``, ``fps``, ``patch_size``, ``tubelet_size``, ``grid`` [T/pt, S/p, S/p].
+    """
+
+    Config: ClassVar[type] = VideoConfig
+    version: ClassVar[str] = "1"
+    extensions: ClassVar[tuple[str, ...]] = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+
+    def spec(self) -> TableSpec:
+        c = self.config
+        return TableSpec(
+            modality=self.name,
+            token_kind="continuous",
+            token_dim=c.tubelet_size * c.patch_size * c.patch_size * 3,
+            token_dtype="uint8",
+            position_axes=("t", "row", "col"),
+            position_kind="grid",
+            token_shape=(c.tubelet_size, c.patch_size, c.patch_size, 3),
+        )
+
+    def sample_indices(self, n: int) -> np.ndarray:
+        """Indices (T,) of the frames kept from an ``n``-frame video."""
+        c = self.config
+        return sample_indices(n, c.num_frames, c.frame_stride, c.clip_start)
+
+    # ---- read -----------------------------------------------------------------------------------
+    def read(self, source: str) -> Video:
+        """Decode the sampled frames of a video file with decord; bad files raise TokenizeError."""
+        import decord
+
+        source = os.fspath(source)
+        self.check_file(source)
+        if os.path.isdir(source):
+            raise TokenizeError(source, "unsupported", "is a directory, not a video file")
+        ext = os.path.splitext(source)[1].lower()
+        if ext not in self.extensions:
+            raise TokenizeError(
+                source, "unsupported", f"extension {ext or '(none)'!r} is not one of {self.extensions}"
+            )
+        vr = None
+        try:
+            try:
+                vr = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
+            except (RuntimeError, decord.DECORDError) as e:
+                raise TokenizeError(source, "corrupt", f"decord cannot open the video: {_short(e)}") from None
+            n = len(vr)
+            if n < 1:
+                raise TokenizeError(source, "empty", "the video has no frames")
+            idx = self.sample_indices(n)
+            try:
+                fps: float | None = float(vr.get_avg_fps())
+            except (RuntimeError, decord.DECORDError, ValueError, ZeroDivisionError):
+                fps = None  # no usable timing: frames still decode
+            try:
+                frames = _to_numpy(vr.get_batch(idx.tolist()))  # (T, H, W, 3) uint8
+            except (RuntimeError, decord.DECORDError, IndexError) as e:
+                # decord 0.6 cannot copy frames whose RGB rows the decoder padded (some widths,
+                # e.g. 8, 16, 24, 48, 72 px: "DECORDArrayCopyFromTo: The size must exactly match");
+                # PyAV decodes those files, so it gets a second try before the file is called corrupt.
+                log.info("%s: decord could not decode frames (%s); decoding with PyAV", source, _short(e))
+                frames = _decode_with_pyav(source, idx, error=_short(e))
+        finally:
+            del vr  # decord frees the demuxer/decoder when the reader is collected
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape:
+            raise TokenizeError(
+                source, "corrupt", f"decoder returned frames of shape {frames.shape} {frames.dtype}"
+            )
+        return Video(
+            frames=np.ascontiguousarray(frames),
+            fps=fps if fps is not None and np.isfinite(fps) and fps > 0 else None,
+            frame_indices=idx,
+            num_source_frames=int(n),
+        )
+
+    # ---- tokenize -------------------------------------------------------------------------------
+    def _as_video(self, raw: Any, source: str) -> Video:
+        video = raw if isinstance(raw, Video) else Video(frames=raw) if isinstance(raw, np.ndarray) else None
+        f = None if video is None else video.frames
+        if (
+            f is None
+            or not isinstance(f, np.ndarray)
+            or f.dtype != np.uint8
+            or f.ndim != 4
+            or f.shape[3] != 3
+        ):
+            what = f"{type(raw).__name__} {getattr(f, 'dtype', '')} {getattr(f, 'shape', '')}".strip()
+            raise TokenizeError(
+                source or "<array>", "invalid", f"video raw must be (T, H, W, 3) uint8 frames, got {what}"
+            )
+        if 0 in f.shape:
+            raise TokenizeError(source or "<array>", "empty", f"video frames have shape {f.shape}")
+        return video
+
+    def preprocess(self, raw: Video | np.ndarray, *, source: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+        """Raw clip -> processed frames (T, S, S, 3) uint8 and the sampling/resize facts for meta."""
+        c = self.config
+        video = self._as_video(raw, source)
+        n = len(video)
+        idx = self.sample_indices(n)
+        src_idx = idx if video.frame_indices is None else np.asarray(video.frame_indices)[idx]
+        crops = []
+        facts: dict[str, Any] = {}
+        for frame in video.frames[idx]:  # T frames, not tokens: a short loop
+            crop, facts = resize_shorter_center_crop(frame, c.image_size, c.interpolation)
+            crops.append(crop)
+        meta = {
+            "original_size": [int(video.frames.shape[1]), int(video.frames.shape[2])],
+            **facts,
+            "processed_size": [c.image_size, c.image_size],
+            "num_frames": c.num_frames,
+            "frame_indices": [int(i) for i in src_idx],
+            "num_source_frames": int(video.num_source_frames if video.num_source_frames is not None else n),
+            "fps": video.fps,
+        }
+        return np.stack(crops), meta
+
+    def tokenize(self, raw: Video | np.ndarray, *, source: str = "") -> list[Record]:
+        """Clip -> one record: tokens (L, pt*p*p*3) uint8, positions (L, 3) float32 (t, row, col)."""
+        c = self.config
+        frames, meta = self.preprocess(raw, source=source)  # (T, S, S, 3)
+        tokens = rearrange(
+            frames,
+            "(t pt) (h p1) (w p2) c -> (t h w) (pt p1 p2 c)",
+            pt=c.tubelet_size,
+            p1=c.patch_size,
+            p2=c.patch_size,
+        )  # (L, pt*p*p*3)
+        grid = [c.num_frames // c.tubelet_size, c.image_size // c.patch_size, c.image_size // c.patch_size]
+        meta.update(patch_size=c.patch_size, tubelet_size=c.tubelet_size, grid=grid)
+        return [
+            Record(
+                id=f"{source}#0",
+                source=source,
+                tokens=np.ascontiguousarray(tokens),
+                positions=grid_positions(*grid),
+                meta=meta,
+            )
+        ]
+
+    def detokenize(self, record: Record) -> Video:
+        """Record -> Video with the processed frames (T, S, S, 3) uint8, tubelets placed by (t, row, col)."""
+        m = record.meta
+        p = int(m.get("patch_size", self.config.patch_size))
+        pt = int(m.get("tubelet_size", self.config.tubelet_size))
+        grid = grid_size_of(record, "grid", 3)
+        canvas = scatter_patches(record, grid, (pt, p, p, 3))  # (t, h, w, pt, p, p, 3)
+        frames = rearrange(canvas, "t h w pt p1 p2 c -> (t pt) (h p1) (w p2) c")
+        idx = m.get("frame_indices")
+        return Video(
+            frames=np.ascontiguousarray(frames),
+            fps=m.get("fps"),
+            frame_indices=None if idx is None else np.asarray(idx, dtype=np.int64),
+            num_source_frames=m.get("num_source_frames"),
+        )
+
+    def render(self, raw: Video | np.ndarray, path: str, *, per_row: int = 8) -> None:
+        """Save the frames of a clip as one PNG: a grid of up to ``per_row`` frames per row, 2 px gaps."""
+        from PIL import Image
+
+        frames = self._as_video(raw, str(path)).frames  # (T, H, W, 3)
+        t, h, w, _ = frames.shape
+        cols = min(per_row, t)
+        rows = -(-t // cols)
+        gap = 2
+        sheet = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
+        for k in range(t):  # frames, not tokens
+            r, q = divmod(k, cols)
+            sheet[r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = frames[k]
+        Image.fromarray(sheet).save(path, format="PNG")
+
+
+def _decode_with_pyav(source: str, indices: np.ndarray, *, error: str) -> np.ndarray:
+    """Frames ``indices`` (T,) of ``source`` decoded in presentation order with PyAV: (T, H, W, 3) uint8.
+
+    Decodes sequentially up to the last wanted frame (the fallback path; decord seeks instead).
+    """
+    import av
+
+    wanted = {int(i) for i in indices}
+    last = max(wanted)
+    got: dict[int, np.ndarray] = {}
+    try:
+        with av.open(source) as container:
+            stream = container.streams.video[0]
+            stream.thread_count = 1
+            for k, frame in enumerate(container.decode(stream)):
+                if k in wanted:
+                    got[k] = frame.to_ndarray(format="rgb24")
+                if k >= last:
+                    break
+    except (av.FFmpegError, OSError, IndexError, ValueError) as e:
+        raise TokenizeError(source, "corrupt", f"cannot decode frames: {error}; PyAV: {e}") from None
+    missing = sorted(wanted - set(got))
+    if missing:
+        raise TokenizeError(source, "corrupt", f"frames {missing[:5]} could not be decoded ({error})")
+    return np.stack([got[int(i)] for i in indices])
+
+
+def _short(e: BaseException) -> str:
+    """First line of a decord error (they carry long C++ stack traces)."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    # drop decord's "[hh:mm:ss] /path/file.cc:123: " prefix
+    return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", lines[0])[:300]

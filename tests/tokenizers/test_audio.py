@@ -1,0 +1,284 @@
+"""Audio tokenizer: exact token counts, positions and values (AudioMAE fbank), decoding, statistics, bad inputs."""
+
+import dataclasses
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torchaudio.compliance import kaldi
+
+from maskloom.testing import check_tokenizer
+from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
+from maskloom.tokenizers.audio import Audio, AudioConfig, AudioTokenizer
+
+MEAN, STD = -4.2677393, 4.5689974
+
+
+def _tok(**kw) -> AudioTokenizer:
+    return AudioTokenizer(AudioConfig(**{"target_frames": 128, **kw}))
+
+
+def _sine(seconds: float, sr: int = 16000, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * sr))) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def _wav(path, data: np.ndarray, sr: int = 16000, subtype: str = "FLOAT") -> str:
+    sf.write(str(path), data, sr, subtype=subtype)
+    return str(path)
+
+
+def _reference_fbank(wav: np.ndarray, sr: int = 16000) -> np.ndarray:
+    """AudioMAE's dataset.py, verbatim: waveform minus mean, Kaldi fbank."""
+    w = torch.from_numpy(wav).unsqueeze(0)
+    w = w - w.mean()
+    return kaldi.fbank(
+        w,
+        htk_compat=True,
+        sample_frequency=sr,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
+    ).numpy()
+
+
+def test_registered_and_spec():
+    assert TOKENIZERS.get("audio") is AudioTokenizer
+    spec = get_tokenizer("audio").spec()
+    assert (spec.modality, spec.token_kind, spec.token_dim, spec.token_dtype) == (
+        "audio",
+        "continuous",
+        256,
+        "float16",
+    )
+    assert (
+        spec.position_axes == ("time", "freq")
+        and spec.position_kind == "grid"
+        and spec.token_shape == (16, 16)
+    )
+    assert get_tokenizer("audio").config.target_frames == 1024
+    assert get_tokenizer("audio").needs_fit is False
+    assert get_tokenizer("audio", {"normalize_with": "dataset"}).needs_fit is True
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        AudioConfig(target_frames=100)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        AudioConfig(num_mel_bins=120)
+    with pytest.raises(ValueError, match="normalize_with"):
+        AudioConfig(normalize_with="global")
+    with pytest.raises(ValueError, match="norm_std"):
+        AudioConfig(norm_std=0.0)
+    with pytest.raises(ValueError, match="unknown key"):
+        get_tokenizer("audio", {"frames": 128})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AudioConfig().target_frames = 3  # type: ignore[misc]
+
+
+def test_one_second_gives_8x8_tokens_with_exact_values(tmp_path):
+    wav = _sine(1.0)
+    tok = _tok()
+    raw = tok.read(_wav(tmp_path / "a.wav", wav))
+    assert raw.sample_rate == 16000 and raw.waveform.shape == (16000,) and raw.waveform.dtype == np.float32
+    (rec,) = tok.tokenize(raw, source="a.wav")
+    assert rec.id == "a.wav#0" and rec.source == "a.wav" and rec.label is None
+    assert rec.tokens.shape == (64, 256) and rec.tokens.dtype == np.float16
+    assert rec.positions.dtype == np.float32
+    expected_pos = [[t, f] for t in range(8) for f in range(8)]  # time-major
+    assert rec.positions.tolist() == expected_pos
+    # (16000 - 400) // 160 + 1 = 98 real frames, padded to 128
+    assert rec.meta["frames"] == 98 and rec.meta["total_frames"] == 98
+    assert rec.meta["duration"] == 1.0 and rec.meta["sample_rate"] == 16000
+    assert (rec.meta["norm_mean"], rec.meta["norm_std"]) == (MEAN, STD)
+    fb = _reference_fbank(wav)
+    assert fb.shape == (98, 128)
+    full = np.concatenate([fb, np.zeros((30, 128), np.float32)])  # AudioMAE zero-pads the fbank
+    z = ((full - MEAN) / (2 * STD)).astype(np.float16)
+    # token t*8+f = patch (t, f): frames t*16..t*16+15, mel bins f*16..f*16+15, flattened time-major
+    for t, f in [(0, 0), (0, 7), (3, 5), (6, 2), (7, 7)]:
+        np.testing.assert_array_equal(
+            rec.tokens[t * 8 + f], z[t * 16 : t * 16 + 16, f * 16 : f * 16 + 16].reshape(-1)
+        )
+    np.testing.assert_array_equal(rec.tokens, z.reshape(8, 16, 8, 16).transpose(0, 2, 1, 3).reshape(64, 256))
+    # the last time row of patches (frames 112..127) lies wholly in the padding: (0 - mean) / (2 std)
+    assert np.all(rec.tokens[7 * 8 :] == np.float16(-MEAN / (2 * STD)))
+
+
+def test_long_audio_is_cut_to_target_frames(tmp_path):
+    tok = _tok()
+    (rec,) = tok(_wav(tmp_path / "long.wav", _sine(2.0)))
+    assert rec.tokens.shape == (64, 256)
+    assert rec.meta["frames"] == 128 and rec.meta["total_frames"] == 198 and rec.meta["duration"] == 2.0
+    np.testing.assert_allclose(tok.detokenize(rec), _reference_fbank(_sine(2.0))[:128], atol=0.02)
+
+
+def test_audio_shorter_than_one_window_is_padded_to_one_frame(tmp_path):
+    tok = _tok()
+    wav = _sine(100 / 16000)  # 100 samples < 400-sample (25 ms) window
+    (rec,) = tok(_wav(tmp_path / "short.wav", wav))
+    assert rec.tokens.shape == (64, 256) and rec.meta["frames"] == 1
+    padded = np.concatenate([wav - wav.mean(), np.zeros(300, np.float32)])
+    expected = kaldi.fbank(
+        torch.from_numpy(padded)[None],
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
+    ).numpy()
+    assert expected.shape == (1, 128)
+    np.testing.assert_allclose(tok.detokenize(rec), expected, atol=2 * STD * 4 / 1024)
+
+
+def test_round_trip_recovers_real_frames_within_float16(tmp_path):
+    tok = _tok()
+    wav = _sine(0.7, freq=1000.0) + _sine(0.7, freq=3000.0, amp=0.1)
+    raw = tok.read(_wav(tmp_path / "b.wav", wav))
+    (rec,) = tok.tokenize(raw, source="b")
+    out = tok.detokenize(rec)
+    fb = tok.fbank(raw.waveform).numpy()
+    assert out.shape == fb.shape == (68, 128) and out.dtype == np.float32
+    z = (fb - MEAN) / (2 * STD)
+    # float16 keeps 11 significant bits: error <= |z| * 2**-11 in normalised units
+    np.testing.assert_allclose(out, fb, rtol=0, atol=float(2 * STD * np.abs(z).max() * 2**-11) + 1e-5)
+    # the same through the record's Arrow/table form: positions decide the placement
+    perm = np.random.default_rng(0).permutation(64)
+    shuffled = dataclasses.replace(rec, tokens=rec.tokens[perm], positions=rec.positions[perm])
+    np.testing.assert_array_equal(tok.detokenize(shuffled), out)
+
+
+def test_stereo_mix_down_is_exact_mean(tmp_path):
+    left, right = _sine(0.5, freq=300.0), _sine(0.5, freq=700.0, amp=0.25)
+    raw = _tok().read(_wav(tmp_path / "st.wav", np.stack([left, right], axis=1)))
+    assert raw.waveform.shape == (8000,)
+    np.testing.assert_array_equal(raw.waveform, ((left + right) / 2).astype(np.float32))
+
+
+def test_resampling_8k_to_16k_doubles_length(tmp_path):
+    raw = _tok().read(_wav(tmp_path / "lo.wav", _sine(1.0, sr=8000), sr=8000))
+    assert raw.sample_rate == 16000 and raw.waveform.shape == (16000,) and raw.waveform.dtype == np.float32
+    # a 440 Hz tone stays a 440 Hz tone: its spectrum peaks at bin 440 of a 1-s FFT
+    spec = np.abs(np.fft.rfft(raw.waveform))
+    assert int(spec.argmax()) == 440
+    raw8 = _tok(sample_rate=8000).read(str(tmp_path / "lo.wav"))
+    assert raw8.sample_rate == 8000 and raw8.waveform.shape == (8000,)
+
+
+def test_flac_and_pcm16_read(tmp_path):
+    wav = _sine(0.25)
+    raw = _tok().read(_wav(tmp_path / "a.flac", wav, subtype="PCM_16"))
+    np.testing.assert_allclose(raw.waveform, wav, atol=1 / 32768)
+
+
+def test_bad_inputs(tmp_path):
+    tok = _tok()
+    with pytest.raises(TokenizeError) as e:
+        tok.read(str(tmp_path / "nope.wav"))
+    assert e.value.kind == "missing"
+    with pytest.raises(TokenizeError) as e:
+        tok.read(_wav(tmp_path / "zero.wav", np.zeros(0, np.float32)))
+    assert e.value.kind == "empty" and "zero.wav" in str(e.value)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" * 4)
+    with pytest.raises(TokenizeError) as e:
+        tok.read(str(bad))
+    assert e.value.kind == "corrupt" and "bad.wav" in str(e.value)
+    odd = tmp_path / "notes.xyz"
+    odd.write_bytes(b"hello world, not audio at all" * 10)
+    with pytest.raises(TokenizeError) as e:
+        tok.read(str(odd))
+    assert e.value.kind == "unsupported"
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(Audio(waveform=np.zeros(0, np.float32), sample_rate=16000), source="mem")
+    assert e.value.kind == "empty"
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(Audio(waveform=_sine(0.1, sr=8000), sample_rate=8000), source="mem")
+    assert e.value.kind == "config"
+
+
+def test_deterministic_and_does_not_mutate_input(tmp_path):
+    tok = _tok()
+    wav = _sine(0.4) + 0.3  # a DC offset: tokenize removes the mean from a copy
+    raw = Audio(waveform=wav.copy(), sample_rate=16000)
+    a = tok.tokenize(raw, source="x")[0]
+    np.testing.assert_array_equal(raw.waveform, wav)
+    b = pickle.loads(pickle.dumps(tok)).tokenize(raw, source="x")[0]
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.meta == b.meta
+
+
+def test_fit_dataset_statistics_and_artifacts(tmp_path):
+    paths = [_wav(tmp_path / f"{i}.wav", _sine(0.3 + 0.1 * i, freq=200.0 * (i + 1))) for i in range(3)]
+    tok = _tok(normalize_with="dataset")
+    with pytest.raises(RuntimeError, match="fit"):
+        tok.tokenize(tok.read(paths[0]), source=paths[0])
+    tok.fit(paths)
+    fbs = np.concatenate(
+        [_reference_fbank(_sine(0.3 + 0.1 * i, freq=200.0 * (i + 1))) for i in range(3)]
+    ).astype(np.float64)
+    assert tok.stats["files"] == 3 and tok.stats["frames"] == fbs.shape[0]
+    assert tok.stats["mean"] == pytest.approx(fbs.mean(), rel=1e-9)
+    assert tok.stats["std"] == pytest.approx(fbs.std(), rel=1e-7)
+    (rec,) = tok(paths[1])
+    assert rec.meta["norm_mean"] == tok.stats["mean"] and rec.meta["norm_std"] == tok.stats["std"]
+    art = tmp_path / "art"
+    assert tok.save_artifacts(str(art)) == ["audio_stats.json"]
+    assert json.loads((art / "audio_stats.json").read_text())["mean"] == tok.stats["mean"]
+    again = _tok(normalize_with="dataset")
+    again.load_artifacts(str(art))
+    np.testing.assert_array_equal(again(paths[1])[0].tokens, rec.tokens)
+    with pytest.raises(FileNotFoundError, match="audio_stats.json"):
+        _tok(normalize_with="dataset").load_artifacts(str(tmp_path / "empty"))
+    # config normalisation needs no statistics and writes none
+    assert _tok().save_artifacts(str(tmp_path / "none")) == []
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_fit_samples_a_bounded_number_of_files(tmp_path):
+    paths = [_wav(tmp_path / f"{i}.wav", _sine(0.1)) for i in range(5)]
+    tok = _tok(normalize_with="dataset", fit_max_files=2)
+    tok.fit(paths)
+    assert tok.stats["files"] == 2
+    # evenly spaced over the sorted list: first and last; an unreadable pick is skipped
+    tok.fit(paths + [str(tmp_path / "missing.wav")])
+    assert tok.stats["files"] == 1
+    with pytest.raises(ValueError, match="none of"):
+        tok.fit([str(tmp_path / "missing.wav")])
+
+
+def test_conformance_kit(tmp_path):
+    paths = [_wav(tmp_path / f"{i}.wav", _sine(0.2 + 0.3 * i, freq=250.0 * (i + 1))) for i in range(3)]
+    paths.append(
+        _wav(
+            tmp_path / "st.flac",
+            np.stack([_sine(0.5), _sine(0.5, freq=90.0)], axis=1),
+            sr=22050,
+            subtype="PCM_24",
+        )
+    )
+
+    def compare(raw, out, rec):
+        fb = _tok().fbank(raw.waveform).numpy()[: rec.meta["frames"]]
+        np.testing.assert_allclose(out, fb, atol=0.03)
+
+    for tok in (_tok(), _tok(normalize_with="dataset")):
+        report = check_tokenizer(tok, paths, compare=compare)
+        assert report == {"sources": 4, "records": 4, "tokens": 4 * 64}
+
+
+def test_render_writes_png(tmp_path):
+    tok = _tok()
+    raw = Audio(waveform=_sine(0.3), sample_rate=16000)
+    tok.render(raw, str(tmp_path / "a.png"))
+    tok.render(tok.detokenize(tok.tokenize(raw)[0]), str(tmp_path / "b.png"))
+    for name in ("a.png", "b.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

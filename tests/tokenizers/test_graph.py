@@ -1,0 +1,329 @@
+import pickle
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from maskloom.testing import check_tokenizer
+from maskloom.tokenizers import TokenizeError, get_tokenizer
+from maskloom.tokenizers.graph import (
+    Graph,
+    GraphDataset,
+    GraphTokenizer,
+    laplacian_pe,
+    normalized_laplacian,
+    undirected,
+)
+
+# three graphs, TU numbering (1-based, global node ids):
+#   graph 1: triangle 1-2-3            label  1
+#   graph 2: path 4-5-6-7              label -1   (its edges listed in one direction only)
+#   graph 3: star 8 -> 9, 10, 11       label  1
+TRIANGLE = [(1, 2), (2, 1), (2, 3), (3, 2), (1, 3), (3, 1)]
+PATH = [(4, 5), (5, 6), (6, 7)]
+STAR = [(8, 9), (9, 8), (8, 10), (10, 8), (8, 11), (11, 8)]
+NODE_LABELS = [0, 0, 1, 2, 2, 2, 2, 1, 0, 0, 0]
+NODE_ATTRS = [0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5, 10.5]
+
+
+def write_tu(folder, name="TOY", attrs=True, labels=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}_A.txt").write_text("".join(f"{a}, {b}\n" for a, b in TRIANGLE + PATH + STAR))
+    (folder / f"{name}_graph_indicator.txt").write_text("\n".join(["1"] * 3 + ["2"] * 4 + ["3"] * 4) + "\n")
+    (folder / f"{name}_graph_labels.txt").write_text("1\n-1\n1\n")
+    if labels:
+        (folder / f"{name}_node_labels.txt").write_text("\n".join(map(str, NODE_LABELS)) + "\n")
+    if attrs:
+        (folder / f"{name}_node_attributes.txt").write_text("\n".join(map(str, NODE_ATTRS)) + "\n")
+    return str(folder)
+
+
+def write_edge_list(tmp_path, edges, *, features=None, labels=None, stem="g", header=True):
+    p = tmp_path / f"{stem}.csv"
+    p.write_text(("src,dst\n" if header else "") + "".join(f"{a},{b}\n" for a, b in edges))
+    if features is not None:
+        np.save(tmp_path / f"{stem}.features.npy", np.asarray(features, np.float32))
+    if labels is not None:
+        (tmp_path / f"{stem}.labels.txt").write_text("\n".join(map(str, labels)) + "\n")
+    return str(p)
+
+
+def onehot(i, n=3):
+    v = [0.0] * n
+    v[i] = 1.0
+    return v
+
+
+# ---- structure and PE ---------------------------------------------------------------------------
+def test_undirected_symmetrises_dedups_and_drops_self_loops():
+    ei = np.array([[0, 1, 1, 2, 2], [1, 0, 2, 2, 1]])
+    assert undirected(ei, 3).tolist() == [[0, 1, 1, 2], [1, 0, 2, 1]]
+
+
+def test_pe_of_a_4_cycle_has_eigenvalues_1_1_2_and_zero_padding():
+    cycle = undirected(np.array([[0, 1, 2, 3], [1, 2, 3, 0]]), 4)
+    pe, vals = laplacian_pe(cycle, 4, 8, return_eigenvalues=True)
+    assert pe.shape == (4, 8) and pe.dtype == np.float32
+    np.testing.assert_allclose(vals, [1, 1, 2, 0, 0, 0, 0, 0], atol=1e-12)
+    np.testing.assert_array_equal(pe[:, 3:], 0)
+    lap = normalized_laplacian(cycle, 4)
+    np.testing.assert_allclose(lap @ pe[:, :3], pe[:, :3] * vals[:3], atol=1e-6)
+    # the eigenvalue-2 eigenvector is the alternating one, sign-fixed: first largest entry positive
+    np.testing.assert_allclose(pe[:, 2], [0.5, -0.5, 0.5, -0.5], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(pe[:, :3], axis=0), 1, atol=1e-6)
+
+
+def test_pe_sign_convention_and_tiny_graphs():
+    pe = laplacian_pe(np.array([[0, 1], [1, 0]]), 2, 3)
+    np.testing.assert_allclose(pe, [[2**-0.5, 0, 0], [-(2**-0.5), 0, 0]], atol=1e-6)
+    np.testing.assert_array_equal(laplacian_pe(np.zeros((2, 0), np.int64), 1, 4), np.zeros((1, 4)))
+    # path 0-1-2: L eigenvalues 0, 1, 2
+    _, vals = laplacian_pe(undirected(np.array([[0, 1], [1, 2]]), 3), 3, 2, return_eigenvalues=True)
+    np.testing.assert_allclose(vals, [1, 2], atol=1e-12)
+
+
+def test_sparse_eigsh_agrees_with_dense():
+    n = 30
+    path = undirected(np.stack([np.arange(n - 1), np.arange(1, n)]), n)
+    dense, wd = laplacian_pe(path, n, 4, return_eigenvalues=True)
+    sparse, ws = laplacian_pe(path, n, 4, dense_max=1, return_eigenvalues=True)
+    np.testing.assert_allclose(ws, wd, atol=1e-8)
+    np.testing.assert_allclose(sparse, dense, atol=1e-5)
+
+
+# ---- TU datasets ----------------------------------------------------------------------------------
+def test_tu_folder_exact_nodes_edges_labels_features(tmp_path):
+    src = write_tu(tmp_path / "TOY")
+    tok = GraphTokenizer()
+    ds = tok.read(src)
+    assert isinstance(ds, GraphDataset) and ds.level == "graph" and ds.name == "TOY"
+    assert [g.num_nodes for g in ds.graphs] == [3, 4, 4]
+    assert tok.spec().token_dim == 4 and tok.label_names() == ("-1", "1")
+    recs = tok.tokenize(ds, source=src)
+    assert [r.id for r in recs] == [f"{src}#0", f"{src}#1", f"{src}#2"]
+    assert [r.label for r in recs] == [1, 0, 1]
+    assert recs[0].edges.tolist() == [[0, 1], [0, 2], [1, 0], [1, 2], [2, 0], [2, 1]]
+    assert recs[1].edges.tolist() == [[0, 1], [1, 0], [1, 2], [2, 1], [2, 3], [3, 2]]  # symmetrised
+    assert recs[2].edges.tolist() == [[0, 1], [0, 2], [0, 3], [1, 0], [2, 0], [3, 0]]
+    assert recs[1].edges.dtype == np.int32
+    expected = [[a, *onehot(lab)] for a, lab in zip(NODE_ATTRS, NODE_LABELS)]
+    np.testing.assert_array_equal(np.concatenate([r.tokens for r in recs]), np.asarray(expected, np.float32))
+    assert recs[0].positions.shape == (3, 8) and recs[0].positions.dtype == np.float32
+    # triangle: normalised Laplacian eigenvalues 0, 1.5, 1.5 -> PE columns span the non-trivial space
+    lap = normalized_laplacian(undirected(recs[0].edges.T, 3), 3)
+    np.testing.assert_allclose(lap @ recs[0].positions[:, :2], 1.5 * recs[0].positions[:, :2], atol=1e-6)
+    assert recs[2].meta == {"graph": 2, "num_nodes": 4, "num_edges": 6}
+
+
+@pytest.mark.parametrize(("rule", "width", "first"), [("attributes", 1, [0.5]), ("labels", 3, [1, 0, 0])])
+def test_tu_feature_rule(tmp_path, rule, width, first):
+    src = write_tu(tmp_path / "raw")  # the raw/ layout of PyG downloads
+    tok = GraphTokenizer({"tu_features": rule})
+    recs = tok(str(tmp_path))
+    assert tok.spec().token_dim == width
+    assert recs[0].tokens[0].tolist() == first
+    assert src.endswith("raw")
+
+
+def test_tu_without_node_features_gets_a_constant(tmp_path):
+    src = write_tu(tmp_path / "BARE", name="BARE", attrs=False, labels=False)
+    tok = GraphTokenizer()
+    recs = tok(src)
+    assert tok.spec().token_dim == 1
+    np.testing.assert_array_equal(recs[1].tokens, np.ones((4, 1), np.float32))
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer({"tu_features": "attributes"})(src)
+    assert e.value.kind == "config"
+
+
+def test_detokenize_round_trip_is_exact(tmp_path):
+    src = write_tu(tmp_path / "TOY")
+    tok = GraphTokenizer()
+    ds = tok.read(src)
+    for g, rec in zip(ds.graphs, tok.tokenize(ds, source=src)):
+        out = tok.detokenize(rec)
+        np.testing.assert_array_equal(out.x, g.x)
+        np.testing.assert_array_equal(out.edge_index, g.edge_index)
+        assert out.edge_index.shape[0] == 2 and out.label == g.label
+
+
+# ---- large graphs ---------------------------------------------------------------------------------
+def path_graph(tmp_path, n=6, **kw):
+    feats = np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+    return write_edge_list(tmp_path, [(i, i + 1) for i in range(n - 1)], features=feats, **kw), feats
+
+
+def test_edge_list_subgraph_per_centre(tmp_path):
+    src, feats = path_graph(tmp_path, labels=[5, 7, 5, -1, 7, 7])
+    tok = GraphTokenizer({"subgraph_hops": 1})
+    recs = tok(src)
+    assert tok.label_names() == ("5", "7") and tok.spec().token_dim == 2
+    assert [r.id for r in recs] == [f"{src}#{i}" for i in range(6)]
+    assert [r.label for r in recs] == [0, 1, 0, None, 1, 1]  # node 3 is unlabelled
+    r = recs[2]
+    assert r.meta == {
+        "center": 0,
+        "center_node": 2,
+        "nodes": [2, 1, 3],
+        "hops": 1,
+        "num_nodes": 3,
+        "num_edges": 4,
+    }
+    np.testing.assert_array_equal(r.tokens, feats[[2, 1, 3]])
+    assert r.edges.tolist() == [[0, 1], [0, 2], [1, 0], [2, 0]]
+    assert recs[0].meta["nodes"] == [0, 1]
+    # detokenize gives the induced subgraph exactly
+    g = tok.detokenize(r)
+    assert g.edge_index.tolist() == [[0, 0, 1, 2], [1, 2, 0, 0]]
+    np.testing.assert_array_equal(g.x, feats[[2, 1, 3]])
+
+
+def test_subgraph_budget_centres_and_hops(tmp_path):
+    src, _ = path_graph(tmp_path)
+    recs = GraphTokenizer({"subgraph_hops": 2, "subgraph_max_nodes": 4, "subgraph_centers": 3})(src)
+    assert [r.meta["center_node"] for r in recs] == [0, 2, 5]  # linspace(0, 5, 3) rounded
+    assert recs[0].meta["nodes"] == [0, 1, 2]
+    assert recs[1].meta["nodes"][:3] == [2, 1, 3] and len(recs[1].meta["nodes"]) == 4  # one of 0, 4
+    assert recs[1].meta["nodes"][3] in (0, 4)
+    # a star centre with 10 leaves and a budget of 4: three leaves, seeded, sorted, deterministic
+    star = write_edge_list(tmp_path, [(0, i) for i in range(1, 11)], stem="star")
+    tok = GraphTokenizer({"subgraph_max_nodes": 4, "subgraph_centers": 1})
+    a, b = tok(star)[0], tok(star)[0]
+    nodes = a.meta["nodes"]
+    assert nodes[0] == 0 and len(nodes) == 4 and nodes[1:] == sorted(nodes[1:]) and a.meta == b.meta
+    np.testing.assert_array_equal(a.tokens, np.ones((4, 1), np.float32))  # no features file
+    assert GraphTokenizer({"subgraph_hops": 0, "subgraph_centers": 1})(star)[0].meta["nodes"] == [0]
+
+
+def test_edge_list_node_label_pairs_and_errors(tmp_path):
+    src = write_edge_list(tmp_path, [(0, 1), (1, 2)], header=False)
+    (tmp_path / "g.labels.csv").write_text("node,label\n2,1\n0,0\n")
+    recs = GraphTokenizer()(src)
+    assert [r.label for r in recs] == [0, None, 1]
+    bad = write_edge_list(tmp_path, [(0, 9)], features=np.zeros((3, 2)), stem="bad")
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(bad)
+    assert e.value.kind == "invalid" and "node id 9" in e.value.reason
+    (tmp_path / "neg.csv").write_text("0,-1\n")
+    (tmp_path / "one.csv").write_text("0\n1\n")
+    (tmp_path / "x.gml").write_text("graph")
+    for name, kind in (
+        ("neg.csv", "invalid"),
+        ("one.csv", "corrupt"),
+        ("x.gml", "unsupported"),
+        ("nothing.csv", "missing"),
+    ):
+        with pytest.raises(TokenizeError) as e:
+            GraphTokenizer()(str(tmp_path / name))
+        assert e.value.kind == kind, name
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(str(tmp_path / "emptydir"))
+    assert e.value.kind == "unsupported"
+
+
+def test_planetoid_folder(tmp_path):
+    # read_planetoid_data assumes 500 validation nodes after the training ones, so the smallest
+    # valid dataset has > 502 nodes: 510 on a ring; train x = nodes 0-1, allx = 0-504, test = 505-509
+    n = 510
+    feats = (np.arange(n * 3).reshape(n, 3) % 7).astype(np.float32)
+    cls = np.arange(n) % 2
+    y = np.eye(2)[cls]
+    files = {
+        "x": sp.csr_matrix(feats[:2]),
+        "allx": sp.csr_matrix(feats[:505]),
+        "tx": sp.csr_matrix(feats[505:]),
+        "y": y[:2],
+        "ally": y[:505],
+        "ty": y[505:],
+        "graph": defaultdict(list, {i: [(i + 1) % n, (i - 1) % n] for i in range(n)}),
+    }
+    for k, v in files.items():
+        with open(tmp_path / f"ind.tiny.{k}", "wb") as f:
+            pickle.dump(v, f)
+    (tmp_path / "ind.tiny.test.index").write_text("".join(f"{i}\n" for i in range(505, n)))
+    tok = GraphTokenizer({"subgraph_hops": 1, "subgraph_centers": 6})
+    ds = tok.read(str(tmp_path))
+    assert ds.level == "node" and ds.graphs[0].num_nodes == n and ds.graphs[0].num_edges == 2 * n
+    assert tok.label_names() == ("0", "1") and tok.spec().token_dim == 3
+    recs = tok.tokenize(ds, source=str(tmp_path))
+    centres = [0, 102, 204, 305, 407, 509]
+    assert [r.meta["center_node"] for r in recs] == centres
+    assert [r.label for r in recs] == [c % 2 for c in centres]
+    assert recs[0].meta["nodes"] == [0, 1, n - 1]
+    np.testing.assert_array_equal(recs[-1].tokens, feats[[509, 0, 508]])
+
+
+# ---- empties, fit and artifacts -------------------------------------------------------------------
+def test_graph_without_nodes_is_empty():
+    tok = GraphTokenizer({"feature_dim": 2})
+    empty = Graph(x=np.zeros((0, 2), np.float32), edge_index=np.zeros((2, 0), np.int64))
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(empty, source="e")
+    assert (e.value.kind, e.value.source) == ("empty", "e")
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(GraphDataset(name="d", level="graph", graphs=[empty]), source="d")
+    assert e.value.kind == "empty"
+    one = Graph(x=np.ones((1, 2), np.float32), edge_index=np.zeros((2, 0), np.int64), label=3)
+    recs = tok.tokenize(GraphDataset(name="d", level="graph", graphs=[empty, one]), source="d")
+    assert [r.id for r in recs] == ["d#1"] and recs[0].label == 3 and recs[0].edges.shape == (0, 2)
+
+
+def test_fit_artifacts_and_width_mismatch(tmp_path):
+    src = write_tu(tmp_path / "TOY")
+    tok = GraphTokenizer()
+    with pytest.raises(RuntimeError, match="fit"):
+        tok.spec()
+    tok.fit([src])
+    assert tok.spec().token_dim == 4 and tok.spec().position_axes == tuple(f"lap{i}" for i in range(8))
+    assert tok.spec().position_kind == "spectral"
+    assert tok.save_artifacts(str(tmp_path / "art")) == ["graph_schema.json"]
+    fresh = GraphTokenizer()
+    fresh.load_artifacts(str(tmp_path / "art"))
+    assert fresh.spec() == tok.spec() and fresh.label_names() == ("-1", "1")
+    other = write_tu(tmp_path / "BARE", name="BARE", attrs=False, labels=False)
+    with pytest.raises(TokenizeError) as e:
+        fresh(other)
+    assert e.value.kind == "config" and "4" in e.value.reason
+    assert GraphTokenizer({"feature_dim": 4}).spec().token_dim == 4
+
+
+def test_render_writes_png(tmp_path):
+    tok = GraphTokenizer({"subgraph_max_nodes": 3})
+    tok.render(tok.read(write_tu(tmp_path / "TOY")), str(tmp_path / "a.png"))
+    src, _ = path_graph(tmp_path)
+    tok = GraphTokenizer({"subgraph_max_nodes": 3})  # another feature width: another tokenizer
+    tok.render(tok.read(src), str(tmp_path / "b.png"))
+    for n in ("a.png", "b.png"):
+        assert (tmp_path / n).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_registered_and_conformance(tmp_path):
+    assert isinstance(get_tokenizer("graph"), GraphTokenizer)
+    tu = write_tu(tmp_path / "TOY")
+
+    def compare(raw, out, rec):
+        g = raw.graphs[rec.meta["graph"]]
+        np.testing.assert_array_equal(out.x, g.x)
+        np.testing.assert_array_equal(out.edge_index, g.edge_index)
+
+    assert check_tokenizer(GraphTokenizer(), [tu], compare=compare) == {
+        "sources": 1,
+        "records": 3,
+        "tokens": 11,
+    }
+    a, _ = path_graph(tmp_path, labels=[0, 1, 0, 1, 0, 1], stem="a")
+    b, _ = path_graph(tmp_path, n=4, labels=[1, 0, 1, 0], stem="b")
+    report = check_tokenizer(GraphTokenizer({"subgraph_hops": 1}), [a, b])
+    assert report["records"] == 10
+
+
+def test_class_names_must_agree_across_sources(tmp_path):
+    a, _ = path_graph(tmp_path, labels=[0, 1, 0, 1, 0, 1], stem="a")
+    b, _ = path_graph(tmp_path, labels=[0, 1, 2, 1, 0, 1], stem="b")
+    tok = GraphTokenizer()
+    tok.fit([a])
+    with pytest.raises(TokenizeError) as e:
+        tok(b)
+    assert e.value.kind == "config" and "class names" in e.value.reason

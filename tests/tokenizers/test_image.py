@@ -1,0 +1,308 @@
+"""Image tokenizer: exact patches and positions, round trip, decoding of every Pillow mode, bad inputs."""
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskloom import tables
+from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
+from maskloom.tokenizers.image import ImageConfig, ImageTokenizer
+
+
+def _tok(**kw) -> ImageTokenizer:
+    return ImageTokenizer(ImageConfig(**kw))
+
+
+def _ramp(h: int, w: int) -> np.ndarray:
+    """(h, w, 3) uint8 where every pixel is distinct enough to locate: R=row, G=col, B=(row+col)%256."""
+    r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([r % 256, c % 256, (r + c) % 256], axis=-1).astype(np.uint8)
+
+
+def test_registered_and_spec():
+    assert TOKENIZERS.get("image") is ImageTokenizer
+    spec = get_tokenizer("image").spec()
+    assert spec.modality == "image"
+    assert (spec.token_kind, spec.token_dim, spec.token_dtype) == ("continuous", 768, "uint8")
+    assert spec.position_axes == ("row", "col") and spec.position_kind == "grid"
+    assert spec.token_shape == (16, 16, 3)
+    assert get_tokenizer("image", {"patch_size": 8, "image_size": 32}).spec().token_dim == 192
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        ImageConfig(image_size=30, patch_size=16)
+    with pytest.raises(ValueError, match="interpolation"):
+        ImageConfig(interpolation="cubic-ish")
+    with pytest.raises(ValueError, match="positive"):
+        ImageConfig(patch_size=0)
+    with pytest.raises(ValueError, match="unknown key"):
+        get_tokenizer("image", {"size": 32})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ImageConfig().image_size = 3  # type: ignore[misc]
+
+
+def test_wide_image_gives_four_tokens_from_centre_crop():
+    img = _ramp(32, 48)  # H=32, W=48: shorter side already 32, so only a centre crop (cols 8..39)
+    (rec,) = _tok(image_size=32).tokenize(img, source="a.png")
+    assert rec.id == "a.png#0" and rec.source == "a.png"
+    assert rec.tokens.shape == (4, 768) and rec.tokens.dtype == np.uint8
+    assert rec.positions.dtype == np.float32
+    assert rec.positions.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    # token k = patch (row, col); inside it, the value order is (p1, p2, c)
+    patches = rec.tokens.reshape(4, 16, 16, 3)
+    # top-left pixel of patch (0, 1) is image pixel (0, 8 + 16) -> R=0, G=24, B=24
+    assert patches[1, 0, 0].tolist() == [0, 24, 24]
+    # pixel (5, 7) inside patch (1, 0) is image pixel (21, 8 + 7) -> R=21, G=15, B=36
+    assert patches[2, 5, 7].tolist() == [21, 15, 36]
+    np.testing.assert_array_equal(patches[3], img[16:32, 24:40])
+    assert rec.meta == {
+        "original_size": [32, 48],
+        "resized_size": [32, 48],
+        "crop_offset": [0, 8],
+        "processed_size": [32, 32],
+        "patch_size": 16,
+        "grid": [2, 2],
+    }
+
+
+def test_tall_image_and_token_order():
+    img = _ramp(64, 32)  # rows 16..47 are kept
+    (rec,) = _tok(image_size=32, patch_size=8).tokenize(img)
+    assert rec.tokens.shape == (16, 192)
+    assert rec.positions[:5].tolist() == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0]]
+    patches = rec.tokens.reshape(4, 4, 8, 8, 3)  # (row, col, p1, p2, c)
+    np.testing.assert_array_equal(patches[2, 1], img[16 + 16 : 16 + 24, 8:16])
+
+
+def test_resize_shorter_side_then_crop():
+    img = np.zeros((20, 40, 3), np.uint8)
+    (rec,) = _tok(image_size=32, interpolation="nearest").tokenize(img)
+    assert rec.meta["resized_size"] == [32, 64] and rec.meta["crop_offset"] == [0, 16]
+    (rec,) = _tok(image_size=32).tokenize(np.zeros((101, 77, 3), np.uint8))
+    assert rec.meta["resized_size"] == [42, 32] and rec.meta["crop_offset"] == [5, 0]
+    assert rec.meta["original_size"] == [101, 77]
+
+
+def test_nearest_upscale_exact_values():
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[:8, :8] = [10, 20, 30]
+    image, _ = _tok(image_size=32, interpolation="nearest").preprocess(img)
+    assert image.shape == (32, 32, 3)
+    assert image[:16, :16].reshape(-1, 3).tolist() == [[10, 20, 30]] * 256
+    assert image[16:, :].max() == 0 and image[:, 16:].max() == 0
+
+
+def test_round_trip_is_exact_and_order_free():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    tok = _tok(image_size=32)
+    processed, _ = tok.preprocess(img)
+    (rec,) = tok.tokenize(img)
+    np.testing.assert_array_equal(tok.detokenize(rec), processed)
+    # shuffled tokens still land at their positions; a subset leaves the rest black
+    perm = rng.permutation(4)
+    shuffled = dataclasses.replace(rec, tokens=rec.tokens[perm], positions=rec.positions[perm])
+    np.testing.assert_array_equal(tok.detokenize(shuffled), processed)
+    part = dataclasses.replace(rec, tokens=rec.tokens[:1], positions=rec.positions[:1])
+    out = tok.detokenize(part)
+    np.testing.assert_array_equal(out[:16, :16], processed[:16, :16])
+    assert out[16:].max() == 0 and out[:, 16:].max() == 0
+    # float predictions are rounded and clipped
+    pred = dataclasses.replace(rec, tokens=rec.tokens.astype(np.float32) + 0.3)
+    np.testing.assert_array_equal(tok.detokenize(pred), processed)
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (1, 100), (100, 3), (31, 33), (64, 64), (500, 200)])
+def test_any_size_gives_the_full_grid(h, w):
+    img = np.random.default_rng(h * 1000 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    tok = _tok(image_size=32, patch_size=8)
+    (rec,) = tok.tokenize(img)
+    assert rec.tokens.shape == (16, 192) and rec.meta["original_size"] == [h, w]
+    assert min(rec.meta["resized_size"]) == 32
+    np.testing.assert_array_equal(tok.detokenize(rec), tok.preprocess(img)[0])
+
+
+def test_round_trip_through_table(tmp_path):
+    tok = _tok(image_size=32)
+    img = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    recs = tok.tokenize(img, source="x.png")
+    table = tables.write_table(str(tmp_path / "t"), recs, tok)
+    (back,) = table.records()
+    np.testing.assert_array_equal(table.tokenizer().detokenize(back), img)
+
+
+def test_caller_data_not_mutated_and_deterministic():
+    img = np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    copy = img.copy()
+    tok = _tok(image_size=32)
+    a = tok.tokenize(img)[0]
+    b = pickle.loads(pickle.dumps(tok)).tokenize(img)[0]
+    np.testing.assert_array_equal(img, copy)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.positions, b.positions)
+
+
+def test_tokenize_rejects_bad_arrays():
+    tok = _tok(image_size=32)
+    for bad in (
+        np.zeros((8, 8), np.uint8),
+        np.zeros((8, 8, 4), np.uint8),
+        np.zeros((8, 8, 3), np.float32),
+        "img",
+    ):
+        with pytest.raises(TokenizeError) as e:
+            tok.tokenize(bad, source="s")
+        assert e.value.kind == "invalid"
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(np.zeros((0, 5, 3), np.uint8))
+    assert e.value.kind == "empty"
+
+
+# ---- read: formats and modes ---------------------------------------------------------------------
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".tif", ".webp"])
+def test_read_lossless_formats(tmp_path, ext):
+    img = _ramp(12, 20)
+    path = tmp_path / f"a{ext}"
+    Image.fromarray(img).save(path, **({"lossless": True} if ext == ".webp" else {}))
+    out = _tok().read(str(path))
+    assert out.dtype == np.uint8 and out.shape == (12, 20, 3)
+    np.testing.assert_array_equal(out, img)
+
+
+def test_read_jpeg(tmp_path):
+    img = np.full((16, 24, 3), [200, 100, 50], np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.jpg", quality=95)
+    out = _tok().read(str(tmp_path / "a.jpg"))
+    assert out.shape == (16, 24, 3)
+    assert np.abs(out.astype(int) - img).max() <= 3
+
+
+def test_exif_orientation_applied(tmp_path):
+    img = np.zeros((10, 20, 3), np.uint8)  # landscape, marker at the top-left
+    img[0, 0] = [255, 0, 0]
+    pil = Image.fromarray(img)
+    exif = pil.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    pil.save(tmp_path / "r.png", exif=exif)
+    out = _tok().read(str(tmp_path / "r.png"))
+    assert out.shape == (20, 10, 3)  # now portrait
+    assert out[0, -1].tolist() == [255, 0, 0]  # top-left went to the top-right
+    assert int(out.sum()) == 255
+
+
+def test_grayscale_and_bilevel(tmp_path):
+    grey = np.array([[0, 7, 128, 255]], np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    out = _tok().read(str(tmp_path / "g.png"))
+    assert out.tolist() == [[[0, 0, 0], [7, 7, 7], [128, 128, 128], [255, 255, 255]]]
+    Image.fromarray(np.array([[True, False]])).save(tmp_path / "b.png")
+    assert Image.open(tmp_path / "b.png").mode == "1"
+    assert _tok().read(str(tmp_path / "b.png")).tolist() == [[[255] * 3, [0] * 3]]
+
+
+def test_rgba_composited_on_white(tmp_path):
+    rgba = np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [100, 0, 200, 128]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = _tok().read(str(tmp_path / "a.png"))
+    # round((c*a + 255*(255-a)) / 255): opaque keeps colour, transparent is white
+    assert out.tolist() == [[[10, 20, 30], [255, 255, 255], [177, 127, 227]]]
+    la = Image.fromarray(np.array([[[50, 0], [50, 255]]], np.uint8), "LA")
+    la.save(tmp_path / "la.png")
+    assert _tok().read(str(tmp_path / "la.png")).tolist() == [[[255] * 3, [50] * 3]]
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    p = Image.new("P", (3, 1))
+    p.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9))
+    p.putdata([0, 1, 2])
+    p.save(tmp_path / "p.png")
+    assert _tok().read(str(tmp_path / "p.png")).tolist() == [[[255, 0, 0], [0, 255, 0], [0, 0, 255]]]
+    p.save(tmp_path / "pt.png", transparency=1)  # index 1 fully transparent
+    assert Image.open(tmp_path / "pt.png").mode == "P"
+    assert _tok().read(str(tmp_path / "pt.png")).tolist() == [[[255, 0, 0], [255, 255, 255], [0, 0, 255]]]
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_16bit_grey_is_scaled_not_clipped(tmp_path, ext):
+    v = np.array([[0, 257, 32768, 65535, 1000]], np.uint16)
+    Image.fromarray(v).save(tmp_path / f"g{ext}")
+    assert Image.open(tmp_path / f"g{ext}").mode.startswith("I;16")
+    out = _tok().read(str(tmp_path / f"g{ext}"))
+    # round(v * 255 / 65535): 1000 -> 3.89 -> 4
+    assert out[..., 0].tolist() == [[0, 1, 128, 255, 4]]
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+
+
+def test_32bit_int_and_float_modes(tmp_path):
+    Image.fromarray(np.array([[0, 65535]], np.int32)).save(tmp_path / "i.tif")
+    assert Image.open(tmp_path / "i.tif").mode == "I"
+    assert _tok().read(str(tmp_path / "i.tif"))[..., 0].tolist() == [[0, 255]]
+    Image.fromarray(np.array([[-10, 0, 90]], np.int32)).save(tmp_path / "wide.tif")  # stretched min..max
+    assert _tok().read(str(tmp_path / "wide.tif"))[..., 0].tolist() == [[0, 26, 255]]
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(tmp_path / "f.tif")
+    assert _tok().read(str(tmp_path / "f.tif"))[..., 0].tolist() == [[0, 128, 255]]
+
+
+def test_cmyk_jpeg(tmp_path):
+    Image.new("CMYK", (4, 4), (0, 0, 0, 0)).save(tmp_path / "c.jpg", quality=100)
+    out = _tok().read(str(tmp_path / "c.jpg"))
+    assert out.shape == (4, 4, 3) and out.min() >= 250  # no ink = white
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------
+def _kind(tmp_path, name: str, data: bytes | None) -> str:
+    path = tmp_path / name
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(TokenizeError) as e:
+        _tok()(str(path))
+    assert e.value.source == str(path)
+    return e.value.kind
+
+
+def test_bad_inputs(tmp_path):
+    assert _kind(tmp_path, "missing.png", None) == "missing"
+    assert _kind(tmp_path, "empty.jpg", b"") == "empty"
+    assert _kind(tmp_path, "garbage.png", bytes(range(256)) * 3) == "corrupt"
+    assert _kind(tmp_path, "notes.txt", b"hello") == "unsupported"
+    # a GIF with an image extension: decodable, but not a format this tokenizer reads
+    Image.new("RGB", (4, 4)).save(tmp_path / "g.gif")
+    assert _kind(tmp_path, "gif.png", (tmp_path / "g.gif").read_bytes()) == "unsupported"
+    (tmp_path / "dir.png").mkdir()
+    assert _kind(tmp_path, "dir.png", None) == "unsupported"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_file_is_corrupt(tmp_path, fmt):
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full", format=fmt)
+    data = (tmp_path / "full").read_bytes()
+    assert _kind(tmp_path, "cut.png" if fmt == "PNG" else "cut.jpg", data[: len(data) // 2]) == "corrupt"
+
+
+def test_render_writes_png(tmp_path):
+    img = _ramp(20, 30)
+    tok = _tok()
+    tok.render(img, str(tmp_path / "r.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r.png")), img)
+
+
+def test_conformance_kit(tmp_path):
+    testing = pytest.importorskip("maskloom.testing")
+    rng = np.random.default_rng(4)
+    paths = []
+    for i, (ext, shape) in enumerate([(".png", (40, 32, 3)), (".bmp", (32, 70, 3)), (".jpg", (33, 33, 3))]):
+        p = str(tmp_path / f"im{i}{ext}")
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(p)
+        paths.append(p)
+    tok = _tok(image_size=32)
+
+    def compare(raw, out, rec):
+        np.testing.assert_array_equal(out, tok.preprocess(raw)[0])
+
+    report = testing.check_tokenizer(tok, paths, compare=compare)
+    assert report == {"sources": 3, "records": 3, "tokens": 12}

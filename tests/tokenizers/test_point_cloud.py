@@ -1,0 +1,243 @@
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from maskloom.geometry import chamfer_distance
+from maskloom.testing import check_tokenizer
+from maskloom.tokenizers import TokenizeError, get_tokenizer
+from maskloom.tokenizers.point_cloud import PointCloudTokenizer
+
+CORNERS = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], np.float64)
+OFFSETS = np.array([[0.01, 0, 0], [-0.01, 0, 0], [0, 0.01, 0], [0, -0.01, 0]], np.float64)
+
+
+def clusters() -> np.ndarray:
+    """(16, 3): four tight clusters of four points at the corners of a tetrahedron; centroid 0."""
+    return (CORNERS[:, None, :] + OFFSETS[None, :, :]).reshape(16, 3).astype(np.float32)
+
+
+def small(**kw) -> PointCloudTokenizer:
+    return PointCloudTokenizer({"num_points": 16, "num_groups": 4, "group_size": 4, **kw})
+
+
+def nearest_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each row of a (N, 3), the distance to the nearest row of b (M, 3)."""
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min(axis=1)
+
+
+def cloud(n: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, channels)).astype(np.float32) * 3 + 5
+
+
+def test_registered_and_spec():
+    tok = get_tokenizer("point_cloud")
+    s = tok.spec()
+    assert (s.token_dim, s.token_shape, s.position_axes, s.position_kind) == (
+        96,
+        (32, 3),
+        ("x", "y", "z"),
+        "continuous",
+    )
+    assert PointCloudTokenizer({"extra_channels": 1}).spec().token_dim == 128
+
+
+def test_clusters_exact_tokens_positions_and_lossless_round_trip():
+    tok = small()
+    pts = clusters()
+    before = pts.copy()
+    [rec] = tok.tokenize(pts, source="c")
+    np.testing.assert_array_equal(pts, before)  # caller's data untouched
+    assert rec.id == "c#0" and rec.tokens.shape == (4, 12) and rec.positions.shape == (4, 3)
+    assert rec.tokens.dtype == np.float32 and rec.positions.dtype == np.float32
+    scale = np.sqrt(((CORNERS[0] + OFFSETS[0]) ** 2).sum())  # farthest point from the centroid 0
+    assert rec.meta["scale"] == pytest.approx(scale)
+    np.testing.assert_allclose(rec.meta["centroid"], 0, atol=1e-7)
+    norm = pts / scale
+    # FPS starts at point 0, then one centre per cluster; each centre is a point of the cloud
+    assert np.allclose(rec.positions[0], norm[0], atol=1e-6)
+    cluster_of = [int(np.argmin(((CORNERS / scale - p) ** 2).sum(1))) for p in rec.positions]
+    assert sorted(cluster_of) == [0, 1, 2, 3]
+    groups = rec.tokens.reshape(4, 4, 3)
+    np.testing.assert_array_equal(groups[:, 0], 0)  # the centre itself, first, at offset 0
+    # each group is its whole cluster: offsets within the cluster
+    assert np.abs(groups).max() <= 0.02 / scale + 1e-6
+    out = tok.detokenize(rec)
+    assert out.shape == (16, 3)
+    cd = chamfer_distance(torch.from_numpy(out)[None], torch.from_numpy(pts)[None], use_pytorch3d=False)
+    assert cd.item() < 1e-10
+
+
+def test_round_trip_points_come_from_the_input_default_config():
+    pts = cloud(3000)
+    tok = PointCloudTokenizer()
+    [rec] = tok.tokenize(pts, source="x")
+    assert rec.tokens.shape == (64, 96)
+    out = tok.detokenize(rec)
+    assert out.shape == (64 * 32, 3)
+    assert nearest_dist(out, pts).max() < 1e-5 * 3
+    # positions are in the unit sphere
+    assert np.linalg.norm(rec.positions, axis=1).max() <= 1 + 1e-6
+
+
+def test_padding_by_repetition_and_too_small():
+    tok = PointCloudTokenizer({"num_points": 64, "num_groups": 4, "group_size": 32})
+    [rec] = tok.tokenize(cloud(40), source="p")
+    assert rec.meta["num_valid_points"] == 40 and rec.tokens.shape == (4, 96)
+    assert nearest_dist(tok.detokenize(rec), cloud(40)).max() < 1e-5
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(cloud(31), source="s")
+    assert e.value.kind == "too_small" and e.value.source == "s"
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(cloud(1), source="one")
+    assert e.value.kind == "too_small"
+
+
+def test_nan_points_are_dropped_all_nan_is_invalid():
+    tok = small()
+    pts = np.concatenate([clusters(), np.full((3, 3), np.nan, np.float32)])
+    pts[16:, 0] = 1.0  # partly finite rows are dropped too
+    [rec] = tok.tokenize(pts, source="n")
+    assert rec.meta["dropped_nonfinite"] == 3 and rec.meta["num_valid_points"] == 16
+    assert np.isfinite(rec.tokens).all()
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(np.full((20, 3), np.nan, np.float32), source="nan")
+    assert e.value.kind == "invalid"
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(np.zeros((0, 3), np.float32), source="e")
+    assert e.value.kind == "empty"
+
+
+def test_identical_points_have_unit_scale():
+    [rec] = small().tokenize(np.ones((16, 3), np.float32), source="same")
+    assert rec.meta["scale"] == 1.0
+    np.testing.assert_array_equal(rec.tokens, 0)
+    np.testing.assert_array_equal(small().detokenize(rec), 1.0)
+
+
+def test_extra_channels_carried_and_checked():
+    pts = np.concatenate([clusters(), np.arange(16, dtype=np.float32)[:, None] * 10], axis=1)  # intensity
+    tok = small(extra_channels=1)
+    [rec] = tok.tokenize(pts, source="i")
+    assert rec.tokens.shape == (4, 16)
+    out = tok.detokenize(rec)
+    assert out.shape == (16, 4)
+    # every point keeps its own intensity
+    order = np.argsort(out[:, 3])
+    np.testing.assert_allclose(out[order], pts, atol=1e-5)
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(clusters(), source="xyz-only")
+    assert e.value.kind == "config"
+    # extra file channels are dropped with extra_channels=0
+    assert small().tokenize(pts, source="i")[0].tokens.shape == (4, 12)
+
+
+def test_subsampling_fps_and_random_are_deterministic():
+    pts = cloud(500)
+    for mode in ("fps", "random"):
+        tok = PointCloudTokenizer({"num_points": 128, "num_groups": 8, "group_size": 16, "subsample": mode})
+        a, b = tok.tokenize(pts, source="d")[0], tok.tokenize(pts.copy(), source="d")[0]
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert nearest_dist(tok.detokenize(a), pts).max() < 1e-4
+    a = PointCloudTokenizer({"subsample": "random", "seed": 1, "num_points": 128}).tokenize(pts)[0]
+    b = PointCloudTokenizer({"subsample": "random", "seed": 2, "num_points": 128}).tokenize(pts)[0]
+    assert not np.array_equal(a.positions, b.positions)
+
+
+# ---- files --------------------------------------------------------------------------------------
+def test_read_npy_npz_xyz_bin(tmp_path):
+    tok = PointCloudTokenizer()
+    pts = cloud(50, channels=4)
+    np.save(tmp_path / "a.npy", pts)
+    np.testing.assert_array_equal(tok.read(str(tmp_path / "a.npy")), pts)
+    np.savez(tmp_path / "a.npz", labels=np.zeros(3), points=pts)
+    np.testing.assert_array_equal(tok.read(str(tmp_path / "a.npz")), pts)
+    (tmp_path / "a.xyz").write_text("# x y z\n1 2 3\n4,5,6\n\n7\t8 9  # trailing comment\n")
+    np.testing.assert_array_equal(tok.read(str(tmp_path / "a.xyz")), [[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    pts.tofile(tmp_path / "a.bin")
+    np.testing.assert_array_equal(tok.read(str(tmp_path / "a.bin")), pts)
+    np.testing.assert_array_equal(
+        PointCloudTokenizer({"bin_columns": 2 * 4}).read(str(tmp_path / "a.bin")), pts.reshape(25, 8)
+    )
+    with pytest.raises(TokenizeError) as e:
+        PointCloudTokenizer({"bin_columns": 3}).read(str(tmp_path / "a.bin"))  # 200 values
+    assert e.value.kind == "corrupt" and "bin_columns=3" in e.value.reason
+
+
+def test_read_ply_point_cloud_with_colours(tmp_path):
+    pts = cloud(40)
+    colours = np.tile(np.array([[10, 20, 30, 255]], np.uint8), (40, 1))
+    trimesh.PointCloud(pts, colors=colours).export(tmp_path / "c.ply")
+    raw = PointCloudTokenizer().read(str(tmp_path / "c.ply"))
+    assert raw.shape == (40, 6)
+    np.testing.assert_allclose(raw[:, :3], pts, rtol=1e-6)
+    np.testing.assert_array_equal(raw[:, 3:], np.tile([10, 20, 30], (40, 1)))
+    [rec] = PointCloudTokenizer({"extra_channels": 3, "num_points": 64, "num_groups": 4}).tokenize(
+        raw, source="c"
+    )
+    assert rec.tokens.shape == (4, 32 * 6)
+    trimesh.PointCloud(pts).export(tmp_path / "plain.ply")
+    assert PointCloudTokenizer().read(str(tmp_path / "plain.ply")).shape == (40, 3)
+
+
+@pytest.mark.parametrize("ext", [".ply", ".off", ".stl", ".obj"])
+def test_mesh_is_surface_sampled_with_a_seed(tmp_path, ext):
+    trimesh.creation.box(extents=(2, 2, 2)).export(tmp_path / f"box{ext}")
+    tok = PointCloudTokenizer({"sample_points": 500})
+    a, b = tok.read(str(tmp_path / f"box{ext}")), tok.read(str(tmp_path / f"box{ext}"))
+    assert a.shape == (500, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    # every sample lies on the surface of the cube [-1, 1]^3
+    np.testing.assert_allclose(np.abs(a).max(axis=1), 1.0, atol=1e-5)
+    c = PointCloudTokenizer({"sample_points": 500, "seed": 3}).read(str(tmp_path / f"box{ext}"))
+    assert not np.array_equal(a, c)
+
+
+def test_bad_files(tmp_path):
+    tok = PointCloudTokenizer()
+    (tmp_path / "empty.xyz").write_text("")
+    (tmp_path / "comments.xyz").write_text("# nothing\n\n")
+    (tmp_path / "ragged.xyz").write_text("1 2 3\n4 5\n")
+    (tmp_path / "words.xyz").write_text("a b c\n")
+    (tmp_path / "two.xyz").write_text("1 2\n3 4\n")
+    np.save(tmp_path / "obj.npy", np.array(["a", "b"]))
+    np.save(tmp_path / "flat.npy", np.zeros(9, np.float32))
+    expected = {
+        "missing.xyz": "missing",
+        "empty.xyz": "empty",
+        "comments.xyz": "empty",
+        "ragged.xyz": "corrupt",
+        "words.xyz": "corrupt",
+        "two.xyz": "invalid",
+        "obj.npy": "invalid",
+        "flat.npy": "invalid",
+        "x.las": "unsupported",
+    }
+    (tmp_path / "x.las").write_bytes(b"abc")
+    for name, kind in expected.items():
+        with pytest.raises(TokenizeError) as e:
+            tok(str(tmp_path / name))
+        assert e.value.kind == kind, (name, e.value)
+        assert name in e.value.source
+
+
+def test_render_writes_png(tmp_path):
+    PointCloudTokenizer().render(cloud(100), str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_conformance(tmp_path):
+    np.save(tmp_path / "a.npy", cloud(300, seed=1))
+    np.savetxt(tmp_path / "b.xyz", cloud(100, seed=2))
+    cloud(70, seed=3, channels=4).tofile(tmp_path / "c.bin")
+    trimesh.creation.icosphere(subdivisions=1).export(tmp_path / "d.ply")
+    sources = [str(tmp_path / n) for n in ("a.npy", "b.xyz", "c.bin", "d.ply")]
+    tok = PointCloudTokenizer({"num_points": 256, "num_groups": 16, "group_size": 16, "sample_points": 400})
+
+    def compare(raw, out, rec):
+        assert out.shape == (16 * 16, 3)
+        assert nearest_dist(out, raw[:, :3]).max() < 1e-4, rec.source
+
+    report = check_tokenizer(tok, sources, compare=compare)
+    assert report == {"sources": 4, "records": 4, "tokens": 64}

@@ -1,0 +1,481 @@
+"""Time-series tokenizer: windows, RevIN, patches (PatchTST), missing values, UCR parsing, round trip."""
+
+import dataclasses
+import json
+import logging
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from maskloom.testing import check_tokenizer
+from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
+from maskloom.tokenizers.time_series import (
+    TimeSeries,
+    TimeSeriesConfig,
+    TimeSeriesTokenizer,
+    fill_missing,
+    num_patches,
+    record_span,
+    window_starts,
+)
+
+
+def _tok(**kw) -> TimeSeriesTokenizer:
+    return TimeSeriesTokenizer(TimeSeriesConfig(**kw))
+
+
+def _series(n: int = 100, channels: int = 2) -> np.ndarray:
+    """(n, channels) float32: channel c is a sine of period 10 + 7c plus a ramp, distinct per step."""
+    t = np.arange(n)[:, None]
+    c = np.arange(channels)[None, :]
+    return (np.sin(2 * np.pi * t / (10 + 7 * c)) * (c + 1) + 0.01 * t + 3 * c).astype(np.float32)
+
+
+def _csv(path, x: np.ndarray, names=None, date=True) -> str:
+    names = names or [f"ch{i}" for i in range(x.shape[1])]
+    lines = [",".join((["date"] if date else []) + names)]
+    for i, row in enumerate(x):
+        vals = ["" if np.isnan(v) else repr(float(v)) for v in row]
+        lines.append(",".join(([f"2020-01-01 {i % 24:02d}:00:00"] if date else []) + vals))
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+UCR_TS = """# a hand-written UCR file
+@problemName Toy
+@timeStamps false
+@missing true
+@univariate true
+@equalLength false
+@classLabel true b a
+@data
+1,2,3,4,5,6,7,8:a
+2,?,4,6,8,10,12,14,16,18:b
+# a comment between series
+0.5,0.25,0.125,0,0,0,0,1:a
+"""
+
+
+def test_registered_and_spec():
+    assert TOKENIZERS.get("time_series") is TimeSeriesTokenizer
+    spec = get_tokenizer("time_series").spec()
+    assert (spec.modality, spec.token_kind, spec.token_dim, spec.token_dtype) == (
+        "time_series",
+        "continuous",
+        12,
+        "float32",
+    )
+    assert (
+        spec.position_axes == ("channel", "patch")
+        and spec.position_kind == "grid"
+        and spec.token_shape == (12,)
+    )
+    assert get_tokenizer("time_series", {"patch_len": 16, "patch_stride": 8}).spec().token_dim == 16
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="must not exceed patch_len"):
+        TimeSeriesConfig(patch_len=8, patch_stride=12)
+    with pytest.raises(ValueError, match="at least patch_len"):
+        TimeSeriesConfig(window=10)
+    with pytest.raises(ValueError, match="format"):
+        TimeSeriesConfig(format="excel")
+    with pytest.raises(ValueError, match="max_missing"):
+        TimeSeriesConfig(max_missing=1.5)
+    with pytest.raises(ValueError, match="columns"):
+        TimeSeriesConfig(columns="OT")
+    with pytest.raises(ValueError, match="unknown key"):
+        get_tokenizer("time_series", {"context": 512})
+    tok = get_tokenizer("time_series", {"columns": ["a", "b"], "class_labels": ["x"]})
+    assert tok.config.columns == ("a", "b") and tok.config.class_labels == ("x",)
+    hash(tok.config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TimeSeriesConfig().window = 3  # type: ignore[misc]
+
+
+def test_window_and_patch_counts():
+    assert window_starts(100, 48, 24).tolist() == [0, 24, 48]
+    assert window_starts(47, 48, 24).tolist() == []
+    assert window_starts(48, 48, 100).tolist() == [0]
+    assert num_patches(512, 12, 12) == 42  # PatchTST self-supervised
+    assert num_patches(336, 16, 8) == 41  # PatchTST supervised ETTh1
+
+
+def test_csv_channel_independent_windows_revin_and_patches(tmp_path):
+    x = _series(100, 2)
+    tok = _tok(window=48, stride=24)
+    raw = tok.read(_csv(tmp_path / "a.csv", x))
+    assert raw.channels == ("ch0", "ch1") and not raw.labelled and raw.labels is None  # date column skipped
+    np.testing.assert_array_equal(raw.values, x)
+    recs = tok.tokenize(raw, source="a.csv")
+    assert [r.id for r in recs] == [f"a.csv#s0-w{w}-c{c}" for w in range(3) for c in range(2)]
+    for r in recs:
+        w, c = r.meta["window_index"], r.meta["channels"][0]
+        start = 24 * w
+        assert r.meta["start"] == start and r.meta["length"] == 48 and record_span(r) == (start, start + 48)
+        assert r.meta["channel_names"] == [f"ch{c}"] and r.meta["missing"] == [0] and r.label is None
+        assert r.tokens.shape == (4, 12) and r.tokens.dtype == np.float32
+        assert r.positions.tolist() == [
+            [0, 0],
+            [0, 1],
+            [0, 2],
+            [0, 3],
+        ]  # channels share the channel coordinate
+        seg = x[start : start + 48, c].astype(np.float64)
+        mean, std = seg.mean(), np.sqrt(seg.var() + 1e-5)
+        assert r.meta["mean"] == [pytest.approx(mean, rel=1e-12)] and r.meta["std"] == [
+            pytest.approx(std, rel=1e-12)
+        ]
+        np.testing.assert_allclose(r.tokens, ((seg - mean) / std).reshape(4, 12), rtol=1e-6, atol=1e-6)
+
+
+def test_patches_align_to_window_end(tmp_path):
+    x = _series(60, 1)
+    (rec,) = _tok(window=50, stride=50).tokenize(TimeSeries(series=[x], channels=("v",)), source="m")
+    # 50 steps -> 4 patches of 12 = 48 steps: the first 2 steps of the window are dropped (PatchTST)
+    assert rec.meta["start"] == 2 and rec.meta["length"] == 48 and rec.tokens.shape == (4, 12)
+    np.testing.assert_allclose(_tok().detokenize(rec), x[2:50], rtol=1e-5)
+
+
+def test_joint_mode(tmp_path):
+    x = _series(100, 3)
+    tok = _tok(window=48, stride=24, channel_independent=False)
+    recs = tok(_csv(tmp_path / "j.csv", x))
+    assert len(recs) == 3 and recs[0].id.endswith("#s0-w0")
+    r = recs[1]
+    assert r.tokens.shape == (12, 12)
+    assert r.positions.tolist() == [[c, p] for c in range(3) for p in range(4)]  # channel-major
+    assert r.meta["channels"] == [0, 1, 2] and len(r.meta["mean"]) == 3 and r.meta["missing"] == [0, 0, 0]
+    out = tok.detokenize(r)
+    assert out.shape == (48, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out, x[24:72], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("patch_len,patch_stride", [(12, 12), (16, 8), (5, 3)])
+def test_round_trip_within_1e5_relative(patch_len, patch_stride):
+    x = _series(200, 2) * 1000 + 5e4  # large offset: RevIN must handle it
+    tok = _tok(window=64, stride=40, patch_len=patch_len, patch_stride=patch_stride)
+    recs = tok.tokenize(TimeSeries(series=[x], channels=("a", "b")), source="m")
+    for r in recs:
+        s, e = record_span(r)
+        np.testing.assert_allclose(tok.detokenize(r), x[s:e, r.meta["channels"]], rtol=1e-5)
+    # detokenize places tokens by position: order does not matter
+    r = recs[0]
+    perm = np.random.default_rng(1).permutation(r.num_tokens)
+    np.testing.assert_array_equal(
+        tok.detokenize(dataclasses.replace(r, tokens=r.tokens[perm], positions=r.positions[perm])),
+        tok.detokenize(r),
+    )
+
+
+def test_whole_series_window_and_too_small():
+    x = _series(30, 1)
+    (rec,) = _tok(window=None).tokenize(TimeSeries(series=[x], channels=("v",)), source="m")
+    assert rec.tokens.shape == (2, 12) and rec.meta["start"] == 6
+    with pytest.raises(TokenizeError) as e:
+        _tok(window=48).tokenize(TimeSeries(series=[x], channels=("v",)), source="m")
+    assert e.value.kind == "too_small" and "30 steps" in e.value.reason
+
+
+def test_columns_parquet_and_tsv_table(tmp_path):
+    x = _series(60, 3)
+    tbl = pa.table(
+        {
+            "time": pa.array(np.arange(60).astype("datetime64[s]")),
+            "a": x[:, 0],
+            "b": x[:, 1],
+            "c": x[:, 2].astype(np.float64),
+            "name": ["s"] * 60,
+        }
+    )
+    pq.write_table(tbl, tmp_path / "t.parquet")
+    raw = _tok().read(str(tmp_path / "t.parquet"))
+    assert raw.channels == ("a", "b", "c")
+    np.testing.assert_array_equal(raw.values, x)
+    raw = _tok(columns=("c", "a")).read(str(tmp_path / "t.parquet"))
+    assert raw.channels == ("c", "a")
+    np.testing.assert_array_equal(raw.values, x[:, [2, 0]])
+    with pytest.raises(TokenizeError) as e:
+        _tok(columns=("zz",)).read(str(tmp_path / "t.parquet"))
+    assert e.value.kind == "config" and "zz" in e.value.reason
+    with pytest.raises(TokenizeError) as e:
+        _tok(columns=("name",)).read(str(tmp_path / "t.parquet"))
+    assert e.value.kind == "config" and "not numeric" in e.value.reason
+    (tmp_path / "h.tsv").write_text("when\tu\tv\nmon\t1\t2\ntue\t3\t4\n")
+    raw = _tok().read(str(tmp_path / "h.tsv"))
+    assert raw.channels == ("u", "v") and raw.values.tolist() == [[1, 2], [3, 4]] and not raw.labelled
+
+
+def test_fill_missing_linear_inside_edge_fill_outside():
+    x = np.array([[np.nan, 1], [1, np.nan], [np.nan, np.nan], [4, 4], [np.nan, np.inf]], np.float32)
+    before = x.copy()
+    filled, missing = fill_missing(x)
+    assert filled.tolist() == [[1, 1], [1, 2], [2.5, 3], [4, 4], [4, 4]]
+    assert missing.sum(axis=0).tolist() == [3, 3]
+    np.testing.assert_array_equal(x, before)  # caller's data untouched
+    allnan = fill_missing(np.full((3, 1), np.nan))[0]
+    assert np.isnan(allnan).all()
+
+
+def test_missing_value_policy(tmp_path, caplog):
+    x = _series(100, 2)
+    x[30, 0] = np.nan  # one interior gap: interpolated
+    x[50:90, 1] = np.nan  # channel 1 windows 1 (24..71: 22 missing) and 2 (48..95: 40 missing)
+    path = _csv(tmp_path / "gaps.csv", x)
+    tok = _tok(window=48, stride=24)
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        recs = tok(path)
+    # 40/48 > 50% missing: window 2 of channel 1 is skipped; window 1 (22/48) is kept
+    assert [r.id.split("#")[1] for r in recs] == ["s0-w0-c0", "s0-w0-c1", "s0-w1-c0", "s0-w1-c1", "s0-w2-c0"]
+    assert "skipped 1 window" in caplog.text
+    by_id = {r.id.split("#")[1]: r for r in recs}
+    assert by_id["s0-w0-c0"].meta["missing"] == [1] and by_id["s0-w1-c1"].meta["missing"] == [22]
+    out = tok.detokenize(by_id["s0-w1-c0"])  # steps 24..71, step 30 interpolated between 29 and 31
+    assert out[6, 0] == pytest.approx((x[29, 0] + x[31, 0]) / 2, rel=1e-5)
+    # joint mode drops the whole window when any channel is over the limit
+    assert len(_tok(window=48, stride=24, channel_independent=False)(path)) == 2
+    # a stricter limit drops more
+    assert len(_tok(window=48, stride=24, max_missing=0.0)(path)) == 2
+    # a channel with no value at all: the file is invalid
+    y = _series(100, 2)
+    y[:, 1] = np.nan
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(TimeSeries(series=[y], channels=("ch0", "ch1")), source="m")
+    assert e.value.kind == "invalid" and "ch1" in e.value.reason
+    # in a CSV an all-empty column is skipped with a warning, unless chosen in columns=
+    dead = _csv(tmp_path / "deadch.csv", y)
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        assert tok.read(dead).channels == ("ch0",)
+    assert "no values at all" in caplog.text
+    with pytest.raises(TokenizeError) as e:
+        _tok(window=48, stride=24, columns=("ch0", "ch1"))(dead)
+    assert e.value.kind == "invalid" and "ch1" in e.value.reason
+    with pytest.raises(TokenizeError) as e:
+        tok(_csv(tmp_path / "allnan.csv", np.full((100, 2), np.nan)))
+    assert e.value.kind == "invalid"
+    # every window over the limit
+    z = _series(100, 1)
+    z[10:95] = np.nan
+    with pytest.raises(TokenizeError) as e:
+        tok(_csv(tmp_path / "mostly.csv", z))
+    assert e.value.kind == "invalid" and "missing" in e.value.reason
+
+
+def test_ucr_ts_parsing(tmp_path):
+    p = tmp_path / "Toy_TRAIN.ts"
+    p.write_text(UCR_TS)
+    tok = _tok()
+    raw = tok.read(str(p))
+    assert raw.labelled and raw.channels == ("dim_0",)
+    assert raw.label_names == ("b", "a") and raw.labels == [1, 0, 1]  # index in @classLabel order
+    assert [s.shape for s in raw.series] == [(8, 1), (10, 1), (8, 1)]
+    assert raw.series[0][:, 0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert np.isnan(raw.series[1][1, 0]) and raw.series[2][:4, 0].tolist() == [0.5, 0.25, 0.125, 0]
+    recs = _tok(patch_len=4, patch_stride=4).tokenize(raw, source="toy")
+    # each series is one window: 8 -> 2 patches, 10 -> 2 patches (steps 2..9), 8 -> 2 patches
+    assert [(r.id, r.label, r.num_tokens, r.meta["start"]) for r in recs] == [
+        ("toy#s0-w0-c0", 1, 2, 0),
+        ("toy#s1-w0-c0", 0, 2, 2),
+        ("toy#s2-w0-c0", 1, 2, 0),
+    ]
+    # the '?' at step 1 of series 1 is filled by interpolation (2 and 4 -> 3) but lies before the patches
+    assert recs[1].meta["missing"] == [0]
+    np.testing.assert_allclose(_tok().detokenize(recs[0])[:, 0], np.arange(1, 9), rtol=1e-5)
+    # window_labelled cuts labelled series into windows too
+    recs = _tok(window=4, stride=4, patch_len=4, patch_stride=4, window_labelled=True).tokenize(
+        raw, source="toy"
+    )
+    assert [r.id.split("#")[1] for r in recs] == [
+        "s0-w0-c0",
+        "s0-w1-c0",
+        "s1-w0-c0",
+        "s1-w1-c0",
+        "s2-w0-c0",
+        "s2-w1-c0",
+    ]
+
+
+def test_ucr_ts_multivariate_and_errors(tmp_path):
+    p = tmp_path / "mv.ts"
+    p.write_text(
+        "@problemName MV\n@univariate false\n@dimensions 2\n@classLabel true x y\n@data\n"
+        "1,2,3,4:10,20,30,40:y\n5,6,7,8:50,60,70:x\n"
+    )
+    raw = _tok().read(str(p))
+    assert raw.channels == ("dim_0", "dim_1") and raw.labels == [1, 0]
+    assert raw.series[0].tolist() == [[1, 10], [2, 20], [3, 30], [4, 40]]
+    assert np.isnan(raw.series[1][3, 1])  # a shorter dimension is NaN-padded (then edge-filled)
+    recs = _tok(patch_len=2, patch_stride=2, channel_independent=False).tokenize(raw, source="mv")
+    assert recs[1].tokens.shape == (4, 2) and recs[1].meta["missing"] == [0, 1]
+    np.testing.assert_allclose(_tok().detokenize(recs[1]), [[5, 50], [6, 60], [7, 70], [8, 70]], rtol=1e-5)
+
+    def err(text: str, kind: str, name: str = "bad.ts") -> TokenizeError:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(TokenizeError) as e:
+            _tok().read(str(tmp_path / name))
+        assert e.value.kind == kind and name in str(e.value)
+        return e.value
+
+    err("@problemName X\n1,2,3\n", "corrupt")
+    err("@problemName X\n@classLabel true 1 2\n", "corrupt")
+    assert "@data" in err("@problemName X\n", "corrupt").reason
+    err("@timeStamps true\n@data\n(0,1),(1,2):1\n", "unsupported")
+    assert "'3'" in err("@classLabel true 1 2\n@data\n1,2,3:3\n", "invalid").reason
+    assert "line 3" in err("@classLabel true 1 2\n@data\n1,x,3:1\n", "corrupt").reason
+    err("@classLabel true 1 2\n@data\n1,2:3,4:1\n5,6:1\n", "corrupt")
+    err("@classLabel true 1 2\n@data\n", "empty")
+
+
+def test_ucr_tsv_labels_and_trailing_nan(tmp_path):
+    p = tmp_path / "X_TEST.tsv"
+    p.write_text("10\t1\t2\t3\tNaN\tNaN\n-1\t4\t5\t6\t7\t8\n2\t0\tNaN\t1\t1\t1\n")
+    raw = _tok().read(str(p))
+    assert raw.labelled and raw.label_names == ("-1", "2", "10") and raw.labels == [2, 0, 1]
+    assert [s.shape for s in raw.series] == [(3, 1), (5, 1), (5, 1)]  # trailing NaNs trimmed
+    assert np.isnan(raw.series[2][1, 0])  # an interior NaN stays missing
+
+
+def test_ucr_series_too_short_is_skipped_among_good_ones(tmp_path, caplog):
+    p = tmp_path / "short.tsv"
+    p.write_text("1\t" + "\t".join(["1"] * 24) + "\n2\t1\t2\t3\n")
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        recs = _tok()(str(p))
+    assert [r.id.split("#")[1] for r in recs] == ["s0-w0-c0"] and "skipping series 1" in caplog.text
+    p.write_text("2\t1\t2\t3\n")
+    with pytest.raises(TokenizeError) as e:
+        _tok()(str(p))
+    assert e.value.kind == "too_small"
+
+
+def test_fit_learns_labels_across_files_and_config_overrides(tmp_path):
+    (tmp_path / "A_TRAIN.tsv").write_text("3\t1\t2\n10\t2\t3\n3\t0\t0\n")
+    (tmp_path / "A_TEST.tsv").write_text("1\t1\t2\n3\t2\t3\n")
+    (tmp_path / "other.csv").write_text("v\n1\n2\n")
+    train, test = str(tmp_path / "A_TRAIN.tsv"), str(tmp_path / "A_TEST.tsv")
+    # each file alone: its own sorted labels -> "3" is 0 in TRAIN but 1 in TEST
+    assert _tok().read(train).labels == [0, 1, 0] and _tok().read(test).labels == [0, 1]
+    tok = _tok()
+    assert tok.needs_fit and tok.label_names() is None
+    tok.fit([train, test, str(tmp_path / "other.csv"), str(tmp_path / "gone.tsv")])
+    assert tok.label_names() == ("1", "3", "10")  # numeric order of the union
+    assert tok.read(train).labels == [1, 2, 1] and tok.read(test).labels == [0, 1]
+    art = tmp_path / "art"
+    assert tok.save_artifacts(str(art)) == ["time_series_labels.json"]
+    assert json.loads((art / "time_series_labels.json").read_text()) == {"class_labels": ["1", "3", "10"]}
+    again = _tok()
+    again.load_artifacts(str(art))
+    assert again.label_names() == ("1", "3", "10") and again.read(train).labels == [1, 2, 1]
+    fixed = _tok(class_labels=("10", "3", "1"))
+    assert not fixed.needs_fit
+    fixed.fit([train, test])
+    assert fixed.label_names() == ("10", "3", "1") and fixed.read(test).labels == [2, 1]
+    with pytest.raises(TokenizeError) as e:
+        _tok(class_labels=("1", "3")).read(train)
+    assert e.value.kind == "invalid" and "'10'" in e.value.reason
+    # table files only: nothing learned, nothing written
+    tables_only = _tok()
+    tables_only.fit([str(tmp_path / "other.csv")])
+    assert tables_only.label_names() is None and tables_only.save_artifacts(str(tmp_path / "none")) == []
+    # .ts files keep their @classLabel order, read from the header alone
+    (tmp_path / "T_TRAIN.ts").write_text("@classLabel true b a\n@data\n1,2:a\n")
+    (tmp_path / "T_TEST.ts").write_text("@classLabel true b a c\n@data\n1,2:c\n")
+    ts = _tok()
+    ts.fit([str(tmp_path / "T_TRAIN.ts"), str(tmp_path / "T_TEST.ts")])
+    assert ts.label_names() == ("b", "a", "c")
+    assert ts.read(str(tmp_path / "T_TRAIN.ts")).labels == [1]
+
+
+def test_bad_inputs(tmp_path):
+    tok = _tok()
+    with pytest.raises(TokenizeError) as e:
+        tok.read(str(tmp_path / "nope.csv"))
+    assert e.value.kind == "missing"
+    (tmp_path / "header.csv").write_text("date,v\n")
+    (tmp_path / "text.csv").write_text("a,b\nx,y\n")
+    (tmp_path / "bin.parquet").write_bytes(b"PAR1 not really parquet")
+    (tmp_path / "x.arff").write_text("@relation x\n")
+    for name, kind in (
+        ("header.csv", "empty"),
+        ("text.csv", "invalid"),
+        ("bin.parquet", "corrupt"),
+        ("x.arff", "unsupported"),
+    ):
+        with pytest.raises(TokenizeError) as e:
+            tok.read(str(tmp_path / name))
+        assert e.value.kind == kind and name in str(e.value), name
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(TimeSeries(series=[np.zeros((0, 2), np.float32)], channels=("a", "b")), source="m")
+    assert e.value.kind == "empty"
+
+
+def test_deterministic_pickle_and_no_mutation():
+    x = _series(300, 2)
+    x[5, 1] = np.nan
+    raw = TimeSeries(series=[x.copy()], channels=("a", "b"))
+    tok = _tok(window=96, stride=48)
+    a = tok.tokenize(raw, source="m")
+    b = pickle.loads(pickle.dumps(tok)).tokenize(raw, source="m")
+    assert len(a) == len(b) == 5 * 2
+    for r, s in zip(a, b):
+        assert r.id == s.id and r.meta == s.meta
+        np.testing.assert_array_equal(r.tokens, s.tokens)
+    np.testing.assert_array_equal(raw.series[0], x)
+
+
+def test_forecasting_helpers():
+    x = _series(120, 2)
+    raw = TimeSeries(series=[x], channels=("a", "b"))
+    tok = _tok(window=48, stride=24)
+    r = tok.tokenize(raw, source="m")[3]  # window 1, channel 1: steps 24..71
+    assert record_span(r) == (24, 72) and r.meta["channels"] == [1]
+    fut = tok.future(raw, r, 24)
+    np.testing.assert_array_equal(fut, x[72:96, [1]])
+    assert tok.future(raw, tok.tokenize(raw, source="m")[-1], 24).shape == (
+        0,
+        1,
+    )  # last window ends the series
+    z = tok.normalize(fut, r)
+    np.testing.assert_allclose(z, (x[72:96, [1]] - r.meta["mean"][0]) / r.meta["std"][0], rtol=1e-5)
+    np.testing.assert_allclose(tok.denormalize(z, r), fut, rtol=1e-5)
+
+
+def test_conformance_kit(tmp_path):
+    x = _series(150, 2)
+    x[7, 0] = np.nan
+    paths = [_csv(tmp_path / "a.csv", x)]
+    pq.write_table(pa.table({"u": x[:80, 0], "v": x[:80, 1]}), tmp_path / "b.parquet")
+    paths.append(str(tmp_path / "b.parquet"))
+    (tmp_path / "c.ts").write_text(UCR_TS)
+    paths.append(str(tmp_path / "c.ts"))
+    (tmp_path / "d.tsv").write_text(
+        "1\t" + "\t".join(map(str, range(30))) + "\n2\t" + "\t".join(["5"] * 30) + "\n"
+    )
+    paths.append(str(tmp_path / "d.tsv"))
+
+    def compare(raw, out, rec):
+        s, e = record_span(rec)
+        filled, _ = fill_missing(raw.series[rec.meta["series"]])
+        np.testing.assert_allclose(out, filled[s:e, rec.meta["channels"]], rtol=1e-5, atol=1e-6)
+
+    for cfg in (
+        {"window": 48, "stride": 24, "patch_len": 4, "patch_stride": 4},
+        {"window": 48, "stride": 24, "patch_len": 8, "patch_stride": 4, "channel_independent": False},
+    ):
+        tok = TimeSeriesTokenizer(cfg)
+        report = check_tokenizer(tok, paths, compare=compare)
+        assert report["sources"] == 4 and report["records"] > 0
+
+
+def test_render_writes_png(tmp_path):
+    tok = _tok(window=48, stride=24)
+    raw = TimeSeries(
+        series=[_series(100, 2)], channels=("a", "b"), labels=[1], label_names=("x", "y"), labelled=True
+    )
+    tok.render(raw, str(tmp_path / "a.png"))
+    tok.render(tok.detokenize(tok.tokenize(raw, source="m")[0]), str(tmp_path / "b.png"))
+    tok.render(np.arange(10.0), str(tmp_path / "c.png"))
+    for name in ("a.png", "b.png", "c.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

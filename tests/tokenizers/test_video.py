@@ -1,0 +1,316 @@
+"""Video tokenizer: frame sampling policy, exact tubelets and positions, round trip, decoding, bad inputs.
+
+Videos are written here with PyAV. ``ffv1`` in Matroska with ``bgr0`` pixels is lossless, so frame
+k of those files is known exactly: every pixel has level ``5 * k`` except a red 8x8 square whose
+left edge is at column k (a moving square); lossy codecs are checked with tolerances.
+"""
+
+import dataclasses
+import pickle
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from maskloom import tables
+from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
+from maskloom.tokenizers.video import Video, VideoConfig, VideoTokenizer, _decode_with_pyav, sample_indices
+
+
+def _frames(n: int, h: int = 32, w: int = 32) -> np.ndarray:
+    """(n, h, w, 3) uint8: background level 5*k in frame k, red 8x8 square at rows 4..11, cols k..k+7."""
+    f = np.repeat((5 * np.arange(n, dtype=np.uint8))[:, None, None, None], 3, axis=-1)
+    f = np.broadcast_to(f, (n, h, w, 3)).copy()
+    for k in range(n):  # test data
+        f[k, 4:12, k : k + 8] = [255, 0, 0]
+    return f
+
+
+def _write(path, frames: np.ndarray, codec: str = "ffv1", pix_fmt: str = "bgr0", fps: int = 10) -> str:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = pix_fmt
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    return str(path)
+
+
+def _tok(**kw) -> VideoTokenizer:
+    kw.setdefault("image_size", 32)
+    return VideoTokenizer(VideoConfig(**kw))
+
+
+def _levels(frames: np.ndarray) -> list[int]:
+    """Frame numbers recovered from the background level of each frame (pixel at row 20, col 0)."""
+    return [int(v) // 5 for v in frames[:, 20, 0, 1]]
+
+
+def test_registered_and_spec():
+    assert TOKENIZERS.get("video") is VideoTokenizer
+    spec = get_tokenizer("video").spec()
+    assert spec.modality == "video"
+    assert (spec.token_kind, spec.token_dim, spec.token_dtype) == ("continuous", 1536, "uint8")
+    assert spec.position_axes == ("t", "row", "col") and spec.position_kind == "grid"
+    assert spec.token_shape == (2, 16, 16, 3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of tubelet_size"):
+        VideoConfig(num_frames=5)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        VideoConfig(image_size=40)
+    with pytest.raises(ValueError, match="clip_start"):
+        VideoConfig(clip_start="end")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="frame_stride"):
+        VideoConfig(frame_stride=0)
+    with pytest.raises(ValueError, match="unknown key"):
+        get_tokenizer("video", {"frames": 8})
+
+
+# ---- frame sampling ------------------------------------------------------------------------------
+def test_sample_indices_strided():
+    assert sample_indices(100, 16, 4, "begin").tolist() == list(range(0, 64, 4))
+    assert sample_indices(100, 16, 4, "center").tolist() == list(range(18, 82, 4))  # start (100-64)//2
+    assert sample_indices(64, 16, 4, "center").tolist() == list(range(0, 64, 4))  # exactly T*s frames
+    assert sample_indices(65, 16, 4, "center").tolist() == list(range(0, 64, 4))
+
+
+def test_sample_indices_short_clip_is_uniform():
+    assert sample_indices(20, 8, 4).tolist() == [0, 2, 5, 7, 10, 12, 15, 17]  # floor(i * 20 / 8)
+    assert sample_indices(63, 16, 4).tolist() == [(i * 63) // 16 for i in range(16)]
+    assert sample_indices(3, 8, 4).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]  # fewer frames than T: repeats
+    assert sample_indices(1, 4, 2).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+@pytest.mark.parametrize("start", ["begin", "center"])
+def test_resampling_a_sampled_clip_is_the_identity(stride, start):
+    assert sample_indices(8, 8, stride, start).tolist() == list(range(8))
+
+
+# ---- tokenize ------------------------------------------------------------------------------------
+def test_tubelets_and_positions_exact():
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (4, 32, 48, 3), dtype=np.uint8)  # shorter side 32: crop cols 8..39
+    tok = _tok(num_frames=4, frame_stride=1)
+    (rec,) = tok.tokenize(frames, source="v.mp4")
+    assert rec.id == "v.mp4#0"
+    assert rec.tokens.shape == (8, 1536) and rec.tokens.dtype == np.uint8
+    assert rec.positions.dtype == np.float32
+    assert rec.positions.tolist() == [[t, r, c] for t in range(2) for r in range(2) for c in range(2)]
+    tube = rec.tokens.reshape(8, 2, 16, 16, 3)  # (token, pt, p1, p2, c)
+    # token 5 = (t=1, row=0, col=1): frames 2..3, rows 0..15, cols 8+16 .. 8+31
+    np.testing.assert_array_equal(tube[5], frames[2:4, 0:16, 24:40])
+    np.testing.assert_array_equal(tube[2, 1, 3, 4], frames[1, 16 + 3, 8 + 4])
+    assert rec.meta["grid"] == [2, 2, 2] and rec.meta["frame_indices"] == [0, 1, 2, 3]
+    assert rec.meta["original_size"] == [32, 48] and rec.meta["crop_offset"] == [0, 8]
+    assert rec.meta["fps"] is None and rec.meta["num_source_frames"] == 4
+
+
+def test_default_config_token_count():
+    (rec,) = get_tokenizer("video").tokenize(np.zeros((16, 224, 224, 3), np.uint8))
+    assert rec.tokens.shape == (8 * 14 * 14, 2 * 16 * 16 * 3)  # 1568 tokens, as VideoMAE
+    assert rec.positions[-1].tolist() == [7, 13, 13]
+
+
+def test_whole_array_is_sampled_like_read():
+    frames = _frames(20)
+    video = _tok(num_frames=4, frame_stride=4, clip_start="begin").preprocess(frames)
+    assert video[1]["frame_indices"] == [0, 4, 8, 12]
+    assert _levels(video[0]) == [0, 4, 8, 12]
+
+
+def test_round_trip_exact_and_subset():
+    frames = np.random.default_rng(1).integers(0, 256, (6, 40, 36, 3), dtype=np.uint8)
+    tok = _tok(num_frames=4, frame_stride=2)
+    processed, _ = tok.preprocess(frames)
+    assert processed.shape == (4, 32, 32, 3)
+    (rec,) = tok.tokenize(frames)
+    out = tok.detokenize(rec)
+    assert isinstance(out, Video) and out.frames.dtype == np.uint8
+    np.testing.assert_array_equal(out.frames, processed)
+    np.testing.assert_array_equal(np.asarray(out), processed)
+    assert out.frame_indices.tolist() == [0, 1, 3, 4]  # floor(i * 6 / 4)
+    keep = [0, 7]  # tubelets (0,0,0) and (1,1,1); the rest stays black
+    part = tok.detokenize(dataclasses.replace(rec, tokens=rec.tokens[keep], positions=rec.positions[keep]))
+    np.testing.assert_array_equal(part.frames[0:2, :16, :16], processed[0:2, :16, :16])
+    np.testing.assert_array_equal(part.frames[2:4, 16:, 16:], processed[2:4, 16:, 16:])
+    assert part.frames[0:2, 16:].max() == 0 and part.frames[2:4, :16].max() == 0
+
+
+def test_round_trip_through_table(tmp_path):
+    tok = _tok(num_frames=2)
+    frames = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    table = tables.write_table(str(tmp_path / "t"), tok.tokenize(frames, source="a.mp4"), tok)
+    (back,) = table.records()
+    np.testing.assert_array_equal(table.tokenizer().detokenize(back).frames, frames)
+
+
+def test_deterministic_pickle_and_no_mutation():
+    frames = np.random.default_rng(3).integers(0, 256, (5, 33, 47, 3), dtype=np.uint8)
+    copy = frames.copy()
+    tok = _tok(num_frames=4)
+    a = tok.tokenize(frames)[0]
+    b = pickle.loads(pickle.dumps(tok)).tokenize(Video(frames=frames))[0]
+    np.testing.assert_array_equal(frames, copy)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.meta == b.meta
+
+
+def test_tokenize_rejects_bad_arrays():
+    tok = _tok(num_frames=2)
+    for bad in (
+        np.zeros((2, 8, 8), np.uint8),
+        np.zeros((2, 8, 8, 3), np.float32),
+        [1, 2],
+        Video(frames=None),
+    ):
+        with pytest.raises(TokenizeError) as e:
+            tok.tokenize(bad, source="s")
+        assert e.value.kind == "invalid"
+    with pytest.raises(TokenizeError) as e:
+        tok.tokenize(np.zeros((0, 8, 8, 3), np.uint8), source="s")
+    assert e.value.kind == "empty"
+
+
+# ---- read ----------------------------------------------------------------------------------------
+def test_read_long_video_centre_clip(tmp_path):
+    path = _write(tmp_path / "long.mkv", _frames(40))
+    video = _tok(num_frames=4, frame_stride=4).read(path)  # start (40 - 16) // 2 = 12
+    assert video.frames.shape == (4, 32, 32, 3) and video.frames.dtype == np.uint8
+    assert video.frame_indices.tolist() == [12, 16, 20, 24] and video.num_source_frames == 40
+    assert video.fps == 10.0
+    np.testing.assert_array_equal(video.frames, _frames(40)[[12, 16, 20, 24]])  # lossless: exact
+    (rec,) = _tok(num_frames=4, frame_stride=4)(path)
+    assert rec.meta["frame_indices"] == [12, 16, 20, 24] and rec.meta["fps"] == 10.0
+    begin = _tok(num_frames=4, frame_stride=4, clip_start="begin").read(path)
+    assert _levels(begin.frames) == [0, 4, 8, 12]
+
+
+def test_read_short_video_uniform(tmp_path):
+    path = _write(tmp_path / "short.mkv", _frames(10))
+    video = _tok(num_frames=4, frame_stride=4).read(path)  # 10 < 16: floor(i * 10 / 4)
+    assert video.frame_indices.tolist() == [0, 2, 5, 7]
+    assert _levels(video.frames) == [0, 2, 5, 7]
+
+
+def test_read_fewer_frames_than_clip_repeats(tmp_path):
+    path = _write(tmp_path / "three.mkv", _frames(3))
+    tok = _tok(num_frames=8)
+    (rec,) = tok(path)
+    assert rec.meta["frame_indices"] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert _levels(tok.detokenize(rec).frames) == [0, 0, 0, 1, 1, 1, 2, 2]
+
+
+def test_single_frame_video_repeats_the_frame(tmp_path):
+    path = _write(tmp_path / "one.mkv", _frames(1))
+    tok = _tok(num_frames=4)
+    (rec,) = tok(path)
+    assert rec.tokens.shape == (2 * 2 * 2, 1536)
+    assert rec.meta["frame_indices"] == [0, 0, 0, 0] and rec.meta["num_source_frames"] == 1
+    out = tok.detokenize(rec).frames
+    for k in range(4):
+        np.testing.assert_array_equal(out[k], _frames(1)[0])
+
+
+@pytest.mark.parametrize("width", [48, 16, 50])
+def test_widths_decord_cannot_copy_fall_back_to_pyav(tmp_path, width):
+    frames = _frames(6, 40, width)
+    path = _write(tmp_path / "w.mkv", frames)
+    video = _tok(num_frames=2, frame_stride=2).read(path)  # start (6 - 4) // 2 = 1
+    assert video.frame_indices.tolist() == [1, 3]
+    np.testing.assert_array_equal(video.frames, frames[[1, 3]])
+
+
+def test_pyav_fallback_decoder(tmp_path):
+    frames = _frames(5)
+    path = _write(tmp_path / "v.mkv", frames)
+    out = _decode_with_pyav(path, np.array([0, 0, 4, 2]), error="test")
+    np.testing.assert_array_equal(out, frames[[0, 0, 4, 2]])
+    with pytest.raises(TokenizeError) as e:
+        _decode_with_pyav(path, np.array([1, 7]), error="test")
+    assert e.value.kind == "corrupt" and "[7]" in e.value.reason
+
+
+@pytest.mark.parametrize(
+    ("codec", "pix_fmt", "ext"),
+    [
+        ("mpeg4", "yuv420p", ".mp4"),
+        ("mpeg4", "yuv420p", ".avi"),
+        ("mpeg4", "yuv420p", ".mov"),
+        ("libx264", "yuv420p", ".mp4"),
+        ("libvpx", "yuv420p", ".webm"),
+        ("ffv1", "bgr0", ".mkv"),
+    ],
+)
+def test_moving_square_decodes_in_every_container(tmp_path, codec, pix_fmt, ext):
+    try:
+        av.codec.Codec(codec, "w")
+    except Exception:  # noqa: BLE001 - the encoder is missing from this FFmpeg build
+        pytest.skip(f"PyAV cannot encode {codec} here")
+    path = _write(tmp_path / f"sq{ext}", _frames(16), codec, pix_fmt)
+    video = _tok(num_frames=4, frame_stride=4).read(path)
+    assert video.frames.shape == (4, 32, 32, 3) and video.frame_indices.tolist() == [0, 4, 8, 12]
+    red = (video.frames[..., 0] > 160) & (video.frames[..., 1] < 100)  # (T, H, W)
+    centre_col = [float(np.nonzero(m)[1].mean()) for m in red]
+    assert np.allclose(centre_col, [k + 3.5 for k in (0, 4, 8, 12)], atol=1.0)
+
+
+def _kind(path) -> str:
+    with pytest.raises(TokenizeError) as e:
+        _tok(num_frames=2)(str(path))
+    assert e.value.source == str(path)
+    return e.value.kind
+
+
+def test_bad_inputs(tmp_path):
+    assert _kind(tmp_path / "missing.mp4") == "missing"
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert _kind(tmp_path / "empty.mp4") == "empty"
+    (tmp_path / "noise.mp4").write_bytes(
+        np.random.default_rng(4).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    )
+    assert _kind(tmp_path / "noise.mp4") == "corrupt"
+    (tmp_path / "text.avi").write_text("not a video")
+    assert _kind(tmp_path / "text.avi") == "corrupt"
+    (tmp_path / "clip.gif").write_bytes(b"GIF89a")
+    assert _kind(tmp_path / "clip.gif") == "unsupported"
+    (tmp_path / "dir.mp4").mkdir()
+    assert _kind(tmp_path / "dir.mp4") == "unsupported"
+
+
+def test_truncated_mp4_is_corrupt(tmp_path):
+    data = open(_write(tmp_path / "full.mp4", _frames(16), "mpeg4", "yuv420p"), "rb").read()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])  # the index (moov) is at the end
+    assert _kind(tmp_path / "cut.mp4") == "corrupt"
+
+
+def test_render_frame_sheet(tmp_path):
+    frames = _frames(4)
+    tok = _tok(num_frames=4)
+    tok.render(Video(frames=frames), str(tmp_path / "s.png"))
+    sheet = np.asarray(Image.open(tmp_path / "s.png"))
+    assert sheet.shape == (32, 4 * 32 + 3 * 2, 3)
+    np.testing.assert_array_equal(sheet[:, 34:66], frames[1])
+    assert (sheet[:, 32:34] == 255).all()
+    tok.render(_frames(10), str(tmp_path / "t.png"), per_row=4)  # 3 rows of up to 4
+    assert np.asarray(Image.open(tmp_path / "t.png")).shape == (3 * 34 - 2, 4 * 34 - 2, 3)
+
+
+def test_conformance_kit(tmp_path):
+    testing = pytest.importorskip("maskloom.testing")
+    paths = [
+        _write(tmp_path / "a.mkv", _frames(12)),
+        _write(tmp_path / "b.mp4", _frames(5, 40, 48), "mpeg4", "yuv420p"),
+        _write(tmp_path / "c.avi", _frames(1), "mpeg4", "yuv420p"),
+    ]
+    tok = _tok(num_frames=4, frame_stride=2)
+
+    def compare(raw, out, rec):
+        np.testing.assert_array_equal(out.frames, tok.preprocess(raw)[0])
+
+    report = testing.check_tokenizer(tok, paths, compare=compare)
+    assert report == {"sources": 3, "records": 3, "tokens": 24}
