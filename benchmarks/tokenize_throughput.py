@@ -1,0 +1,257 @@
+"""Tokenizer throughput: decode-only (``tokenizer.read``) vs decode + tokenize (``tokenizer(source)``).
+
+For every registered modality tokenizer, on the same input files, in one process: samples/s and
+MB/s of reading alone and of reading + tokenizing, and their ratio (decode-only time over
+decode+tokenize time; 1.0 means tokenizing is free). The target is a ratio >= 0.8 for image,
+audio and video: tokenizing should cost little next to decoding the file.
+
+Inputs are the real datasets in /work/shared/data when present (CIFAR-10 JPEGs, FSDD WAVs, video
+clips, point clouds, TU graphs, ETTh1/UCR, SMS spam + tiny Shakespeare), otherwise (or when none
+of a modality's real files tokenizes) the generated demo data (``maskloom.demo_data``). A modality
+whose tokenizer is not registered is reported as skipped.
+
+    .venv/bin/python benchmarks/tokenize_throughput.py [--data DIR|demo] [--limit 200] [--repeat 3]
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+MODALITIES = ("image", "video", "audio", "point_cloud", "graph", "time_series", "text")
+TARGET = {"image": 0.8, "audio": 0.8, "video": 0.8}
+REAL_PATHS = {  # modality -> paths under the data root (files, or directories walked for the extensions)
+    "image": ["images/cifar10/train"],
+    "video": ["video"],
+    "audio": ["audio/fsdd"],
+    "point_cloud": ["point_clouds"],
+    "graph": ["graphs/ENZYMES"],  # a TU folder is one source (600 graphs); one dataset per fitted tokenizer
+    "time_series": ["time_series/ETTh1.csv", "time_series/ucr"],
+    "text": ["text/sms_spam.tsv", "text/tinyshakespeare.txt"],
+}
+DEMO_PATHS = {
+    "image": ["image"],
+    "video": ["video"],
+    "audio": ["audio"],
+    "point_cloud": ["point_cloud"],
+    "graph": ["graph/DEMO"],
+    "time_series": ["time_series"],
+    "text": ["text/docs.jsonl"],
+}
+DIR_SOURCES = {"graph"}  # tokenizers whose source is a dataset folder
+CONFIGS: dict[str, dict[str, Any]] = {"text": {"text_column": "sms"}}  # SMS Spam: `Label<TAB>SMS`
+EXTRA = {  # name -> (modality, config, data): further rows; data "same" = the modality's own files
+    "image@32": ("image", {"image_size": 32}, "same"),  # CIFAR-10 at its own size: no upscaling to 224
+    "point_cloud@demo": ("point_cloud", None, "demo"),  # the real scans here have 50-100 points; demo: 1024
+}
+SKIP_NAMES = ("semantic_mask", "labels")  # per-point label files beside the real scans, not point clouds
+
+
+def _walk(path: str, extensions: tuple[str, ...]) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        out += [
+            os.path.join(root, f)
+            for f in sorted(files)
+            if f.lower().endswith(extensions) and not f.startswith(SKIP_NAMES)
+        ]
+    return out
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def _spread(paths: list[str], limit: int) -> list[str]:
+    """At most ``limit`` paths, evenly spaced over the sorted list (so every class folder is sampled)."""
+    if len(paths) <= limit:
+        return paths
+    idx = np.linspace(0, len(paths) - 1, limit).round().astype(int)
+    return [paths[i] for i in idx]
+
+
+def _sources(modality: str, root: str, rel: list[str], extensions: tuple[str, ...], limit: int) -> list[str]:
+    found: list[str] = []
+    for r in rel:
+        p = os.path.join(root, r)
+        if not os.path.exists(p):
+            continue
+        found += [p] if modality in DIR_SOURCES else _walk(p, extensions)
+    return _spread(found, limit)
+
+
+def _phase(seconds: float, n: int, nbytes: int) -> dict[str, float]:
+    return {
+        "seconds": round(seconds, 4),
+        "samples_per_s": round(n / seconds, 2) if seconds > 0 else None,
+        "mb_per_s": round(nbytes / 1e6 / seconds, 3) if seconds > 0 else None,
+    }
+
+
+def bench_modality(
+    modality: str, sources: list[str], repeat: int, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Measure one tokenizer on ``sources``; files it rejects are counted and left out of the timing."""
+    from maskloom.tokenizers import TokenizeError, get_tokenizer
+
+    tok = get_tokenizer(modality, config if config is not None else CONFIGS.get(modality))
+    out: dict[str, Any] = {"status": "ok", "config": tok.config_dict()}
+    if tok.needs_fit:
+        t0 = time.perf_counter()
+        try:
+            tok.fit(sources)
+        except TokenizeError as e:
+            return {**out, "status": "failed", "errors": {e.kind: {"count": 1, "first": f"fit: {e}"}}}
+        out["fit_seconds"] = round(time.perf_counter() - t0, 4)
+    ok, errors = [], {}
+    records = tokens = 0
+    for s in sources:  # warm-up pass: which inputs tokenize, and how many records/tokens they give
+        try:
+            recs = tok(s)
+        except TokenizeError as e:
+            errors.setdefault(e.kind, []).append(f"{os.path.basename(e.source)}: {e.reason}")
+            continue
+        ok.append(s)
+        records += len(recs)
+        tokens += sum(r.num_tokens for r in recs)
+    out.update(inputs=len(sources), ok_inputs=len(ok), records=records, tokens=tokens)
+    if errors:
+        out["errors"] = {k: {"count": len(v), "first": v[0]} for k, v in errors.items()}
+    if not ok:
+        out["status"] = "failed"
+        return out
+    nbytes = sum(_size(s) for s in ok)
+    read_t, full_t = [], []
+    for _ in range(repeat):  # alternate the two phases; keep the best of each (a shared machine is noisy)
+        t0 = time.perf_counter()
+        for s in ok:
+            tok.read(s)
+        read_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for s in ok:
+            tok(s)
+        full_t.append(time.perf_counter() - t0)
+    r, f = min(read_t), min(full_t)
+    out["bytes"] = nbytes
+    out["decode"] = _phase(r, len(ok), nbytes)
+    out["decode_tokenize"] = {
+        **_phase(f, len(ok), nbytes),
+        "records_per_s": round(records / f, 2),
+        "tokens_per_s": round(tokens / f, 1),
+    }
+    out["ratio"] = round(r / f, 3)
+    if modality in TARGET:
+        out["target"] = TARGET[modality]
+        out["meets_target"] = bool(out["ratio"] >= TARGET[modality])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--data", default="/work/shared/data", help="data root, or 'demo' to use generated demo data only"
+    )
+    p.add_argument("--limit", type=int, default=200, help="most inputs per modality (default 200)")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="timed passes per phase; the best is kept (default 3)"
+    )
+    p.add_argument("--modalities", nargs="+", default=list(MODALITIES), choices=MODALITIES)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+
+    result: dict[str, Any] = {
+        "benchmark": "tokenize",
+        "limit": args.limit,
+        "repeat": args.repeat,
+        "modalities": {},
+    }
+    try:
+        from maskloom.tokenizers import TOKENIZERS
+
+        registered = set(TOKENIZERS.names())
+    except Exception as e:  # a broken tokenizer module breaks the package import: report, don't crash
+        result["error"] = f"importing maskloom.tokenizers failed: {type(e).__name__}: {e}"
+        print(json.dumps(result, indent=1))
+        return 1
+    real_root = None if args.data == "demo" or not os.path.isdir(args.data) else args.data
+    demo_root: str | None = None
+
+    def demo() -> str:
+        nonlocal demo_root
+        if demo_root is None:
+            from maskloom.demo_data import write_demo_data
+
+            demo_root = tempfile.mkdtemp(prefix="maskloom-bench-")
+            write_demo_data(demo_root, seed=0, per_class=max(1, args.limit // 4))
+        return demo_root
+
+    def _run(m: str, ext: tuple[str, ...]) -> dict[str, Any]:
+        if real_root is not None:
+            srcs = _sources(m, real_root, REAL_PATHS[m], ext, args.limit)
+            if srcs:
+                entry = {"data": "real", **bench_modality(m, srcs, args.repeat)}
+                if entry["status"] == "ok":
+                    return entry
+                return {
+                    "data": "demo",
+                    "real_data_failed": entry.get("errors"),
+                    **bench_modality(m, _sources(m, demo(), DEMO_PATHS[m], ext, args.limit), args.repeat),
+                }
+        return {
+            "data": "demo",
+            **bench_modality(m, _sources(m, demo(), DEMO_PATHS[m], ext, args.limit), args.repeat),
+        }
+
+    for m in args.modalities:
+        if m not in registered:
+            result["modalities"][m] = {"status": "skipped", "reason": f"no tokenizer registered for {m!r}"}
+            continue
+        ext = TOKENIZERS.get(m).extensions
+        t0 = time.perf_counter()
+        try:
+            entry = _run(m, ext)
+        except Exception as e:  # a tokenizer bug (not a TokenizeError): report it, go on with the others
+            entry = {"status": "crashed", "error": f"{type(e).__name__}: {e}"}
+        entry["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        result["modalities"][m] = entry
+        print(f"{m}: {entry.get('ratio')}", file=sys.stderr)
+    for name, (m, cfg, where) in EXTRA.items():
+        if m in args.modalities and m in registered and result["modalities"][m].get("status") == "ok":
+            data = result["modalities"][m]["data"] if where == "same" else "demo"
+            if data == "demo" and result["modalities"][m]["data"] == "demo" and cfg is None:
+                continue  # the same as the main row
+            root = real_root if data == "real" else demo()
+            paths = (REAL_PATHS if data == "real" else DEMO_PATHS)[m]
+            srcs = _sources(m, root, paths, TOKENIZERS.get(m).extensions, args.limit)
+            config = {**CONFIGS.get(m, {}), **(cfg or {})}
+            try:
+                result["modalities"][name] = {"data": data, **bench_modality(m, srcs, args.repeat, config)}
+            except Exception as e:
+                result["modalities"][name] = {"status": "crashed", "error": f"{type(e).__name__}: {e}"}
+    met = {m: e.get("meets_target") for m, e in result["modalities"].items() if "meets_target" in e}
+    result["summary"] = {
+        "ratios": {m: e.get("ratio") for m, e in result["modalities"].items()},
+        "targets_met": met,
+        "skipped": [m for m, e in result["modalities"].items() if e["status"] == "skipped"],
+    }
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

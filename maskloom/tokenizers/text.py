@@ -1,0 +1,422 @@
+"""Text tokenizer: a byte-level BPE vocabulary trained locally on the corpus.
+
+Byte-pair encoding (Sennrich et al., 2016, "Neural Machine Translation of Rare Words with Subword
+Units") over bytes rather than characters, as in GPT-2 (Radford et al., 2019): every string is a
+byte sequence, the 256 byte symbols are always in the vocabulary, so encoding never needs [UNK]
+and decoding is lossless. The vocabulary is trained with Hugging Face ``tokenizers`` on the
+corpus being tokenized — never downloaded. Tokens are discrete ids with one ``index`` coordinate,
+the input of MAE-LM style masked language modelling (Meng et al., 2024, "Representation
+Deficiency in Masked Language Modeling").
+
+Inputs (``read``):
+
+* ``.txt``: the whole file is one document, or one document per line / per blank-line-separated
+  paragraph (``Config.split``);
+* ``.jsonl``: one JSON object per line, text in ``Config.text_field``, optional label in
+  ``Config.label_field``;
+* ``.csv`` / ``.tsv``: a header row, text in ``Config.text_column``, optional label in
+  ``Config.label_column`` (column names match case-insensitively, so the SMS Spam Collection's
+  ``Label<TAB>SMS`` works with ``text_column="sms"``).
+
+The raw form is a list of ``(document, label or None)``. Long documents are cut into chunks of at
+most ``Config.max_length`` tokens (with ``Config.overlap`` tokens shared by neighbours); each chunk
+is one record with id ``<source>#<doc>-<chunk>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[MASK]", "[CLS]", "[SEP]", "[UNK]")
+"""Special tokens, given ids 0..4 in this order by the trainer."""
+VOCAB_FILE = "bpe.json"
+LABELS_FILE = "labels.json"
+
+Raw = list[tuple[str, Any]]
+"""The raw form: one ``(document, label or None)`` per document of a file."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    """Configuration of the text tokenizer."""
+
+    vocab_size: int = 8000
+    """Target BPE vocabulary size (an upper bound: a small corpus may give fewer merges)."""
+    min_frequency: int = 2
+    """A pair must occur at least this often in the corpus to become a merge."""
+    max_length: int = 512
+    """Most tokens in one record; longer documents are cut into several chunks."""
+    overlap: int = 0
+    """Tokens shared by consecutive chunks of one long document (0 <= overlap < max_length)."""
+    split: Literal["document", "lines", "paragraphs"] = "document"
+    """How a .txt file is cut into documents: the whole file, one per line, or per blank-line paragraph."""
+    text_field: str = "text"
+    """JSONL: key of the text."""
+    label_field: str | None = "label"
+    """JSONL: key of the optional label (absent keys mean no label); None ignores labels."""
+    text_column: str = "text"
+    """CSV/TSV: header name of the text column (case-insensitive)."""
+    label_column: str | None = "label"
+    """CSV/TSV: header name of the optional label column (case-insensitive); None ignores labels."""
+    labels: tuple[str, ...] | None = None
+    """Class names in index order; None takes the sorted distinct labels seen by fit()."""
+    vocab_path: str | None = None
+    """Path of an existing ``bpe.json`` to reuse; then fit() learns no vocabulary (labels only)."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise ValueError(
+                f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} (bytes + special tokens), got {self.vocab_size}"
+            )
+        if self.min_frequency < 0:
+            raise ValueError(f"min_frequency must be >= 0, got {self.min_frequency}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        if not 0 <= self.overlap < self.max_length:
+            raise ValueError(
+                f"overlap must satisfy 0 <= overlap < max_length ({self.max_length}), got {self.overlap}"
+            )
+        if self.split not in ("document", "lines", "paragraphs"):
+            raise ValueError(f"split must be 'document', 'lines' or 'paragraphs', got {self.split!r}")
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))  # from JSON: a list
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct, got {self.labels}")
+
+
+def _sort_labels(names: set[str]) -> tuple[str, ...]:
+    """Deterministic label order, as in maskloom.pipelines.sources: numeric when every name is an
+    integer ("2" before "10"), else lexicographic."""
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return tuple(sorted(names, key=int))
+    return tuple(sorted(names))
+
+
+def _new_bpe():
+    """An untrained byte-level BPE pipeline: no normaliser (lossless), ByteLevel pre-tokenizer and decoder."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    tok = HFTokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+@register_tokenizer("text")
+class TextTokenizer(Tokenizer):
+    """Byte-level BPE over text documents; one record per chunk of at most ``max_length`` ids."""
+
+    Config: ClassVar[type] = TextConfig
+    version: ClassVar[str] = "1"
+    extensions: ClassVar[tuple[str, ...]] = (".txt", ".jsonl", ".csv", ".tsv")
+    needs_fit: ClassVar[bool] = True
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._bpe = None  # tokenizers.Tokenizer, once fitted or loaded
+        self._labels: tuple[str, ...] | None = self.config.labels
+        if self.config.vocab_path is not None:
+            self._bpe = self._load_vocab(self.config.vocab_path)
+
+    # ---- vocabulary ---------------------------------------------------------------------------
+    @staticmethod
+    def _load_vocab(path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not os.path.isfile(path):
+            raise ValueError(f"text tokenizer: vocabulary file {path} does not exist")
+        try:
+            tok = HFTokenizer.from_file(path)
+        except Exception as e:  # the Rust error type is not public
+            raise ValueError(f"text tokenizer: {path} is not a tokenizers JSON vocabulary ({e})") from None
+        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"text tokenizer: vocabulary {path} lacks special token(s) {missing}")
+        return tok
+
+    @property
+    def fitted(self) -> bool:
+        return self._bpe is not None
+
+    def _require_bpe(self):
+        if self._bpe is None:
+            raise RuntimeError(
+                "text tokenizer has no vocabulary: call fit(sources), load_artifacts(dir) or set vocab_path"
+            )
+        return self._bpe
+
+    def special_ids(self) -> dict[str, int]:
+        """Ids of the special tokens, e.g. ``{"[PAD]": 0, "[MASK]": 1, ...}``."""
+        bpe = self._require_bpe()
+        return {t: int(bpe.token_to_id(t)) for t in SPECIAL_TOKENS}
+
+    def fit(self, sources: Iterable[str]) -> None:
+        """Collect the labels of ``sources`` and, unless ``vocab_path`` is set, train the BPE on them.
+
+        Unreadable sources are skipped with a warning (the pipeline records their errors later).
+        """
+        from tokenizers import pre_tokenizers, trainers
+
+        seen: set[str] = set()
+        skipped: list[str] = []
+
+        def documents() -> Iterator[str]:
+            for src in sources:
+                try:
+                    raw = self.read(src)
+                except TokenizeError as e:
+                    skipped.append(f"{e}")
+                    continue
+                for text, label in raw:
+                    if label is not None:
+                        seen.add(str(label))
+                    if text.strip():
+                        yield text
+
+        if self.config.vocab_path is not None:
+            for _ in documents():
+                pass
+        else:
+            bpe = _new_bpe()
+            trainer = trainers.BpeTrainer(
+                vocab_size=self.config.vocab_size,
+                min_frequency=self.config.min_frequency,
+                special_tokens=list(SPECIAL_TOKENS),
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: never [UNK]
+                show_progress=False,
+            )
+            bpe.train_from_iterator(documents(), trainer=trainer)
+            self._bpe = bpe
+        if skipped:
+            log.warning("text fit skipped %d unreadable source(s), e.g. %s", len(skipped), skipped[0])
+        if self.config.labels is None:
+            self._labels = _sort_labels(seen) if seen else None
+        log.info(
+            "text vocabulary: %d ids; labels: %s",
+            self._bpe.get_vocab_size() if self._bpe else 0,
+            self._labels,
+        )
+
+    def save_artifacts(self, directory: str) -> list[str]:
+        """Write ``bpe.json`` (and ``labels.json`` when labels were seen) under ``directory``."""
+        if self._bpe is None:
+            return []
+        os.makedirs(directory, exist_ok=True)
+        self._bpe.save(os.path.join(directory, VOCAB_FILE))
+        written = [VOCAB_FILE]
+        if self._labels is not None:
+            with open(os.path.join(directory, LABELS_FILE), "w", encoding="utf-8") as f:
+                json.dump(list(self._labels), f)
+            written.append(LABELS_FILE)
+        return written
+
+    def load_artifacts(self, directory: str) -> None:
+        """Restore the vocabulary (and label names) written by save_artifacts."""
+        path = os.path.join(directory, VOCAB_FILE)
+        if os.path.exists(path):
+            self._bpe = self._load_vocab(path)
+        elif self._bpe is None:
+            raise ValueError(f"text tokenizer: no {VOCAB_FILE} in {directory}")
+        lpath = os.path.join(directory, LABELS_FILE)
+        if self.config.labels is None and os.path.exists(lpath):
+            with open(lpath, encoding="utf-8") as f:
+                self._labels = tuple(json.load(f))
+
+    def label_names(self) -> tuple[str, ...] | None:
+        return self._labels
+
+    # ---- the contract -------------------------------------------------------------------------
+    def spec(self) -> TableSpec:
+        return TableSpec(
+            modality=self.name,
+            token_kind="discrete",
+            token_dim=1,
+            token_dtype="int32",
+            position_axes=("index",),
+            position_kind="grid",
+            vocab_size=int(self._require_bpe().get_vocab_size()),
+        )
+
+    def read(self, source: str) -> Raw:
+        """Decode a .txt/.jsonl/.csv/.tsv file into ``[(document, label or None), ...]``."""
+        self.check_file(source)
+        ext = os.path.splitext(source)[1].lower()
+        if ext not in self.extensions:
+            raise TokenizeError(
+                source,
+                "unsupported",
+                f"extension {ext or '(none)'!r}; text reads {', '.join(self.extensions)}",
+            )
+        try:
+            with open(source, encoding="utf-8", newline="") as f:
+                content = f.read()
+        except UnicodeDecodeError as e:
+            raise TokenizeError(source, "corrupt", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise TokenizeError(source, "missing", f"cannot open ({e.strerror})") from None
+        if "\x00" in content:
+            raise TokenizeError(source, "corrupt", "contains NUL bytes; not a text file")
+        if ext == ".txt":
+            return self._read_txt(content)
+        if ext == ".jsonl":
+            return self._read_jsonl(content, source)
+        return self._read_table(content, source, "\t" if ext == ".tsv" else ",")
+
+    def _read_txt(self, content: str) -> Raw:
+        if self.config.split == "document":
+            return [(content, None)]
+        if self.config.split == "lines":
+            return [(line, None) for line in content.splitlines()]
+        return [(p, None) for p in re.split(r"\n[ \t\r]*\n", content)]
+
+    def _read_jsonl(self, content: str, source: str) -> Raw:
+        key, lkey = self.config.text_field, self.config.label_field
+        out: Raw = []
+        for n, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TokenizeError(source, "corrupt", f"line {n} is not JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise TokenizeError(
+                    source, "invalid", f"line {n} is a JSON {type(obj).__name__}, expected an object"
+                )
+            if key not in obj:
+                raise TokenizeError(
+                    source,
+                    "config",
+                    f"line {n} has no text field {key!r} (keys: {sorted(obj)}); set text_field",
+                )
+            text = obj[key]
+            if not isinstance(text, str):
+                raise TokenizeError(
+                    source,
+                    "invalid",
+                    f"line {n}: field {key!r} is a {type(text).__name__}, expected a string",
+                )
+            label = obj.get(lkey) if lkey is not None else None
+            out.append((text, None if label is None else str(label)))
+        return out
+
+    def _read_table(self, content: str, source: str, delimiter: str) -> Raw:
+        # TSV files (e.g. the SMS Spam Collection) do not quote fields; CSV files may.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        try:
+            rows = list(csv.reader(io.StringIO(content), delimiter=delimiter, quoting=quoting))
+        except csv.Error as e:
+            raise TokenizeError(
+                source, "corrupt", f"not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file ({e})"
+            ) from None
+        if not rows:
+            raise TokenizeError(source, "empty", "no header row")
+        header = [h.strip().lower() for h in rows[0]]
+        want = self.config.text_column.lower()
+        if want not in header:
+            raise TokenizeError(
+                source,
+                "config",
+                f"no text column {self.config.text_column!r} in header {rows[0]}; set text_column",
+            )
+        ti = header.index(want)
+        lcol = self.config.label_column
+        li = header.index(lcol.lower()) if lcol is not None and lcol.lower() in header else None
+        out: Raw = []
+        for n, row in enumerate(rows[1:], start=2):
+            if not row:
+                continue
+            if len(row) <= ti:
+                raise TokenizeError(
+                    source, "invalid", f"row {n} has {len(row)} field(s), no text column {ti + 1}"
+                )
+            label = row[li] if li is not None and li < len(row) and row[li] != "" else None
+            out.append((row[ti], label))
+        return out
+
+    def tokenize(self, raw: Raw | str, *, source: str = "") -> list[Record]:
+        """Encode each document and cut it into chunks; one record per chunk.
+
+        tokens: (L,) int32 ids with L <= max_length; positions: (L, 1) float32 index in the chunk.
+        Empty documents are skipped (with a warning); a file with no text at all raises.
+        """
+        bpe = self._require_bpe()
+        docs = [(raw, None)] if isinstance(raw, str) else list(raw)
+        keep = [i for i, (text, _) in enumerate(docs) if isinstance(text, str) and text.strip()]
+        if not keep:
+            raise TokenizeError(
+                source, "empty", "no text" if len(docs) <= 1 else f"all {len(docs)} documents are empty"
+            )
+        if len(keep) < len(docs):
+            log.warning("%s: skipped %d empty document(s) of %d", source, len(docs) - len(keep), len(docs))
+        labels = [self._label_index(docs[i][1], source) for i in keep]
+        # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which records do not keep
+        encode = getattr(bpe, "encode_batch_fast", bpe.encode_batch)
+        encodings = encode([docs[i][0] for i in keep], add_special_tokens=False)
+        L, step = self.config.max_length, self.config.max_length - self.config.overlap
+        records: list[Record] = []
+        for doc, label, enc in zip(keep, labels, encodings):
+            ids = np.asarray(enc.ids, dtype=np.int32)
+            n_chunks = 1 if len(ids) <= L else 1 + math.ceil((len(ids) - L) / step)
+            for c in range(n_chunks):
+                start = c * step
+                chunk = ids[start : start + L]
+                records.append(
+                    Record(
+                        id=f"{source}#{doc}-{c}",
+                        source=source,
+                        tokens=chunk,
+                        positions=np.arange(len(chunk), dtype=np.float32)[:, None],  # (L, 1)
+                        label=label,
+                        meta={"doc": doc, "chunk": c, "start": start, "doc_tokens": len(ids)},
+                    )
+                )
+        return records
+
+    def _label_index(self, label: Any, source: str) -> int | None:
+        if label is None:
+            return None
+        names = self._labels or ()
+        try:
+            return names.index(str(label))
+        except ValueError:
+            raise TokenizeError(
+                source, "invalid", f"label {label!r} is not one of the labels seen by fit {list(names)}"
+            ) from None
+
+    def detokenize(self, record: Record) -> str:
+        """Decode a record's ids back to its text (exact for byte-level BPE, up to chunk cuts)."""
+        ids = np.asarray(record.tokens).reshape(-1).tolist()
+        return self._require_bpe().decode(ids, skip_special_tokens=False)
+
+    def render(self, raw: Raw | str, path: str) -> None:
+        """Draw the first document (first ~1500 characters) as a PNG."""
+        import textwrap
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        text = raw if isinstance(raw, str) else (raw[0][0] if raw else "")
+        body = "\n".join(textwrap.wrap(text[:1500], 90)) or "(empty)"
+        fig = plt.figure(figsize=(8, 6))
+        fig.text(0.02, 0.98, body, va="top", ha="left", family="monospace", fontsize=7)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

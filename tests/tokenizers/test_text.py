@@ -1,0 +1,263 @@
+"""Tests for the byte-level BPE text tokenizer (maskloom/tokenizers/text.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+
+import numpy as np
+import pytest
+
+from maskloom import tables
+from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
+from maskloom.tokenizers.text import SPECIAL_TOKENS, TextConfig, TextTokenizer
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven tired cats sleep under warm red blankets".split()
+)
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=8)) + "." for _ in range(n)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A JSONL file with labels, a TXT file and a TSV file."""
+    sents = _sentences(40)
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text(
+        "".join(json.dumps({"text": s, "label": "b" if i % 2 else "a"}) + "\n" for i, s in enumerate(sents))
+    )
+    txt = tmp_path / "story.txt"
+    txt.write_text("\n".join(sents[:10]) + "\n")
+    tsv = tmp_path / "sms.tsv"
+    tsv.write_text(
+        "Label\tSMS\n"
+        + "".join(f"{'spam' if i % 3 == 0 else 'ham'}\t{s}\n" for i, s in enumerate(sents[:12]))
+    )
+    return {"jsonl": str(jl), "txt": str(txt), "tsv": str(tsv), "sents": sents}
+
+
+def _fitted(paths, **cfg) -> TextTokenizer:
+    tok = TextTokenizer(TextConfig(vocab_size=300, min_frequency=1, **cfg))
+    tok.fit(paths)
+    return tok
+
+
+def test_registered():
+    assert "text" in TOKENIZERS
+    assert isinstance(get_tokenizer("text", {"vocab_size": 500}), TextTokenizer)
+    assert TextTokenizer.needs_fit
+
+
+def test_read_formats(corpus):
+    tok = TextTokenizer(TextConfig(text_column="sms"))
+    raw = tok.read(corpus["jsonl"])
+    assert len(raw) == 40 and raw[0] == (corpus["sents"][0], "a") and raw[1][1] == "b"
+    assert tok.read(corpus["txt"]) == [("\n".join(corpus["sents"][:10]) + "\n", None)]
+    tsv = tok.read(corpus["tsv"])
+    assert len(tsv) == 12 and tsv[0] == (corpus["sents"][0], "spam") and tsv[1][1] == "ham"
+
+
+def test_read_txt_split_modes(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("one two\nthree\n\nfour five\n  \nsix\n")
+    lines = TextTokenizer(TextConfig(split="lines")).read(str(p))
+    assert [d for d, _ in lines] == ["one two", "three", "", "four five", "  ", "six"]
+    paras = TextTokenizer(TextConfig(split="paragraphs")).read(str(p))
+    assert [d for d, _ in paras] == ["one two\nthree", "four five", "six\n"]
+
+
+def test_csv_quoted_fields(tmp_path):
+    p = tmp_path / "a.csv"
+    p.write_text('id,Text,topic\n1,"hello, world",x\n2,"say ""hi""",\n')
+    raw = TextTokenizer(TextConfig(label_column="Topic")).read(str(p))
+    assert raw == [("hello, world", "x"), ('say "hi"', None)]
+    assert TextTokenizer().read(str(p)) == [("hello, world", None), ('say "hi"', None)]  # no 'label' column
+
+
+def test_fit_spec_and_labels(corpus):
+    tok = _fitted([corpus["jsonl"], corpus["txt"]])
+    spec = tok.spec()
+    assert spec.token_kind == "discrete" and spec.token_dtype == "int32" and spec.position_axes == ("index",)
+    assert spec.vocab_size == tok._bpe.get_vocab_size() <= 300
+    assert tok.label_names() == ("a", "b")
+    assert tok.special_ids() == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    recs = tok(corpus["jsonl"])
+    assert [r.label for r in recs[:4]] == [0, 1, 0, 1]
+    assert [r.id for r in recs[:2]] == [f"{corpus['jsonl']}#0-0", f"{corpus['jsonl']}#1-0"]
+    assert all(r.tokens.dtype == np.int32 and r.positions.shape == (r.num_tokens, 1) for r in recs)
+    assert tok(corpus["txt"])[0].label is None
+
+
+def test_numeric_labels_sorted_numerically(tmp_path):
+    p = tmp_path / "n.jsonl"
+    p.write_text(
+        "".join(json.dumps({"text": f"doc {i}", "label": lab}) + "\n" for i, lab in enumerate([10, 2, 1, 2]))
+    )
+    tok = _fitted([str(p)])
+    assert tok.label_names() == ("1", "2", "10")
+    assert [r.label for r in tok(str(p))] == [2, 1, 0, 1]
+
+
+def test_spec_before_fit_is_clear():
+    with pytest.raises(RuntimeError, match="fit"):
+        TextTokenizer().spec()
+
+
+def test_round_trip_ascii_and_unicode(corpus, tmp_path):
+    tok = _fitted([corpus["jsonl"]])
+    for text in ["Hello,   world!\n\ttabs and  spaces ", "naïve café — 東京 🚀", corpus["sents"][3]]:
+        (rec,) = tok.tokenize([(text, None)], source="s")
+        assert tok.detokenize(rec) == text
+    # a whole .txt file (never seen words, odd whitespace) round-trips exactly
+    p = tmp_path / "odd.txt"
+    p.write_text("Zyx qwv!!  ~^%$  \r\nend")
+    (rec,) = tok(str(p))
+    assert tok.detokenize(rec) == "Zyx qwv!!  ~^%$  \r\nend"
+    assert (rec.tokens != tok.special_ids()["[UNK]"]).all()
+
+
+@pytest.mark.parametrize(
+    ("max_length", "overlap", "n_chunks"),
+    [(64, 0, 4), (64, 16, 4), (64, 8, 4), (64, 32, 6), (200, 0, 1), (1, 0, 200)],
+)
+def test_chunking_exact_counts(max_length, overlap, n_chunks, corpus):
+    base = _fitted([corpus["jsonl"]])
+    tok = TextTokenizer(TextConfig(vocab_size=300, max_length=max_length, overlap=overlap))
+    tok._bpe = base._bpe
+    # a document of exactly 200 tokens
+    text = base._bpe.decode(base._bpe.encode(" ".join(corpus["sents"])).ids[:200])
+    n = len(base._bpe.encode(text).ids)
+    assert n == 200
+    recs = tok.tokenize([(text, None)], source="d")
+    assert len(recs) == n_chunks
+    assert [r.id for r in recs] == [f"d#0-{c}" for c in range(n_chunks)]
+    assert all(r.num_tokens <= max_length for r in recs)
+    full = base._bpe.encode(text).ids
+    step = max_length - overlap
+    for c, r in enumerate(recs):
+        assert r.meta["start"] == c * step
+        assert r.tokens.tolist() == full[c * step : c * step + max_length]
+        assert r.positions[:, 0].tolist() == list(range(r.num_tokens))
+    assert recs[-1].meta["start"] + recs[-1].num_tokens == 200
+    if overlap == 0:
+        assert "".join(tok.detokenize(r) for r in recs) == text
+
+
+def test_save_load_and_vocab_reuse(corpus, tmp_path):
+    tok = _fitted([corpus["jsonl"]])
+    written = tok.save_artifacts(str(tmp_path / "art"))
+    assert written == ["bpe.json", "labels.json"]
+    restored = TextTokenizer(tok.config)
+    restored.load_artifacts(str(tmp_path / "art"))
+    assert restored.spec() == tok.spec() and restored.label_names() == ("a", "b")
+    # reuse the vocabulary through vocab_path: fit learns labels only and ids are identical
+    reuse = TextTokenizer(TextConfig(vocab_path=str(tmp_path / "art" / "bpe.json"), text_column="SMS"))
+    reuse.fit([corpus["jsonl"], corpus["tsv"]])
+    assert reuse.spec().vocab_size == tok.spec().vocab_size
+    assert reuse.label_names() == ("a", "b", "ham", "spam")
+    for a, b in zip(tok(corpus["txt"]), reuse(corpus["txt"])):
+        assert np.array_equal(a.tokens, b.tokens)
+    # without fit, vocab_path alone makes the tokenizer usable
+    assert TextTokenizer(TextConfig(vocab_path=str(tmp_path / "art" / "bpe.json")))(corpus["txt"])
+
+
+def test_fit_is_deterministic_and_pickles(corpus):
+    a = _fitted([corpus["jsonl"], corpus["txt"]])
+    b = _fitted([corpus["jsonl"], corpus["txt"]])
+    assert a._bpe.to_str() == b._bpe.to_str()
+    c = pickle.loads(pickle.dumps(a))
+    for r1, r2 in zip(a(corpus["jsonl"]), c(corpus["jsonl"])):
+        assert np.array_equal(r1.tokens, r2.tokens) and r1.label == r2.label
+
+
+def test_write_table_round_trip(corpus, tmp_path):
+    tok = _fitted([corpus["jsonl"]])
+    recs = tok(corpus["jsonl"])
+    table = tables.write_table(str(tmp_path / "table"), recs, tok)
+    assert table.num_rows == 40 and table.label_names == ["a", "b"]
+    again = table.tokenizer()
+    back = table.records()
+    assert [again.detokenize(r) for r in back] == corpus["sents"]
+
+
+def test_empty_documents_skipped_with_warning(tmp_path, caplog):
+    p = tmp_path / "e.jsonl"
+    p.write_text("\n".join(json.dumps({"text": t}) for t in ["alpha beta", "", "   ", "gamma"]) + "\n")
+    tok = _fitted([str(p)])
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        recs = tok(str(p))
+    assert [r.id for r in recs] == [f"{p}#0-0", f"{p}#3-0"]
+    assert "skipped 2 empty document(s) of 4" in caplog.text
+
+
+def test_bad_inputs(corpus, tmp_path):
+    tok = _fitted([corpus["jsonl"]])
+
+    def kind(path) -> str:
+        with pytest.raises(TokenizeError) as e:
+            tok(str(path))
+        assert e.value.source == str(path)
+        return e.value.kind
+
+    assert kind(tmp_path / "nope.txt") == "missing"
+    (tmp_path / "zero.txt").write_bytes(b"")
+    assert kind(tmp_path / "zero.txt") == "empty"
+    (tmp_path / "blank.txt").write_text(" \n\n  ")
+    assert kind(tmp_path / "blank.txt") == "empty"
+    (tmp_path / "x.pdf").write_text("hello")
+    assert kind(tmp_path / "x.pdf") == "unsupported"
+    (tmp_path / "bin.txt").write_bytes(bytes(range(128, 256)))
+    assert kind(tmp_path / "bin.txt") == "corrupt"
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    assert kind(tmp_path / "bad.jsonl") == "corrupt"
+    (tmp_path / "field.jsonl").write_text('{"body": "ok"}\n')
+    assert kind(tmp_path / "field.jsonl") == "config"
+    (tmp_path / "type.jsonl").write_text('{"text": 3}\n')
+    assert kind(tmp_path / "type.jsonl") == "invalid"
+    (tmp_path / "col.csv").write_text("a,b\n1,2\n")
+    assert kind(tmp_path / "col.csv") == "config"
+    (tmp_path / "unseen.jsonl").write_text('{"text": "hi", "label": "zzz"}\n')
+    assert kind(tmp_path / "unseen.jsonl") == "invalid"
+
+
+def test_bad_config():
+    for cfg in [
+        {"max_length": 0},
+        {"overlap": 8, "max_length": 8},
+        {"split": "words"},
+        {"vocab_size": 100},
+        {"nope": 1},
+    ]:
+        with pytest.raises(ValueError):
+            TextTokenizer(cfg)
+    with pytest.raises(ValueError, match="does not exist"):
+        TextTokenizer({"vocab_path": "/nonexistent/bpe.json"})
+
+
+def test_conformance(corpus):
+    testing = pytest.importorskip("maskloom.testing")
+
+    def compare(raw, out, rec):
+        assert out == raw[rec.meta["doc"]][0]
+
+    report = testing.check_tokenizer(
+        TextTokenizer(TextConfig(vocab_size=400, min_frequency=1, text_column="sms")),
+        [corpus["jsonl"], corpus["txt"], corpus["tsv"]],
+        compare=compare,
+    )
+    assert report == {"sources": 3, "records": 53, "tokens": report["tokens"]}
+
+
+def test_explicit_labels_and_render(corpus, tmp_path):
+    tok = TextTokenizer({"vocab_size": 300, "labels": ["b", "a", "c"]})
+    assert tok.config.labels == ("b", "a", "c")
+    tok.fit([corpus["jsonl"]])
+    assert tok.label_names() == ("b", "a", "c")
+    assert [r.label for r in tok(corpus["jsonl"])[:2]] == [1, 0]
+    tok.render(tok.read(corpus["txt"]), str(tmp_path / "doc.png"))
+    assert (tmp_path / "doc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
