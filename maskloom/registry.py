@@ -6,6 +6,7 @@ twice is an error, never a silent overwrite: a value is defined once (STYLE.md p
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -29,11 +30,20 @@ class Registry(Generic[T]):
     True
     """
 
-    def __init__(self, kind: str, *, loader: Callable[[Registry[T]], None] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *,
+        loader: Callable[[Registry[T]], None] | None = None,
+        lazy: dict[str, str] | None = None,
+    ) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
         self._loader = loader  # called once, lazily, to load plug-ins (entry points)
         self._loaded = loader is None
+        # name -> module that registers it when imported: built-ins are imported on first use only,
+        # so a Ray worker tokenizing images never imports torch for the audio tokenizer.
+        self._lazy = dict(lazy or {})
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: register the decorated value under ``name``; a duplicate name raises."""
@@ -58,24 +68,28 @@ class Registry(Generic[T]):
             self._loader(self)
 
     def get(self, name: str) -> T:
-        self._ensure_loaded()
+        if name not in self._items and name in self._lazy:
+            importlib.import_module(self._lazy[name])
+        if name not in self._items:
+            self._ensure_loaded()
         try:
             return self._items[name]
         except KeyError:
-            known = ", ".join(sorted(self._items)) or "none"
+            known = ", ".join(self.names()) or "none"
             raise RegistryError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def __contains__(self, name: object) -> bool:
+        if name in self._items or name in self._lazy:
+            return True
         self._ensure_loaded()
         return name in self._items
 
     def names(self) -> list[str]:
         self._ensure_loaded()
-        return sorted(self._items)
+        return sorted(set(self._items) | set(self._lazy))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        self._ensure_loaded()
-        return len(self._items)
+        return len(self.names())

@@ -1,10 +1,12 @@
-"""Modality tokenizers: one file per modality, all with the contract of :mod:`.base`."""
+"""Modality tokenizers: one file per modality, all with the contract of :mod:`.base`.
 
-# Built-in modalities register themselves on import. A module missing here (still being written)
-# must not break the others.
-import importlib as _importlib
+The built-in modalities (``BUILTIN_MODALITIES``) are imported on first use through the registry
+(``TOKENIZERS.get("audio")`` imports ``maskloom.tokenizers.audio``), so importing this package is
+cheap and a worker that tokenizes images never loads torch for the audio tokenizer.
+"""
 
 from maskloom.tokenizers.base import (
+    BUILTIN_MODALITIES,
     TOKENIZERS,
     Record,
     TableSpec,
@@ -14,11 +16,13 @@ from maskloom.tokenizers.base import (
     register_tokenizer,
 )
 
-for _m in ("image", "video", "audio", "point_cloud", "graph", "time_series", "text"):
-    try:
-        _importlib.import_module(f"maskloom.tokenizers.{_m}")
-    except ModuleNotFoundError as _e:  # pragma: no cover
-        if _e.name != f"maskloom.tokenizers.{_m}":
-            raise
-
-__all__ = ["TOKENIZERS", "Record", "TableSpec", "Tokenizer", "TokenizeError", "get_tokenizer", "register_tokenizer"]
+__all__ = [
+    "BUILTIN_MODALITIES",
+    "TOKENIZERS",
+    "Record",
+    "TableSpec",
+    "TokenizeError",
+    "Tokenizer",
+    "get_tokenizer",
+    "register_tokenizer",
+]

@@ -261,15 +261,17 @@ class Tokenizer(ABC):
             raise TokenizeError(source, "empty", "file is empty (0 bytes)")
 
 
-def _load_entry_points(reg: Registry[type[Tokenizer]]) -> None:
-    import maskloom.tokenizers  # noqa: F401  (registers the built-ins)
+BUILTIN_MODALITIES = ("image", "video", "audio", "point_cloud", "graph", "time_series", "text")
+"""The modalities maskloom ships; each is the module ``maskloom.tokenizers.<name>``, imported on first use."""
 
+
+def _load_entry_points(reg: Registry[type[Tokenizer]]) -> None:
     try:
         eps = metadata.entry_points(group="maskloom.tokenizers")
     except TypeError:  # pragma: no cover - Python < 3.10 API
         eps = metadata.entry_points().get("maskloom.tokenizers", [])
     for ep in eps:
-        if ep.name in reg._items:
+        if ep.name in reg._items or ep.name in BUILTIN_MODALITIES:
             continue
         try:
             cls = ep.load()
@@ -279,7 +281,9 @@ def _load_entry_points(reg: Registry[type[Tokenizer]]) -> None:
         register_tokenizer(ep.name)(cls)
 
 
-TOKENIZERS: Registry[type[Tokenizer]] = Registry("tokenizer", loader=_load_entry_points)
+TOKENIZERS: Registry[type[Tokenizer]] = Registry(
+    "tokenizer", loader=_load_entry_points, lazy={m: f"maskloom.tokenizers.{m}" for m in BUILTIN_MODALITIES}
+)
 
 
 def register_tokenizer(name: str):

@@ -1,0 +1,145 @@
+"""`maskloom preprocess`: raw files -> a sharded token table (Ray Data; embedded or on a cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+HELP = "raw files -> a sharded token table (Ray; resumable, exactly-once; --address for a cluster)"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="+", help="input directories, files or glob patterns (or manifests with --manifest)"
+    )
+    parser.add_argument(
+        "-m", "--modality", required=True, help="registered tokenizer name (image, audio, ...)"
+    )
+    parser.add_argument("-o", "--out", required=True, help="output token-table directory")
+    g = parser.add_argument_group("tokenizer config")
+    g.add_argument("--config", metavar="FILE", help="tokenizer config file (.json, .toml or .yaml)")
+    g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one config field (VALUE parsed as JSON, else a string); repeatable")  # fmt: skip
+    g.add_argument("--import", dest="imports", metavar="MODULE", action="append", default=[],
+                   help="import MODULE first (on the driver and every worker), e.g. a plug-in tokenizer")  # fmt: skip
+    s = parser.add_argument_group("inputs and labels")
+    s.add_argument(
+        "--manifest", action="store_true", help="INPUTS are CSV/JSONL manifests with 'path' (+ 'label')"
+    )
+    s.add_argument("--labels", choices=("auto", "none", "folder", "regex", "manifest"), default="auto",
+                   help="label source: parent folder name, --label-regex on file names, the manifest column, "
+                   "or none (labels inside dataset files); auto = manifest column if any, else none")  # fmt: skip
+    s.add_argument(
+        "--label-regex", metavar="REGEX", help="regex with a named group 'label', e.g. '^(?P<label>\\d+)_'"
+    )
+    s.add_argument(
+        "--as-one-source", action="store_true", help="take each input path (even a folder) as one source"
+    )
+    r = parser.add_argument_group("execution")
+    r.add_argument(
+        "--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)"
+    )
+    r.add_argument("--num-workers", type=int, help="tokenizer actors (default: CPUs / cpus-per-worker)")
+    r.add_argument("--cpus-per-worker", type=float, help="CPUs per actor (default 1)")
+    r.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default 0)")
+    r.add_argument("--object-store-memory", type=int, metavar="BYTES", help="object store of an embedded Ray")
+    r.add_argument("--shard-size", type=int, default=256, help="inputs per shard (default 256)")
+    r.add_argument(
+        "--overwrite", action="store_true", help="replace a table built with another config or input set"
+    )
+    r.add_argument("--max-error-rate", type=float, metavar="FRACTION",
+                   help="fail (exit 1) when more than this fraction of inputs is rejected, e.g. 0.05")  # fmt: skip
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def _load_config(path: str | None, overrides: list[str]) -> dict[str, Any]:
+    cfg: dict[str, Any] = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such config file")
+        low = path.lower()
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            if low.endswith(".json"):
+                cfg = json.loads(data)
+            elif low.endswith(".toml"):
+                import tomllib
+
+                cfg = tomllib.loads(data.decode())
+            elif low.endswith((".yaml", ".yml")):
+                import yaml
+
+                cfg = yaml.safe_load(data) or {}
+            else:
+                raise ValueError(f"{path}: config file must be .json, .toml or .yaml")
+        except ValueError:
+            raise
+        except Exception as e:  # yaml/toml syntax errors
+            raise ValueError(f"{path}: cannot parse config ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: config must be a mapping of field -> value")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        cfg[key.strip()] = _parse_value(value)
+    return cfg
+
+
+def _error(msg: str) -> int:
+    print(f"maskloom preprocess: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    import importlib
+
+    from maskloom.pipelines.preprocess import PreprocessError, TableConflictError, preprocess
+    from maskloom.pipelines.sources import SourceError, find_inputs
+    from maskloom.registry import RegistryError
+    from maskloom.tokenizers.base import TOKENIZERS, get_tokenizer
+
+    try:
+        for m in args.imports:
+            importlib.import_module(m)
+        cls = TOKENIZERS.get(args.modality)
+        config = _load_config(args.config, args.set)
+        get_tokenizer(args.modality, config)  # validate the config before any work
+        if args.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+        if args.max_error_rate is not None and not 0.0 <= args.max_error_rate <= 1.0:
+            raise ValueError(f"--max-error-rate must lie in [0, 1], got {args.max_error_rate}")
+        found = find_inputs(
+            args.inputs, extensions=cls.extensions, labels=args.labels, label_regex=args.label_regex,
+            manifest=args.manifest, as_one_source=args.as_one_source,
+        )  # fmt: skip
+    except ImportError as e:
+        return _error(f"--import: {e}")
+    except (SourceError, RegistryError, ValueError, TypeError) as e:
+        return _error(str(e))
+    print(f"maskloom preprocess: {len(found)} inputs -> {args.out} ({args.modality})", file=sys.stderr)
+    try:
+        result = preprocess(
+            found, args.modality, config, args.out, address=args.address, num_workers=args.num_workers,
+            cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+            object_store_memory=args.object_store_memory, shard_size=args.shard_size, overwrite=args.overwrite,
+            max_error_rate=args.max_error_rate, imports=args.imports, progress=not args.no_progress,
+        )  # fmt: skip
+    except TableConflictError as e:
+        return _error(str(e))
+    except PreprocessError as e:
+        print(f"maskloom preprocess: failed: {e}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0

@@ -1,0 +1,738 @@
+"""Token tables -> :class:`~maskloom.batch.TokenBatch` for PyTorch (and a Ray Data path for Ray Train).
+
+How an epoch is planned (from sequence lengths only, no token decoding; identical on every rank):
+
+1. **Row groups are the unit of I/O.** The Parquet row groups of all tables of one modality form a
+   *stream*. With ``shuffle`` their order is permuted by ``(seed, epoch)``; rows are then taken in
+   that order, so a reader only ever holds a few row groups in memory (shard-then-buffer shuffling,
+   as in WebDataset).
+2. **Pools.** Consecutive rows are cut into pools of ``bucket_window * batch_size`` rows. Inside a
+   pool the rows are permuted (``shuffle``), sorted by length (``bucket``; length bucketing as in
+   Khomenko et al. 2016, "Accelerating recurrent neural network training using sequence
+   bucketing", and fairseq's ``max_tokens`` batching), cut into batches of ``batch_size`` rows (or
+   of at most ``max_tokens`` padded tokens), and the batch order inside the pool is permuted. So
+   padding stays small while batches still arrive in random length order.
+3. **Ranks (DDP).** Each stream's batch list is cut into ``world_size`` contiguous, equal blocks;
+   rank ``r`` gets block ``r``. The ``n_batches % world_size`` batches left over at the end of the
+   (shuffled) list are dropped for that epoch — which ones changes every epoch — so ranks get
+   disjoint, equal-size sets of batches and step in lock-step. Contiguous blocks mean a rank reads
+   only about ``1/world_size`` of the row groups.
+4. **Modalities.** With several streams, the sequence of stream choices is drawn from ``(seed,
+   epoch)`` only — so at every step all ranks get a batch of the *same* modality (no unused
+   adapters in DDP). Without ``weights`` every batch of every stream appears once, in random
+   interleaving; with ``weights={modality: w}`` each step picks a modality with probability
+   proportional to ``w`` for ``steps_per_epoch`` steps (default: the total number of batches) and
+   a stream that runs out starts its next pass (a new permutation).
+5. **Workers.** With ``num_workers > 0`` a ``torch.utils.data.DataLoader`` over an
+   ``IterableDataset`` runs the plan: worker ``w`` builds batches ``w, w + n, w + 2n, ...`` of the
+   plan and the DataLoader's round-robin collection puts them back in plan order, so the batches
+   are identical *and in the same order* as with ``num_workers=0``. Each worker reads the row
+   groups its batches touch, so workers may decode the same row group: workers parallelise padding
+   and conversion, not Parquet decoding (which pyarrow already multithreads). ``num_workers=1`` or
+   ``thread_prefetch=N`` (a background thread, no extra process) overlap loading with training.
+6. **Resume.** ``state_dict()`` holds ``(epoch, position)``; the plan is a pure function of the
+   configuration and the epoch, so a loader restored with ``load_state_dict`` yields exactly the
+   batches that were not yet consumed. Iterating the loader to the end advances the epoch
+   (``set_epoch`` sets it explicitly, as for ``DistributedSampler``).
+
+Reading is per row group with ``pyarrow.parquet.ParquetFile.read_row_group`` of only the needed
+columns; nested list columns become numpy arrays through their offsets and flattened values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from maskloom.batch import TokenBatch
+from maskloom.tables import TableError, TableSpec, TokenTable
+
+log = logging.getLogger(__name__)
+
+READ_COLUMNS = ("id", "tokens", "positions", "edges", "label", "meta")
+"""Columns the loader reads (``source`` and ``modality`` are not needed for training)."""
+
+_MIX_STREAM = 1_000_003  # rng stream id of the modality-choice sequence (distinct from stream indices)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    """How :class:`TokenLoader` turns token tables into batches."""
+
+    batch_size: int = 32
+    """Samples per batch (the cap when ``max_tokens`` is set)."""
+    seed: int = 0
+    """Seed of every permutation; with the epoch it fully determines the batches."""
+    shuffle: bool = True
+    """Permute row groups, rows within a pool and batches within a pool, by ``(seed, epoch)``."""
+    bucket: bool = True
+    """Sort rows by length within each pool before cutting batches (less padding)."""
+    bucket_window: int = 100
+    """Pool size in batches: rows are shuffled and sorted within ``bucket_window * batch_size`` rows."""
+    max_tokens: int | None = None
+    """If set, a batch holds at most this many padded tokens (``B * L``), and at most ``batch_size`` rows."""
+    drop_last: bool = False
+    """Drop batches with fewer than ``batch_size`` rows (ignored with ``max_tokens``)."""
+    rank: int = 0
+    """This process's rank for DDP."""
+    world_size: int = 1
+    """Number of ranks; each gets a disjoint, equal-size block of every stream's batches."""
+    num_workers: int = 0
+    """DataLoader worker processes building batches; 0 builds them in the calling process."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (``num_workers > 0`` only)."""
+    thread_prefetch: int = 0
+    """With ``num_workers=0``: a background thread prepares up to this many batches ahead, overlapping
+    reading and padding with the training step (pyarrow and numpy copies release the GIL); 0: none."""
+    pin_memory: bool = False
+    """Pin batch tensors (for fast host-to-GPU copies)."""
+    weights: Mapping[str, float] | None = None
+    """Per-modality sampling weights for mixing several modalities; None: every batch once."""
+    steps_per_epoch: int | None = None
+    """Batches per epoch when sampling by weights; default: total batches of all streams."""
+    with_meta: bool = True
+    """Parse the per-sample ``meta`` JSON into ``TokenBatch.meta`` (set False to skip the work)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.bucket_window < 1:
+            raise ValueError(f"bucket_window must be >= 1, got {self.bucket_window}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank {self.rank}, world_size {self.world_size}"
+            )
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1 or None, got {self.steps_per_epoch}")
+        if self.weights is not None:
+            bad = {k: w for k, w in self.weights.items() if not (float(w) >= 0)}
+            if bad or not any(float(w) > 0 for w in self.weights.values()):
+                raise ValueError(f"weights must be >= 0 with at least one > 0, got {dict(self.weights)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# lengths and the row-group index
+# ---------------------------------------------------------------------------------------------
+def _open(table: str | TokenTable) -> TokenTable:
+    return table if isinstance(table, TokenTable) else TokenTable(os.fspath(table))
+
+
+def _length_column(spec: TableSpec) -> str:
+    """The cheaper of tokens/positions to read for list offsets (both have one entry per token)."""
+    token_bytes = spec.token_dim * np.dtype(spec.token_dtype).itemsize
+    return "tokens" if token_bytes <= 4 * spec.position_dim else "positions"
+
+
+def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(n,) int64 entries per row of a list column, from its offsets (values are not touched)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    parts = [np.diff(c.offsets.to_numpy()) for c in chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+@dataclass
+class _Group:
+    """One Parquet row group of a stream."""
+
+    path: str
+    index: int  # row-group index inside the file
+    start: int  # first stream row
+    rows: int
+
+
+def _table_groups(table: TokenTable) -> tuple[list[tuple[str, int, int]], np.ndarray]:
+    """[(path, row_group, rows)] in manifest order, and the (N,) token count of every row."""
+    col = _length_column(table.spec)
+    groups, lengths = [], []
+    for path, info in zip(table.shard_paths(), table.manifest.shards):
+        if not os.path.exists(path):
+            raise TableError(f"{table.directory}: shard {info['name']} listed in the manifest is missing")
+        pf = pq.ParquetFile(path)
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            groups.append((path, g, n))
+            lengths.append(_list_lengths(pf.read_row_group(g, columns=[col]).column(col)))
+    return groups, (np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
+
+
+def table_lengths(table: str | TokenTable) -> np.ndarray:
+    """(N,) int64 number of tokens of every row of a token table, in manifest order.
+
+    Read from the list offsets of the cheapest per-token column; tokens are never decoded.
+    """
+    return _table_groups(_open(table))[1]
+
+
+def _spec_key(spec: TableSpec) -> tuple:
+    return (spec.token_kind, spec.token_dim, spec.token_dtype, spec.position_axes, spec.vocab_size)
+
+
+class _Stream:
+    """All tables of one modality, concatenated in the order given: rows 0..N-1."""
+
+    def __init__(self, tables: list[TokenTable]) -> None:
+        self.tables = tables
+        self.spec = tables[0].spec
+        self.modality = self.spec.modality
+        for t in tables[1:]:
+            if _spec_key(t.spec) != _spec_key(self.spec):
+                raise TableError(
+                    f"{t.directory} and {tables[0].directory} are both {self.modality!r} tables but with "
+                    f"different token specs ({t.spec.token_dim}x{t.spec.token_dtype}, axes {t.spec.position_axes} vs "
+                    f"{self.spec.token_dim}x{self.spec.token_dtype}, axes {self.spec.position_axes}); "
+                    "they cannot share batches"
+                )
+        self.groups: list[_Group] = []
+        lengths = []
+        start = 0
+        for t in tables:
+            gs, ls = _table_groups(t)
+            for path, g, n in gs:
+                self.groups.append(_Group(path=path, index=g, start=start, rows=n))
+                start += n
+            lengths.append(ls)
+        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)  # (N,)
+        self.group_of_row = np.repeat(np.arange(len(self.groups)), [g.rows for g in self.groups])  # (N,)
+        self.group_start = np.array([g.start for g in self.groups], np.int64)  # (G,)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# planning: pure functions of (config, epoch, lengths)
+# ---------------------------------------------------------------------------------------------
+def _split_max_tokens(
+    rows: np.ndarray, lengths: np.ndarray, batch_size: int, max_tokens: int
+) -> list[np.ndarray]:
+    """Greedy cut of ``rows`` (in order) into batches of at most ``max_tokens`` padded tokens."""
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths[rows].tolist()):  # one step per row, not per token
+        m = max(longest, n)
+        if i > start and ((i - start + 1) * m > max_tokens or i - start == batch_size):
+            out.append(rows[start:i])
+            start, m = i, n
+        longest = m
+    if rows.size:
+        out.append(rows[start:])
+    return out
+
+
+def plan_stream(
+    lengths: np.ndarray,
+    group_sizes: Sequence[int],
+    cfg: LoaderConfig,
+    *,
+    epoch: int,
+    stream: int = 0,
+    cycle: int = 0,
+) -> list[np.ndarray]:
+    """All batches (arrays of stream row indices) of one pass over a stream, before rank splitting.
+
+    ``lengths`` (N,) tokens per row; ``group_sizes`` rows per row group (summing to N). Deterministic
+    in ``(cfg.seed, epoch, stream, cycle)``; see the module docstring for the steps.
+    """
+    rng = np.random.default_rng([cfg.seed, epoch, stream, cycle])
+    sizes = np.asarray(group_sizes, np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if sizes.size else sizes
+    order = rng.permutation(sizes.size) if cfg.shuffle else np.arange(sizes.size)
+    rows = (
+        np.concatenate([np.arange(starts[g], starts[g] + sizes[g]) for g in order])
+        if sizes.size
+        else np.zeros(0, np.int64)
+    )
+    pool = cfg.bucket_window * cfg.batch_size
+    batches: list[np.ndarray] = []
+    for p0 in range(0, rows.size, pool):
+        chunk = rows[p0 : p0 + pool]
+        if cfg.shuffle:
+            chunk = rng.permutation(chunk)
+        if cfg.bucket:
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        if cfg.max_tokens is not None:
+            pb = _split_max_tokens(chunk, lengths, cfg.batch_size, cfg.max_tokens)
+        else:
+            pb = [chunk[i : i + cfg.batch_size] for i in range(0, chunk.size, cfg.batch_size)]
+        if cfg.shuffle:
+            pb = [pb[i] for i in rng.permutation(len(pb))]
+        batches.extend(pb)
+    if cfg.drop_last and cfg.max_tokens is None:
+        batches = [b for b in batches if b.size == cfg.batch_size]
+    return batches
+
+
+def _rank_block(batches: list[np.ndarray], rank: int, world_size: int) -> list[np.ndarray]:
+    k = len(batches) // world_size  # the last len % world_size batches are dropped
+    return batches[rank * k : (rank + 1) * k]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and collating
+# ---------------------------------------------------------------------------------------------
+def _flat(arr: pa.Array) -> pa.Array:
+    """Values of a fixed-size-list array as a flat array, honouring slicing."""
+    return arr.flatten() if pa.types.is_fixed_size_list(arr.type) else arr
+
+
+@dataclass
+class _Chunk:
+    """Decoded columns of some rows (one row group, or one Ray batch) as numpy arrays."""
+
+    tok_off: np.ndarray  # (n+1,) offsets into tok
+    tok: np.ndarray  # (T, D) continuous or (T,) discrete
+    pos_off: np.ndarray  # (n+1,)
+    pos: np.ndarray  # (T, P) float32
+    edge_off: np.ndarray | None  # (n+1,) or None when no row has edges
+    edges: np.ndarray | None  # (E, 2) int32
+    labels: np.ndarray  # (n,) int64, -1 for missing
+    ids: np.ndarray  # (n,) object: str
+    meta: np.ndarray | None = None  # (n,) object: raw JSON strings, None when not read
+
+    @classmethod
+    def from_arrow(cls, t: pa.Table, spec: TableSpec) -> _Chunk:
+        def lst(name: str) -> pa.Array:
+            col = t.column(name)
+            return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+        tok = lst("tokens")
+        tvals = _flat(tok.values).to_numpy(zero_copy_only=False)
+        if spec.token_kind == "continuous":
+            tvals = tvals.reshape(-1, spec.token_dim)
+        pos = lst("positions")
+        pvals = _flat(pos.values).to_numpy(zero_copy_only=False).reshape(-1, spec.position_dim)
+        edge_off = edges = None
+        if "edges" in t.column_names and t.column("edges").null_count < t.num_rows:
+            e = lst("edges")
+            edge_off = e.offsets.to_numpy()
+            edges = _flat(e.values).to_numpy(zero_copy_only=False).reshape(-1, 2)
+        if "label" in t.column_names:
+            labels = pc.fill_null(t.column("label"), -1).to_numpy().astype(np.int64)
+        else:
+            labels = np.full(t.num_rows, -1, np.int64)
+        ids = np.array(t.column("id").to_pylist() if "id" in t.column_names else [""] * t.num_rows, object)
+        meta = np.array(t.column("meta").to_pylist(), object) if "meta" in t.column_names else None
+        return cls(
+            tok_off=tok.offsets.to_numpy(),
+            tok=tvals,
+            pos_off=pos.offsets.to_numpy(),
+            pos=pvals,
+            edge_off=edge_off,
+            edges=edges,
+            labels=labels,
+            ids=ids,
+            meta=meta,
+        )
+
+
+def _copy_rows(
+    out: np.ndarray, flat: np.ndarray, starts: np.ndarray, lens: np.ndarray, slots: np.ndarray
+) -> None:
+    """out[slots[i], :lens[i]] = flat[starts[i] : starts[i] + lens[i]] (with dtype conversion).
+
+    One contiguous slice copy per row (a loop over the B rows, never over tokens): measured faster
+    than one fancy-indexed gather/scatter of all tokens, which pays per-token index arithmetic.
+    """
+    for i, s, n in zip(slots.tolist(), starts.tolist(), lens.tolist()):
+        out[i, :n] = flat[s : s + n]
+
+
+def collate(
+    parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray]], spec: TableSpec, *, with_meta: bool = True
+) -> TokenBatch:
+    """Pad rows taken from decoded chunks into one TokenBatch.
+
+    ``parts``: (chunk, local row indices (n,), batch slots (n,)) triples; together the slots are
+    0..B-1 exactly once. One triple per chunk, so the work is vectorised per chunk, not per row.
+    """
+    B = sum(int(r.size) for _, r, _ in parts)
+    lens = np.zeros(B, np.int64)  # (B,) tokens per sample
+    elens = np.zeros(B, np.int64)  # (B,) edges per sample
+    for c, r, slot in parts:
+        lens[slot] = c.tok_off[r + 1] - c.tok_off[r]
+        if c.edge_off is not None:
+            elens[slot] = c.edge_off[r + 1] - c.edge_off[r]
+    L = int(lens.max()) if B else 0
+    D, P = spec.token_dim, spec.position_dim
+    if spec.token_kind == "continuous":
+        tokens = np.zeros((B, L, D), np.float32)  # (B, L, D)
+    else:
+        tokens = np.zeros((B, L), np.int64)  # (B, L)
+    positions = np.zeros((B, L, P), np.float32)  # (B, L, P)
+    labels = np.empty(B, np.int64)  # (B,)
+    has_edges = any(c.edge_off is not None for c, _, _ in parts)
+    edges = np.full((B, int(elens.max()) if B else 0, 2), -1, np.int64) if has_edges else None  # (B, E, 2)
+    ids = np.empty(B, object)
+    meta_json = np.full(B, "{}", object)
+    for c, r, slot in parts:
+        _copy_rows(tokens, c.tok, c.tok_off[r], lens[slot], slot)
+        _copy_rows(positions, c.pos, c.pos_off[r], lens[slot], slot)
+        labels[slot] = c.labels[r]
+        if edges is not None and c.edge_off is not None:
+            _copy_rows(edges, c.edges, c.edge_off[r], elens[slot], slot)
+        ids[slot] = c.ids[r]
+        if with_meta and c.meta is not None:
+            meta_json[slot] = c.meta[r]
+    meta = json.loads("[" + ",".join(meta_json.tolist()) + "]") if with_meta else []  # one parse per batch
+    padding = np.arange(L)[None, :] >= lens[:, None]  # (B, L) True = padding
+    return TokenBatch(
+        tokens=torch.from_numpy(tokens),
+        positions=torch.from_numpy(positions),
+        padding=torch.from_numpy(padding),
+        modality=spec.modality,
+        labels=torch.from_numpy(labels),
+        edges=None if edges is None else torch.from_numpy(edges),
+        ids=ids.tolist(),
+        meta=meta,
+    )
+
+
+class _Reader:
+    """Runs a list of planned batches, holding each row group in memory only while it is needed."""
+
+    def __init__(self, streams: list[_Stream], *, with_meta: bool) -> None:
+        self.streams = streams
+        self.with_meta = with_meta
+        self._files: dict[str, pq.ParquetFile] = {}
+        self._pid = os.getpid()
+
+    def _file(self, path: str) -> pq.ParquetFile:
+        if self._pid != os.getpid():  # a forked worker opens its own handles
+            self._files, self._pid = {}, os.getpid()
+        if path not in self._files:
+            self._files[path] = pq.ParquetFile(path)
+        return self._files[path]
+
+    def _load(self, s: int, g: int) -> _Chunk:
+        st = self.streams[s]
+        grp = st.groups[g]
+        cols = [c for c in READ_COLUMNS if self.with_meta or c != "meta"]
+        t = self._file(grp.path).read_row_group(grp.index, columns=cols)
+        return _Chunk.from_arrow(t, st.spec)
+
+    def run(self, items: Sequence[tuple[int, int, np.ndarray]]) -> Iterator[TokenBatch]:
+        """``items``: (stream, pass, stream rows) per batch, in the order to yield."""
+        # how many rows of each (stream, pass, group) remain; a group is evicted when its pass is done
+        remaining: dict[tuple[int, int, int], int] = {}
+        for s, cyc, rows in items:
+            gs, cnt = np.unique(self.streams[s].group_of_row[rows], return_counts=True)
+            for g, c in zip(gs.tolist(), cnt.tolist()):
+                remaining[(s, cyc, g)] = remaining.get((s, cyc, g), 0) + c
+        cache: dict[tuple[int, int], _Chunk] = {}
+        for s, cyc, rows in items:
+            st = self.streams[s]
+            g_of = st.group_of_row[rows]
+            parts = []
+            order = np.argsort(g_of, kind="stable")  # batch slots grouped by row group, planned order kept
+            gs, first, cnt = np.unique(g_of[order], return_index=True, return_counts=True)
+            for g, f, c in zip(gs.tolist(), first.tolist(), cnt.tolist()):
+                slot = order[f : f + c]
+                if (s, g) not in cache:
+                    cache[(s, g)] = self._load(s, g)
+                parts.append((cache[(s, g)], rows[slot] - st.group_start[g], slot))
+            batch = collate(parts, st.spec, with_meta=self.with_meta)
+            for g, c in zip(gs.tolist(), cnt.tolist()):
+                key = (s, cyc, g)
+                remaining[key] -= c
+                if remaining[key] == 0:
+                    cache.pop((s, g), None)
+            yield batch
+
+
+class _PlanDataset(torch.utils.data.IterableDataset):
+    """The plan of one epoch for DataLoader workers: worker w builds items w, w+n, w+2n, ..."""
+
+    def __init__(self, reader: _Reader, items: list[tuple[int, int, np.ndarray]]) -> None:
+        self.reader = reader
+        self.items = items
+
+    def __iter__(self) -> Iterator[TokenBatch]:
+        info = torch.utils.data.get_worker_info()
+        items = self.items if info is None else self.items[info.id :: info.num_workers]
+        return self.reader.run(items)
+
+
+def _background(it: Iterator[TokenBatch], depth: int) -> Iterator[TokenBatch]:
+    """Run ``it`` in a daemon thread, at most ``depth`` items ahead; errors re-raise in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for x in it:
+                if not put(x):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            put(_Failure(e))
+            return
+        put(done)
+
+    thread = threading.Thread(target=work, name="maskloom-loader-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x = q.get()
+            if x is done:
+                return
+            if isinstance(x, _Failure):
+                raise x.error
+            yield x
+    finally:
+        stop.set()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+# ---------------------------------------------------------------------------------------------
+# the loader
+# ---------------------------------------------------------------------------------------------
+class TokenLoader:
+    """Iterate token tables as padded, one-modality :class:`TokenBatch` es.
+
+    ``tables``: one table directory (or :class:`TokenTable`) or several; tables of the same
+    modality are concatenated into one stream, several modalities are mixed batch by batch.
+    Keyword arguments are the fields of :class:`LoaderConfig` (or pass ``config=``).
+
+    >>> loader = TokenLoader("tables/image", batch_size=64, seed=1, rank=0, world_size=1)
+    >>> for epoch in range(10):
+    ...     loader.set_epoch(epoch)
+    ...     for batch in loader:  # TokenBatch: tokens (B, L, D), positions (B, L, P), padding (B, L)
+    ...         ...
+    """
+
+    def __init__(
+        self,
+        tables: str | os.PathLike | TokenTable | Sequence[str | os.PathLike | TokenTable],
+        config: LoaderConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        names = {f.name for f in fields(LoaderConfig)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"TokenLoader got unknown option(s) {unknown}; valid: {sorted(names)}")
+        self.config = replace(config or LoaderConfig(), **overrides)
+        if isinstance(tables, (str, os.PathLike, TokenTable)):
+            tables = [tables]
+        opened = [_open(t) for t in tables]
+        if not opened:
+            raise ValueError("TokenLoader needs at least one token table")
+        by_mod: dict[str, list[TokenTable]] = {}
+        for t in opened:
+            by_mod.setdefault(t.modality, []).append(t)
+        self.streams = [_Stream(ts) for ts in by_mod.values()]
+        self.modalities = [s.modality for s in self.streams]
+        w = self.config.weights
+        if w is not None:
+            missing, extra = set(self.modalities) - set(w), set(w) - set(self.modalities)
+            if missing or extra:
+                raise ValueError(
+                    f"weights must name exactly the modalities of the tables {sorted(self.modalities)}; "
+                    f"missing {sorted(missing)}, unknown {sorted(extra)}"
+                )
+        self._reader = _Reader(self.streams, with_meta=self.config.with_meta)
+        self._epoch = 0
+        self._position = 0
+        self._plan_cache: tuple[int, list[tuple[int, int, np.ndarray]]] | None = None
+
+    # ---- plan -----------------------------------------------------------------------------------
+    def _stream_pass(self, s: int, epoch: int, cycle: int) -> list[np.ndarray]:
+        st, cfg = self.streams[s], self.config
+        batches = plan_stream(
+            st.lengths, [g.rows for g in st.groups], cfg, epoch=epoch, stream=s, cycle=cycle
+        )
+        mine = _rank_block(batches, cfg.rank, cfg.world_size)
+        if not mine and batches:
+            log.warning(
+                "%s: %d batches for %d ranks: rank %d gets none",
+                st.modality,
+                len(batches),
+                cfg.world_size,
+                cfg.rank,
+            )
+        return mine
+
+    def plan(self, epoch: int | None = None) -> list[tuple[int, int, np.ndarray]]:
+        """This rank's batches of ``epoch`` (default: the current one), in order, without reading
+        tokens: (stream index, pass, stream row indices) per batch. ``self.streams[s].modality`` names
+        the modality of stream ``s``."""
+        epoch = self._epoch if epoch is None else epoch
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        cfg = self.config
+        first = [self._stream_pass(s, epoch, 0) for s in range(len(self.streams))]
+        rng = np.random.default_rng([cfg.seed, epoch, _MIX_STREAM])
+        counts = np.array([len(b) for b in first])
+        if cfg.weights is None and cfg.steps_per_epoch is None:
+            choice = np.repeat(np.arange(len(first)), counts)
+            if len(first) > 1 and cfg.shuffle:
+                choice = rng.permutation(choice)
+        else:
+            w = (
+                np.array([float(cfg.weights[s.modality]) for s in self.streams])
+                if cfg.weights is not None
+                else counts.astype(float)
+            )
+            if not (w > 0).any() or (w[counts == 0] > 0).any():
+                empty = [self.streams[i].modality for i in np.flatnonzero((counts == 0) & (w > 0))]
+                raise ValueError(
+                    f"cannot sample by weight from modalities with no batches on rank {cfg.rank}: {empty}"
+                )
+            steps = cfg.steps_per_epoch or int(counts.sum())
+            choice = (
+                rng.choice(len(first), size=steps, p=w / w.sum()) if len(first) > 1 else np.zeros(steps, int)
+            )
+        items: list[tuple[int, int, np.ndarray]] = []
+        cur, cycle, nxt = list(first), [0] * len(first), [0] * len(first)
+        for s in choice.tolist():
+            if nxt[s] == len(cur[s]):  # this stream ran out: its next pass
+                cycle[s] += 1
+                cur[s], nxt[s] = self._stream_pass(s, epoch, cycle[s]), 0
+            items.append((s, cycle[s], cur[s][nxt[s]]))
+            nxt[s] += 1
+        self._plan_cache = (epoch, items)
+        return items
+
+    def __len__(self) -> int:
+        """Batches in the current epoch for this rank (including those already consumed)."""
+        return len(self.plan())
+
+    # ---- iteration state --------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch (call it before each epoch, as with DistributedSampler)."""
+        self._epoch, self._position = int(epoch), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where iteration stands: the epoch and how many of its batches were handed out."""
+        cfg = self.config
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "rank": cfg.rank,
+            "world_size": cfg.world_size,
+            "tables": [t.directory for s in self.streams for t in s.tables],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume: the next iteration yields exactly the batches after ``state['position']``."""
+        cfg = self.config
+        for key, mine in (("seed", cfg.seed), ("batch_size", cfg.batch_size), ("world_size", cfg.world_size)):
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"loader state has {key}={state[key]!r} but this loader has {key}={mine!r}; "
+                    "the batches would differ"
+                )
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+    # ---- iteration ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[TokenBatch]:
+        cfg = self.config
+        items = self.plan()[self._position :]
+        if cfg.num_workers == 0:
+            it: Any = self._reader.run(items)
+            if cfg.thread_prefetch > 0:
+                it = _background(it, cfg.thread_prefetch)
+        else:
+            dl = torch.utils.data.DataLoader(
+                _PlanDataset(self._reader, items),
+                batch_size=None,
+                num_workers=cfg.num_workers,
+                prefetch_factor=cfg.prefetch_factor,
+                pin_memory=False,
+            )
+            it = iter(dl)
+        for batch in it:
+            if cfg.pin_memory:
+                batch = batch.pin_memory()
+            self._position += 1
+            yield batch
+        self.set_epoch(self._epoch + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data path (Ray Train)
+# ---------------------------------------------------------------------------------------------
+def _ray_collate_base() -> type:
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    return ArrowBatchCollateFn
+
+
+class _CollateMixin:
+    def __init__(self, spec: TableSpec, with_meta: bool = True) -> None:
+        self.spec = spec
+        self.with_meta = with_meta
+
+    def __call__(self, batch: pa.Table) -> TokenBatch:
+        chunk = _Chunk.from_arrow(batch, self.spec)
+        rows = np.arange(batch.num_rows)
+        return collate([(chunk, rows, rows)], self.spec, with_meta=self.with_meta)
+
+
+def collate_fn(table: str | TokenTable | TableSpec, *, with_meta: bool = True):
+    """A Ray ``ArrowBatchCollateFn`` turning a pyarrow batch of token-table rows into a TokenBatch.
+
+    Use as ``ds.iter_torch_batches(batch_size=64, collate_fn=collate_fn(table))``; move the batch to
+    the device yourself (``batch.to(device)``), Ray only moves plain tensor batches.
+    """
+    spec = table if isinstance(table, TableSpec) else _open(table).spec
+    cls = type("TokenBatchCollateFn", (_CollateMixin, _ray_collate_base()), {})
+    return cls(spec, with_meta)
+
+
+def ray_dataset(tables: str | TokenTable | Sequence[str | TokenTable], *, with_meta: bool = True):
+    """A ``ray.data.Dataset`` over the shards the manifests list (one modality), for Ray Train.
+
+    Shuffle with ``ds.random_shuffle()`` or ``iter_torch_batches(local_shuffle_buffer_size=...)``;
+    length bucketing is not done on this path.
+    """
+    import ray.data
+
+    if isinstance(tables, (str, os.PathLike, TokenTable)):
+        tables = [tables]
+    opened = [_open(t) for t in tables]
+    mods = sorted({t.modality for t in opened})
+    if len(mods) != 1:
+        raise ValueError(
+            f"ray_dataset reads one modality per dataset, got {mods}; make one dataset per modality"
+        )
+    for t in opened[1:]:
+        if _spec_key(t.spec) != _spec_key(opened[0].spec):
+            raise TableError(f"{t.directory}: token spec differs from {opened[0].directory}")
+    paths = [p for t in opened for p in t.shard_paths()]
+    cols = [c for c in READ_COLUMNS if with_meta or c != "meta"]
+    return ray.data.read_parquet(paths).select_columns(cols)

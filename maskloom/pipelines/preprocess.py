@@ -1,0 +1,603 @@
+"""Raw files -> a sharded token table with Ray Data: resumable, exactly-once, errors as rows.
+
+The job reads top to bottom (the Ray Data pattern: items -> ``map_batches(Actor)`` -> write):
+
+1. **plan**    sorted inputs are cut into shards of ``shard_size`` inputs; a shard's id hashes its
+               inputs (and labels) with the tokenizer fingerprint (and the fitted artifacts), so a
+               rerun plans exactly the same shards and file names.
+2. **fit**     a tokenizer that learns from the corpus (``needs_fit``) is fitted on the driver and
+               its artifacts written to ``artifacts/`` first; workers load them.
+3. **map**     ``ray.data.from_items(shard specs)`` -> ``map_batches(TokenizeShardActor,
+               compute=ActorPoolStrategy)``: each actor builds its tokenizer once; per shard it
+               tokenizes every input (a bad input becomes an error row, never a dead job), writes
+               the shard under a temporary name and renames it atomically to its deterministic
+               name, then writes a commit record ``_commits/<shard_id>.json`` (atomically, after
+               the shard).
+4. **commit**  the driver checks the accounting (inputs = distinct sources written + error rows),
+               writes ``_errors.parquet`` and, last, ``_manifest.json``. Readers open a table
+               through its manifest only, so an unfinished table is invisible.
+
+Exactly-once: a retried shard (Ray restarts a killed actor and retries its task) rewrites the same
+file name with the same content, and the manifest lists each planned shard once. A rerun after a
+crash skips shards whose commit record (and file) exist; a rerun of a finished job does nothing;
+a changed config or input set never mixes into an existing table unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from maskloom import tables
+from maskloom.pipelines.ray_utils import init_ray, resources, shutdown_ray
+from maskloom.pipelines.sources import Input, InputSet
+from maskloom.tokenizers.base import TOKENIZERS, Record, TokenizeError, Tokenizer, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+COMMITS = "_commits"
+RUN_STATE = "_run.json"
+DEFAULT_SHARD_SIZE = 256
+
+
+class PreprocessError(RuntimeError):
+    """A job that cannot finish (error rate above the limit, broken accounting); committed shards stay."""
+
+
+class TableConflictError(PreprocessError):
+    """The output directory holds a table or partial job with another config or input set."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardSpec:
+    """One unit of work: a run of consecutive sorted inputs."""
+
+    index: int
+    """Position of the shard in the table (manifest order)."""
+    shard_id: str
+    """Hash of the inputs, labels and tokenizer fingerprint (+ artifacts digest)."""
+    inputs: tuple[Input, ...]
+    """The inputs, sorted by source."""
+
+    @property
+    def name(self) -> str:
+        """Deterministic shard file name."""
+        return f"part-{self.index:05d}-{self.shard_id}.parquet"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "index": self.index,
+                "shard_id": self.shard_id,
+                "inputs": [[i.source, i.label] for i in self.inputs],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, s: str) -> ShardSpec:
+        d = json.loads(s)
+        return cls(
+            index=d["index"], shard_id=d["shard_id"], inputs=tuple(Input(a, b) for a, b in d["inputs"])
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessResult:
+    """Summary of one preprocessing run (the table's totals plus what this run did)."""
+
+    out_dir: str
+    """The token table directory."""
+    inputs: int
+    """Inputs of the table (= distinct sources written + error rows)."""
+    rows: int
+    """Records (samples) in the table."""
+    tokens: int
+    """Tokens over all records."""
+    errors: int
+    """Rejected inputs (rows of ``_errors.parquet``)."""
+    bytes: int
+    """Bytes of the shards written."""
+    input_bytes: int
+    """Bytes of the raw inputs."""
+    shards: int
+    """Shards planned."""
+    skipped_shards: int
+    """Shards already committed by an earlier run and not redone."""
+    seconds: float
+    """Wall time of this run."""
+    throughput: float
+    """Inputs processed per second by this run (0 when nothing was to be done)."""
+    first_shard_seconds: float = 0.0
+    """Wall time until this run's first shard committed (Ray start-up, actor start-up, one shard)."""
+    already_done: bool = False
+    """True when the table was already finished with the same config and inputs."""
+
+    def summary(self) -> str:
+        """One line: inputs, rows, tokens, errors, bytes, throughput."""
+        if self.already_done:
+            return (
+                f"{self.out_dir}: already finished with this config ({self.inputs} inputs, {self.rows} rows, "
+                f"{self.tokens} tokens, {self.errors} errors, {_mb(self.bytes)}); nothing to do"
+            )
+        skipped = f", {self.skipped_shards}/{self.shards} shards resumed" if self.skipped_shards else ""
+        return (
+            f"{self.inputs} inputs = {self.inputs - self.errors} written + {self.errors} errors; "
+            f"{self.rows} rows, {self.tokens} tokens, {_mb(self.bytes)} written, {self.throughput:.1f} inputs/s "
+            f"({_mb(self.input_bytes)} read, {self.seconds:.1f} s{skipped})"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_key(fingerprint: str, artifacts_digest: str) -> str:
+    """What besides its inputs names a shard: the tokenizer fingerprint and its fitted artifacts."""
+    return f"{fingerprint}:{artifacts_digest}"
+
+
+def plan_shards(inputs: Sequence[Input], key: str, shard_size: int = DEFAULT_SHARD_SIZE) -> list[ShardSpec]:
+    """Cut sorted ``inputs`` into shards of ``shard_size``; ids hash each shard's inputs with ``key``
+    (the tokenizer fingerprint plus artifacts digest), so equal inputs and config give equal plans."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    ordered = sorted(inputs, key=lambda i: i.source)
+    out = []
+    for index, start in enumerate(range(0, len(ordered), shard_size)):
+        chunk = tuple(ordered[start : start + shard_size])
+        sid = _digest({"key": key, "inputs": [[i.source, i.label] for i in chunk]})
+        out.append(ShardSpec(index=index, shard_id=sid, inputs=chunk))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker side: one shard
+# ---------------------------------------------------------------------------------------------
+def _tokenize_one(tokenizer: Tokenizer, item: Input, spec: tables.TableSpec) -> list[Record]:
+    """read + tokenize one input, labels applied, records validated; raise TokenizeError otherwise."""
+    try:
+        records = tokenizer(item.source)
+    except TokenizeError:
+        raise
+    except Exception as e:  # a decoder crash or tokenizer bug on one input must not kill the job
+        raise _Rejected(item.source, "internal", f"{type(e).__name__}: {e}") from e
+    if not records:
+        raise TokenizeError(item.source, "empty", "the tokenizer produced no samples")
+    out = []
+    for r in records:
+        if item.label is not None:
+            r = dataclasses.replace(r, label=item.label)
+        try:
+            tables.validate_record(r, spec)
+        except tables.TableError as e:
+            raise TokenizeError(item.source, "invalid", str(e)) from e
+        out.append(r)
+    return out
+
+
+class _Rejected(Exception):
+    """An unexpected exception on one input, carried as an error row with kind ``internal``."""
+
+    def __init__(self, source: str, kind: str, reason: str) -> None:
+        super().__init__(f"{source}: {kind}: {reason}")
+        self.source, self.kind, self.reason = source, kind, reason
+
+
+def tokenize_shard(
+    tokenizer: Tokenizer, shard: ShardSpec, out_dir: str, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Tokenize every input of ``shard``, write the shard file atomically, then its commit record.
+
+    Returns the commit record: {shard_id, index, fingerprint, shard ({name, rows, bytes, sha256,
+    inputs}) or None when every input failed, sources (inputs written), errors ([source, kind,
+    message] rows), tokens, input_bytes, seconds}.
+    """
+    t0 = time.perf_counter()
+    spec = tables.spec_from_meta(meta)
+    records: list[Record] = []
+    written: list[str] = []
+    errors: list[list[str]] = []
+    input_bytes = 0
+    for item in shard.inputs:
+        try:
+            input_bytes += _size(item.source)
+            records.extend(_tokenize_one(tokenizer, item, spec))
+            written.append(item.source)
+        except (TokenizeError, _Rejected) as e:
+            log.debug("rejected %s: %s: %s", e.source, e.kind, e.reason)
+            errors.append([item.source, e.kind, e.reason])
+    info = None
+    if records:
+        table = tables.records_to_arrow(records, spec, meta)
+        info = tables.write_shard(os.path.join(out_dir, shard.name), table)
+        info["inputs"] = len(written)
+    commit = {
+        "shard_id": shard.shard_id,
+        "index": shard.index,
+        "fingerprint": meta["fingerprint"],
+        "shard": info,
+        "sources": written,
+        "errors": errors,
+        "tokens": int(sum(r.num_tokens for r in records)),
+        "input_bytes": input_bytes,
+        "seconds": time.perf_counter() - t0,
+    }
+    tables.atomic_write_bytes(_commit_path(out_dir, shard.shard_id), json.dumps(commit).encode())
+    return commit
+
+
+def _size(path: str) -> int:
+    try:
+        if os.path.isdir(path):
+            return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _commit_path(out_dir: str, shard_id: str) -> str:
+    return os.path.join(out_dir, COMMITS, f"{shard_id}.json")
+
+
+def build_tokenizer(
+    modality: str, config: Any, imports: Sequence[str] = (), artifacts_dir: str | None = None
+) -> Tokenizer:
+    """Import plug-in modules, build the tokenizer, load its artifacts (the same on driver and workers)."""
+    for m in imports:
+        importlib.import_module(m)
+    tok = get_tokenizer(modality, config)
+    if artifacts_dir and os.path.isdir(artifacts_dir):
+        tok.load_artifacts(artifacts_dir)
+    return tok
+
+
+class TokenizeShardActor:
+    """Ray Data actor: builds the tokenizer once, then tokenizes one shard spec per call."""
+
+    def __init__(
+        self,
+        *,
+        modality: str,
+        config: dict[str, Any],
+        imports: Sequence[str],
+        artifacts_dir: str | None,
+        out_dir: str,
+        meta: dict[str, Any],
+    ) -> None:
+        self.tokenizer = build_tokenizer(modality, config, imports, artifacts_dir)
+        self.out_dir = out_dir
+        self.meta = meta
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        commits = [
+            json.dumps(tokenize_shard(self.tokenizer, ShardSpec.from_json(s), self.out_dir, self.meta))
+            for s in batch["spec"]
+        ]
+        return {"commit": np.array(commits, dtype=object)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
+def _as_inputs(
+    inputs: InputSet | Sequence[Input] | Sequence[str],
+) -> tuple[list[Input], tuple[str, ...] | None]:
+    if isinstance(inputs, InputSet):
+        items, names = list(inputs.inputs), inputs.label_names
+    else:
+        items = [i if isinstance(i, Input) else Input(os.path.abspath(str(i))) for i in inputs]
+        names = None
+    if not items:
+        raise ValueError("the input set is empty")
+    seen: set[str] = set()
+    for i in items:
+        if i.source in seen:
+            raise ValueError(f"{i.source}: listed twice in the inputs")
+        seen.add(i.source)
+    return sorted(items, key=lambda i: i.source), names
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _clear(out_dir: str) -> None:
+    """Remove what a preprocessing job writes (and nothing else) from ``out_dir``."""
+    for name in (tables.MANIFEST, tables.ERRORS):
+        p = os.path.join(out_dir, name)
+        if os.path.exists(p):
+            os.unlink(p)
+    for name in (COMMITS, tables.ARTIFACTS):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    for p in glob.glob(os.path.join(out_dir, "part-*.parquet")) + glob.glob(os.path.join(out_dir, ".tmp-*")):
+        os.unlink(p)
+
+
+def artifacts_digest(directory: str) -> str:
+    """Hash of the files under ``directory`` (the tokenizer artifacts); stable when it is absent."""
+    h = hashlib.sha256()
+    if os.path.isdir(directory):
+        for root, dirs, files in os.walk(directory):
+            dirs.sort()
+            for f in sorted(files):
+                p = os.path.join(root, f)
+                h.update(os.path.relpath(p, directory).encode())
+                with open(p, "rb") as fh:
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def preprocess(
+    inputs: InputSet | Sequence[Input] | Sequence[str],
+    modality: str,
+    config: Any = None,
+    out_dir: str = "",
+    *,
+    address: str | None = None,
+    num_workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    object_store_memory: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    max_error_rate: float | None = None,
+    label_names: Sequence[str] | None = None,
+    imports: Sequence[str] = (),
+    progress: bool = True,
+) -> PreprocessResult:
+    """Tokenize ``inputs`` with tokenizer ``modality`` (``config``: dataclass, dict or None) into the
+    token table ``out_dir``, on an embedded local Ray or the cluster at ``address``/``RAY_ADDRESS``.
+
+    ``label_names`` overrides the input set's (or the tokenizer's) class names; ``imports`` names
+    modules to import first on the driver and every worker (plug-in tokenizers). Raises
+    TableConflictError (another config/input set in ``out_dir`` and not ``overwrite``),
+    PreprocessError (error rate above ``max_error_rate``; committed shards are kept for a rerun),
+    ValueError for an empty input set or a bad config, and RegistryError for an unknown modality.
+    """
+    t0 = time.perf_counter()
+    if not out_dir:
+        raise ValueError("out_dir is required")
+    if max_error_rate is not None and not 0.0 <= max_error_rate <= 1.0:
+        raise ValueError(f"max_error_rate must lie in [0, 1], got {max_error_rate}")
+    items, names = _as_inputs(inputs)
+    for m in imports:
+        importlib.import_module(m)
+    TOKENIZERS.get(modality)  # unknown modality -> RegistryError before any work
+    tokenizer = build_tokenizer(modality, config)
+    fingerprint = tokenizer.fingerprint()
+    if label_names is None:
+        label_names = names
+    inputs_digest = _digest({"inputs": [[i.source, i.label] for i in items], "label_names": label_names})
+    out_dir = os.path.abspath(out_dir)
+    commits_dir = os.path.join(out_dir, COMMITS)
+    artifacts_dir = os.path.join(out_dir, tables.ARTIFACTS)
+
+    # ---- state of out_dir: finished table, partial job, or nothing ------------------------------
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        ours = os.path.exists(os.path.join(out_dir, tables.MANIFEST)) or os.path.isdir(commits_dir)
+        if not ours:
+            raise TableConflictError(
+                f"{out_dir}: exists, is not empty and is not a token table; choose another --out"
+            )
+    if overwrite and os.path.isdir(out_dir):
+        _clear(out_dir)
+    if os.path.exists(os.path.join(out_dir, tables.MANIFEST)):
+        manifest = tables.read_manifest(out_dir)
+        same = (
+            manifest.meta.get("fingerprint") == fingerprint
+            and manifest.extra.get("inputs_digest") == inputs_digest
+        )
+        if not same:
+            what = "config" if manifest.meta.get("fingerprint") != fingerprint else "input set"
+            raise TableConflictError(
+                f"{out_dir}: holds a finished table built with another {what}; use overwrite (--overwrite) to replace it"
+            )
+        log.info("%s: already finished with this config; nothing to do", out_dir)
+        tot = manifest.totals
+        return PreprocessResult(
+            out_dir=out_dir, inputs=tot["inputs"], rows=tot["rows"], tokens=manifest.extra.get("tokens", 0),
+            errors=tot["errors"], bytes=sum(s["bytes"] for s in manifest.shards),
+            input_bytes=manifest.extra.get("input_bytes", 0), shards=manifest.extra.get("planned_shards", 0),
+            skipped_shards=manifest.extra.get("planned_shards", 0), seconds=time.perf_counter() - t0,
+            throughput=0.0, already_done=True,
+        )  # fmt: skip
+    state = _read_json(os.path.join(commits_dir, RUN_STATE))
+    if state is not None and state.get("fingerprint") != fingerprint:
+        raise TableConflictError(
+            f"{out_dir}: holds a partial job with another config (fingerprint {state.get('fingerprint')}, "
+            f"now {fingerprint}); use overwrite (--overwrite) to start over"
+        )
+    os.makedirs(commits_dir, exist_ok=True)
+
+    # ---- fit on the driver (corpus-level tokenizers); workers load the artifacts ----------------
+    if tokenizer.needs_fit:
+        if state is not None and state.get("inputs_digest") == inputs_digest and os.path.isdir(artifacts_dir):
+            tokenizer.load_artifacts(artifacts_dir)
+            log.info("reusing the fitted artifacts in %s", artifacts_dir)
+        else:
+            log.info("fitting the %s tokenizer on %d inputs", modality, len(items))
+            tokenizer.fit([i.source for i in items])
+            shutil.rmtree(artifacts_dir, ignore_errors=True)
+            tokenizer.save_artifacts(artifacts_dir)
+    else:
+        tokenizer.save_artifacts(artifacts_dir)
+    art_digest = artifacts_digest(artifacts_dir)
+    key = shard_key(fingerprint, art_digest)
+    spec = tokenizer.spec()
+    if label_names is None:
+        label_names = tokenizer.label_names()
+    meta = tables.table_meta(
+        spec, tokenizer=tokenizer.name, tokenizer_version=tokenizer.version, config=tokenizer.config_dict(),
+        fingerprint=fingerprint, label_names=label_names,
+    )  # fmt: skip
+    plan = plan_shards(items, key, shard_size)
+    tables.atomic_write_bytes(
+        os.path.join(commits_dir, RUN_STATE),
+        json.dumps({"fingerprint": fingerprint, "inputs_digest": inputs_digest, "artifacts_digest": art_digest,
+                    "modality": modality, "shards": len(plan), "inputs": len(items)}).encode(),
+    )  # fmt: skip
+
+    # ---- resume: shards with a commit record (and their file) are done ---------------------------
+    done: dict[str, dict[str, Any]] = {}
+    for sh in plan:
+        c = _read_json(_commit_path(out_dir, sh.shard_id))
+        if c is not None and _shard_intact(out_dir, c):
+            done[sh.shard_id] = c
+    todo = [sh for sh in plan if sh.shard_id not in done]
+    skipped = len(plan) - len(todo)
+    if skipped:
+        log.info("resuming: %d of %d shards already committed", skipped, len(plan))
+
+    # ---- map: Ray Data actor pool over the missing shards --------------------------------------
+    first = 0.0
+    if todo:
+        errors_so_far = sum(len(c["errors"]) for c in done.values())
+        limit = None if max_error_rate is None else max_error_rate * len(items)
+        started = init_ray(address, object_store_memory=object_store_memory)
+        try:
+            import ray.data
+            from tqdm import tqdm
+
+            res = resources(None if num_workers is None else min(num_workers, len(todo)), cpus_per_worker,
+                            gpus_per_worker, 1, object_store_memory, max_workers=len(todo))  # fmt: skip
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False  # ours below counts shards
+            ctx.print_on_execution_start = False
+            ds = ray.data.from_items([{"spec": sh.to_json()} for sh in todo], override_num_blocks=len(todo))
+            ds = ds.map_batches(
+                TokenizeShardActor,
+                fn_constructor_kwargs={
+                    "modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
+                    "artifacts_dir": artifacts_dir if os.path.isdir(artifacts_dir) else None,
+                    "out_dir": out_dir, "meta": meta,
+                },
+                **res.map_batches_kwargs(),
+            )  # fmt: skip
+            log.info("tokenizing %d shards with %d workers", len(todo), res.num_workers)
+            with tqdm(total=len(plan), initial=skipped, unit="shard", desc="preprocess", file=sys.stderr,
+                      disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
+                for row in ds.iter_rows():
+                    first = first or time.perf_counter() - t0
+                    c = json.loads(row["commit"])
+                    done[c["shard_id"]] = c
+                    errors_so_far += len(c["errors"])
+                    bar.update(1)
+                    bar.set_postfix(errors=errors_so_far)
+                    if limit is not None and errors_so_far > limit:
+                        break  # the rate can only grow: stop early, keep what is committed
+        finally:
+            shutdown_ray(started)
+
+    # ---- commit: accounting, errors, manifest (last) -------------------------------------------
+    errors = [e for sh in plan if sh.shard_id in done for e in done[sh.shard_id]["errors"]]
+    if max_error_rate is not None and len(errors) / len(items) > max_error_rate:
+        raise PreprocessError(
+            f"{out_dir}: {len(errors)} of {len(items)} inputs rejected ({len(errors) / len(items):.1%}), "
+            f"above --max-error-rate {max_error_rate:.1%}; {len(done)} committed shards kept; see {commits_dir}"
+        )
+    for sh in plan:  # commits written by the workers are the truth, whatever the driver received
+        c = _read_json(_commit_path(out_dir, sh.shard_id))
+        if c is None or not _shard_intact(out_dir, c):
+            raise PreprocessError(f"{out_dir}: shard {sh.index} ({sh.shard_id}) has no valid commit record")
+        done[sh.shard_id] = c
+    commits = [done[sh.shard_id] for sh in plan]
+    _check_accounting(plan, commits, out_dir)
+    rows = sum(c["shard"]["rows"] for c in commits if c["shard"])
+    tokens = sum(c["tokens"] for c in commits)
+    shard_infos = [c["shard"] for c in commits if c["shard"]]
+    input_bytes = sum(c["input_bytes"] for c in commits)
+    _write_errors(os.path.join(out_dir, tables.ERRORS), errors)
+    seconds = time.perf_counter() - t0
+    processed = sum(len(sh.inputs) for sh in todo)
+    manifest = tables.Manifest(
+        meta=meta,
+        shards=shard_infos,
+        totals={"inputs": len(items), "rows": rows, "errors": len(errors)},
+        extra={"inputs_digest": inputs_digest, "artifacts_digest": art_digest, "tokens": tokens,
+               "input_bytes": input_bytes, "planned_shards": len(plan), "shard_size": shard_size},
+    )  # fmt: skip
+    tables.write_manifest(out_dir, manifest)
+    _tidy(out_dir, {s["name"] for s in shard_infos})
+    result = PreprocessResult(
+        out_dir=out_dir, inputs=len(items), rows=rows, tokens=tokens, errors=len(errors),
+        bytes=sum(s["bytes"] for s in shard_infos), input_bytes=input_bytes, shards=len(plan),
+        skipped_shards=skipped, seconds=seconds, throughput=processed / seconds if processed else 0.0,
+        first_shard_seconds=first,
+    )  # fmt: skip
+    log.info("%s", result.summary())
+    return result
+
+
+def _write_errors(path: str, errors: Sequence[Sequence[str]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(tables.errors_to_arrow(tuple(e) for e in errors), sink, compression="zstd")
+    tables.atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _shard_intact(out_dir: str, commit: dict[str, Any]) -> bool:
+    """A commit record is valid when its shard file (if any) exists with the recorded size."""
+    info = commit.get("shard")
+    if info is None:
+        return True
+    p = os.path.join(out_dir, info["name"])
+    return os.path.isfile(p) and os.path.getsize(p) == info["bytes"]
+
+
+def _check_accounting(plan: Sequence[ShardSpec], commits: Sequence[dict[str, Any]], out_dir: str) -> None:
+    """inputs = distinct sources written + error rows, shard by shard and in total."""
+    total_written: set[str] = set()
+    n_err = 0
+    for sh, c in zip(plan, commits):
+        expected = {i.source for i in sh.inputs}
+        written, failed = set(c["sources"]), [e[0] for e in c["errors"]]
+        if len(written) != len(c["sources"]) or len(set(failed)) != len(failed) or written & set(failed):
+            raise PreprocessError(
+                f"{out_dir}: shard {sh.index}: an input is counted twice in its commit record"
+            )
+        if written | set(failed) != expected:
+            raise PreprocessError(
+                f"{out_dir}: shard {sh.index}: commit record does not account for its inputs"
+            )
+        if total_written & written:
+            raise PreprocessError(f"{out_dir}: shard {sh.index}: a source appears in two shards")
+        total_written |= written
+        n_err += len(failed)
+    n_inputs = sum(len(sh.inputs) for sh in plan)
+    if len(total_written) + n_err != n_inputs:
+        raise PreprocessError(
+            f"{out_dir}: accounting failed: {len(total_written)} sources written + {n_err} errors != {n_inputs} inputs"
+        )
+
+
+def _tidy(out_dir: str, keep: set[str]) -> None:
+    """After the manifest: drop commit records, temp files and shard files the manifest does not list."""
+    shutil.rmtree(os.path.join(out_dir, COMMITS), ignore_errors=True)
+    for p in glob.glob(os.path.join(out_dir, ".tmp-*")):
+        os.unlink(p)
+    for p in glob.glob(os.path.join(out_dir, "part-*.parquet")):
+        if os.path.basename(p) not in keep:
+            os.unlink(p)

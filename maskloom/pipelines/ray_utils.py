@@ -1,0 +1,157 @@
+"""Ray at the edge: starting/connecting Ray and the resource settings of a job, built in one place.
+
+Embedded default: with no address (no ``address`` argument and no ``RAY_ADDRESS``), a private
+local Ray is started in-process (``ray.init(address="local")``) so that a job never silently
+attaches to a stale cluster left running on the machine. With an address (``--address`` or
+``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver) it connects to that cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayResources:
+    """Resource settings of one Ray Data actor-pool stage."""
+
+    num_workers: int
+    """Actors in the pool (tokenizer instances working in parallel)."""
+    cpus_per_worker: float
+    """CPUs reserved by each actor."""
+    gpus_per_worker: float
+    """GPUs reserved by each actor (0 on CPU-only machines)."""
+    batch_size: int
+    """Rows handed to one actor call (one shard spec per call for preprocessing)."""
+    object_store_memory: int | None
+    """Bytes of the object store of an embedded Ray; None lets Ray choose (30% of RAM)."""
+
+    def map_batches_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Dataset.map_batches(ActorClass, **kwargs)``."""
+        import ray.data
+
+        kw: dict[str, Any] = {
+            "compute": ray.data.ActorPoolStrategy(size=self.num_workers),
+            "batch_size": self.batch_size,
+            "num_cpus": self.cpus_per_worker,
+        }
+        if self.gpus_per_worker:
+            kw["num_gpus"] = self.gpus_per_worker
+        return kw
+
+
+def _available(kind: str) -> float:
+    """CPUs or GPUs of the connected Ray cluster, or of this machine when Ray is not running."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get(kind, 0.0))
+    if kind == "CPU":
+        try:
+            return float(len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - macOS/Windows
+            return float(os.cpu_count() or 1)
+    return 0.0
+
+
+def resources(
+    num_workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    batch_size: int | None = None,
+    object_store_memory: int | None = None,
+    *,
+    max_workers: int | None = None,
+) -> RayResources:
+    """Resource settings with defaults derived from the cluster (or machine).
+
+    Defaults: one CPU and no GPU per worker, as many workers as the CPUs allow (at least one,
+    at most ``max_workers``, e.g. the number of shards), one row per call.
+    """
+    cpus = 1.0 if cpus_per_worker is None else float(cpus_per_worker)
+    gpus = 0.0 if gpus_per_worker is None else float(gpus_per_worker)
+    if cpus <= 0 or gpus < 0:
+        raise ValueError(f"cpus_per_worker must be > 0 and gpus_per_worker >= 0, got {cpus}, {gpus}")
+    if num_workers is None:
+        n = int(_available("CPU") // cpus)
+        if gpus:
+            n = min(n, int(_available("GPU") // gpus))
+        num_workers = max(1, n)
+        if max_workers is not None:
+            num_workers = max(1, min(num_workers, max_workers))
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    bs = 1 if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1, got {bs}")
+    return RayResources(
+        num_workers=int(num_workers),
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+        batch_size=bs,
+        object_store_memory=object_store_memory,
+    )
+
+
+def resolve_address(address: str | None = None) -> str:
+    """The address to connect to: ``address``, else ``RAY_ADDRESS``, else ``"local"`` (embedded)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    object_store_memory: int | None = None,
+    include_dashboard: bool | None = False,
+    runtime_env: dict[str, Any] | None = None,
+    quiet: bool = True,
+) -> bool:
+    """Start or connect to Ray; return True when this call did it (so the caller shuts it down).
+
+    Already initialised -> reuse (returns False). ``address`` None and no ``RAY_ADDRESS`` -> a new
+    local Ray with ``num_cpus``/``num_gpus``/``object_store_memory``; otherwise connect to the
+    cluster (those three are the cluster's business and are ignored). ``include_dashboard`` stays
+    available (Ray Train wants it). A cluster with token authentication needs
+    ``RAY_AUTH_MODE=token`` and the cluster's token (``~/.ray/auth_token``) in the environment.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    target = resolve_address(address)
+    kw: dict[str, Any] = {
+        "address": target,
+        "include_dashboard": include_dashboard,
+        "logging_level": logging.WARNING if quiet else logging.INFO,
+        "log_to_driver": True,
+        "runtime_env": runtime_env,
+    }
+    if target == "local":
+        kw.update(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_memory)
+        log.info("starting an embedded local Ray (num_cpus=%s)", num_cpus)
+    else:
+        if num_cpus is not None or num_gpus is not None or object_store_memory is not None:
+            log.info("connecting to %s: num_cpus/num_gpus/object_store_memory are the cluster's", target)
+        log.info("connecting to the Ray cluster at %s", target)
+    ray.init(**kw)
+    if quiet:
+        import ray.data  # noqa: F401  (configures its loggers on import; quiet them afterwards)
+
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    return True
+
+
+def shutdown_ray(started: bool) -> None:
+    """Shut Ray down if ``init_ray`` started it (``started`` is its return value)."""
+    import ray
+
+    if started and ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,215 @@
+"""Find the inputs of a preprocessing job and their labels.
+
+Inputs come from a directory (walked recursively, filtered by the tokenizer's extensions, sorted),
+a glob pattern, or a manifest file (CSV or JSONL with a ``path`` column and an optional ``label``
+column). A tokenizer that declares no extensions (``Tokenizer.extensions == ()``, e.g. a folder of
+TU-format graph files) takes the given path itself as its one source; ``as_one_source=True`` asks
+for the same with any tokenizer.
+
+Labels come from the parent folder name (``labels="folder"``, the ImageFolder convention), a
+regular expression with a named group ``label`` applied to the file name (``labels="regex"``), the
+manifest's ``label`` column, or nowhere (``labels="none"``: the dataset files themselves may carry
+labels, see ``Tokenizer.label_names``). Label names are sorted deterministically (numerically when
+every name is an integer) and their index is the class id stored in the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+LabelMode = Literal["auto", "none", "folder", "regex", "manifest"]
+LABEL_MODES = ("auto", "none", "folder", "regex", "manifest")
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+class SourceError(ValueError):
+    """A user mistake in naming the inputs (missing path, empty input set, bad manifest or regex)."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a preprocessing job."""
+
+    source: str
+    """Absolute path of the file (or directory, for tokenizers that read folders)."""
+    label: int | None = None
+    """Class index into ``InputSet.label_names``, or None (no label, or labels inside the file)."""
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """The sorted, de-duplicated inputs of a job and the names of their labels."""
+
+    inputs: tuple[Input, ...]
+    """Inputs sorted by source."""
+    label_names: tuple[str, ...] | None
+    """Class names indexed by ``Input.label``; None when the inputs carry no labels."""
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def _sort_names(names: set[str]) -> tuple[str, ...]:
+    """Deterministic label order: numeric when every name is an integer, else lexicographic."""
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return tuple(sorted(names, key=int))
+    return tuple(sorted(names))
+
+
+def _has_ext(path: str, extensions: Sequence[str]) -> bool:
+    low = path.lower()
+    return any(low.endswith(e.lower()) for e in extensions)
+
+
+def _walk(directory: str, extensions: Sequence[str]) -> list[str]:
+    """Files under ``directory`` (recursive, hidden entries skipped) with one of ``extensions``."""
+    out = []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(os.path.join(root, f) for f in files if not f.startswith(".") and _has_ext(f, extensions))
+    return out
+
+
+def _expand(path: str, extensions: Sequence[str], as_one_source: bool) -> list[str]:
+    """One user-given path or glob -> source paths."""
+    takes_dirs = as_one_source or not extensions
+    if glob.has_magic(path):
+        matches = glob.glob(path, recursive=True)
+        found = [m for m in matches if os.path.isfile(m) or (takes_dirs and os.path.isdir(m))]
+        if not found:
+            raise SourceError(f"{path}: the pattern matches no input")
+        return found
+    if not os.path.exists(path):
+        raise SourceError(f"{path}: no such file or directory")
+    if os.path.isdir(path) and not takes_dirs:
+        return _walk(path, extensions)
+    return [path]
+
+
+def _read_manifest(path: str) -> list[tuple[str, str | None]]:
+    """(path, label or None) rows of a CSV or JSONL manifest; relative paths are relative to it."""
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: no such manifest file")
+    base = os.path.dirname(os.path.abspath(path))
+    rows: list[dict] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.lower().endswith(".csv"):
+                rows = list(csv.DictReader(f))
+            else:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise SourceError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+                        if not isinstance(row, dict):
+                            raise SourceError(f"{path}:{n}: each line must be a JSON object with a 'path'")
+                        rows.append(row)
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}: manifest is not UTF-8 text ({e.reason})") from None
+    out = []
+    for n, row in enumerate(rows, 1):
+        p = row.get("path")
+        if not p:
+            raise SourceError(f"{path}: entry {n} has no 'path' (columns: {sorted(row)})")
+        label = row.get("label")
+        label = None if label is None or str(label) == "" else str(label)
+        out.append((p if os.path.isabs(p) else os.path.join(base, p), label))
+    return out
+
+
+def find_inputs(
+    paths: str | Sequence[str],
+    *,
+    extensions: Sequence[str] = (),
+    labels: LabelMode = "auto",
+    label_regex: str | None = None,
+    manifest: bool = False,
+    as_one_source: bool = False,
+) -> InputSet:
+    """Resolve user-given paths into a sorted :class:`InputSet`.
+
+    paths:          directories, files or glob patterns (or manifest files with ``manifest=True``).
+    extensions:     file extensions kept when walking a directory (the tokenizer's ``extensions``);
+                    empty means the given path itself is the one source.
+    labels:         where labels come from: auto (the manifest's label column when it has one, else
+                    none), none, folder (parent directory name), regex (named group
+                    ``label`` of ``label_regex`` searched in the file name), manifest (its column).
+    as_one_source:  take every given path (a directory too) as one source, without walking it.
+
+    Raises SourceError for a missing path, a pattern matching nothing, an empty input set, a file
+    whose label cannot be found, or a bad manifest.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise SourceError("no input paths given")
+    if labels not in LABEL_MODES:
+        raise SourceError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    if labels == "manifest" and not manifest:
+        raise SourceError("labels='manifest' needs a manifest file as input")
+    pattern = None
+    if labels == "regex":
+        if not label_regex:
+            raise SourceError("labels='regex' needs a label regex with a named group 'label'")
+        try:
+            pattern = re.compile(label_regex)
+        except re.error as e:
+            raise SourceError(f"label regex {label_regex!r}: {e}") from None
+        if "label" not in pattern.groupindex:
+            raise SourceError(
+                f"label regex {label_regex!r} has no named group 'label', e.g. (?P<label>\\d+)_"
+            )
+
+    named: dict[str, str | None] = {}  # absolute source -> label name
+    for p in paths:
+        if manifest:
+            entries = _read_manifest(p)
+            if not entries:
+                raise SourceError(f"{p}: the manifest lists no inputs")
+            for src, lab in entries:
+                if not os.path.exists(src):
+                    raise SourceError(f"{src}: no such file or directory (listed in {p})")
+                named[os.path.abspath(src)] = lab
+            continue
+        found = _expand(p, extensions, as_one_source)
+        if not found:
+            raise SourceError(f"{p}: no input files with extension {', '.join(extensions)}")
+        for src in found:
+            named[os.path.abspath(src)] = None
+
+    if not named:
+        raise SourceError("the input set is empty")
+    if labels == "auto":
+        labels = "manifest" if manifest and any(lab is not None for lab in named.values()) else "none"
+    if labels == "none":
+        named = dict.fromkeys(named)
+    elif labels == "folder":
+        named = {s: os.path.basename(os.path.dirname(s)) for s in named}
+    elif labels == "regex":
+        assert pattern is not None
+        for s in named:
+            m = pattern.search(os.path.basename(s))
+            if m is None or m.group("label") is None:
+                raise SourceError(f"{s}: file name does not match the label regex {label_regex!r}")
+            named[s] = m.group("label")
+    elif labels == "manifest":
+        missing = [s for s, lab in named.items() if lab is None]
+        if missing:
+            raise SourceError(
+                f"{missing[0]}: no label in the manifest (labels='manifest' needs one per entry)"
+            )
+
+    names = {lab for lab in named.values() if lab is not None}
+    label_names = _sort_names(names) if names else None
+    index = {n: i for i, n in enumerate(label_names or ())}
+    inputs = tuple(Input(s, None if named[s] is None else index[named[s]]) for s in sorted(named))
+    return InputSet(inputs=inputs, label_names=label_names)

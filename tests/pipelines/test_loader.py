@@ -1,0 +1,427 @@
+"""The training loader: exact batches, padding, bucketing, shuffling, DDP shards, resume, mixing, workers."""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from maskloom import tables
+from maskloom.pipelines.loader import (
+    LoaderConfig,
+    TokenLoader,
+    collate_fn,
+    plan_stream,
+    ray_dataset,
+    table_lengths,
+)
+from maskloom.tokenizers.base import Record, TableSpec, Tokenizer, register_tokenizer
+
+
+@register_tokenizer("loader_test_vec")
+class VecTokenizer(Tokenizer):
+    """Continuous toy tokens: token t of sample i is [1000 i + 10 t + d for d < dim]."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config:
+        dim: int = 2
+        """token width"""
+
+    def spec(self):
+        return TableSpec(
+            modality="loader_test_vec",
+            token_kind="continuous",
+            token_dim=self.config.dim,
+            token_dtype="float32",
+            position_axes=("index",),
+            position_kind="grid",
+        )
+
+    def read(self, source):
+        return source
+
+    def tokenize(self, raw, *, source=""):
+        return []
+
+    def detokenize(self, record):
+        return record.tokens
+
+
+@register_tokenizer("loader_test_ids")
+class IdsTokenizer(Tokenizer):
+    """Discrete toy tokens with optional graph-like edges."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Config:
+        vocab: int = 10000
+        """vocabulary size"""
+
+    def spec(self):
+        return TableSpec(
+            modality="loader_test_ids",
+            token_kind="discrete",
+            token_dim=1,
+            token_dtype="int32",
+            position_axes=("a", "b"),
+            position_kind="spectral",
+            vocab_size=self.config.vocab,
+        )
+
+    def read(self, source):
+        return source
+
+    def tokenize(self, raw, *, source=""):
+        return []
+
+    def detokenize(self, record):
+        return record.tokens
+
+
+def vec_record(i, n, dim=2, label=None):
+    t = np.arange(n)[:, None] * 10 + np.arange(dim)[None, :] + 1000 * i
+    return Record(
+        id=f"s{i}",
+        source=f"f{i}",
+        tokens=t.astype(np.float32),
+        positions=np.arange(n, dtype=np.float32)[:, None],
+        label=label,
+        meta={"i": i},
+    )
+
+
+def ids_record(i, n, edges=None):
+    return Record(
+        id=f"g{i}",
+        source=f"g{i}",
+        tokens=(np.arange(n) + 100 * i).astype(np.int32),
+        positions=np.stack([np.arange(n), -np.arange(n)], 1).astype(np.float32),
+        edges=None if edges is None else np.asarray(edges, np.int32),
+        label=i % 2,
+    )
+
+
+def make_vec(tmp_path, lengths, name="vec", rows_per_shard=4096, labels=None):
+    recs = [vec_record(i, n, label=None if labels is None else labels[i]) for i, n in enumerate(lengths)]
+    return tables.write_table(
+        str(tmp_path / name), recs, VecTokenizer(), rows_per_shard=rows_per_shard
+    ).directory
+
+
+def ids_of(loader):
+    return [b.ids for b in loader]
+
+
+def padded_and_real(loader):
+    pad = real = 0
+    for b in loader:
+        pad += int(b.padding.sum())
+        real += int((~b.padding).sum())
+    return pad, real
+
+
+# ---------------------------------------------------------------------------------------------
+def test_exact_batch_contents_and_padding(tmp_path):
+    d = make_vec(tmp_path, [3, 1, 2], labels=[2, None, 0])
+    (batch,) = list(TokenLoader(d, batch_size=3, shuffle=False, bucket=False))
+    assert batch.modality == "loader_test_vec" and batch.ids == ["s0", "s1", "s2"]
+    assert batch.tokens.dtype == torch.float32 and batch.tokens.shape == (3, 3, 2)
+    expected = torch.tensor(
+        [
+            [[0, 1], [10, 11], [20, 21]],
+            [[1000, 1001], [0, 0], [0, 0]],
+            [[2000, 2001], [2010, 2011], [0, 0]],
+        ],
+        dtype=torch.float32,
+    )
+    assert torch.equal(batch.tokens, expected)
+    assert batch.padding.tolist() == [[False, False, False], [False, True, True], [False, False, True]]
+    assert batch.positions.dtype == torch.float32
+    assert batch.positions[..., 0].tolist() == [[0, 1, 2], [0, 0, 0], [0, 1, 0]]
+    assert batch.labels.dtype == torch.int64 and batch.labels.tolist() == [2, -1, 0]
+    assert batch.edges is None
+    assert batch.meta == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert batch.lengths.tolist() == [3, 1, 2]
+
+
+def test_discrete_tokens_and_edges(tmp_path):
+    recs = [ids_record(0, 3, [[0, 1], [1, 2]]), ids_record(1, 2), ids_record(2, 1, [[0, 0]])]
+    d = tables.write_table(str(tmp_path / "ids"), recs, IdsTokenizer()).directory
+    (b,) = list(TokenLoader(d, batch_size=3, shuffle=False, bucket=False, with_meta=False))
+    assert b.tokens.dtype == torch.int64 and b.tokens.tolist() == [[0, 1, 2], [100, 101, 0], [200, 0, 0]]
+    assert b.positions.shape == (3, 3, 2) and b.positions[0, 2].tolist() == [2.0, -2.0]
+    assert b.edges.dtype == torch.int64
+    assert b.edges.tolist() == [[[0, 1], [1, 2]], [[-1, -1], [-1, -1]], [[0, 0], [-1, -1]]]
+    assert b.labels.tolist() == [0, 1, 0] and b.meta == []
+
+
+def test_table_lengths_from_offsets(tmp_path):
+    d = make_vec(tmp_path, [3, 1, 2, 7, 5], rows_per_shard=2)
+    assert table_lengths(d).tolist() == [3, 1, 2, 7, 5]
+
+
+def test_bucketing_without_shuffle_sorts_within_pool(tmp_path):
+    d = make_vec(tmp_path, [3, 1, 2, 5, 4, 1])
+    got = ids_of(TokenLoader(d, batch_size=2, shuffle=False, bucket=True))
+    assert got == [["s1", "s5"], ["s2", "s0"], ["s4", "s3"]]
+    # pools of bucket_window * batch_size = 2 rows: sorting only inside each pool
+    got = ids_of(TokenLoader(d, batch_size=2, shuffle=False, bucket=True, bucket_window=1))
+    assert got == [["s1", "s0"], ["s2", "s3"], ["s5", "s4"]]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_bucketing_reduces_padding_exactly(tmp_path, shuffle):
+    d = make_vec(tmp_path, [1, 9] * 8)  # 16 rows, 80 real tokens
+    plain = padded_and_real(TokenLoader(d, batch_size=2, shuffle=False, bucket=False))
+    assert plain == (64, 80)  # every batch is (1, 9): 8 padding of 18
+    bucketed = padded_and_real(TokenLoader(d, batch_size=2, shuffle=shuffle, bucket=True, seed=3))
+    assert bucketed == (0, 80)
+
+
+def test_max_tokens_caps_padded_tokens(tmp_path):
+    lengths = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 3
+    d = make_vec(tmp_path, lengths)
+    loader = TokenLoader(d, batch_size=8, max_tokens=20, seed=1)
+    batches = list(loader)
+    assert all(b.batch_size * b.seq_len <= 20 for b in batches)
+    assert all(b.batch_size <= 8 for b in batches)
+    assert sorted(i for b in batches for i in b.ids) == sorted(f"s{i}" for i in range(30))
+
+
+def test_drop_last(tmp_path):
+    d = make_vec(tmp_path, [2] * 7)
+    assert [len(x) for x in ids_of(TokenLoader(d, batch_size=3, shuffle=False))] == [3, 3, 1]
+    assert [len(x) for x in ids_of(TokenLoader(d, batch_size=3, shuffle=False, drop_last=True))] == [3, 3]
+
+
+def test_shuffle_deterministic_by_seed_and_epoch(tmp_path):
+    d = make_vec(tmp_path, [(i * 7) % 11 + 1 for i in range(40)], rows_per_shard=8)  # 5 shards
+
+    def epoch_ids(seed, epoch):
+        loader = TokenLoader(d, batch_size=4, seed=seed)
+        loader.set_epoch(epoch)
+        return ids_of(loader)
+
+    a = epoch_ids(0, 0)
+    assert a == epoch_ids(0, 0)
+    assert a != epoch_ids(0, 1)
+    assert a != epoch_ids(1, 0)
+    for e in (a, epoch_ids(0, 1)):  # every epoch covers every row exactly once
+        assert sorted(i for b in e for i in b) == sorted(f"s{i}" for i in range(40))
+
+
+def test_iterating_to_the_end_advances_the_epoch(tmp_path):
+    d = make_vec(tmp_path, [2, 3, 4, 5, 6, 7])
+    loader = TokenLoader(d, batch_size=2, seed=5)
+    first = ids_of(loader)
+    assert loader.epoch == 1 and loader.state_dict()["position"] == 0
+    fresh = TokenLoader(d, batch_size=2, seed=5)
+    fresh.set_epoch(1)
+    assert ids_of(loader) == ids_of(fresh)
+    loader.set_epoch(0)
+    assert ids_of(loader) == first
+
+
+@pytest.mark.parametrize("world_size,rows", [(2, 20), (3, 20)])
+def test_rank_shards_disjoint_equal_and_covering(tmp_path, world_size, rows):
+    d = make_vec(tmp_path, [i % 5 + 1 for i in range(rows)], rows_per_shard=6)
+    full = ids_of(TokenLoader(d, batch_size=2, seed=2))  # 10 batches
+    per_rank = [
+        ids_of(TokenLoader(d, batch_size=2, seed=2, rank=r, world_size=world_size)) for r in range(world_size)
+    ]
+    k = len(full) // world_size
+    assert [len(p) for p in per_rank] == [k] * world_size
+    flat = [tuple(b) for p in per_rank for b in p]
+    assert len(set(flat)) == len(flat)  # disjoint batches
+    samples = [i for b in flat for i in b]
+    assert len(set(samples)) == len(samples)  # disjoint samples
+    # rank r's block is block r of the single-process epoch; the remainder (10 % 3 = 1) is dropped
+    assert flat == [tuple(b) for b in full[: k * world_size]]
+
+
+def test_resume_mid_epoch_yields_exactly_the_rest(tmp_path):
+    d = make_vec(tmp_path, [(i * 5) % 9 + 1 for i in range(30)], rows_per_shard=7)
+    full_loader = TokenLoader(d, batch_size=3, seed=4)
+    full_loader.set_epoch(2)
+    full = list(full_loader)
+    loader = TokenLoader(d, batch_size=3, seed=4)
+    loader.set_epoch(2)
+    it = iter(loader)
+    seen = [next(it) for _ in range(4)]
+    state = loader.state_dict()
+    assert state["epoch"] == 2 and state["position"] == 4
+    resumed = TokenLoader(d, batch_size=3, seed=4)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 4
+    for a, b in zip(seen + rest, full):
+        assert a.ids == b.ids and torch.equal(a.tokens, b.tokens) and torch.equal(a.padding, b.padding)
+    assert resumed.epoch == 3
+    with pytest.raises(ValueError, match="seed"):
+        TokenLoader(d, batch_size=3, seed=5).load_state_dict(state)
+
+
+def test_num_workers_identical_in_order(tmp_path):
+    d = make_vec(tmp_path, [(i * 3) % 8 + 1 for i in range(26)], rows_per_shard=5)
+    ref = list(TokenLoader(d, batch_size=3, seed=7))
+    par = list(TokenLoader(d, batch_size=3, seed=7, num_workers=2))
+    assert [b.ids for b in par] == [b.ids for b in ref]
+    for a, b in zip(par, ref):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.positions, b.positions)
+        assert torch.equal(a.padding, b.padding) and torch.equal(a.labels, b.labels)
+
+
+def test_resume_with_workers(tmp_path):
+    d = make_vec(tmp_path, [(i * 3) % 8 + 1 for i in range(20)], rows_per_shard=5)
+    ref = ids_of(TokenLoader(d, batch_size=2, seed=7))
+    loader = TokenLoader(d, batch_size=2, seed=7, num_workers=2)
+    loader.load_state_dict({"epoch": 0, "position": 3})
+    assert ids_of(loader) == ref[3:]
+
+
+def test_multi_table_mixing_by_weights(tmp_path):
+    a = make_vec(tmp_path, [i % 4 + 1 for i in range(24)], name="a")
+    b = tables.write_table(
+        str(tmp_path / "b"), [ids_record(i, i % 3 + 1) for i in range(8)], IdsTokenizer()
+    ).directory
+
+    def run(rank=0, world_size=1):
+        loader = TokenLoader(
+            [a, b],
+            batch_size=2,
+            seed=9,
+            rank=rank,
+            world_size=world_size,
+            weights={"loader_test_vec": 3, "loader_test_ids": 1},
+            steps_per_epoch=40,
+        )
+        return [(x.modality, tuple(x.ids)) for x in loader]
+
+    first = run()
+    assert first == run() and len(first) == 40
+    mods = [m for m, _ in first]
+    assert all(all(i.startswith("s" if m == "loader_test_vec" else "g") for i in ids) for m, ids in first)
+    assert mods.count("loader_test_vec") > mods.count("loader_test_ids") > 0
+    # the ids stream (4 batches) is sampled about 10 times: it cycles through new permutations
+    assert mods.count("loader_test_ids") > 4
+    # DDP: every rank gets the same modality at every step, with disjoint batches
+    r0, r1 = run(0, 2), run(1, 2)
+    assert [m for m, _ in r0] == [m for m, _ in r1]
+
+
+def test_multi_table_without_weights_yields_every_batch_once(tmp_path):
+    a = make_vec(tmp_path, [i % 4 + 1 for i in range(10)], name="a")
+    a2 = make_vec(tmp_path, [2] * 4, name="a2")  # same modality: one stream with a
+    b = tables.write_table(
+        str(tmp_path / "b"), [ids_record(i, 2) for i in range(6)], IdsTokenizer()
+    ).directory
+    loader = TokenLoader([a, b, a2], batch_size=4, seed=1)
+    assert loader.modalities == ["loader_test_vec", "loader_test_ids"]
+    out = [(x.modality, x.ids) for x in loader]
+    assert sorted(i for m, ids in out if m == "loader_test_vec" for i in ids) == sorted(
+        [f"s{i}" for i in range(10)] + [f"s{i}" for i in range(4)]
+    )
+    assert sorted(i for m, ids in out if m == "loader_test_ids" for i in ids) == [f"g{i}" for i in range(6)]
+    assert len(out) == len(loader) == 4 + 2
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    d = make_vec(tmp_path, [2, 2])
+    with pytest.raises(tables.TableError, match="no such token table"):
+        TokenLoader(str(tmp_path / "nope"), batch_size=2)
+    with pytest.raises(ValueError, match="missing"):
+        TokenLoader(d, batch_size=2, weights={"other": 1})
+    with pytest.raises(ValueError, match="rank"):
+        TokenLoader(d, batch_size=2, rank=2, world_size=2)
+    with pytest.raises(TypeError, match="unknown option"):
+        TokenLoader(d, batch_sise=2)
+    wide = tables.write_table(
+        str(tmp_path / "wide"), [vec_record(0, 2, dim=3)], VecTokenizer({"dim": 3})
+    ).directory
+    with pytest.raises(tables.TableError, match="different token specs"):
+        TokenLoader([d, wide], batch_size=2)
+
+
+def test_plan_stream_is_pure():
+    lengths = np.array([5, 1, 4, 2, 3, 6, 2, 2])
+    cfg = LoaderConfig(batch_size=3, seed=1)
+    a = plan_stream(lengths, [3, 5], cfg, epoch=0)
+    assert [x.tolist() for x in a] == [x.tolist() for x in plan_stream(lengths, [3, 5], cfg, epoch=0)]
+    assert sorted(np.concatenate(a).tolist()) == list(range(8))
+
+
+@pytest.mark.slow
+def test_ray_dataset_collate(tmp_path):
+    ray = pytest.importorskip("ray")
+    d = make_vec(tmp_path, [3, 1, 2], labels=[2, None, 0])
+    t0 = time.time()
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        ds = ray_dataset(d)
+        batches = list(ds.iter_torch_batches(batch_size=3, collate_fn=collate_fn(d)))
+    finally:
+        ray.shutdown()
+    assert time.time() - t0 < 120
+    (b,) = batches
+    order = np.argsort(b.ids)
+    assert sorted(b.ids) == ["s0", "s1", "s2"]
+    assert b.tokens.shape == (3, 3, 2) and b.labels[order].tolist() == [2, -1, 0]
+    assert b.lengths[order].tolist() == [3, 1, 2]
+
+
+def test_collate_from_chunks_with_distinct_offsets():
+    from maskloom.pipelines.loader import _Chunk, collate
+
+    spec = VecTokenizer().spec()
+    # two rows of 2 and 1 tokens; positions stored with a leading unused entry (offsets shifted by 1)
+    c = _Chunk(
+        tok_off=np.array([0, 2, 3]),
+        tok=np.arange(6, dtype=np.float32).reshape(3, 2),
+        pos_off=np.array([1, 3, 4]),
+        pos=np.array([[9], [0], [1], [7]], np.float32),
+        edge_off=None,
+        edges=None,
+        labels=np.array([4, -1]),
+        ids=np.array(["a", "b"], object),
+        meta=np.array(['{"k": 1}', "{}"], object),
+    )
+    b = collate([(c, np.array([1, 0]), np.array([0, 1]))], spec)
+    assert b.ids == ["b", "a"] and b.labels.tolist() == [-1, 4] and b.meta == [{}, {"k": 1}]
+    assert b.tokens.tolist() == [[[4, 5], [0, 0]], [[0, 1], [2, 3]]]
+    assert b.positions[..., 0].tolist() == [[7, 0], [0, 1]]
+    assert b.padding.tolist() == [[False, True], [False, False]]
+
+
+def test_each_row_group_read_once_per_epoch(tmp_path, monkeypatch):
+    from maskloom.pipelines import loader as loader_mod
+
+    d = make_vec(tmp_path, [i % 6 + 1 for i in range(40)], rows_per_shard=4)  # 10 shards of one row group
+    loads = []
+    real_load = loader_mod._Reader._load
+    monkeypatch.setattr(
+        loader_mod._Reader, "_load", lambda self, s, g: loads.append(g) or real_load(self, s, g)
+    )
+    loader = TokenLoader(d, batch_size=3, seed=1, bucket_window=2)
+    list(loader)
+    assert sorted(loads) == list(range(10))
+    loads.clear()
+    list(TokenLoader(d, batch_size=3, seed=1, bucket_window=2, rank=1, world_size=2))
+    assert len(loads) == len(set(loads)) <= 6  # a rank reads about half of the row groups, each once
+
+
+def test_thread_prefetch_identical_in_order(tmp_path):
+    d = make_vec(tmp_path, [(i * 3) % 8 + 1 for i in range(26)], rows_per_shard=5)
+    ref = list(TokenLoader(d, batch_size=3, seed=7))
+    loader = TokenLoader(d, batch_size=3, seed=7, thread_prefetch=2)
+    got = list(loader)
+    assert [b.ids for b in got] == [b.ids for b in ref]
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(got, ref))
+    assert loader.epoch == 1
+    # stopping early and resuming still gives exactly the rest
+    it = iter(loader)
+    first = [next(it) for _ in range(2)]
+    del it
+    rest = list(loader)
+    again = TokenLoader(d, batch_size=3, seed=7)
+    again.set_epoch(1)
+    assert [b.ids for b in first + rest] == ids_of(again)

@@ -1,0 +1,310 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import ppkit_tokenizer  # noqa: F401  (registers the test tokenizer "ppkit_numbers")
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from maskloom import tables
+from maskloom.cli import main
+from maskloom.pipelines.preprocess import (
+    COMMITS,
+    ShardSpec,
+    TableConflictError,
+    artifacts_digest,
+    plan_shards,
+    preprocess,
+    shard_key,
+    tokenize_shard,
+)
+from maskloom.pipelines.ray_utils import init_ray, resources
+from maskloom.pipelines.sources import Input, find_inputs
+from maskloom.tokenizers.base import get_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOK = ppkit_tokenizer.NAME
+IMPORTS = ["ppkit_tokenizer"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One embedded Ray for the module; workers import the test tokenizer through PYTHONPATH."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = HERE + (os.pathsep + old if old else "")
+    started = init_ray(num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = old
+
+
+def make_data(root, n_a=5, n_b=4, bad=("b/bad.txt",)):
+    """a/f{i}.txt holds "i i+1" (2 tokens), b/g{i}.txt holds "i" (1 token); bad files hold words."""
+    for i in range(n_a):
+        os.makedirs(root / "a", exist_ok=True)
+        (root / "a" / f"f{i}.txt").write_text(f"{i} {i + 1}")
+    for i in range(n_b):
+        os.makedirs(root / "b", exist_ok=True)
+        (root / "b" / f"g{i}.txt").write_text(f"{i}")
+    for b in bad:
+        (root / b).write_text("not numbers")
+    return find_inputs(str(root), extensions=(".txt",), labels="folder")
+
+
+# ---- planning and one shard (no Ray) ---------------------------------------------------------
+def test_plan_is_deterministic_and_keyed_by_config():
+    inputs = [Input(f"/d/{c}.txt", k) for k, c in enumerate("edcba")]
+    p1 = plan_shards(inputs, "fp1", 2)
+    assert [[i.source for i in sh.inputs] for sh in p1] == [
+        ["/d/a.txt", "/d/b.txt"],
+        ["/d/c.txt", "/d/d.txt"],
+        ["/d/e.txt"],
+    ]
+    assert [sh.index for sh in p1] == [0, 1, 2]
+    assert plan_shards(list(reversed(inputs)), "fp1", 2) == p1
+    assert p1[1].name == f"part-00001-{p1[1].shard_id}.parquet" and len(p1[1].shard_id) == 16
+    p2 = plan_shards(inputs, "fp2", 2)
+    assert not {s.shard_id for s in p1} & {s.shard_id for s in p2}
+    relabeled = plan_shards([Input(i.source, 0) for i in inputs], "fp1", 2)
+    assert [s.shard_id == r.shard_id for s, r in zip(p1, relabeled)] == [False, False, True]  # e kept label 0
+    assert ShardSpec.from_json(p1[0].to_json()) == p1[0]
+
+
+def test_tokenize_shard_writes_shard_then_commit_with_error_rows(tmp_path):
+    found = make_data(tmp_path / "in", n_a=2, n_b=1)
+    tok = get_tokenizer(TOK, {"crash_on": "g0"})
+    meta = tables.table_meta(tok.spec(), tokenizer=TOK, tokenizer_version="1", config=tok.config_dict(),
+                             fingerprint=tok.fingerprint(), label_names=found.label_names)  # fmt: skip
+    (shard,) = plan_shards(found.inputs, "k", 10)
+    out = tmp_path / "out"
+    c = tokenize_shard(tok, shard, str(out), meta)
+    assert c == json.loads((out / COMMITS / f"{shard.shard_id}.json").read_text())
+    assert [os.path.basename(s) for s in c["sources"]] == ["f0.txt", "f1.txt"]
+    assert [(os.path.basename(s), k) for s, k, _ in c["errors"]] == [
+        ("bad.txt", "corrupt"),
+        ("g0.txt", "internal"),
+    ]
+    assert c["errors"][1][2] == "RuntimeError: boom"
+    assert c["tokens"] == 4 and c["shard"]["rows"] == 2 and c["shard"]["inputs"] == 2
+    t = pq.read_table(out / shard.name)
+    tables.validate_table(t)
+    assert t.column("label").to_pylist() == [0, 0]
+    assert [r.tokens.tolist() for r in tables.arrow_to_records(t)] == [[[0, 0], [1, 2]], [[1, 2], [2, 4]]]
+    assert os.listdir(out) == [COMMITS, shard.name] or sorted(os.listdir(out)) == sorted(
+        [COMMITS, shard.name]
+    )
+
+
+def test_resources_defaults_and_validation():
+    r = resources(max_workers=1)
+    assert r.num_workers == 1 and r.cpus_per_worker == 1.0 and r.gpus_per_worker == 0.0 and r.batch_size == 1
+    assert resources(3, 0.5).num_workers == 3
+    with pytest.raises(ValueError, match="num_workers must be >= 1"):
+        resources(0)
+    kw = resources(2).map_batches_kwargs()
+    assert (
+        kw["compute"].__class__.__name__ == "ActorPoolStrategy"
+        and kw["num_cpus"] == 1.0
+        and "num_gpus" not in kw
+    )
+
+
+# ---- whole jobs on the embedded Ray ----------------------------------------------------------
+def test_preprocess_table_accounting_rerun_and_conflicts(tmp_path, local_ray):
+    found = make_data(tmp_path / "in")
+    out = str(tmp_path / "t")
+    r = preprocess(found, TOK, None, out, shard_size=3, imports=IMPORTS, progress=False, num_workers=2)
+    assert (r.inputs, r.rows, r.tokens, r.errors, r.shards, r.skipped_shards) == (10, 9, 14, 1, 4, 0)
+    assert not r.already_done and r.bytes == sum(
+        os.path.getsize(p) for p in tables.TokenTable(out).shard_paths()
+    )
+    table = tables.TokenTable(out)
+    assert table.label_names == ["a", "b"] and table.num_rows == 9
+    assert table.manifest.totals == {"inputs": 10, "rows": 9, "errors": 1}
+    t = table.read()
+    tables.validate_table(t)
+    assert sorted(os.path.basename(s) for s in t.column("source").to_pylist()) == [
+        f"f{i}.txt" for i in range(5)
+    ] + [f"g{i}.txt" for i in range(4)]
+    assert t.column("label").to_pylist() == [0] * 5 + [1] * 4
+    errs = table.errors().to_pylist()
+    assert [(os.path.basename(e["source"]), e["kind"]) for e in errs] == [("bad.txt", "corrupt")]
+    # the directory holds exactly the table: no commits, no temp files
+    assert sorted(os.listdir(out)) == sorted(
+        ["_manifest.json", "_errors.parquet", "artifacts"] + [s["name"] for s in table.manifest.shards]
+    ) or sorted(os.listdir(out)) == sorted(
+        ["_manifest.json", "_errors.parquet"] + [s["name"] for s in table.manifest.shards]
+    )
+
+    again = preprocess(found, TOK, None, out, shard_size=3, imports=IMPORTS, progress=False)
+    assert again.already_done and again.rows == 9 and "nothing to do" in again.summary()
+    with pytest.raises(TableConflictError, match="another config"):
+        preprocess(found, TOK, {"scale": 2.0}, out, shard_size=3, imports=IMPORTS, progress=False)
+    r2 = preprocess(
+        found, TOK, {"scale": 2.0}, out, shard_size=3, imports=IMPORTS, progress=False, overwrite=True
+    )
+    assert r2.rows == 9 and tables.TokenTable(out).meta["config"]["scale"] == 2.0
+    assert tables.TokenTable(out).records()[1].tokens.tolist() == [[2, 4], [4, 8]]
+
+
+def test_preprocess_kept_ids_unique_and_plain_list_inputs(tmp_path, local_ray):
+    srcs = []
+    for i in range(4):
+        p = tmp_path / f"x{i}.txt"
+        p.write_text(" ".join(str(v) for v in range(i + 1)))
+        srcs.append(str(p))
+    r = preprocess(srcs, TOK, None, str(tmp_path / "t"), shard_size=1, imports=IMPORTS, progress=False)
+    assert (r.rows, r.tokens, r.errors) == (4, 10, 0)
+    t = tables.TokenTable(str(tmp_path / "t"))
+    assert [rec.id for rec in t.records()] == [f"{s}#0" for s in srcs]
+    assert t.label_names is None and t.read().column("label").null_count == 4
+
+
+def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path, local_ray):
+    found = make_data(tmp_path / "in", n_a=6, n_b=6, bad=())
+    marker = tmp_path / "died"
+    out = str(tmp_path / "t")
+    r = preprocess(
+        found, TOK, {"die_marker": str(marker)}, out, shard_size=4, imports=IMPORTS, progress=False
+    )
+    assert marker.exists()  # a worker process really died midway
+    assert (r.inputs, r.rows, r.errors) == (12, 12, 0)
+    ids = tables.TokenTable(out).read().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 12
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_resume_skips_committed_shards(tmp_path, local_ray):
+    found = make_data(tmp_path / "in", n_a=4, n_b=4, bad=())
+    out = tmp_path / "t"
+    tok = get_tokenizer(TOK)
+    # a crashed run of the same job: its second shard committed, no manifest
+    plan = plan_shards(
+        found.inputs, shard_key(tok.fingerprint(), artifacts_digest(str(out / "artifacts"))), 3
+    )
+    meta = tables.table_meta(tok.spec(), tokenizer=TOK, tokenizer_version="1", config=tok.config_dict(),
+                             fingerprint=tok.fingerprint(), label_names=found.label_names)  # fmt: skip
+    tokenize_shard(tok, plan[1], str(out), meta)
+    mtime = os.path.getmtime(out / plan[1].name)
+    r = preprocess(found, TOK, None, str(out), shard_size=3, imports=IMPORTS, progress=False)
+    assert (r.skipped_shards, r.shards, r.rows, r.inputs) == (1, 3, 8, 8)
+    assert os.path.getmtime(out / plan[1].name) == mtime  # not rewritten
+    assert [s["name"] for s in tables.TokenTable(str(out)).manifest.shards] == [sh.name for sh in plan]
+
+
+# ---- the command ------------------------------------------------------------------------------
+def test_cli_user_errors_exit_2(tmp_path, capsys):
+    assert main(["preprocess", str(tmp_path / "missing"), "-m", TOK, "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"maskloom preprocess: error: {tmp_path / 'missing'}: no such file or directory"]
+    (tmp_path / "empty").mkdir()
+    assert main(["preprocess", str(tmp_path / "empty"), "-m", TOK, "-o", str(tmp_path / "o")]) == 2
+    assert "no input files with extension .txt" in capsys.readouterr().err
+    assert main(["preprocess", str(tmp_path), "-m", "no_such_modality", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("maskloom preprocess: error: unknown tokenizer 'no_such_modality'")
+        and err.count("\n") == 1
+    )
+    assert main(["preprocess", str(tmp_path), "-m", TOK, "-o", "o", "--set", "nope=1"]) == 2
+    assert "unknown key(s) ['nope']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "x.txt").write_text("1")
+    assert main(["preprocess", str(tmp_path / "x.txt"), "-m", TOK, "-o", str(tmp_path)]) == 2
+    assert "is not empty and is not a token table" in capsys.readouterr().err
+
+
+def test_cli_max_error_rate_fails_cleanly_and_keeps_commits(tmp_path, capsys, local_ray):
+    make_data(tmp_path / "in", n_a=3, n_b=0, bad=("a/bad1.txt", "a/bad2.txt"))
+    out = tmp_path / "t"
+    argv = ["preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(out), "--import", "ppkit_tokenizer",
+            "--shard-size", "2", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--max-error-rate", "0.3"]) == 1
+    err = capsys.readouterr().err
+    assert "2 of 5 inputs rejected (40.0%), above --max-error-rate 30.0%" in err
+    assert not (out / "_manifest.json").exists()
+    with pytest.raises(tables.TableError, match="not a finished token table"):
+        tables.TokenTable(str(out))  # committed shards are invisible to readers
+    assert len([f for f in os.listdir(out / COMMITS) if f != "_run.json"]) >= 1
+    assert main([*argv, "--max-error-rate", "0.5"]) == 0
+    summary = capsys.readouterr().out.strip()
+    assert summary.startswith("5 inputs = 3 written + 2 errors; 3 rows, 6 tokens, ") and "inputs/s" in summary
+
+
+@pytest.mark.slow  # two driver subprocesses, each starting its own Ray: ~30-70 s on 2 shared cores
+def test_killed_driver_resumes_only_missing_shards(tmp_path):
+    make_data(tmp_path / "in", n_a=4, n_b=4, bad=())
+    out = tmp_path / "t"
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = "import ppkit_tokenizer, sys; from maskloom.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(out),
+            "--import", "ppkit_tokenizer", "--shard-size", "1", "--num-workers", "1", "--no-progress"]  # fmt: skip
+    slow = ["--set", "delay=0.5"]
+    proc = subprocess.Popen(
+        argv + slow, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            n = (
+                len([f for f in os.listdir(out / COMMITS) if f != "_run.json"])
+                if (out / COMMITS).exists()
+                else 0
+            )
+            if n >= 2:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+        time.sleep(1.0)  # let a worker outside the process group notice and die
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    committed = {f for f in os.listdir(out / COMMITS) if f != "_run.json"}
+    assert 2 <= len(committed) < 8 and not (out / "_manifest.json").exists()
+    # rerun with the same config (the delay is part of the config, so keep it)
+    done = subprocess.run(argv + slow, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(committed)}/8 shards resumed" in done.stdout
+    t = tables.TokenTable(str(out))
+    ids = t.read().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 8 and t.manifest.totals == {"inputs": 8, "rows": 8, "errors": 0}
+    assert len(t.manifest.shards) == 8 and np.all([s["rows"] == 1 for s in t.manifest.shards])
+
+
+def test_image_folder_to_table_round_trip(tmp_path, local_ray):
+    from PIL import Image
+
+    import maskloom.tokenizers.image  # noqa: F401  (the real image tokenizer)
+
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for cls, n in (("cat", 2), ("dog", 1)):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        for i in range(n):
+            a = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            p = tmp_path / "img" / cls / f"{i}.png"
+            Image.fromarray(a).save(p)
+            pixels[str(p)] = a
+    (tmp_path / "img" / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    found = find_inputs(str(tmp_path / "img"), extensions=(".png",), labels="folder")
+    out = str(tmp_path / "t")
+    r = preprocess(found, "image", {"image_size": 32, "patch_size": 16}, out, shard_size=2, progress=False)
+    assert (r.inputs, r.rows, r.tokens, r.errors) == (4, 3, 12, 1)
+    table = tables.TokenTable(out)
+    assert table.label_names == ["cat", "dog"] and table.spec.token_dim == 768
+    assert [e["kind"] for e in table.errors().to_pylist()] == ["corrupt"]
+    tok = table.tokenizer()
+    for rec in table.records():
+        assert rec.label == (0 if "/cat/" in rec.source else 1)
+        np.testing.assert_array_equal(tok.detokenize(rec), pixels[rec.source])

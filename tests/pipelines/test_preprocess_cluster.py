@@ -1,0 +1,88 @@
+"""`ray job submit` round trip: a real head on 127.0.0.1, a preprocessing job, the table checked.
+
+The head runs as ``ray start --head --block`` in its own session; it is stopped by signalling
+that process group by id (SIGTERM, then SIGKILL) — never with ``ray stop``, which would stop every
+Ray on the machine.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from maskloom import tables
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}: {proc.communicate()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"port {port} not open after {timeout} s")
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={free_port()}", "--num-cpus=2",
+         "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_for_port(dash, head, 120)
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):  # this head's session only
+            try:
+                os.killpg(head.pid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(grace)
+        head.wait(10)
+
+
+def test_ray_job_submit_preprocess_round_trip(tmp_path, ray_head):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        (data / f"{i % 2}_{i}.txt").write_text(f"{i} {i}")
+    (data / "1_bad.txt").write_text("oops")
+    work = tmp_path / "job"
+    work.mkdir()
+    shutil.copy(os.path.join(HERE, "ppkit_tokenizer.py"), work)  # the plug-in tokenizer travels with the job
+    out = tmp_path / "table"
+    cmd = [RAY, "job", "submit", f"--address={ray_head['dashboard']}", f"--working-dir={work}", "--",
+           sys.executable, "-m", "maskloom.cli", "preprocess", str(data), "-m", "ppkit_numbers", "-o", str(out),
+           "--import", "ppkit_tokenizer", "--labels", "regex", "--label-regex", r"^(?P<label>\d)_",
+           "--shard-size", "3", "--no-progress"]  # fmt: skip
+    done = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "7 inputs = 6 written + 1 errors; 6 rows, 12 tokens, " in done.stdout
+    t = tables.TokenTable(str(out))
+    assert t.manifest.totals == {"inputs": 7, "rows": 6, "errors": 1}
+    assert t.label_names == ["0", "1"]
+    assert sorted(t.read().column("label").to_pylist()) == [0, 0, 0, 1, 1, 1]
+    assert [e["kind"] for e in t.errors().to_pylist()] == ["corrupt"]

@@ -1,0 +1,126 @@
+import json
+import os
+
+import pytest
+
+from maskloom.pipelines.sources import Input, SourceError, find_inputs
+
+
+def touch(path, text="1"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    for p in [
+        "cat/b.jpg",
+        "cat/a.JPG",
+        "dog/c.png",
+        "dog/notes.txt",
+        "dog/.hidden.jpg",
+        ".git/x.jpg",
+        "z.jpg",
+    ]:
+        touch(tmp_path / p)
+    return tmp_path
+
+
+def test_directory_is_walked_recursively_filtered_and_sorted(tree):
+    s = find_inputs(str(tree), extensions=(".jpg", ".png"))
+    assert [os.path.relpath(i.source, tree) for i in s.inputs] == [
+        "cat/a.JPG",
+        "cat/b.jpg",
+        "dog/c.png",
+        "z.jpg",
+    ]
+    assert all(os.path.isabs(i.source) and i.label is None for i in s.inputs)
+    assert s.label_names is None and len(s) == 4
+
+
+def test_folder_labels_are_sorted_names(tree):
+    os.unlink(tree / "z.jpg")
+    s = find_inputs(str(tree), extensions=(".jpg", ".png"), labels="folder")
+    assert s.label_names == ("cat", "dog")
+    assert [i.label for i in s.inputs] == [0, 0, 1]
+
+
+def test_regex_labels_sort_numerically(tmp_path):
+    for name in ["10_x.wav", "2_y.wav", "2_z.wav", "0_a.wav"]:
+        touch(tmp_path / name)
+    s = find_inputs(str(tmp_path), extensions=(".wav",), labels="regex", label_regex=r"^(?P<label>\d+)_")
+    assert s.label_names == ("0", "2", "10")
+    assert [(os.path.basename(i.source), i.label) for i in s.inputs] == [
+        ("0_a.wav", 0), ("10_x.wav", 2), ("2_y.wav", 1), ("2_z.wav", 1),
+    ]  # fmt: skip
+
+
+def test_regex_errors(tmp_path):
+    touch(tmp_path / "nolabel.wav")
+    with pytest.raises(SourceError, match="no named group 'label'"):
+        find_inputs(str(tmp_path), extensions=(".wav",), labels="regex", label_regex=r"\d+")
+    with pytest.raises(SourceError, match="nolabel.wav: file name does not match"):
+        find_inputs(str(tmp_path), extensions=(".wav",), labels="regex", label_regex=r"(?P<label>\d+)_")
+
+
+def test_glob(tree):
+    s = find_inputs(str(tree / "*" / "*.jpg"), extensions=(".png",))
+    assert [os.path.relpath(i.source, tree) for i in s.inputs] == ["cat/b.jpg"]
+    s = find_inputs(str(tree / "**" / "*.[jp][pn]g"), extensions=())
+    assert [os.path.relpath(i.source, tree) for i in s.inputs] == ["cat/b.jpg", "dog/c.png", "z.jpg"]
+    with pytest.raises(SourceError, match="matches no input"):
+        find_inputs(str(tree / "*.wav"))
+
+
+def test_csv_and_jsonl_manifests(tmp_path):
+    a, b = touch(tmp_path / "d" / "a.txt"), touch(tmp_path / "d" / "b.txt")
+    (tmp_path / "m.csv").write_text("path,label\nd/b.txt,spam\n" + f"{a},ham\n")
+    s = find_inputs(str(tmp_path / "m.csv"), manifest=True)
+    assert s.label_names == ("ham", "spam")
+    assert s.inputs == (Input(a, 0), Input(b, 1))
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"path": "d/a.txt"}) + "\n\n" + json.dumps({"path": b}) + "\n"
+    )
+    s = find_inputs(str(tmp_path / "m.jsonl"), manifest=True)
+    assert s.inputs == (Input(a), Input(b)) and s.label_names is None
+    with pytest.raises(SourceError, match="labels='manifest' needs one per entry"):
+        find_inputs(str(tmp_path / "m.jsonl"), manifest=True, labels="manifest")
+    s = find_inputs(str(tmp_path / "m.csv"), manifest=True, labels="none")
+    assert s.label_names is None and s.inputs == (Input(a), Input(b))
+
+
+def test_bad_manifests(tmp_path):
+    (tmp_path / "m.csv").write_text("file\nx\n")
+    with pytest.raises(SourceError, match="entry 1 has no 'path'"):
+        find_inputs(str(tmp_path / "m.csv"), manifest=True)
+    (tmp_path / "m.jsonl").write_text('{"path": "gone.txt"}\n')
+    with pytest.raises(SourceError, match="gone.txt: no such file or directory \\(listed in"):
+        find_inputs(str(tmp_path / "m.jsonl"), manifest=True)
+    (tmp_path / "bad.jsonl").write_text("[1]\n")
+    with pytest.raises(SourceError, match="bad.jsonl:1: each line must be a JSON object"):
+        find_inputs(str(tmp_path / "bad.jsonl"), manifest=True)
+
+
+def test_directory_as_one_source(tmp_path):
+    touch(tmp_path / "MUTAG" / "raw" / "MUTAG_A.txt")
+    s = find_inputs(str(tmp_path / "MUTAG"), extensions=())  # a tokenizer without extensions reads folders
+    assert s.inputs == (Input(str(tmp_path / "MUTAG")),)
+    s = find_inputs(str(tmp_path / "MUTAG"), extensions=(".txt",), as_one_source=True)
+    assert s.inputs == (Input(str(tmp_path / "MUTAG")),)
+
+
+def test_missing_and_empty(tmp_path):
+    with pytest.raises(SourceError, match="nope: no such file or directory"):
+        find_inputs(str(tmp_path / "nope"), extensions=(".jpg",))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no input files with extension .jpg"):
+        find_inputs(str(tmp_path / "empty"), extensions=(".jpg",))
+    with pytest.raises(SourceError, match="no input paths"):
+        find_inputs([])
+
+
+def test_duplicates_collapse(tree):
+    s = find_inputs([str(tree / "cat"), str(tree / "cat" / "b.jpg")], extensions=(".jpg",))
+    assert len(s) == 2
