@@ -37,7 +37,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from maskloom.backbone.config import (
     MASKING_KINDS,
