@@ -140,8 +140,8 @@ def find_inputs(
     paths:          directories, files or glob patterns (or manifest files with ``manifest=True``).
     extensions:     file extensions kept when walking a directory (the tokenizer's ``extensions``);
                     empty means the given path itself is the one source.
-    labels:         where labels come from: auto (the manifest's label column when it has one, else
-                    none), none, folder (parent directory name), regex (named group
+    labels:         where labels come from: auto (regex when ``label_regex`` is given, else the
+                    manifest's label column when it has one, else none), none, folder (parent directory name), regex (named group
                     ``label`` of ``label_regex`` searched in the file name), manifest (its column).
     as_one_source:  take every given path (a directory too) as one source, without walking it.
 
@@ -154,6 +154,8 @@ def find_inputs(
         raise SourceError("no input paths given")
     if labels not in LABEL_MODES:
         raise SourceError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    if labels == "auto" and label_regex:  # a regex given without --labels means "use it"
+        labels = "regex"
     if labels == "manifest" and not manifest:
         raise SourceError("labels='manifest' needs a manifest file as input")
     pattern = None

@@ -57,6 +57,14 @@ def test_regex_labels_sort_numerically(tmp_path):
     ]  # fmt: skip
 
 
+def test_regex_without_labels_mode_is_used(tmp_path):
+    for name in ("3_a.wav", "10_b.wav"):
+        (tmp_path / name).write_bytes(b"x")
+    s = find_inputs(str(tmp_path), extensions=(".wav",), label_regex=r"^(?P<label>\d+)_")
+    assert s.label_names == ("3", "10")
+    assert [(os.path.basename(i.source), i.label) for i in s.inputs] == [("10_b.wav", 1), ("3_a.wav", 0)]
+
+
 def test_regex_errors(tmp_path):
     touch(tmp_path / "nolabel.wav")
     with pytest.raises(SourceError, match="no named group 'label'"):
