@@ -25,6 +25,10 @@ Decisions (documented here once):
   ``audio_stats.json`` beside the table; such a tokenizer sets ``needs_fit``.
 * ``detokenize`` returns the un-normalised filterbank of the real frames, (frames, num_mel_bins):
   a log-mel filterbank discards phase, so the waveform cannot be recovered.
+* Speed: :class:`KaldiFbank` computes ``kaldi.fbank`` with AudioMAE's options bit for bit, but builds
+  the window and the mel filterbank once per tokenizer instead of on every call and skips the frame
+  energy that ``use_energy=False`` throws away. ``tokenize`` normalises only the real frames; the
+  padded frames are one precomputed float16 constant.
 """
 
 from __future__ import annotations
@@ -98,6 +102,63 @@ class AudioConfig:
             raise ValueError(f"fit_max_files must be >= 1, got {self.fit_max_files}")
 
 
+class KaldiFbank:
+    """``torchaudio.compliance.kaldi.fbank`` with AudioMAE's options, with its constants computed once.
+
+    Computes exactly (bit for bit, on the same device and BLAS) what
+    ``kaldi.fbank(wav[None], htk_compat=True, use_energy=False, window_type="hanning", dither=0.0,
+    num_mel_bins=..., sample_frequency=..., frame_shift=...)`` returns, with the other options at their
+    defaults (25 ms frames, snip_edges, remove_dc_offset, preemphasis 0.97, FFT size rounded up to a
+    power of two, power spectrum, log with a float32-epsilon floor, mel bins from 20 Hz to Nyquist).
+    ``kaldi.fbank`` rebuilds the Hann window and the (num_mel_bins, fft bins) mel matrix on every call
+    and computes a frame log-energy that ``use_energy=False`` then discards; here the window and the
+    mel matrix are built once (per device) and the energy is skipped.
+    """
+
+    PREEMPHASIS = 0.97
+    """Kaldi's default pre-emphasis coefficient."""
+
+    def __init__(self, *, sample_rate: int, num_mel_bins: int, frame_shift_ms: float) -> None:
+        self.window_shift = int(sample_rate * frame_shift_ms * 0.001)
+        self.window_size = int(sample_rate * WINDOW_MS * 0.001)
+        self.fft_size = 2 ** (self.window_size - 1).bit_length()  # Kaldi's round_to_power_of_two
+        banks, _ = kaldi.get_mel_banks(
+            num_mel_bins, self.fft_size, sample_rate, 20.0, 0.0, 100.0, -500.0, 1.0
+        )
+        # (F, fft_size // 2 + 1) with a zero column for the Nyquist bin, as kaldi.fbank pads it
+        self._banks = torch.nn.functional.pad(banks.to(torch.float32), (0, 1), mode="constant", value=0)
+        self._window = torch.hann_window(self.window_size, periodic=False, dtype=torch.float32)  # (W,)
+        self._eps = float(torch.finfo(torch.float32).eps)
+        self._device = torch.device("cpu")
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of a waveform of ``num_samples`` (snip_edges: only frames that fit wholly)."""
+        if num_samples < self.window_size:
+            return 0
+        return 1 + (num_samples - self.window_size) // self.window_shift
+
+    def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(N,) float32 waveform, N >= the window size -> (T, num_mel_bins) float32 log-mel filterbank."""
+        if waveform.ndim != 1 or waveform.shape[0] < self.window_size:
+            raise ValueError(
+                f"KaldiFbank needs a 1-D waveform of at least {self.window_size} samples, "
+                f"got shape {tuple(waveform.shape)}"
+            )
+        if waveform.device != self._device:
+            self._banks, self._window = self._banks.to(waveform.device), self._window.to(waveform.device)
+            self._device = waveform.device
+        wav = waveform.contiguous()
+        m, w = self.num_frames(wav.shape[0]), self.window_size
+        x = wav.as_strided((m, w), (self.window_shift, 1))  # (T, W) overlapping frames, a view
+        x = x - x.mean(dim=1, keepdim=True)  # remove_dc_offset
+        x = x - self.PREEMPHASIS * torch.cat((x[:, :1], x[:, :-1]), dim=1)  # x[j] -= 0.97 x[max(j-1, 0)]
+        frames = x.new_zeros(m, self.fft_size)  # (T, fft_size): window, then zero-pad to the FFT size
+        torch.mul(x, self._window, out=frames[:, :w])
+        spectrum = torch.fft.rfft(frames).abs().pow(2.0)  # (T, fft_size // 2 + 1) power spectrum
+        mel = torch.mm(spectrum, self._banks.T)  # (T, F); the transposed view, as kaldi.fbank multiplies
+        return mel.clamp_min_(self._eps).log_()
+
+
 @dataclass
 class Audio:
     """Decoded audio: a mono waveform at the tokenizer's sample rate."""
@@ -126,6 +187,9 @@ class AudioTokenizer(Tokenizer):
         self.needs_fit = self.config.normalize_with == "dataset"
         self.stats: dict[str, float] | None = None
         """Learned {"mean", "std", "frames", "files"} from fit()/load_artifacts(), or None."""
+        self._kaldi: KaldiFbank | None = None  # built on first use (window + mel matrix)
+        self._pad_token: tuple[float, float, np.float16] | None = None  # (mean, std, normalised pad value)
+        self._positions: np.ndarray | None = None  # (L, 2) float32, copied into every record
 
     # ---- contract -----------------------------------------------------------------------------
     def spec(self) -> TableSpec:
@@ -182,13 +246,17 @@ class AudioTokenizer(Tokenizer):
         fb = self.fbank(raw.waveform)  # (T, F)
         total = fb.shape[0]
         frames = min(total, c.target_frames)
-        fb = self.pad_or_cut(fb)  # (target_frames, F)
-        x = (fb - mean) / (2.0 * std)
         p = c.patch_size
-        tokens = rearrange(x, "(t pt) (f pf) -> (t f) (pt pf)", pt=p, pf=p)  # (L, p*p)
         nt, nf = c.target_frames // p, c.num_mel_bins // p
-        tt, ff = torch.meshgrid(torch.arange(nt), torch.arange(nf), indexing="ij")
-        positions = torch.stack([tt.reshape(-1), ff.reshape(-1)], dim=1).float()  # (L, 2) (time, freq)
+        # Normalise the real frames only; every padded frame holds the same value. The result is the
+        # same as normalising the padded filterbank: the arithmetic per element is unchanged.
+        pad = self._pad_token_value(mean, std)
+        rows = -(-frames // p)  # time rows of patches holding real frames
+        real = np.full((rows * p, c.num_mel_bins), pad, np.float16)  # (rows*p, F)
+        real[:frames] = ((fb[:frames] - mean) / (2.0 * std)).to(torch.float16).numpy()
+        tokens = np.full((nt, nf, p * p), pad, np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
+        tokens[:rows] = rearrange(real, "(t pt) (f pf) -> t f (pt pf)", pt=p, pf=p)
+        tokens = tokens.reshape(nt * nf, p * p)  # (L, p*p), time-major
         meta = {
             "sample_rate": c.sample_rate,
             "frames": frames,
@@ -204,8 +272,8 @@ class AudioTokenizer(Tokenizer):
             Record(
                 id=f"{source}#0",
                 source=source,
-                tokens=tokens.to(torch.float16).numpy(),
-                positions=positions.numpy(),
+                tokens=tokens,
+                positions=self._grid_positions().copy(),
                 meta=meta,
             )
         ]
@@ -295,23 +363,36 @@ class AudioTokenizer(Tokenizer):
         """Kaldi log-mel filterbank of a mono waveform, exactly as AudioMAE: (N,) -> (T, num_mel_bins).
 
         The waveform's mean is removed first; audio shorter than one 25 ms window is zero-padded to one
-        window (one frame)."""
+        window (one frame). Equal to ``kaldi.fbank`` with AudioMAE's options (see :class:`KaldiFbank`)."""
         c = self.config
+        if self._kaldi is None:
+            self._kaldi = KaldiFbank(
+                sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, frame_shift_ms=c.frame_shift_ms
+            )
         wav = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
-        wav = (wav - wav.mean()).unsqueeze(0)  # (1, N); a new tensor: the caller's array is untouched
-        win = int(c.sample_rate * WINDOW_MS / 1000)
-        if wav.shape[1] < win:
-            wav = torch.nn.functional.pad(wav, (0, win - wav.shape[1]))
-        return kaldi.fbank(
-            wav,
-            htk_compat=True,
-            sample_frequency=c.sample_rate,
-            use_energy=False,
-            window_type="hanning",
-            num_mel_bins=c.num_mel_bins,
-            dither=0.0,
-            frame_shift=c.frame_shift_ms,
-        )
+        wav = wav - wav.mean()  # (N,); a new tensor: the caller's array is untouched
+        win = self._kaldi.window_size
+        if wav.shape[0] < win:
+            wav = torch.nn.functional.pad(wav, (0, win - wav.shape[0]))
+        return self._kaldi(wav)
+
+    def _pad_token_value(self, mean: float, std: float) -> np.float16:
+        """``(pad_value - mean) / (2 * std)`` as float16, computed with the same torch arithmetic as the
+        real frames (cached per statistics)."""
+        if self._pad_token is None or self._pad_token[:2] != (mean, std):
+            pad = torch.full((1,), float(self.config.pad_value), dtype=torch.float32)
+            value = ((pad - mean) / (2.0 * std)).to(torch.float16).numpy()[0]
+            self._pad_token = (mean, std, value)
+        return self._pad_token[2]
+
+    def _grid_positions(self) -> np.ndarray:
+        """(L, 2) float32 (time, freq) patch-grid indices, time-major (cached; callers copy)."""
+        if self._positions is None:
+            p = self.config.patch_size
+            nt, nf = self.config.target_frames // p, self.config.num_mel_bins // p
+            tt, ff = np.meshgrid(np.arange(nt), np.arange(nf), indexing="ij")
+            self._positions = np.stack([tt.reshape(-1), ff.reshape(-1)], axis=1).astype(np.float32)
+        return self._positions
 
     def pad_or_cut(self, fb: torch.Tensor) -> torch.Tensor:
         """(T, F) -> (target_frames, F): pad with ``pad_value`` at the end or keep the first frames."""

@@ -35,10 +35,17 @@ Pipeline:
     Puts every patch back at its ``(row, col)`` position: the processed (resized + cropped) image
     (S, S, 3) uint8, exactly. A record holding a subset of the patches (e.g. only the visible ones)
     leaves the missing patches black.
+
+Speed: ``tokenize`` patches with one numpy reshape/transpose copy (:func:`patchify`), takes the
+centre crop as a view (no intermediate copy) and reuses the (row, col) lattice per grid size, so at
+the data's native size (e.g. CIFAR-10 at ``image_size=32``) tokenizing costs a few microseconds,
+far below JPEG decoding. Upscaling (e.g. 32 -> 224 bicubic) is Pillow's work and dominates when
+asked for.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -102,23 +109,54 @@ def resize_shorter_center_crop(
     crop offset is ``(resized - size) // 2`` on each axis. Returns the crop (a new array) and
     ``{"resized_size": [H', W'], "crop_offset": [top, left]}``.
     """
-    from PIL import Image
+    view, facts = _resize_shorter_center_crop_view(image, size, interpolation)
+    return view.copy(), facts  # C-contiguous, writable, never shares memory with ``image``
 
+
+def _resize_shorter_center_crop_view(
+    image: np.ndarray, size: int, interpolation: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`resize_shorter_center_crop` without the final copy: the crop may be a view of ``image``
+    (callers must copy before handing it out; patchify copies anyway)."""
     h, w = int(image.shape[0]), int(image.shape[1])
     short = min(h, w)
     new_h = max(size, round(h * size / short))
     new_w = max(size, round(w * size / short))
     if (new_h, new_w) != (h, w):
+        from PIL import Image
+
         image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample_filter(interpolation)))
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    out = np.ascontiguousarray(image[top : top + size, left : left + size])
-    return out, {"resized_size": [new_h, new_w], "crop_offset": [top, left]}
+    return image[top : top + size, left : left + size], {
+        "resized_size": [new_h, new_w],
+        "crop_offset": [top, left],
+    }
 
 
 def grid_positions(*sizes: int) -> np.ndarray:
-    """Row-major integer lattice of shape ``sizes`` as float32 coordinates: (prod(sizes), len(sizes))."""
+    """Row-major integer lattice of shape ``sizes`` as float32 coordinates: (prod(sizes), len(sizes)).
+
+    Returns a new (writable) array each call; the lattice itself is computed once per ``sizes``."""
+    return _grid_positions_cached(tuple(int(n) for n in sizes)).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_positions_cached(sizes: tuple[int, ...]) -> np.ndarray:
     axes = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in sizes], indexing="ij")
-    return np.stack([a.reshape(-1) for a in axes], axis=-1)
+    out = np.stack([a.reshape(-1) for a in axes], axis=-1)
+    out.flags.writeable = False  # shared between calls: never handed out (grid_positions copies)
+    return out
+
+
+def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
+    """(S_h, S_w, C) image -> (L, p*p*C) patches, ``'(h p1) (w p2) c -> (h w) (p1 p2 c)'``: a new
+    C-contiguous array, row-major patch order. A plain numpy reshape/transpose (one copy), which is
+    about twice as fast as ``einops.rearrange`` for the small images tokenized here."""
+    p = patch_size
+    sh, sw, c = image.shape
+    h, w = sh // p, sw // p
+    patches = image.reshape(h, p, w, p * c).transpose(0, 2, 1, 3)  # (h, w, p1, p2*c), a view
+    return patches.copy().reshape(h * w, p * p * c)  # copy() is C-ordered and never a view of ``image``
 
 
 def tokens_to_uint8(tokens: np.ndarray) -> np.ndarray:
@@ -305,9 +343,11 @@ class ImageTokenizer(Tokenizer):
 
     def tokenize(self, raw: np.ndarray, *, source: str = "") -> list[Record]:
         """(H, W, 3) uint8 -> one record: tokens (L, p*p*3) uint8, positions (L, 2) float32 (row, col)."""
-        p, s = self.config.patch_size, self.config.image_size
-        image, facts = self.preprocess(raw, source=source)  # (S, S, 3)
-        tokens = rearrange(image, "(h p1) (w p2) c -> (h w) (p1 p2 c)", p1=p, p2=p)  # (L, p*p*3)
+        c = self.config
+        p, s = c.patch_size, c.image_size
+        raw = self._check_raw(raw, source)
+        image, facts = _resize_shorter_center_crop_view(raw, s, c.interpolation)  # (S, S, 3), may be a view
+        tokens = patchify(image, p)  # (L, p*p*3), '(h p1) (w p2) c -> (h w) (p1 p2 c)', a new array
         grid = [s // p, s // p]
         meta = {
             "original_size": [int(raw.shape[0]), int(raw.shape[1])],
@@ -317,13 +357,7 @@ class ImageTokenizer(Tokenizer):
             "grid": grid,
         }
         return [
-            Record(
-                id=f"{source}#0",
-                source=source,
-                tokens=np.ascontiguousarray(tokens),
-                positions=grid_positions(*grid),
-                meta=meta,
-            )
+            Record(id=f"{source}#0", source=source, tokens=tokens, positions=grid_positions(*grid), meta=meta)
         ]
 
     def detokenize(self, record: Record) -> np.ndarray:

@@ -13,7 +13,7 @@ from torchaudio.compliance import kaldi
 
 from maskloom.testing import check_tokenizer
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
-from maskloom.tokenizers.audio import Audio, AudioConfig, AudioTokenizer
+from maskloom.tokenizers.audio import Audio, AudioConfig, AudioTokenizer, KaldiFbank
 
 MEAN, STD = -4.2677393, 4.5689974
 
@@ -282,3 +282,66 @@ def test_render_writes_png(tmp_path):
     tok.render(tok.detokenize(tok.tokenize(raw)[0]), str(tmp_path / "b.png"))
     for name in ("a.png", "b.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the cached fbank and the padded-token shortcut: the same values as the plain formulation ------
+def _kaldi_fbank(wav: torch.Tensor, sr: int, mel: int, shift: float) -> torch.Tensor:
+    return kaldi.fbank(
+        wav[None],
+        htk_compat=True,
+        sample_frequency=sr,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=mel,
+        dither=0.0,
+        frame_shift=shift,
+    )
+
+
+@pytest.mark.parametrize(("sr", "mel", "shift"), [(16000, 128, 10.0), (8000, 64, 10.0), (22050, 80, 12.5)])
+def test_kaldi_fbank_equals_torchaudio_bit_for_bit(sr, mel, shift):
+    fb = KaldiFbank(sample_rate=sr, num_mel_bins=mel, frame_shift_ms=shift)
+    win = int(sr * 0.025)
+    assert fb.window_size == win and fb.fft_size == 2 ** (win - 1).bit_length()
+    rng = np.random.default_rng(sr + mel)
+    for n in (win, win + 1, win + fb.window_shift - 1, win + fb.window_shift, 7612, 3 * sr // 2):
+        t = np.arange(n) / sr
+        for wav in (
+            rng.standard_normal(n) * 0.3,  # noise
+            0.5 * np.sin(2 * np.pi * 440.0 * t) + 0.1 * np.sin(2 * np.pi * 3000.0 * t),  # tones
+            np.where(t < t[-1] / 2, 0.0, 1e-4 * rng.standard_normal(n)),  # silence (epsilon floor), then hiss
+        ):
+            w = torch.from_numpy(wav.astype(np.float32))
+            w = w - w.mean()
+            out, ref = fb(w), _kaldi_fbank(w, sr, mel, shift)
+            assert out.shape == ref.shape == (fb.num_frames(n), mel) and out.dtype == torch.float32
+            assert (out - ref).abs().max() <= 1e-4  # the contract; in fact every bit is the same:
+            assert torch.equal(out, ref), (n, float((out - ref).abs().max()))
+    with pytest.raises(ValueError, match="at least"):
+        fb(torch.zeros(win - 1))
+    assert fb.num_frames(win - 1) == 0
+
+
+def _plain_tokens(tok: AudioTokenizer, wav: np.ndarray) -> np.ndarray:
+    """The straightforward formulation: pad the whole filterbank, normalise it, then patch it."""
+    c = tok.config
+    fb = tok.fbank(wav)
+    n = c.target_frames - fb.shape[0]
+    fb = torch.nn.functional.pad(fb, (0, 0, 0, n), value=c.pad_value) if n > 0 else fb[: c.target_frames]
+    x = ((fb - c.norm_mean) / (2.0 * c.norm_std)).to(torch.float16).numpy()
+    p = c.patch_size
+    return x.reshape(c.target_frames // p, p, c.num_mel_bins // p, p).transpose(0, 2, 1, 3).reshape(-1, p * p)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"pad_value": -3.0, "num_mel_bins": 64}, {"target_frames": 32}])
+def test_tokens_equal_pad_then_normalise(cfg):
+    tok = _tok(**cfg)
+    rng = np.random.default_rng(len(cfg))
+    for n in (1, 399, 400, 401, 2000, 2560, 2561, 16000, 40000):  # 0..248 frames: cut, exact, partial patches
+        wav = (rng.standard_normal(n) * rng.uniform(0.01, 1.0)).astype(np.float32)
+        (rec,) = tok.tokenize(Audio(waveform=wav, sample_rate=16000), source="x")
+        expected = _plain_tokens(tok, wav)
+        assert rec.tokens.dtype == np.float16 and rec.tokens.flags.c_contiguous
+        np.testing.assert_array_equal(rec.tokens.view(np.uint16), expected.view(np.uint16))  # bit for bit
+    r1, r2 = (tok.tokenize(Audio(waveform=wav, sample_rate=16000))[0] for _ in range(2))
+    assert not np.shares_memory(r1.positions, r2.positions) and r1.positions.flags.writeable

@@ -5,11 +5,18 @@ import pickle
 
 import numpy as np
 import pytest
+from einops import rearrange
 from PIL import Image
 
 from maskloom import tables
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
-from maskloom.tokenizers.image import ImageConfig, ImageTokenizer
+from maskloom.tokenizers.image import (
+    ImageConfig,
+    ImageTokenizer,
+    grid_positions,
+    patchify,
+    resize_shorter_center_crop,
+)
 
 
 def _tok(**kw) -> ImageTokenizer:
@@ -306,3 +313,37 @@ def test_conformance_kit(tmp_path):
 
     report = testing.check_tokenizer(tok, paths, compare=compare)
     assert report == {"sources": 3, "records": 3, "tokens": 12}
+
+
+# ---- fast paths: the same values as the plain einops / meshgrid formulation ----------------------
+@pytest.mark.parametrize(("size", "p"), [(32, 16), (16, 16), (48, 8), (32, 32), (224, 16)])
+def test_patchify_equals_einops_and_never_aliases_the_image(size, p):
+    img = np.random.default_rng(size + p).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    tokens = patchify(img, p)
+    expected = rearrange(img, "(h p1) (w p2) c -> (h w) (p1 p2 c)", p1=p, p2=p)
+    assert tokens.shape == ((size // p) ** 2, p * p * 3) and tokens.flags.c_contiguous
+    np.testing.assert_array_equal(tokens, expected)
+    assert not np.shares_memory(tokens, img)  # even a single patch (a contiguous view) is copied
+
+
+def test_native_size_tokens_are_a_copy_of_the_caller_array():
+    img = np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)  # no resize, no crop
+    (rec,) = _tok(image_size=16).tokenize(img)
+    np.testing.assert_array_equal(rec.tokens.reshape(16, 16, 3), img)
+    rec.tokens[:] = 0  # writing the record's tokens must not touch the caller's image
+    assert img.max() > 0
+    crop, _ = resize_shorter_center_crop(img, 16, "bicubic")
+    assert not np.shares_memory(crop, img) and crop.flags.writeable
+
+
+def test_grid_positions_are_fresh_arrays():
+    a = grid_positions(2, 3)
+    assert a.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]] and a.dtype == np.float32
+    a[:] = -1  # callers own what they get: the cached lattice is not affected
+    b = grid_positions(2, 3)
+    assert b[5].tolist() == [1, 2] and b.flags.writeable and not np.shares_memory(a, b)
+    assert grid_positions(2, 2, 2).tolist()[:3] == [[0, 0, 0], [0, 0, 1], [0, 1, 0]]
+    tok = _tok(image_size=32)
+    img = np.zeros((32, 32, 3), np.uint8)
+    r1, r2 = tok.tokenize(img)[0], tok.tokenize(img)[0]
+    assert not np.shares_memory(r1.positions, r2.positions)
