@@ -173,6 +173,31 @@ class Audio:
         return self.waveform.shape[0] / self.sample_rate
 
 
+def riff_truncation(path: str) -> str | None:
+    """For a RIFF/WAVE file: a message when its ``data`` chunk declares more bytes than the file holds
+    (a file cut short while copying), else None. libsndfile silently returns the shorter clip."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = os.fstat(f.fileno()).st_size
+            pos = 12
+            while pos + 8 <= size:
+                f.seek(pos)
+                cid, n = struct.unpack("<4sI", f.read(8))
+                if cid == b"data":
+                    if n != 0xFFFFFFFF and pos + 8 + n > size:  # 0xFFFFFFFF: streamed, size unknown
+                        return f"data chunk declares {n} bytes but the file holds {size - pos - 8}"
+                    return None
+                pos += 8 + n + (n & 1)  # chunks are word-aligned
+    except OSError:
+        return None
+    return None
+
+
 @register_tokenizer("audio")
 class AudioTokenizer(Tokenizer):
     """Waveform -> Kaldi fbank -> normalised 16x16 (time, mel) patches (AudioMAE)."""
@@ -218,6 +243,9 @@ class AudioTokenizer(Tokenizer):
             ) from None
         if data.shape[0] == 0 or data.shape[1] == 0:
             raise TokenizeError(source, "empty", "audio has no samples")
+        short = riff_truncation(source)
+        if short:
+            raise TokenizeError(source, "corrupt", f"truncated WAV: {short}")
         if not np.isfinite(data).all():
             raise TokenizeError(source, "corrupt", "audio contains non-finite samples (NaN or inf)")
         wav = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]  # (N,) mono mix-down
