@@ -361,47 +361,25 @@ def test_corrupt_truncated_empty_unsupported_files(name, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# bugs found here (xfail until the tokenizer is fixed; strict, so a fix makes these fail loudly)
+# bugs found here (each once a strict xfail, now fixed; strict, so a fix makes these fail loudly)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="audio.read accepts a truncated WAV (data chunk shorter than its header declares) and returns "
-    "the shorter clip; libsndfile reports it in sf.info(path).extra_info ('data : N (should be M)')",
-)
 def test_wav_truncated_inside_its_samples_is_corrupt(tmp_path):
     wav = str(tmp_path / "ok.wav")
     sf.write(wav, np.zeros(16000, np.float32), 16000, subtype="PCM_16")
     assert _error(_tok("audio"), _truncate(wav)).kind == "corrupt"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="graph._read_tu: a node-attributes file with fewer rows than nodes is not checked; the graphs "
-    "past its end get no rows and are silently skipped as 'graphs without nodes'",
-)
 def test_tu_folder_with_truncated_node_attributes_is_corrupt(tmp_path):
     folder = _write_tu(tmp_path, attributes="1.0\n2.0\n")  # 3 nodes, 2 attribute rows
     assert _error(_tok("graph"), folder).kind == "corrupt"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MemoryError,
-    reason="graph._read_edge_list sizes the graph by the largest node id: an edge list naming node "
-    "2**50 allocates a (2**50 + 1, 1) feature array and raises MemoryError, not TokenizeError",
-)
 def test_edge_list_with_an_absurd_node_id_raises_tokenize_error(tmp_path):
     # 2**50 nodes need 4 PiB: more than any address space, so the allocation fails at once everywhere
     (tmp_path / "edges.csv").write_text(f"0,{2**50}\n")
     _error(_tok("graph"), tmp_path / "edges.csv")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="time_series._read_table: a CSV with two columns of the same name raises pyarrow's KeyError "
-    "('Field \"a\" exists 2 times in schema'), not TokenizeError",
-)
 def test_csv_with_duplicate_column_names_raises_tokenize_error(tmp_path):
     (tmp_path / "dup.csv").write_text("a,a\n" + "1,2\n" * 20)
     _error(_tok("time_series"), tmp_path / "dup.csv")

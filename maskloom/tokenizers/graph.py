@@ -18,9 +18,11 @@ A *source* is a whole dataset and ``tokenize`` returns many records:
 * **TU folder** (graph classification, e.g. MUTAG): a directory holding ``<NAME>_A.txt``,
   ``<NAME>_graph_indicator.txt``, ``<NAME>_graph_labels.txt`` and optionally
   ``<NAME>_node_labels.txt`` / ``<NAME>_node_attributes.txt`` (directly or in ``raw/``), read with
-  ``torch_geometric.io.read_tu_data``. One record per graph, labelled with its graph label
-  (classes are the sorted distinct values of the labels file; ``label_names`` are those values as
-  strings, e.g. ``("-1", "1")``). Node features (``Config.tu_features``): ``both`` = node
+  numpy with the semantics of ``torch_geometric.io.read_tu_data`` (whose reader cannot read
+  one-line or empty files). Every per-node file must have one row per line of the indicator and the
+  graph-labels file one row per graph, else the dataset is corrupt. One record per graph, labelled
+  with its graph label (classes are the sorted distinct values of the labels file; ``label_names``
+  are those values as strings, e.g. ``("-1", "1")``). Node features (``Config.tu_features``): ``both`` = node
   attributes followed by the one-hot node labels, ``attributes`` or ``labels`` alone. The one-hot
   width is ``max - min + 1`` of the node-label values over the whole dataset, so it is the same for
   every graph. A dataset with neither file gets one constant feature (1.0) per node.
@@ -34,7 +36,9 @@ A *source* is a whole dataset and ``tokenize`` returns many records:
   (``{stem}.features`` + ``.npy`` or ``.csv``: row i = node i) and labels from
   ``Config.node_labels`` (``{stem}.labels`` + ``.npy``, ``.csv`` or ``.txt``: one label per node,
   or ``node,label`` rows; negative = unlabelled). Without a features file every node gets one
-  constant feature. One large graph.
+  constant feature. Node ids are row indices: with a features file every id must be one of its
+  rows; without one the graph has (largest id + 1) nodes, so an id above 10 x the number of distinct
+  ids + 1000 is refused (``invalid``: relabel the nodes to 0..N-1). One large graph.
 
 A large graph (Planetoid, edge list) is cut into k-hop subgraph samples, one per centre node
 (``Config.subgraph_centers``: all nodes, or that many evenly spaced node ids): the centre, then
@@ -256,6 +260,30 @@ def _read_numeric_rows(path: str) -> np.ndarray:
         raise TokenizeError(path, "corrupt", f"non-numeric value: {e}") from None
 
 
+def _read_tu_file(path: str, dtype: type, source: str) -> np.ndarray:
+    """One TU text file (comma-separated values, one row per line; blank lines ignored) as (R, C)
+    ``dtype``; an empty file gives (0, 0). numpy rather than ``torch_geometric.io.read_txt_array``,
+    which squeezes a one-line file to 1-D (or 0-D) and so cannot read a single graph, a single edge
+    or an empty edge file. Raises TokenizeError(source, corrupt) naming the file."""
+    name = os.path.basename(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln for ln in f.read().split("\n") if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise TokenizeError(
+            source, "corrupt", f"{name}: not a text file ({e.reason} at byte {e.start})"
+        ) from None
+    except OSError as e:
+        raise TokenizeError(source, "missing", f"{name}: cannot open ({e.strerror})") from None
+    if not lines:
+        return np.zeros((0, 0), dtype)
+    try:
+        return np.loadtxt(lines, dtype=dtype, delimiter=",", ndmin=2, comments=None)
+    except (ValueError, OverflowError) as e:
+        what = "integers" if np.issubdtype(dtype, np.integer) else "numbers"
+        raise TokenizeError(source, "corrupt", f"{name}: expected comma-separated {what} ({e})") from None
+
+
 def _sibling(source: str, pattern: str, exts: tuple[str, ...]) -> str | None:
     directory, base = os.path.split(source)
     stem = os.path.splitext(base)[0]
@@ -437,65 +465,99 @@ class GraphTokenizer(Tokenizer):
         return ds
 
     def _read_tu(self, source: str, a_path: str) -> GraphDataset:
-        import torch
-        from torch_geometric.io import read_tu_data, read_txt_array
-
         folder = os.path.dirname(a_path)
         prefix = os.path.basename(a_path)[: -len("_A.txt")]
-        indicator = os.path.join(folder, f"{prefix}_graph_indicator.txt")
-        labels_path = os.path.join(folder, f"{prefix}_graph_labels.txt")
-        if not os.path.exists(indicator):
-            raise TokenizeError(
-                source, "corrupt", f"TU dataset {prefix} has no {os.path.basename(indicator)}"
-            )
-        try:
-            data, slices, sizes = read_tu_data(folder, prefix)
-            batch = read_txt_array(indicator, sep=",", dtype=torch.long).view(-1).numpy() - 1
-            raw_labels = (
-                read_txt_array(labels_path, sep=",", dtype=torch.long).view(-1).numpy()
-                if os.path.exists(labels_path)
-                else None
-            )
-        except TokenizeError:
-            raise
-        except Exception as e:  # the reader raises whatever its parsing hits
-            raise TokenizeError(
-                source, "corrupt", f"cannot read TU dataset {prefix}: {type(e).__name__}: {e}"
-            ) from None
-        if batch.size == 0 or batch.min() < 0:
-            raise TokenizeError(
-                source, "corrupt", f"{os.path.basename(indicator)}: graph ids must start at 1"
-            )
-        n_graphs = int(batch.max()) + 1 if raw_labels is None else max(int(batch.max()) + 1, raw_labels.size)
+
+        def path(name: str) -> str:
+            return os.path.join(folder, f"{prefix}_{name}.txt")
+
+        def fail(name: str, reason: str, kind: str = "corrupt") -> TokenizeError:
+            return TokenizeError(source, kind, f"TU dataset {prefix}: {prefix}_{name}.txt {reason}")
+
+        if not os.path.exists(path("graph_indicator")):
+            raise TokenizeError(source, "corrupt", f"TU dataset {prefix} has no {prefix}_graph_indicator.txt")
+        a = _read_tu_file(path("A"), np.int64, source)
+        if a.shape[0] and a.shape[1] != 2:
+            raise fail("A", f"has {a.shape[1]} value(s) per line; an edge is 'source, target'")
+        a = a.reshape(-1, 2)  # (E, 2); an empty file (isolated nodes only) is (0, 2)
+        batch = _read_tu_file(path("graph_indicator"), np.int64, source)
+        if batch.shape[0] == 0:
+            raise fail("graph_indicator", "lists no nodes", kind="empty")
+        if batch.shape[1] != 1:
+            raise fail("graph_indicator", f"has {batch.shape[1]} values per line; expected one graph id")
+        batch = batch[:, 0] - 1  # (N,) 0-based graph id of each node
+        n = int(batch.size)
+        if batch.min() < 0:
+            raise fail("graph_indicator", "has a graph id < 1: graph ids start at 1")
+        if (np.diff(batch) < 0).any():
+            raise fail("graph_indicator", "is not sorted: the nodes of a graph must be consecutive")
+        per_node: dict[str, np.ndarray] = {}
+        for name, dtype in (("node_attributes", np.float64), ("node_labels", np.int64)):
+            if os.path.exists(path(name)):
+                per_node[name] = _read_tu_file(path(name), dtype, source)
+                rows = per_node[name].shape[0]
+                if rows != n:
+                    raise fail(name, f"has {rows} rows but {prefix}_graph_indicator.txt lists {n} nodes")
+        raw_labels = None
+        if os.path.exists(path("graph_labels")):
+            raw_labels = _read_tu_file(path("graph_labels"), np.int64, source)
+            if raw_labels.shape[0] and raw_labels.shape[1] != 1:
+                raise fail("graph_labels", f"has {raw_labels.shape[1]} values per line; expected one label")
+            raw_labels = raw_labels.reshape(-1)
+            if raw_labels.size < int(batch[-1]) + 1:
+                raise fail(
+                    "graph_labels",
+                    f"has {raw_labels.size} rows but {prefix}_graph_indicator.txt names "
+                    f"{int(batch[-1]) + 1} graphs",
+                )
+        # (2, E) 0-based global node ids; every edge must join two nodes of the same graph
+        ei = a.T - 1
+        bad = ei[(ei < 0) | (ei >= n)]
+        if bad.size:
+            raise fail("A", f"names node {int(bad[0]) + 1}; the indicator lists nodes 1..{n}")
+        if (batch[ei[0]] != batch[ei[1]]).any():
+            raise fail("A", "has an edge between nodes of different graphs")
+        n_graphs = int(batch[-1]) + 1 if raw_labels is None else max(int(batch[-1]) + 1, raw_labels.size)
         counts = np.bincount(batch, minlength=n_graphs)
         node_slice = np.concatenate([[0], np.cumsum(counts)])
-        edge_slice = slices["edge_index"].numpy()
-        edge_slice = np.concatenate([edge_slice, np.full(n_graphs + 1 - edge_slice.size, edge_slice[-1])])
-        x_all = self._tu_features(source, data.x, sizes, int(batch.size))
-        ei_all = data.edge_index.numpy()
+        edge_graph = batch[ei[0]]
+        order = np.argsort(edge_graph, kind="stable")
+        ei = ei[:, order] - node_slice[edge_graph[order]]  # (2, E) node ids local to their graph
+        edge_slice = np.searchsorted(edge_graph[order], np.arange(n_graphs + 1))
+        x_all = self._tu_features(source, per_node, n)
         names = None
         y = None
         if raw_labels is not None:
             classes, y = np.unique(raw_labels, return_inverse=True)
             names = tuple(str(int(c)) for c in classes)
         graphs = []
-        for i in range(n_graphs):
-            n = int(counts[i])
+        for i in range(n_graphs):  # a loop over graphs, not tokens
             x = x_all[node_slice[i] : node_slice[i + 1]]
-            ei = ei_all[:, edge_slice[i] : edge_slice[i + 1]]
             graphs.append(
                 Graph(
                     x=x,
-                    edge_index=undirected(ei, n),
-                    label=None if y is None or i >= y.size else int(y[i]),
+                    edge_index=undirected(ei[:, edge_slice[i] : edge_slice[i + 1]], int(counts[i])),
+                    label=None if y is None else int(y[i]),
                     meta={"graph": i},
                 )
             )
         return GraphDataset(name=prefix, level="graph", graphs=graphs, label_names=names)
 
-    def _tu_features(self, source: str, x, sizes: dict[str, int], n: int) -> np.ndarray:
-        na, nl = sizes["num_node_attributes"], sizes["num_node_labels"]
-        if x is None or na + nl == 0:
+    def _tu_features(self, source: str, per_node: dict[str, np.ndarray], n: int) -> np.ndarray:
+        """(N, F) float32 node features from the TU per-node files: the attributes, then each
+        node-label column one-hot over ``max - min + 1`` classes (as ``read_tu_data`` builds them)."""
+        with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+            attrs = per_node.get("node_attributes", np.zeros((n, 0))).astype(np.float32)
+        if not np.isfinite(attrs).all():
+            raise TokenizeError(
+                source, "invalid", "TU node attributes contain NaN or inf (or overflow float32)"
+            )
+        onehots = []
+        for col in per_node.get("node_labels", np.zeros((n, 0), np.int64)).T:
+            col = col - col.min()
+            onehots.append(np.eye(int(col.max()) + 1, dtype=np.float32)[col])
+        labels = np.concatenate(onehots, axis=1) if onehots else np.zeros((n, 0), np.float32)
+        if attrs.shape[1] + labels.shape[1] == 0:
             if self.config.tu_features != "both":
                 raise TokenizeError(
                     source,
@@ -504,11 +566,11 @@ class GraphTokenizer(Tokenizer):
                 )
             log.info("%s: no node attributes or labels; using one constant feature per node", source)
             return np.ones((n, 1), np.float32)
-        x = x.numpy().astype(np.float32)
-        keep = {"both": slice(0, na + nl), "attributes": slice(0, na), "labels": slice(na, na + nl)}[
-            self.config.tu_features
-        ]
-        x = x[:, keep]
+        x = {
+            "both": lambda: np.concatenate([attrs, labels], axis=1),
+            "attributes": lambda: attrs,
+            "labels": lambda: labels,
+        }[self.config.tu_features]()
         if x.shape[1] == 0:
             raise TokenizeError(
                 source,
@@ -555,6 +617,8 @@ class GraphTokenizer(Tokenizer):
         ei = rows[:, :2].T
         if not np.isfinite(ei).all() or (ei != np.round(ei)).any() or (ei < 0).any():
             raise TokenizeError(source, "invalid", "node ids must be non-negative integers")
+        if ei.size and ei.max() >= 2**53:  # beyond exact float64 integers (and near int64 overflow)
+            raise TokenizeError(source, "invalid", f"node id {ei.max():.6g} is too large; relabel the nodes")
         ei = ei.astype(np.int64)
         feat_path = _sibling(source, self.config.node_features, (".npy", ".csv"))
         label_path = _sibling(source, self.config.node_labels, (".npy", ".csv", ".txt"))
@@ -577,32 +641,42 @@ class GraphTokenizer(Tokenizer):
                     "invalid",
                     f"node features must be a numeric (N, F) array, got {x.dtype} {x.shape}",
                 )
-            x = x.astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 -> inf, refused below
+                x = x.astype(np.float32)
             if not np.isfinite(x).all():
-                raise TokenizeError(feat_path, "invalid", "node features contain NaN or inf")
-        labels = None
+                raise TokenizeError(
+                    feat_path, "invalid", "node features contain NaN or inf (or overflow float32)"
+                )
+        labels = None  # (N',) one label per node, or None
+        pairs = None  # (P, 2) int64 (node, label) rows, or None
         if label_path is not None:
-            lab = (
-                np.load(label_path, allow_pickle=False)
-                if label_path.endswith(".npy")
-                else _read_numeric_rows(label_path)
-            )
-            lab = np.asarray(lab)
+            if label_path.endswith(".npy"):
+                try:
+                    lab = np.asarray(np.load(label_path, allow_pickle=False))
+                except Exception as e:
+                    raise TokenizeError(
+                        label_path, "corrupt", f"not a readable .npy array: {type(e).__name__}: {e}"
+                    ) from None
+            else:
+                lab = _read_numeric_rows(label_path)
             if lab.ndim == 2 and lab.shape[1] == 2:  # node, label rows
-                nodes = lab[:, 0].astype(np.int64)
-                labels = np.full(int(nodes.max()) + 1, -1, np.int64)
-                labels[nodes] = lab[:, 1].astype(np.int64)
+                nodes = lab[:, 0]
+                if (
+                    not np.isfinite(lab).all()
+                    or (lab != np.round(lab)).any()
+                    or (nodes < 0).any()
+                    or (nodes >= 2**53).any()
+                ):
+                    raise TokenizeError(
+                        label_path, "invalid", "node,label rows need a non-negative integer node id"
+                    )
+                pairs = lab.astype(np.int64)
             else:
                 labels = lab.reshape(-1).astype(np.int64)
-        n = (
-            int(x.shape[0])
-            if x is not None
-            else int(max(ei.max(initial=-1) + 1, 0 if labels is None else labels.size))
-        )
-        if ei.size and ei.max() >= n:
-            raise TokenizeError(
-                source, "invalid", f"node id {int(ei.max())} but the features file has {n} rows"
-            )
+        n = self._edge_list_size(source, ei, x, pairs, labels, label_path)
+        if pairs is not None:
+            labels = np.full(n, -1, np.int64)
+            labels[pairs[:, 0]] = pairs[:, 1]
         if x is None:
             log.info(
                 "%s: no node-features file (%s); using one constant feature per node",
@@ -621,6 +695,45 @@ class GraphTokenizer(Tokenizer):
             names = tuple(str(int(c)) for c in classes)
         g = Graph(x=x, edge_index=undirected(ei, n), node_labels=node_labels, meta={})
         return GraphDataset(name=os.path.basename(source), level="node", graphs=[g], label_names=names)
+
+    def _edge_list_size(
+        self,
+        source: str,
+        ei: np.ndarray,
+        x: np.ndarray | None,
+        pairs: np.ndarray | None,
+        labels: np.ndarray | None,
+        label_path: str | None,
+    ) -> int:
+        """The node count of an edge list: the features file's rows, else the largest node id + 1
+        (and at least the length of a plain labels file). Node ids are array indices, so without
+        a features file an id far beyond the number of distinct ids (more than 10x + 1000) is
+        refused (TokenizeError invalid) instead of allocating features for the gap."""
+        ids = ei.reshape(-1) if pairs is None else np.concatenate([ei.reshape(-1), pairs[:, 0]])
+        top = int(ids.max(initial=-1))
+        if x is not None:
+            n = int(x.shape[0])
+            if ei.size and ei.max() >= n:
+                raise TokenizeError(
+                    source, "invalid", f"node id {int(ei.max())} but the features file has {n} rows"
+                )
+            if pairs is not None and pairs.size and pairs[:, 0].max() >= n:
+                raise TokenizeError(
+                    label_path,
+                    "invalid",
+                    f"node id {int(pairs[:, 0].max())} but the features file has {n} rows",
+                )
+            return n
+        distinct = int(np.unique(ids).size)
+        if top > 10 * distinct + 1000:
+            raise TokenizeError(
+                source,
+                "invalid",
+                f"node id {top} but only {distinct} distinct node ids: ids are row indices 0..N-1, so "
+                f"this would make {top + 1} nodes; relabel the nodes to consecutive ids (or add a "
+                f"features file {self.config.node_features!r} with one row per node)",
+            )
+        return max(top + 1, 0 if labels is None else int(labels.size))
 
     # ---- tokenize -----------------------------------------------------------------------------
     def tokenize(self, raw: GraphDataset | Graph, *, source: str = "") -> list[Record]:

@@ -12,7 +12,8 @@ Inputs (``read``):
 
 * ``.txt``: the whole file is one document, or one document per line / per blank-line-separated
   paragraph (``Config.split``);
-* ``.jsonl``: one JSON object per line, text in ``Config.text_field``, optional label in
+* ``.jsonl``: one JSON object per line (lines end at ``\n`` or ``\r\n`` only, so U+2028/U+2029/U+0085
+  inside strings are fine), text in ``Config.text_field``, optional label in
   ``Config.label_field``;
 * ``.csv`` / ``.tsv``: a header row, text in ``Config.text_column``, optional label in
   ``Config.label_column`` (column names match case-insensitively, so the SMS Spam Collection's
@@ -288,7 +289,11 @@ class TextTokenizer(Tokenizer):
     def _read_jsonl(self, content: str, source: str) -> Raw:
         key, lkey = self.config.text_field, self.config.label_field
         out: Raw = []
-        for n, line in enumerate(content.splitlines(), start=1):
+        # JSON Lines separates records by "\n" only (optionally "\r\n"): str.splitlines() would also cut
+        # at U+2028, U+2029, U+0085, \x0b, \x0c, \x1c-\x1e, which json.dumps(ensure_ascii=False) leaves
+        # unescaped inside strings.
+        for n, line in enumerate(content.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:

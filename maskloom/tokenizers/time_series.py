@@ -29,6 +29,11 @@ Inputs and decisions (documented here once):
   P = (window - patch_len) // patch_stride + 1 patches, the first
   window - ((P - 1) * patch_stride + patch_len) steps of a window are not tokenised. RevIN statistics
   are computed over the tokenised steps: ``std = sqrt(var + eps)`` (biased variance), as RevIN.
+* Values are stored as float32: a value beyond its range (``|x| > 3.4e38``, e.g. ``1e300``) becomes
+  inf and so counts as missing (no overflow warning).
+* Column names of a table must be unique: a table with two columns of the same name raises
+  ``TokenizeError(kind="invalid")`` naming them (rather than guessing which one ``columns=`` means or
+  renaming them).
 * Missing values (NaN, empty cells, ``?``, inf) are filled per channel over the whole series by
   linear interpolation between the nearest valid steps, and by the nearest valid value at the ends.
   A window (channel-independent mode: a window of one channel; joint mode: a window in which any
@@ -182,6 +187,12 @@ def _parse_float_fields(fields: Sequence[str]) -> np.ndarray:
     vals = [f.strip() for f in fields]
     vals = ["nan" if v in ("?", "", "NaN", "nan", "NA") else v for v in vals]
     return np.asarray(vals, dtype=np.float64)
+
+
+def _to_float32(x: np.ndarray) -> np.ndarray:
+    """float32 copy of ``x``; values beyond float32 range become +-inf (i.e. missing) silently."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x).astype(np.float32)
 
 
 def _sort_labels(names: Iterable[str]) -> tuple[str, ...]:
@@ -566,7 +577,10 @@ class TimeSeriesTokenizer(Tokenizer):
         ext = os.path.splitext(source)[1].lower()
         try:
             if ext == ".parquet":
-                table = pq.read_table(source)
+                with pq.ParquetFile(
+                    source
+                ) as pf:  # unlike pq.read_table, keeps duplicate names (refused below)
+                    table = pf.read()
             else:
                 delim = "\t" if ext == ".tsv" else ","
                 table = pacsv.read_csv(source, parse_options=pacsv.ParseOptions(delimiter=delim))
@@ -574,6 +588,13 @@ class TimeSeriesTokenizer(Tokenizer):
             raise TokenizeError(source, "corrupt", f"cannot read table: {e}") from None
         if table.num_rows == 0:
             raise TokenizeError(source, "empty", "table has no rows")
+        dups = sorted({n for n in table.column_names if table.column_names.count(n) > 1})
+        if dups:
+            raise TokenizeError(
+                source,
+                "invalid",
+                f"duplicate column name(s) {dups}: every column needs its own name (rename the copies)",
+            )
 
         def numeric(t: pa.DataType) -> bool:
             return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
@@ -610,7 +631,7 @@ class TimeSeriesTokenizer(Tokenizer):
                     source, "invalid", f"no numeric columns (columns: {table.column_names[:10]})"
                 )
         cols = [pc.cast(table.column(n), pa.float64()).to_numpy(zero_copy_only=False) for n in names]
-        values = np.stack(cols, axis=1).astype(np.float32)  # (T, C); nulls became NaN
+        values = _to_float32(np.stack(cols, axis=1))  # (T, C); nulls became NaN, beyond float32 inf
         return values, tuple(names)
 
     def _read_ucr(self, source: str) -> tuple[tuple[str, ...] | None, list[np.ndarray], list[str | None]]:
@@ -630,13 +651,13 @@ class TimeSeriesTokenizer(Tokenizer):
                 continue
             fields = line.rstrip("\r\n").split(delim)
             try:
-                v = _parse_float_fields(fields[1:])
+                v = _to_float32(_parse_float_fields(fields[1:]))
             except ValueError:
                 raise TokenizeError(source, "corrupt", f"line {ln}: non-numeric value") from None
             keep = np.nonzero(np.isfinite(v))[0]
             v = v[: keep[-1] + 1] if keep.size else v[:0]  # trailing NaNs: end of a shorter series
             labels.append(fields[0].strip())
-            series.append(v.astype(np.float32)[:, None])
+            series.append(v[:, None])
         return _sort_labels(labels) if labels else None, series, labels
 
     @staticmethod
@@ -690,7 +711,7 @@ class TimeSeriesTokenizer(Tokenizer):
                     source, "corrupt", f"line {ln}: {len(fields)} dimensions, earlier lines have {n_dims}"
                 )
             try:
-                dims = [_parse_float_fields(d.split(",")) for d in fields]
+                dims = [_to_float32(_parse_float_fields(d.split(","))) for d in fields]
             except ValueError:
                 raise TokenizeError(source, "corrupt", f"line {ln}: non-numeric value") from None
             t = max(d.shape[0] for d in dims)

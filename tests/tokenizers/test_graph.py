@@ -327,3 +327,85 @@ def test_class_names_must_agree_across_sources(tmp_path):
     with pytest.raises(TokenizeError) as e:
         tok(b)
     assert e.value.kind == "config" and "class names" in e.value.reason
+
+
+# ---- TU files that torch_geometric's reader squeezes, row-count checks --------------------------
+def write_tu_files(folder, **files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / f"R_{name}.txt").write_text(text)
+    return str(folder)
+
+
+def test_tu_single_graph_one_line_and_empty_edge_files(tmp_path):
+    tok = GraphTokenizer({"pe_dim": 2})
+    one = write_tu_files(
+        tmp_path / "one",
+        A="1, 2\n2, 1\n2, 3\n3, 2\n",
+        graph_indicator="1\n1\n1\n",
+        graph_labels="0\n",
+        node_labels="4\n6\n4\n",
+    )
+    (rec,) = tok(one)
+    assert rec.edges.tolist() == [[0, 1], [1, 0], [1, 2], [2, 1]] and rec.label == 0
+    assert rec.tokens.tolist() == [[1, 0, 0], [0, 0, 1], [1, 0, 0]]  # one-hot over 4..6
+    assert tok.label_names() == ("0",)
+    edge = write_tu_files(tmp_path / "edge", A="2, 3", graph_indicator="1\n2\n2", graph_labels="5\n7")
+    recs = GraphTokenizer({"pe_dim": 2})(edge)  # no trailing newline either
+    assert [r.edges.tolist() for r in recs] == [[], [[0, 1], [1, 0]]] and [r.label for r in recs] == [0, 1]
+    bare = write_tu_files(tmp_path / "bare", A="", graph_indicator="1\n2\n2\n", graph_labels="0\n1\n")
+    recs = GraphTokenizer({"pe_dim": 2})(bare)
+    assert [r.meta["num_nodes"] for r in recs] == [1, 2] and all(r.edges.shape == (0, 2) for r in recs)
+
+
+@pytest.mark.parametrize(
+    ("files", "kind", "words"),
+    [
+        ({"node_attributes": "1.0\n2.0\n"}, "corrupt", ["R_node_attributes.txt", "2 rows", "3 nodes"]),
+        ({"node_labels": "0\n1\n0\n1\n"}, "corrupt", ["R_node_labels.txt", "4 rows", "3 nodes"]),
+        ({"graph_labels": "0\n"}, "corrupt", ["R_graph_labels.txt", "1 rows", "2 graphs"]),
+        ({"A": "1, 2\n2, 4\n"}, "corrupt", ["R_A.txt", "node 4", "1..3"]),
+        ({"A": "2, 3\n"}, "corrupt", ["R_A.txt", "different graphs"]),
+        ({"A": "1, 2, 3\n"}, "corrupt", ["R_A.txt", "3 value(s)"]),
+        ({"A": "1, x\n"}, "corrupt", ["R_A.txt", "integers"]),
+        ({"graph_indicator": "1\n2\n1\n"}, "corrupt", ["not sorted"]),
+        ({"graph_indicator": "0\n1\n1\n"}, "corrupt", ["start at 1"]),
+        ({"graph_indicator": "\n"}, "empty", ["no nodes"]),
+        ({"node_attributes": "1.0\n1e300\n2.0\n"}, "invalid", ["NaN or inf"]),
+    ],
+)
+def test_tu_inconsistent_files(tmp_path, files, kind, words):
+    base = {"A": "1, 2\n2, 1\n", "graph_indicator": "1\n1\n2\n", "graph_labels": "0\n1\n"}
+    src = write_tu_files(tmp_path / "R", **{**base, **files})
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(src)
+    assert e.value.kind == kind and e.value.source == src
+    assert all(w in e.value.reason for w in words), e.value.reason
+
+
+def test_edge_list_huge_node_ids(tmp_path):
+    (tmp_path / "huge.csv").write_text(f"0,{2**50}\n")
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(str(tmp_path / "huge.csv"))
+    assert e.value.kind == "invalid" and f"node id {2**50}" in e.value.reason and "relabel" in e.value.reason
+    # the limit: max id <= 10 * distinct ids + 1000 (here 2 distinct ids -> 1020 is fine, 1021 is not)
+    (tmp_path / "edge.csv").write_text("0,1020\n")
+    assert len(GraphTokenizer({"subgraph_centers": 1})(str(tmp_path / "edge.csv"))) == 1
+    (tmp_path / "far.csv").write_text("0,1021\n")
+    with pytest.raises(TokenizeError, match="node id 1021"):
+        GraphTokenizer()(str(tmp_path / "far.csv"))
+    (tmp_path / "float.csv").write_text("0,1e30\n")
+    with pytest.raises(TokenizeError, match="too large"):
+        GraphTokenizer()(str(tmp_path / "float.csv"))
+    # node,label rows count as ids too; with a features file every id must be one of its rows
+    src = write_edge_list(tmp_path, [(0, 1)], stem="lab", header=False)
+    (tmp_path / "lab.labels.csv").write_text(f"0,1\n{2**40},0\n")
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(src)
+    assert e.value.kind == "invalid" and e.value.source == src
+    src = write_edge_list(tmp_path, [(0, 1)], features=np.zeros((2, 1)), stem="feat", header=False)
+    (tmp_path / "feat.labels.csv").write_text("0,1\n5,0\n")
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(src)
+    assert e.value.kind == "invalid" and "node id 5" in e.value.reason
+    assert e.value.source == str(tmp_path / "feat.labels.csv")

@@ -261,3 +261,12 @@ def test_explicit_labels_and_render(corpus, tmp_path):
     assert [r.label for r in tok(corpus["jsonl"])[:2]] == [1, 0]
     tok.render(tok.read(corpus["txt"]), str(tmp_path / "doc.png"))
     assert (tmp_path / "doc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_jsonl_records_split_on_newline_only(tmp_path):
+    # U+2028/U+2029/U+0085 are left unescaped by json.dumps(ensure_ascii=False); \r\n endings are fine too
+    texts = ["one\u2028two", "a\u2029b", "c\x85d", "e\x0cf"]
+    p = tmp_path / "seps.jsonl"
+    with open(p, "w", encoding="utf-8", newline="") as f:
+        f.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts) + "\n")
+    assert TextTokenizer(TextConfig()).read(str(p)) == [(t, None) for t in texts]

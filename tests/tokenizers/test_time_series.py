@@ -479,3 +479,34 @@ def test_render_writes_png(tmp_path):
     tok.render(np.arange(10.0), str(tmp_path / "c.png"))
     for name in ("a.png", "b.png", "c.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_duplicate_column_names_are_invalid(tmp_path):
+    p = tmp_path / "dup.csv"
+    p.write_text("date,a,b,a\n" + "".join(f"2020-01-0{i % 9 + 1},{i},{2 * i},{3 * i}\n" for i in range(20)))
+    for tok in (_tok(), _tok(columns=("b",))):
+        with pytest.raises(TokenizeError) as e:
+            tok(str(p))
+        assert e.value.kind == "invalid" and e.value.source == str(p) and "['a']" in e.value.reason
+    pq.write_table(pa.table([pa.array(np.arange(20.0))] * 2, names=["x", "x"]), tmp_path / "dup.parquet")
+    with pytest.raises(TokenizeError) as e:
+        _tok()(str(tmp_path / "dup.parquet"))
+    assert e.value.kind == "invalid" and "['x']" in e.value.reason
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_values_beyond_float32_are_missing_without_warning(tmp_path):
+    p = tmp_path / "big.csv"
+    p.write_text("a\n" + "".join(f"{v}\n" for v in [1.0, 1e300, 3.0, -1e39, 5.0, 6.0]))
+    raw = _tok(window=None).read(str(p))
+    assert raw.series[0][:, 0].tolist() == [1.0, np.inf, 3.0, -np.inf, 5.0, 6.0]
+    (rec,) = _tok(window=None, patch_len=2, patch_stride=2)(str(p))
+    assert rec.meta["missing"] == [2]
+    out = _tok(window=None, patch_len=2, patch_stride=2).detokenize(rec)[:, 0]
+    np.testing.assert_allclose(out, [1, 2, 3, 4, 5, 6], rtol=1e-5)  # interpolated like NaN
+    u = tmp_path / "U_TEST.tsv"
+    u.write_text("1\t1\t1e300\t3\t1e300\n")  # a trailing out-of-range value ends the series, like NaN
+    assert _tok().read(str(u)).series[0][:, 0].tolist() == [1.0, np.inf, 3.0]
+    ts = tmp_path / "big.ts"
+    ts.write_text("@problemName B\n@classLabel true x\n@data\n1,1e300,3:4,5,6:x\n")
+    assert _tok().read(str(ts)).series[0][:, 0].tolist() == [1.0, np.inf, 3.0]
