@@ -4,18 +4,25 @@
 For each table (built here from /work/shared/data with the real tokenizers when present, plus a
 synthetic ragged table):
 
-* ``scan``: a bare pyarrow scan of the same shards — every row group's ``tokens`` and ``positions``
-  columns read and turned into numpy arrays (offsets + flat values), nothing else. The peer.
+* ``scan``: a bare pyarrow scan of the same shards — every row group's ``id``, ``tokens``,
+  ``positions``, ``edges`` and ``label`` columns (what the loader reads for training) read and turned
+  into numpy arrays (offsets + flat values, ids as Python strings), nothing else. The peer.
+  ``scan_tokens_positions`` (only those two columns, the peer of earlier runs) is reported too.
 * ``loader``: one full, shuffled, bucketed epoch of :class:`maskloom.pipelines.loader.TokenLoader`
   producing padded float32/int64 ``TokenBatch`` tensors (also reading ids, labels, edges), with
-  ``with_meta=False`` (training); ``loader_with_meta`` also parses every sample's meta JSON.
-* ``ratio`` = loader samples/s / scan samples/s (target >= 0.7), in the same run, best of ``--repeat``.
+  ``with_meta=False`` (training); ``loader_with_meta`` also reads the meta JSON and reads
+  ``batch.meta`` of every batch (so parses it; the loader parses it lazily, on first access).
+  ``loader_default_meta_unread``: the default configuration training uses (``with_meta=True``, the
+  meta column is read) with ``batch.meta`` never read, so never parsed.
+* ``ratio`` = loader samples/s / scan samples/s (target >= 0.7), in the same run, medians of
+  ``--repeat`` alternating rounds (wall clock; ``_cpu``: process CPU time, steadier when other
+  processes share the machine).
 * ``padding``: fraction of padded tokens (pad / (pad + real)) per epoch with and without bucketing
   (target <= 10% with bucketing).
 
 MB/s counts the decoded bytes of the tokens and positions values, identical for scan and loader.
 
-    .venv/bin/python benchmarks/loader.py [--rows 600] [--batch-size 64] [--repeat 3]
+    .venv/bin/python benchmarks/loader.py [--rows 600] [--batch-size 64] [--repeat 7]
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from maskloom import tables
@@ -44,6 +52,8 @@ from maskloom.pipelines.loader import TokenLoader
 from maskloom.tokenizers.base import TOKENIZERS, Record, TableSpec, TokenizeError, Tokenizer, get_tokenizer
 
 DATA = "/work/shared/data"
+SCAN_COLUMNS = ("id", "tokens", "positions", "edges", "label")
+"""What the loader reads for training (``with_meta=False``); the peer scan decodes the same columns."""
 
 
 class _Ragged(Tokenizer):
@@ -175,25 +185,36 @@ def _flat_numpy(arr: pa.Array) -> np.ndarray:
     return (v.flatten() if pa.types.is_fixed_size_list(v.type) else v).to_numpy(zero_copy_only=False)
 
 
-def bare_scan(table: tables.TokenTable) -> tuple[int, int]:
-    """(rows, decoded bytes) of tokens + positions, reading row group by row group."""
+def bare_scan(table: tables.TokenTable, columns: tuple[str, ...] = SCAN_COLUMNS) -> tuple[int, int]:
+    """(rows, decoded bytes of tokens + positions): every row group's ``columns`` read and turned into
+    numpy — list columns as offsets + flat values, ``id`` as Python strings, ``label`` as int64."""
     rows = nbytes = 0
     for p in table.shard_paths():
         pf = pq.ParquetFile(p)
         for g in range(pf.metadata.num_row_groups):
-            t = pf.read_row_group(g, columns=["tokens", "positions"])
-            for c in ("tokens", "positions"):
+            t = pf.read_row_group(g, columns=list(columns))
+            for c in columns:
                 a = t.column(c).combine_chunks()
-                a.offsets.to_numpy()
-                nbytes += _flat_numpy(a).nbytes
+                if c == "id":
+                    a.to_numpy(zero_copy_only=False)
+                elif c == "label":
+                    pc.fill_null(a, -1).to_numpy()
+                elif a.null_count < len(a):  # list columns (edges: only when some row has edges)
+                    a.offsets.to_numpy()
+                    flat = _flat_numpy(a)
+                    if c in ("tokens", "positions"):
+                        nbytes += flat.nbytes
             rows += t.num_rows
     return rows, nbytes
 
 
-def loader_epoch(loader: TokenLoader) -> tuple[int, int, int]:
-    """(rows, padded tokens, real tokens) of one epoch."""
+def loader_epoch(loader: TokenLoader, read_meta: bool = True) -> tuple[int, int, int]:
+    """(rows, padded tokens, real tokens) of one epoch (reading ``batch.meta`` when the loader has it
+    and ``read_meta``)."""
     rows = pad = real = 0
     for b in loader:
+        if read_meta and loader.config.with_meta:
+            b.meta  # noqa: B018 - parse it (lazily parsed JSON), as a consumer of meta would
         rows += b.batch_size
         p = int(b.padding.sum())
         pad += p
@@ -201,32 +222,47 @@ def loader_epoch(loader: TokenLoader) -> tuple[int, int, int]:
     return rows, pad, real
 
 
-def best_times(fns: dict, repeat: int) -> tuple[dict, dict]:
-    """Best wall time of each function over ``repeat`` rounds; the functions alternate within a
-    round so that load from other processes hits them alike."""
-    best = dict.fromkeys(fns, float("inf"))
+def timings(fns: dict, repeat: int) -> tuple[dict, dict, dict]:
+    """Median wall time, median process CPU time and the last result of each function over ``repeat``
+    rounds; the functions alternate within a round so that load from other processes hits them alike.
+    CPU time (all threads of this process) is the steadier figure on a shared machine."""
+    wall: dict = {k: [] for k in fns}
+    cpu: dict = {k: [] for k in fns}
     out: dict = {}
     for _ in range(repeat):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out[k] = fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best, out
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    med = lambda v: float(np.median(v))  # noqa: E731
+    return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}, out
+
+
+def _rate(rows: int, nbytes: int, wall: float, cpu: float) -> dict:
+    return {
+        "seconds": round(wall, 4),
+        "cpu_seconds": round(cpu, 4),
+        "samples_per_s": round(rows / wall, 1),
+        "MB_per_s": round(nbytes / wall / 1e6, 1),
+    }
 
 
 def bench_table(name: str, directory: str, batch_size: int, repeat: int, workers: int) -> dict:
     table = tables.TokenTable(directory)
     loader = TokenLoader(table, batch_size=batch_size, seed=0, shuffle=True, bucket=True, with_meta=False)
     mloader = TokenLoader(table, batch_size=batch_size, seed=0, shuffle=True, bucket=True, with_meta=True)
-    best, out = best_times(
+    dloader = TokenLoader(table, batch_size=batch_size, seed=0, shuffle=True, bucket=True)  # as training
+    wall, cpu, out = timings(
         {
             "scan": lambda: bare_scan(table),
+            "scan_tokens_positions": lambda: bare_scan(table, ("tokens", "positions")),
             "loader": lambda: loader_epoch(loader),
             "meta": lambda: loader_epoch(mloader),
+            "default": lambda: loader_epoch(dloader, read_meta=False),
         },
         repeat,
     )
-    t_scan, t_load, t_meta = best["scan"], best["loader"], best["meta"]
     rows, nbytes = out["scan"]
     lrows, pad, real = out["loader"]
     plain = loader_epoch(TokenLoader(table, batch_size=batch_size, seed=0, shuffle=True, bucket=False))
@@ -240,23 +276,20 @@ def bench_table(name: str, directory: str, batch_size: int, repeat: int, workers
         "shards": len(table.manifest.shards),
         "token": f"{table.spec.token_kind} {table.spec.token_dim}x{table.spec.token_dtype}",
         "length_min_median_max": lengths,
-        "scan": {
-            "seconds": round(t_scan, 4),
-            "samples_per_s": round(rows / t_scan, 1),
-            "MB_per_s": round(nbytes / t_scan / 1e6, 1),
-        },
-        "loader": {
-            "seconds": round(t_load, 4),
-            "samples_per_s": round(lrows / t_load, 1),
-            "MB_per_s": round(nbytes / t_load / 1e6, 1),
-        },
-        "loader_with_meta": {
-            "seconds": round(t_meta, 4),
-            "samples_per_s": round(lrows / t_meta, 1),
-            "MB_per_s": round(nbytes / t_meta / 1e6, 1),
-        },
-        "ratio_loader_vs_scan": round((lrows / t_load) / (rows / t_scan), 3),
-        "ratio_loader_with_meta_vs_scan": round((lrows / t_meta) / (rows / t_scan), 3),
+        "scan": _rate(rows, nbytes, wall["scan"], cpu["scan"]),
+        "scan_tokens_positions": _rate(
+            rows, nbytes, wall["scan_tokens_positions"], cpu["scan_tokens_positions"]
+        ),
+        "loader": _rate(lrows, nbytes, wall["loader"], cpu["loader"]),
+        "loader_with_meta": _rate(lrows, nbytes, wall["meta"], cpu["meta"]),
+        "loader_default_meta_unread": _rate(lrows, nbytes, wall["default"], cpu["default"]),
+        "ratio_loader_vs_scan": round(wall["scan"] / wall["loader"] * lrows / rows, 3),
+        "ratio_loader_vs_scan_cpu": round(cpu["scan"] / cpu["loader"] * lrows / rows, 3),
+        "ratio_loader_vs_scan_tokens_positions": round(
+            wall["scan_tokens_positions"] / wall["loader"] * lrows / rows, 3
+        ),
+        "ratio_loader_with_meta_vs_scan": round(wall["scan"] / wall["meta"] * lrows / rows, 3),
+        "ratio_loader_default_vs_scan": round(wall["scan"] / wall["default"] * lrows / rows, 3),
         "padding_bucketed": round(pad / max(1, pad + real), 4),
         "padding_unbucketed": round(plain[1] / max(1, plain[1] + plain[2]), 4),
         "padding_bucketed_max_tokens": {
@@ -266,8 +299,8 @@ def bench_table(name: str, directory: str, batch_size: int, repeat: int, workers
     }
     if workers:
         wl = TokenLoader(table, batch_size=batch_size, seed=0, num_workers=workers, with_meta=False)
-        wbest, wout = best_times({"w": lambda: loader_epoch(wl)}, 1)
-        t_w, wrows = wbest["w"], wout["w"][0]
+        wwall, _, wout = timings({"w": lambda: loader_epoch(wl)}, 1)
+        t_w, wrows = wwall["w"], wout["w"][0]
         res[f"loader_{workers}_workers"] = {"seconds": round(t_w, 4), "samples_per_s": round(wrows / t_w, 1)}
     res["targets_met"] = {
         "ratio>=0.7": res["ratio_loader_vs_scan"] >= 0.7,
@@ -286,7 +319,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=600, help="files per real-data table (default 600)")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3, help="timed repetitions; the best is kept")
+    ap.add_argument("--repeat", type=int, default=7, help="timed repetitions; medians are reported")
     ap.add_argument("--workers", type=int, default=2, help="also time num_workers=N (0: skip)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)

@@ -36,18 +36,24 @@ How an epoch is planned (from sequence lengths only, no token decoding; identica
    (``set_epoch`` sets it explicitly, as for ``DistributedSampler``).
 
 Reading is per row group with ``pyarrow.parquet.ParquetFile.read_row_group`` of only the needed
-columns; nested list columns become numpy arrays through their offsets and flattened values.
+columns; nested list columns become numpy arrays through their offsets and flattened values, decoded
+once per row group (no pyarrow call per batch). Collating is vectorised across the batch: for short
+rows (text ids, time-series patches) every row's window of ``L`` values is picked by *one* fancy index
+per column from a strided view over the row group's values (a batch spanning several row groups uses
+one merged chunk of them), and padding is reset by one masked assignment; big rows (image patches) are
+copied one contiguous slice per row. ``TokenBatch.meta`` is parsed from its JSON only when first read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -286,14 +292,26 @@ def _rank_block(batches: list[np.ndarray], rank: int, world_size: int) -> list[n
 # ---------------------------------------------------------------------------------------------
 # reading and collating
 # ---------------------------------------------------------------------------------------------
+ROW_COPY_MIN = 4096
+"""Values per padded sample (``L * D``) from which :func:`collate` copies sample by sample (one
+contiguous slice each: big rows such as image patches) instead of one gather for the whole batch (short
+rows such as text ids or time-series patches, where a Python step per sample would dominate)."""
+
+
 def _flat(arr: pa.Array) -> pa.Array:
     """Values of a fixed-size-list array as a flat array, honouring slicing."""
     return arr.flatten() if pa.types.is_fixed_size_list(arr.type) else arr
 
 
+def _strings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(n,) object array of the Python strings of a string column (one C-level conversion)."""
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+
+
 @dataclass
 class _Chunk:
-    """Decoded columns of some rows (one row group, or one Ray batch) as numpy arrays."""
+    """Decoded columns of some rows (one row group, or one Ray batch) as numpy arrays, decoded once and
+    then only sliced/gathered by :func:`collate` (no pyarrow call per batch)."""
 
     tok_off: np.ndarray  # (n+1,) offsets into tok
     tok: np.ndarray  # (T, D) continuous or (T,) discrete
@@ -304,12 +322,15 @@ class _Chunk:
     labels: np.ndarray  # (n,) int64, -1 for missing
     ids: np.ndarray  # (n,) object: str
     meta: np.ndarray | None = None  # (n,) object: raw JSON strings, None when not read
+    _ext: dict = field(default_factory=dict, repr=False)  # lazily built: padded values, longest row
 
     @classmethod
     def from_arrow(cls, t: pa.Table, spec: TableSpec) -> _Chunk:
         def lst(name: str) -> pa.Array:
             col = t.column(name)
-            return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+            if isinstance(col, pa.ChunkedArray):
+                return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+            return col
 
         tok = lst("tokens")
         tvals = _flat(tok.values).to_numpy(zero_copy_only=False)
@@ -326,8 +347,8 @@ class _Chunk:
             labels = pc.fill_null(t.column("label"), -1).to_numpy().astype(np.int64)
         else:
             labels = np.full(t.num_rows, -1, np.int64)
-        ids = np.array(t.column("id").to_pylist() if "id" in t.column_names else [""] * t.num_rows, object)
-        meta = np.array(t.column("meta").to_pylist(), object) if "meta" in t.column_names else None
+        ids = _strings(t.column("id")) if "id" in t.column_names else np.full(t.num_rows, "", object)
+        meta = _strings(t.column("meta")) if "meta" in t.column_names else None
         return cls(
             tok_off=tok.offsets.to_numpy(),
             tok=tvals,
@@ -340,77 +361,278 @@ class _Chunk:
             meta=meta,
         )
 
+    def maxlen(self) -> int:
+        """Longest row (tokens, positions or edges) of the chunk, in values."""
+        if "maxlen" not in self._ext:
+            offs = [self.tok_off, self.pos_off] + ([self.edge_off] if self.edge_off is not None else [])
+            self._ext["maxlen"] = max((int(np.diff(o).max()) for o in offs if o.size > 1), default=0)
+        return self._ext["maxlen"]
 
-def _copy_rows(
-    out: np.ndarray, flat: np.ndarray, starts: np.ndarray, lens: np.ndarray, slots: np.ndarray
-) -> None:
-    """out[slots[i], :lens[i]] = flat[starts[i] : starts[i] + lens[i]] (with dtype conversion).
+    def ext(self, name: str) -> np.ndarray | None:
+        """Column ``name`` (tok, pos, edges) followed by ``maxlen()`` zero rows: built once, so that a
+        window of up to ``maxlen()`` values starting at any row start stays inside the array."""
+        if name not in self._ext:
+            flat = getattr(self, name)
+            if flat is None:
+                self._ext[name] = None
+            else:
+                ext = np.zeros((flat.shape[0] + self.maxlen(), *flat.shape[1:]), flat.dtype)
+                ext[: flat.shape[0]] = flat
+                self._ext[name] = ext
+                setattr(self, name, ext[: flat.shape[0]])  # same values; the decoded buffer can go
+        return self._ext[name]
 
-    One contiguous slice copy per row (a loop over the B rows, never over tokens): measured faster
-    than one fancy-indexed gather/scatter of all tokens, which pays per-token index arithmetic.
+    @classmethod
+    def merge(cls, chunks: Sequence[_Chunk]) -> _Chunk:
+        """One chunk of all rows of ``chunks`` in order (one copy of their values), so that a batch
+        spread over several row groups is still gathered with one fancy index per column."""
+
+        longest = max(c.maxlen() for c in chunks)
+        ext: dict[str, Any] = {"maxlen": longest}
+
+        def cat(name: str, off_name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+            """Offsets and values of column ``name`` of all chunks; the values are a view of one array
+            that also holds the ``longest`` zero rows of :meth:`ext` (one copy for both)."""
+            flats = [getattr(c, name) for c in chunks]
+            if all(f is None for f in flats):
+                ext[name] = None
+                return None, None
+            offs, vals, base = [np.zeros(1, np.int64)], [], 0
+            for c, f in zip(chunks, flats):
+                off = getattr(c, off_name)
+                if off is None:  # rows without values (no edges in this chunk)
+                    offs.append(np.full(c.labels.size, base, np.int64))
+                    continue
+                offs.append(off[1:] - off[0] + base)
+                vals.append(f[off[0] : off[-1]])
+                base += int(off[-1] - off[0])
+            like = next(f for f in flats if f is not None)
+            vals.append(np.zeros((longest, *like.shape[1:]), like.dtype))
+            ext[name] = np.concatenate(vals)
+            return np.concatenate(offs), ext[name][:base]
+
+        tok_off, tok = cat("tok", "tok_off")
+        pos_off, pos = cat("pos", "pos_off")
+        edge_off, edges = cat("edges", "edge_off")
+        metas = [c.meta for c in chunks]
+        return cls(
+            tok_off=tok_off,
+            tok=tok,
+            pos_off=pos_off,
+            pos=pos,
+            edge_off=edge_off,
+            edges=edges,
+            labels=np.concatenate([c.labels for c in chunks]),
+            ids=np.concatenate([c.ids for c in chunks]),
+            meta=None if any(m is None for m in metas) else np.concatenate(metas),
+            _ext=ext,
+        )
+
+
+class _MetaJSON:
+    """The unparsed per-sample meta JSON strings of a batch (parsed by :class:`_Batch` on access)."""
+
+    __slots__ = ("strings",)
+
+    def __init__(self, strings: list[str]) -> None:
+        self.strings = strings
+
+    def parse(self) -> list[dict]:
+        return json.loads("[" + ",".join(self.strings) + "]")  # one parse per batch, not per sample
+
+    def __getstate__(self) -> list[str]:
+        return self.strings
+
+    def __setstate__(self, strings: list[str]) -> None:
+        self.strings = strings
+
+
+class _Batch(TokenBatch):
+    """A :class:`TokenBatch` whose ``meta`` JSON is parsed only when ``meta`` is first read.
+
+    Training never reads ``meta``; detokenising and drawing do. ``to`` and ``pin_memory`` hand the
+    unparsed JSON on to the new batch, so moving a batch does not parse it either.
     """
-    for i, s, n in zip(slots.tolist(), starts.tolist(), lens.tolist()):
-        out[i, :n] = flat[s : s + n]
+
+    @property
+    def meta(self) -> list[dict]:  # type: ignore[override]
+        d = self.__dict__
+        m = d["_meta"]
+        if isinstance(m, _MetaJSON) and not d.get("_handing_over"):
+            m = d["_meta"] = m.parse()
+        return m
+
+    @meta.setter
+    def meta(self, value: list[dict] | _MetaJSON) -> None:
+        self.__dict__["_meta"] = value
+
+    def _hand_over(self, method: Any, *args: Any, **kwargs: Any) -> TokenBatch:
+        self.__dict__["_handing_over"] = True  # dataclasses.replace reads .meta: pass the raw JSON on
+        try:
+            return method(*args, **kwargs)
+        finally:
+            del self.__dict__["_handing_over"]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBatch:
+        return self._hand_over(super().to, device, non_blocking=non_blocking)
+
+    def pin_memory(self) -> TokenBatch:
+        return self._hand_over(super().pin_memory)
+
+
+def _windows(ext: np.ndarray, L: int) -> np.ndarray:
+    """(T - L + 1, L, ...) read-only view of ``ext`` (T, ...): window i is ``ext[i : i + L]``."""
+    w = np.ndarray(
+        (ext.shape[0] - L + 1, L, *ext.shape[1:]),
+        ext.dtype,
+        buffer=ext,
+        strides=(ext.strides[0], *ext.strides),
+    )
+    w.flags.writeable = False
+    return w
+
+
+def _pad_column(
+    parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]],
+    name: str,
+    starts: Sequence[np.ndarray],
+    lens: np.ndarray,
+    pad: np.ndarray,
+    width: tuple[int, ...],
+    dtype: Any,
+    pad_value: int,
+) -> np.ndarray:
+    """One padded (B, L, *width) column: row i = its values, then ``pad_value``.
+
+    Short rows: one fancy index per chunk picks every row's window of L values at once (windows are a
+    strided view over the chunk's values; what spills past a row's end is overwritten with the pad
+    value by one masked assignment). Big rows (``L * prod(width) >= ROW_COPY_MIN``): one contiguous
+    slice copy per row. Never a step per token.
+    """
+    B, L = pad.shape
+    shape = (B, L, *width)
+    big = L * math.prod(width) >= ROW_COPY_MIN
+    if big or L == 0:
+        out = np.zeros(shape, dtype) if pad_value == 0 else np.full(shape, pad_value, dtype)
+        for (c, _, slot), st in zip(parts, starts):
+            flat = getattr(c, name)
+            if flat is None:
+                continue
+            slots = range(st.size) if slot is None else slot.tolist()
+            for i, s, n in zip(slots, st.tolist(), (lens if slot is None else lens[slot]).tolist()):
+                out[i, :n] = flat[s : s + n]
+        return out
+    if len(parts) == 1 and parts[0][2] is None:  # the common case: the whole batch from one chunk
+        ext = parts[0][0].ext(name)
+        if ext is None:
+            return np.full(shape, pad_value, dtype)
+        out = _windows(ext, L)[starts[0]]  # (B, L, *width), stored dtype
+        if out.dtype != dtype:
+            out = out.astype(dtype)
+    else:
+        out = np.empty(shape, dtype)
+        for (c, _, slot), st in zip(parts, starts):
+            ext = c.ext(name)
+            if ext is not None:
+                n = min(L, c.maxlen())  # this chunk's rows are no longer than its longest row
+                out[slot, :n] = _windows(ext, n)[st]
+    if B * L != int(lens.sum()):  # some padding: one masked assignment resets it
+        out[pad] = pad_value
+    return out
 
 
 def collate(
-    parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray]], spec: TableSpec, *, with_meta: bool = True
+    parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]], spec: TableSpec, *, with_meta: bool = True
 ) -> TokenBatch:
     """Pad rows taken from decoded chunks into one TokenBatch.
 
     ``parts``: (chunk, local row indices (n,), batch slots (n,)) triples; together the slots are
-    0..B-1 exactly once. One triple per chunk, so the work is vectorised per chunk, not per row.
+    0..B-1 exactly once (``None`` slots: the only part, the whole batch in order). The work is
+    vectorised per chunk and column (see :func:`_pad_column`); ``meta`` JSON is parsed only when
+    ``batch.meta`` is first read.
     """
-    B = sum(int(r.size) for _, r, _ in parts)
-    lens = np.zeros(B, np.int64)  # (B,) tokens per sample
-    elens = np.zeros(B, np.int64)  # (B,) edges per sample
-    for c, r, slot in parts:
-        lens[slot] = c.tok_off[r + 1] - c.tok_off[r]
-        if c.edge_off is not None:
-            elens[slot] = c.edge_off[r + 1] - c.edge_off[r]
-    L = int(lens.max()) if B else 0
-    D, P = spec.token_dim, spec.position_dim
-    if spec.token_kind == "continuous":
-        tokens = np.zeros((B, L, D), np.float32)  # (B, L, D)
+    single = len(parts) == 1 and parts[0][2] is None
+    if single:
+        c, r, _ = parts[0]
+        st = c.tok_off[r]
+        lens = c.tok_off[r + 1] - st  # (B,) tokens per sample
+        tok_st, pos_st = [st], [c.pos_off[r]]
     else:
-        tokens = np.zeros((B, L), np.int64)  # (B, L)
-    positions = np.zeros((B, L, P), np.float32)  # (B, L, P)
-    labels = np.empty(B, np.int64)  # (B,)
-    has_edges = any(c.edge_off is not None for c, _, _ in parts)
-    edges = np.full((B, int(elens.max()) if B else 0, 2), -1, np.int64) if has_edges else None  # (B, E, 2)
-    ids = np.empty(B, object)
-    meta_json = np.full(B, "{}", object)
-    for c, r, slot in parts:
-        _copy_rows(tokens, c.tok, c.tok_off[r], lens[slot], slot)
-        _copy_rows(positions, c.pos, c.pos_off[r], lens[slot], slot)
-        labels[slot] = c.labels[r]
-        if edges is not None and c.edge_off is not None:
-            _copy_rows(edges, c.edges, c.edge_off[r], elens[slot], slot)
-        ids[slot] = c.ids[r]
-        if with_meta and c.meta is not None:
-            meta_json[slot] = c.meta[r]
-    meta = json.loads("[" + ",".join(meta_json.tolist()) + "]") if with_meta else []  # one parse per batch
-    padding = np.arange(L)[None, :] >= lens[:, None]  # (B, L) True = padding
-    return TokenBatch(
+        B = sum(int(r.size) for _, r, _ in parts)
+        lens = np.empty(B, np.int64)
+        tok_st, pos_st = [], []
+        for c, r, slot in parts:
+            st = c.tok_off[r]
+            lens[slot] = c.tok_off[r + 1] - st
+            tok_st.append(st)
+            pos_st.append(c.pos_off[r])
+    L = int(lens.max()) if lens.size else 0
+    pad = np.arange(L) >= lens[:, None]  # (B, L) True = padding
+    continuous = spec.token_kind == "continuous"
+    tokens = _pad_column(  # (B, L, D) float32 or (B, L) int64
+        parts,
+        "tok",
+        tok_st,
+        lens,
+        pad,
+        (spec.token_dim,) if continuous else (),
+        np.float32 if continuous else np.int64,
+        0,
+    )
+    positions = _pad_column(parts, "pos", pos_st, lens, pad, (len(spec.position_axes),), np.float32, 0)
+    edges = None
+    if any(c.edge_off is not None for c, _, _ in parts):
+        elens = np.zeros(lens.size, np.int64)  # (B,) edges per sample
+        e_st = []
+        for c, r, slot in parts:
+            st = c.edge_off[r] if c.edge_off is not None else np.zeros(r.size, np.int64)
+            if c.edge_off is not None:
+                elens[slice(None) if slot is None else slot] = c.edge_off[r + 1] - st
+            e_st.append(st)
+        epad = np.arange(int(elens.max()) if elens.size else 0) >= elens[:, None]  # (B, E)
+        edges = _pad_column(parts, "edges", e_st, elens, epad, (2,), np.int64, -1)  # (B, E, 2)
+    if single:
+        labels, ids = c.labels[r], c.ids[r]
+        meta = c.meta[r] if with_meta and c.meta is not None else None
+    else:
+        labels, ids = np.empty(lens.size, np.int64), np.empty(lens.size, object)
+        meta = np.full(lens.size, "{}", object) if with_meta else None
+        for c, r, slot in parts:
+            labels[slot] = c.labels[r]
+            ids[slot] = c.ids[r]
+            if meta is not None and c.meta is not None:
+                meta[slot] = c.meta[r]
+    return _Batch(
         tokens=torch.from_numpy(tokens),
         positions=torch.from_numpy(positions),
-        padding=torch.from_numpy(padding),
+        padding=torch.from_numpy(pad),
         modality=spec.modality,
         labels=torch.from_numpy(labels),
         edges=None if edges is None else torch.from_numpy(edges),
         ids=ids.tolist(),
-        meta=meta,
+        meta=(_MetaJSON(meta.tolist()) if meta is not None else _MetaJSON(["{}"] * lens.size))
+        if with_meta
+        else [],
     )
 
 
 class _Reader:
-    """Runs a list of planned batches, holding each row group in memory only while it is needed."""
+    """Runs a list of planned batches, holding each row group in memory only while it is needed.
+
+    A batch of short rows spread over several cached row groups is read from one merged chunk of those
+    groups (built once, reused while the next batches need no other group), so it costs one gather
+    per column like a batch from a single group.
+    """
 
     def __init__(self, streams: list[_Stream], *, with_meta: bool) -> None:
         self.streams = streams
         self.with_meta = with_meta
         self._files: dict[str, pq.ParquetFile] = {}
         self._pid = os.getpid()
+        self._width = [
+            max(s.spec.token_dim if s.spec.token_kind == "continuous" else 1, len(s.spec.position_axes))
+            for s in streams
+        ]
 
     def _file(self, path: str) -> pq.ParquetFile:
         if self._pid != os.getpid():  # a forked worker opens its own handles
@@ -426,32 +648,66 @@ class _Reader:
         t = self._file(grp.path).read_row_group(grp.index, columns=cols)
         return _Chunk.from_arrow(t, st.spec)
 
+    def _uses(self, items: Sequence[tuple[int, int, np.ndarray]]) -> dict[tuple[int, int, int], int]:
+        """How many rows of each (stream, pass, group) the items take: one bincount per (stream, pass)."""
+        rows_of: dict[tuple[int, int], list[np.ndarray]] = {}
+        for s, cyc, rows in items:
+            rows_of.setdefault((s, cyc), []).append(rows)
+        uses = {}
+        for (s, cyc), rs in rows_of.items():
+            st = self.streams[s]
+            cnt = np.bincount(st.group_of_row[np.concatenate(rs)], minlength=len(st.groups))
+            for g in np.flatnonzero(cnt).tolist():
+                uses[(s, cyc, g)] = int(cnt[g])
+        return uses
+
     def run(self, items: Sequence[tuple[int, int, np.ndarray]]) -> Iterator[TokenBatch]:
         """``items``: (stream, pass, stream rows) per batch, in the order to yield."""
-        # how many rows of each (stream, pass, group) remain; a group is evicted when its pass is done
-        remaining: dict[tuple[int, int, int], int] = {}
-        for s, cyc, rows in items:
-            gs, cnt = np.unique(self.streams[s].group_of_row[rows], return_counts=True)
-            for g, c in zip(gs.tolist(), cnt.tolist()):
-                remaining[(s, cyc, g)] = remaining.get((s, cyc, g), 0) + c
+        remaining = self._uses(items)  # a group is evicted when its rows of this pass are all used
         cache: dict[tuple[int, int], _Chunk] = {}
+        # per stream: (groups, their first row inside the merged chunk (G,) with -1 elsewhere, chunk)
+        merged: dict[int, tuple[set[int], np.ndarray, _Chunk]] = {}
         for s, cyc, rows in items:
             st = self.streams[s]
-            g_of = st.group_of_row[rows]
-            parts = []
-            order = np.argsort(g_of, kind="stable")  # batch slots grouped by row group, planned order kept
-            gs, first, cnt = np.unique(g_of[order], return_index=True, return_counts=True)
-            for g, f, c in zip(gs.tolist(), first.tolist(), cnt.tolist()):
-                slot = order[f : f + c]
-                if (s, g) not in cache:
-                    cache[(s, g)] = self._load(s, g)
-                parts.append((cache[(s, g)], rows[slot] - st.group_start[g], slot))
+            g_of = st.group_of_row[rows]  # (B,) row group of every batch row
+            g0 = int(g_of[0]) if rows.size else 0
+            if not rows.size or (g_of == g0).all():  # inside one row group
+                groups = [g0]
+                if (s, g0) not in cache:
+                    cache[(s, g0)] = self._load(s, g0)
+                parts = [(cache[(s, g0)], rows - st.group_start[g0], None)]
+            else:
+                per_group = np.bincount(g_of)
+                groups = np.flatnonzero(per_group).tolist()
+                for g in groups:
+                    if (s, g) not in cache:
+                        cache[(s, g)] = self._load(s, g)
+                short = int(st.lengths[rows].max()) * self._width[s] < ROW_COPY_MIN
+                if short:  # one merged chunk: one gather per column
+                    m = merged.get(s)
+                    if m is None or not m[0].issuperset(groups):
+                        have = sorted(g for (s2, g) in cache if s2 == s)
+                        first = np.full(len(st.groups), -1, np.int64)
+                        first[have] = np.cumsum([0] + [st.groups[g].rows for g in have[:-1]])
+                        m = merged[s] = (set(have), first, _Chunk.merge([cache[(s, g)] for g in have]))
+                    parts = [(m[2], m[1][g_of] + rows - st.group_start[g_of], None)]
+                else:  # big rows are copied row by row anyway: one part per group
+                    order = np.argsort(g_of, kind="stable")
+                    sg = g_of[order]
+                    bounds = [0, *(np.flatnonzero(sg[1:] != sg[:-1]) + 1).tolist(), rows.size]
+                    parts = [
+                        (cache[(s, int(sg[a]))], rows[order[a:b]] - st.group_start[sg[a]], order[a:b])
+                        for a, b in zip(bounds[:-1], bounds[1:])
+                    ]
             batch = collate(parts, st.spec, with_meta=self.with_meta)
-            for g, c in zip(gs.tolist(), cnt.tolist()):
+            counts = [rows.size] if len(groups) == 1 else per_group[groups].tolist()
+            for g, c in zip(groups, counts):
                 key = (s, cyc, g)
                 remaining[key] -= c
                 if remaining[key] == 0:
                     cache.pop((s, g), None)
+                    if s in merged and g in merged[s][0] and not any(k[0] == s for k in cache):
+                        del merged[s]  # nothing of this stream is cached any more
             yield batch
 
 

@@ -83,6 +83,9 @@ class RunOptions:
     """Override the recipe's train.compile."""
     progress: bool = True
     """Show a tqdm progress bar (rank 0, only on a terminal)."""
+    threads: int | None = None
+    """torch intra-op CPU threads of this process (None = torch's default). Small models on a CPU
+    gain little from several threads and lose much when other processes share the cores."""
 
 
 @dataclass
@@ -469,6 +472,10 @@ def train(
         raise TrainError(f"--max-steps must be >= 1, got {options.max_steps}")
     if options.max_minutes is not None and not options.max_minutes > 0:
         raise TrainError(f"--max-minutes must be > 0, got {options.max_minutes}")
+    if options.threads is not None:
+        if options.threads < 1:
+            raise TrainError(f"--threads must be >= 1, got {options.threads}")
+        torch.set_num_threads(options.threads)
     opened = open_tables(tables)
     cfg, mods = model_config(recipe, opened)
 

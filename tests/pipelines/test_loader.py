@@ -425,3 +425,70 @@ def test_thread_prefetch_identical_in_order(tmp_path):
     again = TokenLoader(d, batch_size=3, seed=7)
     again.set_epoch(1)
     assert [b.ids for b in first + rest] == ids_of(again)
+
+
+# ---------------------------------------------------------------------------------------------
+# the vectorised collate paths (windows over merged row groups; row copies for big rows) and lazy meta
+def expected_batch(recs_by_id, ids, dim):
+    """(tokens, positions, edges) padded from the records, the obvious way: one row at a time."""
+    rs = [recs_by_id[i] for i in ids]
+    L = max(r.num_tokens for r in rs)
+    E = max((0 if r.edges is None else len(r.edges)) for r in rs)
+    tok = np.zeros((len(rs), L, dim) if dim else (len(rs), L), np.float64)
+    pos = np.zeros((len(rs), L, rs[0].positions.shape[1]), np.float64)
+    edges = np.full((len(rs), E, 2), -1, np.int64)
+    for i, r in enumerate(rs):
+        tok[i, : r.num_tokens] = r.tokens
+        pos[i, : r.num_tokens] = r.positions
+        if r.edges is not None:
+            edges[i, : len(r.edges)] = r.edges
+    return tok, pos, edges
+
+
+@pytest.mark.parametrize("row_copy_min", [1, 10**9])  # every path: per-row copies / windowed gathers
+def test_batches_across_row_groups_match_records(tmp_path, monkeypatch, row_copy_min):
+    from maskloom.pipelines import loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "ROW_COPY_MIN", row_copy_min)
+    vec = [vec_record(i, (i * 7) % 9 + 1, label=i % 3) for i in range(37)]
+    d = tables.write_table(str(tmp_path / "v"), vec, VecTokenizer(), rows_per_shard=5).directory
+    ids = [
+        ids_record(i, i % 5 + 1, None if i % 3 else np.array([[0, i % 5]] * (i % 4), np.int32).reshape(-1, 2))
+        for i in range(23)
+    ]
+    e = tables.write_table(str(tmp_path / "e"), ids, IdsTokenizer(), rows_per_shard=4).directory
+    for path, recs, dim in ((d, vec, 2), (e, ids, 0)):
+        by_id = {r.id: r for r in recs}
+        batches = list(TokenLoader(path, batch_size=6, seed=3, bucket_window=3))
+        assert sorted(i for b in batches for i in b.ids) == sorted(by_id)
+        spanning = 0
+        for b in batches:
+            tok, pos, edges = expected_batch(by_id, b.ids, dim)
+            assert np.array_equal(b.tokens.numpy(), tok) and np.array_equal(b.positions.numpy(), pos)
+            assert b.lengths.tolist() == [by_id[i].num_tokens for i in b.ids]
+            assert b.labels.tolist() == [-1 if by_id[i].label is None else by_id[i].label for i in b.ids]
+            if dim == 0:
+                assert b.edges is not None and np.array_equal(b.edges.numpy(), edges)
+            spanning += len({int(i[1:]) // (5 if dim else 4) for i in b.ids}) > 1
+        assert spanning >= 3  # batches that mix row groups (the merged-chunk path) were exercised
+
+
+def test_meta_is_parsed_lazily_and_survives_moves_and_pickling(tmp_path):
+    import pickle
+
+    from maskloom.pipelines.loader import _MetaJSON
+
+    d = make_vec(tmp_path, [3, 1, 2])
+    (b,) = list(TokenLoader(d, batch_size=3, shuffle=False, bucket=False))
+    assert isinstance(b.__dict__["_meta"], _MetaJSON)  # not parsed yet
+    moved = b.to("cpu")
+    assert isinstance(moved.__dict__["_meta"], _MetaJSON) and isinstance(b.__dict__["_meta"], _MetaJSON)
+    back = pickle.loads(pickle.dumps(b))
+    assert isinstance(back.__dict__["_meta"], _MetaJSON)
+    for x in (b, moved, back):
+        assert x.meta == [{"i": 0}, {"i": 1}, {"i": 2}] and x.ids == ["s0", "s1", "s2"]
+    assert b.__dict__["_meta"] == [{"i": 0}, {"i": 1}, {"i": 2}]  # parsed once, then kept
+    b.meta = [{"x": 1}]
+    assert b.meta == [{"x": 1}]
+    par = list(TokenLoader(d, batch_size=2, seed=1, num_workers=1))
+    assert [m for x in par for m in x.meta] == [{"i": int(i[1:])} for x in par for i in x.ids]
