@@ -27,6 +27,17 @@ def key_mask(padding: Tensor) -> Tensor | None:
     return keep[:, None, None, :]
 
 
+def heads_view(parts: tuple[Tensor, ...], heads: int) -> tuple[Tensor, ...]:
+    """Views (no copies) of projections (B, L, D) as SDPA inputs (B, H, L, D/H).
+
+    The parts are slices of one fused projection (``qkv.chunk(3, -1)``). Splitting along the last
+    dim before the head split (rather than ``"b l (three h d) -> three b h l d"`` + unbind) matters
+    for the backward pass on CPU: SDPA returns its gradients in (B, L, H, d) layout, so each part's
+    gradient is a free view of (B, L, D) and autograd joins them with one ``cat`` instead of a
+    ``stack`` followed by a permuting copy."""
+    return tuple(rearrange(t, "b l (h d) -> b h l d", h=heads) for t in parts)
+
+
 class DropPath(nn.Module):
     """Zero a sample's residual branch with probability p in training, rescaling the rest by 1/(1-p)."""
 
@@ -63,7 +74,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """(B, L, D) -> (B, L, D)."""
-        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        q, k, v = heads_view(self.qkv(x).chunk(3, dim=-1), self.heads)  # 3 x (B, H, L, d)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, d)
         return self.proj(rearrange(y, "b h l d -> b l (h d)"))
 
@@ -80,8 +91,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, memory: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """(B, Lq, D), (B, Lk, Dm) -> (B, Lq, D)."""
-        q = rearrange(self.q(x), "b l (h d) -> b h l d", h=self.heads)
-        k, v = rearrange(self.kv(memory), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        (q,) = heads_view((self.q(x),), self.heads)  # (B, H, Lq, d)
+        k, v = heads_view(self.kv(memory).chunk(2, dim=-1), self.heads)  # 2 x (B, H, Lk, d)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Lq, d)
         return self.proj(rearrange(y, "b h l d -> b l (h d)"))
 

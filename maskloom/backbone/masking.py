@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from maskloom.backbone.blocks import Block, key_mask
+from maskloom.backbone.blocks import Block, heads_view, key_mask
 from maskloom.backbone.config import MaskingConfig
 
 
@@ -199,7 +199,7 @@ class LearnedMasking(nn.Module):
     def attention_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L, D) embedded tokens -> logits (B, H, Q, L) and values (B, H, L, d)."""
         q = rearrange(self.q(self.queries), "q (h d) -> h q d", h=self.heads)
-        k, v = rearrange(self.kv(self.norm(x)), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        k, v = heads_view(self.kv(self.norm(x)).chunk(2, dim=-1), self.heads)  # 2 x (B, H, L, d)
         logits = torch.einsum("hqd,bhld->bhql", q, k) / math.sqrt(q.shape[-1])
         return logits, v
 
@@ -229,8 +229,8 @@ class LearnedMasking(nn.Module):
 
     def read_back(self, x: Tensor, latents: Tensor) -> Tensor:
         """Visible tokens read the latents: (B, V, D), (B, Q, D) -> (B, V, D) (residual added)."""
-        q = rearrange(self.read_q(self.read_norm(x)), "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(self.read_kv(latents), "b q (two h d) -> two b h q d", two=2, h=self.heads)
+        (q,) = heads_view((self.read_q(self.read_norm(x)),), self.heads)  # (B, H, V, d)
+        k, v = heads_view(self.read_kv(latents).chunk(2, dim=-1), self.heads)  # 2 x (B, H, Q, d)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, V, d)
         return x + self.read_proj(rearrange(y, "b h n d -> b n (h d)"))
 
