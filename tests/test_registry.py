@@ -36,3 +36,38 @@ def test_unknown_name_lists_known():
 
 def test_builtin_modalities_registered():
     assert {"image", "video", "audio", "point_cloud", "graph", "time_series", "text"} <= set(TOKENIZERS.names())
+
+
+def test_entry_point_plugins(tmp_path, monkeypatch):
+    """Another package adds a modality through the `maskloom.tokenizers` entry-point group."""
+    from importlib import metadata
+
+    from maskloom.tokenizers import base
+
+    (tmp_path / "plugin_mod.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from maskloom.tokenizers.base import Tokenizer\n"
+        "class Spectra(Tokenizer):\n"
+        "    @dataclass(frozen=True, kw_only=True)\n"
+        "    class Config:\n"
+        "        width: int = 4\n"
+        "        '''samples per token'''\n"
+        "    def spec(self): ...\n"
+        "    def read(self, source): ...\n"
+        "    def tokenize(self, raw, *, source=''): ...\n"
+        "    def detokenize(self, record): ...\n"
+        "class NotATokenizer: ...\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [
+        metadata.EntryPoint(name="spectra", value="plugin_mod:Spectra", group="maskloom.tokenizers"),
+        metadata.EntryPoint(name="broken", value="plugin_mod:Missing", group="maskloom.tokenizers"),
+        metadata.EntryPoint(name="wrong", value="plugin_mod:NotATokenizer", group="maskloom.tokenizers"),
+        metadata.EntryPoint(name="image", value="plugin_mod:Spectra", group="maskloom.tokenizers"),
+    ]
+    monkeypatch.setattr(base.metadata, "entry_points", lambda group: eps if group == "maskloom.tokenizers" else [])
+    reg = Registry("tokenizer", loader=base._load_entry_points, lazy={"image": "maskloom.tokenizers.image"})
+    cls = reg.get("spectra")
+    assert cls.__name__ == "Spectra" and cls.name == "spectra" and cls().config.width == 4
+    assert reg.names() == ["image", "spectra"]  # the broken and wrong plug-ins are skipped with a warning
+    assert "image" not in reg._items  # a plug-in cannot take a built-in's name (the built-in loads lazily)

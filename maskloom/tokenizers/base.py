@@ -266,11 +266,8 @@ BUILTIN_MODALITIES = ("image", "video", "audio", "point_cloud", "graph", "time_s
 
 
 def _load_entry_points(reg: Registry[type[Tokenizer]]) -> None:
-    try:
-        eps = metadata.entry_points(group="maskloom.tokenizers")
-    except TypeError:  # pragma: no cover - Python < 3.10 API
-        eps = metadata.entry_points().get("maskloom.tokenizers", [])
-    for ep in eps:
+    """Register the tokenizers other packages declare in the ``maskloom.tokenizers`` entry-point group."""
+    for ep in metadata.entry_points(group="maskloom.tokenizers"):
         if ep.name in reg._items or ep.name in BUILTIN_MODALITIES:
             continue
         try:
@@ -278,7 +275,10 @@ def _load_entry_points(reg: Registry[type[Tokenizer]]) -> None:
         except Exception as e:  # a broken plug-in must not break the built-ins
             log.warning("could not load tokenizer plug-in %r (%s): %s", ep.name, ep.value, e)
             continue
-        register_tokenizer(ep.name)(cls)
+        try:
+            _register(reg, ep.name, cls)
+        except (TypeError, KeyError) as e:
+            log.warning("tokenizer plug-in %r (%s) is not usable: %s", ep.name, ep.value, e)
 
 
 TOKENIZERS: Registry[type[Tokenizer]] = Registry(
@@ -286,19 +286,19 @@ TOKENIZERS: Registry[type[Tokenizer]] = Registry(
 )
 
 
+def _register(reg: Registry[type[Tokenizer]], name: str, cls: type[Tokenizer]) -> type[Tokenizer]:
+    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
+        raise TypeError(f"@register_tokenizer({name!r}) needs a Tokenizer subclass, got {cls!r}")
+    if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+        raise TypeError(f"tokenizer {name!r} must define a dataclass Config")
+    reg.add(name, cls)
+    cls.name = name
+    return cls
+
+
 def register_tokenizer(name: str):
     """Class decorator: register a Tokenizer subclass under modality ``name`` (duplicates refused)."""
-
-    def deco(cls: type[Tokenizer]) -> type[Tokenizer]:
-        if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
-            raise TypeError(f"@register_tokenizer({name!r}) needs a Tokenizer subclass, got {cls!r}")
-        if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
-            raise TypeError(f"tokenizer {name!r} must define a dataclass Config")
-        TOKENIZERS.add(name, cls)
-        cls.name = name
-        return cls
-
-    return deco
+    return lambda cls: _register(TOKENIZERS, name, cls)
 
 
 def get_tokenizer(name: str, config: Any = None) -> Tokenizer:
