@@ -1,21 +1,53 @@
-"""Preprocessing throughput: the Ray pipeline vs a plain single-process decode+tokenize loop.
+"""Preprocessing throughput: the Ray pipeline vs a plain single-process loop doing the same work.
 
-For each modality with many input files (images: CIFAR-10 JPEGs, audio: spoken digits), on the
-same files and in the same run:
+Workload (chosen so that a job lasts tens of seconds single-process, like a real corpus, instead of
+the ~1-2 s that Ray's fixed start-up of a few seconds could never amortise):
 
-* ``plain``: ``for f in files: tokenizer(f)`` in this process (decode + tokenize, nothing written;
-  one torch thread, like a 1-CPU Ray actor); ``plain_write``: the same plus packing and writing
-  the same zstd Parquet shards (equal output, no Ray);
-* ``ray_1``, ``ray_2``: ``maskloom.pipelines.preprocess`` with one and two tokenizer actors on an
-  embedded Ray started once before timing (end to end: planning, actor start-up, tokenizing,
-  writing zstd Parquet shards, commit records, manifest).
+* ``image``: the 3,000 CIFAR-10 JPEGs with the default image tokenizer (``image_size=224``,
+  16x16 patches: each 32x32 file is upscaled, decoded and cut into 196 tokens of 768 bytes, like a
+  real photo), 256 kB of tokens per input;
+* ``audio``: the 2,000 spoken-digit WAVs with the default audio tokenizer (16 kHz Kaldi fbank,
+  128 mel bins, 1024 frames, 16x16 patches).
 
-Figures: inputs/s of each, ``overhead_1 = 1 - ray_1 / plain`` (target <= 0.15) and
-``speedup_2 = ray_2 / plain`` (target >= 1.6 for images and audio on 2 cores), plus the same
-ratios against ``plain_write`` and on steady-state throughput (excluding the time to the first committed shard, i.e. actor
-start-up). Uses /work/shared/data when present, else generated files. Prints one JSON object.
+Every input is repeated K times through distinct symlinks in a temporary directory (the sources
+de-duplicate by path), K = 4 for images (12,000 inputs) and 2 for audio (4,000), so that the fair
+peer below lasts ~20-60 s on this machine; ``--copies K`` overrides both.
+Without /work/shared/data, generated files stand in.
 
-    python benchmarks/preprocess.py [--limit N] [--modalities image,audio]
+Modes, on the same files, each round running all of them back to back (rounds interleave, so load
+from other users of the machine hits every mode alike; figures are medians over rounds):
+
+* ``plain``: ``tokenizer(f)`` for every file in this process (decode + tokenize; nothing written);
+* ``plain_write`` — **the fair peer**: the same plus packing the records of each shard and writing
+  it with ``tables.write_shard`` (zstd Parquet, temp name + fsync + rename + directory fsync),
+  i.e. the work the pipeline does minus Ray and minus its exactly-once bookkeeping;
+* ``warm_1``, ``warm_2``: ``preprocess()`` with 1 and 2 tokenizer actors on a Ray already running
+  in this process (as on a cluster): planning, actor start-up (process, imports, tokenizer), the
+  shards, commit records, ``_errors.parquet`` and the manifest;
+* ``cold_1``, ``cold_2``: the same in a fresh Python process where nothing of Ray is imported or
+  running: ``import ray``, ``ray.init`` of an embedded Ray, actors, the job and ``ray.shutdown``
+  (only the interpreter start and ``import maskloom`` are outside the clock).
+
+Threads: every tokenizing process (the plain loop and each actor) runs torch / OpenMP / BLAS /
+Arrow with one intra-op thread (``ray_utils.limit_threads(1)``; an actor reserves one CPU).
+Shard size: each pipeline run uses the pipeline's default for its worker count
+(``default_shard_size``); ``plain_write`` uses the single-worker default.
+
+Figures: inputs/s of each mode; ``overhead_1 = 1 - ray_1 / plain_write`` (target <= 0.15),
+``speedup_2 = ray_2 / plain_write`` (target >= 1.6), for warm and cold (and against ``plain`` for
+reference); per run: start-up (until a worker began its first shard) and CPU seconds by process
+kind (driver, tokenizer actors inside shards and in total, raylet, gcs_server, other Ray helpers),
+``cpus_used`` (CPUs' worth our processes got) and how busy the machine was with other people's
+work (``others_busy_cpus``); ``<mode>_cpu_overhead = 1 - cpu(plain_write) / cpu(mode)``: the
+share of a run's CPU that is not the peer's work (Ray, start-up, bookkeeping), which does not
+depend on the load.
+
+Caveat (a shared machine): Linux autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``)
+shares the CPUs between *sessions*, and the benchmark, Ray and its workers form one session. While
+another session keeps a core busy, two workers get the same share as the single-process loop, and
+``speedup_2`` reads ~1 whatever the pipeline does; ``cpus_used`` and ``others_busy_cpus`` show it.
+
+    python benchmarks/preprocess.py [--rounds 3] [--limit N] [--copies K] [--modalities image,audio]
 """
 
 from __future__ import annotations
@@ -24,22 +56,27 @@ import argparse
 import glob
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import wave
 
 DATA = "/work/shared/data"
 
 CASES = {
-    # modality: (config, glob under DATA, generator for the fallback)
-    "image": ({"image_size": 32, "patch_size": 4}, "images/cifar10/*/*/*.jpg"),
-    "audio": ({"sample_rate": 8000, "target_frames": 128, "num_mel_bins": 128}, "audio/fsdd/*.wav"),
+    # modality: (config, glob under DATA, copies by default)
+    "image": ({"image_size": 224, "patch_size": 16}, "images/cifar10/*/*/*.jpg", 4),
+    "audio": ({}, "audio/fsdd/*.wav", 2),  # the defaults: 16 kHz, 128 mel bins, 1024 frames
 }
+MODES = ("plain", "plain_write", "warm_1", "warm_2", "cold_1", "cold_2")
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def generate(modality: str, directory: str, n: int) -> list[str]:
-    """Fallback inputs when the shared data is absent: random 32x32 JPEGs or 0.5 s 8 kHz tones."""
+    """Fallback inputs when the shared data is absent: random 32x32 JPEGs or 1 s 8 kHz tones."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -53,7 +90,7 @@ def generate(modality: str, directory: str, n: int) -> list[str]:
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(p, quality=90)
         else:
             p = os.path.join(directory, f"{i:05d}.wav")
-            t = np.arange(4000) / 8000
+            t = np.arange(8000) / 8000
             x = (0.3 * np.sin(2 * np.pi * (200 + 5 * i) * t) * 32767).astype(np.int16)
             with wave.open(p, "wb") as w:
                 w.setnchannels(1)
@@ -64,71 +101,271 @@ def generate(modality: str, directory: str, n: int) -> list[str]:
     return out
 
 
-def _one_thread() -> int | None:
-    """Give the plain loop one intra-op thread, as Ray gives each 1-CPU actor (OMP_NUM_THREADS=1)."""
-    if "torch" not in sys.modules:
+def with_copies(files: list[str], copies: int, directory: str) -> list[str]:
+    """``copies`` distinct symlinks per file (the pipeline de-duplicates inputs by path)."""
+    if copies <= 1:
+        return files
+    out = []
+    for k in range(copies):
+        d = os.path.join(directory, f"copy{k}")
+        os.makedirs(d, exist_ok=True)
+        for i, f in enumerate(files):
+            p = os.path.join(d, f"{i:06d}{os.path.splitext(f)[1]}")
+            os.symlink(f, p)
+            out.append(p)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU accounting: this process and all its descendants (Ray's raylet, gcs_server, workers), by kind
+# ---------------------------------------------------------------------------------------------
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds) of a process, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except OSError:
         return None
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return n
+    fields = s[s.rindex(")") + 2 :].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
 
 
-def _restore_threads(n: int | None) -> None:
-    if n is not None:
-        import torch
+def _kind(pid: int, driver: int) -> str:
+    if pid == driver:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        return "other_ray"
+    if "raylet" in comm:
+        return "raylet"
+    if "gcs_server" in comm:
+        return "gcs_server"
+    if comm.startswith("ray::") or "default_worker.py" in cmd:
+        return "workers"
+    return "other_ray"  # log monitor, dashboard/runtime-env agents, ...
 
-        torch.set_num_threads(n)
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine spent not idle since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / TICK
 
 
-def plain_loop(
-    modality: str, config: dict, files: list[str], write_to: str | None = None, shard_size: int = 0
-) -> dict:
-    """decode + tokenize every file in this process; with ``write_to`` also pack and write the same
-    zstd Parquet shards as the pipeline (equal work, no Ray)."""
+class CpuMeter:
+    """Samples every 0.2 s the CPU time of this process's tree (a process that exits between two
+    samples loses its last < 0.2 s). ``root`` is the driver (this process or a cold-run child)."""
+
+    def __init__(self) -> None:
+        self.root = os.getpid()
+        self._stop = threading.Event()
+        self._last: dict[int, float] = {}
+        self._first: dict[int, float] = {}
+        self._kinds: dict[int, str] = {}
+        self._ignored: set[int] = set()
+
+    def _sample(self) -> None:
+        me = os.getpid()
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            if pid in self._ignored:
+                continue
+            st = _stat(pid)
+            if st is None:
+                continue
+            ppid, cpu = st
+            if pid not in self._last:
+                if pid != me and ppid not in self._last:
+                    self._ignored.add(pid)  # not ours (parents are seen before their children)
+                    continue
+                self._first[pid] = 0.0 if self._started else cpu  # new processes: all their CPU
+                self._kinds[pid] = _kind(pid, self.root)
+            self._last[pid] = cpu
+
+    def __enter__(self) -> CpuMeter:
+        self._started = False
+        self._sample()  # processes already running: count from now
+        self._started = True
+        self._machine0, self._t0 = _machine_busy(), time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.seconds = time.perf_counter() - self._t0
+        self.machine = _machine_busy() - self._machine0
+
+    def set_driver(self, pid: int) -> None:
+        self.root = pid
+
+    def report(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, cpu in self._last.items():
+            k = "driver" if pid == self.root else self._kinds[pid]
+            if pid == os.getpid() and self.root != os.getpid():
+                k = "benchmark"  # the parent of a cold run (this loop, mostly idle)
+            out[k] = out.get(k, 0.0) + cpu - self._first[pid]
+        ours = sum(out.values())
+        out = {k: round(v, 2) for k, v in sorted(out.items())}
+        out["total"] = round(ours, 2)
+        out["cpus_used"] = round(ours / self.seconds, 2)  # CPUs' worth our processes got on average
+        out["others_busy_cpus"] = round(max(0.0, self.machine - ours) / self.seconds, 2)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the modes
+# ---------------------------------------------------------------------------------------------
+def plain_loop(modality: str, config: dict, files: list[str], write_to: str | None, shard_size: int) -> dict:
+    """decode + tokenize every file in this process (one intra-op thread); with ``write_to`` also
+    pack and write each shard with ``tables.write_shard`` (the pipeline's writer)."""
     from maskloom import tables
-    from maskloom.tokenizers.base import get_tokenizer
+    from maskloom.pipelines.ray_utils import limit_threads, restore_threads
+    from maskloom.tokenizers.base import TokenizeError, get_tokenizer
 
-    tok = get_tokenizer(modality, config)
+    tok = get_tokenizer(modality, config)  # may import torch: limit threads after
     spec = tok.spec()
     meta = tables.table_meta(spec, tokenizer=modality, tokenizer_version=tok.version, config=tok.config_dict(),
                              fingerprint=tok.fingerprint())  # fmt: skip
-    threads = _one_thread()
-    t0 = time.perf_counter()
+    old = limit_threads(1)
     rows = tokens = errors = 0
     pending = []
-    for k, f in enumerate(files):
-        try:
-            recs = tok(f)
-        except ValueError:
-            errors += 1
-            recs = []
-        rows += len(recs)
-        tokens += sum(r.num_tokens for r in recs)
-        if write_to:
-            pending.extend(recs)
-            if (k + 1) % shard_size == 0 or k + 1 == len(files):
-                name = tables.shard_name(k // shard_size)
-                tables.write_shard(os.path.join(write_to, name), tables.records_to_arrow(pending, spec, meta))
-                pending = []
-    dt = time.perf_counter() - t0
-    _restore_threads(threads)
-    return {"seconds": round(dt, 3), "inputs_per_s": round(len(files) / dt, 1), "rows": rows, "tokens": tokens,
-            "errors": errors}  # fmt: skip
+    try:
+        with CpuMeter() as m:
+            t0 = time.perf_counter()
+            for k, f in enumerate(files):
+                try:
+                    recs = tok(f)
+                except TokenizeError:
+                    errors += 1
+                    recs = []
+                rows += len(recs)
+                tokens += sum(r.num_tokens for r in recs)
+                if write_to:
+                    pending.extend(recs)
+                    if (k + 1) % shard_size == 0 or k + 1 == len(files):
+                        path = os.path.join(write_to, tables.shard_name(k // shard_size))
+                        tables.write_shard(path, tables.records_to_arrow(pending, spec, meta))
+                        pending = []
+            dt = time.perf_counter() - t0
+    finally:
+        restore_threads(old)
+    return {"seconds": round(dt, 2), "inputs_per_s": round(len(files) / dt, 1), "rows": rows, "tokens": tokens,
+            "errors": errors, "shard_size": shard_size if write_to else None, "cpu": m.report()}  # fmt: skip
 
 
-def pipeline(modality: str, config: dict, files: list[str], workers: int, shard_size: int, tmp: str) -> dict:
+def _pipeline_figures(r: dict, wall: float) -> dict:
+    r = {"startup_seconds": 0.0, "shard_size": None, "workers": None, "worker_cpu_seconds": 0.0, **r}
+    after = wall - r["startup_seconds"]
+    return {"seconds": round(wall, 2), "inputs_per_s": round(r["inputs"] / wall, 1),
+            "startup_seconds": round(r["startup_seconds"], 2),
+            "first_shard_seconds": round(r["first_shard_seconds"], 2),
+            "after_startup_inputs_per_s": round(r["inputs"] / after, 1) if after > 0 else None,
+            "rows": r["rows"], "tokens": r["tokens"], "errors": r["errors"], "shards": r["shards"],
+            "shard_size": r["shard_size"], "workers": r["workers"],
+            "table_mb": round(r["bytes"] / 1e6, 1)}  # fmt: skip
+
+
+def warm_run(modality: str, config: dict, files: list[str], workers: int, out: str) -> dict:
+    """``preprocess`` on the Ray already running in this process."""
+    import dataclasses
+
     from maskloom.pipelines.preprocess import preprocess
 
-    out = os.path.join(tmp, f"{modality}-{workers}")
-    r = preprocess(files, modality, config, out, num_workers=workers, shard_size=shard_size, progress=False,
-                   overwrite=True)  # fmt: skip
-    after_first = r.seconds - r.first_shard_seconds
-    steady = (r.inputs - shard_size) / after_first if after_first > 0 else float("nan")
-    return {"seconds": round(r.seconds, 3), "inputs_per_s": round(r.throughput, 1),
-            "first_shard_seconds": round(r.first_shard_seconds, 3), "steady_inputs_per_s": round(steady, 1),
-            "rows": r.rows, "tokens": r.tokens, "errors": r.errors, "table_mb": round(r.bytes / 1e6, 2)}  # fmt: skip
+    with CpuMeter() as m:
+        t0 = time.perf_counter()
+        r = preprocess(files, modality, config, out, num_workers=workers, progress=False, overwrite=True)
+        wall = time.perf_counter() - t0
+    res = _pipeline_figures(dataclasses.asdict(r), wall)
+    cpu = m.report()
+    cpu["workers_in_shards"] = round(getattr(r, "worker_cpu_seconds", 0.0), 2)
+    return {**res, "cpu": cpu}
+
+
+COLD = """
+import dataclasses, json, sys, time
+import maskloom.tokenizers
+from maskloom.pipelines.preprocess import preprocess
+files, modality, config, workers, out = json.load(open(sys.argv[1]))
+assert "ray" not in sys.modules
+t0 = time.perf_counter()
+r = preprocess(files, modality, config, out, num_workers=workers, progress=False, overwrite=True)
+wall = time.perf_counter() - t0
+print(json.dumps({"wall": wall, "result": dataclasses.asdict(r)}))
+"""
+
+
+def cold_run(modality: str, config: dict, files: list[str], workers: int, out: str, tmp: str) -> dict:
+    """``preprocess`` in a fresh process: Ray imported, started and shut down inside the clock."""
+    args = os.path.join(tmp, "cold-args.json")
+    with open(args, "w") as f:
+        json.dump([files, modality, config, workers, out], f)
+    import maskloom
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(maskloom.__file__)))  # the maskloom we run
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with CpuMeter() as m:
+        proc = subprocess.Popen([sys.executable, "-c", COLD, args], cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        m.set_driver(proc.pid)
+        stdout, stderr = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"cold run failed:\n{stderr[-3000:]}")
+    d = json.loads(stdout.strip().splitlines()[-1])
+    res = _pipeline_figures(d["result"], d["wall"])
+    cpu = m.report()
+    cpu["workers_in_shards"] = round(d["result"].get("worker_cpu_seconds", 0.0), 2)
+    return {**res, "cpu": cpu}
+
+
+def _ratios(rnd: dict) -> dict:
+    out = {}
+    if "plain_write" in rnd:  # CPU cost per input (all our processes), independent of others' load
+        cpi = rnd["plain_write"]["cpu"]["total"]
+        for m in ("warm_1", "warm_2", "cold_1", "cold_2"):
+            if m in rnd and rnd[m]["cpu"]["total"] > 0:
+                out[f"{m}_cpu_overhead"] = 1 - cpi / rnd[m]["cpu"]["total"]
+    for start in ("warm", "cold"):
+        for peer in ("plain_write", "plain"):
+            sfx = "" if peer == "plain_write" else "_vs_plain"
+            if f"{start}_1" in rnd and peer in rnd:
+                out[f"{start}_overhead_1{sfx}"] = (
+                    1 - rnd[f"{start}_1"]["inputs_per_s"] / rnd[peer]["inputs_per_s"]
+                )
+            if f"{start}_2" in rnd and peer in rnd:
+                out[f"{start}_speedup_2{sfx}"] = rnd[f"{start}_2"]["inputs_per_s"] / rnd[peer]["inputs_per_s"]
+    return out
+
+
+def _median_dicts(ds: list[dict]) -> dict:
+    """Element-wise median of numeric leaves (other leaves: the first round's)."""
+    out: dict = {}
+    for k, v in ds[0].items():
+        vals = [d.get(k) for d in ds]
+        if isinstance(v, dict):
+            out[k] = _median_dicts([x for x in vals if isinstance(x, dict)])
+        elif (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and all(isinstance(x, (int, float)) for x in vals)
+        ):
+            out[k] = round(statistics.median(vals), 3)
+        else:
+            out[k] = v
+    return out
 
 
 def main() -> None:
@@ -137,55 +374,92 @@ def main() -> None:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=0, help="at most N files per modality (0 = all)")
+    ap.add_argument(
+        "--copies", type=int, default=0, help="repeat every file K times via symlinks (0: 4 images, 2 audio)"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of all modes (medians reported)")
     ap.add_argument("--modalities", default="image,audio")
-    ap.add_argument("--shards", type=int, default=24, help="shards per run")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+
+    import shutil
 
     import maskloom.tokenizers  # noqa: F401
+
+    try:
+        from maskloom.pipelines.preprocess import default_shard_size
+    except ImportError:  # an older maskloom (fixed shard size 256)
+
+        def default_shard_size(n: int, workers: int) -> int:
+            return 256
+
     from maskloom.pipelines.ray_utils import init_ray, shutdown_ray
     from maskloom.tokenizers.base import TOKENIZERS
 
-    result: dict = {"benchmark": "preprocess", "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+    result: dict = {"benchmark": "preprocess", "cpus": os.cpu_count(), "load_avg_1m_start": os.getloadavg()[0],
+                    "rounds": args.rounds,
+                    "figures": "inputs/s, medians over rounds; ratios against plain_write (same work without "
+                               "Ray) unless *_vs_plain; warm = Ray running before (actor start-up included), "
+                               "cold = fresh process (import ray + ray.init + actors + shutdown included)"}  # fmt: skip
     tmp = tempfile.mkdtemp(prefix="maskloom-bench-")
-    started = init_ray(num_cpus=os.cpu_count())
     try:
         for modality in args.modalities.split(","):
             if modality not in TOKENIZERS or modality not in CASES:
                 result[modality] = {"skipped": "no tokenizer or no benchmark case"}
                 continue
-            config, pattern = CASES[modality]
+            config, pattern, copies = CASES[modality]
+            copies = args.copies or copies
             files = sorted(glob.glob(os.path.join(DATA, pattern)))
             source = "shared-data" if files else "generated"
             if not files:
                 files = generate(modality, os.path.join(tmp, f"gen-{modality}"), args.limit or 1000)
             if args.limit:
                 files = files[: args.limit]
-            shard_size = max(1, -(-len(files) // args.shards))
-            plain_loop(modality, config, files[:20])  # warm the page cache and imports
-            plain = plain_loop(modality, config, files)
-            plain_w = plain_loop(modality, config, files, os.path.join(tmp, f"plain-{modality}"), shard_size)
-            r1 = pipeline(modality, config, files, 1, shard_size, tmp)
-            r2 = pipeline(modality, config, files, 2, shard_size, tmp)
-            p, pw = plain["inputs_per_s"], plain_w["inputs_per_s"]
-            result[modality] = {
-                "data": source, "files": len(files), "config": config, "shard_size": shard_size,
-                "plain": plain, "plain_write": plain_w, "ray_1": r1, "ray_2": r2,
-                "overhead_1": round(1 - r1["inputs_per_s"] / p, 3),
-                "speedup_2": round(r2["inputs_per_s"] / p, 3),
-                "steady_overhead_1": round(1 - r1["steady_inputs_per_s"] / p, 3),
-                "steady_speedup_2": round(r2["steady_inputs_per_s"] / p, 3),
-                "overhead_1_vs_plain_write": round(1 - r1["inputs_per_s"] / pw, 3),
-                "speedup_2_vs_plain_write": round(r2["inputs_per_s"] / pw, 3),
-                "steady_overhead_1_vs_plain_write": round(1 - r1["steady_inputs_per_s"] / pw, 3),
-                "steady_speedup_2_vs_plain_write": round(r2["steady_inputs_per_s"] / pw, 3),
+            files = with_copies(files, copies, os.path.join(tmp, f"copies-{modality}"))
+            plain_loop(modality, config, files[:20], None, 1)  # warm the imports and the page cache
+            rounds = []
+            for k in range(args.rounds):
+                rnd: dict = {}
+                ray_up = False
+                for mode in modes:
+                    out = os.path.join(tmp, f"{modality}-{mode}")
+                    shutil.rmtree(out, ignore_errors=True)
+                    if mode == "plain":
+                        rnd[mode] = plain_loop(modality, config, files, None, 0)
+                    elif mode == "plain_write":
+                        rnd[mode] = plain_loop(
+                            modality, config, files, out, default_shard_size(len(files), 1)
+                        )
+                    elif mode.startswith("warm"):
+                        if not ray_up:
+                            ray_up = init_ray(num_cpus=os.cpu_count())
+                            time.sleep(
+                                3.0
+                            )  # let the new Ray settle (idle workers start), as a running cluster
+                        rnd[mode] = warm_run(modality, config, files, int(mode[-1]), out)
+                    else:
+                        rnd[mode] = cold_run(modality, config, files, int(mode[-1]), out, tmp)
+                    if ray_up and not any(m.startswith("warm") for m in modes[modes.index(mode) + 1 :]):
+                        shutdown_ray(ray_up)  # the other modes want the machine without an idle Ray
+                        ray_up = False
+                    shutil.rmtree(out, ignore_errors=True)
+                    print(f"{modality} round {k}: {mode} {rnd[mode]['inputs_per_s']}/s", file=sys.stderr)
+                rnd["ratios"] = _ratios(rnd)
+                print(f"{modality} round {k}: {json.dumps({a: round(b, 3) for a, b in rnd['ratios'].items()})}",
+                      file=sys.stderr)  # fmt: skip
+                rounds.append(rnd)
+            med = _median_dicts(rounds)
+            result[modality] = part = {
+                "data": source, "files": len(files), "copies": copies, "config": config, **{m: med[m] for m in modes},
+                "ratios_median": med["ratios"],
+                "ratios_per_round": [{k: round(v, 3) for k, v in r["ratios"].items()} for r in rounds],
                 "targets": {"overhead_1": "<= 0.15", "speedup_2": ">= 1.6"},
             }  # fmt: skip
-            print(f"{modality}: done", file=sys.stderr)
+            print(json.dumps({modality: part}), file=sys.stderr)  # in case a later modality is cut short
     finally:
-        shutdown_ray(started)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
+    result["load_avg_1m_end"] = os.getloadavg()[0]
     print(json.dumps(result, indent=1))
 
 

@@ -336,7 +336,10 @@ def write_shard(path: str, table: pa.Table) -> dict[str, Any]:
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".parquet")
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table))
+        # Dictionary encoding only where values repeat (modality); on token payloads it costs much write
+        # time (audio ~2x) for no size gain.
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table),
+                       use_dictionary=["modality"])
         with open(tmp, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
             os.fsync(f.fileno())

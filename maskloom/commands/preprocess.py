@@ -46,7 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--cpus-per-worker", type=float, help="CPUs per actor (default 1)")
     r.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default 0)")
     r.add_argument("--object-store-memory", type=int, metavar="BYTES", help="object store of an embedded Ray")
-    r.add_argument("--shard-size", type=int, default=256, help="inputs per shard (default 256)")
+    r.add_argument("--shard-size", type=int, default=None,
+                   help="inputs per shard (default: about 8 shards per worker, 32 to 256 inputs each)")
     r.add_argument(
         "--overwrite", action="store_true", help="replace a table built with another config or input set"
     )
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         cls = TOKENIZERS.get(args.modality)
         config = _load_config(args.config, args.set)
         get_tokenizer(args.modality, config)  # validate the config before any work
-        if args.shard_size < 1:
+        if args.shard_size is not None and args.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
         if args.max_error_rate is not None and not 0.0 <= args.max_error_rate <= 1.0:
             raise ValueError(f"--max-error-rate must lie in [0, 1], got {args.max_error_rate}")

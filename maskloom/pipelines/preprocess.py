@@ -2,13 +2,16 @@
 
 The job reads top to bottom (the Ray Data pattern: items -> ``map_batches(Actor)`` -> write):
 
-1. **plan**    sorted inputs are cut into shards of ``shard_size`` inputs; a shard's id hashes its
+1. **plan**    sorted inputs are cut into shards of ``shard_size`` inputs (by default ~8 shards per
+               worker, 32-256 inputs: ``default_shard_size``); a shard's id hashes its
                inputs (and labels) with the tokenizer fingerprint (and the fitted artifacts), so a
                rerun plans exactly the same shards and file names.
 2. **fit**     a tokenizer that learns from the corpus (``needs_fit``) is fitted on the driver and
                its artifacts written to ``artifacts/`` first; workers load them.
 3. **map**     ``ray.data.from_items(shard specs)`` -> ``map_batches(TokenizeShardActor,
-               compute=ActorPoolStrategy)``: each actor builds its tokenizer once; per shard it
+               compute=ActorPoolStrategy)``: each actor builds its tokenizer once (intra-op
+               threads capped to its CPUs; one shard in flight per actor, so that none hoards
+               shards at the end of the job); per shard it
                tokenizes every input (a bad input becomes an error row, never a dead job), writes
                the shard under a temporary name and renames it atomically to its deterministic
                name, then writes a commit record ``_commits/<shard_id>.json`` (atomically, after
@@ -42,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from maskloom import tables
-from maskloom.pipelines.ray_utils import init_ray, resources, shutdown_ray
+from maskloom.pipelines.ray_utils import init_ray, limit_threads, resources, shutdown_ray
 from maskloom.pipelines.sources import Input, InputSet
 from maskloom.tokenizers.base import TOKENIZERS, Record, TokenizeError, Tokenizer, get_tokenizer
 
@@ -51,6 +54,13 @@ log = logging.getLogger(__name__)
 COMMITS = "_commits"
 RUN_STATE = "_run.json"
 DEFAULT_SHARD_SIZE = 256
+"""Most inputs per shard when ``shard_size`` is left to the default."""
+SHARDS_PER_WORKER = 8
+"""The default shard size aims at this many shards per worker (small jobs), so the last shard to
+finish (the tail, when the other workers are already idle) is a small part of the job."""
+MIN_DEFAULT_SHARD_SIZE = 32
+"""Fewest inputs per shard by default: each shard costs a file, two fsyncs, a commit record and a
+scheduling round trip (~20 ms), and readers prefer fewer, larger files."""
 
 
 class PreprocessError(RuntimeError):
@@ -122,6 +132,16 @@ class PreprocessResult:
     """Inputs processed per second by this run (0 when nothing was to be done)."""
     first_shard_seconds: float = 0.0
     """Wall time until this run's first shard committed (Ray start-up, actor start-up, one shard)."""
+    startup_seconds: float = 0.0
+    """Wall time until a worker began its first shard (Ray start-up, planning, actor start-up)."""
+    workers: int = 0
+    """Tokenizer actors of this run (0 when nothing was to be done)."""
+    shard_size: int = 0
+    """Inputs per shard of the plan."""
+    worker_seconds: float = 0.0
+    """Wall time the workers spent inside shards of this run (tokenize + write), summed."""
+    worker_cpu_seconds: float = 0.0
+    """CPU time the workers spent inside shards of this run, summed."""
     already_done: bool = False
     """True when the table was already finished with the same config and inputs."""
 
@@ -151,6 +171,14 @@ def _digest(obj: Any) -> str:
 def shard_key(fingerprint: str, artifacts_digest: str) -> str:
     """What besides its inputs names a shard: the tokenizer fingerprint and its fitted artifacts."""
     return f"{fingerprint}:{artifacts_digest}"
+
+
+def default_shard_size(num_inputs: int, num_workers: int) -> int:
+    """Inputs per shard when the user sets none: ``SHARDS_PER_WORKER`` shards per worker for small
+    jobs (so the tail shard is short), at most ``DEFAULT_SHARD_SIZE`` (bounded memory per shard),
+    at least ``MIN_DEFAULT_SHARD_SIZE`` (per-shard costs) unless the job is smaller."""
+    per = -(-num_inputs // (SHARDS_PER_WORKER * max(1, num_workers)))
+    return max(1, min(DEFAULT_SHARD_SIZE, max(per, min(MIN_DEFAULT_SHARD_SIZE, num_inputs))))
 
 
 def plan_shards(inputs: Sequence[Input], key: str, shard_size: int = DEFAULT_SHARD_SIZE) -> list[ShardSpec]:
@@ -207,9 +235,11 @@ def tokenize_shard(
 
     Returns the commit record: {shard_id, index, fingerprint, shard ({name, rows, bytes, sha256,
     inputs}) or None when every input failed, sources (inputs written), errors ([source, kind,
-    message] rows), tokens, input_bytes, seconds}.
+    message] rows), tokens, input_bytes, seconds, plus diagnostics: started (Unix time), cpu_seconds,
+    write_seconds (packing + writing the shard file)}.
     """
-    t0 = time.perf_counter()
+    started = time.time()
+    t0, c0 = time.perf_counter(), time.process_time()
     spec = tables.spec_from_meta(meta)
     records: list[Record] = []
     written: list[str] = []
@@ -224,6 +254,7 @@ def tokenize_shard(
             log.debug("rejected %s: %s: %s", e.source, e.kind, e.reason)
             errors.append([item.source, e.kind, e.reason])
     info = None
+    t_write = time.perf_counter()
     if records:
         table = tables.records_to_arrow(records, spec, meta)
         info = tables.write_shard(os.path.join(out_dir, shard.name), table)
@@ -238,6 +269,9 @@ def tokenize_shard(
         "tokens": int(sum(r.num_tokens for r in records)),
         "input_bytes": input_bytes,
         "seconds": time.perf_counter() - t0,
+        "write_seconds": time.perf_counter() - t_write,
+        "cpu_seconds": time.process_time() - c0,
+        "started": started,
     }
     tables.atomic_write_bytes(_commit_path(out_dir, shard.shard_id), json.dumps(commit).encode())
     return commit
@@ -269,7 +303,11 @@ def build_tokenizer(
 
 
 class TokenizeShardActor:
-    """Ray Data actor: builds the tokenizer once, then tokenizes one shard spec per call."""
+    """Ray Data actor: builds the tokenizer once, then tokenizes one shard spec per call.
+
+    ``threads`` caps the intra-op threads of torch/OpenMP/BLAS/Arrow in the actor process (its CPUs),
+    so that N actors on N cores do not start N x N threads.
+    """
 
     def __init__(
         self,
@@ -280,8 +318,11 @@ class TokenizeShardActor:
         artifacts_dir: str | None,
         out_dir: str,
         meta: dict[str, Any],
+        threads: int = 1,
     ) -> None:
+        limit_threads(threads)  # env vars first: OpenMP reads them when torch is first imported
         self.tokenizer = build_tokenizer(modality, config, imports, artifacts_dir)
+        limit_threads(threads)  # and torch itself, now that the tokenizer may have imported it
         self.out_dir = out_dir
         self.meta = meta
 
@@ -359,7 +400,7 @@ def preprocess(
     cpus_per_worker: float | None = None,
     gpus_per_worker: float | None = None,
     object_store_memory: int | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
+    shard_size: int | None = None,
     overwrite: bool = False,
     max_error_rate: float | None = None,
     label_names: Sequence[str] | None = None,
@@ -370,7 +411,9 @@ def preprocess(
     token table ``out_dir``, on an embedded local Ray or the cluster at ``address``/``RAY_ADDRESS``.
 
     ``label_names`` overrides the input set's (or the tokenizer's) class names; ``imports`` names
-    modules to import first on the driver and every worker (plug-in tokenizers). Raises
+    modules to import first on the driver and every worker (plug-in tokenizers). ``shard_size``
+    None: ``default_shard_size`` for the inputs and the workers (``num_workers``, else the CPUs of
+    the running Ray or of this machine); a resumed partial job keeps its plan's size. Raises
     TableConflictError (another config/input set in ``out_dir`` and not ``overwrite``),
     PreprocessError (error rate above ``max_error_rate``; committed shards are kept for a rerun),
     ValueError for an empty input set or a bad config, and RegistryError for an unknown modality.
@@ -420,7 +463,7 @@ def preprocess(
             errors=tot["errors"], bytes=sum(s["bytes"] for s in manifest.shards),
             input_bytes=manifest.extra.get("input_bytes", 0), shards=manifest.extra.get("planned_shards", 0),
             skipped_shards=manifest.extra.get("planned_shards", 0), seconds=time.perf_counter() - t0,
-            throughput=0.0, already_done=True,
+            throughput=0.0, already_done=True, shard_size=manifest.extra.get("shard_size", 0),
         )  # fmt: skip
     state = _read_json(os.path.join(commits_dir, RUN_STATE))
     if state is not None and state.get("fingerprint") != fingerprint:
@@ -451,11 +494,18 @@ def preprocess(
         spec, tokenizer=tokenizer.name, tokenizer_version=tokenizer.version, config=tokenizer.config_dict(),
         fingerprint=fingerprint, label_names=label_names,
     )  # fmt: skip
+    if shard_size is None:
+        if state is not None and state.get("inputs_digest") == inputs_digest and state.get("shard_size"):
+            shard_size = int(state["shard_size"])  # resume the partial job's plan, whatever the workers now
+        else:
+            hint = resources(num_workers, cpus_per_worker, gpus_per_worker).num_workers
+            shard_size = default_shard_size(len(items), hint)
     plan = plan_shards(items, key, shard_size)
     tables.atomic_write_bytes(
         os.path.join(commits_dir, RUN_STATE),
         json.dumps({"fingerprint": fingerprint, "inputs_digest": inputs_digest, "artifacts_digest": art_digest,
-                    "modality": modality, "shards": len(plan), "inputs": len(items)}).encode(),
+                    "modality": modality, "shards": len(plan), "inputs": len(items),
+                    "shard_size": shard_size}).encode(),
     )  # fmt: skip
 
     # ---- resume: shards with a commit record (and their file) are done ---------------------------
@@ -470,7 +520,9 @@ def preprocess(
         log.info("resuming: %d of %d shards already committed", skipped, len(plan))
 
     # ---- map: Ray Data actor pool over the missing shards --------------------------------------
-    first = 0.0
+    first = first_start = worker_s = worker_cpu = 0.0
+    n_workers = 0
+    wall0 = time.time() - (time.perf_counter() - t0)  # Unix time of t0 (workers stamp shards in Unix time)
     if todo:
         errors_so_far = sum(len(c["errors"]) for c in done.values())
         limit = None if max_error_rate is None else max_error_rate * len(items)
@@ -490,17 +542,22 @@ def preprocess(
                 fn_constructor_kwargs={
                     "modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
                     "artifacts_dir": artifacts_dir if os.path.isdir(artifacts_dir) else None,
-                    "out_dir": out_dir, "meta": meta,
+                    "out_dir": out_dir, "meta": meta, "threads": res.threads_per_worker,
                 },
                 **res.map_batches_kwargs(),
             )  # fmt: skip
-            log.info("tokenizing %d shards with %d workers", len(todo), res.num_workers)
+            n_workers = res.num_workers
+            log.info("tokenizing %d shards of %d inputs with %d workers", len(todo), shard_size, n_workers)
             with tqdm(total=len(plan), initial=skipped, unit="shard", desc="preprocess", file=sys.stderr,
                       disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
                 for row in ds.iter_rows():
                     first = first or time.perf_counter() - t0
                     c = json.loads(row["commit"])
                     done[c["shard_id"]] = c
+                    start = c.get("started", 0.0) - wall0
+                    first_start = start if not first_start else min(first_start, start)
+                    worker_s += c.get("seconds", 0.0)
+                    worker_cpu += c.get("cpu_seconds", 0.0)
                     errors_so_far += len(c["errors"])
                     bar.update(1)
                     bar.set_postfix(errors=errors_so_far)
@@ -543,7 +600,8 @@ def preprocess(
         out_dir=out_dir, inputs=len(items), rows=rows, tokens=tokens, errors=len(errors),
         bytes=sum(s["bytes"] for s in shard_infos), input_bytes=input_bytes, shards=len(plan),
         skipped_shards=skipped, seconds=seconds, throughput=processed / seconds if processed else 0.0,
-        first_shard_seconds=first,
+        first_shard_seconds=first, startup_seconds=max(0.0, first_start), workers=n_workers,
+        shard_size=shard_size, worker_seconds=worker_s, worker_cpu_seconds=worker_cpu,
     )  # fmt: skip
     log.info("%s", result.summary())
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,13 +31,24 @@ class RayResources:
     """Rows handed to one actor call (one shard spec per call for preprocessing)."""
     object_store_memory: int | None
     """Bytes of the object store of an embedded Ray; None lets Ray choose (30% of RAM)."""
+    max_tasks_in_flight: int = 1
+    """Calls queued on one actor at a time. Ray Data's default (4) lets a slow or late-starting actor
+    hoard shards while another idles at the end of the job; with shards of seconds each, one at a
+    time costs only a scheduling round trip per shard and keeps the tail to at most one shard."""
+
+    @property
+    def threads_per_worker(self) -> int:
+        """Intra-op threads (torch, OpenMP, BLAS, Arrow) of one actor: its whole CPUs, at least one."""
+        return max(1, int(self.cpus_per_worker))
 
     def map_batches_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Dataset.map_batches(ActorClass, **kwargs)``."""
         import ray.data
 
         kw: dict[str, Any] = {
-            "compute": ray.data.ActorPoolStrategy(size=self.num_workers),
+            "compute": ray.data.ActorPoolStrategy(
+                size=self.num_workers, max_tasks_in_flight_per_actor=self.max_tasks_in_flight
+            ),
             "batch_size": self.batch_size,
             "num_cpus": self.cpus_per_worker,
         }
@@ -96,6 +108,48 @@ def resources(
         batch_size=bs,
         object_store_memory=object_store_memory,
     )
+
+
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+"""Environment variables read by OpenMP / BLAS runtimes when they start (before their first use)."""
+
+
+def limit_threads(n: int) -> dict[str, Any]:
+    """Run this process's numeric libraries with ``n`` intra-op threads; return the previous settings.
+
+    A 1-CPU actor that lets torch (or OpenMP/BLAS, or Arrow's pool) start one thread per core
+    oversubscribes the machine as soon as two actors run. Sets the OpenMP/BLAS environment variables
+    (for runtimes not yet started), ``torch.set_num_threads`` when torch is imported, and Arrow's CPU
+    pool. Call it again after importing torch (tokenizers import it lazily). ``restore_threads``
+    undoes it (for a benchmark's in-process baseline).
+    """
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    old: dict[str, Any] = {"env": {k: os.environ.get(k) for k in THREAD_ENV_VARS}}
+    for k in THREAD_ENV_VARS:
+        os.environ[k] = str(n)
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        old["torch"] = torch.get_num_threads()
+        torch.set_num_threads(n)
+    if "pyarrow" in sys.modules:
+        pa = sys.modules["pyarrow"]
+        old["arrow"] = pa.cpu_count()
+        pa.set_cpu_count(n)
+    return old
+
+
+def restore_threads(old: dict[str, Any]) -> None:
+    """Undo ``limit_threads`` (``old`` is its return value)."""
+    for k, v in old.get("env", {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if "torch" in old:
+        sys.modules["torch"].set_num_threads(old["torch"])
+    if "arrow" in old:
+        sys.modules["pyarrow"].set_cpu_count(old["arrow"])
 
 
 def resolve_address(address: str | None = None) -> str:

@@ -15,15 +15,18 @@ from maskloom import tables
 from maskloom.cli import main
 from maskloom.pipelines.preprocess import (
     COMMITS,
+    PreprocessError,
     ShardSpec,
     TableConflictError,
+    TokenizeShardActor,
     artifacts_digest,
+    default_shard_size,
     plan_shards,
     preprocess,
     shard_key,
     tokenize_shard,
 )
-from maskloom.pipelines.ray_utils import init_ray, resources
+from maskloom.pipelines.ray_utils import THREAD_ENV_VARS, init_ray, limit_threads, resources, restore_threads
 from maskloom.pipelines.sources import Input, find_inputs
 from maskloom.tokenizers.base import get_tokenizer
 
@@ -95,6 +98,11 @@ def test_tokenize_shard_writes_shard_then_commit_with_error_rows(tmp_path):
     ]
     assert c["errors"][1][2] == "RuntimeError: boom"
     assert c["tokens"] == 4 and c["shard"]["rows"] == 2 and c["shard"]["inputs"] == 2
+    assert (
+        c["seconds"] >= c["write_seconds"] > 0
+        and c["cpu_seconds"] > 0
+        and abs(c["started"] - time.time()) < 60
+    )
     t = pq.read_table(out / shard.name)
     tables.validate_table(t)
     assert t.column("label").to_pylist() == [0, 0]
@@ -116,6 +124,59 @@ def test_resources_defaults_and_validation():
         and kw["num_cpus"] == 1.0
         and "num_gpus" not in kw
     )
+
+
+def test_default_shard_size_aims_at_shards_per_worker_within_bounds():
+    # 8 shards per worker, at most 256 and at least 32 inputs per shard (unless the job is smaller)
+    cases = [(1, 1), (10, 2), (100, 2), (500, 1), (2000, 2), (3000, 1), (3000, 2), (100_000, 2)]
+    assert [default_shard_size(n, w) for n, w in cases] == [1, 10, 32, 63, 125, 256, 188, 256]
+    assert default_shard_size(3000, 0) == 256  # a worker count below one counts as one
+
+
+def test_max_tasks_in_flight_reaches_the_actor_pool():
+    assert resources(2).max_tasks_in_flight == 1 and resources(2, 2.5).threads_per_worker == 2
+    assert resources(2, 0.5).threads_per_worker == 1
+    assert resources(2).map_batches_kwargs()["compute"].max_tasks_in_flight_per_actor == 1
+
+
+def test_limit_threads_sets_and_restores_every_library(monkeypatch):
+    import pyarrow as pa
+    import torch
+
+    for k in THREAD_ENV_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    before = (torch.get_num_threads(), pa.cpu_count())
+    old = limit_threads(1)
+    try:
+        assert [os.environ[k] for k in THREAD_ENV_VARS] == ["1"] * len(THREAD_ENV_VARS)
+        assert torch.get_num_threads() == 1 and pa.cpu_count() == 1
+    finally:
+        restore_threads(old)
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ
+    assert (torch.get_num_threads(), pa.cpu_count()) == before
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        limit_threads(0)
+
+
+def test_actor_limits_its_threads_before_and_after_building_the_tokenizer(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    old = limit_threads(2)  # saved so that the test restores what the actor changes
+    try:
+        tok = get_tokenizer(TOK)
+        meta = tables.table_meta(tok.spec(), tokenizer=TOK, tokenizer_version="1", config=tok.config_dict(),
+                                 fingerprint=tok.fingerprint())  # fmt: skip
+        actor = TokenizeShardActor(modality=TOK, config={}, imports=IMPORTS, artifacts_dir=None,
+                                   out_dir=str(tmp_path), meta=meta, threads=1)  # fmt: skip
+        assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+        (tmp_path / "x.txt").write_text("3 4")
+        (shard,) = plan_shards([Input(str(tmp_path / "x.txt"))], "k", 4)
+        out = actor({"spec": np.array([shard.to_json()], dtype=object)})
+        assert json.loads(out["commit"][0])["tokens"] == 2
+    finally:
+        restore_threads(old)
 
 
 # ---- whole jobs on the embedded Ray ----------------------------------------------------------
@@ -167,6 +228,27 @@ def test_preprocess_kept_ids_unique_and_plain_list_inputs(tmp_path, local_ray):
     t = tables.TokenTable(str(tmp_path / "t"))
     assert [rec.id for rec in t.records()] == [f"{s}#0" for s in srcs]
     assert t.label_names is None and t.read().column("label").null_count == 4
+
+
+def test_default_shard_size_used_recorded_and_kept_on_resume(tmp_path, local_ray):
+    found = make_data(tmp_path / "in", n_a=3, n_b=0, bad=("a/bad1.txt", "a/bad2.txt"))
+    out = str(tmp_path / "t")
+    # a job that stops on its error rate, committed shards of 2 inputs kept
+    with pytest.raises(PreprocessError, match="above --max-error-rate"):
+        preprocess(found, TOK, None, out, shard_size=2, imports=IMPORTS, progress=False, max_error_rate=0.1)
+    committed = {f for f in os.listdir(os.path.join(out, COMMITS)) if f != "_run.json"}
+    assert committed
+    # the rerun without a shard size resumes that plan (the default would be one shard of 5)
+    assert default_shard_size(5, 2) == 5
+    r = preprocess(found, TOK, None, out, imports=IMPORTS, progress=False, num_workers=2)
+    assert (r.shard_size, r.shards, r.rows, r.errors) == (2, 3, 3, 2)
+    assert len(committed) <= r.skipped_shards <= 3  # (a shard in flight may commit after the stop)
+    assert tables.TokenTable(out).manifest.extra["shard_size"] == 2
+    # a fresh job takes the default, and reports its workers and their time in shards
+    r2 = preprocess(found, TOK, None, str(tmp_path / "t2"), imports=IMPORTS, progress=False, num_workers=1)
+    assert (r2.shard_size, r2.shards, r2.workers, r2.rows) == (5, 1, 1, 3)
+    assert r2.worker_seconds > 0 and r2.worker_cpu_seconds > 0
+    assert 0 < r2.startup_seconds <= r2.first_shard_seconds <= r2.seconds
 
 
 def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path, local_ray):
