@@ -22,9 +22,12 @@ Each probe runs on three feature sets, printed side by side:
 
 Split rule (:func:`split_indices`): when every sample's source path, after the path prefix common to
 all sources is removed, names ``train`` or ``test`` as a separate word (CIFAR ``train/``/``test/``
-folders, UCR ``GunPoint_TRAIN.tsv``/``_TEST.tsv``) and both occur, that split is used; otherwise a
-deterministic stratified split: inside each class, samples are ordered by ``sha256(f"{seed}:{id}")``
-and the first ``round(0.7 * n)`` (at least one, leaving at least one) go to train.
+folders, UCR ``GunPoint_TRAIN.tsv``/``_TEST.tsv``) and both occur, that split is used; otherwise
+stratified k-fold cross-validation (``EvalConfig.folds``, default 5, :func:`fold_indices`): inside
+each class, samples ordered by ``sha256(f"{seed}:{relative id}")`` are dealt to the folds in turn,
+and the accuracy counts every sample once, as a test sample of its fold. With ``folds=1``, a single
+deterministic stratified split: the first ``round(0.7 * n)`` of each class (at least one, leaving at
+least one) go to train.
 
 Forecasting (unlabelled time-series tables, ETT-style; Nie et al., 2023, PatchTST): the table must
 have been made by the ``time_series`` tokenizer from table files (CSV/TSV/Parquet) with a ``window``
@@ -96,10 +99,14 @@ class EvalConfig:
     """Forecasting horizon in steps (ETT: 96, 192, 336, 720)."""
     test_fraction: float = 0.2
     """Share of each series' windows (the latest) in the forecasting test split."""
+    folds: int = 5
+    """Without a train/test split in the sources: stratified k-fold cross-validation with this many
+    folds (every sample is tested once, so small demo tables give steadier figures than one hold-out
+    split); 1 = a single hash split of ``train_fraction``."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.k < 1 or self.horizon < 1:
-            raise EvalError("batch_size, k and horizon must be >= 1")
+        if self.batch_size < 1 or self.k < 1 or self.horizon < 1 or self.folds < 1:
+            raise EvalError("batch_size, k, horizon and folds must be >= 1")
         if not 0 < self.train_fraction < 1 or not 0 < self.test_fraction < 1:
             raise EvalError("train_fraction and test_fraction must lie in (0, 1)")
 
@@ -232,6 +239,31 @@ def split_indices(
 # ---------------------------------------------------------------------------------------------
 # features
 # ---------------------------------------------------------------------------------------------
+def fold_indices(
+    sources: Sequence[str], ids: Sequence[str], labels: np.ndarray, *, folds: int = 5, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold (train, test) index pairs of labelled samples, deterministic by a hash of each
+    sample's id relative to the common source prefix (so moving the data does not change the folds).
+    Within a class, samples ordered by hash are dealt to folds in turn; every sample is tested once."""
+    labels = np.asarray(labels)
+    rel = [r + i[len(s):] if i.startswith(s) else i
+           for r, s, i in zip(_relative_sources(list(sources)), sources, ids)]
+    h = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in rel],
+                 dtype=np.uint64)
+    fold_of = np.zeros(labels.size, np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        order = members[np.argsort(h[members], kind="stable")]
+        fold_of[order] = np.arange(order.size) % folds
+    out = []
+    for f in range(folds):
+        te = np.flatnonzero(fold_of == f)
+        tr = np.flatnonzero(fold_of != f)
+        if te.size and tr.size:
+            out.append((tr, te))
+    return out
+
+
 def raw_token_features(batch: TokenBatch, vocab_size: int | None = None) -> torch.Tensor:
     """(B, F) mean over real tokens of the raw tokens: the mean token vector (F = D) for continuous
     tokens, the normalised bag-of-ids histogram (F = vocab_size, the mean one-hot) for discrete ones."""
@@ -331,10 +363,14 @@ def classify_table(models: dict[str, MaskedModel], table: TokenTable, cfg: EvalC
     src_of = _sources(table)
     ids = [tf.ids[i] for i in keep]
     labels = tf.labels[keep]
-    tr, te, rule = split_indices(
-        [src_of[i] for i in ids], ids, labels, seed=cfg.seed, train_fraction=cfg.train_fraction
-    )
-    if tr.size == 0 or te.size == 0:
+    srcs = [src_of[i] for i in ids]
+    tr, te, rule = split_indices(srcs, ids, labels, seed=cfg.seed, train_fraction=cfg.train_fraction)
+    splits = [(tr, te)]
+    if rule == "hash" and cfg.folds > 1:
+        splits = fold_indices(srcs, ids, labels, folds=cfg.folds, seed=cfg.seed)
+        rule = f"{len(splits)}-fold"
+        tr = splits[0][0] if splits else tr
+    if not splits or tr.size == 0 or te.size == 0:
         return {
             "modality": table.modality,
             "kind": "skipped",
@@ -343,10 +379,14 @@ def classify_table(models: dict[str, MaskedModel], table: TokenTable, cfg: EvalC
     probes = {}
     for name in FEATURE_SETS:
         x = tf.features[name][keep]
-        probes[name] = {
-            "linear": linear_probe(x[tr], labels[tr], x[te], labels[te]),
-            "knn": knn_accuracy(x[tr], labels[tr], x[te], labels[te], k=cfg.k),
-        }
+        correct = {"linear": 0.0, "knn": 0.0}
+        tested = 0
+        for a, b in splits:  # accuracy over all test samples of all folds
+            correct["linear"] += linear_probe(x[a], labels[a], x[b], labels[b]) * b.size
+            correct["knn"] += knn_accuracy(x[a], labels[a], x[b], labels[b], k=cfg.k) * b.size
+            tested += b.size
+        probes[name] = {k: v / tested for k, v in correct.items()}
+    te = np.concatenate([b for _, b in splits])
     return {
         "modality": table.modality,
         "kind": "classification",
@@ -616,6 +656,7 @@ def evaluate_run(
     seed: int = 0,
     k: int = 20,
     horizon: int = 96,
+    folds: int = 5,
 ) -> dict[str, Any]:
     """Evaluate a trained run on token tables.
 
@@ -626,7 +667,7 @@ def evaluate_run(
 
     where ``result`` is one of
 
-    * ``{"modality", "kind": "classification", "split": {"rule": "source"|"hash", "train", "test",
+    * ``{"modality", "kind": "classification", "split": {"rule": "source"|"hash"|"<k>-fold", "train", "test",
       "classes", "k"}, "probes": {"pretrained"|"random_init"|"raw_tokens": {"linear": acc, "knn": acc}}}``
     * ``{"modality", "kind": "forecast", "split": {"rule": "chronological", "train", "test", "horizon",
       "dropped_short"}, "forecast": {"pretrained"|"random_init"|"raw_linear"|"last_value":
@@ -637,7 +678,7 @@ def evaluate_run(
     Accuracies are fractions in [0, 1]. Labelled tables are probed; unlabelled time-series tables are
     forecast (``horizon`` steps); other unlabelled tables are skipped with a reason.
     """
-    cfg = EvalConfig(device=device, batch_size=batch_size, seed=seed, k=k, horizon=horizon)
+    cfg = EvalConfig(device=device, batch_size=batch_size, seed=seed, k=k, horizon=horizon, folds=folds)
     if not tables:
         raise EvalError("no token tables given (--tables T [T ...])")
     opened = []

@@ -285,3 +285,21 @@ def test_ridge_forecast_picks_small_penalty_for_clean_data():
     y = x @ rng.normal(size=(5, 2))
     pred = E.ridge_forecast(x[:30], y[:30], x[30:])
     assert np.abs(pred - y[30:]).max() < 0.05  # alpha 1e-2 chosen, not 1e4
+
+
+def test_fold_indices_stratified_and_location_independent():
+    labels = np.array([0] * 10 + [1] * 5)
+    srcs = [f"/data/a/{i}.png" for i in range(15)]
+    ids = [f"{s}#0" for s in srcs]
+    folds = E.fold_indices(srcs, ids, labels, folds=5, seed=0)
+    assert len(folds) == 5
+    tested = np.sort(np.concatenate([te for _, te in folds]))
+    assert tested.tolist() == list(range(15))  # every sample tested exactly once
+    for tr, te in folds:
+        assert np.intersect1d(tr, te).size == 0 and tr.size + te.size == 15
+        assert np.bincount(labels[te], minlength=2).tolist() == [2, 1]  # stratified: 10/5 and 5/5 per fold
+    moved = [s.replace("/data/a", "/elsewhere/b") for s in srcs]
+    again = E.fold_indices(moved, [f"{s}#0" for s in moved], labels, folds=5, seed=0)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+    other = E.fold_indices(srcs, ids, labels, folds=5, seed=1)
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(folds, other))
