@@ -314,6 +314,10 @@ def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(path, "", f"not valid TOML ({e})") from None
     for key, value in (overrides or {}).items():
+        # optim takes exactly one of steps and epochs: overriding one replaces the other
+        other = {"optim.steps": "epochs", "optim.epochs": "steps"}.get(key.strip())
+        if other and isinstance(data.get("optim"), dict):
+            data["optim"].pop(other, None)
         _set_dotted(data, key, _parse_value(value), path)
     return recipe_from_dict(data, path=path)
 

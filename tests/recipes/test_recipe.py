@@ -215,3 +215,12 @@ def test_check_table_objective_against_spec(tmp_path):
         r.check_table(ids)
     with pytest.raises(RecipeError, match="has no tokenizer"):
         load_recipe(write(tmp_path, GOOD.replace("[modality.image]", '[modality."*"]'), "s.toml"))
+
+
+def test_steps_override_replaces_epochs_and_back():
+    from maskloom.recipes.recipe import load_recipe
+
+    r = load_recipe("mae-image", overrides={"optim.steps": 500, "model.preset": "tiny"})
+    assert r.optim.steps == 500 and r.optim.epochs is None
+    r = load_recipe("omni", overrides={"optim.epochs": 2})
+    assert r.optim.epochs == 2 and r.optim.steps is None
