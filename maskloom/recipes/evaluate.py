@@ -414,16 +414,32 @@ ALPHAS: tuple[float, ...] = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
 
 
 def ridge_forecast(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, alphas: Sequence[float] = ALPHAS
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    *,
+    alphas: Sequence[float] = ALPHAS,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Ridge regression ``(N, F) -> (N, T)`` on standardised inputs (centred targets, free intercept),
-    the penalty chosen among ``alphas`` by exact leave-one-out error (as scikit-learn's ``RidgeCV``);
-    predicts ``(M, T)``.
+    the penalty chosen among ``alphas`` by exact leave-one-out error (as scikit-learn's ``RidgeCV``),
+    or, with ``validation = (fit rows, validation rows)`` of the training set, by the error on the
+    validation rows of a fit on the fit rows (use it for overlapping time windows, whose neighbours
+    make leave-one-out far too optimistic); predicts ``(M, T)``.
 
     One symmetric eigendecomposition, of the Gram matrix ``X X^T`` when ``N <= F`` or of ``X^T X``
     otherwise, serves every penalty; float32 torch, so flattened per-token features (F = L * dim in
     the thousands) stay CPU-fast.
     """
+    if validation is not None and len(alphas) > 1:
+        fit, val = validation
+        if fit.size >= 2 and val.size >= 1:
+            errs = [
+                float(np.mean((ridge_forecast(train_x[fit], train_y[fit], train_x[val], alphas=(a,))
+                               - train_y[val]) ** 2))
+                for a in alphas
+            ]
+            alphas = (alphas[int(np.argmin(errs))],)
     x = torch.from_numpy(np.asarray(train_x, np.float32))
     y = torch.from_numpy(np.asarray(train_y, np.float32))
     xt = torch.from_numpy(np.asarray(test_x, np.float32))
@@ -482,6 +498,7 @@ def forecast_eval(
     *,
     window_std: np.ndarray | None = None,
     series_std: np.ndarray | None = None,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ridge forecasters on each feature set and the repeat-last-value baseline.
 
@@ -489,7 +506,8 @@ def forecast_eval(
     as ``raw_linear``); ``targets (N, H, C)`` normalised futures; ``last_value (N, C)`` the last
     normalised value of each window; ``window_std (N, C)`` RevIN std of each window and
     ``series_std (N, C)`` the dataset std of the window's channels (both optional) give the
-    dataset-standardised metrics. Returns name -> {mse, mae[, mse_std, mae_std]}.
+    dataset-standardised metrics; ``validation`` (positions within ``train_idx``) picks the ridge
+    penalty chronologically. Returns name -> {mse, mae[, mse_std, mae_std]}.
     """
     n, h, c = targets.shape
     y = targets.reshape(n, h * c)
@@ -498,7 +516,7 @@ def forecast_eval(
         scale = (series_std / window_std)[test_idx][:, None, :]  # (M, 1, C): normalised err -> dataset std
     out: dict[str, dict[str, float]] = {}
     for name, x in features.items():
-        pred = ridge_forecast(x[train_idx], y[train_idx], x[test_idx]).reshape(-1, h, c)
+        pred = ridge_forecast(x[train_idx], y[train_idx], x[test_idx], validation=validation).reshape(-1, h, c)
         out["raw_linear" if name == "raw_tokens" else name] = forecast_metrics(pred, targets[test_idx], scale)
     rep = np.repeat(last_value[test_idx][:, None, :], h, axis=1)  # (M, H, C)
     out["last_value"] = forecast_metrics(rep, targets[test_idx], scale)
@@ -594,8 +612,12 @@ def forecast_table(models: dict[str, MaskedModel], table: TokenTable, cfg: EvalC
     )
     series_std = np.where(series_std > 0, series_std, 1.0)
     feats = {name: tf.features[name][keep_a] for name in [*models, "raw_tokens"]}
+    # the ridge penalty is chosen on the latest training windows of each series (chronologically, as
+    # the test split): neighbouring windows overlap, so leave-one-out would pick too small a penalty
+    fit, val, _ = chronological_split([keys[i] for i in tr], starts_a[tr], lengths_a[tr], h, cfg.test_fraction)
     results = forecast_eval(
-        feats, y, np.stack(last), tr, te, window_std=np.asarray(wstd, np.float64), series_std=series_std
+        feats, y, np.stack(last), tr, te, window_std=np.asarray(wstd, np.float64), series_std=series_std,
+        validation=(fit, val) if fit.size and val.size else None,
     )
     return {
         "modality": table.modality,

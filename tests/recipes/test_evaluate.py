@@ -303,3 +303,18 @@ def test_fold_indices_stratified_and_location_independent():
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
     other = E.fold_indices(srcs, ids, labels, folds=5, seed=1)
     assert any(not np.array_equal(a[1], b[1]) for a, b in zip(folds, other))
+
+
+def test_ridge_penalty_from_validation_rows():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5))
+    y = x @ rng.normal(size=(5, 2)) + 0.01 * rng.normal(size=(60, 2))
+    fit, val = np.arange(40), np.arange(40, 50)
+    # a clean linear target: the validation rows prefer the smallest penalty, like an unpenalised fit
+    got = E.ridge_forecast(x[:50], y[:50], x[50:], alphas=(1e-3, 1e3), validation=(fit, val))
+    want = E.ridge_forecast(x[:50], y[:50], x[50:], alphas=(1e-3,))
+    assert np.allclose(got, want)
+    # pure-noise targets: the validation rows prefer the large penalty (predict ~ the mean)
+    noise = rng.normal(size=(60, 2))
+    got = E.ridge_forecast(x[:50], noise[:50], x[50:], alphas=(1e-3, 1e5), validation=(fit, val))
+    assert np.allclose(got, E.ridge_forecast(x[:50], noise[:50], x[50:], alphas=(1e5,)))
