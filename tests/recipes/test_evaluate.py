@@ -39,14 +39,6 @@ objective = { name = "mse", norm_pix = false }
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_image_table(root, n_per_class=6, split_dirs=True):
     """Two classes of 16x16 images (reddish vs bluish, with noise), under train/ and test/ folders."""
     from PIL import Image

@@ -146,15 +146,6 @@ def run(tmp_path, rec, tabs, name="run", **opts):
     return T.train(rec, tabs, str(tmp_path / name), options=T.RunOptions(progress=False, **opts))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest (and avoids thread contention on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     return make_vectors(tmp_path_factory.mktemp("tables") / "toy")

@@ -52,14 +52,6 @@ objective = { name = "mse", norm_pix = false }
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def image_records(root, n=5, size=16):
     rng = np.random.default_rng(0)
     tok = ImageTokenizer({"image_size": size, "patch_size": 4})
