@@ -211,13 +211,18 @@ def _offsets(lengths: Sequence[int]) -> pa.Array:
     return pa.array(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]), pa.int64())
 
 
-def records_to_arrow(records: Sequence[Record], spec: TableSpec, meta: dict[str, Any] | None = None) -> pa.Table:
+def records_to_arrow(
+    records: Sequence[Record], spec: TableSpec, meta: dict[str, Any] | None = None, *, validate: bool = True
+) -> pa.Table:
     """Pack records into one Arrow table of the token-table schema (vectorised, no per-token Python).
 
-    Every record is validated first (``validate_record``), so a bad record raises TableError naming it.
+    Every record is validated first (``validate_record``), so a bad record raises TableError naming it;
+    ``validate=False`` is for callers that have validated each record already (the pipeline does, to
+    turn a bad record into an error row of its input).
     """
-    for r in records:
-        validate_record(r, spec)
+    if validate:
+        for r in records:
+            validate_record(r, spec)
     schema = arrow_schema(spec, meta)
     n = len(records)
     lengths = [r.num_tokens for r in records]

@@ -80,7 +80,7 @@ def table_summary(table: TokenTable, lengths: np.ndarray | None = None) -> dict[
     """
     from maskloom.pipelines.loader import table_lengths
 
-    meta, spec, man = table.meta, table.spec, table.manifest
+    meta, man = table.meta, table.manifest
     lengths = table_lengths(table) if lengths is None else np.asarray(lengths)
     labels = pc.fill_null(table.read(columns=["label"]).column("label"), -1).to_numpy()
     names = table.label_names
@@ -89,20 +89,11 @@ def table_summary(table: TokenTable, lengths: np.ndarray | None = None) -> dict[
         v = int(v)
         key = "none" if v < 0 else names[v] if names and v < len(names) else str(v)
         label_counts[key] = int(c)
+    # the table-level facts are the manifest's metadata (tables.table_meta), as written
+    facts = {k: v for k, v in meta.items() if k != "schema_version"}
     return {
         "directory": table.directory,
-        "modality": spec.modality,
-        "tokenizer": meta["tokenizer"],
-        "tokenizer_version": meta["tokenizer_version"],
-        "config": meta["config"],
-        "fingerprint": meta["fingerprint"],
-        "token_kind": spec.token_kind,
-        "token_dim": spec.token_dim,
-        "token_dtype": spec.token_dtype,
-        "token_shape": list(spec.token_shape) if spec.token_shape else None,
-        "vocab_size": spec.vocab_size,
-        "position_axes": list(spec.position_axes),
-        "position_kind": spec.position_kind,
+        **facts,
         "label_names": names,
         "inputs": int(man.totals["inputs"]),
         "rows": int(man.totals["rows"]),

@@ -256,7 +256,7 @@ def tokenize_shard(
     info = None
     t_write = time.perf_counter()
     if records:
-        table = tables.records_to_arrow(records, spec, meta)
+        table = tables.records_to_arrow(records, spec, meta, validate=False)  # validated per input above
         info = tables.write_shard(os.path.join(out_dir, shard.name), table)
         info["inputs"] = len(written)
     commit = {
