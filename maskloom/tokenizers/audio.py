@@ -25,9 +25,10 @@ Decisions (documented here once):
   ``audio_stats.json`` beside the table; such a tokenizer sets ``needs_fit``.
 * ``detokenize`` returns the un-normalised filterbank of the real frames, (frames, num_mel_bins):
   a log-mel filterbank discards phase, so the waveform cannot be recovered.
-* Speed: :class:`KaldiFbank` computes ``kaldi.fbank`` with AudioMAE's options bit for bit, but builds
-  the window and the mel filterbank once per tokenizer instead of on every call and skips the frame
-  energy that ``use_energy=False`` throws away. ``tokenize`` normalises only the real frames; the
+* Speed: :class:`KaldiFbank` computes ``kaldi.fbank`` with AudioMAE's options (equal to float32
+  rounding), but builds the window and the mel filterbank once per tokenizer instead of on every call,
+  skips the frame energy that ``use_energy=False`` throws away, and takes the power spectrum as
+  re^2 + im^2 rather than abs()^2; on CPU it is 2.5x faster than the plain call. ``tokenize`` normalises only the real frames; the
   padded frames are one precomputed float16 constant.
 """
 
@@ -105,14 +106,16 @@ class AudioConfig:
 class KaldiFbank:
     """``torchaudio.compliance.kaldi.fbank`` with AudioMAE's options, with its constants computed once.
 
-    Computes exactly (bit for bit, on the same device and BLAS) what
+    Computes, up to float32 rounding (log-mel values within 1e-5 in the tests), what
     ``kaldi.fbank(wav[None], htk_compat=True, use_energy=False, window_type="hanning", dither=0.0,
     num_mel_bins=..., sample_frequency=..., frame_shift=...)`` returns, with the other options at their
     defaults (25 ms frames, snip_edges, remove_dc_offset, preemphasis 0.97, FFT size rounded up to a
     power of two, power spectrum, log with a float32-epsilon floor, mel bins from 20 Hz to Nyquist).
     ``kaldi.fbank`` rebuilds the Hann window and the (num_mel_bins, fft bins) mel matrix on every call
     and computes a frame log-energy that ``use_energy=False`` then discards; here the window and the
-    mel matrix are built once (per device) and the energy is skipped.
+    mel matrix are built once (per device) and the energy is skipped. The power spectrum is
+    ``re^2 + im^2`` (``kaldi.fbank`` takes ``abs()`` then squares: a hypot per bin, 4x slower on CPU),
+    which is where the last bits differ; the stored tokens are float16, far coarser than that.
     """
 
     PREEMPHASIS = 0.97
@@ -130,6 +133,7 @@ class KaldiFbank:
         self._window = torch.hann_window(self.window_size, periodic=False, dtype=torch.float32)  # (W,)
         self._eps = float(torch.finfo(torch.float32).eps)
         self._device = torch.device("cpu")
+        self._banks_t: np.ndarray | None = None  # (fft bins, F) contiguous numpy copy for the CPU path
 
     def num_frames(self, num_samples: int) -> int:
         """Frames of a waveform of ``num_samples`` (snip_edges: only frames that fit wholly)."""
@@ -152,11 +156,21 @@ class KaldiFbank:
         x = wav.as_strided((m, w), (self.window_shift, 1))  # (T, W) overlapping frames, a view
         x = x - x.mean(dim=1, keepdim=True)  # remove_dc_offset
         x = x - self.PREEMPHASIS * torch.cat((x[:, :1], x[:, :-1]), dim=1)  # x[j] -= 0.97 x[max(j-1, 0)]
-        frames = x.new_zeros(m, self.fft_size)  # (T, fft_size): window, then zero-pad to the FFT size
-        torch.mul(x, self._window, out=frames[:, :w])
-        spectrum = torch.fft.rfft(frames).abs().pow(2.0)  # (T, fft_size // 2 + 1) power spectrum
-        mel = torch.mm(spectrum, self._banks.T)  # (T, F); the transposed view, as kaldi.fbank multiplies
-        return mel.clamp_min_(self._eps).log_()
+        spectrum = torch.fft.rfft(x * self._window, n=self.fft_size)  # (T, fft_size // 2 + 1), zero-padded
+        if wav.device.type != "cpu":
+            power = torch.view_as_real(spectrum).square().sum(-1)  # |X|^2 = re^2 + im^2
+            mel = torch.mm(power, self._banks.T)  # (T, F)
+            return mel.clamp_min_(self._eps).log_()
+        # On CPU numpy is faster for the rest: complex abs() (a hypot per element, as kaldi.fbank
+        # computes) costs 4x re^2 + im^2, and numpy's matmul of these small shapes half of torch.mm's.
+        sp = spectrum.numpy()
+        power = sp.real * sp.real
+        power += sp.imag * sp.imag
+        if self._banks_t is None:
+            self._banks_t = np.ascontiguousarray(self._banks.numpy().T)  # (fft bins, F)
+        mel = power @ self._banks_t  # (T, F)
+        np.maximum(mel, np.float32(self._eps), out=mel)
+        return torch.from_numpy(np.log(mel, out=mel))
 
 
 @dataclass
@@ -280,10 +294,13 @@ class AudioTokenizer(Tokenizer):
         # same as normalising the padded filterbank: the arithmetic per element is unchanged.
         pad = self._pad_token_value(mean, std)
         rows = -(-frames // p)  # time rows of patches holding real frames
-        real = np.full((rows * p, c.num_mel_bins), pad, np.float16)  # (rows*p, F)
-        real[:frames] = ((fb[:frames] - mean) / (2.0 * std)).to(torch.float16).numpy()
-        tokens = np.full((nt, nf, p * p), pad, np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
-        tokens[:rows] = rearrange(real, "(t pt) (f pf) -> t f (pt pf)", pt=p, pf=p)
+        real = np.empty((rows * p, c.num_mel_bins), np.float16)  # (rows*p, F)
+        real[frames:] = pad
+        # float32 arithmetic, as torch's ((fb - mean) / (2 * std)): numpy keeps Python scalars weak
+        np.divide(fb.numpy()[:frames] - mean, 2.0 * std, out=real[:frames], casting="same_kind")
+        tokens = np.empty((nt, nf, p * p), np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
+        tokens[rows:] = pad
+        tokens[:rows] = real.reshape(rows, p, nf, p).transpose(0, 2, 1, 3).reshape(rows, nf, p * p)
         tokens = tokens.reshape(nt * nf, p * p)  # (L, p*p), time-major
         meta = {
             "sample_rate": c.sample_rate,

@@ -226,8 +226,8 @@ def test_fit_dataset_statistics_and_artifacts(tmp_path):
         [_reference_fbank(_sine(0.3 + 0.1 * i, freq=200.0 * (i + 1))) for i in range(3)]
     ).astype(np.float64)
     assert tok.stats["files"] == 3 and tok.stats["frames"] == fbs.shape[0]
-    assert tok.stats["mean"] == pytest.approx(fbs.mean(), rel=1e-9)
-    assert tok.stats["std"] == pytest.approx(fbs.std(), rel=1e-7)
+    assert tok.stats["mean"] == pytest.approx(fbs.mean(), rel=1e-7)  # fbank equal to kaldi.fbank up to float32 rounding
+    assert tok.stats["std"] == pytest.approx(fbs.std(), rel=1e-6)
     (rec,) = tok(paths[1])
     assert rec.meta["norm_mean"] == tok.stats["mean"] and rec.meta["norm_std"] == tok.stats["std"]
     art = tmp_path / "art"
@@ -299,7 +299,7 @@ def _kaldi_fbank(wav: torch.Tensor, sr: int, mel: int, shift: float) -> torch.Te
 
 
 @pytest.mark.parametrize(("sr", "mel", "shift"), [(16000, 128, 10.0), (8000, 64, 10.0), (22050, 80, 12.5)])
-def test_kaldi_fbank_equals_torchaudio_bit_for_bit(sr, mel, shift):
+def test_kaldi_fbank_equals_torchaudio(sr, mel, shift):
     fb = KaldiFbank(sample_rate=sr, num_mel_bins=mel, frame_shift_ms=shift)
     win = int(sr * 0.025)
     assert fb.window_size == win and fb.fft_size == 2 ** (win - 1).bit_length()
@@ -315,8 +315,8 @@ def test_kaldi_fbank_equals_torchaudio_bit_for_bit(sr, mel, shift):
             w = w - w.mean()
             out, ref = fb(w), _kaldi_fbank(w, sr, mel, shift)
             assert out.shape == ref.shape == (fb.num_frames(n), mel) and out.dtype == torch.float32
-            assert (out - ref).abs().max() <= 1e-4  # the contract; in fact every bit is the same:
-            assert torch.equal(out, ref), (n, float((out - ref).abs().max()))
+            # float32 rounding only (re^2 + im^2 instead of abs()^2, numpy's matmul instead of torch.mm)
+            assert (out - ref).abs().max() <= 1e-5, (n, float((out - ref).abs().max()))
     with pytest.raises(ValueError, match="at least"):
         fb(torch.zeros(win - 1))
     assert fb.num_frames(win - 1) == 0
@@ -345,3 +345,21 @@ def test_tokens_equal_pad_then_normalise(cfg):
         np.testing.assert_array_equal(rec.tokens.view(np.uint16), expected.view(np.uint16))  # bit for bit
     r1, r2 = (tok.tokenize(Audio(waveform=wav, sample_rate=16000))[0] for _ in range(2))
     assert not np.shares_memory(r1.positions, r2.positions) and r1.positions.flags.writeable
+
+
+def test_tokens_match_plain_kaldi_fbank_within_one_float16_step():
+    """The stored tokens against AudioMAE's formulation with the uncached ``kaldi.fbank``."""
+    tok = _tok()
+    c = tok.config
+    rng = np.random.default_rng(7)
+    for n in (400, 9536, 16000):
+        wav = (rng.standard_normal(n) * 0.2).astype(np.float32)
+        (rec,) = tok.tokenize(Audio(waveform=wav, sample_rate=16000), source="x")
+        w = torch.from_numpy(wav)
+        fb = _kaldi_fbank(w - w.mean(), 16000, c.num_mel_bins, c.frame_shift_ms)
+        fb = torch.nn.functional.pad(fb, (0, 0, 0, c.target_frames - fb.shape[0]), value=c.pad_value)
+        x = ((fb - c.norm_mean) / (2.0 * c.norm_std)).to(torch.float16).numpy()
+        p = c.patch_size
+        ref = x.reshape(c.target_frames // p, p, c.num_mel_bins // p, p).transpose(0, 2, 1, 3).reshape(-1, p * p)
+        steps = np.abs(rec.tokens.view(np.int16).astype(np.int32) - ref.view(np.int16).astype(np.int32))
+        assert steps.max() <= 1 and (steps == 0).mean() > 0.99
