@@ -1,14 +1,14 @@
 """A small labelled demo dataset for all seven modalities, in real file formats.
 
 ``write_demo_data(out_dir)`` writes synthetic samples whose class is visible in their structure
-(a shape, a motion, a pitch contour, a solid, a graph family, a waveform, a topic), so that a
+(a shape, a moving object, a pitch contour, a solid, a graph family, a waveform, a topic), so that a
 masked model pretrained on them gives features a linear probe can separate. Labels come from
 folder names (the ImageFolder convention, ``maskloom.pipelines.sources`` with ``labels="folder"``),
 except for graphs (TU format: ``DEMO_graph_labels.txt``) and text (a ``label`` field per line):
 
     out/image/<class>/<class>_0000.png         64x64 RGB: circle, square, triangle, stripes
-    out/video/<class>/<class>_0000.mp4         64x64, 16 frames, H.264 (PyAV): a square moving
-                                               left_right, up_down, diagonal, or static
+    out/video/<class>/<class>_0000.mp4         64x64, 16 frames, H.264 (PyAV): a circle, square or
+                                               triangle gliding in a random direction, or drifting stripes
     out/audio/<class>/<class>_0000.wav         16 kHz mono 1 s PCM-16: chirp_up, chirp_down, steady, pulses
     out/point_cloud/<class>/<class>_0000.ply   1024 surface points (binary PLY): sphere, cube, cylinder,
                                                cone, randomly rotated and scaled
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 MODALITIES: tuple[str, ...] = ("image", "video", "audio", "point_cloud", "graph", "time_series", "text")
 CLASSES: dict[str, tuple[str, ...]] = {
     "image": ("circle", "square", "triangle", "stripes"),
-    "video": ("left_right", "up_down", "diagonal", "static"),
+    "video": ("circle", "square", "triangle", "stripes"),
     "audio": ("chirp_up", "chirp_down", "steady", "pulses"),
     "point_cloud": ("sphere", "cube", "cylinder", "cone"),
     "graph": ("cycle", "tree", "grid", "dense"),
@@ -121,29 +121,40 @@ def _write_image(path: str, kind: str, rng: np.random.Generator) -> None:
 # video
 # ---------------------------------------------------------------------------------------------
 def _video(kind: str, rng: np.random.Generator) -> np.ndarray:
-    """(T, H, W, 3) uint8 clip: a square bouncing along the class's direction (or standing still)."""
+    """(T, H, W, 3) uint8 clip: a shape of the class (as the images draw it) gliding across the frame
+    in a random direction and bouncing off the borders; the stripes drift along a random direction."""
     bg, fg = _colours(rng)
     T, S = VIDEO_FRAMES, VIDEO_SIZE
-    half = rng.uniform(6, 10)
-    lo, hi = half + 1, S - half - 1
-    t = np.arange(T, dtype=np.float32)
-    # a triangle wave in [0, 1]: the object bounces between the borders
-    speed = rng.uniform(0.06, 0.12) * rng.choice([-1.0, 1.0])
-    phase = np.abs(((rng.uniform() + speed * t) % 2.0) - 1.0)
-    sweep = lo + (hi - lo) * phase
-    fixed_x, fixed_y = rng.uniform(lo, hi, 2)
-    if kind == "left_right":
-        cx, cy = sweep, np.full(T, fixed_y)
-    elif kind == "up_down":
-        cx, cy = np.full(T, fixed_x), sweep
-    elif kind == "diagonal":
-        cx, cy = sweep, (lo + hi - sweep) if rng.uniform() < 0.5 else sweep
-    else:  # static
-        cx, cy = np.full(T, fixed_x), np.full(T, fixed_y)
     y, x = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
-    inside = (np.abs(x[None] - cx[:, None, None]) <= half) & (
-        np.abs(y[None] - cy[:, None, None]) <= half
-    )  # (T, H, W)
+    theta = rng.uniform(0, 2 * np.pi)
+    t = np.arange(T, dtype=np.float32)[:, None, None]
+    angle = rng.uniform(0, 2 * np.pi)
+    speed = rng.uniform(1.5, 3.0)  # pixels per frame
+    if kind == "stripes":
+        period = rng.uniform(8, 16)
+        u = x * np.cos(theta) + y * np.sin(theta)  # across the stripes
+        inside = ((u[None] - speed * t) / period + rng.uniform()) % 1.0 < 0.5  # (T, H, W)
+    else:
+        r = rng.uniform(0.16, 0.26) * S
+        lo, hi = r + 1, S - r - 1
+
+        def bounce(start: float, v: float) -> np.ndarray:  # a triangle wave between lo and hi
+            span = hi - lo
+            z = (start - lo + v * t[:, 0, 0]) % (2 * span)
+            return lo + np.where(z <= span, z, 2 * span - z)
+
+        cx = bounce(rng.uniform(lo, hi), speed * np.cos(angle))[:, None, None]
+        cy = bounce(rng.uniform(lo, hi), speed * np.sin(angle))[:, None, None]
+        u = (x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)  # (T, H, W) in the shape's frame
+        v = -(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)
+        if kind == "circle":
+            inside = u**2 + v**2 <= r**2
+        elif kind == "square":
+            inside = (np.abs(u) <= r * 0.85) & (np.abs(v) <= r * 0.85)
+        else:  # triangle
+            inside = np.ones_like(u, dtype=bool)
+            for a in np.deg2rad([90.0, 210.0, 330.0]):
+                inside &= u * np.cos(a) + v * np.sin(a) <= r * 0.55
     clip = np.where(inside[..., None], fg, bg)
     return np.clip(np.rint(clip), 0, 255).astype(np.uint8)
 
