@@ -54,10 +54,22 @@ class TokenBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBatch:
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, tokens=mv(self.tokens), positions=mv(self.positions), padding=mv(self.padding),
-                       labels=mv(self.labels), edges=mv(self.edges))
+        return replace(
+            self,
+            tokens=mv(self.tokens),
+            positions=mv(self.positions),
+            padding=mv(self.padding),
+            labels=mv(self.labels),
+            edges=mv(self.edges),
+        )
 
     def pin_memory(self) -> TokenBatch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return replace(self, tokens=pin(self.tokens), positions=pin(self.positions), padding=pin(self.padding),
-                       labels=pin(self.labels), edges=pin(self.edges))
+        return replace(
+            self,
+            tokens=pin(self.tokens),
+            positions=pin(self.positions),
+            padding=pin(self.padding),
+            labels=pin(self.labels),
+            edges=pin(self.edges),
+        )

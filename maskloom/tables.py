@@ -54,14 +54,24 @@ def arrow_schema(spec: TableSpec, meta: dict[str, Any] | None = None) -> pa.Sche
     else:
         token_type = pa.large_list(pa.list_(_ARROW_DTYPES[spec.token_dtype], spec.token_dim))
     fields = [
-        pa.field("id", pa.string(), nullable=False),  # stable sample id (source + sub-index), unique in the table
+        pa.field(
+            "id", pa.string(), nullable=False
+        ),  # stable sample id (source + sub-index), unique in the table
         pa.field("source", pa.string(), nullable=False),  # where the sample came from (input path)
-        pa.field("modality", pa.dictionary(pa.int8(), pa.string()), nullable=False),  # registered modality name
+        pa.field(
+            "modality", pa.dictionary(pa.int8(), pa.string()), nullable=False
+        ),  # registered modality name
         pa.field("tokens", token_type, nullable=False),  # per-token payload: (L, D) vectors or (L,) ids
-        pa.field("positions", pa.large_list(pa.list_(pa.float32(), spec.position_dim)), nullable=False),  # (L, P) coordinates
-        pa.field("edges", pa.large_list(pa.list_(pa.int32(), 2)), nullable=True),  # (E, 2) token-index pairs (graphs)
+        pa.field(
+            "positions", pa.large_list(pa.list_(pa.float32(), spec.position_dim)), nullable=False
+        ),  # (L, P) coordinates
+        pa.field(
+            "edges", pa.large_list(pa.list_(pa.int32(), 2)), nullable=True
+        ),  # (E, 2) token-index pairs (graphs)
         pa.field("label", pa.int64(), nullable=True),  # class index, for probes and fine-tuning
-        pa.field("meta", pa.string(), nullable=False),  # JSON: what detokenize needs (shape, sample rate, stats)
+        pa.field(
+            "meta", pa.string(), nullable=False
+        ),  # JSON: what detokenize needs (shape, sample rate, stats)
     ]
     md = {META_KEY: json.dumps(meta, sort_keys=True).encode()} if meta is not None else None
     return pa.schema(fields, metadata=md)
@@ -120,7 +130,9 @@ def validate_record(rec: Record, spec: TableSpec) -> None:
         if tok.ndim != 1:
             raise TableError(f"{where}: discrete tokens must be a 1-D array of ids, got shape {tok.shape}")
         if tok.size and (tok.min() < 0 or (spec.vocab_size and tok.max() >= spec.vocab_size)):
-            raise TableError(f"{where}: token ids must lie in [0, {spec.vocab_size}), got [{tok.min()}, {tok.max()}]")
+            raise TableError(
+                f"{where}: token ids must lie in [0, {spec.vocab_size}), got [{tok.min()}, {tok.max()}]"
+            )
     else:
         if tok.ndim != 2 or tok.shape[1] != spec.token_dim:
             raise TableError(f"{where}: tokens must have shape (L, {spec.token_dim}), got {tok.shape}")
@@ -141,7 +153,9 @@ def validate_record(rec: Record, spec: TableSpec) -> None:
         if e.ndim != 2 or e.shape[1] != 2:
             raise TableError(f"{where}: edges must have shape (E, 2), got {e.shape}")
         if e.size and (e.min() < 0 or e.max() >= tok.shape[0]):
-            raise TableError(f"{where}: edge endpoints must lie in [0, {tok.shape[0]}), got [{e.min()}, {e.max()}]")
+            raise TableError(
+                f"{where}: edge endpoints must lie in [0, {tok.shape[0]}), got [{e.min()}, {e.max()}]"
+            )
 
 
 def validate_table(table: pa.Table, *, where: str = "table") -> dict[str, Any]:
@@ -160,7 +174,9 @@ def validate_table(table: pa.Table, *, where: str = "table") -> dict[str, Any]:
         )
     modality = meta.get("modality")
     if modality not in TOKENIZERS:
-        raise TableError(f"{where}: unknown modality {modality!r}; registered: {', '.join(TOKENIZERS.names())}")
+        raise TableError(
+            f"{where}: unknown modality {modality!r}; registered: {', '.join(TOKENIZERS.names())}"
+        )
     spec = spec_from_meta(meta)
     expected = arrow_schema(spec)
     for f in expected:
@@ -168,7 +184,9 @@ def validate_table(table: pa.Table, *, where: str = "table") -> dict[str, Any]:
             raise TableError(f"{where}: missing column {f.name!r}")
         got = table.schema.field(f.name).type
         if got != f.type:
-            raise TableError(f"{where}: column {f.name!r} has type {got}, expected {f.type} (token_dim/position axes)")
+            raise TableError(
+                f"{where}: column {f.name!r} has type {got}, expected {f.type} (token_dim/position axes)"
+            )
     if table.num_rows == 0:
         return meta
     tok, pos = table.column("tokens").combine_chunks(), table.column("positions").combine_chunks()
@@ -185,10 +203,14 @@ def validate_table(table: pa.Table, *, where: str = "table") -> dict[str, Any]:
     values = tok.values if spec.token_kind == "discrete" else tok.values.values
     vals = values.to_numpy(zero_copy_only=False)
     if vals.dtype.kind == "f":
-        row_of = np.repeat(np.arange(len(tok_len)), tok_len * (1 if spec.token_kind == "discrete" else spec.token_dim))
+        row_of = np.repeat(
+            np.arange(len(tok_len)), tok_len * (1 if spec.token_kind == "discrete" else spec.token_dim)
+        )
         nonfinite = np.nonzero(~np.isfinite(vals))[0]
         if nonfinite.size:
-            raise TableError(f"{where}: row {ids[int(row_of[nonfinite[0]])]!r}: tokens contain non-finite values")
+            raise TableError(
+                f"{where}: row {ids[int(row_of[nonfinite[0]])]!r}: tokens contain non-finite values"
+            )
     elif spec.token_kind == "discrete" and vals.size:
         if vals.min() < 0 or (spec.vocab_size and vals.max() >= spec.vocab_size):
             raise TableError(f"{where}: token ids outside [0, {spec.vocab_size})")
@@ -236,16 +258,22 @@ def records_to_arrow(
     if spec.token_kind == "discrete":
         tokens = pa.LargeListArray.from_arrays(_offsets(lengths), pa.array(flat_tok, pa.int32()))
     else:
-        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat_tok, _ARROW_DTYPES[spec.token_dtype]), spec.token_dim)
+        inner = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat_tok, _ARROW_DTYPES[spec.token_dtype]), spec.token_dim
+        )
         tokens = pa.LargeListArray.from_arrays(_offsets(lengths), inner)
     positions = pa.LargeListArray.from_arrays(
-        _offsets(lengths), pa.FixedSizeListArray.from_arrays(pa.array(flat_pos, pa.float32()), spec.position_dim)
+        _offsets(lengths),
+        pa.FixedSizeListArray.from_arrays(pa.array(flat_pos, pa.float32()), spec.position_dim),
     )
     # edges: null for records without edges
     has_edges = [r.edges is not None for r in records]
     if any(has_edges):
         elens = [0 if r.edges is None else int(np.asarray(r.edges).shape[0]) for r in records]
-        flat_e = np.concatenate([np.asarray(r.edges, np.int32).reshape(-1) for r in records if r.edges is not None] or [np.zeros(0, np.int32)])
+        flat_e = np.concatenate(
+            [np.asarray(r.edges, np.int32).reshape(-1) for r in records if r.edges is not None]
+            or [np.zeros(0, np.int32)]
+        )
         mask = pa.array([not h for h in has_edges])
         edges = pa.LargeListArray.from_arrays(
             _offsets(elens), pa.FixedSizeListArray.from_arrays(pa.array(flat_e, pa.int32()), 2), mask=mask
@@ -289,8 +317,17 @@ def arrow_to_records(table: pa.Table) -> list[Record]:
         pos = np.asarray(d["positions"][i], np.float32).reshape(-1, spec.position_dim)
         e = d["edges"][i]
         edges = None if e is None else np.asarray(e, np.int32).reshape(-1, 2)
-        out.append(Record(id=d["id"][i], source=d["source"][i], tokens=tok, positions=pos, edges=edges,
-                          label=d["label"][i], meta=json.loads(d["meta"][i])))
+        out.append(
+            Record(
+                id=d["id"][i],
+                source=d["source"][i],
+                tokens=tok,
+                positions=pos,
+                edges=edges,
+                label=d["label"][i],
+                meta=json.loads(d["meta"][i]),
+            )
+        )
     return out
 
 
@@ -343,8 +380,9 @@ def write_shard(path: str, table: pa.Table) -> dict[str, Any]:
     try:
         # Dictionary encoding only where values repeat (modality); on token payloads it costs much write
         # time (audio ~2x) for no size gain.
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_rows(table),
-                       use_dictionary=["modality"])
+        pq.write_table(
+            table, tmp, compression="zstd", row_group_size=row_group_rows(table), use_dictionary=["modality"]
+        )
         with open(tmp, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
             os.fsync(f.fileno())
@@ -360,7 +398,9 @@ def write_shard(path: str, table: pa.Table) -> dict[str, Any]:
 
 def errors_to_arrow(errors: Iterable[tuple[str, str, str]]) -> pa.Table:
     rows = list(errors)
-    return pa.Table.from_pylist([{"source": s, "kind": k, "message": m} for s, k, m in rows], schema=ERRORS_SCHEMA)
+    return pa.Table.from_pylist(
+        [{"source": s, "kind": k, "message": m} for s, k, m in rows], schema=ERRORS_SCHEMA
+    )
 
 
 @dataclass
@@ -408,7 +448,9 @@ def read_manifest(directory: str) -> Manifest:
     except json.JSONDecodeError as e:
         raise TableError(f"{path}: manifest is not valid JSON ({e})") from None
     if d.get("schema_version") != SCHEMA_VERSION:
-        raise TableError(f"{path}: schema version {d.get('schema_version')!r}, this maskloom reads {SCHEMA_VERSION}")
+        raise TableError(
+            f"{path}: schema version {d.get('schema_version')!r}, this maskloom reads {SCHEMA_VERSION}"
+        )
     return Manifest.from_json(d)
 
 
@@ -478,8 +520,14 @@ def write_table(
     layout shard by shard. ``tokenizer`` is the Tokenizer instance that made ``records``."""
     spec = tokenizer.spec()
     names = label_names if label_names is not None else tokenizer.label_names()
-    meta = table_meta(spec, tokenizer=tokenizer.name, tokenizer_version=tokenizer.version,
-                      config=tokenizer.config_dict(), fingerprint=tokenizer.fingerprint(), label_names=names)
+    meta = table_meta(
+        spec,
+        tokenizer=tokenizer.name,
+        tokenizer_version=tokenizer.version,
+        config=tokenizer.config_dict(),
+        fingerprint=tokenizer.fingerprint(),
+        label_names=names,
+    )
     os.makedirs(directory, exist_ok=True)
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
@@ -499,8 +547,12 @@ def write_table(
     if tokenizer.save_artifacts is not None:
         tokenizer.save_artifacts(os.path.join(directory, ARTIFACTS))
     n_inputs = inputs if inputs is not None else len({r.source for r in records}) + len(errs)
-    write_manifest(directory, Manifest(meta=meta, shards=shards,
-                                       totals={"inputs": n_inputs, "rows": len(records), "errors": len(errs)}))
+    write_manifest(
+        directory,
+        Manifest(
+            meta=meta, shards=shards, totals={"inputs": n_inputs, "rows": len(records), "errors": len(errs)}
+        ),
+    )
     return TokenTable(directory)
 
 

@@ -34,8 +34,10 @@ def _same_record(a: Record, b: Record) -> bool:
         and a.tokens.dtype == b.tokens.dtype
         and np.array_equal(a.tokens, b.tokens)
         and np.array_equal(a.positions, b.positions)
-        and ((a.edges is None and b.edges is None) or (a.edges is not None and b.edges is not None
-                                                        and np.array_equal(a.edges, b.edges)))
+        and (
+            (a.edges is None and b.edges is None)
+            or (a.edges is not None and b.edges is not None and np.array_equal(a.edges, b.edges))
+        )
         and tables.json.dumps(a.meta, sort_keys=True, default=tables._json_default)
         == tables.json.dumps(b.meta, sort_keys=True, default=tables._json_default)
     )
@@ -80,7 +82,9 @@ def check_tokenizer(
         restored.load_artifacts(art)
     spec = tokenizer.spec()
     assert isinstance(spec, TableSpec), f"{cls.__name__}.spec() must return a TableSpec"
-    assert spec.modality == tokenizer.name, f"spec().modality {spec.modality!r} != tokenizer name {tokenizer.name!r}"
+    assert spec.modality == tokenizer.name, (
+        f"spec().modality {spec.modality!r} != tokenizer name {tokenizer.name!r}"
+    )
     assert restored.spec() == spec, "spec() differs after save_artifacts/load_artifacts"
     assert restored.fingerprint() == tokenizer.fingerprint(), "fingerprint differs for the same config"
 
@@ -98,7 +102,9 @@ def check_tokenizer(
             except tables.TableError as e:
                 raise AssertionError(f"{src}: {e}") from None
         again = tokenizer(src)
-        assert len(again) == len(recs) and all(map(_same_record, recs, again)), f"{src}: tokenize is not deterministic"
+        assert len(again) == len(recs) and all(map(_same_record, recs, again)), (
+            f"{src}: tokenize is not deterministic"
+        )
         for name, other in (("a pickled copy", clone), ("a restored copy", restored)):
             recs2 = other(src)
             assert len(recs2) == len(recs) and all(map(_same_record, recs, recs2)), (
@@ -113,9 +119,14 @@ def check_tokenizer(
 
     ids = [r.id for r in all_records]
     assert len(set(ids)) == len(ids), "record ids are not unique across sources"
-    meta = tables.table_meta(spec, tokenizer=tokenizer.name, tokenizer_version=tokenizer.version,
-                             config=tokenizer.config_dict(), fingerprint=tokenizer.fingerprint(),
-                             label_names=tokenizer.label_names())
+    meta = tables.table_meta(
+        spec,
+        tokenizer=tokenizer.name,
+        tokenizer_version=tokenizer.version,
+        config=tokenizer.config_dict(),
+        fingerprint=tokenizer.fingerprint(),
+        label_names=tokenizer.label_names(),
+    )
     table = tables.records_to_arrow(all_records, spec, meta)
     tables.validate_table(table, where=f"{tokenizer.name} table")
     back = tables.arrow_to_records(table)
@@ -123,7 +134,11 @@ def check_tokenizer(
 
     if check_bad_inputs:
         _check_bad_inputs(tokenizer)
-    return {"sources": len(sources), "records": len(all_records), "tokens": sum(r.num_tokens for r in all_records)}
+    return {
+        "sources": len(sources),
+        "records": len(all_records),
+        "tokens": sum(r.num_tokens for r in all_records),
+    }
 
 
 def _expect_tokenize_error(tokenizer: Tokenizer, path: str, what: str) -> None:

@@ -10,16 +10,38 @@ from maskloom.cli import main
 
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--per-class", "3", "--steps", "4", "--minutes", "2",
-                 "--no-progress", "--set", "optim.batch_size=4"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--per-class",
+            "3",
+            "--steps",
+            "4",
+            "--minutes",
+            "2",
+            "--no-progress",
+            "--set",
+            "optim.batch_size=4",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "[5/5] report:" in printed and "demo finished in" in printed
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train"]["step"] == 4 and summary["train"]["status"] == "finished"
-    assert set(summary["tables"]) == {"image", "video", "audio", "point_cloud", "graph", "time_series", "text",
-                                      "forecast"}
+    assert set(summary["tables"]) == {
+        "image",
+        "video",
+        "audio",
+        "point_cloud",
+        "graph",
+        "time_series",
+        "text",
+        "forecast",
+    }
     assert summary["wins"]["total"] == 7  # every modality of the demo is labelled and probed
 
     results = json.loads((out / "eval.json").read_text())
@@ -27,8 +49,13 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert kinds == ["classification"] * 7 + ["forecast"]
 
     report = (out / "report.md").read_text()
-    for section in ("## Token tables", "## Pretraining", "## Linear probe and kNN accuracy", "## Forecasting",
-                    "## Reconstructions"):
+    for section in (
+        "## Token tables",
+        "## Pretraining",
+        "## Linear probe and kNN accuracy",
+        "## Forecasting",
+        "## Reconstructions",
+    ):
         assert section in report
     pictures = [line.split("(", 1)[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
     assert any(p.endswith("loss.png") for p in pictures)
@@ -38,8 +65,23 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
             assert im.size[0] > 50 and im.size[1] > 50
 
     # a rerun keeps the finished tables (exactly-once preprocessing) and resumes the finished run
-    code = main(["demo", "--out", str(out), "--per-class", "3", "--steps", "4", "--minutes", "2",
-                 "--no-progress", "--set", "optim.batch_size=4", "--resume"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--per-class",
+            "3",
+            "--steps",
+            "4",
+            "--minutes",
+            "2",
+            "--no-progress",
+            "--set",
+            "optim.batch_size=4",
+            "--resume",
+        ]
+    )
     assert code == 0
     assert printed.count("already") == 0 and "already finished" in capsys.readouterr().out
 
@@ -49,3 +91,30 @@ def test_demo_rejects_bad_arguments(capsys):
     assert "error: --per-class must be >= 2" in capsys.readouterr().err
     assert main(["demo", "--set", "nope.key=1"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_wins_count_strictly_better_by_each_probe():
+    from maskloom.commands.demo import _wins
+
+    def table(m, lin, rlin, knn, rknn):
+        return {
+            "modality": m,
+            "kind": "classification",
+            "probes": {"pretrained": {"linear": lin, "knn": knn}, "random_init": {"linear": rlin, "knn": rknn}},
+        }
+
+    results = {
+        "tables": {
+            "a": table("image", 0.6, 0.5, 0.4, 0.4),  # linear win, kNN tie
+            "b": table("video", 0.5, 0.5, 0.3, 0.2),  # linear tie, kNN win
+            "c": table("audio", 0.4, 0.5, 0.1, 0.2),  # both lose
+            "f": {"modality": "time_series", "kind": "forecast"},  # not counted
+        }
+    }
+    assert _wins(results) == {
+        "wins": 1,
+        "total": 3,
+        "won": ["image"],
+        "knn_wins": 1,
+        "knn_won": ["video"],
+    }

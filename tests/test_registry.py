@@ -35,7 +35,9 @@ def test_unknown_name_lists_known():
 
 
 def test_builtin_modalities_registered():
-    assert {"image", "video", "audio", "point_cloud", "graph", "time_series", "text"} <= set(TOKENIZERS.names())
+    assert {"image", "video", "audio", "point_cloud", "graph", "time_series", "text"} <= set(
+        TOKENIZERS.names()
+    )
 
 
 def test_entry_point_plugins(tmp_path, monkeypatch):
@@ -65,7 +67,9 @@ def test_entry_point_plugins(tmp_path, monkeypatch):
         metadata.EntryPoint(name="wrong", value="plugin_mod:NotATokenizer", group="maskloom.tokenizers"),
         metadata.EntryPoint(name="image", value="plugin_mod:Spectra", group="maskloom.tokenizers"),
     ]
-    monkeypatch.setattr(base.metadata, "entry_points", lambda group: eps if group == "maskloom.tokenizers" else [])
+    monkeypatch.setattr(
+        base.metadata, "entry_points", lambda group: eps if group == "maskloom.tokenizers" else []
+    )
     reg = Registry("tokenizer", loader=base._load_entry_points, lazy={"image": "maskloom.tokenizers.image"})
     cls = reg.get("spectra")
     assert cls.__name__ == "Spectra" and cls.name == "spectra" and cls().config.width == 4

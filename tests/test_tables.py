@@ -24,15 +24,28 @@ class ToyTokenizer(Tokenizer):
         """token width"""
 
     def spec(self):
-        return TableSpec(modality="tables_toy", token_kind="continuous", token_dim=self.config.dim,
-                         token_dtype="float32", position_axes=("i",), position_kind="grid")
+        return TableSpec(
+            modality="tables_toy",
+            token_kind="continuous",
+            token_dim=self.config.dim,
+            token_dtype="float32",
+            position_axes=("i",),
+            position_kind="grid",
+        )
 
     def read(self, source):
         return np.load(source)
 
     def tokenize(self, raw, *, source=""):
-        return [Record(id=f"{source}#0", source=source, tokens=np.asarray(raw, np.float32),
-                       positions=np.arange(len(raw), dtype=np.float32)[:, None], meta={"n": len(raw)})]
+        return [
+            Record(
+                id=f"{source}#0",
+                source=source,
+                tokens=np.asarray(raw, np.float32),
+                positions=np.arange(len(raw), dtype=np.float32)[:, None],
+                meta={"n": len(raw)},
+            )
+        ]
 
     def detokenize(self, record):
         return record.tokens
@@ -47,8 +60,9 @@ def rec(i, n=2, dim=3, **kw):
 def test_write_read_roundtrip(tmp_path):
     tok = ToyTokenizer()
     recs = [rec(0, 2, label=1), rec(1, 3, edges=np.array([[0, 2]], np.int32)), rec(2, 1)]
-    table = tables.write_table(str(tmp_path / "t"), recs, tok, errors=[("bad.npy", "corrupt", "boom")],
-                               rows_per_shard=2)
+    table = tables.write_table(
+        str(tmp_path / "t"), recs, tok, errors=[("bad.npy", "corrupt", "boom")], rows_per_shard=2
+    )
     assert [s["name"] for s in table.manifest.shards] == ["part-00000.parquet", "part-00001.parquet"]
     assert [s["rows"] for s in table.manifest.shards] == [2, 1]
     assert table.manifest.totals == {"inputs": 4, "rows": 3, "errors": 1}
@@ -70,14 +84,27 @@ def test_write_read_roundtrip(tmp_path):
 
 
 def test_discrete_tokens_schema():
-    spec = TableSpec(modality="tables_toy", token_kind="discrete", token_dim=1, token_dtype="int32",
-                     vocab_size=10, position_axes=("index",), position_kind="grid")
-    r = Record(id="a", source="a", tokens=np.array([1, 2, 9], np.int32), positions=np.zeros((3, 1), np.float32))
+    spec = TableSpec(
+        modality="tables_toy",
+        token_kind="discrete",
+        token_dim=1,
+        token_dtype="int32",
+        vocab_size=10,
+        position_axes=("index",),
+        position_kind="grid",
+    )
+    r = Record(
+        id="a", source="a", tokens=np.array([1, 2, 9], np.int32), positions=np.zeros((3, 1), np.float32)
+    )
     t = tables.records_to_arrow([r], spec, {"x": 1})
     assert t.schema.field("tokens").type == pa.large_list(pa.int32())
     with pytest.raises(tables.TableError, match=r"token ids must lie in \[0, 10\)"):
-        tables.validate_record(Record(id="b", source="b", tokens=np.array([10], np.int32),
-                                      positions=np.zeros((1, 1), np.float32)), spec)
+        tables.validate_record(
+            Record(
+                id="b", source="b", tokens=np.array([10], np.int32), positions=np.zeros((1, 1), np.float32)
+            ),
+            spec,
+        )
 
 
 @pytest.mark.parametrize(
@@ -85,11 +112,17 @@ def test_discrete_tokens_schema():
     [
         (dict(positions=np.zeros((3, 1), np.float32)), r"'s0#0' \(source 's0'\): 2 tokens but 3 positions"),
         (dict(tokens=np.zeros((2, 4), np.float32)), r"tokens must have shape \(L, 3\), got \(2, 4\)"),
-        (dict(positions=np.zeros((2, 2), np.float32)), r"positions must have shape \(L, 1\) for axes \('i',\)"),
+        (
+            dict(positions=np.zeros((2, 2), np.float32)),
+            r"positions must have shape \(L, 1\) for axes \('i',\)",
+        ),
         (dict(tokens=np.array([[0, np.nan, 0], [0, 0, 0]], np.float32)), "tokens contain non-finite values"),
         (dict(positions=np.array([[0], [np.inf]], np.float32)), "positions contain non-finite values"),
         (dict(edges=np.array([[0, 5]], np.int32)), r"edge endpoints must lie in \[0, 2\)"),
-        (dict(tokens=np.zeros((0, 3), np.float32), positions=np.zeros((0, 1), np.float32)), "at least one token"),
+        (
+            dict(tokens=np.zeros((0, 3), np.float32), positions=np.zeros((0, 1), np.float32)),
+            "at least one token",
+        ),
     ],
 )
 def test_validate_record_errors(bad, message):
@@ -99,7 +132,9 @@ def test_validate_record_errors(bad, message):
 
 def _table(recs, **meta_overrides):
     tok = ToyTokenizer()
-    meta = tables.table_meta(tok.spec(), tokenizer="tables_toy", tokenizer_version="1", config={}, fingerprint="f")
+    meta = tables.table_meta(
+        tok.spec(), tokenizer="tables_toy", tokenizer_version="1", config={}, fingerprint="f"
+    )
     meta.update(meta_overrides)
     return tables.records_to_arrow(recs, tok.spec(), meta)
 
@@ -138,7 +173,9 @@ def test_missing_and_unfinished_tables(tmp_path):
 
 def test_atomic_shard_write_leaves_no_temp(tmp_path):
     tok = ToyTokenizer()
-    info = tables.write_shard(str(tmp_path / "part-00000.parquet"), tables.records_to_arrow([rec(0)], tok.spec()))
+    info = tables.write_shard(
+        str(tmp_path / "part-00000.parquet"), tables.records_to_arrow([rec(0)], tok.spec())
+    )
     assert info["rows"] == 1 and len(info["sha256"]) == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
 

@@ -24,7 +24,13 @@ HELP = "the main job: demo data -> Ray preprocessing -> omni pretraining -> eval
 
 # The long multichannel series is tokenized a second time with overlapping windows for the
 # forecasting evaluation (ETT-style: predict the next `horizon` steps from a lookback window).
-FORECAST_TOKENIZER = {"window": 192, "stride": 24, "patch_len": 12, "patch_stride": 12, "channel_independent": True}
+FORECAST_TOKENIZER = {
+    "window": 192,
+    "stride": 24,
+    "patch_len": 12,
+    "patch_stride": 12,
+    "channel_independent": True,
+}
 FORECAST_HORIZON = 48
 
 
@@ -32,18 +38,36 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--per-class", type=int, default=48, help="demo samples per class, 4 classes (default 48)")
     p.add_argument("--seed", type=int, default=0, help="seed of the demo data and the run (default 0)")
-    p.add_argument("--minutes", type=float, default=6.0,
-                   help="wall-clock cap of the pretraining (default 6; it stops early, with a checkpoint)")
-    p.add_argument("--steps", type=int, default=1500,
-                   help="pretraining steps, the length of the LR schedule (default 1500: ~3.5 min on 2 CPU cores)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=6.0,
+        help="wall-clock cap of the pretraining (default 6; it stops early, with a checkpoint)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1500,
+        help="pretraining steps, the length of the LR schedule (default 1500: ~3.5 min on 2 CPU cores)",
+    )
     p.add_argument("--recipe", default="omni", help="recipe to train (default omni)")
     p.add_argument("--workers", type=int, default=None, help="Ray preprocessing workers (default: CPUs)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: an embedded local Ray)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set optim.batch_size=16 (repeatable)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads for pretraining (default 1: the tiny omni model runs fastest on one "
-                        "thread, and several threads slow down badly when other work shares the cores)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set optim.batch_size=16 (repeatable)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for pretraining (default 1: the tiny omni model runs fastest on one "
+        "thread, and several threads slow down badly when other work shares the cores)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted pretraining run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -67,9 +91,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"maskloom demo: error: {e}", file=sys.stderr)
         return 2
     try:
-        result = run_demo(args.out, recipe=recipe, per_class=args.per_class, seed=args.seed, minutes=args.minutes,
-                          workers=args.workers, address=args.address, resume=args.resume,
-                          progress=not args.no_progress, threads=args.threads)
+        result = run_demo(
+            args.out,
+            recipe=recipe,
+            per_class=args.per_class,
+            seed=args.seed,
+            minutes=args.minutes,
+            workers=args.workers,
+            address=args.address,
+            resume=args.resume,
+            progress=not args.no_progress,
+            threads=args.threads,
+        )
     except KeyboardInterrupt:
         print("maskloom demo: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
@@ -91,9 +124,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (PreprocessError, SourceError, EvalError, RecipeError, TrainError, ShowError)
 
 
-def run_demo(out: str, *, recipe: Any, per_class: int = 48, seed: int = 0, minutes: float = 6.0,
-             workers: int | None = None, address: str | None = None,
-             resume: bool = False, progress: bool = True, threads: int | None = 1) -> dict[str, Any]:
+def run_demo(
+    out: str,
+    *,
+    recipe: Any,
+    per_class: int = 48,
+    seed: int = 0,
+    minutes: float = 6.0,
+    workers: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    threads: int | None = 1,
+) -> dict[str, Any]:
     """Run the whole main job under ``out`` with ``recipe`` (a loaded Recipe, overrides applied); return a
     summary dict (also written as summary.json)."""
     from maskloom.demo_data import MODALITIES, write_demo_data
@@ -138,12 +181,19 @@ def run_demo(out: str, *, recipe: Any, per_class: int = 48, seed: int = 0, minut
     t0 = time.perf_counter()
     train_tables = [p for n, p in tables.items() if n != "forecast"]
     _say(f"[3/5] pretraining {recipe.name!r} on {len(train_tables)} tables for <= {minutes:g} min")
-    res = train(recipe, train_tables, run_dir,
-                options=RunOptions(max_minutes=minutes, resume=resume and os.path.isdir(run_dir), progress=progress,
-                                   threads=threads))
+    res = train(
+        recipe,
+        train_tables,
+        run_dir,
+        options=RunOptions(
+            max_minutes=minutes, resume=resume and os.path.isdir(run_dir), progress=progress, threads=threads
+        ),
+    )
     timings["train"] = time.perf_counter() - t0
-    _say(f"      {res.status}: step {res.step}/{res.total_steps}, {res.steps_per_second:.2f} steps/s, "
-         f"{res.tokens_per_second:,.0f} tokens/s, final loss {res.losses[-1] if res.losses else float('nan'):.4f}")
+    _say(
+        f"      {res.status}: step {res.step}/{res.total_steps}, {res.steps_per_second:.2f} steps/s, "
+        f"{res.tokens_per_second:,.0f} tokens/s, final loss {res.losses[-1] if res.losses else float('nan'):.4f}"
+    )
 
     # 4. evaluation -------------------------------------------------------------------------------
     from maskloom.recipes.evaluate import evaluate_run, format_results, write_json
@@ -169,14 +219,30 @@ def run_demo(out: str, *, recipe: Any, per_class: int = 48, seed: int = 0, minut
     curve = loss_curve_png(os.path.join(run_dir, "metrics.jsonl"), os.path.join(fig_dir, "loss.png"))
     timings["figures"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    report = write_report(out, recipe=recipe, pre=pre, train_result=res, results=results, pictures=pictures,
-                          curve=curve, timings=timings)
+    report = write_report(
+        out,
+        recipe=recipe,
+        pre=pre,
+        train_result=res,
+        results=results,
+        pictures=pictures,
+        curve=curve,
+        timings=timings,
+    )
     beats = _wins(results)
     _say(f"[5/5] report: {report}")
-    _say(f"demo finished in {timings['total'] / 60:.1f} min: pretrained beats random init (linear probe) on "
-         f"{beats['wins']}/{beats['total']} labelled modalities ({', '.join(beats['won']) or 'none'})")
-    summary = {"report": report, "tables": tables, "timings": timings, "wins": beats,
-               "train": {"status": res.status, "step": res.step, "steps_per_second": res.steps_per_second}}
+    _say(
+        f"demo finished in {timings['total'] / 60:.1f} min: pretrained beats random init on "
+        f"{beats['wins']}/{beats['total']} labelled modalities by the linear probe "
+        f"({', '.join(beats['won']) or 'none'}), {beats['knn_wins']}/{beats['total']} by kNN"
+    )
+    summary = {
+        "report": report,
+        "tables": tables,
+        "timings": timings,
+        "wins": beats,
+        "train": {"status": res.status, "step": res.step, "steps_per_second": res.steps_per_second},
+    }
     _save_json(os.path.join(out, "summary.json"), summary)
     return summary
 
@@ -202,16 +268,25 @@ def _preprocess_jobs(data_dir: str, recipe: Any) -> dict[str, dict[str, Any]]:
     jobs: dict[str, dict[str, Any]] = {}
     for m in MODALITIES:
         cfg = dict(recipe.for_modality(m).tokenizer)
-        job: dict[str, Any] = {"modality": m, "config": cfg, "paths": [os.path.join(data_dir, m)],
-                               "labels": "folder", "as_one_source": False}
+        job: dict[str, Any] = {
+            "modality": m,
+            "config": cfg,
+            "paths": [os.path.join(data_dir, m)],
+            "labels": "folder",
+            "as_one_source": False,
+        }
         if m == "graph":  # a TU-format dataset folder is one source; labels come from its files
             job.update(paths=[os.path.join(data_dir, "graph", "DEMO")], labels="none", as_one_source=True)
         elif m == "text":  # one JSONL file with a label field
             job.update(labels="none")
         jobs[m] = job
-    jobs["forecast"] = {"modality": "time_series", "config": dict(FORECAST_TOKENIZER),
-                        "paths": [os.path.join(data_dir, "time_series_long")], "labels": "none",
-                        "as_one_source": False}
+    jobs["forecast"] = {
+        "modality": "time_series",
+        "config": dict(FORECAST_TOKENIZER),
+        "paths": [os.path.join(data_dir, "time_series_long")],
+        "labels": "none",
+        "as_one_source": False,
+    }
     return jobs
 
 
@@ -221,20 +296,28 @@ def _preprocess(job: dict[str, Any], out_dir: str, *, workers: int | None, progr
     from maskloom.tokenizers import TOKENIZERS
 
     exts = TOKENIZERS.get(job["modality"]).extensions
-    inputs = find_inputs(job["paths"], extensions=exts, labels=job["labels"], as_one_source=job["as_one_source"])
+    inputs = find_inputs(
+        job["paths"], extensions=exts, labels=job["labels"], as_one_source=job["as_one_source"]
+    )
     return preprocess(inputs, job["modality"], job["config"], out_dir, num_workers=workers, progress=progress)
 
 
 def _preprocess_table(pre: dict[str, Any]) -> str:
-    lines = [f"      {'table':<12} {'inputs':>7} {'samples':>8} {'tokens':>9} {'errors':>6} {'MB':>7} {'s':>6}"]
+    lines = [
+        f"      {'table':<12} {'inputs':>7} {'samples':>8} {'tokens':>9} {'errors':>6} {'MB':>7} {'s':>6}"
+    ]
     for name, r in pre.items():
-        lines.append(f"      {name:<12} {r.inputs:>7} {r.rows:>8} {r.tokens:>9} {r.errors:>6} "
-                     f"{r.bytes / 1e6:>7.2f} {r.seconds:>6.1f}")
+        lines.append(
+            f"      {name:<12} {r.inputs:>7} {r.rows:>8} {r.tokens:>9} {r.errors:>6} "
+            f"{r.bytes / 1e6:>7.2f} {r.seconds:>6.1f}"
+        )
     return "\n".join(lines)
 
 
 def _wins(results: dict[str, Any]) -> dict[str, Any]:
-    won, total = [], 0
+    """Labelled modalities where the pretrained backbone beats the random-init one: by the linear probe
+    (``wins``/``won``, the headline figure) and by kNN (``knn_wins``/``knn_won``); strictly better only."""
+    won, knn_won, total = [], [], 0
     for res in results["tables"].values():
         if res.get("kind") != "classification":
             continue
@@ -242,47 +325,86 @@ def _wins(results: dict[str, Any]) -> dict[str, Any]:
         p = res["probes"]
         if p["pretrained"]["linear"] > p["random_init"]["linear"]:
             won.append(res["modality"])
-    return {"wins": len(won), "total": total, "won": won}
+        if p["pretrained"]["knn"] > p["random_init"]["knn"]:
+            knn_won.append(res["modality"])
+    return {"wins": len(won), "total": total, "won": won, "knn_wins": len(knn_won), "knn_won": knn_won}
 
 
-def write_report(out: str, *, recipe: Any, pre: dict[str, Any], train_result: Any, results: dict[str, Any],
-                 pictures: dict[str, list[str]], curve: str, timings: dict[str, float]) -> str:
+def write_report(
+    out: str,
+    *,
+    recipe: Any,
+    pre: dict[str, Any],
+    train_result: Any,
+    results: dict[str, Any],
+    pictures: dict[str, list[str]],
+    curve: str,
+    timings: dict[str, float],
+) -> str:
     """Write OUT/report.md: data and tables, training, probe accuracies vs baselines, pictures."""
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731
     L: list[str] = [f"# maskloom demo report — recipe `{recipe.name}`", ""]
     beats = _wins(results)
-    L += [f"Pretrained beats the random-init backbone (linear probe) on **{beats['wins']}/{beats['total']}** "
-          f"labelled modalities: {', '.join(beats['won']) or 'none'}.", ""]
-    L += ["## Token tables", "", "| table | modality | inputs | samples | tokens | errors | MB | seconds |",
-          "|---|---|---|---|---|---|---|---|"]
+    L += [
+        f"Pretrained beats the random-init backbone (linear probe) on **{beats['wins']}/{beats['total']}** "
+        f"labelled modalities: {', '.join(beats['won']) or 'none'}; by kNN on "
+        f"**{beats['knn_wins']}/{beats['total']}**: {', '.join(beats['knn_won']) or 'none'}.",
+        "",
+    ]
+    L += [
+        "## Token tables",
+        "",
+        "| table | modality | inputs | samples | tokens | errors | MB | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in pre.items():
         mod = results["tables"].get(r.out_dir, {}).get("modality", name)
-        L.append(f"| {name} | {mod} | {r.inputs} | {r.rows} | {r.tokens} | {r.errors} | {r.bytes / 1e6:.2f} "
-                 f"| {r.seconds:.1f} |")
+        L.append(
+            f"| {name} | {mod} | {r.inputs} | {r.rows} | {r.tokens} | {r.errors} | {r.bytes / 1e6:.2f} "
+            f"| {r.seconds:.1f} |"
+        )
     tr = train_result
-    L += ["", "## Pretraining", "",
-          f"{tr.status} at step {tr.step} of {tr.total_steps} in {tr.seconds / 60:.1f} min "
-          f"({tr.steps_per_second:.2f} steps/s, {tr.tokens_per_second:,.0f} real tokens/s).", "",
-          f"![loss curves]({rel(curve)})", ""]
-    L += ["## Linear probe and kNN accuracy", "",
-          "Frozen features of the pretrained backbone against the same probes on a randomly initialised "
-          "backbone of the same shape and on mean-pooled raw tokens.", "",
-          "| modality | split (train/test) | pretrained linear | random-init linear | raw-token linear "
-          "| pretrained kNN | random-init kNN | raw-token kNN |", "|---|---|---|---|---|---|---|---|"]
+    L += [
+        "",
+        "## Pretraining",
+        "",
+        f"{tr.status} at step {tr.step} of {tr.total_steps} in {tr.seconds / 60:.1f} min "
+        f"({tr.steps_per_second:.2f} steps/s, {tr.tokens_per_second:,.0f} real tokens/s).",
+        "",
+        f"![loss curves]({rel(curve)})",
+        "",
+    ]
+    L += [
+        "## Linear probe and kNN accuracy",
+        "",
+        "Frozen features of the pretrained backbone against the same probes on a randomly initialised "
+        "backbone of the same shape and on mean-pooled raw tokens.",
+        "",
+        "| modality | split (train/test) | pretrained linear | random-init linear | raw-token linear "
+        "| pretrained kNN | random-init kNN | raw-token kNN |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for res in results["tables"].values():
         if res.get("kind") != "classification":
             continue
         p, s = res["probes"], res["split"]
         best = max(p["pretrained"]["linear"], p["random_init"]["linear"], p["raw_tokens"]["linear"])
         cell = lambda v, best=best: f"**{v:.3f}**" if v == best else f"{v:.3f}"  # noqa: E731
-        L.append(f"| {res['modality']} | {s['train']}/{s['test']} | {cell(p['pretrained']['linear'])} | "
-                 f"{cell(p['random_init']['linear'])} | {cell(p['raw_tokens']['linear'])} | "
-                 f"{p['pretrained']['knn']:.3f} | {p['random_init']['knn']:.3f} | {p['raw_tokens']['knn']:.3f} |")
+        L.append(
+            f"| {res['modality']} | {s['train']}/{s['test']} | {cell(p['pretrained']['linear'])} | "
+            f"{cell(p['random_init']['linear'])} | {cell(p['raw_tokens']['linear'])} | "
+            f"{p['pretrained']['knn']:.3f} | {p['random_init']['knn']:.3f} | {p['raw_tokens']['knn']:.3f} |"
+        )
     for res in results["tables"].values():
         if res.get("kind") == "forecast":
             f = res["forecast"]
-            L += ["", f"## Forecasting (horizon {res['split']['horizon']}, chronological split)", "",
-                  "| features | MSE | MAE |", "|---|---|---|"]
+            L += [
+                "",
+                f"## Forecasting (horizon {res['split']['horizon']}, chronological split)",
+                "",
+                "| features | MSE | MAE |",
+                "|---|---|---|",
+            ]
             for k, v in f.items():
                 L.append(f"| {k} | {v['mse']:.4f} | {v['mae']:.4f} |")
     skipped = [(t, r) for t, r in results["tables"].items() if r.get("kind") == "skipped"]

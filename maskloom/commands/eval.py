@@ -27,8 +27,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
     parser.add_argument("--k", type=int, default=20, help="neighbours of the kNN classifier (default 20)")
     parser.add_argument("--horizon", type=int, default=96, help="forecasting horizon in steps (default 96)")
-    parser.add_argument("--folds", type=int, default=5,
-                        help="cross-validation folds when the sources have no train/test split (default 5)")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="cross-validation folds when the sources have no train/test split (default 5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the hash train/test split (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 

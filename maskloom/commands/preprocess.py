@@ -46,8 +46,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--cpus-per-worker", type=float, help="CPUs per actor (default 1)")
     r.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default 0)")
     r.add_argument("--object-store-memory", type=int, metavar="BYTES", help="object store of an embedded Ray")
-    r.add_argument("--shard-size", type=int, default=None,
-                   help="inputs per shard (default: about 8 shards per worker, 32 to 256 inputs each)")
+    r.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="inputs per shard (default: about 8 shards per worker, 32 to 256 inputs each)",
+    )
     r.add_argument(
         "--overwrite", action="store_true", help="replace a table built with another config or input set"
     )

@@ -21,8 +21,13 @@ HELP = "pretrain a masked model with a recipe on token tables"
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="built-in recipe name (see `maskloom recipes`) or a recipe .toml file")
     parser.add_argument("--tables", nargs="+", required=True, metavar="T", help="token table directories")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="torch CPU threads (default: torch's; 1 is often fastest for tiny models on a busy CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's; 1 is often fastest for tiny models on a busy CPU)",
+    )
     parser.add_argument(
         "--out", required=True, metavar="RUN", help="run directory (metrics, checkpoints, model)"
     )

@@ -246,10 +246,14 @@ def fold_indices(
     sample's id relative to the common source prefix (so moving the data does not change the folds).
     Within a class, samples ordered by hash are dealt to folds in turn; every sample is tested once."""
     labels = np.asarray(labels)
-    rel = [r + i[len(s):] if i.startswith(s) else i
-           for r, s, i in zip(_relative_sources(list(sources)), sources, ids)]
-    h = np.array([int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in rel],
-                 dtype=np.uint64)
+    rel = [
+        r + i[len(s) :] if i.startswith(s) else i
+        for r, s, i in zip(_relative_sources(list(sources)), sources, ids)
+    ]
+    h = np.array(
+        [int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in rel],
+        dtype=np.uint64,
+    )
     fold_of = np.zeros(labels.size, np.int64)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
@@ -435,8 +439,12 @@ def ridge_forecast(
         fit, val = validation
         if fit.size >= 2 and val.size >= 1:
             errs = [
-                float(np.mean((ridge_forecast(train_x[fit], train_y[fit], train_x[val], alphas=(a,))
-                               - train_y[val]) ** 2))
+                float(
+                    np.mean(
+                        (ridge_forecast(train_x[fit], train_y[fit], train_x[val], alphas=(a,)) - train_y[val])
+                        ** 2
+                    )
+                )
                 for a in alphas
             ]
             alphas = (alphas[int(np.argmin(errs))],)
@@ -516,7 +524,9 @@ def forecast_eval(
         scale = (series_std / window_std)[test_idx][:, None, :]  # (M, 1, C): normalised err -> dataset std
     out: dict[str, dict[str, float]] = {}
     for name, x in features.items():
-        pred = ridge_forecast(x[train_idx], y[train_idx], x[test_idx], validation=validation).reshape(-1, h, c)
+        pred = ridge_forecast(x[train_idx], y[train_idx], x[test_idx], validation=validation).reshape(
+            -1, h, c
+        )
         out["raw_linear" if name == "raw_tokens" else name] = forecast_metrics(pred, targets[test_idx], scale)
     rep = np.repeat(last_value[test_idx][:, None, :], h, axis=1)  # (M, H, C)
     out["last_value"] = forecast_metrics(rep, targets[test_idx], scale)
@@ -614,9 +624,17 @@ def forecast_table(models: dict[str, MaskedModel], table: TokenTable, cfg: EvalC
     feats = {name: tf.features[name][keep_a] for name in [*models, "raw_tokens"]}
     # the ridge penalty is chosen on the latest training windows of each series (chronologically, as
     # the test split): neighbouring windows overlap, so leave-one-out would pick too small a penalty
-    fit, val, _ = chronological_split([keys[i] for i in tr], starts_a[tr], lengths_a[tr], h, cfg.test_fraction)
+    fit, val, _ = chronological_split(
+        [keys[i] for i in tr], starts_a[tr], lengths_a[tr], h, cfg.test_fraction
+    )
     results = forecast_eval(
-        feats, y, np.stack(last), tr, te, window_std=np.asarray(wstd, np.float64), series_std=series_std,
+        feats,
+        y,
+        np.stack(last),
+        tr,
+        te,
+        window_std=np.asarray(wstd, np.float64),
+        series_std=series_std,
         validation=(fit, val) if fit.size and val.size else None,
     )
     return {

@@ -546,8 +546,9 @@ def _train(
     model = MaskedModel(cfg).to(device)
     generator = torch.Generator().manual_seed(tc.seed * 1000 + rank)
     # fused AdamW: one kernel for all parameters (on CPU ~10x cheaper than the per-parameter loop)
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=peak, betas=o.betas,
-                                  fused=device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=peak, betas=o.betas, fused=device.type in ("cpu", "cuda")
+    )
     weights = {m: mods[m].weight for m in mods} if len(mods) > 1 else None
     loader = loader_cls(
         [t.directory for t in tables],

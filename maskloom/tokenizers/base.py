@@ -93,7 +93,9 @@ class TableSpec:
         if self.token_kind not in ("continuous", "discrete"):
             raise ValueError(f"token_kind must be continuous or discrete, got {self.token_kind!r}")
         if self.position_kind not in ("grid", "continuous", "spectral"):
-            raise ValueError(f"position_kind must be grid, continuous or spectral, got {self.position_kind!r}")
+            raise ValueError(
+                f"position_kind must be grid, continuous or spectral, got {self.position_kind!r}"
+            )
         if self.token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"token_dtype must be one of {TOKEN_DTYPES}, got {self.token_dtype!r}")
         if self.token_kind == "discrete" and (self.token_dtype != "int32" or self.token_dim != 1):
@@ -161,7 +163,9 @@ def config_from_dict(cls: type, d: Mapping[str, Any], *, where: str = "config") 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}")
+        raise ValueError(
+            f"{where}: unknown key(s) {unknown} for {cls.__name__}; valid keys: {sorted(fields)}"
+        )
     kw: dict[str, Any] = {}
     for k, v in d.items():
         default = fields[k].default
@@ -199,7 +203,9 @@ class Tokenizer(ABC):
         elif isinstance(config, Mapping):
             config = config_from_dict(self.Config, config, where=f"{self.name} tokenizer config")
         elif not isinstance(config, self.Config):
-            raise TypeError(f"{self.name} tokenizer expects {self.Config.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{self.name} tokenizer expects {self.Config.__name__}, got {type(config).__name__}"
+            )
         self.config = config
 
     # ---- the contract -------------------------------------------------------------------------
@@ -249,7 +255,9 @@ class Tokenizer(ABC):
 
     def fingerprint(self) -> str:
         """Hash of tokenizer name, version and config: tables built with another value don't mix."""
-        blob = json.dumps({"name": self.name, "version": self.version, "config": self.config_dict()}, sort_keys=True)
+        blob = json.dumps(
+            {"name": self.name, "version": self.version, "config": self.config_dict()}, sort_keys=True
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @staticmethod

@@ -226,7 +226,9 @@ def test_fit_dataset_statistics_and_artifacts(tmp_path):
         [_reference_fbank(_sine(0.3 + 0.1 * i, freq=200.0 * (i + 1))) for i in range(3)]
     ).astype(np.float64)
     assert tok.stats["files"] == 3 and tok.stats["frames"] == fbs.shape[0]
-    assert tok.stats["mean"] == pytest.approx(fbs.mean(), rel=1e-7)  # fbank equal to kaldi.fbank up to float32 rounding
+    assert tok.stats["mean"] == pytest.approx(
+        fbs.mean(), rel=1e-7
+    )  # fbank equal to kaldi.fbank up to float32 rounding
     assert tok.stats["std"] == pytest.approx(fbs.std(), rel=1e-6)
     (rec,) = tok(paths[1])
     assert rec.meta["norm_mean"] == tok.stats["mean"] and rec.meta["norm_std"] == tok.stats["std"]
@@ -360,6 +362,10 @@ def test_tokens_match_plain_kaldi_fbank_within_one_float16_step():
         fb = torch.nn.functional.pad(fb, (0, 0, 0, c.target_frames - fb.shape[0]), value=c.pad_value)
         x = ((fb - c.norm_mean) / (2.0 * c.norm_std)).to(torch.float16).numpy()
         p = c.patch_size
-        ref = x.reshape(c.target_frames // p, p, c.num_mel_bins // p, p).transpose(0, 2, 1, 3).reshape(-1, p * p)
+        ref = (
+            x.reshape(c.target_frames // p, p, c.num_mel_bins // p, p)
+            .transpose(0, 2, 1, 3)
+            .reshape(-1, p * p)
+        )
         steps = np.abs(rec.tokens.view(np.int16).astype(np.int32) - ref.view(np.int16).astype(np.int32))
         assert steps.max() <= 1 and (steps == 0).mean() > 0.99
