@@ -52,15 +52,22 @@ from maskloom.batch import TokenBatch
 
 def interleaved(steps: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds of each named step per round, running the steps in rotation so that a shared
-    machine's load drifts over all of them alike (the ratios are what matter)."""
+    machine's load drifts over all of them alike (the ratios are what matter).
+
+    Round r starts the rotation at step r (mod the number of steps): a step's time depends on the
+    step before it (the allocator and the caches hold the previous step's buffers; a step after one
+    of other shapes pays page faults for its own), so no step should always follow the same one.
+    With ``rounds`` = a multiple of the number of steps every step follows every other equally often.
+    """
     for _ in range(warmup):
         for step in steps.values():
             step()
+    names = list(steps)
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, step in steps.items():
+    for r in range(rounds):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            step()
+            steps[k]()
             times[k].append(time.perf_counter() - t0)
     return times
 
@@ -212,7 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=5, help="timed rounds of the rotation")
+    ap.add_argument("--steps", type=int, default=7, help="timed rounds of the rotation (7: each step starts one)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
