@@ -10,7 +10,7 @@ the ~1-2 s that Ray's fixed start-up of a few seconds could never amortise):
   128 mel bins, 1024 frames, 16x16 patches).
 
 Every input is repeated K times through distinct symlinks in a temporary directory (the sources
-de-duplicate by path), K = 4 for images (12,000 inputs) and 2 for audio (4,000), so that the fair
+de-duplicate by path), K = 4 for images (12,000 inputs) and 6 for audio (12,000), so that the fair
 peer below lasts ~20-60 s on this machine; ``--copies K`` overrides both.
 Without /work/shared/data, generated files stand in.
 
@@ -69,7 +69,7 @@ DATA = "/work/shared/data"
 CASES = {
     # modality: (config, glob under DATA, copies by default)
     "image": ({"image_size": 224, "patch_size": 16}, "images/cifar10/*/*/*.jpg", 4),
-    "audio": ({}, "audio/fsdd/*.wav", 2),  # the defaults: 16 kHz, 128 mel bins, 1024 frames
+    "audio": ({}, "audio/fsdd/*.wav", 6),  # the defaults: 16 kHz, 128 mel bins, 1024 frames
 }
 MODES = ("plain", "plain_write", "warm_1", "warm_2", "cold_1", "cold_2")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -375,7 +375,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=0, help="at most N files per modality (0 = all)")
     ap.add_argument(
-        "--copies", type=int, default=0, help="repeat every file K times via symlinks (0: 4 images, 2 audio)"
+        "--copies", type=int, default=0, help="repeat every file K times via symlinks (0: 4 images, 6 audio)"
     )
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all modes (medians reported)")
     ap.add_argument("--modalities", default="image,audio")

@@ -134,9 +134,9 @@ def test_default_shard_size_aims_at_shards_per_worker_within_bounds():
 
 
 def test_max_tasks_in_flight_reaches_the_actor_pool():
-    assert resources(2).max_tasks_in_flight == 1 and resources(2, 2.5).threads_per_worker == 2
+    assert resources(2).max_tasks_in_flight == 2 and resources(2, 2.5).threads_per_worker == 2
     assert resources(2, 0.5).threads_per_worker == 1
-    assert resources(2).map_batches_kwargs()["compute"].max_tasks_in_flight_per_actor == 1
+    assert resources(2).map_batches_kwargs()["compute"].max_tasks_in_flight_per_actor == 2
 
 
 def test_limit_threads_sets_and_restores_every_library(monkeypatch):
@@ -146,15 +146,20 @@ def test_limit_threads_sets_and_restores_every_library(monkeypatch):
     for k in THREAD_ENV_VARS:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
-    before = (torch.get_num_threads(), pa.cpu_count())
+    from threadpoolctl import threadpool_info
+
+    blas = lambda: [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]  # noqa: E731
+    before = (torch.get_num_threads(), pa.cpu_count(), blas())
+    assert before[2], "numpy's BLAS pool is loaded (numpy is imported)"
     old = limit_threads(1)
     try:
         assert [os.environ[k] for k in THREAD_ENV_VARS] == ["1"] * len(THREAD_ENV_VARS)
         assert torch.get_num_threads() == 1 and pa.cpu_count() == 1
+        assert blas() == [1] * len(before[2])  # numpy's OpenBLAS, loaded before the call, obeys too
     finally:
         restore_threads(old)
     assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ
-    assert (torch.get_num_threads(), pa.cpu_count()) == before
+    assert (torch.get_num_threads(), pa.cpu_count(), blas()) == before
     with pytest.raises(ValueError, match="threads must be >= 1"):
         limit_threads(0)
 
