@@ -219,7 +219,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=7, help="timed rounds of the rotation (7: each step starts one)")
+    ap.add_argument(
+        "--steps", type=int, default=7, help="timed rounds of the rotation (7: each step starts one)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

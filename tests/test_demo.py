@@ -100,7 +100,10 @@ def test_wins_count_strictly_better_by_each_probe():
         return {
             "modality": m,
             "kind": "classification",
-            "probes": {"pretrained": {"linear": lin, "knn": knn}, "random_init": {"linear": rlin, "knn": rknn}},
+            "probes": {
+                "pretrained": {"linear": lin, "knn": knn},
+                "random_init": {"linear": rlin, "knn": rknn},
+            },
         }
 
     results = {
