@@ -369,3 +369,17 @@ def test_tokens_match_plain_kaldi_fbank_within_one_float16_step():
         )
         steps = np.abs(rec.tokens.view(np.int16).astype(np.int32) - ref.view(np.int16).astype(np.int32))
         assert steps.max() <= 1 and (steps == 0).mean() > 0.99
+
+
+@pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
+def test_read_resamples_exactly_as_torchaudio_functional(tmp_path, sr):
+    import torchaudio
+
+    wav = (np.random.default_rng(sr).standard_normal(sr // 3) * 0.2).astype(np.float32)
+    path = _wav(tmp_path / f"{sr}.wav", wav, sr)
+    tok = _tok()
+    for _ in range(2):  # the second read uses the cached kernel
+        out = tok.read(path).waveform
+        ref = torchaudio.functional.resample(torch.from_numpy(wav), sr, 16000).numpy()
+        np.testing.assert_array_equal(out, ref)
+    assert list(tok._resamplers) == [sr]
