@@ -406,10 +406,11 @@ class AudioTokenizer(Tokenizer):
 
     # ---- helpers ------------------------------------------------------------------------------
     def fbank(self, waveform: np.ndarray) -> torch.Tensor:
-        """Kaldi log-mel filterbank of a mono waveform, exactly as AudioMAE: (N,) -> (T, num_mel_bins).
+        """Kaldi log-mel filterbank of a mono waveform, as AudioMAE: (N,) -> (T, num_mel_bins).
 
         The waveform's mean is removed first; audio shorter than one 25 ms window is zero-padded to one
-        window (one frame). Equal to ``kaldi.fbank`` with AudioMAE's options (see :class:`KaldiFbank`)."""
+        window (one frame). Equal to ``kaldi.fbank`` with AudioMAE's options up to float32 rounding (see
+        :class:`KaldiFbank`)."""
         c = self.config
         if self._kaldi is None:
             self._kaldi = KaldiFbank(
