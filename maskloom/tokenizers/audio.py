@@ -12,7 +12,7 @@ Decisions (documented here once):
 
 * Decoding uses ``soundfile`` (libsndfile: WAV, FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1,
   AIFF); multi-channel audio is mixed down to mono by averaging channels; the waveform is resampled
-  to ``Config.sample_rate`` with ``torchaudio.functional.resample`` (its kernel cached per source rate).
+  to ``Config.sample_rate`` with torchaudio's resampling (the same values as ``functional.resample``).
 * Padding follows AudioMAE: the *filterbank* is padded with ``Config.pad_value`` (0.0, i.e. zeros in
   the log-mel domain) before normalisation, so padded frames become ``(0 - mean) / (2 * std)``.
   Every patch is a token (padding included); ``meta["frames"]`` is the number of real frames.
@@ -28,8 +28,9 @@ Decisions (documented here once):
 * Speed: :class:`KaldiFbank` computes ``kaldi.fbank`` with AudioMAE's options (equal to float32
   rounding), but builds the window and the mel filterbank once per tokenizer instead of on every call,
   skips the frame energy that ``use_energy=False`` throws away, and takes the power spectrum as
-  re^2 + im^2 rather than abs()^2; on CPU, one thread, it is 1.6x faster than the plain call. ``tokenize`` normalises only the real frames; the
-  padded frames are one precomputed float16 constant.
+  re^2 + im^2 rather than abs()^2: 2.4x faster than the plain call on a 0.6 s clip, one CPU thread.
+  ``tokenize`` normalises only the real frames; the padded frames are one precomputed float16
+  constant. Resampling keeps one ``torchaudio.transforms.Resample`` (its sinc kernel) per source rate.
 """
 
 from __future__ import annotations
@@ -116,7 +117,6 @@ class KaldiFbank:
     mel matrix are built once (per device) and the energy is skipped. The power spectrum is
     ``re^2 + im^2`` (``kaldi.fbank`` takes ``abs()`` then squares: a hypot per bin, 4x slower on CPU),
     which is where the last bits differ; the stored tokens are float16, far coarser than that.
-    Everything runs on torch's intra-op threads (no numpy BLAS call, whose thread pool ignores them).
     """
 
     PREEMPHASIS = 0.97
@@ -157,20 +157,9 @@ class KaldiFbank:
         x = x - x.mean(dim=1, keepdim=True)  # remove_dc_offset
         x = x - self.PREEMPHASIS * torch.cat((x[:, :1], x[:, :-1]), dim=1)  # x[j] -= 0.97 x[max(j-1, 0)]
         spectrum = torch.fft.rfft(x * self._window, n=self.fft_size)  # (T, fft_size // 2 + 1), zero-padded
-        if wav.device.type != "cpu":
-            power = torch.view_as_real(spectrum).square().sum(-1)  # |X|^2 = re^2 + im^2
-            mel = torch.mm(power, self._banks.T)  # (T, F)
-            return mel.clamp_min_(self._eps).log_()
-        # On CPU numpy's elementwise arithmetic is faster for the power spectrum: complex abs() (a
-        # hypot per element, as kaldi.fbank computes) costs 6x re^2 + im^2 in numpy. The matmul stays in
-        # torch: it keeps to torch's intra-op threads, where numpy's BLAS would start (and spin) one
-        # thread per core inside a 1-CPU worker.
-        sp = spectrum.numpy()
-        power = sp.real * sp.real
-        power += sp.imag * sp.imag
-        mel = torch.mm(torch.from_numpy(power), self._banks.T).numpy()  # (T, F)
-        np.maximum(mel, np.float32(self._eps), out=mel)
-        return torch.from_numpy(np.log(mel, out=mel))
+        power = spectrum.real.square() + spectrum.imag.square()  # |X|^2 = re^2 + im^2, no hypot
+        mel = torch.mm(power, self._banks.T)  # (T, F)
+        return mel.clamp_min_(self._eps).log_()
 
 
 @dataclass

@@ -317,7 +317,7 @@ def test_kaldi_fbank_equals_torchaudio(sr, mel, shift):
             w = w - w.mean()
             out, ref = fb(w), _kaldi_fbank(w, sr, mel, shift)
             assert out.shape == ref.shape == (fb.num_frames(n), mel) and out.dtype == torch.float32
-            # float32 rounding only (re^2 + im^2 instead of abs()^2, mm of the power spectrum)
+            # float32 rounding only (re^2 + im^2 instead of abs()^2)
             assert (out - ref).abs().max() <= 1e-5, (n, float((out - ref).abs().max()))
     with pytest.raises(ValueError, match="at least"):
         fb(torch.zeros(win - 1))
