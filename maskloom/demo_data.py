@@ -88,17 +88,22 @@ def _shape_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
         return ((x * np.cos(theta) + y * np.sin(theta)) / period + rng.uniform()) % 1.0 < 0.5
     r = rng.uniform(0.14, 0.26) * size
     cx, cy = rng.uniform(r + 2, size - r - 2, 2)
-    u = (x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)  # coordinates in the shape's frame
-    v = -(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)
+    return _inside(kind, x - cx, y - cy, theta, r)
+
+
+def _inside(kind: str, dx: np.ndarray, dy: np.ndarray, theta: float, r: float) -> np.ndarray:
+    """Bool mask of a circle, square or triangle of size ``r`` rotated by ``theta``, at offsets
+    (``dx``, ``dy``) from its centre (any broadcastable shapes)."""
+    u = dx * np.cos(theta) + dy * np.sin(theta)  # coordinates in the shape's frame
+    v = -dx * np.sin(theta) + dy * np.cos(theta)
     if kind == "circle":
         return u**2 + v**2 <= r**2
     if kind == "square":
         half = r * 0.85
         return (np.abs(u) <= half) & (np.abs(v) <= half)
     # triangle: inside three half-planes whose normals are 120 degrees apart
-    normals = np.deg2rad([90.0, 210.0, 330.0])
     inside = np.ones_like(u, dtype=bool)
-    for a in normals:
+    for a in np.deg2rad([90.0, 210.0, 330.0]):
         inside &= u * np.cos(a) + v * np.sin(a) <= r * 0.55
     return inside
 
@@ -145,16 +150,7 @@ def _video(kind: str, rng: np.random.Generator) -> np.ndarray:
 
         cx = bounce(rng.uniform(lo, hi), speed * np.cos(angle))[:, None, None]
         cy = bounce(rng.uniform(lo, hi), speed * np.sin(angle))[:, None, None]
-        u = (x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)  # (T, H, W) in the shape's frame
-        v = -(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)
-        if kind == "circle":
-            inside = u**2 + v**2 <= r**2
-        elif kind == "square":
-            inside = (np.abs(u) <= r * 0.85) & (np.abs(v) <= r * 0.85)
-        else:  # triangle
-            inside = np.ones_like(u, dtype=bool)
-            for a in np.deg2rad([90.0, 210.0, 330.0]):
-                inside &= u * np.cos(a) + v * np.sin(a) <= r * 0.55
+        inside = _inside(kind, x - cx, y - cy, theta, r)  # (T, H, W)
     clip = np.where(inside[..., None], fg, bg)
     return np.clip(np.rint(clip), 0, 255).astype(np.uint8)
 
