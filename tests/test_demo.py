@@ -10,22 +10,9 @@ from maskloom.cli import main
 
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(
-        [
-            "demo",
-            "--out",
-            str(out),
-            "--per-class",
-            "3",
-            "--steps",
-            "4",
-            "--minutes",
-            "2",
-            "--no-progress",
-            "--set",
-            "optim.batch_size=4",
-        ]
-    )
+    tiny = ["demo", "--out", str(out), "--per-class", "3", "--steps", "4", "--minutes", "2", "--no-progress"]
+    tiny += ["--set", "optim.batch_size=4"]
+    code = main(tiny)
     assert code == 0
     printed = capsys.readouterr().out
     assert "[5/5] report:" in printed and "demo finished in" in printed
@@ -65,23 +52,7 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
             assert im.size[0] > 50 and im.size[1] > 50
 
     # a rerun keeps the finished tables (exactly-once preprocessing) and resumes the finished run
-    code = main(
-        [
-            "demo",
-            "--out",
-            str(out),
-            "--per-class",
-            "3",
-            "--steps",
-            "4",
-            "--minutes",
-            "2",
-            "--no-progress",
-            "--set",
-            "optim.batch_size=4",
-            "--resume",
-        ]
-    )
+    code = main([*tiny, "--resume"])
     assert code == 0
     assert printed.count("already") == 0 and "already finished" in capsys.readouterr().out
 

@@ -19,8 +19,21 @@ from maskloom.pipelines.loader import (
 from maskloom.tokenizers.base import Record, TableSpec, Tokenizer, register_tokenizer
 
 
+class _TableOnly(Tokenizer):
+    """A tokenizer that only declares a spec: the tests write its tables from records directly."""
+
+    def read(self, source):
+        return source
+
+    def tokenize(self, raw, *, source=""):
+        return []
+
+    def detokenize(self, record):
+        return record.tokens
+
+
 @register_tokenizer("loader_test_vec")
-class VecTokenizer(Tokenizer):
+class VecTokenizer(_TableOnly):
     """Continuous toy tokens: token t of sample i is [1000 i + 10 t + d for d < dim]."""
 
     @dataclass(frozen=True, kw_only=True)
@@ -38,18 +51,9 @@ class VecTokenizer(Tokenizer):
             position_kind="grid",
         )
 
-    def read(self, source):
-        return source
-
-    def tokenize(self, raw, *, source=""):
-        return []
-
-    def detokenize(self, record):
-        return record.tokens
-
 
 @register_tokenizer("loader_test_ids")
-class IdsTokenizer(Tokenizer):
+class IdsTokenizer(_TableOnly):
     """Discrete toy tokens with optional graph-like edges."""
 
     @dataclass(frozen=True, kw_only=True)
@@ -67,15 +71,6 @@ class IdsTokenizer(Tokenizer):
             position_kind="spectral",
             vocab_size=self.config.vocab,
         )
-
-    def read(self, source):
-        return source
-
-    def tokenize(self, raw, *, source=""):
-        return []
-
-    def detokenize(self, record):
-        return record.tokens
 
 
 def vec_record(i, n, dim=2, label=None):
