@@ -209,13 +209,10 @@ def bare_scan(table: tables.TokenTable, columns: tuple[str, ...] = SCAN_COLUMNS)
     return rows, nbytes
 
 
-def loader_epoch(loader: TokenLoader, read_meta: bool = True) -> tuple[int, int, int]:
-    """(rows, padded tokens, real tokens) of one epoch (reading ``batch.meta`` when the loader has it
-    and ``read_meta``)."""
+def loader_epoch(loader: TokenLoader) -> tuple[int, int, int]:
+    """(rows, padded tokens, real tokens) of one epoch: the padding figures (not timed)."""
     rows = pad = real = 0
     for b in loader:
-        if read_meta and loader.config.with_meta:
-            b.meta  # noqa: B018 - parse it (lazily parsed JSON), as a consumer of meta would
         rows += b.batch_size
         p = int(b.padding.sum())
         pad += p
@@ -278,7 +275,7 @@ def bench_table(name: str, directory: str, batch_size: int, repeat: int, workers
         repeat,
     )
     rows, nbytes = out["scan"]
-    lrows, pad, real = loader_epoch(loader)  # untimed: the padding of the same (seeded) epoch
+    lrows, pad, real = loader_epoch(loader)  # untimed: the padding of one more epoch of that loader
     assert lrows == out["loader"], (lrows, out["loader"])
     plain = loader_epoch(TokenLoader(table, batch_size=batch_size, seed=0, shuffle=True, bucket=False))
     lengths = [int(x) for x in np.percentile(tables_lengths(table), [0, 50, 100])]
