@@ -32,7 +32,7 @@ import os
 import sys
 
 # this script's directory holds other benchmark scripts whose names shadow stdlib modules
-# (benchmarks/tokenize.py): keep it off the import path before anything imports linecache/tokenize
+# (a tokenize.py would): keep it off the import path before anything imports linecache/tokenize
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
@@ -182,7 +182,12 @@ def build_tables(root: str, rows: int) -> dict[str, str]:
 
 
 def _flat_numpy(arr: pa.Array) -> np.ndarray:
+    """The values of a list column as one numpy array without a copy: fixed-size lists flattened, the
+    fixed-size binary vectors of the storage form (schema version 2) viewed as bytes."""
     v = arr.values
+    if pa.types.is_fixed_size_binary(v.type):
+        w = v.type.byte_width
+        return np.frombuffer(v.buffers()[1], np.uint8, count=len(v) * w, offset=v.offset * w)
     return (v.flatten() if pa.types.is_fixed_size_list(v.type) else v).to_numpy(zero_copy_only=False)
 
 

@@ -369,7 +369,7 @@ def _median_dicts(ds: list[dict]) -> dict:
 
 
 def main() -> None:
-    # benchmarks/ holds a tokenize.py that would shadow the standard library's (script dir is on sys.path)
+    # keep benchmarks/ off the import path: a script named like a stdlib module there would shadow it
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

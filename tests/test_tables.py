@@ -146,7 +146,7 @@ def test_validate_table_errors():
         tables.validate_table(_table([rec(0), rec(0)]))
     with pytest.raises(tables.TableError, match="unknown modality 'nope'"):
         tables.validate_table(_table([rec(0)], modality="nope"))
-    with pytest.raises(tables.TableError, match="schema version 99 but this maskloom reads version 1"):
+    with pytest.raises(tables.TableError, match="schema version 99 but this maskloom reads versions 1, 2"):
         tables.validate_table(_table([rec(0)], schema_version=99))
     with pytest.raises(tables.TableError, match="no 'maskloom' schema metadata"):
         tables.validate_table(good.replace_schema_metadata({}))
@@ -185,3 +185,58 @@ def test_fingerprint_depends_on_config():
     assert ToyTokenizer().fingerprint() != ToyTokenizer({"dim": 4}).fingerprint()
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['dims'\]"):
         ToyTokenizer({"dims": 3})
+
+
+def test_vectors_are_stored_as_fixed_size_binary_and_read_back_as_lists(tmp_path):
+    tok = ToyTokenizer()
+    tokens = np.arange(9, dtype=np.float32).reshape(3, 3)
+    edges = np.array([[0, 2], [1, 1]], np.int32)
+    recs = [rec(0, 2, label=1), rec(1, 3, tokens=tokens, edges=edges), rec(2, 1)]
+    table = tables.write_table(str(tmp_path / "t"), recs, tok)
+    raw = pq.read_table(table.shard_paths()[0])  # what another Parquet reader sees
+    assert raw.schema.field("tokens").type == pa.large_list(pa.binary(3 * 4))  # 3 float32 per token
+    assert raw.schema.field("positions").type == pa.large_list(pa.binary(4))
+    assert raw.schema.field("edges").type == pa.large_list(pa.binary(8))
+    vec = np.frombuffer(raw.column("tokens")[1].values[2].as_py(), np.float32)  # the documented recipe
+    assert vec.tolist() == [6.0, 7.0, 8.0]
+    logical = tables.records_to_arrow(recs, tok.spec(), table.meta)
+    assert table.read().equals(logical)
+    assert tables.read_shard(table.shard_paths()[0]).equals(logical)
+    assert tables.validate_table(raw)["schema_version"] == tables.SCHEMA_VERSION == 2
+    back = tables.arrow_to_records(raw)
+    assert back[1].edges.tolist() == [[0, 2], [1, 1]] and back[0].edges is None
+    np.testing.assert_array_equal(back[2].tokens, recs[2].tokens)
+
+
+def test_storage_conversion_keeps_slices_nulls_and_empty_tables():
+    spec = ToyTokenizer().spec()
+    recs = [rec(i, i + 1, edges=np.array([[0, i]], np.int32) if i % 2 else None) for i in range(5)]
+    t = tables.records_to_arrow(recs, spec, {"x": 1})
+    for part in (t, t.slice(1, 3), t.slice(2, 2), t.slice(0, 0)):
+        stored = tables.to_storage(part)
+        assert pa.types.is_fixed_size_binary(stored.schema.field("tokens").type.value_type)
+        back = tables.from_storage(stored, spec)
+        assert back.schema == part.schema and back.equals(part)
+        assert back.column("edges").null_count == part.column("edges").null_count
+    assert tables.from_storage(t, spec) is t  # already logical: unchanged
+    bad = tables.to_storage(t).set_column(
+        3, "tokens", pa.array([[b"abcde"]] * 5, pa.large_list(pa.binary(5)))
+    )
+    with pytest.raises(tables.TableError, match="5 bytes are not float vectors"):
+        tables.from_storage(bad, spec)
+
+
+def test_version_1_tables_with_nested_list_storage_still_read(tmp_path):
+    tok = ToyTokenizer()
+    recs = [rec(0, 2, label=1), rec(1, 3)]
+    table = tables.write_table(str(tmp_path / "t"), recs, tok)
+    meta = {**table.meta, "schema_version": 1}
+    v1 = tables.records_to_arrow(recs, tok.spec(), meta)  # logical types, written as nested lists
+    pq.write_table(v1, table.shard_paths()[0], compression="zstd")
+    man = json.loads((tmp_path / "t" / "_manifest.json").read_text())
+    man["schema_version"] = 1
+    (tmp_path / "t" / "_manifest.json").write_text(json.dumps(man))
+    old = tables.TokenTable(str(tmp_path / "t"))
+    assert pq.read_schema(old.shard_paths()[0]).field("tokens").type == v1.schema.field("tokens").type
+    assert old.read().equals(v1)
+    assert [r.id for r in old.records()] == ["s0#0", "s1#0"]

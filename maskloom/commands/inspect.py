@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from maskloom.tables import META_KEY, TableError, TokenTable, arrow_to_records
+from maskloom.tables import META_KEY, TableError, TokenTable, arrow_to_records, from_storage
 from maskloom.tokenizers.base import Record
 
 HELP = "schema, counts, length histogram and errors of a token table; render samples"
@@ -122,6 +122,7 @@ def first_records(table: TokenTable, n: int) -> list[Record]:
             t = pf.read_row_group(g)
             if META_KEY not in (t.schema.metadata or {}):
                 t = t.replace_schema_metadata(md)
+            t = from_storage(t, table.spec)
             out.extend(arrow_to_records(t.slice(0, n - len(out))))
     return out
 

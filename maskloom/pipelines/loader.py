@@ -46,6 +46,7 @@ copied one contiguous slice per row. ``TokenBatch.meta`` is parsed from its JSON
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -160,10 +161,12 @@ class _Group:
     index: int  # row-group index inside the file
     start: int  # first stream row
     rows: int
+    nbytes: int = 0  # uncompressed size of the row group (Parquet metadata)
 
 
-def _table_groups(table: TokenTable) -> tuple[list[tuple[str, int, int]], np.ndarray]:
-    """[(path, row_group, rows)] in manifest order, and the (N,) token count of every row."""
+def _table_groups(table: TokenTable) -> tuple[list[tuple[str, int, int, int]], np.ndarray]:
+    """[(path, row_group, rows, uncompressed bytes)] in manifest order, and the (N,) token count of
+    every row."""
     col = _length_column(table.spec)
     groups, lengths = [], []
     for path, info in zip(table.shard_paths(), table.manifest.shards):
@@ -171,8 +174,8 @@ def _table_groups(table: TokenTable) -> tuple[list[tuple[str, int, int]], np.nda
             raise TableError(f"{table.directory}: shard {info['name']} listed in the manifest is missing")
         pf = pq.ParquetFile(path)
         for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            groups.append((path, g, n))
+            rg = pf.metadata.row_group(g)
+            groups.append((path, g, rg.num_rows, rg.total_byte_size))
             lengths.append(_list_lengths(pf.read_row_group(g, columns=[col]).column(col)))
     return groups, (np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
 
@@ -209,13 +212,15 @@ class _Stream:
         start = 0
         for t in tables:
             gs, ls = _table_groups(t)
-            for path, g, n in gs:
-                self.groups.append(_Group(path=path, index=g, start=start, rows=n))
+            for path, g, n, nbytes in gs:
+                self.groups.append(_Group(path=path, index=g, start=start, rows=n, nbytes=nbytes))
                 start += n
             lengths.append(ls)
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)  # (N,)
         self.group_of_row = np.repeat(np.arange(len(self.groups)), [g.rows for g in self.groups])  # (N,)
         self.group_start = np.array([g.start for g in self.groups], np.int64)  # (G,)
+        self.resident = sum(g.nbytes for g in self.groups) <= RESIDENT_BYTES
+        """Small enough to hold every row group of a pass in one chunk (see :class:`_Reader`)."""
 
     @property
     def num_rows(self) -> int:
@@ -271,7 +276,10 @@ def plan_stream(
         if cfg.shuffle:
             chunk = rng.permutation(chunk)
         if cfg.bucket:
-            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            keys = lengths[chunk]
+            if keys.size and keys.max() < 1 << 16:  # the same stable order; numpy radix-sorts 16-bit keys
+                keys = keys.astype(np.uint16)  # (15x faster than its merge sort of int64 here)
+            chunk = chunk[np.argsort(keys, kind="stable")]
         if cfg.max_tokens is not None:
             pb = _split_max_tokens(chunk, lengths, cfg.batch_size, cfg.max_tokens)
         else:
@@ -292,15 +300,25 @@ def _rank_block(batches: list[np.ndarray], rank: int, world_size: int) -> list[n
 # ---------------------------------------------------------------------------------------------
 # reading and collating
 # ---------------------------------------------------------------------------------------------
+RESIDENT_BYTES = 64 << 20
+"""A stream whose row groups hold at most this many uncompressed bytes is read whole, into one chunk per
+pass, and every batch is gathered from it without per-batch row-group bookkeeping."""
 ROW_COPY_MIN = 4096
 """Values per padded sample (``L * D``) from which :func:`collate` copies sample by sample (one
 contiguous slice each: big rows such as image patches) instead of one gather for the whole batch (short
 rows such as text ids or time-series patches, where a Python step per sample would dominate)."""
 
 
-def _flat(arr: pa.Array) -> pa.Array:
-    """Values of a fixed-size-list array as a flat array, honouring slicing."""
-    return arr.flatten() if pa.types.is_fixed_size_list(arr.type) else arr
+def _vectors(arr: pa.Array, dtype: Any, width: int | None) -> np.ndarray:
+    """The values of a list column's child as numpy without a copy: (n, width) for fixed-size vectors
+    (stored as fixed-size binary, or as fixed-size lists in version-1 tables), (n,) for scalars."""
+    if pa.types.is_fixed_size_binary(arr.type):
+        w = arr.type.byte_width
+        out = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * w, offset=arr.offset * w)
+        return out.view(dtype).reshape(len(arr), -1)
+    if pa.types.is_fixed_size_list(arr.type):
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return arr.to_numpy(zero_copy_only=False)
 
 
 def _strings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -333,16 +351,15 @@ class _Chunk:
             return col
 
         tok = lst("tokens")
-        tvals = _flat(tok.values).to_numpy(zero_copy_only=False)
-        if spec.token_kind == "continuous":
-            tvals = tvals.reshape(-1, spec.token_dim)
+        continuous = spec.token_kind == "continuous"
+        tvals = _vectors(tok.values, np.dtype(spec.token_dtype), spec.token_dim if continuous else None)
         pos = lst("positions")
-        pvals = _flat(pos.values).to_numpy(zero_copy_only=False).reshape(-1, spec.position_dim)
+        pvals = _vectors(pos.values, np.float32, spec.position_dim)
         edge_off = edges = None
         if "edges" in t.column_names and t.column("edges").null_count < t.num_rows:
             e = lst("edges")
             edge_off = e.offsets.to_numpy()
-            edges = _flat(e.values).to_numpy(zero_copy_only=False).reshape(-1, 2)
+            edges = _vectors(e.values, np.int32, 2)
         if "label" in t.column_names:
             labels = pc.fill_null(t.column("label"), -1).to_numpy().astype(np.int64)
         else:
@@ -368,24 +385,46 @@ class _Chunk:
             self._ext["maxlen"] = max((int(np.diff(o).max()) for o in offs if o.size > 1), default=0)
         return self._ext["maxlen"]
 
-    def ext(self, name: str) -> np.ndarray | None:
-        """Column ``name`` (tok, pos, edges) followed by ``maxlen()`` zero rows: built once, so that a
-        window of up to ``maxlen()`` values starting at any row start stays inside the array."""
+    def ext(self, name: str, dtype: Any = None) -> np.ndarray | None:
+        """Column ``name`` (tok, pos, edges) followed by ``maxlen()`` zero rows, as ``dtype`` (default: as
+        stored): built once, so that a window of up to ``maxlen()`` values starting at any row start
+        stays inside the array, and batches need no dtype conversion. A column is always asked for
+        in the same dtype (the batch's: int64 ids and edges, stored-dtype vectors, float32 positions)."""
         if name not in self._ext:
             flat = getattr(self, name)
             if flat is None:
                 self._ext[name] = None
             else:
-                ext = np.zeros((flat.shape[0] + self.maxlen(), *flat.shape[1:]), flat.dtype)
+                ext = np.zeros((flat.shape[0] + self.maxlen(), *flat.shape[1:]), dtype or flat.dtype)
                 ext[: flat.shape[0]] = flat
                 self._ext[name] = ext
                 setattr(self, name, ext[: flat.shape[0]])  # same values; the decoded buffer can go
         return self._ext[name]
 
+    def same_offsets(self) -> bool:
+        """Whether positions and tokens have the same offsets (always, unless the chunk was merged from
+        chunks that start differently): row starts are then looked up once per batch."""
+        same = self._ext.get("same_offsets")
+        if same is None:
+            same = self._ext["same_offsets"] = bool(np.array_equal(self.tok_off, self.pos_off))
+        return same
+
+    def windows(self, name: str, length: int, dtype: Any = None) -> np.ndarray | None:
+        """:func:`_windows` of ``ext(name, dtype)`` for ``length`` (cached: batches repeat lengths)."""
+        key = (name, length)
+        w = self._ext.get(key)
+        if w is None:
+            ext = self.ext(name, dtype)
+            if ext is None:
+                return None
+            w = self._ext[key] = _windows(ext, length)
+        return w
+
     @classmethod
-    def merge(cls, chunks: Sequence[_Chunk]) -> _Chunk:
-        """One chunk of all rows of ``chunks`` in order (one copy of their values), so that a batch
-        spread over several row groups is still gathered with one fancy index per column."""
+    def merge(cls, chunks: Sequence[_Chunk], dtypes: Mapping[str, Any] | None = None) -> _Chunk:
+        """One chunk of all rows of ``chunks`` in order (one copy of their values, converted to
+        ``dtypes[column]`` when given: see :meth:`ext`), so that a batch spread over several row groups
+        is still gathered with one fancy index per column."""
 
         longest = max(c.maxlen() for c in chunks)
         ext: dict[str, Any] = {"maxlen": longest}
@@ -407,8 +446,9 @@ class _Chunk:
                 vals.append(f[off[0] : off[-1]])
                 base += int(off[-1] - off[0])
             like = next(f for f in flats if f is not None)
-            vals.append(np.zeros((longest, *like.shape[1:]), like.dtype))
-            ext[name] = np.concatenate(vals)
+            dtype = (dtypes or {}).get(name, like.dtype)
+            vals.append(np.zeros((longest, *like.shape[1:]), dtype))
+            ext[name] = np.concatenate(vals, dtype=dtype)
             return np.concatenate(offs), ext[name][:base]
 
         tok_off, tok = cat("tok", "tok_off")
@@ -501,8 +541,10 @@ def _pad_column(
     width: tuple[int, ...],
     dtype: Any,
     pad_value: int,
+    padded: bool | None = None,
 ) -> np.ndarray:
-    """One padded (B, L, *width) column: row i = its values, then ``pad_value``.
+    """One padded (B, L, *width) column: row i = its values, then ``pad_value``. ``padded``: whether
+    any row is shorter than L (computed from ``lens`` when None).
 
     Short rows: one fancy index per chunk picks every row's window of L values at once (windows are a
     strided view over the chunk's values; what spills past a row's end is overwritten with the pad
@@ -523,23 +565,75 @@ def _pad_column(
                 out[i, :n] = flat[s : s + n]
         return out
     if len(parts) == 1 and parts[0][2] is None:  # the common case: the whole batch from one chunk
-        ext = parts[0][0].ext(name)
-        if ext is None:
+        w = parts[0][0].windows(name, L, dtype)
+        if w is None:
             return np.full(shape, pad_value, dtype)
-        out = _windows(ext, L)[starts[0]]  # (B, L, *width), stored dtype
-        if out.dtype != dtype:
+        out = w[starts[0]]  # (B, L, *width)
+        if out.dtype != dtype:  # the chunk's ext was built for another dtype
             out = out.astype(dtype)
     else:
         out = np.empty(shape, dtype)
         for (c, _, slot), st in zip(parts, starts):
-            ext = c.ext(name)
-            if ext is not None:
-                n = min(L, c.maxlen())  # this chunk's rows are no longer than its longest row
-                out[slot, :n] = _windows(ext, n)[st]
-    if B * L != int(lens.sum()):  # some padding: one masked copy resets it (a where= copy broadcasts
-        # the (B, L) mask over the value axes; boolean-index assignment of 3-D arrays is 3x slower)
+            n = min(L, c.maxlen())  # this chunk's rows are no longer than its longest row
+            w = c.windows(name, n, dtype)
+            if w is not None:
+                out[slot, :n] = w[st]
+    if padded if padded is not None else B * L != int(lens.sum()):
+        # some padding: one masked copy resets it (a where= copy broadcasts the (B, L) mask over the
+        # value axes; boolean-index assignment of 3-D arrays is 3x slower)
         np.copyto(out, pad_value, where=pad.reshape(B, L, *([1] * len(width))))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def batch_dtypes(spec: TableSpec) -> dict[str, np.dtype]:
+    """numpy dtypes of the batch columns: tokens as stored (int64 for ids), float32 positions, int64
+    edges."""
+    tok = np.dtype(spec.token_dtype) if spec.token_kind == "continuous" else np.dtype(np.int64)
+    return {"tok": tok, "pos": np.dtype(np.float32), "edges": np.dtype(np.int64)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _padding_table(length: int) -> np.ndarray:
+    """(length + 1, length) bool, row n = [j >= n for j < length]: the padding mask of a row of n real
+    tokens in a batch of length ``length``; ``table[lens]`` is a batch's mask in one gather."""
+    t = np.arange(length) >= np.arange(length + 1)[:, None]
+    t.flags.writeable = False
+    return t
+
+
+def _collate_short(
+    c: _Chunk, r: np.ndarray, st: np.ndarray, lens: np.ndarray, spec: TableSpec, with_meta: bool
+) -> TokenBatch | None:
+    """:func:`collate` of a whole batch of short rows from one chunk without edges (text ids, series
+    patches): the same result with the fewest numpy calls (one gather per column, one gather for the
+    mask), as this is the per-batch cost that dominates tables of tiny rows. None: not that case."""
+    if not lens.size:
+        return None
+    L = int(lens.max())
+    dtypes = batch_dtypes(spec)
+    width = spec.token_dim if spec.token_kind == "continuous" else 1
+    if L * max(width, spec.position_dim) >= ROW_COPY_MIN:
+        return None
+    tok_w, pos_w = c.windows("tok", L, dtypes["tok"]), c.windows("pos", L, dtypes["pos"])
+    tokens, positions = tok_w[st], pos_w[st]  # (B, L[, D]), (B, L, P)
+    if tokens.dtype != dtypes["tok"]:
+        tokens = tokens.astype(dtypes["tok"])
+    pad = _padding_table(L)[lens]  # (B, L)
+    if lens.size * L != int(lens.sum()):
+        np.copyto(tokens, 0, where=pad if tokens.ndim == 2 else pad[:, :, None])
+        np.copyto(positions, 0, where=pad[:, :, None])
+    meta = c.meta[r].tolist() if with_meta and c.meta is not None else None
+    return _Batch(
+        tokens=torch.from_numpy(tokens),
+        positions=torch.from_numpy(positions),
+        padding=torch.from_numpy(pad),
+        modality=spec.modality,
+        labels=torch.from_numpy(c.labels[r]),
+        edges=None,
+        ids=c.ids[r].tolist(),
+        meta=(_MetaJSON(meta if meta is not None else ["{}"] * lens.size)) if with_meta else [],
+    )
 
 
 def collate(
@@ -557,7 +651,11 @@ def collate(
         c, r, _ = parts[0]
         st = c.tok_off[r]
         lens = c.tok_off[r + 1] - st  # (B,) tokens per sample
-        tok_st, pos_st = [st], [c.pos_off[r]]
+        if c.edge_off is None and c.same_offsets():
+            fast = _collate_short(c, r, st, lens, spec, with_meta)
+            if fast is not None:
+                return fast
+        tok_st, pos_st = [st], [st if c.same_offsets() else c.pos_off[r]]
     else:
         B = sum(int(r.size) for _, r, _ in parts)
         lens = np.empty(B, np.int64)
@@ -568,21 +666,18 @@ def collate(
             tok_st.append(st)
             pos_st.append(c.pos_off[r])
     L = int(lens.max()) if lens.size else 0
-    pad = np.arange(L) >= lens[:, None]  # (B, L) True = padding
+    pad = _padding_table(L)[lens]  # (B, L) True = padding
+    padded = lens.size * L != int(lens.sum())
+    dtypes = batch_dtypes(spec)
     continuous = spec.token_kind == "continuous"
-    tokens = _pad_column(  # (B, L, D) float32 or (B, L) int64
-        parts,
-        "tok",
-        tok_st,
-        lens,
-        pad,
-        (spec.token_dim,) if continuous else (),
-        np.float32 if continuous else np.int64,
-        0,
+    tokens = _pad_column(  # (B, L, D) stored dtype or (B, L) int64
+        parts, "tok", tok_st, lens, pad, (spec.token_dim,) if continuous else (), dtypes["tok"], 0, padded
     )
-    positions = _pad_column(parts, "pos", pos_st, lens, pad, (len(spec.position_axes),), np.float32, 0)
+    positions = _pad_column(
+        parts, "pos", pos_st, lens, pad, (len(spec.position_axes),), dtypes["pos"], 0, padded
+    )
     edges = None
-    if any(c.edge_off is not None for c, _, _ in parts):
+    if (c.edge_off is not None) if single else any(c.edge_off is not None for c, _, _ in parts):
         elens = np.zeros(lens.size, np.int64)  # (B,) edges per sample
         e_st = []
         for c, r, slot in parts:
@@ -649,6 +744,22 @@ class _Reader:
         t = self._file(grp.path).read_row_group(grp.index, columns=cols)
         return _Chunk.from_arrow(t, st.spec)
 
+    def _load_groups(self, s: int, groups: list[int]) -> tuple[_Chunk, np.ndarray | None]:
+        """Row groups ``groups`` (sorted) of stream ``s`` as one chunk, and the (N,) map from stream row
+        to chunk row (-1: not loaded), or None when the chunk holds every row of the stream in order."""
+        st = self.streams[s]
+        chunks = [self._load(s, g) for g in groups]
+        chunk = chunks[0] if len(chunks) == 1 else _Chunk.merge(chunks, batch_dtypes(st.spec))
+        if len(groups) == len(st.groups):
+            return chunk, None
+        local = np.full(st.num_rows, -1, np.int64)
+        at = 0
+        for g in groups:
+            n = st.groups[g].rows
+            local[st.group_start[g] : st.group_start[g] + n] = np.arange(at, at + n)
+            at += n
+        return chunk, local
+
     def _uses(self, items: Sequence[tuple[int, int, np.ndarray]]) -> dict[tuple[int, int, int], int]:
         """How many rows of each (stream, pass, group) the items take: one bincount per (stream, pass)."""
         rows_of: dict[tuple[int, int], list[np.ndarray]] = {}
@@ -668,8 +779,23 @@ class _Reader:
         cache: dict[tuple[int, int], _Chunk] = {}
         # per stream: (groups, their first row inside the merged chunk (G,) with -1 elsewhere, chunk)
         merged: dict[int, tuple[set[int], np.ndarray, _Chunk]] = {}
-        for s, cyc, rows in items:
+        # resident streams: (pass, one chunk of the pass's row groups, stream row -> chunk row or None
+        # when they are the same), held until the pass's last batch
+        whole: dict[int, tuple[int, _Chunk, np.ndarray | None]] = {}
+        last = {(s, cyc): i for i, (s, cyc, _) in enumerate(items) if self.streams[s].resident}
+        for i, (s, cyc, rows) in enumerate(items):
             st = self.streams[s]
+            if st.resident:  # one gather from one chunk; no row-group bookkeeping per batch
+                w = whole.get(s)
+                if w is None or w[0] != cyc:
+                    groups = sorted(g for (s2, c2, g) in remaining if (s2, c2) == (s, cyc))
+                    w = whole[s] = (cyc, *self._load_groups(s, groups))
+                yield collate(
+                    [(w[1], rows if w[2] is None else w[2][rows], None)], st.spec, with_meta=self.with_meta
+                )
+                if last[(s, cyc)] == i:
+                    del whole[s]
+                continue
             g_of = st.group_of_row[rows]  # (B,) row group of every batch row
             g0 = int(g_of[0]) if rows.size else 0
             if not rows.size or (g_of == g0).all():  # inside one row group
@@ -690,7 +816,11 @@ class _Reader:
                         have = sorted(g for (s2, g) in cache if s2 == s)
                         first = np.full(len(st.groups), -1, np.int64)
                         first[have] = np.cumsum([0] + [st.groups[g].rows for g in have[:-1]])
-                        m = merged[s] = (set(have), first, _Chunk.merge([cache[(s, g)] for g in have]))
+                        m = merged[s] = (
+                            set(have),
+                            first,
+                            _Chunk.merge([cache[(s, g)] for g in have], batch_dtypes(st.spec)),
+                        )
                     parts = [(m[2], m[1][g_of] + rows - st.group_start[g_of], None)]
                 else:  # big rows are copied row by row anyway: one part per group
                     order = np.argsort(g_of, kind="stable")

@@ -40,13 +40,15 @@ class VecTokenizer(_TableOnly):
     class Config:
         dim: int = 2
         """token width"""
+        dtype: str = "float32"
+        """stored token dtype"""
 
     def spec(self):
         return TableSpec(
             modality="loader_test_vec",
             token_kind="continuous",
             token_dim=self.config.dim,
-            token_dtype="float32",
+            token_dtype=self.config.dtype,
             position_axes=("index",),
             position_kind="grid",
         )
@@ -139,11 +141,29 @@ def test_exact_batch_contents_and_padding(tmp_path):
     assert batch.lengths.tolist() == [3, 1, 2]
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_continuous_tokens_keep_their_stored_dtype(tmp_path, dtype):
+    """No widening to float32 in the loader (adapters and objectives cast on the device)."""
+    tok = VecTokenizer({"dim": 3, "dtype": dtype})
+    vals = [np.arange(n * 3).reshape(n, 3) + 7 * i for i, n in enumerate([2, 1])]
+    recs = [
+        Record(
+            id=f"s{i}", source=f"f{i}", tokens=v.astype(dtype), positions=np.zeros((len(v), 1), np.float32)
+        )
+        for i, v in enumerate(vals)
+    ]
+    d = tables.write_table(str(tmp_path / dtype), recs, tok).directory
+    (b,) = list(TokenLoader(d, batch_size=2, shuffle=False, bucket=False))
+    assert b.tokens.dtype == getattr(torch, dtype) and not b.is_discrete
+    assert b.tokens.tolist() == [[[0, 1, 2], [3, 4, 5]], [[7, 8, 9], [0, 0, 0]]]
+
+
 def test_discrete_tokens_and_edges(tmp_path):
     recs = [ids_record(0, 3, [[0, 1], [1, 2]]), ids_record(1, 2), ids_record(2, 1, [[0, 0]])]
     d = tables.write_table(str(tmp_path / "ids"), recs, IdsTokenizer()).directory
     (b,) = list(TokenLoader(d, batch_size=3, shuffle=False, bucket=False, with_meta=False))
     assert b.tokens.dtype == torch.int64 and b.tokens.tolist() == [[0, 1, 2], [100, 101, 0], [200, 0, 0]]
+    assert b.is_discrete
     assert b.positions.shape == (3, 3, 2) and b.positions[0, 2].tolist() == [2.0, -2.0]
     assert b.edges.dtype == torch.int64
     assert b.edges.tolist() == [[[0, 1], [1, 2]], [[-1, -1], [-1, -1]], [[0, 0], [-1, -1]]]
