@@ -137,6 +137,16 @@ def spec_from_meta(meta: dict[str, Any]) -> TableSpec:
 # ---------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------
+def all_finite(values: np.ndarray) -> bool:
+    """``np.isfinite(values).all()``, fast for float16: numpy has no vectorised float16 isfinite
+    (124 us for one 512 x 256 audio record, most of its validation); a float16 is finite exactly when
+    its exponent bits are not all ones, so the largest magnitude bit pattern answers it (6 us)."""
+    if values.dtype == np.float16:
+        bits = np.ascontiguousarray(values).view(np.uint16)
+        return not bits.size or int((bits & 0x7FFF).max()) < 0x7C00
+    return bool(np.isfinite(values).all())
+
+
 def validate_record(rec: Record, spec: TableSpec) -> None:
     """Raise TableError naming the record and the problem if ``rec`` does not satisfy ``spec``."""
     where = f"record {rec.id!r} (source {rec.source!r})"
@@ -152,7 +162,7 @@ def validate_record(rec: Record, spec: TableSpec) -> None:
     else:
         if tok.ndim != 2 or tok.shape[1] != spec.token_dim:
             raise TableError(f"{where}: tokens must have shape (L, {spec.token_dim}), got {tok.shape}")
-        if tok.dtype.kind == "f" and not np.isfinite(tok).all():
+        if tok.dtype.kind == "f" and not all_finite(tok):
             raise TableError(f"{where}: tokens contain non-finite values (NaN or inf)")
     if pos.ndim != 2 or pos.shape[1] != spec.position_dim:
         raise TableError(
@@ -160,7 +170,7 @@ def validate_record(rec: Record, spec: TableSpec) -> None:
         )
     if pos.shape[0] != tok.shape[0]:
         raise TableError(f"{where}: {tok.shape[0]} tokens but {pos.shape[0]} positions")
-    if not np.isfinite(pos).all():
+    if not all_finite(pos):
         raise TableError(f"{where}: positions contain non-finite values (NaN or inf)")
     if tok.shape[0] == 0:
         raise TableError(f"{where}: a record needs at least one token")
@@ -220,7 +230,7 @@ def validate_table(table: pa.Table, *, where: str = "table") -> dict[str, Any]:
         raise TableError(f"{where}: row {ids[int(empty[0])]!r} has no tokens")
     values = tok.values if spec.token_kind == "discrete" else tok.values.values
     vals = values.to_numpy(zero_copy_only=False)
-    if vals.dtype.kind == "f":
+    if vals.dtype.kind == "f" and not all_finite(vals):
         row_of = np.repeat(
             np.arange(len(tok_len)), tok_len * (1 if spec.token_kind == "discrete" else spec.token_dim)
         )
@@ -233,7 +243,7 @@ def validate_table(table: pa.Table, *, where: str = "table") -> dict[str, Any]:
         if vals.min() < 0 or (spec.vocab_size and vals.max() >= spec.vocab_size):
             raise TableError(f"{where}: token ids outside [0, {spec.vocab_size})")
     pvals = pos.values.values.to_numpy(zero_copy_only=False)
-    if not np.isfinite(pvals).all():
+    if not all_finite(pvals):
         row_of = np.repeat(np.arange(len(pos_len)), pos_len * spec.position_dim)
         i = int(row_of[np.nonzero(~np.isfinite(pvals))[0][0]])
         raise TableError(f"{where}: row {ids[i]!r}: positions contain non-finite values")

@@ -240,3 +240,17 @@ def test_version_1_tables_with_nested_list_storage_still_read(tmp_path):
     assert pq.read_schema(old.shard_paths()[0]).field("tokens").type == v1.schema.field("tokens").type
     assert old.read().equals(v1)
     assert [r.id for r in old.records()] == ["s0#0", "s1#0"]
+
+
+def test_all_finite_matches_numpy_for_every_float16_bit_pattern():
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # all 65,536 values
+    finite = np.isfinite(every)
+    assert int(finite.sum()) == 65536 - 2 * 1024  # +-inf and the NaNs: exponent bits all ones
+    for v, ok in zip(every[::97], finite[::97]):  # single values, both signs, subnormals included
+        assert tables.all_finite(np.array([1.0, v], np.float16)) == bool(ok)
+    assert tables.all_finite(every[finite]) and not tables.all_finite(every)
+    assert tables.all_finite(np.array([65504.0, -65504.0, 6e-8], np.float16))  # max and a subnormal
+    assert tables.all_finite(np.zeros((0, 4), np.float16))
+    assert not tables.all_finite(np.array([[0, np.nan]], np.float32)) and tables.all_finite(np.ones(3))
+    strided = np.full((4, 4), np.inf, np.float16)[:, :2]  # non-contiguous views are checked too
+    assert not tables.all_finite(strided)
