@@ -507,3 +507,45 @@ def test_meta_is_parsed_lazily_and_survives_moves_and_pickling(tmp_path):
     assert b.meta == [{"x": 1}]
     par = list(TokenLoader(d, batch_size=2, seed=1, num_workers=1))
     assert [m for x in par for m in x.meta] == [{"i": int(i[1:])} for x in par for i in x.ids]
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_short_row_fast_path_equals_the_general_collate(discrete):
+    """The one-chunk fast path (text ids, small graphs) gives exactly the general path's batch."""
+    from maskloom.pipelines.loader import _Chunk, collate
+
+    rng = np.random.default_rng(3)
+    n = 40
+    lens = rng.integers(1, 9, n)
+    elens = np.where(rng.random(n) < 0.3, 0, rng.integers(1, 6, n))  # some rows without edges
+    off, eoff = np.concatenate([[0], np.cumsum(lens)]), np.concatenate([[0], np.cumsum(elens)])
+    spec = IdsTokenizer().spec() if discrete else VecTokenizer({"dim": 3, "dtype": "float16"}).spec()
+    tok = (
+        rng.integers(0, 1000, off[-1]).astype(np.int32)
+        if discrete
+        else rng.standard_normal((off[-1], 3)).astype(np.float16)
+    )
+    width = len(spec.position_axes)
+
+    def chunk():
+        return _Chunk(
+            tok_off=off,
+            tok=tok.copy(),
+            pos_off=off,
+            pos=np.arange(off[-1] * width, dtype=np.float32).reshape(-1, width),
+            edge_off=eoff,
+            edges=(np.arange(eoff[-1] * 2) % 7).astype(np.int32).reshape(-1, 2),
+            labels=np.arange(n) % 3,
+            ids=np.array([f"r{i}" for i in range(n)], object),
+            meta=np.array(["{}"] * n, object),
+        )
+
+    rows = rng.permutation(n)[:17]
+    fast = collate([(chunk(), rows, None)], spec, with_meta=False)
+    slots = np.arange(rows.size)
+    general = collate([(chunk(), rows[:9], slots[:9]), (chunk(), rows[9:], slots[9:])], spec, with_meta=False)
+    for name in ("tokens", "positions", "padding", "labels", "edges"):
+        a, b = getattr(fast, name), getattr(general, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert fast.ids == general.ids == [f"r{i}" for i in rows]
+    assert fast.edges.shape == (17, int(elens[rows].max()), 2) and int((fast.edges == -1).sum()) > 0
