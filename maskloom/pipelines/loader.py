@@ -36,12 +36,15 @@ How an epoch is planned (from sequence lengths only, no token decoding; identica
    (``set_epoch`` sets it explicitly, as for ``DistributedSampler``).
 
 Reading is per row group with ``pyarrow.parquet.ParquetFile.read_row_group`` of only the needed
-columns; nested list columns become numpy arrays through their offsets and flattened values, decoded
-once per row group (no pyarrow call per batch). Collating is vectorised across the batch: for short
-rows (text ids, time-series patches) every row's window of ``L`` values is picked by *one* fancy index
-per column from a strided view over the row group's values (a batch spanning several row groups uses
-one merged chunk of them), and padding is reset by one masked assignment; big rows (image patches) are
-copied one contiguous slice per row. ``TokenBatch.meta`` is parsed from its JSON only when first read.
+columns; list columns become numpy arrays through their offsets and values without a copy (vectors
+are stored as fixed-size binary: see ``maskloom.tables``), decoded once per row group (no pyarrow
+call per batch). A stream under ``RESIDENT_BYTES`` is read whole into one chunk per pass, so its
+batches need no row-group bookkeeping. Collating is vectorised across the batch: for short rows
+(text ids, time-series patches, small graphs) every row's window of ``L`` values is picked by *one*
+fancy index per column from a strided view over the chunk's values (a batch spanning several row
+groups uses one merged chunk of them), and padding is reset by one boolean row index; big rows
+(image patches) are copied one contiguous slice per row. Tokens keep their stored dtype (uint8,
+float16, float32; ids become int64). ``TokenBatch.meta`` is parsed from its JSON only when read.
 """
 
 from __future__ import annotations
