@@ -240,6 +240,11 @@ def test_version_1_tables_with_nested_list_storage_still_read(tmp_path):
     assert pq.read_schema(old.shard_paths()[0]).field("tokens").type == v1.schema.field("tokens").type
     assert old.read().equals(v1)
     assert [r.id for r in old.records()] == ["s0#0", "s1#0"]
+    from maskloom.pipelines.loader import TokenLoader
+
+    (b,) = list(TokenLoader(old, batch_size=2, shuffle=False, bucket=False))  # the loader reads v1 too
+    assert b.tokens.tolist() == [[[0.0] * 3, [0.0] * 3, [0.0] * 3], [[1.0] * 3] * 3]
+    assert b.padding.tolist() == [[False, False, True], [False, False, False]]
 
 
 def test_all_finite_matches_numpy_for_every_float16_bit_pattern():
