@@ -56,6 +56,7 @@ import math
 import os
 import queue
 import threading
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -586,12 +587,16 @@ def _pad_column(
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def batch_dtypes(spec: TableSpec) -> dict[str, np.dtype]:
+def batch_dtypes(spec: TableSpec) -> Mapping[str, np.dtype]:
     """numpy dtypes of the batch columns: tokens as stored (int64 for ids), float32 positions, int64
     edges."""
-    tok = np.dtype(spec.token_dtype) if spec.token_kind == "continuous" else np.dtype(np.int64)
-    return {"tok": tok, "pos": np.dtype(np.float32), "edges": np.dtype(np.int64)}
+    return _batch_dtypes(spec.token_kind, spec.token_dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _batch_dtypes(token_kind: str, token_dtype: str) -> Mapping[str, np.dtype]:
+    tok = np.dtype(token_dtype) if token_kind == "continuous" else np.dtype(np.int64)
+    return types.MappingProxyType({"tok": tok, "pos": np.dtype(np.float32), "edges": np.dtype(np.int64)})
 
 
 def _reset_padding(out: np.ndarray, pad: np.ndarray, value: int) -> None:
@@ -606,7 +611,19 @@ def _reset_padding(out: np.ndarray, pad: np.ndarray, value: int) -> None:
         out.reshape(pad.size, -1)[pad.reshape(-1)] = value
 
 
-@functools.lru_cache(maxsize=1024)
+def _padding_mask(lens: np.ndarray, length: int) -> np.ndarray:
+    """(B, length) bool, True where a row of ``lens[b]`` real tokens is padded: one gather from a
+    cached table for short batches (where the per-batch cost matters), else one comparison."""
+    if length <= PADDING_TABLE_MAX:
+        return _padding_table(length)[lens]
+    return np.arange(length) >= lens[:, None]
+
+
+PADDING_TABLE_MAX = 256
+"""Longest batch whose padding mask comes from a cached table (a table costs (L + 1) * L bytes)."""
+
+
+@functools.lru_cache(maxsize=PADDING_TABLE_MAX)
 def _padding_table(length: int) -> np.ndarray:
     """(length + 1, length) bool, row n = [j >= n for j < length]: the padding mask of a row of n real
     tokens in a batch of length ``length``; ``table[lens]`` is a batch's mask in one gather."""
@@ -637,12 +654,12 @@ def _collate_short(
             return None
         edges = c.windows("edges", E, dtypes["edges"])[e_st]  # (B, E, 2)
         if lens.size * E != int(elens.sum()):
-            _reset_padding(edges, _padding_table(E)[elens], -1)
+            _reset_padding(edges, _padding_mask(elens, E), -1)
     tok_w, pos_w = c.windows("tok", L, dtypes["tok"]), c.windows("pos", L, dtypes["pos"])
     tokens, positions = tok_w[st], pos_w[st]  # (B, L[, D]), (B, L, P)
     if tokens.dtype != dtypes["tok"]:
         tokens = tokens.astype(dtypes["tok"])
-    pad = _padding_table(L)[lens]  # (B, L)
+    pad = _padding_mask(lens, L)  # (B, L)
     if lens.size * L != int(lens.sum()):
         _reset_padding(tokens, pad, 0)
         _reset_padding(positions, pad, 0)
@@ -689,7 +706,7 @@ def collate(
             tok_st.append(st)
             pos_st.append(c.pos_off[r])
     L = int(lens.max()) if lens.size else 0
-    pad = _padding_table(L)[lens]  # (B, L) True = padding
+    pad = _padding_mask(lens, L)  # (B, L) True = padding
     padded = lens.size * L != int(lens.sum())
     dtypes = batch_dtypes(spec)
     continuous = spec.token_kind == "continuous"
