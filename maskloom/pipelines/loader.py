@@ -55,6 +55,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -536,6 +537,50 @@ def _windows(ext: np.ndarray, L: int) -> np.ndarray:
     return w
 
 
+class _BufferPool:
+    """Big batch buffers (row-copied columns such as image or video patches) reused once nothing else
+    references them, instead of a fresh allocation per batch.
+
+    A fresh 154 MB video batch costs the kernel 0.1-0.4 s of page faults (zeroing, and with
+    transparent huge pages sometimes reclaim), more than decoding its row group, while a bare
+    pyarrow scan reuses its allocator's memory. A buffer is handed out again only when its reference
+    count shows that the pool holds the last reference: the batch tensors (``torch.from_numpy`` keeps
+    the array alive) and any view of them are gone. A loader's reader keeps one pool, so up to
+    ``SIZE`` batch-sized buffers stay allocated while the loader lives."""
+
+    MIN_BYTES = 8 << 20
+    """Smaller columns are allocated fresh (the allocator keeps such sizes)."""
+    SIZE = 3
+    """Buffers kept per pool: the batch in use, the one being built and one more (prefetching)."""
+
+    def __init__(self) -> None:
+        self.buffers: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy (a spawned worker) starts empty
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()
+
+    def get(self, shape: tuple[int, ...], dtype: Any, fill: int) -> tuple[np.ndarray, bool]:
+        """(array of ``shape``, whether it was reused: its contents are stale); a new array is
+        filled with ``fill``."""
+        dtype = np.dtype(dtype)
+        if math.prod(shape) * dtype.itemsize < self.MIN_BYTES:
+            return (np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype)), False
+        with self.lock:
+            for a in self.buffers:
+                # references: the list, the loop variable and getrefcount's argument
+                if a.shape == shape and a.dtype == dtype and sys.getrefcount(a) <= 3:
+                    return a, True
+            a = np.zeros(shape, dtype) if fill == 0 else np.full(shape, fill, dtype)
+            self.buffers.append(a)
+            if len(self.buffers) > self.SIZE:
+                self.buffers.pop(0)
+            return a, False
+
+
 def _pad_column(
     parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]],
     name: str,
@@ -546,6 +591,7 @@ def _pad_column(
     dtype: Any,
     pad_value: int,
     padded: bool | None = None,
+    pool: _BufferPool | None = None,
 ) -> np.ndarray:
     """One padded (B, L, *width) column: row i = its values, then ``pad_value``. ``padded``: whether
     any row is shorter than L (computed from ``lens`` when None).
@@ -559,7 +605,14 @@ def _pad_column(
     shape = (B, L, *width)
     big = L * math.prod(width) >= ROW_COPY_MIN
     if big or L == 0:
-        out = np.zeros(shape, dtype) if pad_value == 0 else np.full(shape, pad_value, dtype)
+        if pool is None:
+            out, stale = (
+                (np.zeros(shape, dtype) if pad_value == 0 else np.full(shape, pad_value, dtype)),
+                False,
+            )
+        else:
+            out, stale = pool.get(shape, dtype, pad_value)
+        filled = np.zeros(B, bool)
         for (c, _, slot), st in zip(parts, starts):
             flat = getattr(c, name)
             if flat is None:
@@ -567,6 +620,11 @@ def _pad_column(
             slots = range(st.size) if slot is None else slot.tolist()
             for i, s, n in zip(slots, st.tolist(), (lens if slot is None else lens[slot]).tolist()):
                 out[i, :n] = flat[s : s + n]
+                if stale and n < L:
+                    out[i, n:] = pad_value
+                filled[i] = True
+        if stale and not filled.all():
+            out[~filled] = pad_value
         return out
     if len(parts) == 1 and parts[0][2] is None:  # the common case: the whole batch from one chunk
         w = parts[0][0].windows(name, L, dtype)
@@ -677,7 +735,11 @@ def _collate_short(
 
 
 def collate(
-    parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]], spec: TableSpec, *, with_meta: bool = True
+    parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]],
+    spec: TableSpec,
+    *,
+    with_meta: bool = True,
+    pool: _BufferPool | None = None,
 ) -> TokenBatch:
     """Pad rows taken from decoded chunks into one TokenBatch.
 
@@ -711,7 +773,16 @@ def collate(
     dtypes = batch_dtypes(spec)
     continuous = spec.token_kind == "continuous"
     tokens = _pad_column(  # (B, L, D) stored dtype or (B, L) int64
-        parts, "tok", tok_st, lens, pad, (spec.token_dim,) if continuous else (), dtypes["tok"], 0, padded
+        parts,
+        "tok",
+        tok_st,
+        lens,
+        pad,
+        (spec.token_dim,) if continuous else (),
+        dtypes["tok"],
+        0,
+        padded,
+        pool,
     )
     positions = _pad_column(
         parts, "pos", pos_st, lens, pad, (len(spec.position_axes),), dtypes["pos"], 0, padded
@@ -764,6 +835,7 @@ class _Reader:
         self.streams = streams
         self.with_meta = with_meta
         self._files: dict[str, pq.ParquetFile] = {}
+        self.pool = _BufferPool()  # big token columns reuse buffers the consumer has let go of
         self._pid = os.getpid()
         self._width = [
             max(s.spec.token_dim if s.spec.token_kind == "continuous" else 1, len(s.spec.position_axes))
@@ -823,6 +895,7 @@ class _Reader:
         # when they are the same), held until the pass's last batch
         whole: dict[int, tuple[int, _Chunk, np.ndarray | None]] = {}
         last = {(s, cyc): i for i, (s, cyc, _) in enumerate(items) if self.streams[s].resident}
+        pool = self.pool
         for i, (s, cyc, rows) in enumerate(items):
             st = self.streams[s]
             if st.resident:  # one gather from one chunk; no row-group bookkeeping per batch
@@ -831,7 +904,10 @@ class _Reader:
                     groups = sorted(g for (s2, c2, g) in remaining if (s2, c2) == (s, cyc))
                     w = whole[s] = (cyc, *self._load_groups(s, groups))
                 yield collate(
-                    [(w[1], rows if w[2] is None else w[2][rows], None)], st.spec, with_meta=self.with_meta
+                    [(w[1], rows if w[2] is None else w[2][rows], None)],
+                    st.spec,
+                    with_meta=self.with_meta,
+                    pool=pool,
                 )
                 if last[(s, cyc)] == i:
                     del whole[s]
@@ -870,7 +946,7 @@ class _Reader:
                         (cache[(s, int(sg[a]))], rows[order[a:b]] - st.group_start[sg[a]], order[a:b])
                         for a, b in zip(bounds[:-1], bounds[1:])
                     ]
-            batch = collate(parts, st.spec, with_meta=self.with_meta)
+            batch = collate(parts, st.spec, with_meta=self.with_meta, pool=pool)
             counts = [rows.size] if len(groups) == 1 else per_group[groups].tolist()
             for g, c in zip(groups, counts):
                 key = (s, cyc, g)
@@ -880,6 +956,7 @@ class _Reader:
                     if s in merged and g in merged[s][0] and not any(k[0] == s for k in cache):
                         del merged[s]  # nothing of this stream is cached any more
             yield batch
+            del batch  # not held while the next one is built: its buffers can be reused
 
 
 class _PlanDataset(torch.utils.data.IterableDataset):
@@ -1107,6 +1184,7 @@ class TokenLoader:
                 batch = batch.pin_memory()
             self._position += 1
             yield batch
+            del batch  # not held while the next one is built: its buffers can be reused
         self.set_epoch(self._epoch + 1)
 
 

@@ -549,3 +549,28 @@ def test_short_row_fast_path_equals_the_general_collate(discrete):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert fast.ids == general.ids == [f"r{i}" for i in rows]
     assert fast.edges.shape == (17, int(elens[rows].max()), 2) and int((fast.edges == -1).sum()) > 0
+
+
+def test_big_batch_buffers_are_reused_only_when_released(tmp_path, monkeypatch):
+    import pickle
+
+    from maskloom.pipelines import loader as loader_mod
+
+    monkeypatch.setattr(loader_mod._BufferPool, "MIN_BYTES", 0)  # pool every column of this toy table
+    monkeypatch.setattr(loader_mod, "ROW_COPY_MIN", 1)  # every row is copied (the big-row path)
+    d = make_vec(tmp_path, [3, 1, 2, 3, 2, 1])
+    loader = TokenLoader(d, batch_size=2, shuffle=False, bucket=False)
+    expected = [(b.tokens.clone(), b.padding.clone()) for b in loader]
+    kept = list(loader)  # every batch held: nothing can be reused, contents stay right
+    assert len({b.tokens.data_ptr() for b in kept}) == len(kept)
+    for b, (tok, pad) in zip(kept, expected):
+        assert torch.equal(b.tokens, tok) and torch.equal(b.padding, pad)
+    kept_ptrs = {b.tokens.data_ptr() for b in kept}
+    del kept, b
+    ptrs = []
+    for b, (tok, pad) in zip(loader, expected):  # released batches: buffers come back, re-padded
+        assert torch.equal(b.tokens, tok) and torch.equal(b.padding, pad)
+        ptrs.append(b.tokens.data_ptr())
+        del b
+    assert set(ptrs) <= kept_ptrs  # every batch of this epoch reused a buffer of the last one
+    assert pickle.loads(pickle.dumps(loader._reader.pool)).buffers == []
