@@ -17,9 +17,10 @@ Parquet as ``fixed_size_binary(k * sizeof(T))`` holding the same bytes (little-e
 Parquet has no fixed-size-list type: it stores ``fixed_size_list`` as a nested list with a
 repetition and a definition level for *every scalar*, so an image token of 768 bytes cost 768 pairs
 of levels. For a 256-sample shard on one thread, writing took 0.43 s vs 0.068 s (CIFAR images at
-224 px) and 0.27 s vs 0.021 s (FSDD audio), reading 7x longer, at the same zstd size. Every reader here (:meth:`TokenTable.read`, :func:`read_shard`,
-the loader, ``inspect``) converts back without copying (:func:`from_storage`), so Arrow tables
-handed to users have the logical types of :func:`arrow_schema`. Other Parquet readers see the
+224 px) and 0.27 s vs 0.021 s (FSDD audio), reading 7x longer, at the same zstd size. Every reader
+here (:meth:`TokenTable.read`, :func:`read_shard`, the loader, ``inspect``) converts back without
+copying (:func:`from_storage`), so Arrow tables handed to users have the logical types of
+:func:`arrow_schema`. Other Parquet readers see the
 binary column; ``token_dtype``/``token_dim`` in the ``maskloom`` metadata say how to view it
 (numpy: ``np.frombuffer(b, dtype).reshape(-1, token_dim)``). Version-1 tables (nested-list storage)
 read unchanged.
