@@ -41,7 +41,8 @@ def prepare_positions(
 
 
 class InputAdapter(nn.Module):
-    """tokens (B, L, D) float or (B, L) ids, positions (B, L, P) -> (B, L, dim)."""
+    """tokens (B, L, D) in any numeric dtype (uint8, float16, float32; cast here) or (B, L) ids,
+    positions (B, L, P) -> (B, L, dim)."""
 
     def __init__(self, cfg: AdapterConfig, dim: int) -> None:
         super().__init__()
