@@ -6,6 +6,7 @@ it, and the backbone must import neither Ray nor any modality (DESIGN.md, deviat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -57,23 +58,19 @@ class TokenBatch:
         return not torch.is_floating_point(self.tokens) and self.tokens.dtype != torch.uint8
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBatch:
-        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(
-            self,
-            tokens=mv(self.tokens),
-            positions=mv(self.positions),
-            padding=mv(self.padding),
-            labels=mv(self.labels),
-            edges=mv(self.edges),
-        )
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> TokenBatch:
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return self._map_tensors(lambda t: t.pin_memory())
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TokenBatch:
+        """A copy with ``fn`` applied to every tensor field (None fields stay None)."""
+        f = lambda t: None if t is None else fn(t)  # noqa: E731
         return replace(
             self,
-            tokens=pin(self.tokens),
-            positions=pin(self.positions),
-            padding=pin(self.padding),
-            labels=pin(self.labels),
-            edges=pin(self.edges),
+            tokens=f(self.tokens),
+            positions=f(self.positions),
+            padding=f(self.padding),
+            labels=f(self.labels),
+            edges=f(self.edges),
         )

@@ -502,6 +502,19 @@ def from_storage(table: pa.Table, spec: TableSpec | None = None) -> pa.Table:
     return _map_columns(table, convert)
 
 
+def vector_values(arr: pa.Array, dtype: Any, width: int | None) -> np.ndarray:
+    """The child array of a list column as numpy without a copy: (n, width) for vectors (stored as
+    fixed-size binary, or as fixed-size lists in version-1 tables), (n,) for scalars (ids). The
+    loader's hot path: no Arrow arrays are rebuilt, unlike :func:`from_storage`."""
+    if pa.types.is_fixed_size_binary(arr.type):
+        w = arr.type.byte_width
+        out = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * w, offset=arr.offset * w)
+        return out.view(dtype).reshape(len(arr), -1)
+    if pa.types.is_fixed_size_list(arr.type):
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return arr.to_numpy(zero_copy_only=False)
+
+
 def read_shard(path: str, columns: Sequence[str] | None = None, *, spec: TableSpec | None = None) -> pa.Table:
     """One shard file in the logical token-table types (whatever schema version wrote it)."""
     try:

@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 import torch
 
 from maskloom.batch import TokenBatch
-from maskloom.tables import TableError, TableSpec, TokenTable
+from maskloom.tables import TableError, TableSpec, TokenTable, vector_values
 
 log = logging.getLogger(__name__)
 
@@ -314,18 +314,6 @@ contiguous slice each: big rows such as image patches) instead of one gather for
 rows such as text ids or time-series patches, where a Python step per sample would dominate)."""
 
 
-def _vectors(arr: pa.Array, dtype: Any, width: int | None) -> np.ndarray:
-    """The values of a list column's child as numpy without a copy: (n, width) for fixed-size vectors
-    (stored as fixed-size binary, or as fixed-size lists in version-1 tables), (n,) for scalars."""
-    if pa.types.is_fixed_size_binary(arr.type):
-        w = arr.type.byte_width
-        out = np.frombuffer(arr.buffers()[1], np.uint8, count=len(arr) * w, offset=arr.offset * w)
-        return out.view(dtype).reshape(len(arr), -1)
-    if pa.types.is_fixed_size_list(arr.type):
-        return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-    return arr.to_numpy(zero_copy_only=False)
-
-
 def _strings(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """(n,) object array of the Python strings of a string column (one C-level conversion)."""
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
@@ -357,14 +345,14 @@ class _Chunk:
 
         tok = lst("tokens")
         continuous = spec.token_kind == "continuous"
-        tvals = _vectors(tok.values, np.dtype(spec.token_dtype), spec.token_dim if continuous else None)
+        tvals = vector_values(tok.values, np.dtype(spec.token_dtype), spec.token_dim if continuous else None)
         pos = lst("positions")
-        pvals = _vectors(pos.values, np.float32, spec.position_dim)
+        pvals = vector_values(pos.values, np.float32, spec.position_dim)
         edge_off = edges = None
         if "edges" in t.column_names and t.column("edges").null_count < t.num_rows:
             e = lst("edges")
             edge_off = e.offsets.to_numpy()
-            edges = _vectors(e.values, np.int32, 2)
+            edges = vector_values(e.values, np.int32, 2)
         if "label" in t.column_names:
             labels = pc.fill_null(t.column("label"), -1).to_numpy().astype(np.int64)
         else:
@@ -721,17 +709,8 @@ def _collate_short(
     if lens.size * L != int(lens.sum()):
         _reset_padding(tokens, pad, 0)
         _reset_padding(positions, pad, 0)
-    meta = c.meta[r].tolist() if with_meta and c.meta is not None else None
-    return _Batch(
-        tokens=torch.from_numpy(tokens),
-        positions=torch.from_numpy(positions),
-        padding=torch.from_numpy(pad),
-        modality=spec.modality,
-        labels=torch.from_numpy(c.labels[r]),
-        edges=None if edges is None else torch.from_numpy(edges),
-        ids=c.ids[r].tolist(),
-        meta=(_MetaJSON(meta if meta is not None else ["{}"] * lens.size)) if with_meta else [],
-    )
+    meta = c.meta[r] if with_meta and c.meta is not None else None
+    return _make_batch(spec, tokens, positions, pad, c.labels[r], edges, c.ids[r], meta, with_meta)
 
 
 def collate(
@@ -809,6 +788,22 @@ def collate(
             ids[slot] = c.ids[r]
             if meta is not None and c.meta is not None:
                 meta[slot] = c.meta[r]
+    return _make_batch(spec, tokens, positions, pad, labels, edges, ids, meta, with_meta)
+
+
+def _make_batch(
+    spec: TableSpec,
+    tokens: np.ndarray,
+    positions: np.ndarray,
+    pad: np.ndarray,
+    labels: np.ndarray,
+    edges: np.ndarray | None,
+    ids: np.ndarray,
+    meta: np.ndarray | None,
+    with_meta: bool,
+) -> TokenBatch:
+    """The TokenBatch of collated numpy columns (tensors share their memory); ``meta``: the raw JSON
+    strings (None: none read), parsed only when ``batch.meta`` is first read."""
     return _Batch(
         tokens=torch.from_numpy(tokens),
         positions=torch.from_numpy(positions),
@@ -817,9 +812,7 @@ def collate(
         labels=torch.from_numpy(labels),
         edges=None if edges is None else torch.from_numpy(edges),
         ids=ids.tolist(),
-        meta=(_MetaJSON(meta.tolist()) if meta is not None else _MetaJSON(["{}"] * lens.size))
-        if with_meta
-        else [],
+        meta=_MetaJSON(meta.tolist() if meta is not None else ["{}"] * len(ids)) if with_meta else [],
     )
 
 
