@@ -113,17 +113,12 @@ DATASETS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "overrides": {"model.decoder.depth": 1},
     },
-    "sma-cifar10": {  # learned (SMA) masking on the same CIFAR tables
-        "recipe": "sma",
-        "modality": "image",
-        "inputs": ["images/cifar10"],
-        "pretrain": ["images/cifar10/train"],
-        "find": {"labels": "folder"},
-        "tokenizer": {"image_size": 32, "patch_size": 4},
-        "batch_size": 128,
-        "table": "cifar10",
-        "overrides": {"modality.*.masking.num_queries": 32},
-    },
+}
+DATASETS["sma-cifar10"] = {  # learned (SMA) masking on the same CIFAR tables
+    **DATASETS["cifar10"],
+    "recipe": "sma",
+    "table": "cifar10",
+    "overrides": {"modality.*.masking.num_queries": 32},
 }
 DEFAULT_DATASETS = ("cifar10", "fsdd", "mutag", "gunpoint", "etth1")
 
