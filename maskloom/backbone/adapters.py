@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskloom.backbone.config import AdapterConfig
+from maskloom.backbone.linear import Linear
 from maskloom.backbone.positions import build_position_encoder, random_sign_flip
 
 
@@ -50,7 +51,7 @@ class InputAdapter(nn.Module):
         if cfg.token_kind == "discrete":
             self.embed: nn.Module = nn.Embedding(int(cfg.vocab_size), dim)
         else:
-            self.embed = nn.Linear(cfg.token_dim, dim)
+            self.embed = Linear(cfg.token_dim, dim)
         self.positions = _positions(cfg, dim)
         self.modality = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.modality, std=0.02)
@@ -84,7 +85,7 @@ class OutputAdapter(nn.Module):
         self.positions = _positions(cfg, dim)
         self.modality = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.modality, std=0.02)
-        self.head = nn.Linear(dim, cfg.out_dim)
+        self.head = Linear(dim, cfg.out_dim)
 
     def position_embedding(self, positions: Tensor) -> Tensor:
         """(B, L, P) prepared coordinates -> (B, L, dim) decoder position + modality embedding."""

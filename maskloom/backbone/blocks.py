@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from maskloom.backbone.linear import Linear
+
 
 def key_mask(padding: Tensor) -> Tensor | None:
     """(B, L) bool padding (True = no token) -> (B, 1, 1, L) bool SDPA mask (True = attend), or None
@@ -56,8 +58,8 @@ class DropPath(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -69,8 +71,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """(B, L, D) -> (B, L, D)."""
@@ -85,9 +87,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, heads: int, memory_dim: int | None = None) -> None:
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(memory_dim or dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(memory_dim or dim, 2 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: Tensor, memory: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """(B, Lq, D), (B, Lk, Dm) -> (B, Lq, D)."""

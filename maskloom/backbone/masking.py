@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from maskloom.backbone.blocks import Block, heads_view, key_mask
 from maskloom.backbone.config import MaskingConfig
+from maskloom.backbone.linear import Linear
 
 
 def rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -188,13 +189,13 @@ class LearnedMasking(nn.Module):
         self.heads = heads
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, dim) * 0.02)  # (Q, D)
         self.norm = nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
         self.read_norm = nn.LayerNorm(dim)
-        self.read_q = nn.Linear(dim, dim)
-        self.read_kv = nn.Linear(dim, 2 * dim)
-        self.read_proj = nn.Linear(dim, dim)
+        self.read_q = Linear(dim, dim)
+        self.read_kv = Linear(dim, 2 * dim)
+        self.read_proj = Linear(dim, dim)
 
     def attention_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L, D) embedded tokens -> logits (B, H, Q, L) and values (B, H, L, d)."""
@@ -243,10 +244,10 @@ class AdaptiveSampler(nn.Module):
         super().__init__()
         self.cfg = cfg
         heads = max(1, cfg.sampler_dim // 32)
-        self.inp = nn.Linear(dim, cfg.sampler_dim)
+        self.inp = Linear(dim, cfg.sampler_dim)
         self.blocks = nn.ModuleList(Block(cfg.sampler_dim, heads) for _ in range(cfg.sampler_depth))
         self.norm = nn.LayerNorm(cfg.sampler_dim)
-        self.head = nn.Linear(cfg.sampler_dim, 1)
+        self.head = Linear(cfg.sampler_dim, 1)
 
     def forward(self, x: Tensor, padding: Tensor) -> Tensor:
         """(B, L, D) embedded tokens -> (B, L) log-probabilities over real tokens (padding: -inf).

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from maskloom.backbone.adapters import InputAdapter, OutputAdapter, prepare_positions
 from maskloom.backbone.blocks import Block, CrossBlock, key_mask
 from maskloom.backbone.config import ModelConfig
+from maskloom.backbone.linear import Linear
 from maskloom.backbone.masking import (
     AdaptiveSampler,
     LearnedMasking,
@@ -120,7 +121,7 @@ class MaskedModel(nn.Module):
         self.edge_bias = nn.Parameter(torch.zeros(enc.heads)) if enc.edge_bias else None
 
         # decoder
-        self.decoder_embed = nn.Linear(enc.dim, dec.dim)
+        self.decoder_embed = Linear(enc.dim, dec.dim)
         self.mask_token = nn.Parameter(torch.zeros(dec.dim))
         block = Block if dec.kind == "mae" else CrossBlock
         self.decoder_blocks = nn.ModuleList(

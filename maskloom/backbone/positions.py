@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from maskloom.backbone.linear import Linear
+
 
 def sincos_1d(pos: Tensor, dim: int, *, base: float = 10000.0) -> Tensor:
     """(...,) coordinates -> (..., dim) [sin(pos * w_i), cos(pos * w_i)], w_i = base^(-i / (dim/2))."""
@@ -64,7 +66,7 @@ class MLPPositions(nn.Module):
 
     def __init__(self, position_dim: int, dim: int, *, hidden: int = 128) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(position_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(Linear(position_dim, hidden), nn.GELU(), Linear(hidden, dim))
 
     def forward(self, positions: Tensor) -> Tensor:
         """(B, L, P) -> (B, L, dim)."""
@@ -78,7 +80,7 @@ class FourierPositions(nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(0)  # fixed, and saved with the weights anyway
         self.register_buffer("freqs", torch.randn(position_dim, hidden, generator=g) * scale)
-        self.proj = nn.Linear(2 * hidden, dim)
+        self.proj = Linear(2 * hidden, dim)
 
     def forward(self, positions: Tensor) -> Tensor:
         """(B, L, P) -> (B, L, dim)."""
