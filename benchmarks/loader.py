@@ -17,8 +17,8 @@ three; plus a synthetic ragged table):
   ``loader_default_meta_unread``: the default configuration training uses (``with_meta=True``, the
   meta column is read) with ``batch.meta`` never read, so never parsed.
 * ``ratio`` = loader samples/s / scan samples/s (target >= 0.7), in the same run, medians of
-  ``--repeat`` alternating rounds (wall clock; ``_cpu``: process CPU time, steadier when other
-  processes share the machine).
+  ``--repeat`` alternating rounds after one untimed round (wall clock; ``_cpu``: process CPU time,
+  steadier when other processes share the machine).
 * ``padding``: fraction of padded tokens (pad / (pad + real)) per epoch with and without bucketing
   (target <= 10% with bucketing).
 
@@ -260,13 +260,20 @@ def loader_rows(loader: TokenLoader, read_meta: bool = True) -> int:
     return rows
 
 
-def timings(fns: dict, repeat: int) -> tuple[dict, dict, dict]:
+def timings(fns: dict, repeat: int, warmup: int = 1) -> tuple[dict, dict, dict]:
     """Median wall time, median process CPU time and the last result of each function over ``repeat``
     rounds; the functions alternate within a round so that load from other processes hits them alike.
-    CPU time (all threads of this process) is the steadier figure on a shared machine."""
+    CPU time (all threads of this process) is the steadier figure on a shared machine.
+
+    ``warmup`` untimed rounds come first: a loader's first epoch allocates its reusable batch
+    buffers (for video, two of 154 MB: 0.3-0.6 s of page faults, once per loader, 5-10x the rest of
+    an epoch), and the scan's first pass warms pyarrow's allocator; a training run pays either once."""
     wall: dict = {k: [] for k in fns}
     cpu: dict = {k: [] for k in fns}
     out: dict = {}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     for _ in range(repeat):
         for k, fn in fns.items():
             t0, c0 = time.perf_counter(), time.process_time()
@@ -338,7 +345,7 @@ def bench_table(name: str, directory: str, batch_size: int, repeat: int, workers
     }
     if workers:
         wl = TokenLoader(table, batch_size=batch_size, seed=0, num_workers=workers, with_meta=False)
-        wwall, _, wout = timings({"w": lambda: loader_rows(wl)}, 1)
+        wwall, _, wout = timings({"w": lambda: loader_rows(wl)}, 1, warmup=0)
         t_w, wrows = wwall["w"], wout["w"]
         res[f"loader_{workers}_workers"] = {"seconds": round(t_w, 4), "samples_per_s": round(wrows / t_w, 1)}
     res["targets_met"] = {
