@@ -51,10 +51,17 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
         with Image.open(os.path.join(out, p)) as im:
             assert im.size[0] > 50 and im.size[1] > 50
 
-    # a rerun keeps the finished tables (exactly-once preprocessing) and resumes the finished run
-    code = main([*tiny, "--resume"])
+    # a rerun (as `make demo` twice) keeps the finished tables (exactly-once preprocessing) and
+    # resumes the finished run
+    code = main(tiny)
     assert code == 0
     assert printed.count("already") == 0 and "already finished" in capsys.readouterr().out
+
+    # another recipe (here: more steps) never mixes into that run: one line, exit code 2
+    code = main([*tiny, "--steps", "5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "recipe.toml: the run was trained with another recipe" in err
 
 
 def test_demo_rejects_bad_arguments(capsys):

@@ -8,7 +8,8 @@
       -> RUN/report.md
 
 Every stage is resumable: a rerun finds finished tables and skips them (the preprocessing is
-exactly-once), and `--resume` continues the training run from its last checkpoint.
+exactly-once) and continues the training run from its last checkpoint (a finished run is kept as
+it is and evaluated again).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=2500,
-        help="pretraining steps, the length of the LR schedule (default 2500: ~5.5 min on one CPU thread)",
+        help="pretraining steps, the length of the LR schedule (default 2500: ~3.5 min on one CPU thread)",
     )
     p.add_argument("--recipe", default="omni", help="recipe to train (default omni)")
     p.add_argument("--workers", type=int, default=None, help="Ray preprocessing workers (default: CPUs)")
@@ -69,7 +70,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads for pretraining (default 1: the tiny omni model runs fastest on one "
         "thread, and several threads slow down badly when other work shares the cores)",
     )
-    p.add_argument("--resume", action="store_true", help="continue an interrupted pretraining run")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted pretraining run (the default whenever OUT/run holds one)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -100,12 +105,11 @@ def run(args: argparse.Namespace) -> int:
             minutes=args.minutes,
             workers=args.workers,
             address=args.address,
-            resume=args.resume,
             progress=not args.no_progress,
             threads=args.threads,
         )
     except KeyboardInterrupt:
-        print("maskloom demo: interrupted; rerun with --resume to continue", file=sys.stderr)
+        print("maskloom demo: interrupted; rerun it to continue", file=sys.stderr)
         return 130
     except _user_errors() as e:  # a user mistake (e.g. a run dir holding another run): one line
         print(f"maskloom demo: error: {e}", file=sys.stderr)
@@ -134,7 +138,6 @@ def run_demo(
     minutes: float = 7.0,
     workers: int | None = None,
     address: str | None = None,
-    resume: bool = False,
     progress: bool = True,
     threads: int | None = 1,
 ) -> dict[str, Any]:
@@ -187,7 +190,11 @@ def run_demo(
         train_tables,
         run_dir,
         options=RunOptions(
-            max_minutes=minutes, resume=resume and os.path.isdir(run_dir), progress=progress, threads=threads
+            # a rerun continues the run in OUT/run, interrupted or finished (another recipe: an error)
+            max_minutes=minutes,
+            resume=os.path.isdir(run_dir),
+            progress=progress,
+            threads=threads,
         ),
     )
     timings["train"] = time.perf_counter() - t0
