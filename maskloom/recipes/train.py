@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maskloom.backbone import AdapterConfig, MaskedModel, ModelConfig
+from maskloom.backbone.linear import cpu_matmul
 from maskloom.batch import TokenBatch
 from maskloom.recipes.objectives import Objective, build_objective, policy_loss
 from maskloom.recipes.recipe import ModalityRecipe, Recipe, RecipeError, load_recipe
@@ -507,6 +508,13 @@ def _train(
     loader_cls: type,
 ) -> TrainResult:
     device = pick_device(options.device, local_rank)
+    if rank == 0:
+        cpu = (
+            f", {torch.get_num_threads()} threads, large Linears on {cpu_matmul()}"
+            if device.type == "cpu"
+            else ""
+        )
+        log.info("training on %s%s", device, cpu)
     o, tc = recipe.optim, recipe.train
     total = total_steps(recipe, tables, world)
     warm = warmup_steps(recipe, total)

@@ -1,6 +1,7 @@
 """Training: golden loss curve, exact resume, checkpoints without pickle, the CLI, DDP and Ray Train."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -167,6 +168,15 @@ def test_golden_loss_curve(tmp_path, toy):
     model = MaskedModel.load(str(tmp_path / "run" / "model"))
     assert model.config.encoder.dim == 32
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step-6")
+
+
+def test_logs_device_threads_and_cpu_matmul(tmp_path, toy, caplog):
+    from maskloom.backbone.linear import cpu_matmul, using_cpu_matmul
+
+    with caplog.at_level(logging.INFO, logger="maskloom.recipes.train"), using_cpu_matmul("blas"):
+        run(tmp_path, recipe(steps=1), [toy])
+    assert f"training on cpu, {torch.get_num_threads()} threads, large Linears on blas" in caplog.text
+    assert cpu_matmul() in ("blas", "onednn")
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, toy):
