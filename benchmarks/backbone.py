@@ -49,12 +49,11 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from maskloom.backbone import AdapterConfig, DecoderConfig, MaskedModel, MaskingConfig, ModelConfig, preset
 from maskloom.backbone.blocks import Block
-from maskloom.backbone.linear import cpu_matmul, using_cpu_matmul
+from maskloom.backbone.linear import cpu_matmul, linear, using_cpu_matmul
 from maskloom.batch import TokenBatch
 
 
@@ -157,22 +156,19 @@ def gemm_model(shapes: list[tuple[int, int, int]], *, backward: bool = True, rep
 
 def gemm_model_onednn(shapes: list[tuple[int, int, int]], repeat: int = 1):
     """The same GEMMs as :func:`gemm_model` (forward and both backward products) run by oneDNN,
-    as maskloom's :mod:`~maskloom.backbone.linear` runs them: a 1x1 convolution over a
-    channels-last view of the (m, k) rows, differentiated by autograd. -> (step, flops)."""
+    exactly as maskloom's Linears run them (:func:`maskloom.backbone.linear.linear`, forced onto
+    oneDNN; no bias), differentiated by autograd. -> (step, flops)."""
     calls, flops = [], 0
     for m, k, n in shapes:
         x = torch.randn(m, k, requires_grad=True)
-        w = torch.randn(n, k, requires_grad=True)
-        calls.append(
-            (x.view(1, 1, m, k).permute(0, 3, 1, 2), w.view(n, k, 1, 1), x, w, torch.randn(1, n, 1, m))
-        )
+        calls.append((x, torch.randn(n, k, requires_grad=True), torch.randn(m, n)))
         flops += 2 * m * k * n * 3
-    dys = [dy.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for *_, dy in calls]  # channels-last
 
     def step() -> None:
-        for _ in range(repeat):
-            for (xc, wc, x, w, _), dy in zip(calls, dys, strict=True):
-                torch.autograd.grad(F.conv2d(xc, wc), (x, w), dy)
+        with using_cpu_matmul("onednn"):
+            for _ in range(repeat):
+                for x, w, dy in calls:
+                    torch.autograd.grad(linear(x, w), (x, w), dy)
 
     return step, flops * repeat
 
