@@ -132,43 +132,27 @@ def linear_shapes(m: int, dim: int, mlp_ratio: float = 4.0) -> list[tuple[int, i
     return [(m, dim, 3 * dim), (m, dim, dim), (m, dim, hidden), (m, hidden, dim)]
 
 
-def gemm_model(shapes: list[tuple[int, int, int]], *, backward: bool = True, repeat: int = 1):
+def gemm_model(
+    shapes: list[tuple[int, int, int]], *, backend: str = "blas", backward: bool = True, repeat: int = 1
+):
     """The GEMMs of a block's Linears with the model's own shapes, back to back: -> (step, flops).
 
-    Per (m, k, n): forward X W^T; with ``backward`` also dX = dY W and dW = dY^T X, laid out as
-    ``F.linear`` and its autograd formula lay them out (transposed operands are views)."""
+    Per (m, k, n): forward X W^T; with ``backward`` also dX = dY W and dW = dY^T X (autograd).
+    They run exactly as maskloom's Linears run them (:func:`maskloom.backbone.linear.linear`, no
+    bias), on ``backend``: ``blas`` (``F.linear``, as timm and torch run theirs) or ``onednn``."""
     calls, flops = [], 0
     for m, k, n in shapes:
-        x, w, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
-        calls.append((x, w.t(), torch.empty(m, n)))  # Y = X W^T
-        if backward:
-            calls.append((dy, w, torch.empty(m, k)))  # dX = dY W
-            calls.append((dy.t(), x, torch.empty(n, k)))  # dW = dY^T X
+        x = torch.randn(m, k, requires_grad=backward)
+        calls.append((x, torch.randn(n, k, requires_grad=backward), torch.randn(m, n)))
         flops += 2 * m * k * n * (3 if backward else 1)
 
     def step() -> None:
-        for _ in range(repeat):
-            for a, b, c in calls:
-                torch.mm(a, b, out=c)
-
-    return step, flops * repeat
-
-
-def gemm_model_onednn(shapes: list[tuple[int, int, int]], repeat: int = 1):
-    """The same GEMMs as :func:`gemm_model` (forward and both backward products) run by oneDNN,
-    exactly as maskloom's Linears run them (:func:`maskloom.backbone.linear.linear`, forced onto
-    oneDNN; no bias), differentiated by autograd. -> (step, flops)."""
-    calls, flops = [], 0
-    for m, k, n in shapes:
-        x = torch.randn(m, k, requires_grad=True)
-        calls.append((x, torch.randn(n, k, requires_grad=True), torch.randn(m, n)))
-        flops += 2 * m * k * n * 3
-
-    def step() -> None:
-        with using_cpu_matmul("onednn"):
+        with using_cpu_matmul(backend), torch.set_grad_enabled(backward):
             for _ in range(repeat):
                 for x, w, dy in calls:
-                    torch.autograd.grad(linear(x, w), (x, w), dy)
+                    y = linear(x, w)
+                    if backward:
+                        torch.autograd.grad(y, (x, w), dy)
 
     return step, flops * repeat
 
@@ -280,7 +264,7 @@ def main() -> None:
     shapes = linear_shapes(b * n, enc.dim, enc.mlp_ratio)
     gemms = {
         "gemm_model": gemm_model(shapes, repeat=2),
-        "gemm_model_onednn": gemm_model_onednn(shapes, repeat=4),
+        "gemm_model_onednn": gemm_model(shapes, backend="onednn", repeat=4),
         "gemm_largest": gemm_model([max(shapes, key=lambda s: s[1] * s[2])], backward=False, repeat=6),
         "gemm_square": gemm_square(repeat=5),
     }
