@@ -117,7 +117,26 @@ class KaldiFbank:
     mel matrix are built once (per device) and the energy is skipped. The power spectrum is
     ``re^2 + im^2`` (``kaldi.fbank`` takes ``abs()`` then squares: a hypot per bin, 4x slower on CPU),
     which is where the last bits differ; the stored tokens are float16, far coarser than that.
+
+    On CPU the frames never exist as a (frames, window) copy that is edited in place step by step;
+    the same arithmetic is regrouped so that each step is one pass (numpy, where a small op costs
+    ~1 us instead of torch's ~5 us):
+
+    * pre-emphasis of a DC-removed frame is ``x[j] - 0.97 x[j-1] - 0.03 m`` (``m`` the frame mean),
+      so the waveform is pre-emphasised once and the frames are strided views of it; the first sample
+      of a frame, which Kaldi pre-emphasises against itself, is multiplied by the Hann window's zero;
+    * the windowed frames are written straight into a zero-padded (frames, fft_size) buffer;
+    * the mel product skips the zeros of the triangular filters: the filters are cut into
+      ``MEL_GROUPS`` runs of neighbours and each run multiplies only the FFT bins it covers (the 128
+      AudioMAE filters touch 504 of 32,896 matrix entries; 4 runs do a quarter of the dense work).
+
+    On this 2-core machine, in the tokenizer's loop over FSDD clips (8 kHz WAVs resampled to 16 kHz,
+    ~50 frames): 88 us per clip instead of 146 us for the torch formulation (which other devices
+    still use).
     """
+
+    MEL_GROUPS = 4
+    """Runs of neighbouring mel filters whose FFT-bin ranges are multiplied separately on CPU."""
 
     PREEMPHASIS = 0.97
     """Kaldi's default pre-emphasis coefficient."""
@@ -134,6 +153,19 @@ class KaldiFbank:
         self._window = torch.hann_window(self.window_size, periodic=False, dtype=torch.float32)  # (W,)
         self._eps = float(torch.finfo(torch.float32).eps)
         self._device = torch.device("cpu")
+        # CPU path (numpy): the window, and the mel filters as runs over the bins they touch
+        self._np_window = self._window.numpy().copy()
+        if self._np_window[0] != 0.0:  # the pre-emphasis regrouping needs w[0] == 0 (Hann, symmetric)
+            raise AssertionError("KaldiFbank's CPU path needs a window whose first sample is 0")
+        half = self.fft_size // 2  # the Nyquist bin's filter column is zero: bins 0 .. half-1
+        dense = self._banks.numpy()[:, :half]  # (F, half)
+        edges = np.linspace(0, num_mel_bins, min(self.MEL_GROUPS, num_mel_bins) + 1).round().astype(int)
+        self._np_runs: list[tuple[int, int, int, int, np.ndarray]] = []  # (f0, f1, bin0, bin1, (bins, f))
+        for f0, f1 in zip(edges[:-1], edges[1:]):
+            cols = np.flatnonzero(dense[f0:f1].any(axis=0))
+            if cols.size:  # filters with no bin at all (narrow low filters at small FFT sizes) stay 0
+                b0, b1 = int(cols[0]), int(cols[-1]) + 1
+                self._np_runs.append((int(f0), int(f1), b0, b1, np.ascontiguousarray(dense[f0:f1, b0:b1].T)))
 
     def num_frames(self, num_samples: int) -> int:
         """Frames of a waveform of ``num_samples`` (snip_edges: only frames that fit wholly)."""
@@ -148,6 +180,43 @@ class KaldiFbank:
                 f"KaldiFbank needs a 1-D waveform of at least {self.window_size} samples, "
                 f"got shape {tuple(waveform.shape)}"
             )
+        if waveform.device.type == "cpu" and waveform.dtype == torch.float32:
+            return torch.from_numpy(self.numpy(waveform.numpy()))
+        return self._torch(waveform)
+
+    def numpy(self, waveform: np.ndarray) -> np.ndarray:
+        """The CPU path: (N,) float32 numpy waveform, N >= the window size -> (T, F) float32 log-mel."""
+        s = np.ascontiguousarray(waveform, dtype=np.float32)
+        n, w, h = s.shape[0], self.window_size, self.window_shift
+        if s.ndim != 1 or n < w:
+            raise ValueError(f"KaldiFbank needs a 1-D waveform of at least {w} samples, got shape {s.shape}")
+        t = 1 + (n - w) // h
+        # strided (T, W) views; np.ndarray(buffer=...) is ~10x cheaper than as_strided
+        frames = np.ndarray((t, w), np.float32, buffer=s, strides=(h * 4, 4))
+        dc = frames.sum(axis=1)
+        dc *= np.float32((1.0 - self.PREEMPHASIS) / w)  # 0.03 m per frame
+        pre = np.empty(n, np.float32)  # s[j] - 0.97 s[j-1]; pre[0] only meets the window's zero
+        np.multiply(s[:-1], np.float32(-self.PREEMPHASIS), out=pre[1:])
+        pre[1:] += s[1:]
+        pre[0] = 0.0
+        buf = np.zeros((t, self.fft_size), np.float32)  # zero-padded frames for the FFT
+        pre_frames = np.ndarray((t, w), np.float32, buffer=pre, strides=(h * 4, 4))
+        np.subtract(pre_frames, dc[:, None], out=buf[:, :w])
+        buf[:, :w] *= self._np_window
+        # (T, fft/2 + 1) complex64; torch's FFT is the fastest here (scipy 1.5x, numpy 2.7x slower)
+        spec = torch.fft.rfft(torch.from_numpy(buf)).numpy()
+        half = self.fft_size // 2
+        sq = spec.view(np.float32)[:, : 2 * half]  # (T, fft) re, im interleaved, Nyquist dropped
+        sq = sq * sq
+        power = sq[:, 0::2] + sq[:, 1::2]  # (T, half) re^2 + im^2
+        mel = np.zeros((t, self._banks.shape[0]), np.float32)
+        for f0, f1, b0, b1, m in self._np_runs:
+            np.matmul(power[:, b0:b1], m, out=mel[:, f0:f1])
+        np.maximum(mel, np.float32(self._eps), out=mel)
+        return np.log(mel, out=mel)
+
+    def _torch(self, waveform: torch.Tensor) -> torch.Tensor:
+        """The same in torch ops, on any device (GPUs)."""
         if waveform.device != self._device:
             self._banks, self._window = self._banks.to(waveform.device), self._window.to(waveform.device)
             self._device = waveform.device
@@ -405,12 +474,13 @@ class AudioTokenizer(Tokenizer):
             self._kaldi = KaldiFbank(
                 sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, frame_shift_ms=c.frame_shift_ms
             )
-        wav = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
-        wav = wav - wav.mean()  # (N,); a new tensor: the caller's array is untouched
+        wav = np.asarray(waveform, dtype=np.float32)
         win = self._kaldi.window_size
-        if wav.shape[0] < win:
-            wav = torch.nn.functional.pad(wav, (0, win - wav.shape[0]))
-        return self._kaldi(wav)
+        if wav.shape[0] < win:  # mean removal, then zero padding to one window (one frame)
+            wav = np.pad(wav - wav.mean(dtype=np.float32), (0, win - wav.shape[0]))
+        # Otherwise the waveform's mean need not be removed: Kaldi removes each frame's mean
+        # (remove_dc_offset), which cancels any constant offset exactly (up to float32 rounding).
+        return torch.from_numpy(self._kaldi.numpy(wav))
 
     def _resampler(self, sr: int) -> torchaudio.transforms.Resample:
         """``torchaudio.functional.resample(x, sr, Config.sample_rate)`` with its sinc kernel built once

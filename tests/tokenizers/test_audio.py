@@ -101,12 +101,19 @@ def test_one_second_gives_8x8_tokens_with_exact_values(tmp_path):
     assert fb.shape == (98, 128)
     full = np.concatenate([fb, np.zeros((30, 128), np.float32)])  # AudioMAE zero-pads the fbank
     z = ((full - MEAN) / (2 * STD)).astype(np.float16)
-    # token t*8+f = patch (t, f): frames t*16..t*16+15, mel bins f*16..f*16+15, flattened time-major
+
+    # token t*8+f = patch (t, f): frames t*16..t*16+15, mel bins f*16..f*16+15, flattened time-major;
+    # values equal up to float32 rounding of the fbank: at most one float16 step (2^-10), rarely
     for t, f in [(0, 0), (0, 7), (3, 5), (6, 2), (7, 7)]:
-        np.testing.assert_array_equal(
-            rec.tokens[t * 8 + f], z[t * 16 : t * 16 + 16, f * 16 : f * 16 + 16].reshape(-1)
+        np.testing.assert_allclose(
+            rec.tokens[t * 8 + f].astype(np.float32),
+            z[t * 16 : t * 16 + 16, f * 16 : f * 16 + 16].reshape(-1).astype(np.float32),
+            rtol=2**-10,
+            atol=1e-4,
         )
-    np.testing.assert_array_equal(rec.tokens, z.reshape(8, 16, 8, 16).transpose(0, 2, 1, 3).reshape(64, 256))
+    want = z.reshape(8, 16, 8, 16).transpose(0, 2, 1, 3).reshape(64, 256)
+    np.testing.assert_allclose(rec.tokens.astype(np.float32), want.astype(np.float32), rtol=2**-10, atol=1e-4)
+    assert (rec.tokens == want).mean() > 0.99
     # the last time row of patches (frames 112..127) lies wholly in the padding: (0 - mean) / (2 std)
     assert np.all(rec.tokens[7 * 8 :] == np.float16(-MEAN / (2 * STD)))
 
@@ -317,8 +324,17 @@ def test_kaldi_fbank_equals_torchaudio(sr, mel, shift):
             w = w - w.mean()
             out, ref = fb(w), _kaldi_fbank(w, sr, mel, shift)
             assert out.shape == ref.shape == (fb.num_frames(n), mel) and out.dtype == torch.float32
-            # float32 rounding only (re^2 + im^2 instead of abs()^2)
-            assert (out - ref).abs().max() <= 1e-5, (n, float((out - ref).abs().max()))
+            # The CPU path regroups the arithmetic: float32 rounding of the mel energies, relative to
+            # each frame's largest (measured <= 1e-6); in the log domain that is up to ~1e-3 in bins
+            # 60 dB below the frame's peak, where kaldi.fbank in float32 is off by as much itself.
+            power, ref_power = out.double().exp(), ref.double().exp()
+            rel = (power - ref_power).abs() / ref_power.max(dim=1, keepdim=True).values
+            assert rel.max() <= 1e-5, (n, float(rel.max()))
+            loud = ref_power >= 1e-2 * ref_power.max(dim=1, keepdim=True).values  # within 20 dB of the peak
+            assert ((out - ref).abs() <= 1e-5)[loud].all()
+            # the torch path (other devices) keeps kaldi.fbank's order of operations
+            torch_out = fb._torch(w)
+            assert (torch_out - ref).abs().max() <= 1e-5, (n, float((torch_out - ref).abs().max()))
     with pytest.raises(ValueError, match="at least"):
         fb(torch.zeros(win - 1))
     assert fb.num_frames(win - 1) == 0
@@ -367,8 +383,11 @@ def test_tokens_match_plain_kaldi_fbank_within_one_float16_step():
             .transpose(0, 2, 1, 3)
             .reshape(-1, p * p)
         )
-        steps = np.abs(rec.tokens.view(np.int16).astype(np.int32) - ref.view(np.int16).astype(np.int32))
-        assert steps.max() <= 1 and (steps == 0).mean() > 0.99
+        # float32 rounding of the fbank moves a token by at most one float16 rounding step (relative
+        # 2^-10; absolute near 0, where a step is tiny), and rarely
+        got, want = rec.tokens.astype(np.float32), ref.astype(np.float32)
+        np.testing.assert_allclose(got, want, rtol=2**-10, atol=1e-4)
+        assert (got == want).mean() > 0.99
 
 
 @pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
