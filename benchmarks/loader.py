@@ -16,9 +16,13 @@ three; plus a synthetic ragged table):
   The timed passes only count rows; the padding figures come from a separate, untimed epoch.
   ``loader_default_meta_unread``: the default configuration training uses (``with_meta=True``, the
   meta column is read) with ``batch.meta`` never read, so never parsed.
+  Small tables (``cached``: at most 64 MB of row groups) stay decoded in the loader after its first
+  epoch (``LoaderConfig.cache``, on by default), so these loaders read nothing in the timed epochs;
+  ``loader_uncached`` (``cache=False``) reads every epoch like the scan: the like-for-like figure.
 * ``ratio`` = loader samples/s / scan samples/s (target >= 0.7), in the same run, medians of
   ``--repeat`` alternating rounds after one untimed round (wall clock; ``_cpu``: process CPU time,
-  steadier when other processes share the machine).
+  steadier when other processes share the machine); a round repeats a tiny table's epoch to last
+  ~50 ms (``MIN_ROUND_SECONDS``).
 * ``padding``: fraction of padded tokens (pad / (pad + real)) per epoch with and without bucketing
   (target <= 10% with bucketing).
 
@@ -41,6 +45,7 @@ import argparse
 import glob
 import json
 import logging
+import math
 import tempfile
 import time
 
@@ -260,10 +265,18 @@ def loader_rows(loader: TokenLoader, read_meta: bool = True) -> int:
     return rows
 
 
+MIN_ROUND_SECONDS = 0.05
+"""A timed round runs each function enough times back to back to last about this long: the tiny
+tables' epochs take 0.5-5 ms, where one scheduler hiccup on a shared machine moved a single-epoch
+median by 20-30 %."""
+
+
 def timings(fns: dict, repeat: int, warmup: int = 1) -> tuple[dict, dict, dict]:
-    """Median wall time, median process CPU time and the last result of each function over ``repeat``
-    rounds; the functions alternate within a round so that load from other processes hits them alike.
-    CPU time (all threads of this process) is the steadier figure on a shared machine.
+    """Median wall time, median process CPU time (per call) and the last result of each function over
+    ``repeat`` rounds; the functions alternate within a round so that load from other processes hits
+    them alike. CPU time (all threads of this process) is the steadier figure on a shared machine.
+    Each round calls a function ``k`` times in a row, the same ``k`` for all of them, so that the
+    fastest lasts about ``MIN_ROUND_SECONDS`` (``k`` = 1 for tables whose epoch is longer).
 
     ``warmup`` untimed rounds come first: a loader's first epoch allocates its reusable batch
     buffers (for video, two of 154 MB: 0.3-0.6 s of page faults, once per loader, 5-10x the rest of
@@ -271,15 +284,20 @@ def timings(fns: dict, repeat: int, warmup: int = 1) -> tuple[dict, dict, dict]:
     wall: dict = {k: [] for k in fns}
     cpu: dict = {k: [] for k in fns}
     out: dict = {}
-    for _ in range(warmup):
+    fastest = float("inf")
+    for _ in range(max(1, warmup)):
         for fn in fns.values():
+            t0 = time.perf_counter()
             fn()
+            fastest = min(fastest, time.perf_counter() - t0)
+    calls = max(1, math.ceil(MIN_ROUND_SECONDS / max(fastest, 1e-6)))
     for _ in range(repeat):
         for k, fn in fns.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            out[k] = fn()
-            wall[k].append(time.perf_counter() - t0)
-            cpu[k].append(time.process_time() - c0)
+            for _ in range(calls):
+                out[k] = fn()
+            wall[k].append((time.perf_counter() - t0) / calls)
+            cpu[k].append((time.process_time() - c0) / calls)
     med = lambda v: float(np.median(v))  # noqa: E731
     return {k: med(v) for k, v in wall.items()}, {k: med(v) for k, v in cpu.items()}, out
 
@@ -298,6 +316,9 @@ def bench_table(name: str, directory: str, batch_size: int, repeat: int, workers
     loader = TokenLoader(table, batch_size=batch_size, seed=0, shuffle=True, bucket=True, with_meta=False)
     mloader = TokenLoader(table, batch_size=batch_size, seed=0, shuffle=True, bucket=True, with_meta=True)
     dloader = TokenLoader(table, batch_size=batch_size, seed=0, shuffle=True, bucket=True)  # as training
+    uloader = TokenLoader(
+        table, batch_size=batch_size, seed=0, shuffle=True, bucket=True, with_meta=False, cache=False
+    )
     wall, cpu, out = timings(
         {
             "scan": lambda: bare_scan(table),
@@ -305,6 +326,7 @@ def bench_table(name: str, directory: str, batch_size: int, repeat: int, workers
             "loader": lambda: loader_rows(loader),
             "meta": lambda: loader_rows(mloader),
             "default": lambda: loader_rows(dloader, read_meta=False),
+            "uncached": lambda: loader_rows(uloader),
         },
         repeat,
     )
@@ -329,6 +351,8 @@ def bench_table(name: str, directory: str, batch_size: int, repeat: int, workers
         "loader": _rate(lrows, nbytes, wall["loader"], cpu["loader"]),
         "loader_with_meta": _rate(lrows, nbytes, wall["meta"], cpu["meta"]),
         "loader_default_meta_unread": _rate(lrows, nbytes, wall["default"], cpu["default"]),
+        "loader_uncached": _rate(lrows, nbytes, wall["uncached"], cpu["uncached"]),
+        "cached": bool(loader.config.cache and all(s.resident for s in loader.streams)),
         "ratio_loader_vs_scan": round(wall["scan"] / wall["loader"] * lrows / rows, 3),
         "ratio_loader_vs_scan_cpu": round(cpu["scan"] / cpu["loader"] * lrows / rows, 3),
         "ratio_loader_vs_scan_tokens_positions": round(
@@ -336,6 +360,8 @@ def bench_table(name: str, directory: str, batch_size: int, repeat: int, workers
         ),
         "ratio_loader_with_meta_vs_scan": round(wall["scan"] / wall["meta"] * lrows / rows, 3),
         "ratio_loader_default_vs_scan": round(wall["scan"] / wall["default"] * lrows / rows, 3),
+        "ratio_loader_uncached_vs_scan": round(wall["scan"] / wall["uncached"] * lrows / rows, 3),
+        "ratio_loader_uncached_vs_scan_cpu": round(cpu["scan"] / cpu["uncached"] * lrows / rows, 3),
         "padding_bucketed": round(pad / max(1, pad + real), 4),
         "padding_unbucketed": round(plain[1] / max(1, plain[1] + plain[2]), 4),
         "padding_bucketed_max_tokens": {

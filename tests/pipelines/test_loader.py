@@ -416,12 +416,39 @@ def test_each_row_group_read_once_per_epoch(tmp_path, monkeypatch):
     monkeypatch.setattr(
         loader_mod._Reader, "_load", lambda self, s, g: loads.append(g) or real_load(self, s, g)
     )
-    loader = TokenLoader(d, batch_size=3, seed=1, bucket_window=2)
+    loader = TokenLoader(d, batch_size=3, seed=1, bucket_window=2, cache=False)
     list(loader)
     assert sorted(loads) == list(range(10))
     loads.clear()
-    list(TokenLoader(d, batch_size=3, seed=1, bucket_window=2, rank=1, world_size=2))
+    list(TokenLoader(d, batch_size=3, seed=1, bucket_window=2, rank=1, world_size=2, cache=False))
     assert len(loads) == len(set(loads)) <= 6  # a rank reads about half of the row groups, each once
+
+
+def test_cache_reads_a_small_table_once_and_changes_no_batch(tmp_path, monkeypatch):
+    from maskloom.pipelines import loader as loader_mod
+
+    d = make_vec(tmp_path, [i % 6 + 1 for i in range(40)], rows_per_shard=4)  # 10 shards of one row group
+    loads: list[tuple[int, int]] = []  # (reader, row group)
+    real_load = loader_mod._Reader._load
+    monkeypatch.setattr(
+        loader_mod._Reader, "_load", lambda self, s, g: loads.append((id(self), g)) or real_load(self, s, g)
+    )
+    for rank, world in ((0, 1), (1, 2)):
+        kw = dict(batch_size=3, seed=1, bucket_window=2, rank=rank, world_size=world)
+        cached, plain = TokenLoader(d, **kw), TokenLoader(d, **kw, cache=False)
+        assert cached.config.cache and cached.streams[0].resident
+        loads.clear()
+        for _ in range(3):  # every epoch's batches are those of the uncached loader
+            a, b = list(cached), list(plain)
+            assert len(a) == len(b) > 0
+            for x, y in zip(a, b):
+                assert x.ids == y.ids and torch.equal(x.labels, y.labels)
+                assert torch.equal(x.tokens, y.tokens) and torch.equal(x.positions, y.positions)
+                assert torch.equal(x.padding, y.padding)
+        mine = [g for r, g in loads if r == id(cached._reader)]
+        assert sorted(mine) == list(range(10))  # all row groups once, in the first epoch only
+        theirs = [g for r, g in loads if r == id(plain._reader)]
+        assert len(theirs) >= 3 * (10 if world == 1 else 3)  # read again every epoch
 
 
 def test_thread_prefetch_identical_in_order(tmp_path):
