@@ -473,26 +473,29 @@ def train(
         raise TrainError(f"--max-steps must be >= 1, got {options.max_steps}")
     if options.max_minutes is not None and not options.max_minutes > 0:
         raise TrainError(f"--max-minutes must be > 0, got {options.max_minutes}")
+    if options.threads is not None and options.threads < 1:
+        raise TrainError(f"--threads must be >= 1, got {options.threads}")
+    threads_before = torch.get_num_threads()
     if options.threads is not None:
-        if options.threads < 1:
-            raise TrainError(f"--threads must be >= 1, got {options.threads}")
-        torch.set_num_threads(options.threads)
-    opened = open_tables(tables)
-    cfg, mods = model_config(recipe, opened)
-
-    req_type = (
-        torch.device(options.device).type
-        if options.device
-        else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    rank, world, local_rank, started = init_distributed(req_type)
+        torch.set_num_threads(options.threads)  # for this run only: restored on return
     try:
-        return _train(recipe, opened, out, cfg, mods, options, rank, world, local_rank, TokenLoader)
-    finally:
-        if started:
-            import torch.distributed as dist
+        opened = open_tables(tables)
+        cfg, mods = model_config(recipe, opened)
+        req_type = (
+            torch.device(options.device).type
+            if options.device
+            else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        rank, world, local_rank, started = init_distributed(req_type)
+        try:
+            return _train(recipe, opened, out, cfg, mods, options, rank, world, local_rank, TokenLoader)
+        finally:
+            if started:
+                import torch.distributed as dist
 
-            dist.destroy_process_group()
+                dist.destroy_process_group()
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def _train(

@@ -179,6 +179,17 @@ def test_logs_device_threads_and_cpu_matmul(tmp_path, toy, caplog):
     assert cpu_matmul() in ("blas", "onednn")
 
 
+def test_threads_apply_to_the_run_only(tmp_path, toy, caplog):
+    before = torch.get_num_threads()
+    with caplog.at_level(logging.INFO, logger="maskloom.recipes.train"):
+        run(tmp_path, recipe(steps=1), [toy], threads=before + 1)
+    assert f"training on cpu, {before + 1} threads" in caplog.text
+    assert torch.get_num_threads() == before  # the caller's setting is back
+    with pytest.raises(T.TrainError, match="threads must be >= 1"):
+        run(tmp_path, recipe(steps=1), [toy], name="bad", threads=0)
+    assert torch.get_num_threads() == before
+
+
 def test_resume_reproduces_uninterrupted_run(tmp_path, toy):
     full = run(tmp_path, recipe(steps=10, ckpt=3), [toy], name="full")
     first = run(tmp_path, recipe(steps=10, ckpt=3), [toy], name="part", max_steps=7)
