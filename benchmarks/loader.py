@@ -275,7 +275,7 @@ def timings(fns: dict, repeat: int, warmup: int = 1) -> tuple[dict, dict, dict]:
     """Median wall time, median process CPU time (per call) and the last result of each function over
     ``repeat`` rounds; the functions alternate within a round so that load from other processes hits
     them alike. CPU time (all threads of this process) is the steadier figure on a shared machine.
-    Each round calls a function ``k`` times in a row, the same ``k`` for all of them, so that the
+    The order rotates from round to round. Each round calls a function ``k`` times in a row, the same ``k`` for all of them, so that the
     fastest lasts about ``MIN_ROUND_SECONDS`` (``k`` = 1 for tables whose epoch is longer).
 
     ``warmup`` untimed rounds come first: a loader's first epoch allocates its reusable batch
@@ -291,8 +291,10 @@ def timings(fns: dict, repeat: int, warmup: int = 1) -> tuple[dict, dict, dict]:
             fn()
             fastest = min(fastest, time.perf_counter() - t0)
     calls = max(1, math.ceil(MIN_ROUND_SECONDS / max(fastest, 1e-6)))
-    for _ in range(repeat):
-        for k, fn in fns.items():
+    names = list(fns)
+    for r in range(repeat):
+        for k in names[r % len(names) :] + names[: r % len(names)]:  # rotated: no mode always follows
+            fn = fns[k]  # the same one (a loader right after the 462 MB video scan ran 2x slower)
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(calls):
                 out[k] = fn()
