@@ -55,7 +55,10 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     # resumes the finished run
     code = main(tiny)
     assert code == 0
-    assert printed.count("already") == 0 and "already finished" in capsys.readouterr().out
+    rerun = capsys.readouterr().out
+    assert printed.count("already") == 0 and "already finished" in rerun
+    last = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    assert f"already trained: step 4/4, final loss {last:.4f}" in rerun and "nan" not in rerun
 
     # another recipe (here: more steps) never mixes into that run: one line, exit code 2
     code = main([*tiny, "--steps", "5"])

@@ -198,10 +198,18 @@ def run_demo(
         ),
     )
     timings["train"] = time.perf_counter() - t0
-    _say(
-        f"      {res.status}: step {res.step}/{res.total_steps}, {res.steps_per_second:.2f} steps/s, "
-        f"{res.tokens_per_second:,.0f} tokens/s, final loss {res.losses[-1] if res.losses else float('nan'):.4f}"
-    )
+    if res.losses:
+        _say(
+            f"      {res.status}: step {res.step}/{res.total_steps}, {res.steps_per_second:.2f} steps/s, "
+            f"{res.tokens_per_second:,.0f} tokens/s, final loss {res.losses[-1]:.4f}"
+        )
+    else:  # a rerun of a finished run: nothing to train
+        last = _last_logged_loss(os.path.join(run_dir, "metrics.jsonl"))
+        _say(
+            f"      already trained: step {res.step}/{res.total_steps}"
+            + (f", final loss {last:.4f}" if last is not None else "")
+            + f" (in {run_dir})"
+        )
 
     # 4. evaluation -------------------------------------------------------------------------------
     from maskloom.recipes.evaluate import evaluate_run, format_results, write_json
@@ -433,3 +441,13 @@ def write_report(
     with open(path, "w") as fh:
         fh.write("\n".join(L))
     return path
+
+
+def _last_logged_loss(path: str) -> float | None:
+    """The ``loss`` of the last line of a run's metrics.jsonl, or None when there is none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        return float(json.loads(lines[-1])["loss"]) if lines else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
