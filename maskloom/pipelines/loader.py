@@ -119,8 +119,9 @@ class LoaderConfig:
     cache: bool = True
     """Keep small streams (at most ``RESIDENT_BYTES`` = 64 MB of row groups, e.g. SMS, MUTAG, ETTh1)
     decoded in memory after their first pass, so later epochs read nothing: a pass over such a table
-    takes 1-5 ms, of which reading and decoding is more than half. Each DataLoader worker process
-    keeps its own copy. False: read them again every pass."""
+    takes 1-5 ms, of which reading and decoding is more than half. With ``num_workers > 0`` the
+    worker processes live for one epoch and read the table again (for such tables,
+    ``num_workers=0`` is the fast choice). False: read them again every pass."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
