@@ -21,7 +21,7 @@ from other users of the machine hits every mode alike; figures are medians over 
 
 * ``plain``: ``tokenizer(f)`` for every file in this process (decode + tokenize; nothing written);
 * ``plain_write`` — **the fair peer**: the same plus packing the records of each shard and writing
-  it with ``tables.write_shard`` (zstd Parquet, temp name + fsync + rename + directory fsync),
+  it with ``tables.ShardWriter`` (zstd Parquet row groups, temp name + fsync + rename + directory fsync),
   i.e. the work the pipeline does minus Ray and minus its exactly-once bookkeeping;
 * ``warm_1``, ``warm_2``: ``preprocess()`` with 1 and 2 tokenizer actors on a Ray already running
   in this process (as on a cluster): planning, actor start-up (process, imports, tokenizer), the
@@ -33,7 +33,8 @@ from other users of the machine hits every mode alike; figures are medians over 
 Threads: every tokenizing process (the plain loop and each actor) runs torch / OpenMP / BLAS /
 Arrow with one intra-op thread (``ray_utils.limit_threads(1)``; an actor reserves one CPU).
 Shard size: each pipeline run uses the pipeline's default for its worker count
-(``default_shard_size``); ``plain_write`` uses the single-worker default.
+(``default_shard_size``, with the driver's estimate of an input's cost); ``plain_write`` uses the
+single-worker default, estimated the same way.
 
 Figures: inputs/s of each mode; ``overhead_1 = 1 - ray_1 / plain_write`` (target <= 0.15),
 ``speedup_2 = ray_2 / plain_write`` (target >= 1.6), for warm and cold (and against ``plain`` for
@@ -233,7 +234,8 @@ class CpuMeter:
 # ---------------------------------------------------------------------------------------------
 def plain_loop(modality: str, config: dict, files: list[str], write_to: str | None, shard_size: int) -> dict:
     """decode + tokenize every file in this process (one intra-op thread); with ``write_to`` also
-    pack and write each shard with ``tables.write_shard`` (the pipeline's writer)."""
+    pack and write each shard with ``tables.ShardWriter`` (the pipeline's writer: a row group at a
+    time)."""
     from maskloom import tables
     from maskloom.pipelines.ray_utils import limit_threads, restore_threads
     from maskloom.tokenizers.base import TokenizeError, get_tokenizer
@@ -244,7 +246,7 @@ def plain_loop(modality: str, config: dict, files: list[str], write_to: str | No
                              fingerprint=tok.fingerprint())  # fmt: skip
     old = limit_threads(1)
     rows = tokens = errors = 0
-    pending = []
+    writer = None
     try:
         with CpuMeter() as m:
             t0 = time.perf_counter()
@@ -257,11 +259,13 @@ def plain_loop(modality: str, config: dict, files: list[str], write_to: str | No
                 rows += len(recs)
                 tokens += sum(r.num_tokens for r in recs)
                 if write_to:
-                    pending.extend(recs)
-                    if (k + 1) % shard_size == 0 or k + 1 == len(files):
+                    if writer is None:
                         path = os.path.join(write_to, tables.shard_name(k // shard_size))
-                        tables.write_shard(path, tables.records_to_arrow(pending, spec, meta))
-                        pending = []
+                        writer = tables.ShardWriter(path, spec, meta)
+                    writer.add(recs)
+                    if (k + 1) % shard_size == 0 or k + 1 == len(files):
+                        writer.close()
+                        writer = None
             dt = time.perf_counter() - t0
     finally:
         restore_threads(old)
@@ -393,8 +397,24 @@ def main() -> None:
         from maskloom.pipelines.preprocess import default_shard_size
     except ImportError:  # an older maskloom (fixed shard size 256)
 
-        def default_shard_size(n: int, workers: int) -> int:
+        def default_shard_size(n: int, workers: int, seconds_per_input: float | None = None) -> int:
             return 256
+
+    def peer_shard_size(modality: str, config: dict, files: list[str]) -> int:
+        """The shard size a 1-worker pipeline job picks for these files (its cost estimate included)."""
+        try:
+            from maskloom.pipelines.preprocess import seconds_per_input
+            from maskloom.pipelines.ray_utils import limit_threads, restore_threads
+            from maskloom.pipelines.sources import Input
+            from maskloom.tokenizers.base import get_tokenizer
+        except ImportError:  # before session 5: no estimate
+            return default_shard_size(len(files), 1)
+        old = limit_threads(1)
+        try:
+            spi = seconds_per_input(get_tokenizer(modality, config), [Input(f) for f in files])
+        finally:
+            restore_threads(old)
+        return default_shard_size(len(files), 1, spi)
 
     from maskloom.pipelines.ray_utils import init_ray, shutdown_ray
     from maskloom.tokenizers.base import TOKENIZERS
@@ -431,7 +451,7 @@ def main() -> None:
                         rnd[mode] = plain_loop(modality, config, files, None, 0)
                     elif mode == "plain_write":
                         rnd[mode] = plain_loop(
-                            modality, config, files, out, default_shard_size(len(files), 1)
+                            modality, config, files, out, peer_shard_size(modality, config, files)
                         )
                     elif mode.startswith("warm"):
                         if not ray_up:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -532,33 +533,132 @@ def row_group_rows(table: pa.Table, target_bytes: int = 32 << 20) -> int:
     return int(max(1, min(table.num_rows, math.ceil(target_bytes / per_row))))
 
 
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "use_dictionary": ["modality"]}
+"""How shards are written. Dictionary encoding only where values repeat (modality); on token payloads
+it costs much write time (audio ~2x) for no size gain."""
+
+
 def write_shard(path: str, table: pa.Table) -> dict[str, Any]:
     """Write one shard atomically (temp name + rename); return {name, rows, bytes, sha256}."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
-        # Dictionary encoding only where values repeat (modality); on token payloads it costs much write
-        # time (audio ~2x) for no size gain.
-        pq.write_table(
-            to_storage(table),
-            tmp,
-            compression="zstd",
-            row_group_size=row_group_rows(table),
-            use_dictionary=["modality"],
-        )
-        with open(tmp, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-            os.fsync(f.fileno())
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(d)
+        pq.write_table(to_storage(table), tmp, row_group_size=row_group_rows(table), **PARQUET_OPTIONS)
+        return _publish(tmp, path, table.num_rows)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return {"name": os.path.basename(path), "rows": table.num_rows, "bytes": size, "sha256": digest}
+
+
+def _temp_beside(path: str) -> str:
+    """A new empty temp file in ``path``'s directory (created), named ``.tmp-*`` (readers skip those)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".parquet")
+    os.close(fd)
+    return tmp
+
+
+def _publish(tmp: str, path: str, rows: int) -> dict[str, Any]:
+    """Hash and fsync the finished temp file, rename it to ``path``, fsync the directory."""
+    with open(tmp, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+        os.fsync(f.fileno())
+    size = os.path.getsize(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return {"name": os.path.basename(path), "rows": rows, "bytes": size, "sha256": digest}
+
+
+class ShardWriter:
+    """One shard written as its records arrive, a row group at a time, and published atomically.
+
+    The streaming form of :func:`write_shard`: records are packed and written whenever the pending
+    ones hold ``row_group_bytes`` of tokens, positions and edges, so a shard holds at most one row
+    group in memory whatever its number of inputs (a 256-clip audio shard held 64 MB of records plus
+    their Arrow copy; a 256-clip video shard 1.2 GB). The file exists only under a ``.tmp-`` name
+    until :meth:`close`, which renames it to ``path`` (nothing when no record was added); an
+    exception inside ``with`` (or :meth:`abort`) removes it. Records must be valid already.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        spec: TableSpec,
+        meta: dict[str, Any] | None = None,
+        *,
+        row_group_bytes: int = 32 << 20,
+    ) -> None:
+        self.path = path
+        self.spec = spec
+        self.meta = meta
+        self.row_group_bytes = row_group_bytes
+        self.rows = 0
+        self.seconds = 0.0
+        """Time spent packing and writing (the records' own production is the caller's)."""
+        self._pending: list[Record] = []
+        self._pending_bytes = 0
+        self._tmp: str | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, records: Iterable[Record]) -> None:
+        for r in records:
+            self._pending.append(r)
+            self._pending_bytes += (
+                r.tokens.nbytes + r.positions.nbytes + (0 if r.edges is None else r.edges.nbytes)
+            )
+        if self._pending_bytes >= self.row_group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        t0 = time.perf_counter()
+        table = to_storage(records_to_arrow(self._pending, self.spec, self.meta, validate=False))
+        if self._writer is None:
+            self._tmp = _temp_beside(self.path)
+            self._writer = pq.ParquetWriter(self._tmp, table.schema, **PARQUET_OPTIONS)
+        self._writer.write_table(table, row_group_size=table.num_rows)  # one row group
+        self.rows += table.num_rows
+        self._pending, self._pending_bytes = [], 0
+        self.seconds += time.perf_counter() - t0
+
+    def close(self) -> dict[str, Any] | None:
+        """Write what is pending and publish the file: {name, rows, bytes, sha256}, or None (no rows)."""
+        try:
+            self._flush()
+            if self._writer is None:
+                return None
+            t0 = time.perf_counter()
+            self._writer.close()
+            self._writer = None
+            info = _publish(self._tmp, self.path, self.rows)  # type: ignore[arg-type]
+            self._tmp = None
+            self.seconds += time.perf_counter() - t0
+            return info
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the shard: close and remove the temp file."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - already failing; the file goes anyway
+                pass
+            self._writer = None
+        if self._tmp is not None and os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+        self._tmp = None
+        self._pending = []
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def errors_to_arrow(errors: Iterable[tuple[str, str, str]]) -> pa.Table:

@@ -180,6 +180,47 @@ def test_atomic_shard_write_leaves_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
 
 
+def test_shard_writer_streams_row_groups_and_equals_write_shard(tmp_path):
+    import hashlib
+
+    tok = ToyTokenizer()
+    spec = tok.spec()
+    meta = tables.table_meta(spec, tokenizer="tables_toy", tokenizer_version="1", config={}, fingerprint="f")
+    recs = [rec(i, n=1 + i % 4, label=i % 3) for i in range(25)]
+    per = 3 * 4 + 4  # bytes of one token and its position (dim 3 float32, 1 float32 axis)
+    path = tmp_path / "part-00001.parquet"
+    with tables.ShardWriter(str(path), spec, meta, row_group_bytes=10 * per) as w:
+        for k in range(0, 25, 2):
+            w.add(recs[k : k + 2])
+            if k == 0:  # nothing is published before close(): at most a .tmp- file
+                assert all(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+        info = w.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00001.parquet"]
+    assert info["rows"] == 25 and info["name"] == "part-00001.parquet"
+    assert (
+        info["bytes"] == path.stat().st_size
+        and info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    )
+    groups = pq.ParquetFile(path).metadata.num_row_groups
+    assert 4 <= groups <= 9  # ~10 tokens per group (61 tokens), flushed between adds of 2 records
+    ref = tables.write_shard(str(tmp_path / "ref.parquet"), tables.records_to_arrow(recs, spec, meta))
+    assert ref["rows"] == 25
+    assert tables.read_shard(str(path)).equals(tables.read_shard(str(tmp_path / "ref.parquet")))
+
+
+def test_shard_writer_publishes_nothing_on_error_or_without_rows(tmp_path):
+    spec = ToyTokenizer().spec()
+    with pytest.raises(RuntimeError, match="boom"):
+        with tables.ShardWriter(str(tmp_path / "a.parquet"), spec, row_group_bytes=1) as w:
+            w.add([rec(0), rec(1)])  # flushed: a temp file exists
+            assert len(list(tmp_path.iterdir())) == 1
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with tables.ShardWriter(str(tmp_path / "b.parquet"), spec) as w:
+        assert w.close() is None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fingerprint_depends_on_config():
     assert ToyTokenizer().fingerprint() == ToyTokenizer({"dim": 3}).fingerprint()
     assert ToyTokenizer().fingerprint() != ToyTokenizer({"dim": 4}).fingerprint()

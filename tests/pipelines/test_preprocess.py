@@ -28,7 +28,7 @@ from maskloom.pipelines.preprocess import (
 )
 from maskloom.pipelines.ray_utils import THREAD_ENV_VARS, init_ray, limit_threads, resources, restore_threads
 from maskloom.pipelines.sources import Input, find_inputs
-from maskloom.tokenizers.base import get_tokenizer
+from maskloom.tokenizers.base import TokenizeError, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOK = ppkit_tokenizer.NAME
@@ -131,6 +131,45 @@ def test_default_shard_size_aims_at_shards_per_worker_within_bounds():
     cases = [(1, 1), (10, 2), (100, 2), (500, 1), (2000, 2), (3000, 1), (3000, 2), (100_000, 2)]
     assert [default_shard_size(n, w) for n, w in cases] == [1, 10, 32, 63, 125, 256, 188, 256]
     assert default_shard_size(3000, 0) == 256  # a worker count below one counts as one
+
+
+def test_default_shard_size_holds_half_a_second_of_measured_work():
+    # ~0.5 s per shard by the measured cost of an input, rounded down to a power of two, 32..4096
+    big = 1_000_000
+    assert default_shard_size(big, 1, 0.00025) == 1024  # 2000 -> 1024 (8 kHz spoken digits)
+    assert default_shard_size(big, 1, 0.0002) == 2048  # 2500 -> 2048
+    assert default_shard_size(big, 1, 0.003) == 128  # 166 -> 128 (images upscaled to 224)
+    assert default_shard_size(big, 1, 1e-6) == 4096 and default_shard_size(big, 1, 0.5) == 32
+    assert default_shard_size(3000, 2, 0.00025) == 188  # small jobs: still 8 shards per worker
+    assert default_shard_size(big, 1, None) == 256 and default_shard_size(big, 1, 0.0) == 256
+
+
+def test_seconds_per_input_samples_evenly_after_one_untimed_input():
+    from maskloom.pipelines.preprocess import seconds_per_input
+    from maskloom.pipelines.sources import Input
+
+    class Clock:
+        def __init__(self, fail=()):
+            self.calls, self.fail = [], set(fail)
+
+        def __call__(self, source):
+            self.calls.append(source)
+            if source in self.fail:
+                raise TokenizeError(source, "corrupt", "bad")
+            time.sleep(0.02 if source == "s0" else 0.002)  # the first (warm-up) input is slow
+            return []
+
+    inputs = [Input(f"s{i}") for i in range(100)]
+    tok = Clock()
+    spi = seconds_per_input(tok, inputs, sample=4)
+    assert tok.calls == ["s0", "s25", "s50", "s74", "s99"]  # 5 evenly spaced, the first untimed
+    assert 0.002 <= spi < 0.015
+    tok = Clock(fail={f"s{i}" for i in range(100)})
+    assert seconds_per_input(tok, inputs) is None  # e.g. the driver cannot read the workers' files
+    assert seconds_per_input(Clock(), inputs[:1]) is None
+    tok = Clock()
+    seconds_per_input(tok, inputs, sample=8, budget=0.0)  # no new input once the budget is spent
+    assert tok.calls == ["s0", "s12"]
 
 
 def test_max_tasks_in_flight_reaches_the_actor_pool():
