@@ -577,8 +577,9 @@ class ShardWriter:
     ones hold ``row_group_bytes`` of tokens, positions and edges, so a shard holds at most one row
     group in memory whatever its number of inputs (a 256-clip audio shard held 64 MB of records plus
     their Arrow copy; a 256-clip video shard 1.2 GB). The file exists only under a ``.tmp-`` name
-    until :meth:`close`, which renames it to ``path`` (nothing when no record was added); an
-    exception inside ``with`` (or :meth:`abort`) removes it. Records must be valid already.
+    until :meth:`close`, which renames it to ``path`` (nothing when no record was added); leaving
+    ``with`` without ``close()`` (an exception), or :meth:`abort`, removes it. Records must be valid
+    already.
     """
 
     def __init__(
@@ -656,9 +657,8 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type: Any, *exc: object) -> None:
-        if exc_type is not None:
-            self.abort()
+    def __exit__(self, *exc: object) -> None:
+        self.abort()  # nothing after close(); otherwise (an error, no close) the shard is dropped
 
 
 def errors_to_arrow(errors: Iterable[tuple[str, str, str]]) -> pa.Table:
