@@ -275,8 +275,9 @@ def timings(fns: dict, repeat: int, warmup: int = 1) -> tuple[dict, dict, dict]:
     """Median wall time, median process CPU time (per call) and the last result of each function over
     ``repeat`` rounds; the functions alternate within a round so that load from other processes hits
     them alike. CPU time (all threads of this process) is the steadier figure on a shared machine.
-    The order rotates from round to round. Each round calls a function ``k`` times in a row, the same ``k`` for all of them, so that the
-    fastest lasts about ``MIN_ROUND_SECONDS`` (``k`` = 1 for tables whose epoch is longer).
+    The order rotates from round to round (a loader timed right after the 462 MB video scan ran 2x
+    slower). Each round calls a function ``k`` times in a row, the same ``k`` for all of them, so
+    that the fastest lasts about ``MIN_ROUND_SECONDS`` (``k`` = 1 for tables whose epoch is longer).
 
     ``warmup`` untimed rounds come first: a loader's first epoch allocates its reusable batch
     buffers (for video, two of 154 MB: 0.3-0.6 s of page faults, once per loader, 5-10x the rest of
@@ -293,8 +294,8 @@ def timings(fns: dict, repeat: int, warmup: int = 1) -> tuple[dict, dict, dict]:
     calls = max(1, math.ceil(MIN_ROUND_SECONDS / max(fastest, 1e-6)))
     names = list(fns)
     for r in range(repeat):
-        for k in names[r % len(names) :] + names[: r % len(names)]:  # rotated: no mode always follows
-            fn = fns[k]  # the same one (a loader right after the 462 MB video scan ran 2x slower)
+        for k in names[r % len(names) :] + names[: r % len(names)]:  # no mode always follows another
+            fn = fns[k]
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(calls):
                 out[k] = fn()

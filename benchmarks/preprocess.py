@@ -403,18 +403,12 @@ def main() -> None:
     def peer_shard_size(modality: str, config: dict, files: list[str]) -> int:
         """The shard size a 1-worker pipeline job picks for these files (its cost estimate included)."""
         try:
-            from maskloom.pipelines.preprocess import seconds_per_input
-            from maskloom.pipelines.ray_utils import limit_threads, restore_threads
+            from maskloom.pipelines.preprocess import measured_shard_size
             from maskloom.pipelines.sources import Input
             from maskloom.tokenizers.base import get_tokenizer
         except ImportError:  # before session 5: no estimate
             return default_shard_size(len(files), 1)
-        old = limit_threads(1)
-        try:
-            spi = seconds_per_input(get_tokenizer(modality, config), [Input(f) for f in files])
-        finally:
-            restore_threads(old)
-        return default_shard_size(len(files), 1, spi)
+        return measured_shard_size(get_tokenizer(modality, config), [Input(f) for f in files], 1)
 
     from maskloom.pipelines.ray_utils import init_ray, shutdown_ray
     from maskloom.tokenizers.base import TOKENIZERS

@@ -193,7 +193,7 @@ def default_shard_size(num_inputs: int, num_workers: int, seconds_per_input: flo
     plan; within ``MIN_DEFAULT_SHARD_SIZE``..``MAX_DEFAULT_SHARD_SIZE``) or ``DEFAULT_SHARD_SIZE``
     when it is unknown, at least ``MIN_DEFAULT_SHARD_SIZE`` (per-shard costs) unless the job is
     smaller."""
-    per = -(-num_inputs // (SHARDS_PER_WORKER * max(1, num_workers)))
+    per = _per_worker_share(num_inputs, num_workers)
     cap = DEFAULT_SHARD_SIZE
     if seconds_per_input is not None and seconds_per_input > 0:
         fit = min(
@@ -201,6 +201,27 @@ def default_shard_size(num_inputs: int, num_workers: int, seconds_per_input: flo
         )
         cap = 1 << (int(fit).bit_length() - 1)  # a power of two
     return max(1, min(cap, max(per, min(MIN_DEFAULT_SHARD_SIZE, num_inputs))))
+
+
+def _per_worker_share(num_inputs: int, num_workers: int) -> int:
+    """Inputs per shard for ``SHARDS_PER_WORKER`` shards per worker."""
+    return -(-num_inputs // (SHARDS_PER_WORKER * max(1, num_workers)))
+
+
+def measured_shard_size(tokenizer: Tokenizer, inputs: Sequence[Input], num_workers: int) -> int:
+    """:func:`default_shard_size` with the cost of an input measured by :func:`seconds_per_input` on one
+    thread, as a 1-CPU worker runs (measured only when shards could hold more than the minimum)."""
+    spi = None
+    if _per_worker_share(len(inputs), num_workers) > MIN_DEFAULT_SHARD_SIZE:
+        old_threads = limit_threads(1)
+        try:
+            spi = seconds_per_input(tokenizer, inputs)
+        finally:
+            restore_threads(old_threads)
+        log.info(
+            "tokenizing takes ~%s per input on the driver", "?" if spi is None else f"{spi * 1e3:.2f} ms"
+        )
+    return default_shard_size(len(inputs), num_workers, spi)
 
 
 def seconds_per_input(
@@ -549,18 +570,7 @@ def preprocess(
             shard_size = int(state["shard_size"])  # resume the partial job's plan, whatever the workers now
         else:
             hint = resources(num_workers, cpus_per_worker, gpus_per_worker).num_workers
-            spi = None  # the cost of an input matters only when shards could hold more than the minimum
-            if -(-len(items) // (SHARDS_PER_WORKER * max(1, hint))) > MIN_DEFAULT_SHARD_SIZE:
-                old_threads = limit_threads(1)  # as a 1-CPU worker runs
-                try:
-                    spi = seconds_per_input(tokenizer, items)
-                finally:
-                    restore_threads(old_threads)
-                log.info(
-                    "tokenizing takes ~%s per input on the driver",
-                    "?" if spi is None else f"{spi * 1e3:.2f} ms",
-                )
-            shard_size = default_shard_size(len(items), hint, spi)
+            shard_size = measured_shard_size(tokenizer, items, hint)
     plan = plan_shards(items, key, shard_size)
     tables.atomic_write_bytes(
         os.path.join(commits_dir, RUN_STATE),

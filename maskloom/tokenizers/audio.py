@@ -28,7 +28,9 @@ Decisions (documented here once):
 * Speed: :class:`KaldiFbank` computes ``kaldi.fbank`` with AudioMAE's options (equal to float32
   rounding), but builds the window and the mel filterbank once per tokenizer instead of on every call,
   skips the frame energy that ``use_energy=False`` throws away, and takes the power spectrum as
-  re^2 + im^2 rather than abs()^2: 2.4x faster than the plain call on a 0.6 s clip, one CPU thread.
+  re^2 + im^2 rather than abs()^2; on CPU it regroups the arithmetic into few numpy passes and
+  multiplies only the mel filters' bins (88 instead of 146 us per FSDD clip in the tokenizer loop;
+  the plain call is ~2.4x slower than the torch formulation).
   ``tokenize`` normalises only the real frames; the padded frames are one precomputed float16
   constant. Resampling keeps one ``torchaudio.transforms.Resample`` (its sinc kernel) per source rate.
 """
