@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -46,7 +47,14 @@ from typing import Any
 import numpy as np
 
 from maskloom import tables
-from maskloom.pipelines.ray_utils import init_ray, limit_threads, resources, restore_threads, shutdown_ray
+from maskloom.pipelines.ray_utils import (
+    init_ray,
+    limit_threads,
+    quiet_ray_data_bars,
+    resources,
+    restore_threads,
+    shutdown_ray,
+)
 from maskloom.pipelines.sources import Input, InputSet
 from maskloom.tokenizers.base import TOKENIZERS, Record, TokenizeError, Tokenizer, get_tokenizer
 
@@ -349,10 +357,12 @@ def tokenize_shard(
 
 
 def _size(path: str) -> int:
+    """Bytes of a file, or of the files under a directory (a dataset folder source); 0 if missing."""
     try:
-        if os.path.isdir(path):
-            return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-        return os.path.getsize(path)
+        st = os.stat(path)  # one stat for a file (the common case), not isdir + getsize
+        if not stat.S_ISDIR(st.st_mode):
+            return st.st_size
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
     except OSError:
         return 0
 
@@ -604,9 +614,7 @@ def preprocess(
 
             res = resources(None if num_workers is None else min(num_workers, len(todo)), cpus_per_worker,
                             gpus_per_worker, 1, object_store_memory, max_workers=len(todo))  # fmt: skip
-            ctx = ray.data.DataContext.get_current()
-            ctx.enable_progress_bars = False  # ours below counts shards
-            ctx.print_on_execution_start = False
+            quiet_ray_data_bars()  # ours below counts shards
             ds = ray.data.from_items([{"spec": sh.to_json()} for sh in todo], override_num_blocks=len(todo))
             ds = ds.map_batches(
                 TokenizeShardActor,

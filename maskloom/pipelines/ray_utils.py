@@ -213,6 +213,35 @@ def init_ray(
     return True
 
 
+RAY_DATA_BAR_NOTICE = "Progress bars disabled"
+"""Start of the warning Ray Data logs once per process when its progress bars are turned off."""
+
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+"""The logger that warning goes through (a logger name: nothing of Ray's internals is imported)."""
+
+
+class _DropBarNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(RAY_DATA_BAR_NOTICE)
+
+
+def quiet_ray_data_bars() -> None:
+    """Turn Ray Data's own progress bars off, without its warning that they are off.
+
+    maskloom draws its own bar (shards done, errors), so Ray Data's operator bars would only
+    interleave with it, and its advice "Progress bars disabled. To enable, set ..." would be noise
+    in every job's output. Only that one message is dropped (a filter on its logger); any other
+    warning still shows. Idempotent."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logger = logging.getLogger(RAY_DATA_PROGRESS_LOGGER)
+    if not any(isinstance(f, _DropBarNotice) for f in logger.filters):
+        logger.addFilter(_DropBarNotice())
+
+
 def shutdown_ray(started: bool) -> None:
     """Shut Ray down if ``init_ray`` started it (``started`` is its return value)."""
     import ray

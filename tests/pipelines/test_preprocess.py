@@ -19,6 +19,7 @@ from maskloom.pipelines.preprocess import (
     ShardSpec,
     TableConflictError,
     TokenizeShardActor,
+    _size,
     artifacts_digest,
     default_shard_size,
     plan_shards,
@@ -26,7 +27,15 @@ from maskloom.pipelines.preprocess import (
     shard_key,
     tokenize_shard,
 )
-from maskloom.pipelines.ray_utils import THREAD_ENV_VARS, init_ray, limit_threads, resources, restore_threads
+from maskloom.pipelines.ray_utils import (
+    RAY_DATA_PROGRESS_LOGGER,
+    THREAD_ENV_VARS,
+    init_ray,
+    limit_threads,
+    quiet_ray_data_bars,
+    resources,
+    restore_threads,
+)
 from maskloom.pipelines.sources import Input, find_inputs
 from maskloom.tokenizers.base import TokenizeError, get_tokenizer
 
@@ -82,6 +91,41 @@ def test_plan_is_deterministic_and_keyed_by_config():
     assert ShardSpec.from_json(p1[0].to_json()) == p1[0]
 
 
+def test_input_size_of_file_folder_and_missing_path(tmp_path):
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "a.bin").write_bytes(b"x" * 5)
+    (tmp_path / "d" / "e" / "b.bin").write_bytes(b"y" * 7)
+    assert _size(str(tmp_path / "d" / "a.bin")) == 5
+    assert _size(str(tmp_path / "d")) == 12  # a dataset folder source: every file under it
+    assert _size(str(tmp_path / "nope")) == 0
+
+
+def test_ray_data_bar_notice_is_dropped_and_other_warnings_kept():
+    import logging
+
+    import ray.data
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    logger = logging.getLogger(RAY_DATA_PROGRESS_LOGGER)
+    handler = Keep(level=logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        quiet_ray_data_bars()
+        quiet_ray_data_bars()  # idempotent: one filter
+        assert ray.data.DataContext.get_current().enable_progress_bars is False
+        assert sum(type(f).__name__ == "_DropBarNotice" for f in logger.filters) == 1
+        logger.warning("Progress bars disabled. To enable, set `...enable_progress_bars = True`.")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["something else"]
+
+
 def test_tokenize_shard_writes_shard_then_commit_with_error_rows(tmp_path):
     found = make_data(tmp_path / "in", n_a=2, n_b=1)
     tok = get_tokenizer(TOK, {"crash_on": "g0"})
@@ -98,6 +142,7 @@ def test_tokenize_shard_writes_shard_then_commit_with_error_rows(tmp_path):
     ]
     assert c["errors"][1][2] == "RuntimeError: boom"
     assert c["tokens"] == 4 and c["shard"]["rows"] == 2 and c["shard"]["inputs"] == 2
+    assert c["input_bytes"] == sum(os.path.getsize(i.source) for i in shard.inputs)  # failed ones too
     assert (
         c["seconds"] >= c["write_seconds"] > 0
         and c["cpu_seconds"] > 0

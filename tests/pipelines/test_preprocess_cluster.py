@@ -81,6 +81,9 @@ def test_ray_job_submit_preprocess_round_trip(tmp_path, ray_head):
     done = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "7 inputs = 6 written + 1 errors; 6 rows, 12 tokens, " in done.stdout
+    assert (
+        "Progress bars disabled" not in done.stdout + done.stderr
+    )  # Ray Data's notice: ours replace its bars
     t = tables.TokenTable(str(out))
     assert t.manifest.totals == {"inputs": 7, "rows": 6, "errors": 1}
     assert t.label_names == ["0", "1"]
