@@ -1,5 +1,7 @@
 """Token-table schema: writing, reading, and every validation error with its message."""
 
+import hashlib
+import io
 import json
 from dataclasses import dataclass
 
@@ -206,6 +208,22 @@ def test_shard_writer_streams_row_groups_and_equals_write_shard(tmp_path):
     ref = tables.write_shard(str(tmp_path / "ref.parquet"), tables.records_to_arrow(recs, spec, meta))
     assert ref["rows"] == 25
     assert tables.read_shard(str(path)).equals(tables.read_shard(str(tmp_path / "ref.parquet")))
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 2500])
+def test_sha256_file_reads_in_chunks_and_equals_whole_hash(tmp_path, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    reads = []
+
+    class Spy(io.FileIO):
+        def readinto(self, b):
+            reads.append(len(b))
+            return super().readinto(b)
+
+    with Spy(tmp_path / "f", "rb") as f:
+        assert tables.sha256_file(f, chunk=1000) == hashlib.sha256(data).hexdigest()
+    assert set(reads) == {1000} and len(reads) == -(-size // 1000) + 1  # one chunk at a time, then EOF
 
 
 def test_shard_writer_publishes_nothing_on_error_or_without_rows(tmp_path):
