@@ -19,6 +19,9 @@ three; plus a synthetic ragged table):
   Small tables (``cached``: at most 64 MB of row groups) stay decoded in the loader after its first
   epoch (``LoaderConfig.cache``, on by default), so these loaders read nothing in the timed epochs;
   ``loader_uncached`` (``cache=False``) reads every epoch like the scan: the like-for-like figure.
+  ``text_sms_x100`` and ``graph_enzymes_x100`` (``--large-copies``): 100 copies of those tables,
+  too big for the cache (like a large text corpus or graph collection): every loader reads them
+  row group by row group, every epoch.
 * ``ratio`` = loader samples/s / scan samples/s (target >= 0.7), in the same run, medians of
   ``--repeat`` alternating rounds after one untimed round (wall clock; ``_cpu``: process CPU time,
   steadier when other processes share the machine); a round repeats a tiny table's epoch to last
@@ -28,7 +31,7 @@ three; plus a synthetic ragged table):
 
 MB/s counts the decoded bytes of the tokens and positions values, identical for scan and loader.
 
-    .venv/bin/python benchmarks/loader.py [--rows 600] [--batch-size 64] [--repeat 7]
+    .venv/bin/python benchmarks/loader.py [--rows 600] [--batch-size 64] [--repeat 7] [--large-copies 100]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import argparse
+import dataclasses
 import glob
 import json
 import logging
@@ -123,8 +127,17 @@ def _tokenize_files(tok: Tokenizer, files: list[str]) -> tuple[list[Record], lis
     return recs, errs
 
 
-def build_tables(root: str, rows: int) -> dict[str, str]:
-    """name -> table directory; real-data tables only for registered tokenizers and present data."""
+def _copies(recs: list[Record], k: int) -> list[Record]:
+    """``k`` copies of every record with distinct ids (``<id>~<copy>``)."""
+    return [dataclasses.replace(r, id=f"{r.id}~{c}") for c in range(k) for r in recs]
+
+
+def build_tables(root: str, rows: int, large_copies: int = 0) -> dict[str, str]:
+    """name -> table directory; real-data tables only for registered tokenizers and present data.
+
+    With ``large_copies`` = K > 0, also K copies of the SMS and ENZYMES tables (``*_xK``): tables of
+    short rows too big for the loader's cache (over ``RESIDENT_BYTES``), read row group by row group
+    every epoch as a large text corpus or graph collection is."""
     out = {}
     have = set(TOKENIZERS.names())
     if "image" in have and os.path.isdir(f"{DATA}/images/cifar10"):
@@ -158,6 +171,10 @@ def build_tables(root: str, rows: int) -> dict[str, str]:
         out["text_sms"] = tables.write_table(
             f"{root}/text", recs, tok, errors=errs, rows_per_shard=1024
         ).directory
+        if large_copies:
+            out[f"text_sms_x{large_copies}"] = tables.write_table(
+                f"{root}/text_x", _copies(recs, large_copies), tok, rows_per_shard=1024
+            ).directory
     if "time_series" in have and os.path.exists(f"{DATA}/time_series/ETTh1.csv"):
         tok = get_tokenizer("time_series", {"window": 336, "stride": 24})
         recs, errs = _tokenize_files(tok, [f"{DATA}/time_series/ETTh1.csv"])
@@ -172,6 +189,10 @@ def build_tables(root: str, rows: int) -> dict[str, str]:
             out[f"graph_{name.lower()}"] = tables.write_table(
                 f"{root}/{name}", recs, tok, errors=errs
             ).directory
+            if large_copies and name == "ENZYMES":
+                out[f"graph_enzymes_x{large_copies}"] = tables.write_table(
+                    f"{root}/{name}_x", _copies(recs, large_copies), tok
+                ).directory
     if "video" in have:  # the shared data has 3 clips: the demo's moving shapes (VideoMAE's 16 frames)
         from maskloom.demo_data import write_demo_data
 
@@ -396,6 +417,10 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=7, help="timed repetitions; medians are reported")
     ap.add_argument("--workers", type=int, default=2, help="also time num_workers=N (0: skip)")
+    ap.add_argument(
+        "--large-copies", type=int, default=100,
+        help="also K copies of the SMS and ENZYMES tables, too big for the loader's cache (0: skip)",
+    )  # fmt: skip
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     result: dict = {
@@ -405,7 +430,7 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory(prefix="maskloom-bench-loader-") as root:
         t0 = time.perf_counter()
-        dirs = build_tables(root, args.rows)
+        dirs = build_tables(root, args.rows, args.large_copies)
         result["build_seconds"] = round(time.perf_counter() - t0, 1)
         for name, d in dirs.items():
             result["tables"][name] = bench_table(name, d, args.batch_size, args.repeat, args.workers)
