@@ -1,5 +1,6 @@
 """The training loader: exact batches, padding, bucketing, shuffling, DDP shards, resume, mixing, workers."""
 
+import pickle
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from maskloom import tables
 from maskloom.pipelines.loader import (
     LoaderConfig,
     TokenLoader,
+    _MetaJSON,
     collate_fn,
     plan_stream,
     ray_dataset,
@@ -284,6 +286,52 @@ def test_num_workers_identical_in_order(tmp_path):
     for a, b in zip(par, ref):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.positions, b.positions)
         assert torch.equal(a.padding, b.padding) and torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("pipe_bytes", [0, 256 << 10])  # every batch as shared-memory tensors / pickled
+@pytest.mark.parametrize("with_meta", [False, True])
+def test_worker_batches_by_pipe_or_shared_memory_are_identical(tmp_path, monkeypatch, pipe_bytes, with_meta):
+    from maskloom.pipelines import loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "PIPE_BATCH_BYTES", pipe_bytes)  # forked workers inherit it
+    edges = [
+        None if i % 3 == 0 else np.array([[0, j % (i % 4 + 1)] for j in range(i % 5)]).reshape(-1, 2)
+        for i in range(21)
+    ]
+    recs = [ids_record(i, i % 4 + 1, edges[i]) for i in range(21)]
+    d = tables.write_table(str(tmp_path / "g"), recs, IdsTokenizer(), rows_per_shard=6).directory
+    ref = list(TokenLoader(d, batch_size=4, seed=3, with_meta=with_meta))
+    par = list(TokenLoader(d, batch_size=4, seed=3, with_meta=with_meta, num_workers=2))
+    assert len(par) == len(ref) == 6
+    for a, b in zip(par, ref):
+        assert type(a) is type(b) and a.ids == b.ids and a.modality == b.modality
+        for k in ("tokens", "positions", "padding", "labels", "edges"):
+            x, y = getattr(a, k), getattr(b, k)
+            assert (x is None) == (y is None) and (x is None or (x.dtype == y.dtype and torch.equal(x, y)))
+        if with_meta:
+            assert isinstance(a.__dict__["_meta"], _MetaJSON)  # still unparsed after the trip
+        assert a.meta == b.meta
+
+
+def test_pipe_batch_round_trip_keeps_columns_and_unparsed_meta():
+    from maskloom.pipelines.loader import _Batch, _PipeBatch
+
+    b = _Batch(
+        tokens=torch.arange(6).reshape(2, 3),
+        positions=torch.zeros(2, 3, 1),
+        padding=torch.tensor([[False, False, True], [False, False, False]]),
+        modality="text",
+        labels=torch.tensor([1, -1]),
+        edges=None,
+        ids=["a", "b"],
+        meta=_MetaJSON(['{"k": 1}', "{}"]),
+    )
+    assert _PipeBatch.nbytes(b) == 6 * 8 + 6 * 4 + 6 + 2 * 8
+    back = pickle.loads(pickle.dumps(_PipeBatch(b))).batch()
+    assert isinstance(back.__dict__["_meta"], _MetaJSON) and back.meta == [{"k": 1}, {}]
+    assert back.edges is None and back.ids == ["a", "b"] and back.modality == "text"
+    assert torch.equal(back.tokens, b.tokens) and torch.equal(back.padding, b.padding)
+    assert torch.equal(back.labels, b.labels) and back.positions.shape == (2, 3, 1)
 
 
 def test_resume_with_workers(tmp_path):
