@@ -142,11 +142,14 @@ def spec_from_meta(meta: dict[str, Any]) -> TableSpec:
 # ---------------------------------------------------------------------------------------------
 def all_finite(values: np.ndarray) -> bool:
     """``np.isfinite(values).all()``, fast for float16: numpy has no vectorised float16 isfinite
-    (124 us for one 512 x 256 audio record, most of its validation); a float16 is finite exactly when
-    its exponent bits are not all ones, so the largest magnitude bit pattern answers it (6 us)."""
+    (124 us for one 512 x 256 audio record, most of its validation). A float16 is finite exactly when
+    its exponent bits are not all ones: as uint16, the non-finite patterns are 0x7C00-0x7FFF (+inf,
+    NaN) and 0xFC00-0xFFFF (-inf, -NaN). Read as int16 the first range holds the largest values, read
+    as uint16 the second, so two max reductions answer it without a temporary array (5.3 us hot,
+    10.5 us cold for one audio record; masking the sign bit first took 6.4 and 14.5)."""
     if values.dtype == np.float16:
         bits = np.ascontiguousarray(values).view(np.uint16)
-        return not bits.size or int((bits & 0x7FFF).max()) < 0x7C00
+        return not bits.size or (int(bits.view(np.int16).max()) < 0x7C00 and int(bits.max()) < 0xFC00)
     return bool(np.isfinite(values).all())
 
 

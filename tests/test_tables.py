@@ -310,7 +310,7 @@ def test_all_finite_matches_numpy_for_every_float16_bit_pattern():
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # all 65,536 values
     finite = np.isfinite(every)
     assert int(finite.sum()) == 65536 - 2 * 1024  # +-inf and the NaNs: exponent bits all ones
-    for v, ok in zip(every[::97], finite[::97]):  # single values, both signs, subnormals included
+    for v, ok in zip(every, finite):  # every single value: both signs, subnormals, every inf/NaN pattern
         assert tables.all_finite(np.array([1.0, v], np.float16)) == bool(ok)
     assert tables.all_finite(every[finite]) and not tables.all_finite(every)
     assert tables.all_finite(np.array([65504.0, -65504.0, 6e-8], np.float16))  # max and a subnormal
