@@ -1036,19 +1036,13 @@ against 11.5 ms), so bigger batches keep it."""
 class _PipeBatch:
     """A batch's numpy columns, pickled by value (DataLoader's conversion leaves this type alone)."""
 
+    COLUMNS = ("tokens", "positions", "padding", "labels", "edges")
+    """The TokenBatch fields that hold tensors (None for labels or edges when absent)."""
+
     __slots__ = ("arrays", "modality", "ids", "meta")
 
     def __init__(self, b: _Batch) -> None:
-        self.arrays = {
-            k: None if t is None else t.numpy()
-            for k, t in (
-                ("tokens", b.tokens),
-                ("positions", b.positions),
-                ("padding", b.padding),
-                ("labels", b.labels),
-                ("edges", b.edges),
-            )
-        }
+        self.arrays = {k: None if (t := getattr(b, k)) is None else t.numpy() for k in self.COLUMNS}
         self.modality, self.ids = b.modality, b.ids
         self.meta = b.__dict__["_meta"]  # the unparsed JSON (or [] without meta), as it is
 
@@ -1062,13 +1056,9 @@ class _PipeBatch:
         t = {k: None if a is None else torch.from_numpy(a) for k, a in self.arrays.items()}
         return _Batch(**t, modality=self.modality, ids=self.ids, meta=self.meta)  # type: ignore[arg-type]
 
-    @staticmethod
-    def nbytes(b: TokenBatch) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for t in (b.tokens, b.positions, b.padding, b.labels, b.edges)
-            if t is not None
-        )
+    @classmethod
+    def nbytes(cls, b: TokenBatch) -> int:
+        return sum(t.numel() * t.element_size() for k in cls.COLUMNS if (t := getattr(b, k)) is not None)
 
 
 class _PlanDataset(torch.utils.data.IterableDataset):

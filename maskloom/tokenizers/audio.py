@@ -175,23 +175,24 @@ class KaldiFbank:
             return 0
         return 1 + (num_samples - self.window_size) // self.window_shift
 
+    def _check(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 1 or shape[0] < self.window_size:
+            raise ValueError(
+                f"KaldiFbank needs a 1-D waveform of at least {self.window_size} samples, got shape {tuple(shape)}"
+            )
+
     def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
         """(N,) float32 waveform, N >= the window size -> (T, num_mel_bins) float32 log-mel filterbank."""
-        if waveform.ndim != 1 or waveform.shape[0] < self.window_size:
-            raise ValueError(
-                f"KaldiFbank needs a 1-D waveform of at least {self.window_size} samples, "
-                f"got shape {tuple(waveform.shape)}"
-            )
         if waveform.device.type == "cpu" and waveform.dtype == torch.float32:
-            return torch.from_numpy(self.numpy(waveform.numpy()))
+            return torch.from_numpy(self.numpy(waveform.numpy()))  # checks the shape
+        self._check(tuple(waveform.shape))
         return self._torch(waveform)
 
     def numpy(self, waveform: np.ndarray) -> np.ndarray:
         """The CPU path: (N,) float32 numpy waveform, N >= the window size -> (T, F) float32 log-mel."""
         s = np.ascontiguousarray(waveform, dtype=np.float32)
+        self._check(s.shape)
         n, w, h = s.shape[0], self.window_size, self.window_shift
-        if s.ndim != 1 or n < w:
-            raise ValueError(f"KaldiFbank needs a 1-D waveform of at least {w} samples, got shape {s.shape}")
         t = 1 + (n - w) // h
         # strided (T, W) views; np.ndarray(buffer=...) is ~10x cheaper than as_strided
         frames = np.ndarray((t, w), np.float32, buffer=s, strides=(h * 4, 4))
