@@ -11,7 +11,8 @@ How an epoch is planned (from sequence lengths only, no token decoding; identica
    Khomenko et al. 2016, "Accelerating recurrent neural network training using sequence
    bucketing", and fairseq's ``max_tokens`` batching), cut into batches of ``batch_size`` rows (or
    of at most ``max_tokens`` padded tokens), and the batch order inside the pool is permuted. So
-   padding stays small while batches still arrive in random length order.
+   padding stays small while batches still arrive in random length order. Inside a batch the rows
+   are in table order, so a batch that spans row groups takes one contiguous run from each.
 3. **Ranks (DDP).** Each stream's batch list is cut into ``world_size`` contiguous, equal blocks;
    rank ``r`` gets block ``r``. The ``n_batches % world_size`` batches left over at the end of the
    (shuffled) list are dropped for that epoch — which ones changes every epoch — so ranks get
@@ -41,13 +42,16 @@ How an epoch is planned (from sequence lengths only, no token decoding; identica
 Reading is per row group with ``pyarrow.parquet.ParquetFile.read_row_group`` of only the needed
 columns; list columns become numpy arrays through their offsets and values without a copy (vectors
 are stored as fixed-size binary: see ``maskloom.tables``), decoded once per row group (no pyarrow
-call per batch). A stream under ``RESIDENT_BYTES`` is read whole into one chunk per pass, so its
-batches need no row-group bookkeeping. Collating is vectorised across the batch: for short rows
-(text ids, time-series patches, small graphs) every row's window of ``L`` values is picked by *one*
-fancy index per column from a strided view over the chunk's values (a batch spanning several row
-groups uses one merged chunk of them), and padding is reset by one boolean row index; big rows
-(image patches) are copied one contiguous slice per row. Tokens keep their stored dtype (uint8,
-float16, float32; ids become int64). ``TokenBatch.meta`` is parsed from its JSON only when read.
+call per batch). A stream under ``RESIDENT_BYTES`` is read whole into one chunk per pass; a larger
+stream of short rows is read in *segments* (``SEGMENT_BYTES``: about one pool's row groups, merged
+into one chunk, the chunk rows of all its batches computed at once); either way a batch has no
+row-group bookkeeping of its own. Other streams read the row groups each batch touches. Collating is vectorised across
+the batch: for short rows (text ids, time-series patches, small graphs) every row's window of
+``L`` values is picked by *one* fancy index per column from a strided view over the chunk's values
+(a batch spanning row groups outside a segment: one per row group, straight into its run of the
+batch), and padding is reset by one boolean row index; big rows (image patches) are copied one
+contiguous slice per row. Tokens keep their stored dtype (uint8, float16, float32; ids become
+int64). ``TokenBatch.meta`` is parsed from its JSON only when read.
 """
 
 from __future__ import annotations
@@ -297,10 +301,14 @@ def plan_stream(
             if keys.size and keys.max() < 1 << 16:  # the same stable order; numpy radix-sorts 16-bit keys
                 keys = keys.astype(np.uint16)  # (15x faster than its merge sort of int64 here)
             chunk = chunk[np.argsort(keys, kind="stable")]
+        # the rows of a batch in table order
         if cfg.max_tokens is not None:
-            pb = _split_max_tokens(chunk, lengths, cfg.batch_size, cfg.max_tokens)
-        else:
-            pb = [chunk[i : i + cfg.batch_size] for i in range(0, chunk.size, cfg.batch_size)]
+            pb = [np.sort(b) for b in _split_max_tokens(chunk, lengths, cfg.batch_size, cfg.max_tokens)]
+        else:  # full batches sorted row-wise in one call
+            full = chunk.size - chunk.size % cfg.batch_size
+            pb = list(np.sort(chunk[:full].reshape(-1, cfg.batch_size), axis=1))
+            if full < chunk.size:
+                pb.append(np.sort(chunk[full:]))
         if cfg.shuffle:
             pb = [pb[i] for i in rng.permutation(len(pb))]
         batches.extend(pb)
@@ -434,10 +442,17 @@ class _Chunk:
         return w
 
     def gather(
-        self, name: str, length: int, starts: np.ndarray, dtype: Any = None, smax: int | None = None
+        self,
+        name: str,
+        length: int,
+        starts: np.ndarray,
+        dtype: Any = None,
+        smax: int | None = None,
+        out: np.ndarray | None = None,
     ) -> np.ndarray | None:
-        """(B, length, ...) new array: row b holds column ``name``'s values from ``starts[b]`` on; past
-        a row's own end the values are unspecified (the caller resets the padding).
+        """(B, length, ...) array: row b holds column ``name``'s values from ``starts[b]`` on; past a
+        row's own end the values are unspecified (the caller resets the padding). A new array, or
+        ``out`` (contiguous, of that shape and dtype ``dtype``) filled in place.
 
         When the column is already in ``dtype``, the windows are a view of the decoded values
         themselves, not of an :meth:`ext` copy: a window that would run past the chunk's last value
@@ -447,7 +462,12 @@ class _Chunk:
         flat = getattr(self, name)
         if flat is None:
             return None
-        if (dtype is not None and flat.dtype != dtype) or flat.shape[0] < length or length == 0:
+        converted = dtype is not None and flat.dtype != dtype
+        if out is not None:  # np.take needs a contiguous source: row indices, not windows (a view)
+            src = self.ext(name, dtype) if converted else flat
+            idx = starts[:, None] + np.arange(length)  # (B, length); past a row's end: padding
+            return np.take(src, idx, axis=0, out=out, mode="clip")  # "clip": out is not buffered
+        if converted or flat.shape[0] < length or length == 0:
             return self.windows(name, length, dtype)[starts]  # converted (or tiny) column: ext copy
         key = (name, length, "own")
         w = self._ext.get(key)
@@ -654,7 +674,13 @@ def _pad_column(
             flat = getattr(c, name)
             if flat is None:
                 continue
-            slots = range(st.size) if slot is None else slot.tolist()
+            slots = (
+                range(st.size)
+                if slot is None
+                else range(slot.start, slot.stop)
+                if isinstance(slot, slice)
+                else slot.tolist()
+            )
             for i, s, n in zip(slots, st.tolist(), (lens if slot is None else lens[slot]).tolist()):
                 out[i, :n] = flat[s : s + n]
                 if stale and n < L:
@@ -673,6 +699,9 @@ def _pad_column(
         out = np.empty(shape, dtype)
         for (c, _, slot), st in zip(parts, starts):
             n = min(L, c.maxlen())  # this chunk's rows are no longer than its longest row
+            if n == L and isinstance(slot, slice) and getattr(c, name) is not None:
+                c.gather(name, L, st, dtype, out=out[slot])  # straight into its run of the batch
+                continue
             g = c.gather(name, n, st, dtype)
             if g is not None:
                 out[slot, :n] = g
@@ -783,8 +812,8 @@ def collate(
 ) -> TokenBatch:
     """Pad rows taken from decoded chunks into one TokenBatch.
 
-    ``parts``: (chunk, local row indices (n,), batch slots (n,)) triples; together the slots are
-    0..B-1 exactly once (``None`` slots: the only part, the whole batch in order). The work is
+    ``parts``: (chunk, local row indices (n,), batch slots) triples; the slots, an (n,) index array or
+    a slice, together cover 0..B-1 exactly once (``None``: the only part, the whole batch in order). The work is
     vectorised per chunk and column (see :func:`_pad_column`); ``meta`` JSON is parsed only when
     ``batch.meta`` is first read.
     """
@@ -877,12 +906,39 @@ def _make_batch(
     )
 
 
+SEGMENT_BYTES = 32 << 20
+"""A stream too big to be resident but of short rows is read in *segments*: runs of consecutive planned
+batches whose row groups together hold at most this many uncompressed bytes (or one batch's groups,
+if more). A segment's row groups are merged into one chunk once, and the chunk rows of all its
+batches are computed with a few vectorised operations, so each batch is then one gather per column
+as from a resident stream, with no row-group bookkeeping of its own. The plan's pools are runs of
+consecutive row groups, so a segment spans about one pool's groups and most groups are merged once
+per epoch."""
+SEGMENT_MERGE_BYTES = 64 << 10
+"""Segments are used for a stream only if their merges copy at most this many row-group bytes per batch
+(~10 us), less than the per-batch bookkeeping they save. When a pool's row groups exceed
+``SEGMENT_BYTES`` (big row groups: 100 copies of ENZYMES in 20 MB groups), segments shrink to a
+batch or two and would merge the same groups again and again; such streams are read batch by batch
+from the row groups each batch touches, without merging."""
+
+
+@dataclass(eq=False)
+class _Segment:
+    """Consecutive planned batches of one short-row stream, read from one merged chunk (see
+    ``SEGMENT_BYTES``)."""
+
+    stream: int
+    groups: list[int]  # sorted row groups the batches take rows from
+    items: list[int]  # the batches: indices into the run's items, in order
+    keep: set[int]  # groups a later segment also takes rows from: their decoded chunks are kept
+
+
 class _Reader:
     """Runs a list of planned batches, holding each row group in memory only while it is needed.
 
-    A batch of short rows spread over several cached row groups is read from one merged chunk of those
-    groups (built once, reused while the next batches need no other group), so it costs one gather
-    per column like a batch from a single group.
+    Three ways, by stream: a *resident* stream (at most ``RESIDENT_BYTES``) is one chunk per pass; a
+    larger stream of short rows is read in segments (:class:`_Segment`); a stream of big rows (image,
+    audio, video patches) reads the row groups each batch needs and copies row by row from them.
     """
 
     def __init__(self, streams: list[_Stream], *, with_meta: bool, cache: bool = False) -> None:
@@ -893,8 +949,14 @@ class _Reader:
         self._files: dict[str, pq.ParquetFile] = {}
         self.pool = _BufferPool()  # big token columns reuse buffers the consumer has let go of
         self._pid = os.getpid()
-        self._width = [
-            max(s.spec.token_dim if s.spec.token_kind == "continuous" else 1, len(s.spec.position_axes))
+        # short rows on average (values per padded row below ROW_COPY_MIN): read in segments when not
+        # resident; a segment's merge copies every value once more, which big rows would not repay
+        self._segmented = [
+            not s.resident
+            and s.num_rows > 0
+            and float(s.lengths.mean())
+            * max(s.spec.token_dim if s.spec.token_kind == "continuous" else 1, len(s.spec.position_axes))
+            < ROW_COPY_MIN
             for s in streams
         ]
 
@@ -944,16 +1006,92 @@ class _Reader:
                 uses[(s, cyc, g)] = int(cnt[g])
         return uses
 
+    def _segments(self, items: Sequence[tuple[int, int, np.ndarray]]) -> dict[int, _Segment]:
+        """The segment of every item of a segmented stream (see ``SEGMENT_BYTES``): consecutive items
+        of the stream, cut greedily when the next item's new row groups would exceed the budget. The
+        row groups of every item come from one ``np.unique`` over (item, group) pairs per stream."""
+        by_stream: dict[int, list[int]] = {}
+        for i, (s, _, _) in enumerate(items):
+            if self._segmented[s]:
+                by_stream.setdefault(s, []).append(i)
+        out: dict[int, _Segment] = {}
+        for s, idx in by_stream.items():
+            st = self.streams[s]
+            n_groups = len(st.groups)
+            sizes = [items[i][2].size for i in idx]
+            rows = np.concatenate([items[i][2] for i in idx])
+            pairs = np.unique(np.repeat(np.arange(len(idx)), sizes) * n_groups + st.group_of_row[rows])
+            item_of, group_of = np.divmod(pairs, n_groups)  # sorted by item, then group
+            bounds = np.searchsorted(item_of, np.arange(len(idx) + 1)).tolist()
+            groups_of = group_of.tolist()
+            nbytes = [g.nbytes for g in st.groups]
+            cuts: list[tuple[set[int], list[int]]] = []
+            have: set[int] = set()
+            held = 0
+            run: list[int] = []
+            for k, i in enumerate(idx):
+                gs = groups_of[bounds[k] : bounds[k + 1]]
+                new = [g for g in gs if g not in have]
+                add = sum(nbytes[g] for g in new)
+                if run and held + add > SEGMENT_BYTES:
+                    cuts.append((have, run))
+                    have, held, run = set(), 0, []
+                    new, add = gs, sum(nbytes[g] for g in gs)
+                have.update(new)
+                held += add
+                run.append(i)
+            if run:
+                cuts.append((have, run))
+            merged = sum(sum(nbytes[g] for g in gs) for gs, _ in cuts if len(gs) > 1)
+            if merged > SEGMENT_MERGE_BYTES * len(idx):
+                continue  # big row groups: segments would merge them again and again
+            last = {g: j for j, (gs, _) in enumerate(cuts) for g in gs}  # the last segment of each group
+            for j, (gs, its) in enumerate(cuts):
+                seg = _Segment(stream=s, groups=sorted(gs), items=its, keep={g for g in gs if last[g] > j})
+                for i in its:
+                    out[i] = seg
+        return out
+
+    def _open_segment(
+        self,
+        seg: _Segment,
+        items: Sequence[tuple[int, int, np.ndarray]],
+        decoded: dict[tuple[int, int], _Chunk],
+    ) -> tuple[_Chunk, dict[int, np.ndarray]]:
+        """One chunk of the segment's row groups (decoded ones that a later segment needs stay in
+        ``decoded``), and every item's rows in that chunk (computed for all items at once)."""
+        s = seg.stream
+        st = self.streams[s]
+        chunks = []
+        for g in seg.groups:
+            c = decoded.pop((s, g), None)
+            if c is None:
+                c = self._load(s, g)
+            if g in seg.keep:
+                decoded[(s, g)] = c
+            chunks.append(c)
+        chunk = chunks[0] if len(chunks) == 1 else _Chunk.merge(chunks, batch_dtypes(st.spec))
+        first = np.zeros(len(st.groups), np.int64)  # (G,) first chunk row of each of the segment's groups
+        first[seg.groups] = np.cumsum([0] + [st.groups[g].rows for g in seg.groups[:-1]])
+        rows = np.concatenate([items[i][2] for i in seg.items])
+        g_of = st.group_of_row[rows]
+        local = first[g_of] + rows - st.group_start[g_of]
+        ends = np.cumsum([items[i][2].size for i in seg.items]).tolist()
+        return chunk, {i: local[a:b] for i, a, b in zip(seg.items, [0, *ends[:-1]], ends)}
+
     def run(self, items: Sequence[tuple[int, int, np.ndarray]]) -> Iterator[TokenBatch]:
         """``items``: (stream, pass, stream rows) per batch, in the order to yield."""
         remaining = self._uses(items)  # a group is evicted when its rows of this pass are all used
         cache: dict[tuple[int, int], _Chunk] = {}
-        # per stream: (groups, their first row inside the merged chunk (G,) with -1 elsewhere, chunk)
-        merged: dict[int, tuple[set[int], np.ndarray, _Chunk]] = {}
+        # resident streams: (pass, one chunk of the pass's row groups, stream row -> chunk row or None
+        # when they are the same), held until the pass's last batch
         # resident streams: (pass, one chunk of the pass's row groups, stream row -> chunk row or None
         # when they are the same), held until the pass's last batch
         whole: dict[int, tuple[int, _Chunk, np.ndarray | None]] = {}
         last = {(s, cyc): i for i, (s, cyc, _) in enumerate(items) if self.streams[s].resident}
+        segments = self._segments(items)
+        decoded: dict[tuple[int, int], _Chunk] = {}  # (stream, group) kept for a later segment
+        current: dict[int, tuple[_Segment, _Chunk, dict[int, np.ndarray]]] = {}  # stream -> its open segment
         pool = self.pool
         for i, (s, cyc, rows) in enumerate(items):
             st = self.streams[s]
@@ -967,58 +1105,39 @@ class _Reader:
                     else:
                         groups = sorted(g for (s2, c2, g) in remaining if (s2, c2) == (s, cyc))
                         w = whole[s] = (cyc, *self._load_groups(s, groups))
-                yield collate(
-                    [(w[1], rows if w[2] is None else w[2][rows], None)],
-                    st.spec,
-                    with_meta=self.with_meta,
-                    pool=pool,
-                )
+                local = rows if w[2] is None else w[2][rows]
+                yield collate([(w[1], local, None)], st.spec, with_meta=self.with_meta, pool=pool)
                 if last[(s, cyc)] == i:
                     del whole[s]
                 continue
-            g_of = st.group_of_row[rows]  # (B,) row group of every batch row
-            g0 = int(g_of[0]) if rows.size else 0
-            if not rows.size or (g_of == g0).all():  # inside one row group
-                groups = [g0]
-                if (s, g0) not in cache:
-                    cache[(s, g0)] = self._load(s, g0)
-                parts = [(cache[(s, g0)], rows - st.group_start[g0], None)]
+            seg = segments.get(i)
+            if seg is not None:  # short rows: one gather per column from the segment's chunk
+                cur = current.get(s)
+                if cur is None or cur[0] is not seg:
+                    current[s] = cur = (seg, *self._open_segment(seg, items, decoded))
+                yield collate([(cur[1], cur[2].pop(i), None)], st.spec, with_meta=self.with_meta, pool=pool)
+                continue
+            # big rows, or big row groups: one part per row group the batch takes rows from; a batch's
+            # rows are in table order (see plan_stream), so each part is a contiguous run of the batch
+            g_of = st.group_of_row[rows]  # (B,) row group of every batch row, non-decreasing
+            bounds = [0, *(np.flatnonzero(g_of[1:] != g_of[:-1]) + 1).tolist(), rows.size]
+            groups = [int(g_of[a]) for a in bounds[:-1]]
+            for g in groups:
+                if (s, g) not in cache:
+                    cache[(s, g)] = self._load(s, g)
+            if len(groups) == 1:
+                parts = [(cache[(s, groups[0])], rows - st.group_start[groups[0]], None)]
             else:
-                per_group = np.bincount(g_of)
-                groups = np.flatnonzero(per_group).tolist()
-                for g in groups:
-                    if (s, g) not in cache:
-                        cache[(s, g)] = self._load(s, g)
-                short = int(st.lengths[rows].max()) * self._width[s] < ROW_COPY_MIN
-                if short:  # one merged chunk: one gather per column
-                    m = merged.get(s)
-                    if m is None or not m[0].issuperset(groups):
-                        have = sorted(g for (s2, g) in cache if s2 == s)
-                        first = np.full(len(st.groups), -1, np.int64)
-                        first[have] = np.cumsum([0] + [st.groups[g].rows for g in have[:-1]])
-                        m = merged[s] = (
-                            set(have),
-                            first,
-                            _Chunk.merge([cache[(s, g)] for g in have], batch_dtypes(st.spec)),
-                        )
-                    parts = [(m[2], m[1][g_of] + rows - st.group_start[g_of], None)]
-                else:  # big rows are copied row by row anyway: one part per group
-                    order = np.argsort(g_of, kind="stable")
-                    sg = g_of[order]
-                    bounds = [0, *(np.flatnonzero(sg[1:] != sg[:-1]) + 1).tolist(), rows.size]
-                    parts = [
-                        (cache[(s, int(sg[a]))], rows[order[a:b]] - st.group_start[sg[a]], order[a:b])
-                        for a, b in zip(bounds[:-1], bounds[1:])
-                    ]
+                parts = [
+                    (cache[(s, g)], rows[a:b] - st.group_start[g], slice(a, b))
+                    for g, a, b in zip(groups, bounds[:-1], bounds[1:])
+                ]
             batch = collate(parts, st.spec, with_meta=self.with_meta, pool=pool)
-            counts = [rows.size] if len(groups) == 1 else per_group[groups].tolist()
-            for g, c in zip(groups, counts):
+            for g, a, b in zip(groups, bounds[:-1], bounds[1:]):
                 key = (s, cyc, g)
-                remaining[key] -= c
+                remaining[key] -= b - a
                 if remaining[key] == 0:
                     cache.pop((s, g), None)
-                    if s in merged and g in merged[s][0] and not any(k[0] == s for k in cache):
-                        del merged[s]  # nothing of this stream is cached any more
             yield batch
             del batch  # not held while the next one is built: its buffers can be reused
 

@@ -180,10 +180,11 @@ def test_table_lengths_from_offsets(tmp_path):
 def test_bucketing_without_shuffle_sorts_within_pool(tmp_path):
     d = make_vec(tmp_path, [3, 1, 2, 5, 4, 1])
     got = ids_of(TokenLoader(d, batch_size=2, shuffle=False, bucket=True))
-    assert got == [["s1", "s5"], ["s2", "s0"], ["s4", "s3"]]
+    # lengths sorted: s1 s5 | s2 s0 | s4 s3; inside a batch the rows are in table order
+    assert got == [["s1", "s5"], ["s0", "s2"], ["s3", "s4"]]
     # pools of bucket_window * batch_size = 2 rows: sorting only inside each pool
     got = ids_of(TokenLoader(d, batch_size=2, shuffle=False, bucket=True, bucket_window=1))
-    assert got == [["s1", "s0"], ["s2", "s3"], ["s5", "s4"]]
+    assert got == [["s0", "s1"], ["s2", "s3"], ["s4", "s5"]]
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -561,6 +562,106 @@ def test_batches_across_row_groups_match_records(tmp_path, monkeypatch, row_copy
                 assert b.edges is not None and np.array_equal(b.edges.numpy(), edges)
             spanning += len({int(i[1:]) // (5 if dim else 4) for i in b.ids}) > 1
         assert spanning >= 3  # batches that mix row groups (the merged-chunk path) were exercised
+
+
+# how a stream too big to stay resident is read: segments of merged row groups (short rows), one
+# part per row group (big row groups), row copies (big rows); all must give the resident batches
+STREAMING = {
+    "segments": {"SEGMENT_MERGE_BYTES": 10**12},
+    "small segments": {"SEGMENT_MERGE_BYTES": 10**12, "SEGMENT_BYTES": 1},  # a segment per new group
+    "parts per group": {"SEGMENT_MERGE_BYTES": 0},  # segments refused: contiguous runs per group
+    "row copies": {"SEGMENT_MERGE_BYTES": 0, "ROW_COPY_MIN": 1},
+}
+
+
+def _ids_table(tmp_path):
+    recs = [
+        ids_record(i, i % 5 + 1, None if i % 3 else np.array([[0, i % 5]] * (i % 4), np.int32).reshape(-1, 2))
+        for i in range(23)
+    ]
+    return tables.write_table(str(tmp_path / "e"), recs, IdsTokenizer(), rows_per_shard=4).directory
+
+
+@pytest.mark.parametrize("path", sorted(STREAMING))
+def test_streamed_tables_give_the_resident_batches(tmp_path, monkeypatch, path):
+    from maskloom.pipelines import loader as loader_mod
+
+    vec = make_vec(tmp_path, [(i * 7) % 9 + 1 for i in range(37)], rows_per_shard=5)
+    ids = _ids_table(tmp_path)
+    kw = dict(batch_size=6, seed=3, bucket_window=2, cache=False)
+    for d in (vec, ids):
+        resident = TokenLoader(d, **kw, rank=1, world_size=2)
+        expected = {ep: list(resident) for ep in (0, 1)}
+        with monkeypatch.context() as m:
+            m.setattr(loader_mod, "RESIDENT_BYTES", 0)
+            for name, value in STREAMING[path].items():
+                m.setattr(loader_mod, name, value)
+            loader = TokenLoader(d, **kw, rank=1, world_size=2)
+            assert not loader.streams[0].resident
+            segmented = bool(loader._reader._segments(loader.plan()))
+            assert segmented == ("segments" in path)
+            for ep in (0, 1):
+                got = list(loader)
+                assert len(got) == len(expected[ep]) > 0
+                for a, b in zip(got, expected[ep]):
+                    assert a.ids == b.ids and torch.equal(a.labels, b.labels)
+                    for col in ("tokens", "positions", "padding", "edges"):
+                        x, y = getattr(a, col), getattr(b, col)
+                        assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), col
+
+
+@pytest.mark.parametrize("segment_bytes", [1, 10**12])
+def test_segments_read_each_row_group_once_per_epoch(tmp_path, monkeypatch, segment_bytes):
+    from maskloom.pipelines import loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "RESIDENT_BYTES", 0)
+    monkeypatch.setattr(loader_mod, "SEGMENT_MERGE_BYTES", 10**12)
+    monkeypatch.setattr(loader_mod, "SEGMENT_BYTES", segment_bytes)
+    d = make_vec(tmp_path, [i % 6 + 1 for i in range(40)], rows_per_shard=4)  # 10 row groups
+    loads = []
+    real_load = loader_mod._Reader._load
+    monkeypatch.setattr(
+        loader_mod._Reader, "_load", lambda self, s, g: loads.append(g) or real_load(self, s, g)
+    )
+    loader = TokenLoader(d, batch_size=3, seed=1, bucket_window=3)
+    segments = {id(seg) for seg in loader._reader._segments(loader.plan()).values()}
+    assert (len(segments) > 1) == (segment_bytes == 1)  # tiny budget: a segment per new row group
+    for _ in range(2):
+        loads.clear()
+        assert sorted(i for b in loader for i in b.ids) == sorted(f"s{i}" for i in range(40))
+        assert sorted(loads) == list(range(10))  # groups shared by two segments are kept, not re-read
+
+
+def test_rows_of_a_batch_are_in_table_order(tmp_path):
+    d = make_vec(tmp_path, [(i * 5) % 7 + 1 for i in range(50)], rows_per_shard=8)
+    for kw in ({}, {"max_tokens": 20}, {"shuffle": False}):
+        batches = ids_of(TokenLoader(d, batch_size=7, seed=2, bucket_window=3, **kw))
+        assert sorted(i for b in batches for i in b) == sorted(f"s{i}" for i in range(50))
+        for b in batches:
+            rows = [int(i[1:]) for i in b]
+            assert rows == sorted(rows)
+
+
+def test_gather_into_out_equals_gather():
+    from maskloom.pipelines.loader import _Chunk
+
+    off = np.array([0, 3, 4, 9, 11])
+    c = _Chunk(
+        tok_off=off, tok=np.arange(22, dtype=np.int32).reshape(11, 2), pos_off=off,
+        pos=np.arange(11, dtype=np.float32)[:, None], edge_off=None, edges=None,
+        labels=np.zeros(4, np.int64), ids=np.array(list("abcd"), object),
+    )  # fmt: skip
+    lens = np.diff(off)
+    for rows in ([0, 2], [3, 1], [2, 3, 0]):  # row 3 ends the chunk: its window runs past the end
+        st = off[rows]
+        L = int(lens[rows].max())
+        for dtype in (np.int32, np.int64):  # as stored, and converted (the ext copy)
+            want = c.gather("tok", L, st, np.dtype(dtype))
+            out = np.full((len(rows), L, 2), -7, dtype)
+            assert c.gather("tok", L, st, np.dtype(dtype), out=out) is out
+            real = np.arange(L) < lens[rows][:, None]  # past a row's end the values are unspecified
+            assert np.array_equal(out[real], want[real])
+            assert np.array_equal(out[real], np.concatenate([c.tok[off[r] : off[r + 1]] for r in rows]))
 
 
 def test_meta_is_parsed_lazily_and_survives_moves_and_pickling(tmp_path):

@@ -152,8 +152,9 @@ def toy(tmp_path_factory):
     return make_vectors(tmp_path_factory.mktemp("tables") / "toy")
 
 
-# losses of the first 6 steps of `recipe()` on `make_vectors` (CPU, fp32)
-GOLDEN = [1.313954, 1.005510, 0.863489, 0.847458, 0.609052, 0.666058]
+# losses of the first 6 steps of `recipe()` on `make_vectors` (CPU, fp32); the rows of a batch are in
+# table order since 2026-12-02 (the masks are drawn per batch slot, so the order changes the curve)
+GOLDEN = [1.243951, 0.900013, 0.834519, 1.010064, 0.657018, 0.671559]
 
 
 def test_golden_loss_curve(tmp_path, toy):
