@@ -45,8 +45,8 @@ are stored as fixed-size binary: see ``maskloom.tables``), decoded once per row 
 call per batch). A stream under ``RESIDENT_BYTES`` is read whole into one chunk per pass; a larger
 stream of short rows is read in *segments* (``SEGMENT_BYTES``: about one pool's row groups, merged
 into one chunk, the chunk rows of all its batches computed at once); either way a batch has no
-row-group bookkeeping of its own. Other streams read the row groups each batch touches. Collating is vectorised across
-the batch: for short rows (text ids, time-series patches, small graphs) every row's window of
+row-group bookkeeping of its own. Other streams read the row groups each batch touches.
+Collating is vectorised across the batch: for short rows (text ids, time-series patches, small graphs) every row's window of
 ``L`` values is picked by *one* fancy index per column from a strided view over the chunk's values
 (a batch spanning row groups outside a segment: one per row group, straight into its run of the
 batch), and padding is reset by one boolean row index; big rows (image patches) are copied one
@@ -937,8 +937,9 @@ class _Reader:
     """Runs a list of planned batches, holding each row group in memory only while it is needed.
 
     Three ways, by stream: a *resident* stream (at most ``RESIDENT_BYTES``) is one chunk per pass; a
-    larger stream of short rows is read in segments (:class:`_Segment`); a stream of big rows (image,
-    audio, video patches) reads the row groups each batch needs and copies row by row from them.
+    larger stream of short rows is read in segments (:class:`_Segment`); any other stream (big rows
+    such as image, audio or video patches, or short rows in row groups too big to merge) reads the
+    row groups each batch needs, one part of the batch per row group.
     """
 
     def __init__(self, streams: list[_Stream], *, with_meta: bool, cache: bool = False) -> None:
@@ -1083,8 +1084,6 @@ class _Reader:
         """``items``: (stream, pass, stream rows) per batch, in the order to yield."""
         remaining = self._uses(items)  # a group is evicted when its rows of this pass are all used
         cache: dict[tuple[int, int], _Chunk] = {}
-        # resident streams: (pass, one chunk of the pass's row groups, stream row -> chunk row or None
-        # when they are the same), held until the pass's last batch
         # resident streams: (pass, one chunk of the pass's row groups, stream row -> chunk row or None
         # when they are the same), held until the pass's last batch
         whole: dict[int, tuple[int, _Chunk, np.ndarray | None]] = {}
