@@ -600,8 +600,13 @@ def test_streamed_tables_give_the_resident_batches(tmp_path, monkeypatch, path):
             assert not loader.streams[0].resident
             segmented = bool(loader._reader._segments(loader.plan()))
             assert segmented == ("segments" in path)
+            workers = (
+                TokenLoader(d, **kw, rank=1, world_size=2, num_workers=2) if path == "segments" else None
+            )
             for ep in (0, 1):
                 got = list(loader)
+                if workers is not None:  # each worker segments its own share of the batches
+                    assert [b.ids for b in workers] == [b.ids for b in got]
                 assert len(got) == len(expected[ep]) > 0
                 for a, b in zip(got, expected[ep]):
                     assert a.ids == b.ids and torch.equal(a.labels, b.labels)
