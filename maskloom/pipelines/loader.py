@@ -674,13 +674,7 @@ def _pad_column(
             flat = getattr(c, name)
             if flat is None:
                 continue
-            slots = (
-                range(st.size)
-                if slot is None
-                else range(slot.start, slot.stop)
-                if isinstance(slot, slice)
-                else slot.tolist()
-            )
+            slots = range(st.size) if slot is None else np.arange(B)[slot].tolist()  # index array or slice
             for i, s, n in zip(slots, st.tolist(), (lens if slot is None else lens[slot]).tolist()):
                 out[i, :n] = flat[s : s + n]
                 if stale and n < L:
@@ -1082,13 +1076,15 @@ class _Reader:
 
     def run(self, items: Sequence[tuple[int, int, np.ndarray]]) -> Iterator[TokenBatch]:
         """``items``: (stream, pass, stream rows) per batch, in the order to yield."""
-        remaining = self._uses(items)  # a group is evicted when its rows of this pass are all used
+        segments = self._segments(items)
+        # rows each (stream, pass, group) still gives the batches read without segments: a group is
+        # evicted when they are all used (segments keep their own account, _Segment.keep)
+        remaining = self._uses([it for i, it in enumerate(items) if i not in segments])
         cache: dict[tuple[int, int], _Chunk] = {}
         # resident streams: (pass, one chunk of the pass's row groups, stream row -> chunk row or None
         # when they are the same), held until the pass's last batch
         whole: dict[int, tuple[int, _Chunk, np.ndarray | None]] = {}
         last = {(s, cyc): i for i, (s, cyc, _) in enumerate(items) if self.streams[s].resident}
-        segments = self._segments(items)
         decoded: dict[tuple[int, int], _Chunk] = {}  # (stream, group) kept for a later segment
         current: dict[int, tuple[_Segment, _Chunk, dict[int, np.ndarray]]] = {}  # stream -> its open segment
         pool = self.pool
