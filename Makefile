@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(BIN)/python -c "import maskloom, torch, torchaudio, ray" && touch $(STAMP)
+	$(BIN)/python -c "import maskloom, torch, torchaudio, ray, numba" && touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/maskloom demo --out runs/demo

@@ -75,6 +75,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from maskloom import _kernels
 from maskloom.batch import TokenBatch
 from maskloom.tables import TableError, TableSpec, TokenTable, vector_values
 
@@ -683,6 +684,15 @@ def _pad_column(
         if stale and not filled.all():
             out[~filled] = pad_value
         return out
+    if _kernels.ENABLED:  # one compiled pass per chunk: gather, convert, pad
+        out = np.empty(shape, dtype)
+        for (c, _, slot), st in zip(parts, starts):
+            flat = getattr(c, name)
+            if flat is None:  # no values in this chunk (no edges): its rows are all padding
+                out[slice(None) if slot is None else slot] = pad_value
+            else:
+                _kernels.gather_pad(flat, st, lens if slot is None else lens[slot], out, pad_value, slot)
+        return out
     if len(parts) == 1 and parts[0][2] is None:  # the common case: the whole batch from one chunk
         out = parts[0][0].gather(name, L, starts[0], dtype)  # (B, L, *width)
         if out is None:
@@ -781,9 +791,24 @@ def _collate_short(
         E = int(elens.max())
         if E * 2 >= ROW_COPY_MIN:
             return None
-        edges = c.gather("edges", E, e_st, dtypes["edges"], int(e_st.max()))  # (B, E, 2)
-        if lens.size * E != int(elens.sum()):
-            _reset_padding(edges, _padding_mask(elens, E), -1)
+        if _kernels.ENABLED:  # one compiled pass: gather, convert, pad
+            edges = _kernels.gather_pad(
+                c.edges, e_st, elens, np.empty((lens.size, E, 2), dtypes["edges"]), -1
+            )
+        else:
+            edges = c.gather("edges", E, e_st, dtypes["edges"], int(e_st.max()))  # (B, E, 2)
+            if lens.size * E != int(elens.sum()):
+                _reset_padding(edges, _padding_mask(elens, E), -1)
+    if _kernels.ENABLED:  # tokens and positions in one compiled pass
+        tok2 = c.tok if c.tok.ndim == 2 else c.tok.reshape(-1, 1)  # ids (T,) as (T, 1)
+        tokens = np.empty((lens.size, L, tok2.shape[1]), dtypes["tok"])
+        positions = np.empty((lens.size, L, c.pos.shape[1]), dtypes["pos"])
+        pad = np.empty((lens.size, L), bool)
+        _kernels.gather_pad2(tok2, c.pos, st, lens, tokens, positions, pad)
+        if c.tok.ndim == 1:
+            tokens = tokens.reshape(lens.size, L)
+        meta = c.meta[r] if with_meta and c.meta is not None else None
+        return _make_batch(spec, tokens, positions, pad, c.labels[r], edges, c.ids[r], meta, with_meta)
     smax = int(st.max())  # once for both columns (their offsets are the same)
     tokens = c.gather("tok", L, st, dtypes["tok"], smax)
     positions = c.gather("pos", L, st, dtypes["pos"], smax)

@@ -1,0 +1,157 @@
+"""Compiled kernels (numba) for the per-batch and per-clip loops that numpy can only do in many passes.
+
+Each kernel here has a numpy formulation next to its caller, which is the reference: the tests check
+that both give the same bits, and the numpy one runs when numba is missing (it is a dependency, but a
+platform without its wheels still works) or when ``MASKLOOM_JIT=0`` is set.
+
+Kernels are compiled on first use for the argument types they meet (about 0.3-1 s each) and cached on
+disk by numba (``cache=True``: next to this file in ``__pycache__``, or under ``NUMBA_CACHE_DIR``), so
+later processes — DataLoader and Ray workers included — load them in milliseconds.
+
+Why compiled: a batch of 64 short rows (text ids, series patches, small graphs) is ~10 numpy calls of
+1-5 us each when gathered, converted and padded with numpy (window gather, dtype conversion, masked
+padding reset per column), about as long as pyarrow takes to decode the same rows. One pass over the
+output in a loop does the same in a few microseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+try:  # pragma: no branch - numba is a dependency; the fallback is for platforms without its wheels
+    if os.environ.get("MASKLOOM_JIT", "1") == "0":
+        raise ImportError("disabled by MASKLOOM_JIT=0")
+    import numba
+except ImportError:  # pragma: no cover - exercised by MASKLOOM_JIT=0 in the tests
+    numba = None
+
+ENABLED = numba is not None
+"""Whether the compiled kernels are used (numba importable and ``MASKLOOM_JIT`` not ``0``)."""
+
+
+def _jit(fn: Any) -> Any:
+    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else None
+
+
+def _gather_pad_py(
+    src: np.ndarray, starts: np.ndarray, lens: np.ndarray, slots: np.ndarray, out: np.ndarray, fill: Any
+) -> None:
+    """``out[slots[i], :lens[i]] = src[starts[i] : starts[i] + lens[i]]`` and
+    ``out[slots[i], lens[i]:] = fill``.
+
+    ``src`` (N, W), ``out`` (B, L, W) with ``lens[i] <= L``; values are converted to ``out``'s dtype
+    on assignment (int32 ids -> int64). One pass over the rows written."""
+    L = out.shape[1]
+    W = out.shape[2]
+    for i in range(starts.shape[0]):
+        b = slots[i]
+        s = starts[i]
+        n = lens[i]
+        for j in range(n):
+            for k in range(W):
+                out[b, j, k] = src[s + j, k]
+        for j in range(n, L):
+            for k in range(W):
+                out[b, j, k] = fill
+
+
+_gather_pad = _jit(_gather_pad_py)
+
+
+def _gather_pad2_py(
+    src1: np.ndarray,
+    src2: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    out1: np.ndarray,
+    out2: np.ndarray,
+    pad: np.ndarray,
+) -> None:
+    """:func:`_gather_pad_py` of two columns with the same row starts (tokens and positions), padded
+    with zeros, and the (B, L) padding mask (True = padding): one call instead of three (a call costs
+    ~1.5-3 us, as much as the copying)."""
+    L = out1.shape[1]
+    W1 = out1.shape[2]
+    W2 = out2.shape[2]
+    for b in range(starts.shape[0]):
+        s = starts[b]
+        n = lens[b]
+        for j in range(n):
+            for k in range(W1):
+                out1[b, j, k] = src1[s + j, k]
+            for k in range(W2):
+                out2[b, j, k] = src2[s + j, k]
+            pad[b, j] = False
+        for j in range(n, L):
+            for k in range(W1):
+                out1[b, j, k] = 0
+            for k in range(W2):
+                out2[b, j, k] = 0
+            pad[b, j] = True
+
+
+_gather_pad2 = _jit(_gather_pad2_py)
+
+_BITS = {np.dtype(np.float16): np.dtype(np.uint16)}
+"""dtypes numba does not compute with on CPU, copied as integers of the same width (same bits)."""
+
+
+def _as_bits(src: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    bits = _BITS.get(out.dtype)
+    if bits is None:
+        return src, out
+    if src.dtype != out.dtype:
+        raise TypeError(f"gather_pad: {src.dtype} into {out.dtype} needs a conversion numba lacks")
+    return src.view(bits), out.view(bits)
+
+
+def gather_pad(
+    src: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    out: np.ndarray,
+    fill: Any,
+    slots: np.ndarray | slice | None = None,
+) -> np.ndarray:
+    """Write the rows ``src[starts[i] : starts[i] + lens[i]]`` of ``src`` (N, *W), padded with ``fill``,
+    to ``out[slots[i]]`` of ``out`` (B, L, *W); return ``out``. ``slots``: batch rows (an index array
+    or a slice; None: all, in order). Values are converted to ``out``'s dtype (int32 ids -> int64);
+    float16 is moved as its bits (numba has no CPU float16), so it must be float16 on both sides.
+    Needs :data:`ENABLED`."""
+    bits = _BITS.get(out.dtype)
+    src, view = _as_bits(src, out)
+    fill = np.asarray(fill, out.dtype).view(bits)[()] if bits is not None else out.dtype.type(fill)
+    if slots is None:
+        slots = _arange(starts.shape[0])
+    elif isinstance(slots, slice):
+        slots = np.arange(out.shape[0])[slots]
+    w = math.prod(out.shape[2:])  # explicit widths: a reshape to -1 fails on empty arrays
+    _gather_pad(src.reshape(src.shape[0], w), starts, lens, slots, view.reshape(*out.shape[:2], w), fill)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int) -> np.ndarray:
+    return np.arange(n)
+
+
+def gather_pad2(
+    src1: np.ndarray,
+    src2: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    out1: np.ndarray,
+    out2: np.ndarray,
+    pad: np.ndarray,
+) -> None:
+    """:func:`gather_pad` of two columns (N, W1), (N, W2) with the same row starts into (B, L, W1) and
+    (B, L, W2), zero-padded, in one pass; ``pad`` (B, L) bool gets the padding mask."""
+    if out1.dtype in _BITS or out2.dtype in _BITS:
+        src1, out1 = _as_bits(src1, out1)
+        src2, out2 = _as_bits(src2, out2)
+    _gather_pad2(src1, src2, starts, lens, out1, out2, pad)

@@ -1,0 +1,85 @@
+"""The compiled kernels give exactly what their numpy formulation gives."""
+
+import numpy as np
+import pytest
+
+from maskloom import _kernels
+
+pytestmark = pytest.mark.skipif(not _kernels.ENABLED, reason="numba is not installed (or MASKLOOM_JIT=0)")
+
+
+def reference(src, starts, lens, shape, dtype, fill, slots=None):
+    out = np.full(shape, fill, dtype)
+    for i, (s, n) in enumerate(zip(starts, lens)):
+        out[i if slots is None else slots[i], :n] = src[s : s + n]
+    return out
+
+
+CASES = [  # (source dtype, batch dtype, trailing shape, fill)
+    (np.int32, np.int64, (), 0),  # text ids, widened
+    (np.int32, np.int64, (2,), -1),  # graph edges
+    (np.float16, np.float16, (3,), 0),  # series patches: float16 moved as bits
+    (np.float16, np.float16, (3,), 1.5),
+    (np.uint8, np.uint8, (5,), 0),
+    (np.float32, np.float32, (1,), 0),
+]
+
+
+@pytest.mark.parametrize("src_dtype,dtype,tail,fill", CASES)
+def test_gather_pad_equals_row_by_row_padding(src_dtype, dtype, tail, fill):
+    rng = np.random.default_rng(0)
+    src = (rng.standard_normal((50, *tail)) * 100).astype(src_dtype)
+    lens = np.array([3, 0, 7, 1, 7])
+    starts = np.array([0, 5, 10, 43, 20])
+    out = np.empty((5, 7, *tail), dtype)
+    got = _kernels.gather_pad(src, starts, lens, out, fill)
+    assert got is out
+    want = reference(src, starts, lens, out.shape, dtype, fill)
+    assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+@pytest.mark.parametrize("slots", [np.array([4, 0, 2]), slice(1, 4)])
+def test_gather_pad_writes_only_its_slots(slots):
+    src = np.arange(40, dtype=np.int32).reshape(20, 2)
+    starts, lens = np.array([3, 9, 0]), np.array([2, 4, 1])
+    out = np.full((5, 4, 2), 99, np.int64)
+    _kernels.gather_pad(src, starts, lens, out, -1, slots)
+    idx = np.arange(5)[slots]
+    want = np.full((5, 4, 2), 99, np.int64)
+    want[idx] = reference(src, starts, lens, (3, 4, 2), np.int64, -1)
+    assert np.array_equal(out, want)
+
+
+def test_gather_pad_empty_batch_and_zero_length():
+    src = np.zeros((0, 3), np.float32)
+    out = _kernels.gather_pad(
+        src, np.zeros(2, np.int64), np.zeros(2, np.int64), np.empty((2, 0, 3), np.float32), 0
+    )
+    assert out.shape == (2, 0, 3)
+    out = _kernels.gather_pad(
+        src, np.zeros(0, np.int64), np.zeros(0, np.int64), np.empty((0, 0, 3), np.float32), 0
+    )
+    assert out.shape == (0, 0, 3)
+
+
+def test_gather_pad_refuses_a_float16_conversion():
+    with pytest.raises(TypeError, match="float32 into float16"):
+        _kernels.gather_pad(
+            np.zeros((3, 2), np.float32),
+            np.zeros(1, np.int64),
+            np.ones(1, np.int64),
+            np.empty((1, 1, 2), np.float16),
+            0,
+        )
+
+
+def test_gather_pad2_equals_two_gather_pads():
+    rng = np.random.default_rng(1)
+    tok = rng.integers(0, 500, (60, 1)).astype(np.int32)
+    pos = rng.standard_normal((60, 2)).astype(np.float32)
+    starts, lens = np.array([50, 2, 30, 11]), np.array([4, 9, 0, 6])
+    t, p, pad = np.empty((4, 9, 1), np.int64), np.empty((4, 9, 2), np.float32), np.empty((4, 9), bool)
+    _kernels.gather_pad2(tok, pos, starts, lens, t, p, pad)
+    assert np.array_equal(pad, np.arange(9) >= lens[:, None])
+    assert np.array_equal(t, reference(tok, starts, lens, t.shape, np.int64, 0))
+    assert np.array_equal(p, reference(pos, starts, lens, p.shape, np.float32, 0))
