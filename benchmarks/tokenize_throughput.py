@@ -15,7 +15,10 @@ whose tokenizer is not registered is reported as skipped.
 The image row tokenizes at the data's native size (``image_size`` = the first image's shorter side,
 rounded down to a multiple of the patch size: 32 for CIFAR-10, 64 for the demo shapes), so that it
 measures patching rather than resampling; the ``image@224_upscaled`` row keeps the default
-``image_size=224``, where the bicubic 32 -> 224 upscale (Pillow) dominates.
+``image_size=224``, where the bicubic 32 -> 224 upscale (Pillow) dominates. Likewise the audio row
+pads to the target length AudioMAE uses for clips of the data's length (FSDD's spoken digits: 128
+frames, as AudioMAE's Speech Commands), and the ``audio@1024_frames`` row keeps the AudioSet default
+of 10 s, which writes 19 frames of padding for every real frame of a 0.5 s clip.
 
 torch gets ``--threads`` intra-op threads (default 1, as Ray gives each 1-CPU preprocessing worker
 ``OMP_NUM_THREADS=1``); on a shared machine more threads mostly add contention.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -61,9 +65,10 @@ DEMO_PATHS = {
 }
 DIR_SOURCES = {"graph"}  # tokenizers whose source is a dataset folder
 CONFIGS: dict[str, dict[str, Any]] = {"text": {"text_column": "sms"}}  # SMS Spam: `Label<TAB>SMS`
-NATIVE_SIZE = {"image"}  # modalities whose main row uses the data's own image size (see _native_config)
+NATIVE_SIZE = {"image", "audio"}  # modalities whose main row fits the data's size (see _native_config)
 EXTRA = {  # name -> (modality, config, data): further rows; data "same" = the modality's own files
     "image@224_upscaled": ("image", {"image_size": 224}, "same"),  # the default size: 32 -> 224 bicubic
+    "audio@1024_frames": ("audio", {"target_frames": 1024}, "same"),  # the default: 10 s (AudioSet)
     "point_cloud@demo": ("point_cloud", None, "demo"),  # the real scans here have 50-100 points; demo: 1024
 }
 SKIP_NAMES = ("semantic_mask", "labels")  # per-point label files beside the real scans, not point clouds
@@ -108,10 +113,33 @@ def _sources(modality: str, root: str, rel: list[str], extensions: tuple[str, ..
 
 
 def _native_config(modality: str, sources: list[str]) -> dict[str, Any]:
-    """Config overrides that fit the tokenizer to the data: for images, ``image_size`` = the first
-    readable image's shorter side rounded down to a multiple of the patch size (no resampling)."""
+    """Config overrides that fit the tokenizer to the data, as a user would set them.
+
+    * images: ``image_size`` = the first readable image's shorter side rounded down to a multiple of
+      the patch size (no resampling);
+    * audio: ``target_frames`` by AudioMAE's per-dataset rule (``main_finetune_as.py``: 1024 frames for
+      10 s AudioSet clips, 512 for 5 s ESC-50, 128 for 1 s Speech Commands): the frames of the 99th
+      percentile clip, rounded up to a power of two (FSDD's spoken digits, 0.98 s: 128), instead of
+      the AudioSet default, which pads a 0.5 s clip with 19 times its length.
+    """
     if modality not in NATIVE_SIZE:
         return {}
+    if modality == "audio":
+        import soundfile as sf
+
+        from maskloom.tokenizers.audio import AudioConfig
+
+        c = AudioConfig()
+        seconds = []
+        for s in sources:
+            try:
+                seconds.append(sf.info(s).duration)
+            except (RuntimeError, sf.LibsndfileError):
+                continue
+        if not seconds:
+            return {}
+        frames = float(np.percentile(seconds, 99)) * 1000.0 / c.frame_shift_ms
+        return {"target_frames": max(c.patch_size, 1 << max(0, math.ceil(frames) - 1).bit_length())}
     from PIL import Image
 
     from maskloom.tokenizers.image import ImageConfig

@@ -83,3 +83,38 @@ def test_gather_pad2_equals_two_gather_pads():
     assert np.array_equal(pad, np.arange(9) >= lens[:, None])
     assert np.array_equal(t, reference(tok, starts, lens, t.shape, np.int64, 0))
     assert np.array_equal(p, reference(pos, starts, lens, p.shape, np.float32, 0))
+
+
+def test_fbank_frames_is_kaldis_framing():
+    rng = np.random.default_rng(2)
+    s = rng.standard_normal(1000).astype(np.float32)
+    window = np.hanning(400).astype(np.float32)
+    t, shift = 1 + (1000 - 400) // 160, 160
+    buf = _kernels.fbank_frames(s, window, shift, 0.97, np.full((t, 512), np.nan, np.float32))
+    for i in range(t):
+        x = s[i * shift : i * shift + 400].astype(np.float64)
+        x = x - x.mean()
+        x = x - 0.97 * np.concatenate([x[:1], x[:-1]])  # Kaldi: x[0] against itself
+        np.testing.assert_allclose(buf[i, :400], x * window, rtol=0, atol=2e-6)
+    assert (buf[:, 400:] == 0).all()
+
+
+def test_mel_tables_and_fbank_mel_equal_the_dense_product():
+    rng = np.random.default_rng(3)
+    F, bins = 5, 12
+    banks = np.zeros((F, bins), np.float32)  # triangles over neighbours, bin 0 and 11 in no filter
+    edges = [1, 3, 4, 6, 8, 10, 11]
+    for f in range(F):
+        lo, mid, hi = edges[f], edges[f + 1], edges[f + 2]
+        for k in range(lo, hi):
+            banks[f, k] = (k - lo + 1) / (mid - lo + 1) if k < mid else (hi - k) / (hi - mid + 1)
+    tables = _kernels.mel_tables(banks)
+    assert tables is not None
+    spec = rng.standard_normal((7, 2 * (bins + 1))).astype(np.float32)  # (T, re/im of bins + Nyquist)
+    power = spec[:, 0::2] ** 2 + spec[:, 1::2] ** 2
+    want = np.maximum(power[:, :bins].astype(np.float64) @ banks.T.astype(np.float64), 1e-3)
+    got = _kernels.fbank_mel(spec, tables, 1e-3, np.empty((7, F), np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    overlapping = banks.copy()
+    overlapping[0, 6] = 0.5  # bin 6 now in filters 0, 2 and 3: not the neighbour structure
+    assert _kernels.mel_tables(overlapping) is None

@@ -53,6 +53,7 @@ import torchaudio
 from einops import rearrange
 from torchaudio.compliance import kaldi
 
+from maskloom import _kernels
 from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,14 @@ class KaldiFbank:
     On this 2-core machine, in the tokenizer's loop over FSDD clips (8 kHz WAVs resampled to 16 kHz,
     ~50 frames): 88 us per clip instead of 146 us for the torch formulation (which other devices
     still use).
+
+    With numba (a dependency; see :mod:`maskloom._kernels`) the CPU path is two compiled passes around
+    the FFT instead: one writes the windowed, pre-emphasised, zero-padded frames (Kaldi's arithmetic,
+    the mean-free pre-emphasis regrouped as above), one computes the power spectrum and the mel sums
+    using that each FFT bin lies in at most two neighbouring filters. 50 us per FSDD clip instead of
+    100 us for the numpy formulation measured beside it (the FFT is 25-40 us of it), as close to
+    ``kaldi.fbank`` (log-mel within 2e-3 on FSDD, against 3e-3 for the numpy path; the tests bound
+    both). The numpy path runs without numba or with ``MASKLOOM_JIT=0``.
     """
 
     MEL_GROUPS = 4
@@ -169,6 +178,8 @@ class KaldiFbank:
             if cols.size:  # filters with no bin at all (narrow low filters at small FFT sizes) stay 0
                 b0, b1 = int(cols[0]), int(cols[-1]) + 1
                 self._np_runs.append((int(f0), int(f1), b0, b1, np.ascontiguousarray(dense[f0:f1, b0:b1].T)))
+        # compiled path (maskloom._kernels): the filters as per-bin weights of two neighbouring filters
+        self._mel_tables = _kernels.mel_tables(dense) if _kernels.ENABLED else None
 
     def num_frames(self, num_samples: int) -> int:
         """Frames of a waveform of ``num_samples`` (snip_edges: only frames that fit wholly)."""
@@ -195,6 +206,13 @@ class KaldiFbank:
         self._check(s.shape)
         n, w, h = s.shape[0], self.window_size, self.window_shift
         t = 1 + (n - w) // h
+        if _kernels.ENABLED and self._mel_tables is not None:  # compiled passes around the FFT
+            buf = np.empty((t, self.fft_size), np.float32)
+            _kernels.fbank_frames(s, self._np_window, h, self.PREEMPHASIS, buf)
+            spec = torch.fft.rfft(torch.from_numpy(buf)).numpy()
+            mel = np.empty((t, self._banks.shape[0]), np.float32)
+            _kernels.fbank_mel(spec.view(np.float32), self._mel_tables, self._eps, mel)
+            return np.log(mel, out=mel)
         # strided (T, W) views; np.ndarray(buffer=...) is ~10x cheaper than as_strided
         frames = np.ndarray((t, w), np.float32, buffer=s, strides=(h * 4, 4))
         dc = frames.sum(axis=1)
