@@ -46,10 +46,13 @@ call per batch). A stream under ``RESIDENT_BYTES`` is read whole into one chunk 
 stream of short rows is read in *segments* (``SEGMENT_BYTES``: about one pool's row groups, merged
 into one chunk, the chunk rows of all its batches computed at once); either way a batch has no
 row-group bookkeeping of its own. Other streams read the row groups each batch touches.
-Collating is vectorised across the batch: for short rows (text ids, time-series patches, small graphs) every row's window of
+Collating is vectorised across the batch. Short rows (text ids, time-series patches, small graphs)
+are gathered, converted and padded by one compiled pass per chunk and column (numba,
+:mod:`maskloom._kernels`; tokens, positions and the padding mask together for a batch from one
+chunk). Without numba (or with ``MASKLOOM_JIT=0``) the numpy formulation runs: every row's window of
 ``L`` values is picked by *one* fancy index per column from a strided view over the chunk's values
 (a batch spanning row groups outside a segment: one per row group, straight into its run of the
-batch), and padding is reset by one boolean row index; big rows (image patches) are copied one
+batch), and padding is reset by one boolean row index. Big rows (image patches) are copied one
 contiguous slice per row. Tokens keep their stored dtype (uint8, float16, float32; ids become
 int64). ``TokenBatch.meta`` is parsed from its JSON only when read.
 """
