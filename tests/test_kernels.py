@@ -1,5 +1,9 @@
 """The compiled kernels give exactly what their numpy formulation gives."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -118,3 +122,10 @@ def test_mel_tables_and_fbank_mel_equal_the_dense_product():
     overlapping = banks.copy()
     overlapping[0, 6] = 0.5  # bin 6 now in filters 0, 2 and 3: not the neighbour structure
     assert _kernels.mel_tables(overlapping) is None
+
+
+def test_maskloom_jit_0_selects_the_numpy_paths():
+    code = "import maskloom._kernels as k; print(k.ENABLED, k.numba is None)"
+    env = {**os.environ, "MASKLOOM_JIT": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
