@@ -536,19 +536,8 @@ def expected_batch(recs_by_id, ids, dim):
     return tok, pos, edges
 
 
-@pytest.fixture(params=["jit", "numpy"])
-def collate_path(request, monkeypatch):
-    """Run a test with the compiled collate kernels and with the numpy formulation they replace."""
-    from maskloom import _kernels
-
-    if request.param == "jit" and not _kernels.ENABLED:
-        pytest.skip("numba is not installed (or MASKLOOM_JIT=0)")
-    monkeypatch.setattr(_kernels, "ENABLED", request.param == "jit")
-    return request.param
-
-
 @pytest.mark.parametrize("row_copy_min", [1, 10**9])  # every path: per-row copies / windowed gathers
-def test_batches_across_row_groups_match_records(tmp_path, monkeypatch, row_copy_min, collate_path):
+def test_batches_across_row_groups_match_records(tmp_path, monkeypatch, row_copy_min, jit_path):
     from maskloom.pipelines import loader as loader_mod
 
     monkeypatch.setattr(loader_mod, "ROW_COPY_MIN", row_copy_min)
@@ -594,7 +583,7 @@ def _ids_table(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(STREAMING))
-def test_streamed_tables_give_the_resident_batches(tmp_path, monkeypatch, path, collate_path):
+def test_streamed_tables_give_the_resident_batches(tmp_path, monkeypatch, path, jit_path):
     from maskloom.pipelines import loader as loader_mod
 
     vec = make_vec(tmp_path, [(i * 7) % 9 + 1 for i in range(37)], rows_per_shard=5)
@@ -702,7 +691,7 @@ def test_meta_is_parsed_lazily_and_survives_moves_and_pickling(tmp_path):
 
 
 @pytest.mark.parametrize("discrete", [False, True])
-def test_short_row_fast_path_equals_the_general_collate(discrete, collate_path):
+def test_short_row_fast_path_equals_the_general_collate(discrete, jit_path):
     """The one-chunk fast path (text ids, small graphs) gives exactly the general path's batch."""
     from maskloom.pipelines.loader import _Chunk, collate
 

@@ -307,21 +307,10 @@ def _kaldi_fbank(wav: torch.Tensor, sr: int, mel: int, shift: float) -> torch.Te
     )
 
 
-@pytest.fixture(params=["jit", "numpy"])
-def fbank_path(request, monkeypatch):
-    """The compiled filterbank kernels (maskloom._kernels) and the numpy formulation they replace."""
-    from maskloom import _kernels
-
-    if request.param == "jit" and not _kernels.ENABLED:
-        pytest.skip("numba is not installed (or MASKLOOM_JIT=0)")
-    monkeypatch.setattr(_kernels, "ENABLED", request.param == "jit")
-    return request.param
-
-
 @pytest.mark.parametrize(("sr", "mel", "shift"), [(16000, 128, 10.0), (8000, 64, 10.0), (22050, 80, 12.5)])
-def test_kaldi_fbank_equals_torchaudio(sr, mel, shift, fbank_path):
+def test_kaldi_fbank_equals_torchaudio(sr, mel, shift, jit_path):
     fb = KaldiFbank(sample_rate=sr, num_mel_bins=mel, frame_shift_ms=shift)
-    assert (fb._mel_tables is not None) == (fbank_path == "jit")  # every filter shape here compiles
+    assert (fb._mel_tables is not None) == (jit_path == "jit")  # every filter shape here compiles
     win = int(sr * 0.025)
     assert fb.window_size == win and fb.fft_size == 2 ** (win - 1).bit_length()
     rng = np.random.default_rng(sr + mel)
@@ -364,7 +353,7 @@ def _plain_tokens(tok: AudioTokenizer, wav: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("cfg", [{}, {"pad_value": -3.0, "num_mel_bins": 64}, {"target_frames": 32}])
-def test_tokens_equal_pad_then_normalise(cfg, fbank_path):
+def test_tokens_equal_pad_then_normalise(cfg, jit_path):
     tok = _tok(**cfg)
     rng = np.random.default_rng(len(cfg))
     for n in (1, 399, 400, 401, 2000, 2560, 2561, 16000, 40000):  # 0..248 frames: cut, exact, partial patches
