@@ -8,6 +8,10 @@ Kernels are compiled on first use for the argument types they meet (about 0.3-1 
 disk by numba (``cache=True``: next to this file in ``__pycache__``, or under ``NUMBA_CACHE_DIR``), so
 later processes — DataLoader and Ray workers included — load them in milliseconds.
 
+Compiled code does not check bounds: the wrappers' docstrings state what callers guarantee (row
+starts and lengths within the source, lengths at most the output's L), which the loader and the
+filterbank derive from the same offsets. ``NUMBA_BOUNDSCHECK=1`` turns checks on when debugging.
+
 Why compiled: a batch of 64 short rows (text ids, series patches, small graphs) is ~10 numpy calls of
 1-5 us each when gathered, converted and padded with numpy (window gather, dtype conversion, masked
 padding reset per column), about as long as pyarrow takes to decode the same rows. One pass over the
