@@ -6,7 +6,8 @@ platform without its wheels still works) or when ``MASKLOOM_JIT=0`` is set.
 
 Kernels are compiled on first use for the argument types they meet (about 0.3-1 s each) and cached on
 disk by numba (``cache=True``: next to this file in ``__pycache__``, or under ``NUMBA_CACHE_DIR``), so
-later processes — DataLoader and Ray workers included — load them in milliseconds.
+later processes — DataLoader and Ray workers included — load them instead, in about 0.4 s for the
+first kernel of a process (``import numba`` and numba's registries, which import ``scipy.linalg``).
 
 Compiled code does not check bounds: the wrappers' docstrings state what callers guarantee (row
 starts and lengths within the source, lengths at most the output's L), which the loader and the
@@ -133,9 +134,8 @@ def gather_pad(
     or a slice; None: all, in order). Values are converted to ``out``'s dtype (int32 ids -> int64);
     float16 is moved as its bits (numba has no CPU float16), so it must be float16 on both sides.
     Needs :data:`ENABLED`."""
-    bits = _BITS.get(out.dtype)
     src, view = _as_bits(src, out)
-    fill = np.asarray(fill, out.dtype).view(bits)[()] if bits is not None else out.dtype.type(fill)
+    fill = np.asarray(fill, out.dtype).view(view.dtype)[()]  # the fill's bits when moved as bits
     if slots is None:
         slots = _arange(starts.shape[0])
     elif isinstance(slots, slice):

@@ -802,7 +802,7 @@ def _collate_short(
             edges = c.gather("edges", E, e_st, dtypes["edges"], int(e_st.max()))  # (B, E, 2)
             if lens.size * E != int(elens.sum()):
                 _reset_padding(edges, _padding_mask(elens, E), -1)
-    if _kernels.ENABLED:  # tokens and positions in one compiled pass
+    if _kernels.ENABLED:  # tokens, positions and the padding mask in one compiled pass
         tok2 = c.tok if c.tok.ndim == 2 else c.tok.reshape(-1, 1)  # ids (T,) as (T, 1)
         tokens = np.empty((lens.size, L, tok2.shape[1]), dtypes["tok"])
         positions = np.empty((lens.size, L, c.pos.shape[1]), dtypes["pos"])
@@ -810,17 +810,16 @@ def _collate_short(
         _kernels.gather_pad2(tok2, c.pos, st, lens, tokens, positions, pad)
         if c.tok.ndim == 1:
             tokens = tokens.reshape(lens.size, L)
-        meta = c.meta[r] if with_meta and c.meta is not None else None
-        return _make_batch(spec, tokens, positions, pad, c.labels[r], edges, c.ids[r], meta, with_meta)
-    smax = int(st.max())  # once for both columns (their offsets are the same)
-    tokens = c.gather("tok", L, st, dtypes["tok"], smax)
-    positions = c.gather("pos", L, st, dtypes["pos"], smax)
-    if tokens.dtype != dtypes["tok"]:
-        tokens = tokens.astype(dtypes["tok"])
-    pad = _padding_mask(lens, L)  # (B, L)
-    if lens.size * L != int(lens.sum()):
-        _reset_padding(tokens, pad, 0)
-        _reset_padding(positions, pad, 0)
+    else:
+        smax = int(st.max())  # once for both columns (their offsets are the same)
+        tokens = c.gather("tok", L, st, dtypes["tok"], smax)
+        positions = c.gather("pos", L, st, dtypes["pos"], smax)
+        if tokens.dtype != dtypes["tok"]:
+            tokens = tokens.astype(dtypes["tok"])
+        pad = _padding_mask(lens, L)  # (B, L)
+        if lens.size * L != int(lens.sum()):
+            _reset_padding(tokens, pad, 0)
+            _reset_padding(positions, pad, 0)
     meta = c.meta[r] if with_meta and c.meta is not None else None
     return _make_batch(spec, tokens, positions, pad, c.labels[r], edges, c.ids[r], meta, with_meta)
 
