@@ -129,3 +129,18 @@ def test_maskloom_jit_0_selects_the_numpy_paths():
     env = {**os.environ, "MASKLOOM_JIT": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize(("frames", "rows", "p"), [(53, 4, 16), (64, 4, 16), (1, 1, 16), (7, 3, 4)])
+def test_norm_patches_is_numpys_normalise_then_patch(frames, rows, p):
+    rng = np.random.default_rng(frames)
+    F = 2 * p
+    fb = (rng.standard_normal((frames + 3, F)) * 4 - 4).astype(np.float32)  # more frames than used
+    mean, scale, pad = -4.2677393, 2.0 * 4.5689974, 0.9340
+    out = _kernels.norm_patches(fb, frames, mean, scale, pad, p, np.full((rows, F // p, p * p), np.nan, np.float32))
+    want = np.full((rows * p, F), np.float32(pad), np.float32)
+    norm = fb[:frames] - mean  # numpy: float32 arithmetic with weak Python scalars
+    norm /= scale
+    want[:frames] = norm
+    want = want.reshape(rows, p, F // p, p).transpose(0, 2, 1, 3).reshape(rows, F // p, p * p)
+    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))  # bit for bit
