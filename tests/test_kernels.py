@@ -137,7 +137,9 @@ def test_norm_patches_is_numpys_normalise_then_patch(frames, rows, p):
     F = 2 * p
     fb = (rng.standard_normal((frames + 3, F)) * 4 - 4).astype(np.float32)  # more frames than used
     mean, scale, pad = -4.2677393, 2.0 * 4.5689974, 0.9340
-    out = _kernels.norm_patches(fb, frames, mean, scale, pad, p, np.full((rows, F // p, p * p), np.nan, np.float32))
+    out = _kernels.norm_patches(
+        fb, frames, mean, scale, pad, p, np.full((rows, F // p, p * p), np.nan, np.float32)
+    )
     want = np.full((rows * p, F), np.float32(pad), np.float32)
     norm = fb[:frames] - mean  # numpy: float32 arithmetic with weak Python scalars
     norm /= scale

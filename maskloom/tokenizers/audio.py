@@ -308,7 +308,9 @@ class AudioTokenizer(Tokenizer):
         self.stats: dict[str, float] | None = None
         """Learned {"mean", "std", "frames", "files"} from fit()/load_artifacts(), or None."""
         self._kaldi: KaldiFbank | None = None  # built on first use (window + mel matrix)
-        self._pad_token: tuple[float, float, np.float16, np.float32] | None = None  # (mean, std, pad f16, f32)
+        self._pad_token: tuple[float, float, np.float16, np.float32] | None = (
+            None  # (mean, std, pad f16, f32)
+        )
         self._positions: np.ndarray | None = None  # (L, 2) float32, copied into every record
         self._resamplers: dict[int, torchaudio.transforms.Resample] = {}  # by source sample rate
 
