@@ -273,38 +273,92 @@ def fbank_mel(spec: np.ndarray, tables: tuple[np.ndarray, ...], floor: float, me
     return mel
 
 
-def _norm_patches_py(
-    fb: np.ndarray, frames: int, mean: Any, scale: Any, pad: Any, p: int, out: np.ndarray
+if numba is not None:
+    from llvmlite import ir as _ir
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _f32_bits(typingctx: Any, x: Any) -> Any:
+        """The bits of a float32 as an int32 (an LLVM bitcast: free, and vectorisable)."""
+        if isinstance(x, _types.Float) and x.bitwidth == 32:
+
+            def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+                return builder.bitcast(args[0], _ir.IntType(32))
+
+            return _types.int32(x), codegen
+        return None
+
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _to_half(v: Any) -> Any:
+        """float32 -> the bits of the nearest float16 (round to nearest even), as an int32 in
+        0..65535: IEEE conversion, the same bits as torch's and numpy's for every non-NaN input
+        (zeros, subnormals, overflow to inf, inf); NaN becomes a quiet NaN of the same sign.
+        Written without branches (selects) so that LLVM vectorises a loop of it (numba has no CPU
+        float16). F. Giesen's float_to_half_fast3_rtne."""
+        u = np.int32(_f32_bits(v))
+        sign = (u >> 16) & 0x8000
+        a = u & 0x7FFFFFFF
+        normal = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13  # rebias, round half to even
+        small = np.int32(_f32_bits(abs(v) + np.float32(0.5))) - 0x3F000000  # subnormal/0: the FPU rounds
+        big = np.int32(0x7E00) if a > 0x7F800000 else np.int32(0x7C00)  # NaN, else inf
+        h = small if a < 0x38800000 else normal
+        h = big if a >= 0x47800000 else h
+        return h | sign
+
+
+def _norm_tokens_py(
+    fb: np.ndarray, frames: int, mean: Any, scale: Any, pad: Any, p: int, out: np.ndarray, half: np.ndarray
 ) -> None:
-    """Normalise a (T, F) filterbank into the (rows, F // p, p * p) patch layout in one pass:
-    ``out[t // p, f // p, (t % p) * p + f % p] = (fb[t, f] - mean) / scale`` for ``t < frames`` and
-    ``pad`` for ``frames <= t < rows * p`` (float32, the arithmetic of numpy's ``(fb - mean) / scale``,
-    no fast-math: the same bits)."""
-    nb = out.shape[1]
-    for t in range(out.shape[0] * p):
-        r = t // p
-        i = (t % p) * p
-        if t < frames:
-            row = fb[t]
+    """Normalise a (T, F) float32 filterbank into float16 tokens in the (rows, F // p, p * p) patch
+    layout, ``rows = ceil(frames / p)``, in two passes: ``half`` (>= frames * F,) int32 gets the
+    float16 bits of ``(fb[t, f] - mean) / scale`` for ``t < frames`` (float32 arithmetic as numpy's,
+    no fast-math: the same bits as ``torch.Tensor.to(float16)`` of numpy's result), contiguous so that
+    the loop vectorises; then ``out`` (float16 viewed as uint16) gets them at ``[t // p, f // p,
+    (t % p) * p + f % p]``, and ``pad`` (float16 bits) for the frames from ``frames`` to ``rows * p``.
+    p = 16 (every built-in configuration) moves rows of 16 in a loop of constant length, 3x faster
+    than a loop of length p."""
+    F = fb.shape[1]
+    nb = F // p
+    pp = p * p
+    src = fb.reshape(-1)
+    flat = out.reshape(-1)
+    for i in range(frames * F):
+        half[i] = _to_half((src[i] - mean) / scale)
+    if p == 16:
+        for t in range(frames):
+            d0 = (t // 16) * nb * 256 + (t % 16) * 16
             for b in range(nb):
-                o = out[r, b]
-                for j in range(p):
-                    o[i + j] = (row[b * p + j] - mean) / scale
-        else:
+                d = d0 + b * 256
+                s = t * F + b * 16
+                for j in range(16):
+                    flat[d + j] = half[s + j]
+    else:
+        for t in range(frames):
+            d0 = (t // p) * nb * pp + (t % p) * p
             for b in range(nb):
-                o = out[r, b]
+                d = d0 + b * pp
+                s = t * F + b * p
                 for j in range(p):
-                    o[i + j] = pad
+                    flat[d + j] = half[s + j]
+    for t in range(frames, (frames + p - 1) // p * p):  # the padded frames of the last row
+        d0 = (t // p) * nb * pp + (t % p) * p
+        for b in range(nb):
+            for j in range(p):
+                flat[d0 + b * pp + j] = pad
 
 
-_norm_patches = _jit(_norm_patches_py)
+_norm_tokens = _jit(_norm_tokens_py)
 
 
-def norm_patches(
-    fb: np.ndarray, frames: int, mean: float, scale: float, pad: float, p: int, out: np.ndarray
+def norm_tokens(
+    fb: np.ndarray, frames: int, mean: float, scale: float, pad: np.uint16, p: int, out: np.ndarray
 ) -> np.ndarray:
-    """:func:`_norm_patches_py` (compiled): ``fb`` (T, F) float32 with ``frames <= T`` and F a multiple
-    of ``p``; ``out`` (rows, F // p, p * p) float32 with ``rows * p >= frames``; returns ``out``."""
-    f32 = np.float32
-    _norm_patches(fb, frames, f32(mean), f32(scale), f32(pad), p, out)
+    """:func:`_norm_tokens_py` (compiled): ``fb`` (T, F) float32 C-contiguous with ``frames <= T``
+    and F a multiple of ``p``; ``out`` (>= rows, F // p, p * p) uint16 (float16 bits) C-contiguous;
+    ``pad`` the float16 bits of a padded frame. Rows of ``out`` past ``rows`` are left as they are
+    (numpy fills a run of padding rows faster). Returns ``out``."""
+    _norm_tokens(
+        fb, frames, np.float32(mean), np.float32(scale), pad, p, out, np.empty(frames * fb.shape[1], np.int32)
+    )
     return out

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from maskloom import _kernels
 
@@ -131,18 +132,45 @@ def test_maskloom_jit_0_selects_the_numpy_paths():
     assert out.stdout.split() == ["False", "True"]
 
 
-@pytest.mark.parametrize(("frames", "rows", "p"), [(53, 4, 16), (64, 4, 16), (1, 1, 16), (7, 3, 4)])
-def test_norm_patches_is_numpys_normalise_then_patch(frames, rows, p):
-    rng = np.random.default_rng(frames)
+@pytest.mark.parametrize(
+    ("frames", "nt", "p"), [(53, 8, 16), (64, 4, 16), (1, 1, 16), (1, 3, 16), (7, 3, 4), (8, 2, 4)]
+)
+def test_norm_tokens_is_numpys_normalise_then_torchs_float16_then_patch(frames, nt, p):
+    rng = np.random.default_rng(frames + nt)
     F = 2 * p
     fb = (rng.standard_normal((frames + 3, F)) * 4 - 4).astype(np.float32)  # more frames than used
-    mean, scale, pad = -4.2677393, 2.0 * 4.5689974, 0.9340
-    out = _kernels.norm_patches(
-        fb, frames, mean, scale, pad, p, np.full((rows, F // p, p * p), np.nan, np.float32)
-    )
-    want = np.full((rows * p, F), np.float32(pad), np.float32)
+    fb[0, :3] = [1e-9, -7e5, 3e-6]  # a float16 zero after normalising, an overflow to -inf, a subnormal
+    mean, scale, pad = -4.2677393, 2.0 * 4.5689974, np.float16(0.934)
+    out = np.full((nt, F // p, p * p), np.nan, np.float16)
+    _kernels.norm_tokens(fb, frames, mean, scale, pad.view(np.uint16), p, out.view(np.uint16))
+    rows = -(-frames // p)
+    assert np.isnan(out[rows:]).all()  # rows past the real frames' are the caller's
+    out[rows:] = pad
+    want = np.full((nt * p, F), pad, np.float16)
     norm = fb[:frames] - mean  # numpy: float32 arithmetic with weak Python scalars
     norm /= scale
-    want[:frames] = norm
-    want = want.reshape(rows, p, F // p, p).transpose(0, 2, 1, 3).reshape(rows, F // p, p * p)
-    np.testing.assert_array_equal(out.view(np.uint32), want.view(np.uint32))  # bit for bit
+    want[:frames] = torch.from_numpy(norm).to(torch.float16).numpy()
+    want = want.reshape(nt, p, F // p, p).transpose(0, 2, 1, 3).reshape(nt, F // p, p * p)
+    np.testing.assert_array_equal(out.view(np.uint16), want.view(np.uint16))  # bit for bit
+
+
+def test_to_half_rounds_as_torch_for_every_float32_class():
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [rng.standard_normal(20000).astype(np.float32) * s for s in (1e-8, 1e-6, 1e-4, 1.0, 1e2, 1e4, 7e4)]
+        + [rng.integers(0, 2**32, 100000, dtype=np.uint64).astype(np.uint32).view(np.float32)]  # any bits
+        + [
+            np.array(
+                [0, -0.0, np.inf, -np.inf, 65504, 65519.99, 65520, 2**-14, 2**-24, 2**-25, 2.99e-8, 1e-45],
+                np.float32,
+            )
+        ]
+    )
+    got = np.empty(x.size, np.float16)  # one frame of len(x) "mel bins", p = 1, mean 0, scale 1
+    _kernels.norm_tokens(
+        x.reshape(1, -1), 1, 0.0, 1.0, np.uint16(0), 1, got.view(np.uint16).reshape(1, -1, 1)
+    )
+    want = torch.from_numpy(x).to(torch.float16).numpy()
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    assert np.isnan(got[nan]).all() and (np.signbit(got[nan]) == np.signbit(x[nan])).all()
