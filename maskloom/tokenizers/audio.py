@@ -32,9 +32,14 @@ Decisions (documented here once):
   multiplies only the mel filters' bins (88 instead of 146 us per FSDD clip in the tokenizer loop;
   the plain call is ~2.4x slower than the torch formulation); with numba, two compiled passes around
   the FFT do it in 50 us (see :class:`KaldiFbank`).
-  ``tokenize`` normalises only the real frames and casts them to float16 with torch (vectorised;
-  numpy's cast took 16 of a clip's ~150 us here); the padded frames are one precomputed float16
-  constant. Resampling keeps one ``torchaudio.transforms.Resample`` (its sinc kernel) per source rate.
+  ``tokenize`` normalises only the real frames; the padded frames are one precomputed float16
+  constant. With numba one compiled kernel (``maskloom._kernels.norm_tokens``) normalises, rounds
+  to float16 (by bit operations, the same bits as torch's cast) and writes the patch layout: 5 us
+  per FSDD clip instead of 9 for numpy + torch's cast (which is the path without numba; numpy's own
+  cast took 16 of a clip's ~150 us). Resampling keeps one ``torchaudio.transforms.Resample`` (its
+  sinc kernel) per source rate. A tokenized FSDD clip (8 kHz, ~0.5 s, 128 frames) costs ~55 us
+  after a ~240 us decode: the FFT is 18 of them (torch/MKL plans the transform on every call, ~6 us),
+  the mel sums 14.
 """
 
 from __future__ import annotations
