@@ -20,8 +20,9 @@ pads to the target length AudioMAE uses for clips of the data's length (FSDD's s
 frames, as AudioMAE's Speech Commands), and the ``audio@1024_frames`` row keeps the AudioSet default
 of 10 s, which writes 19 frames of padding for every real frame of a 0.5 s clip.
 
-torch gets ``--threads`` intra-op threads (default 1, as Ray gives each 1-CPU preprocessing worker
-``OMP_NUM_THREADS=1``); on a shared machine more threads mostly add contention.
+torch, OpenMP/BLAS, Arrow and Hugging Face tokenizers get ``--threads`` threads (default 1, as in a
+1-CPU preprocessing worker: ``ray_utils.limit_threads``); on a shared machine more threads mostly
+add contention.
 
     .venv/bin/python benchmarks/tokenize_throughput.py [--data DIR|demo] [--limit 200] [--repeat 4]
         [--threads 1] [--modalities image audio ...]
@@ -257,14 +258,16 @@ def main(argv: list[str] | None = None) -> int:
         "--threads",
         type=int,
         default=1,
-        help="torch intra-op threads (default 1, as a 1-CPU Ray worker; 0 keeps torch's default)",
+        help="intra-op threads of torch, BLAS, Arrow, HF tokenizers (default 1, as a 1-CPU Ray worker; 0: defaults)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     import torch
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    if args.threads > 0:  # as in a Ray worker: torch, OpenMP/BLAS, Arrow, Hugging Face tokenizers
+        from maskloom.pipelines.ray_utils import limit_threads
+
+        limit_threads(args.threads)
 
     result: dict[str, Any] = {
         "benchmark": "tokenize",

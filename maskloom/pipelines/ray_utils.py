@@ -130,9 +130,15 @@ def limit_threads(n: int) -> dict[str, Any]:
     """
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
-    old: dict[str, Any] = {"env": {k: os.environ.get(k) for k in THREAD_ENV_VARS}}
-    for k in THREAD_ENV_VARS:
-        os.environ[k] = str(n)
+    env = {k: str(n) for k in THREAD_ENV_VARS}
+    # Hugging Face tokenizers (the text tokenizer's BPE) encodes batches on a rayon pool of a thread
+    # per core, sized when first used, and reads TOKENIZERS_PARALLELISM on every call. One thread:
+    # no pool at all (measured: after the text tokenizer had run, a process's later single-threaded
+    # work ran 15 % slower with its pool, even a pool of one, and at full speed without it).
+    env["RAYON_NUM_THREADS"] = str(n)
+    env["TOKENIZERS_PARALLELISM"] = "false" if n == 1 else "true"
+    old: dict[str, Any] = {"env": {k: os.environ.get(k) for k in env}}
+    os.environ.update(env)
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         old["torch"] = torch.get_num_threads()

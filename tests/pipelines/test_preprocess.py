@@ -227,7 +227,7 @@ def test_limit_threads_sets_and_restores_every_library(monkeypatch):
     import pyarrow as pa
     import torch
 
-    for k in THREAD_ENV_VARS:
+    for k in (*THREAD_ENV_VARS, "RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     from threadpoolctl import threadpool_info
@@ -240,9 +240,17 @@ def test_limit_threads_sets_and_restores_every_library(monkeypatch):
         assert [os.environ[k] for k in THREAD_ENV_VARS] == ["1"] * len(THREAD_ENV_VARS)
         assert torch.get_num_threads() == 1 and pa.cpu_count() == 1
         assert blas() == [1] * len(before[2])  # numpy's OpenBLAS, loaded before the call, obeys too
+        # Hugging Face tokenizers: no rayon pool for one thread (its pool slowed later work by 15 %)
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false" and os.environ["RAYON_NUM_THREADS"] == "1"
     finally:
         restore_threads(old)
     assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ
+    assert "TOKENIZERS_PARALLELISM" not in os.environ and "RAYON_NUM_THREADS" not in os.environ
+    old = limit_threads(2)
+    try:
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true" and os.environ["RAYON_NUM_THREADS"] == "2"
+    finally:
+        restore_threads(old)
     assert (torch.get_num_threads(), pa.cpu_count(), blas()) == before
     with pytest.raises(ValueError, match="threads must be >= 1"):
         limit_threads(0)
