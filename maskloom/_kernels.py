@@ -311,7 +311,7 @@ def _norm_tokens_py(
     fb: np.ndarray, frames: int, mean: Any, scale: Any, pad: Any, p: int, out: np.ndarray, half: np.ndarray
 ) -> None:
     """Normalise a (T, F) float32 filterbank into float16 tokens in the (rows, F // p, p * p) patch
-    layout, ``rows = ceil(frames / p)``, in two passes: ``half`` (>= frames * F,) int32 gets the
+    layout, ``rows = ceil(frames / p)``, in two passes: ``half`` (>= frames * F,) uint16 gets the
     float16 bits of ``(fb[t, f] - mean) / scale`` for ``t < frames`` (float32 arithmetic as numpy's,
     no fast-math: the same bits as ``torch.Tensor.to(float16)`` of numpy's result), contiguous so that
     the loop vectorises; then ``out`` (float16 viewed as uint16) gets them at ``[t // p, f // p,
@@ -359,6 +359,6 @@ def norm_tokens(
     ``pad`` the float16 bits of a padded frame. Rows of ``out`` past ``rows`` are left as they are
     (numpy fills a run of padding rows faster). Returns ``out``."""
     _norm_tokens(
-        fb, frames, np.float32(mean), np.float32(scale), pad, p, out, np.empty(frames * fb.shape[1], np.int32)
+        fb, frames, np.float32(mean), np.float32(scale), pad, p, out, np.empty(frames * fb.shape[1], np.uint16)
     )
     return out
