@@ -359,6 +359,13 @@ def norm_tokens(
     ``pad`` the float16 bits of a padded frame. Rows of ``out`` past ``rows`` are left as they are
     (numpy fills a run of padding rows faster). Returns ``out``."""
     _norm_tokens(
-        fb, frames, np.float32(mean), np.float32(scale), pad, p, out, np.empty(frames * fb.shape[1], np.uint16)
+        fb,
+        frames,
+        np.float32(mean),
+        np.float32(scale),
+        pad,
+        p,
+        out,
+        np.empty(frames * fb.shape[1], np.uint16),
     )
     return out
