@@ -313,9 +313,7 @@ class AudioTokenizer(Tokenizer):
         self.stats: dict[str, float] | None = None
         """Learned {"mean", "std", "frames", "files"} from fit()/load_artifacts(), or None."""
         self._kaldi: KaldiFbank | None = None  # built on first use (window + mel matrix)
-        self._pad_token: tuple[float, float, np.float16, np.float32] | None = (
-            None  # (mean, std, pad f16, f32)
-        )
+        self._pad_token: tuple[float, float, np.float16] | None = None  # (mean, std, normalised pad value)
         self._positions: np.ndarray | None = None  # (L, 2) float32, copied into every record
         self._resamplers: dict[int, torchaudio.transforms.Resample] = {}  # by source sample rate
 
@@ -385,7 +383,7 @@ class AudioTokenizer(Tokenizer):
         rows = -(-frames // p)  # time rows of patches holding real frames
         tokens = np.empty((nt, nf, p * p), np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
         tokens[rows:] = pad
-        if _kernels.ENABLED and fb.flags.c_contiguous:  # compiled: normalise, float16, patch layout
+        if _kernels.ENABLED:  # compiled: normalise, float16, patch layout (fb is C-contiguous)
             _kernels.norm_tokens(fb, frames, mean, 2.0 * std, pad.view(np.uint16), p, tokens.view(np.uint16))
         else:
             real = np.empty((rows * p, c.num_mel_bins), np.float16)  # (rows*p, F)
