@@ -154,7 +154,10 @@ def all_finite(values: np.ndarray) -> bool:
 
 
 def validate_record(rec: Record, spec: TableSpec) -> None:
-    """Raise TableError naming the record and the problem if ``rec`` does not satisfy ``spec``."""
+    """Raise TableError naming the record and the problem if ``rec`` does not satisfy ``spec``.
+
+    The NaN/inf scans of tokens and positions are skipped for a record whose producer vouches for
+    them (``Record.finite``)."""
     where = f"record {rec.id!r} (source {rec.source!r})"
     tok = np.asarray(rec.tokens)
     pos = np.asarray(rec.positions)
@@ -168,7 +171,7 @@ def validate_record(rec: Record, spec: TableSpec) -> None:
     else:
         if tok.ndim != 2 or tok.shape[1] != spec.token_dim:
             raise TableError(f"{where}: tokens must have shape (L, {spec.token_dim}), got {tok.shape}")
-        if tok.dtype.kind == "f" and not all_finite(tok):
+        if tok.dtype.kind == "f" and not rec.finite and not all_finite(tok):
             raise TableError(f"{where}: tokens contain non-finite values (NaN or inf)")
     if pos.ndim != 2 or pos.shape[1] != spec.position_dim:
         raise TableError(
@@ -176,7 +179,7 @@ def validate_record(rec: Record, spec: TableSpec) -> None:
         )
     if pos.shape[0] != tok.shape[0]:
         raise TableError(f"{where}: {tok.shape[0]} tokens but {pos.shape[0]} positions")
-    if not all_finite(pos):
+    if not rec.finite and not all_finite(pos):
         raise TableError(f"{where}: positions contain non-finite values (NaN or inf)")
     if tok.shape[0] == 0:
         raise TableError(f"{where}: a record needs at least one token")

@@ -98,7 +98,8 @@ def check_tokenizer(
             assert isinstance(r, Record), f"{src}: tokenize must return Record objects"
             assert r.source == src, f"{src}: record source is {r.source!r}"
             try:
-                tables.validate_record(r, spec)
+                # a record that vouches for its values (Record.finite) is checked without the voucher
+                tables.validate_record(dataclasses.replace(r, finite=False), spec)
             except tables.TableError as e:
                 raise AssertionError(f"{src}: {e}") from None
         again = tokenizer(src)

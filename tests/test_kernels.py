@@ -142,7 +142,14 @@ def test_norm_tokens_is_numpys_normalise_then_torchs_float16_then_patch(frames, 
     fb[0, :3] = [1e-9, -7e5, 3e-6]  # a float16 zero after normalising, an overflow to -inf, a subnormal
     mean, scale, pad = -4.2677393, 2.0 * 4.5689974, np.float16(0.934)
     out = np.full((nt, F // p, p * p), np.nan, np.float16)
-    _kernels.norm_tokens(fb, frames, mean, scale, pad.view(np.uint16), p, out.view(np.uint16))
+    finite = _kernels.norm_tokens(fb, frames, mean, scale, pad.view(np.uint16), p, out.view(np.uint16))
+    assert finite is False  # the -inf of fb[0, 1]
+    ok = fb.copy()
+    ok[0, 1] = 7e4  # 7.7e3 after normalising: finite in float16
+    assert (
+        _kernels.norm_tokens(ok, frames, mean, scale, pad.view(np.uint16), p, out.copy().view(np.uint16))
+        is True
+    )
     rows = -(-frames // p)
     assert np.isnan(out[rows:]).all()  # rows past the real frames' are the caller's
     out[rows:] = pad
@@ -167,9 +174,10 @@ def test_to_half_rounds_as_torch_for_every_float32_class():
         ]
     )
     got = np.empty(x.size, np.float16)  # one frame of len(x) "mel bins", p = 1, mean 0, scale 1
-    _kernels.norm_tokens(
+    finite = _kernels.norm_tokens(
         x.reshape(1, -1), 1, 0.0, 1.0, np.uint16(0), 1, got.view(np.uint16).reshape(1, -1, 1)
     )
+    assert finite is False  # inf, NaN and overflows among them
     want = torch.from_numpy(x).to(torch.float16).numpy()
     nan = np.isnan(x)
     np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])

@@ -1,8 +1,10 @@
 """Token-table schema: writing, reading, and every validation error with its message."""
 
+import dataclasses
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskloom import tables
-from maskloom.tokenizers.base import Record, TableSpec, Tokenizer, register_tokenizer
+from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
 
 
 @register_tokenizer("tables_toy")
@@ -318,3 +320,41 @@ def test_all_finite_matches_numpy_for_every_float16_bit_pattern():
     assert not tables.all_finite(np.array([[0, np.nan]], np.float32)) and tables.all_finite(np.ones(3))
     strided = np.full((4, 4), np.inf, np.float16)[:, :2]  # non-contiguous views are checked too
     assert not tables.all_finite(strided)
+
+
+class Liar(ToyTokenizer):
+    """Vouches for values it never checked."""
+
+    def read(self, source):
+        if not os.path.exists(source):
+            raise TokenizeError(source, "missing", "no such file")
+        try:
+            return np.load(source)
+        except (OSError, ValueError, EOFError) as e:
+            raise TokenizeError(source, "corrupt", str(e)) from None
+
+    def tokenize(self, raw, *, source=""):
+        return [dataclasses.replace(r, finite=True) for r in super().tokenize(raw, source=source)]
+
+
+def test_a_record_that_vouches_for_its_values_skips_the_nan_scans_and_the_kit_checks_the_claim(tmp_path):
+    """``Record.finite``: the producer checked tokens and positions itself (a compiled kernel while
+    writing them); validation then skips its own scans. The claim is not stored, and the conformance
+    kit validates without it, so a tokenizer that vouches wrongly fails the kit."""
+    from maskloom.testing import check_tokenizer
+
+    spec = ToyTokenizer().spec()
+    nan = np.array([[0, np.nan, 0], [0, 0, 0]], np.float32)
+    tables.validate_record(rec(0, tokens=nan, finite=True), spec)  # trusted: not scanned
+    with pytest.raises(tables.TableError, match="tokens contain non-finite values"):
+        tables.validate_record(rec(0, tokens=nan), spec)
+    assert "finite" not in repr(rec(0, finite=True))
+    t = tables.records_to_arrow([rec(0, finite=True)], spec)
+    assert "finite" not in t.column_names
+
+    good, bad = str(tmp_path / "good.npy"), str(tmp_path / "bad.npy")
+    np.save(good, np.ones((2, 3), np.float32))
+    np.save(bad, nan)
+    assert check_tokenizer(Liar(), [good])["records"] == 1
+    with pytest.raises(AssertionError, match="bad.npy: .*tokens contain non-finite values"):
+        check_tokenizer(Liar(), [bad])

@@ -135,6 +135,10 @@ class Record:
     label:     class index, or None.
     meta:      JSON-serialisable dict with what detokenize needs (shape, sample rate, stats ...).
     id:        stable id, unique in a table: "<source>#<sub-index>" by convention.
+    finite:    the producer vouches that ``tokens`` and ``positions`` hold no NaN or inf (it checked
+               them while writing them, e.g. in a compiled kernel); ``validate_record`` then skips its
+               own pass over them (26 us of a 1024-frame audio record's ~30). Never stored; leave it
+               False unless that check really ran: the conformance kit tests the claim.
     """
 
     id: str
@@ -144,6 +148,7 @@ class Record:
     edges: np.ndarray | None = None
     label: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    finite: bool = field(default=False, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:

@@ -403,3 +403,22 @@ def test_read_resamples_exactly_as_torchaudio_functional(tmp_path, sr):
         ref = torchaudio.functional.resample(torch.from_numpy(wav), sr, 16000).numpy()
         np.testing.assert_array_equal(out, ref)
     assert list(tok._resamplers) == [sr]
+
+
+def test_tokens_vouch_for_their_values_only_when_checked(jit_path):
+    """The compiled kernel finds whether the tokens are finite while writing them (Record.finite, which
+    spares validation a 256 kB scan); a NaN in the waveform still reaches validation as non-finite."""
+    from maskloom import tables
+
+    tok = _tok()
+    (rec,) = tok.tokenize(Audio(waveform=_sine(0.5), sample_rate=16000), source="x")
+    assert rec.finite is (jit_path == "jit") and np.isfinite(rec.tokens).all()
+    wav = _sine(0.5)
+    wav[3000] = np.nan
+    (bad,) = tok.tokenize(Audio(waveform=wav, sample_rate=16000), source="nan.wav")
+    assert bad.finite is False and not np.isfinite(bad.tokens).all()
+    with pytest.raises(tables.TableError, match="'nan.wav'.*tokens contain non-finite values"):
+        tables.validate_record(bad, tok.spec())
+    nan_pad = AudioTokenizer(AudioConfig(target_frames=128, pad_value=float("nan")))
+    (r,) = nan_pad.tokenize(Audio(waveform=_sine(0.5), sample_rate=16000), source="x")
+    assert r.finite is False
