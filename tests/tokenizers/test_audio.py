@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 from torchaudio.compliance import kaldi
 
+from maskloom import _mkl_fft
 from maskloom.testing import check_tokenizer
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
 from maskloom.tokenizers.audio import Audio, AudioConfig, AudioTokenizer, KaldiFbank
@@ -422,3 +423,17 @@ def test_tokens_vouch_for_their_values_only_when_checked(jit_path):
     nan_pad = AudioTokenizer(AudioConfig(target_frames=128, pad_value=float("nan")))
     (r,) = nan_pad.tokenize(Audio(waveform=_sine(0.5), sample_rate=16000), source="x")
     assert r.finite is False
+
+
+@pytest.mark.skipif(not _mkl_fft.available(), reason="torch without MKL's DFTI exported")
+def test_kept_mkl_plans_give_the_bits_of_torch_rfft(jit_path):
+    """KaldiFbank's CPU FFT (maskloom._mkl_fft, plans kept per frame count) against the same filterbank
+    through torch.fft.rfft (the fallback where MKL's DFTI is not exported): identical bits."""
+    fast = KaldiFbank(sample_rate=16000, num_mel_bins=128, frame_shift_ms=10.0)
+    plain = KaldiFbank(sample_rate=16000, num_mel_bins=128, frame_shift_ms=10.0)
+    plain._rfft = None
+    assert fast._rfft is not None
+    rng = np.random.default_rng(1)
+    for n in (400, 8000, 16000, 8000, 40000):
+        wav = (rng.standard_normal(n) * 0.3).astype(np.float32)
+        np.testing.assert_array_equal(fast.numpy(wav).view(np.uint32), plain.numpy(wav).view(np.uint32))

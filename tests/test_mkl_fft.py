@@ -1,0 +1,59 @@
+"""maskloom._mkl_fft: torch.fft.rfft's MKL transform with kept plans, bit for bit."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from maskloom import _mkl_fft
+
+needs_mkl = pytest.mark.skipif(not _mkl_fft.available(), reason="torch without MKL's DFTI exported")
+
+
+@needs_mkl
+@pytest.mark.parametrize("n", [512, 256, 1024])
+def test_equals_torch_rfft_bit_for_bit(n):
+    fft = _mkl_fft.RealFFT(n, max_plans=3)
+    rng = np.random.default_rng(n)
+    for t in (1, 2, 51, 7, 51, 300, 2, 51):  # repeats reuse plans; more shapes than max_plans evict some
+        x = (rng.standard_normal((t, n)) * rng.uniform(1e-3, 10)).astype(np.float32)
+        got = fft(x)
+        want = torch.fft.rfft(torch.from_numpy(x)).numpy()
+        assert got.shape == (t, n // 2 + 1) and got.dtype == np.complex64
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert list(fft._plans) == [300, 2, 51]  # the three most recently used batch sizes
+    out = np.empty((4, n // 2 + 1), np.complex64)
+    x = rng.standard_normal((4, n)).astype(np.float32)
+    assert fft(x, out) is out
+    np.testing.assert_array_equal(out, torch.fft.rfft(torch.from_numpy(x)).numpy())
+
+
+@needs_mkl
+def test_rejects_bad_arrays_and_survives_pickling():
+    fft = _mkl_fft.RealFFT(512)
+    for bad in (
+        np.zeros((3, 512), np.float64),
+        np.zeros((3, 256), np.float32),
+        np.zeros((512, 6), np.float32).T,
+        np.zeros((0, 512), np.float32),
+        np.zeros(512, np.float32),
+    ):
+        with pytest.raises(ValueError, match="C-contiguous"):
+            fft(bad)
+    with pytest.raises(ValueError, match="out must be"):
+        fft(np.zeros((3, 512), np.float32), np.zeros((3, 256), np.complex64))
+    fft(np.ones((5, 512), np.float32))
+    clone = pickle.loads(pickle.dumps(fft))  # plans are process-local: rebuilt on use
+    assert clone.n == 512 and not clone._plans
+    x = np.random.default_rng(0).standard_normal((5, 512)).astype(np.float32)
+    np.testing.assert_array_equal(clone(x), fft(x))
+
+
+def test_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(_mkl_fft, "_loaded", False)
+    monkeypatch.setattr(_mkl_fft, "_lib", None)
+    monkeypatch.setenv("MASKLOOM_MKL_FFT", "0")
+    assert not _mkl_fft.available()
+    with pytest.raises(RuntimeError, match="not available"):
+        _mkl_fft.RealFFT(512)
