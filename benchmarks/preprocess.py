@@ -38,7 +38,8 @@ single-worker default, estimated the same way.
 
 Figures: inputs/s of each mode; ``overhead_1 = 1 - ray_1 / plain_write`` (target <= 0.15),
 ``speedup_2 = ray_2 / plain_write`` (target >= 1.6), for warm and cold (and against ``plain`` for
-reference); per run: start-up (until a worker began its first shard) and CPU seconds by process
+reference; ``*_after_startup``: the same from the moment a worker began its first shard, which a
+long job tends to); per run: start-up (until a worker began its first shard) and CPU seconds by process
 kind (driver, tokenizer actors inside shards and in total, raylet, gcs_server, other Ray helpers),
 ``cpus_used`` (CPUs' worth our processes got) and how busy the machine was with other people's
 work (``others_busy_cpus``); ``<mode>_cpu_overhead = 1 - cpu(plain_write) / cpu(mode)``: the
@@ -353,6 +354,16 @@ def _ratios(rnd: dict) -> dict:
                 )
             if f"{start}_2" in rnd and peer in rnd:
                 out[f"{start}_speedup_2{sfx}"] = rnd[f"{start}_2"]["inputs_per_s"] / rnd[peer]["inputs_per_s"]
+    if "plain_write" in rnd:  # the same after the actors' start-up (what a long job tends to)
+        peer = rnd["plain_write"]["inputs_per_s"]
+        for start in ("warm", "cold"):
+            for w, name, f in (
+                (1, "overhead_1", lambda v: 1 - v / peer),
+                (2, "speedup_2", lambda v: v / peer),
+            ):
+                v = rnd.get(f"{start}_{w}", {}).get("after_startup_inputs_per_s")
+                if v:
+                    out[f"{start}_{name}_after_startup"] = f(v)
     return out
 
 
