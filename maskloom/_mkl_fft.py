@@ -13,7 +13,8 @@ Where they are not (builds without MKL: ARM, macOS), :func:`available` is False 
 ``torch.fft.rfft``. ``MASKLOOM_MKL_FFT=0`` turns this path off.
 
 A committed descriptor may be used by several threads at once (MKL's documented guarantee); the
-cache of descriptors is guarded by a lock.
+cache of descriptors is guarded by a lock, and a descriptor is freed only when no call holds it any
+more (an evicted one that another thread is using lives until that call returns).
 """
 
 from __future__ import annotations
@@ -82,6 +83,20 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f"MKL DFTI {what} failed: {msg} (status {status})")
 
 
+class _Plan:
+    """One committed DFTI descriptor, freed when the last reference goes."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: ctypes.c_void_p) -> None:
+        self.handle = handle
+
+    def __del__(self) -> None:
+        if _lib is not None and self.handle:
+            _lib.DftiFreeDescriptor(ctypes.byref(self.handle))
+            self.handle = ctypes.c_void_p()
+
+
 class RealFFT:
     """``torch.fft.rfft(x)`` for (T, n) float32 rows into (T, n // 2 + 1) complex64, with one MKL
     descriptor per batch size T kept (the ``max_plans`` most recently used: each holds MKL's tables
@@ -93,41 +108,37 @@ class RealFFT:
         self.n = int(n)
         self.bins = self.n // 2 + 1
         self.max_plans = max_plans
-        self._plans: OrderedDict[int, ctypes.c_void_p] = OrderedDict()
+        self._plans: OrderedDict[int, _Plan] = OrderedDict()
         self._lock = threading.Lock()
         self._compute = _lib.DftiComputeForward
 
-    def _plan(self, batch: int) -> ctypes.c_void_p:
+    def _plan(self, batch: int) -> _Plan:
         with self._lock:
-            h = self._plans.get(batch)
-            if h is not None:
+            plan = self._plans.get(batch)
+            if plan is not None:
                 self._plans.move_to_end(batch)
-                return h
+                return plan
             h = ctypes.c_void_p()
             _check(
                 _lib.DftiCreateDescriptor_s_1d(ctypes.byref(h), ctypes.c_int(_REAL), _LONG(self.n)), "create"
             )
-            try:
-                strides = (_LONG * 2)(0, 1)
-                for param, value in (
-                    (_PLACEMENT, _LONG(_NOT_INPLACE)),
-                    (_NUMBER_OF_TRANSFORMS, _LONG(batch)),
-                    (_INPUT_DISTANCE, _LONG(self.n)),
-                    (_OUTPUT_DISTANCE, _LONG(self.bins)),
-                    (_INPUT_STRIDES, strides),
-                    (_OUTPUT_STRIDES, strides),
-                    (_CONJUGATE_EVEN_STORAGE, _LONG(_COMPLEX_COMPLEX)),
-                ):
-                    _check(_lib.DftiSetValue(h, ctypes.c_int(param), value), f"setting {param}")
-                _check(_lib.DftiCommitDescriptor(h), "commit")
-            except BaseException:
-                _lib.DftiFreeDescriptor(ctypes.byref(h))
-                raise
-            self._plans[batch] = h
+            plan = _Plan(h)  # frees the descriptor if a setting below fails
+            strides = (_LONG * 2)(0, 1)
+            for param, value in (
+                (_PLACEMENT, _LONG(_NOT_INPLACE)),
+                (_NUMBER_OF_TRANSFORMS, _LONG(batch)),
+                (_INPUT_DISTANCE, _LONG(self.n)),
+                (_OUTPUT_DISTANCE, _LONG(self.bins)),
+                (_INPUT_STRIDES, strides),
+                (_OUTPUT_STRIDES, strides),
+                (_CONJUGATE_EVEN_STORAGE, _LONG(_COMPLEX_COMPLEX)),
+            ):
+                _check(_lib.DftiSetValue(h, ctypes.c_int(param), value), f"setting {param}")
+            _check(_lib.DftiCommitDescriptor(h), "commit")
+            self._plans[batch] = plan
             while len(self._plans) > self.max_plans:
-                _, old = self._plans.popitem(last=False)
-                _lib.DftiFreeDescriptor(ctypes.byref(old))
-            return h
+                self._plans.popitem(last=False)  # freed once no running call holds it
+            return plan
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``x`` (T, n) float32 C-contiguous, T >= 1 -> ``out`` (T, n // 2 + 1) complex64."""
@@ -149,15 +160,12 @@ class RealFFT:
     def forward(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """:meth:`__call__` without checking the arrays (~1 us), for callers that made them as it
         requires: ``x`` (T >= 1, n) float32 and ``out`` (T, n // 2 + 1) complex64, both C-contiguous."""
-        h = self._plan(x.shape[0])
-        _check(self._compute(h, ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data)), "compute")
+        plan = self._plan(x.shape[0])  # held until the transform returns
+        _check(
+            self._compute(plan.handle, ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data)),
+            "compute",
+        )
         return out
-
-    def __del__(self) -> None:
-        lib = _lib
-        if lib is not None:
-            for h in getattr(self, "_plans", {}).values():
-                lib.DftiFreeDescriptor(ctypes.byref(h))
 
     def __getstate__(self) -> dict[str, Any]:  # descriptors are process-local: rebuilt after pickling
         return {"n": self.n, "max_plans": self.max_plans}

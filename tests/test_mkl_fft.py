@@ -57,3 +57,29 @@ def test_can_be_turned_off(monkeypatch):
     assert not _mkl_fft.available()
     with pytest.raises(RuntimeError, match="not available"):
         _mkl_fft.RealFFT(512)
+
+
+@needs_mkl
+def test_threads_share_plans_and_an_evicted_plan_lives_while_in_use():
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    fft = _mkl_fft.RealFFT(512, max_plans=1)
+    held = fft._plan(3)
+    fft._plan(4)  # evicts 3's plan from the cache; ``held`` keeps its descriptor alive
+    assert list(fft._plans) == [4] and held.handle
+    x = np.random.default_rng(3).standard_normal((3, 512)).astype(np.float32)
+    out = np.empty((3, 257), np.complex64)
+    assert fft._compute(held.handle, ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data)) == 0
+    np.testing.assert_array_equal(out, torch.fft.rfft(torch.from_numpy(x)).numpy())
+
+    def work(seed):  # several threads, more batch sizes than plans: constant eviction
+        rng = np.random.default_rng(seed)
+        for _ in range(30):
+            x = rng.standard_normal((int(rng.integers(1, 6)), 512)).astype(np.float32)
+            if not np.array_equal(fft(x), torch.fft.rfft(torch.from_numpy(x)).numpy()):
+                return False
+        return True
+
+    with ThreadPoolExecutor(4) as ex:
+        assert all(ex.map(work, range(4)))
