@@ -398,7 +398,7 @@ class AudioTokenizer(Tokenizer):
             # kernel also finds whether the values are finite, which spares validation a 256 kB pass
             finite = _kernels.norm_tokens(
                 fb, frames, mean, 2.0 * std, pad.view(np.uint16), p, tokens.view(np.uint16)
-            ) and bool(np.isfinite(pad))
+            ) and math.isfinite(pad)
         else:
             real = np.empty((rows * p, c.num_mel_bins), np.float16)  # (rows*p, F)
             real[frames:] = pad
