@@ -357,13 +357,12 @@ def _ratios(rnd: dict) -> dict:
     if "plain_write" in rnd:  # the same after the actors' start-up (what a long job tends to)
         peer = rnd["plain_write"]["inputs_per_s"]
         for start in ("warm", "cold"):
-            for w, name, f in (
-                (1, "overhead_1", lambda v: 1 - v / peer),
-                (2, "speedup_2", lambda v: v / peer),
-            ):
-                v = rnd.get(f"{start}_{w}", {}).get("after_startup_inputs_per_s")
-                if v:
-                    out[f"{start}_{name}_after_startup"] = f(v)
+            one = rnd.get(f"{start}_1", {}).get("after_startup_inputs_per_s")
+            two = rnd.get(f"{start}_2", {}).get("after_startup_inputs_per_s")
+            if one:
+                out[f"{start}_overhead_1_after_startup"] = 1 - one / peer
+            if two:
+                out[f"{start}_speedup_2_after_startup"] = two / peer
     return out
 
 

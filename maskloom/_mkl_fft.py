@@ -38,38 +38,41 @@ _loaded = False
 _lock = threading.Lock()
 
 
-def _load() -> Any:
-    """The library exporting MKL's DFTI functions (torch's ``libtorch_cpu``), or None."""
-    global _lib, _loaded
-    if _loaded:
-        return _lib
-    with _lock:
-        if _loaded:
-            return _lib
-        lib = None
-        if (
-            os.environ.get("MASKLOOM_MKL_FFT", "1") != "0" and os.name == "posix"
-        ):  # MKL_LONG is 32-bit on Windows
-            try:
-                import torch
+_FUNCS = ("DftiCreateDescriptor_s_1d", "DftiSetValue", "DftiCommitDescriptor", "DftiComputeForward",
+          "DftiFreeDescriptor")  # fmt: skip
+"""The DFTI functions used, each returning an MKL_LONG status (and DftiErrorMessage for messages)."""
 
-                if torch.backends.mkl.is_available():
-                    d = os.path.join(os.path.dirname(torch.__file__), "lib")
-                    names = [n for n in os.listdir(d) if n.startswith("libtorch_cpu.")]
-                    if names:
-                        cand = ctypes.CDLL(os.path.join(d, names[0]))  # already loaded by torch
-                        for fn in ("DftiCreateDescriptor_s_1d", "DftiSetValue", "DftiCommitDescriptor",
-                                   "DftiComputeForward", "DftiFreeDescriptor", "DftiErrorMessage"):  # fmt: skip
-                            getattr(cand, fn)  # AttributeError when not exported
-                        cand.DftiErrorMessage.restype = ctypes.c_char_p
-                        for fn in ("DftiCreateDescriptor_s_1d", "DftiSetValue", "DftiCommitDescriptor",
-                                   "DftiComputeForward", "DftiFreeDescriptor"):  # fmt: skip
-                            getattr(cand, fn).restype = _LONG
-                        lib = cand
-            except (ImportError, OSError, AttributeError):
-                lib = None
-        _lib, _loaded = lib, True
+
+def _find() -> Any:
+    """torch's ``libtorch_cpu`` with MKL's DFTI functions typed, or None where it does not export them."""
+    if os.environ.get("MASKLOOM_MKL_FFT", "1") == "0" or os.name != "posix":  # MKL_LONG is 32-bit on Windows
+        return None
+    try:
+        import torch
+
+        if not torch.backends.mkl.is_available():
+            return None
+        d = os.path.join(os.path.dirname(torch.__file__), "lib")
+        names = [n for n in os.listdir(d) if n.startswith("libtorch_cpu.")]
+        if not names:
+            return None
+        lib = ctypes.CDLL(os.path.join(d, names[0]))  # already loaded by torch
+        for fn in _FUNCS:
+            getattr(lib, fn).restype = _LONG  # AttributeError when not exported
+        lib.DftiErrorMessage.restype = ctypes.c_char_p
         return lib
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
+def _load() -> Any:
+    """:func:`_find`, once per process."""
+    global _lib, _loaded
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                _lib, _loaded = _find(), True
+    return _lib
 
 
 def available() -> bool:
