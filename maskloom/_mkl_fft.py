@@ -9,8 +9,13 @@ distances), so the result is the same computation and the same bits as ``torch.f
 check that bit for bit.
 
 MKL's DFTI functions are exported by the ``libtorch_cpu`` of torch's x86-64 Linux and Windows wheels.
-Where they are not (builds without MKL: ARM, macOS), :func:`available` is False and callers use
-``torch.fft.rfft``. ``MASKLOOM_MKL_FFT=0`` turns this path off.
+The library is loaded with ``ctypes`` from torch's install directory without importing torch (an
+audio worker then never pays ``import torch``'s ~1 s of CPU: :mod:`maskloom.tokenizers.audio`). Where
+the functions are not exported (builds without MKL: ARM, macOS), :func:`available` is False and
+callers use ``torch.fft.rfft``. ``MASKLOOM_MKL_FFT=0`` turns this path off.
+
+Threads: MKL reads ``MKL_NUM_THREADS``/``OMP_NUM_THREADS`` when loaded (``ray_utils.limit_threads``
+sets them first in a worker), and torch's ``set_num_threads`` sets MKL's count once torch is imported.
 
 A committed descriptor may be used by several threads at once (MKL's documented guarantee); the
 cache of descriptors is guarded by a lock, and a descriptor is freed only when no call holds it any
@@ -20,7 +25,9 @@ more (an evicted one that another thread is using lives until that call returns)
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
+import sys
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -43,25 +50,37 @@ _FUNCS = ("DftiCreateDescriptor_s_1d", "DftiSetValue", "DftiCommitDescriptor", "
 """The DFTI functions used, each returning an MKL_LONG status (and DftiErrorMessage for messages)."""
 
 
+def _torch_lib_dir() -> str | None:
+    """torch's ``lib`` directory, found without importing torch (``import torch`` costs ~1 s of CPU;
+    a worker that only needs this FFT loads ``libtorch_cpu`` alone, ~0.15 s)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "__file__", None):
+        return os.path.join(os.path.dirname(torch.__file__), "lib")
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(list(spec.submodule_search_locations)[0], "lib")
+
+
 def _find() -> Any:
-    """torch's ``libtorch_cpu`` with MKL's DFTI functions typed, or None where it does not export them."""
+    """torch's ``libtorch_cpu`` with MKL's DFTI functions typed, or None where it does not export them
+    (torch builds without MKL) or cannot be loaded."""
     if os.environ.get("MASKLOOM_MKL_FFT", "1") == "0" or os.name != "posix":  # MKL_LONG is 32-bit on Windows
         return None
+    d = _torch_lib_dir()
     try:
-        import torch
-
-        if not torch.backends.mkl.is_available():
-            return None
-        d = os.path.join(os.path.dirname(torch.__file__), "lib")
-        names = [n for n in os.listdir(d) if n.startswith("libtorch_cpu.")]
+        names = sorted(n for n in os.listdir(d) if n.startswith("libtorch_cpu.")) if d else []
         if not names:
             return None
-        lib = ctypes.CDLL(os.path.join(d, names[0]))  # already loaded by torch
+        lib = ctypes.CDLL(os.path.join(d, names[0]))  # the one torch loads (or has loaded)
         for fn in _FUNCS:
             getattr(lib, fn).restype = _LONG  # AttributeError when not exported
         lib.DftiErrorMessage.restype = ctypes.c_char_p
         return lib
-    except (ImportError, OSError, AttributeError):
+    except (OSError, AttributeError):
         return None
 
 

@@ -12,7 +12,14 @@ Decisions (documented here once):
 
 * Decoding uses ``soundfile`` (libsndfile: WAV, FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1,
   AIFF); multi-channel audio is mixed down to mono by averaging channels; the waveform is resampled
-  to ``Config.sample_rate`` with torchaudio's resampling (the same values as ``functional.resample``).
+  to ``Config.sample_rate`` with torchaudio's resampling algorithm (``functional.resample``: the
+  same values within float32 rounding), ported to numpy (:class:`SincResampler`).
+* The CPU path does not import torch (``import torch`` is ~1 s of CPU in every preprocessing worker):
+  decoding, resampling, the filterbank's constants (:func:`mel_banks`, :func:`hann_window`), the FFT
+  (MKL loaded from torch's install without importing it, :mod:`maskloom._mkl_fft`) and the compiled
+  kernels are numpy, ctypes and numba. torch is imported for other devices (``KaldiFbank`` on a CUDA
+  tensor), :meth:`AudioTokenizer.fbank` (which returns a tensor), and the fallbacks without numba or
+  MKL.
 * Padding follows AudioMAE: the *filterbank* is padded with ``Config.pad_value`` (0.0, i.e. zeros in
   the log-mel domain) before normalisation, so padded frames become ``(0 - mean) / (2 * std)``.
   Every patch is a token (padding included); ``meta["frames"]`` is the number of real frames.
@@ -36,11 +43,13 @@ Decisions (documented here once):
   constant. With numba one compiled kernel (``maskloom._kernels.norm_tokens``) normalises, rounds
   to float16 (by bit operations, the same bits as torch's cast) and writes the patch layout: 5 us
   per FSDD clip instead of 9 for numpy + torch's cast (which is the path without numba; numpy's own
-  cast took 16 of a clip's ~150 us). Resampling keeps one ``torchaudio.transforms.Resample`` (its
-  sinc kernel) per source rate. The FFT is torch's MKL transform, but planned once per frame count
-  (``maskloom._mkl_fft``: ``torch.fft.rfft`` plans it on every call, ~6 us, and dispatches, ~3 us),
-  with the same bits. A tokenized FSDD clip (8 kHz, ~0.5 s, 128 frames) costs ~45-50 us after a
-  ~240 us decode: the FFT is ~10 of them, the mel sums 14.
+  cast took 16 of a clip's ~150 us). Resampling keeps one :class:`SincResampler` (its sinc kernel)
+  per source rate: one matrix product, 29 us for an FSDD clip where torchaudio's ``conv1d`` took 47
+  in isolation and decoding a clip took ~225 us in a loop with it, ~95 us without. The FFT is torch's
+  MKL transform, but planned once per frame count (``maskloom._mkl_fft``: ``torch.fft.rfft`` plans
+  it on every call, ~6 us, and dispatches, ~3 us), with the same bits. A tokenized FSDD clip
+  (8 kHz, ~0.5 s, 128 frames) costs ~45 us after a ~95 us decode: the FFT is ~10 of them, the mel
+  sums 14.
 """
 
 from __future__ import annotations
@@ -51,22 +60,103 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
-from einops import rearrange
-from torchaudio.compliance import kaldi
 
 from maskloom import _kernels, _mkl_fft
 from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 STATS_FILE = "audio_stats.json"
 WINDOW_MS = 25.0  # Kaldi's default frame length
+
+
+def mel_banks(num_bins: int, fft_size: int, sample_rate: float, low_freq: float = 20.0) -> np.ndarray:
+    """``torchaudio.compliance.kaldi.get_mel_banks(num_bins, fft_size, sample_rate, low_freq, 0.0,
+    ...)`` (mel bins from ``low_freq`` to Nyquist, no VTLN) in numpy: (num_bins, fft_size // 2)
+    float32, the same float32 operations in the same order, the logarithm rounded from float64
+    (bit for bit the same matrix for the configurations the tests cover)."""
+    f32 = np.float32
+    high_freq = 0.5 * sample_rate
+    mel_low, mel_high = 1127.0 * math.log(1.0 + low_freq / 700.0), 1127.0 * math.log(1.0 + high_freq / 700.0)
+    delta = f32((mel_high - mel_low) / (num_bins + 1))
+    b = np.arange(num_bins, dtype=f32)[:, None]  # (F, 1)
+    left = f32(mel_low) + b * delta
+    center = f32(mel_low) + (b + f32(1.0)) * delta
+    right = f32(mel_low) + (b + f32(2.0)) * delta
+    freq = f32(sample_rate / fft_size) * np.arange(fft_size // 2, dtype=f32)
+    mel = (f32(1127.0) * np.log((f32(1.0) + freq / f32(700.0)).astype(np.float64)).astype(f32))[None, :]
+    up = (mel - left) / (center - left)
+    down = (right - mel) / (right - center)
+    return np.maximum(f32(0.0), np.minimum(up, down))
+
+
+def hann_window(size: int) -> np.ndarray:
+    """``torch.hann_window(size, periodic=False)`` in numpy float32: its float32 argument, the cosine
+    rounded from float64 (torch's vectorised float32 cosine differs by one unit in the last place in
+    ~2.5 % of the entries)."""
+    if size == 1:
+        return np.ones(1, np.float32)
+    a = np.arange(size, dtype=np.float32) * np.float32(2.0 * math.pi / (size - 1))
+    w = np.cos(a.astype(np.float64)).astype(np.float32)
+    w *= np.float32(-0.5)
+    w += np.float32(0.5)
+    return w
+
+
+class SincResampler:
+    """``torchaudio.functional.resample(x, orig_freq, new_freq)`` (windowed-sinc interpolation with a
+    Hann window, ``lowpass_filter_width=6``, ``rolloff=0.99``) in numpy, with its kernel built once.
+
+    The kernel is torchaudio's ``_get_sinc_resample_kernel`` in float32 (sine and cosine rounded from
+    float64); applying it is one matrix product of the strided input windows with the
+    (window, phases) kernel, the computation torchaudio's strided ``conv1d`` does. Outputs agree with
+    torchaudio's within float32 rounding (|diff| <= 2e-7 for unit-scale audio in the tests). Plain
+    numpy, so that a worker that decodes audio does not import torch; 10x faster than torchaudio's
+    ``conv1d`` from 44.1 kHz.
+    """
+
+    def __init__(self, orig_freq: int, new_freq: int, lowpass_filter_width: int = 6, rolloff: float = 0.99):
+        if orig_freq <= 0 or new_freq <= 0:
+            raise ValueError(f"sample rates must be positive, got {orig_freq} -> {new_freq}")
+        g = math.gcd(int(orig_freq), int(new_freq))
+        self.orig, self.new = int(orig_freq) // g, int(new_freq) // g
+        f32 = np.float32
+        base = min(self.orig, self.new) * rolloff
+        self.width = math.ceil(lowpass_filter_width * self.orig / base)
+        idx = np.arange(-self.width, self.width + self.orig, dtype=f32)[None, :] / f32(self.orig)
+        t = np.arange(0, -self.new, -1, dtype=f32)[:, None] / f32(self.new) + idx  # (new, taps)
+        t *= f32(base)
+        np.clip(t, -lowpass_filter_width, lowpass_filter_width, out=t)
+        a = t * f32(math.pi / lowpass_filter_width / 2)
+        window = np.cos(a.astype(np.float64)).astype(f32) ** 2
+        t *= f32(math.pi)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            k = np.where(t == 0, f32(1.0), np.sin(t.astype(np.float64)).astype(f32) / t)
+        k *= window * f32(base / self.orig)
+        self.kernel = np.ascontiguousarray(k.T, dtype=f32)  # (taps, new): one column per output phase
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(N,) float32 -> (ceil(N * new / orig),) float32."""
+        n = x.shape[0]
+        if self.orig == self.new:
+            return np.array(x, np.float32)
+        taps = self.kernel.shape[0]
+        padded = np.zeros(n + 2 * self.width + self.orig, np.float32)  # torchaudio's zero padding
+        padded[self.width : self.width + n] = x
+        frames = (padded.shape[0] - taps) // self.orig + 1
+        # (taps, frames) strided view of the input windows; (phases, taps) @ it, written transposed
+        # into (frames, phases): 29 us for an FSDD clip against 55 for windows @ kernel
+        windows = np.ndarray((taps, frames), np.float32, buffer=padded, strides=(4, self.orig * 4))
+        out = np.empty((frames, self.new), np.float32)
+        np.matmul(self.kernel.T, windows, out=out.T)
+        return out.reshape(-1)[: -(-self.new * n // self.orig)]  # phases interleaved in time
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,20 +254,16 @@ class KaldiFbank:
         self.window_shift = int(sample_rate * frame_shift_ms * 0.001)
         self.window_size = int(sample_rate * WINDOW_MS * 0.001)
         self.fft_size = 2 ** (self.window_size - 1).bit_length()  # Kaldi's round_to_power_of_two
-        banks, _ = kaldi.get_mel_banks(
-            num_mel_bins, self.fft_size, sample_rate, 20.0, 0.0, 100.0, -500.0, 1.0
-        )
         # (F, fft_size // 2 + 1) with a zero column for the Nyquist bin, as kaldi.fbank pads it
-        self._banks = torch.nn.functional.pad(banks.to(torch.float32), (0, 1), mode="constant", value=0)
-        self._window = torch.hann_window(self.window_size, periodic=False, dtype=torch.float32)  # (W,)
-        self._eps = float(torch.finfo(torch.float32).eps)
-        self._device = torch.device("cpu")
+        self._np_banks = np.pad(mel_banks(num_mel_bins, self.fft_size, sample_rate), ((0, 0), (0, 1)))
+        self._eps = float(np.finfo(np.float32).eps)
+        self._torch_consts: tuple[Any, Any] | None = None  # (banks, window) as torch tensors, for _torch
         # CPU path (numpy): the window, and the mel filters as runs over the bins they touch
-        self._np_window = self._window.numpy().copy()
+        self._np_window = hann_window(self.window_size)  # (W,)
         if self._np_window[0] != 0.0:  # the pre-emphasis regrouping needs w[0] == 0 (Hann, symmetric)
             raise AssertionError("KaldiFbank's CPU path needs a window whose first sample is 0")
         half = self.fft_size // 2  # the Nyquist bin's filter column is zero: bins 0 .. half-1
-        dense = self._banks.numpy()[:, :half]  # (F, half)
+        dense = self._np_banks[:, :half]  # (F, half)
         edges = np.linspace(0, num_mel_bins, min(self.MEL_GROUPS, num_mel_bins) + 1).round().astype(int)
         self._np_runs: list[tuple[int, int, int, int, np.ndarray]] = []  # (f0, f1, bin0, bin1, (bins, f))
         for f0, f1 in zip(edges[:-1], edges[1:]):
@@ -195,6 +281,8 @@ class KaldiFbank:
         through a kept MKL plan when there is one (~8 instead of ~18 us for 50 frames)."""
         if self._rfft is not None:  # buf is made C-contiguous (T >= 1, fft_size) float32 by the callers
             return self._rfft.forward(buf, np.empty((buf.shape[0], self.fft_size // 2 + 1), np.complex64))
+        import torch
+
         return torch.fft.rfft(torch.from_numpy(buf)).numpy()
 
     def num_frames(self, num_samples: int) -> int:
@@ -211,6 +299,8 @@ class KaldiFbank:
 
     def __call__(self, waveform: torch.Tensor) -> torch.Tensor:
         """(N,) float32 waveform, N >= the window size -> (T, num_mel_bins) float32 log-mel filterbank."""
+        import torch
+
         if waveform.device.type == "cpu" and waveform.dtype == torch.float32:
             return torch.from_numpy(self.numpy(waveform.numpy()))  # checks the shape
         self._check(tuple(waveform.shape))
@@ -226,7 +316,7 @@ class KaldiFbank:
             buf = np.empty((t, self.fft_size), np.float32)
             _kernels.fbank_frames(s, self._np_window, h, self.PREEMPHASIS, buf)
             spec = self._spectrum(buf)
-            mel = np.empty((t, self._banks.shape[0]), np.float32)
+            mel = np.empty((t, self._np_banks.shape[0]), np.float32)
             _kernels.fbank_mel(spec.view(np.float32), self._mel_tables, self._eps, mel)
             return np.log(mel, out=mel)
         # strided (T, W) views; np.ndarray(buffer=...) is ~10x cheaper than as_strided
@@ -247,7 +337,7 @@ class KaldiFbank:
         sq = spec.view(np.float32)[:, : 2 * half]  # (T, fft) re, im interleaved, Nyquist dropped
         sq = sq * sq
         power = sq[:, 0::2] + sq[:, 1::2]  # (T, half) re^2 + im^2
-        mel = np.zeros((t, self._banks.shape[0]), np.float32)
+        mel = np.zeros((t, self._np_banks.shape[0]), np.float32)
         for f0, f1, b0, b1, m in self._np_runs:
             np.matmul(power[:, b0:b1], m, out=mel[:, f0:f1])
         np.maximum(mel, np.float32(self._eps), out=mel)
@@ -255,17 +345,24 @@ class KaldiFbank:
 
     def _torch(self, waveform: torch.Tensor) -> torch.Tensor:
         """The same in torch ops, on any device (GPUs)."""
-        if waveform.device != self._device:
-            self._banks, self._window = self._banks.to(waveform.device), self._window.to(waveform.device)
-            self._device = waveform.device
+        import torch
+
+        if self._torch_consts is None or self._torch_consts[0].device != waveform.device:
+            self._torch_consts = (  # torch's own window (kaldi.fbank's bits; hann_window() rounds apart)
+                torch.from_numpy(self._np_banks).to(waveform.device),
+                torch.hann_window(
+                    self.window_size, periodic=False, dtype=torch.float32, device=waveform.device
+                ),
+            )
+        banks, window = self._torch_consts
         wav = waveform.contiguous()
         m, w = self.num_frames(wav.shape[0]), self.window_size
         x = wav.as_strided((m, w), (self.window_shift, 1))  # (T, W) overlapping frames, a view
         x = x - x.mean(dim=1, keepdim=True)  # remove_dc_offset
         x = x - self.PREEMPHASIS * torch.cat((x[:, :1], x[:, :-1]), dim=1)  # x[j] -= 0.97 x[max(j-1, 0)]
-        spectrum = torch.fft.rfft(x * self._window, n=self.fft_size)  # (T, fft_size // 2 + 1), zero-padded
+        spectrum = torch.fft.rfft(x * window, n=self.fft_size)  # (T, fft_size // 2 + 1), zero-padded
         power = spectrum.real.square() + spectrum.imag.square()  # |X|^2 = re^2 + im^2, no hypot
-        mel = torch.mm(power, self._banks.T)  # (T, F)
+        mel = torch.mm(power, banks.T)  # (T, F)
         return mel.clamp_min_(self._eps).log_()
 
 
@@ -325,7 +422,7 @@ class AudioTokenizer(Tokenizer):
         self._kaldi: KaldiFbank | None = None  # built on first use (window + mel matrix)
         self._pad_token: tuple[float, float, np.float16] | None = None  # (mean, std, normalised pad value)
         self._positions: np.ndarray | None = None  # (L, 2) float32, copied into every record
-        self._resamplers: dict[int, torchaudio.transforms.Resample] = {}  # by source sample rate
+        self._resamplers: dict[int, SincResampler] = {}  # by source sample rate
 
     # ---- contract -----------------------------------------------------------------------------
     def spec(self) -> TableSpec:
@@ -361,7 +458,7 @@ class AudioTokenizer(Tokenizer):
             raise TokenizeError(source, "corrupt", "audio contains non-finite samples (NaN or inf)")
         wav = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]  # (N,) mono mix-down
         if sr != self.config.sample_rate:
-            wav = self._resampler(sr)(torch.from_numpy(np.ascontiguousarray(wav))).numpy()
+            wav = self._resampler(sr)(wav)
         return Audio(
             waveform=np.ascontiguousarray(wav, dtype=np.float32), sample_rate=self.config.sample_rate
         )
@@ -406,6 +503,8 @@ class AudioTokenizer(Tokenizer):
             # weak; the float16 cast by torch (vectorised: 3 us for a 0.5 s clip, numpy's 16 us)
             norm = fb[:frames] - mean
             norm /= 2.0 * std
+            import torch  # only on this path (no numba)
+
             torch.from_numpy(real[:frames]).copy_(torch.from_numpy(norm))
             tokens.reshape(nt, nf, p, p)[:rows] = real.reshape(rows, p, nf, p).transpose(0, 2, 1, 3)
         tokens = tokens.reshape(nt * nf, p * p)  # (L, p*p), time-major
@@ -438,13 +537,14 @@ class AudioTokenizer(Tokenizer):
         m = record.meta
         p = int(m["patch_size"])
         nt, nf = (int(v) for v in m["grid"])
-        tok = torch.as_tensor(np.asarray(record.tokens, dtype=np.float32))  # (L, p*p)
-        pos = torch.as_tensor(np.asarray(record.positions)).long()  # (L, 2)
-        grid = torch.zeros(nt, nf, p * p)
+        tok = np.asarray(record.tokens, dtype=np.float32)  # (L, p*p)
+        pos = np.asarray(record.positions).astype(np.int64)  # (L, 2)
+        grid = np.zeros((nt, nf, p * p), np.float32)
         grid[pos[:, 0], pos[:, 1]] = tok  # placed by position: order-independent
-        x = rearrange(grid, "t f (pt pf) -> (t pt) (f pf)", pt=p, pf=p)  # (nt*p, nf*p)
-        fb = x * (2.0 * float(m["norm_std"])) + float(m["norm_mean"])
-        return fb[: int(m["frames"])].numpy()
+        x = grid.reshape(nt, nf, p, p).transpose(0, 2, 1, 3).reshape(nt * p, nf * p)  # (t pt) (f pf)
+        fb = x[: int(m["frames"])] * np.float32(2.0 * float(m["norm_std"]))
+        fb += np.float32(m["norm_mean"])
+        return fb
 
     # ---- statistics ---------------------------------------------------------------------------
     def fit(self, sources: Iterable[str]) -> None:
@@ -460,14 +560,14 @@ class AudioTokenizer(Tokenizer):
         n = used = 0
         for s in srcs:
             try:
-                fb = self.fbank(self.read(s).waveform).double()  # (T, F)
+                fb = self._fbank_numpy(self.read(s).waveform)  # (T, F)
             except TokenizeError as e:
                 log.warning("audio fit(): skipping %s", e)
                 continue
-            fb = fb[: self.config.target_frames]
+            fb = fb[: self.config.target_frames].astype(np.float64)
             s1 += float(fb.sum())
             s2 += float((fb * fb).sum())
-            n += fb.numel()
+            n += fb.size
             used += 1
         if n == 0:
             raise ValueError(f"audio fit(): none of the {len(srcs)} sampled sources could be read")
@@ -518,6 +618,8 @@ class AudioTokenizer(Tokenizer):
         The waveform's mean is removed first; audio shorter than one 25 ms window is zero-padded to one
         window (one frame). Equal to ``kaldi.fbank`` with AudioMAE's options up to float32 rounding (see
         :class:`KaldiFbank`)."""
+        import torch
+
         return torch.from_numpy(self._fbank_numpy(waveform))
 
     def _fbank_numpy(self, waveform: np.ndarray) -> np.ndarray:
@@ -535,23 +637,21 @@ class AudioTokenizer(Tokenizer):
         # (remove_dc_offset), which cancels any constant offset exactly (up to float32 rounding).
         return self._kaldi.numpy(wav)
 
-    def _resampler(self, sr: int) -> torchaudio.transforms.Resample:
-        """``torchaudio.functional.resample(x, sr, Config.sample_rate)`` with its sinc kernel built once
-        per source rate (the functional form rebuilds it on every call: half the time of a short clip);
-        the same float32 values, bit for bit."""
+    def _resampler(self, sr: int) -> SincResampler:
+        """``torchaudio.functional.resample(x, sr, Config.sample_rate)`` (:class:`SincResampler`) with
+        its sinc kernel built once per source rate (the functional form rebuilds it on every call:
+        half the time of a short clip)."""
         r = self._resamplers.get(sr)
         if r is None:
-            r = self._resamplers[sr] = torchaudio.transforms.Resample(
-                sr, self.config.sample_rate, dtype=torch.float32
-            )
+            r = self._resamplers[sr] = SincResampler(sr, self.config.sample_rate)
         return r
 
     def _pad_token_value(self, mean: float, std: float) -> np.float16:
-        """``(pad_value - mean) / (2 * std)`` as float16, computed with the same torch arithmetic as the
-        real frames (cached per statistics)."""
+        """``(pad_value - mean) / (2 * std)`` as float16, in the float32 arithmetic of the real frames
+        (cached per statistics)."""
         if self._pad_token is None or self._pad_token[:2] != (mean, std):
-            pad = torch.full((1,), float(self.config.pad_value), dtype=torch.float32)
-            value = ((pad - mean) / (2.0 * std)).to(torch.float16).numpy()[0]
+            pad = np.full(1, self.config.pad_value, np.float32)
+            value = ((pad - mean) / (2.0 * std)).astype(np.float16)[0]
             self._pad_token = (mean, std, value)
         return self._pad_token[2]
 
@@ -564,13 +664,6 @@ class AudioTokenizer(Tokenizer):
             self._positions = np.stack([tt.reshape(-1), ff.reshape(-1)], axis=1).astype(np.float32)
         return self._positions
 
-    def pad_or_cut(self, fb: torch.Tensor) -> torch.Tensor:
-        """(T, F) -> (target_frames, F): pad with ``pad_value`` at the end or keep the first frames."""
-        n = self.config.target_frames - fb.shape[0]
-        if n > 0:
-            return torch.nn.functional.pad(fb, (0, 0, 0, n), value=self.config.pad_value)
-        return fb[: self.config.target_frames]
-
     def render(self, raw: Audio | np.ndarray, path: str) -> None:
         """Draw a spectrogram PNG: ``raw`` is an :class:`Audio` (its filterbank is computed) or a
         (frames, mel) filterbank such as detokenize() returns."""
@@ -579,7 +672,7 @@ class AudioTokenizer(Tokenizer):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fb = self.fbank(raw.waveform).numpy() if isinstance(raw, Audio) else np.asarray(raw, dtype=np.float32)
+        fb = self._fbank_numpy(raw.waveform) if isinstance(raw, Audio) else np.asarray(raw, dtype=np.float32)
         if fb.ndim != 2:
             raise ValueError(f"render expects Audio or a (frames, mel) filterbank, got shape {fb.shape}")
         fig, ax = plt.subplots(figsize=(max(4.0, min(16.0, fb.shape[0] / 40)), 3), dpi=100)

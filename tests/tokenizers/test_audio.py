@@ -392,18 +392,59 @@ def test_tokens_match_plain_kaldi_fbank_within_one_float16_step():
         assert (got == want).mean() > 0.99
 
 
-@pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
-def test_read_resamples_exactly_as_torchaudio_functional(tmp_path, sr):
+@pytest.mark.parametrize("sr", [8000, 11025, 22050, 44100, 48000])
+def test_read_resamples_as_torchaudio_functional(tmp_path, sr):
+    """The numpy SincResampler is torchaudio's resample: its kernel within float32 rounding (sine and
+    cosine rounded from float64, where torch's float32 ones may be a few units in the last place off),
+    the output within 2e-7 of unit-scale audio, and the same length."""
     import torchaudio
 
     wav = (np.random.default_rng(sr).standard_normal(sr // 3) * 0.2).astype(np.float32)
     path = _wav(tmp_path / f"{sr}.wav", wav, sr)
     tok = _tok()
+    ref = torchaudio.functional.resample(torch.from_numpy(wav), sr, 16000).numpy()
     for _ in range(2):  # the second read uses the cached kernel
         out = tok.read(path).waveform
-        ref = torchaudio.functional.resample(torch.from_numpy(wav), sr, 16000).numpy()
-        np.testing.assert_array_equal(out, ref)
+        assert out.dtype == np.float32 and out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, rtol=0, atol=2e-7)
     assert list(tok._resamplers) == [sr]
+    kernel = torchaudio.transforms.Resample(sr, 16000, dtype=torch.float32).kernel[:, 0, :].T.numpy()
+    np.testing.assert_allclose(tok._resamplers[sr].kernel, kernel, rtol=0, atol=2.5e-7)
+
+
+@pytest.mark.parametrize("orig,new", [(8000, 16000), (16000, 8000), (3, 2)])
+def test_sinc_resampler_lengths_and_a_tone(orig, new):
+    """Lengths are ceil(N * new / orig) as torchaudio's; a tone well below both Nyquists survives
+    (away from the edges, where the zero padding tapers it)."""
+    from maskloom.tokenizers.audio import SincResampler
+
+    r = SincResampler(orig, new)
+    for n in (1, 2, 7, 100):
+        assert r(np.ones(n, np.float32)).shape == (-(-n * new // orig),)
+    if orig > 100:
+        t = np.arange(orig) / orig
+        y = r(np.sin(2 * np.pi * 440 * t).astype(np.float32))
+        want = np.sin(2 * np.pi * 440 * np.arange(new) / new)
+        np.testing.assert_allclose(y[200:-200], want[200:-200], atol=2e-3)
+    with pytest.raises(ValueError, match="positive"):
+        SincResampler(0, 16000)
+
+
+def test_numpy_constants_equal_torchaudio():
+    """The mel filterbank bit for bit; the Hann window within a unit in the last place."""
+    from torchaudio.compliance import kaldi
+
+    from maskloom.tokenizers.audio import hann_window, mel_banks
+
+    for mel, sr in ((128, 16000), (80, 16000), (64, 8000), (128, 22050), (128, 44100), (23, 16000)):
+        w = int(sr * 0.025)
+        fft = 2 ** (w - 1).bit_length()
+        ref, _ = kaldi.get_mel_banks(mel, fft, sr, 20.0, 0.0, 100.0, -500.0, 1.0)
+        np.testing.assert_array_equal(mel_banks(mel, fft, sr), ref.numpy())
+        tw = torch.hann_window(w, periodic=False, dtype=torch.float32).numpy()
+        np.testing.assert_allclose(hann_window(w), tw, rtol=0, atol=2**-24)
+        assert hann_window(w)[0] == 0.0
+    assert hann_window(1).tolist() == [1.0]
 
 
 def test_tokens_vouch_for_their_values_only_when_checked(jit_path):
@@ -437,3 +478,26 @@ def test_kept_mkl_plans_give_the_bits_of_torch_rfft(jit_path):
     for n in (400, 8000, 16000, 8000, 40000):
         wav = (rng.standard_normal(n) * 0.3).astype(np.float32)
         np.testing.assert_array_equal(fast.numpy(wav).view(np.uint32), plain.numpy(wav).view(np.uint32))
+
+
+def test_a_cpu_worker_tokenizes_audio_without_importing_torch(tmp_path):
+    """``import torch`` is ~1 s of CPU in every preprocessing worker; the CPU path (decode, resample,
+    filterbank through MKL loaded alone, compiled kernels) does not need it."""
+    import subprocess
+    import sys
+
+    path = _wav(tmp_path / "a.wav", (np.sin(np.arange(4000) / 7.0) * 0.3).astype(np.float32), 8000)
+    code = (
+        "import sys\n"
+        "from maskloom import _kernels, _mkl_fft\n"
+        "from maskloom.tokenizers import get_tokenizer\n"
+        f"(rec,) = get_tokenizer('audio', {{'target_frames': 64}})({str(path)!r})\n"
+        "assert rec.tokens.shape == (4 * 8, 256), rec.tokens.shape\n"
+        "print(_kernels.ENABLED and _mkl_fft.available(), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fast_path, imported = out.stdout.split()
+    if fast_path != "True":
+        pytest.skip("numba or MKL's DFTI missing: the fallbacks use torch")
+    assert imported == "False"
