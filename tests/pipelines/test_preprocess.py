@@ -30,6 +30,7 @@ from maskloom.pipelines.preprocess import (
 from maskloom.pipelines.ray_utils import (
     RAY_DATA_PROGRESS_LOGGER,
     THREAD_ENV_VARS,
+    WORKER_NICENESS_ENV,
     init_ray,
     limit_threads,
     quiet_ray_data_bars,
@@ -174,7 +175,8 @@ def test_resources_defaults_and_validation():
 def test_default_shard_size_aims_at_shards_per_worker_within_bounds():
     # 8 shards per worker, at most 256 and at least 32 inputs per shard (unless the job is smaller)
     cases = [(1, 1), (10, 2), (100, 2), (500, 1), (2000, 2), (3000, 1), (3000, 2), (100_000, 2)]
-    assert [default_shard_size(n, w) for n, w in cases] == [1, 10, 32, 63, 125, 256, 188, 256]
+    # (100,000 on 2 workers: 391 shards of 256 would leave one alone at the end: 394 of 254)
+    assert [default_shard_size(n, w) for n, w in cases] == [1, 10, 32, 63, 125, 256, 188, 254]
     assert default_shard_size(3000, 0) == 256  # a worker count below one counts as one
 
 
@@ -187,6 +189,19 @@ def test_default_shard_size_holds_half_a_second_of_measured_work():
     assert default_shard_size(big, 1, 1e-6) == 4096 and default_shard_size(big, 1, 0.5) == 32
     assert default_shard_size(3000, 2, 0.00025) == 188  # small jobs: still 8 shards per worker
     assert default_shard_size(big, 1, None) == 256 and default_shard_size(big, 1, 0.0) == 256
+
+
+def test_default_shards_are_a_multiple_of_the_workers():
+    """42,000 clips at 2048 per shard would be 21 shards: one worker alone through the last one.
+    The size shrinks to 1910 (22 shards) instead; 100,000 inputs on 4 workers: 256 -> 253 (396)."""
+    assert default_shard_size(42_000, 1, 0.00024) == 2048  # one worker: no rounding
+    assert default_shard_size(42_000, 2, 0.00024) == 1910 and -(-42_000 // 1910) == 22
+    assert default_shard_size(100_000, 4) == 253 and -(-100_000 // 253) == 396
+    for n in range(3_000, 60_000, 997):
+        for w in (2, 3, 4, 8):
+            assert -(-n // default_shard_size(n, w, 0.00024)) % w == 0, (n, w)
+    # not below the minimum size: 2053 inputs on 8 workers keep 63 shards of 33
+    assert default_shard_size(2053, 8) == 33
 
 
 def test_seconds_per_input_samples_evenly_after_one_untimed_input():
@@ -277,6 +292,18 @@ def test_actor_limits_its_threads_before_and_after_building_the_tokenizer(tmp_pa
 
 
 # ---- whole jobs on the embedded Ray ----------------------------------------------------------
+def test_embedded_ray_runs_its_workers_at_the_drivers_niceness(local_ray):
+    """Ray's workers take niceness 15 by default; the embedded Ray starts them at 0 (a plain loop's),
+    without leaving Ray's variable set in this process."""
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote()) == os.nice(0)  # 15 with Ray's default
+    assert WORKER_NICENESS_ENV not in os.environ
+
+
 def test_preprocess_table_accounting_rerun_and_conflicts(tmp_path, local_ray):
     found = make_data(tmp_path / "in")
     out = str(tmp_path / "t")
