@@ -13,7 +13,9 @@ Every input is repeated K times through distinct symlinks in a temporary directo
 de-duplicate by path), K = 8 for images (24,000 inputs) and 21 for audio (42,000), so that the fair
 peer below lasts ~20 s on this machine; ``--copies K`` overrides both. (Token tables v2 made shard
 writes 10x cheaper and these jobs 2-2.7x shorter; the counts were raised to keep the ~20 s. Session
-5's audio fbank took the audio peer from 16.5 to 14 s for 30,000 clips: 15 -> 21 copies.)
+5's audio fbank took the audio peer from 16.5 to 14 s for 30,000 clips: 15 -> 21 copies. Session
+11's audio path without torch decodes a clip in 95 instead of ~225 us: the audio peer went from 30 to
+17-18 s; the counts stayed.)
 Without /work/shared/data, generated files stand in.
 
 Modes, on the same files, each round running all of them back to back (rounds interleave, so load
