@@ -482,7 +482,8 @@ def test_kept_mkl_plans_give_the_bits_of_torch_rfft(jit_path):
 
 def test_a_cpu_worker_tokenizes_audio_without_importing_torch(tmp_path):
     """``import torch`` is ~1 s of CPU in every preprocessing worker; the CPU path (decode, resample,
-    filterbank through MKL loaded alone, compiled kernels) does not need it."""
+    filterbank through MKL loaded alone, compiled kernels) does not need it. Importing torch later in
+    the same process still works, with the same FFT bits."""
     import subprocess
     import sys
 
@@ -494,6 +495,11 @@ def test_a_cpu_worker_tokenizes_audio_without_importing_torch(tmp_path):
         f"(rec,) = get_tokenizer('audio', {{'target_frames': 64}})({str(path)!r})\n"
         "assert rec.tokens.shape == (4 * 8, 256), rec.tokens.shape\n"
         "print(_kernels.ENABLED and _mkl_fft.available(), 'torch' in sys.modules)\n"
+        # torch imported afterwards finds its library loaded already, and both FFTs agree
+        "import numpy as np, torch\n"
+        "x = np.random.default_rng(0).standard_normal((5, 512)).astype(np.float32)\n"
+        "if _mkl_fft.available():\n"
+        "    assert np.array_equal(_mkl_fft.RealFFT(512)(x), torch.fft.rfft(torch.from_numpy(x)).numpy())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
