@@ -122,7 +122,20 @@ class SincResampler:
     ``conv1d`` from 44.1 kHz.
     """
 
-    def __init__(self, orig_freq: int, new_freq: int, lowpass_filter_width: int = 6, rolloff: float = 0.99):
+    MAX_KERNEL = 1 << 22
+    """Most kernel entries (phases x taps) built, 16 MB. Rates with a small common divisor need a
+    huge one (44,101 -> 16,000 Hz: 16,000 phases x 44,400 taps, 2.8 GB, which torchaudio builds);
+    those are resampled by evaluating each output's ~35 nonzero taps directly (:meth:`_direct`)."""
+
+    def __init__(
+        self,
+        orig_freq: int,
+        new_freq: int,
+        lowpass_filter_width: int = 6,
+        rolloff: float = 0.99,
+        *,
+        max_kernel: int | None = None,
+    ):
         if orig_freq <= 0 or new_freq <= 0:
             raise ValueError(f"sample rates must be positive, got {orig_freq} -> {new_freq}")
         g = math.gcd(int(orig_freq), int(new_freq))
@@ -130,6 +143,10 @@ class SincResampler:
         f32 = np.float32
         base = min(self.orig, self.new) * rolloff
         self.width = math.ceil(lowpass_filter_width * self.orig / base)
+        self.lowpass_filter_width, self.base = lowpass_filter_width, base
+        self.kernel: np.ndarray | None = None
+        if self.new * (2 * self.width + self.orig) > (self.MAX_KERNEL if max_kernel is None else max_kernel):
+            return  # resampled by _direct
         idx = np.arange(-self.width, self.width + self.orig, dtype=f32)[None, :] / f32(self.orig)
         t = np.arange(0, -self.new, -1, dtype=f32)[:, None] / f32(self.new) + idx  # (new, taps)
         t *= f32(base)
@@ -142,11 +159,41 @@ class SincResampler:
         k *= window * f32(base / self.orig)
         self.kernel = np.ascontiguousarray(k.T, dtype=f32)  # (taps, new): one column per output phase
 
+    def _direct(self, x: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
+        """The same sum without the kernel, in float64: output ``j = i * new + p`` (frame i, phase p)
+        is ``sum_m x[i * orig + m - width] k_p(m)``, and ``k_p(m)`` is nonzero only where its time
+        ``t = (m - width) / orig - p / new`` (scaled by ``base``) lies within the filter's
+        ``lowpass_filter_width``: ~2 * 6 * orig / base taps (and two more each side), evaluated per output."""
+        n = x.shape[0]
+        orig, new, w, lpw, base = self.orig, self.new, self.width, self.lowpass_filter_width, self.base
+        taps = 2 * w + orig  # torchaudio's kernel length; taps beyond it are not in the sum
+        band = math.ceil(2 * lpw * orig / base) + 4
+        padded = np.zeros(n + taps + band, np.float64)
+        padded[w : w + n] = x
+        n_out = -(-new * n // orig)
+        out = np.empty(n_out, np.float32)
+        for s in range(0, n_out, chunk):
+            j = np.arange(s, min(n_out, s + chunk), dtype=np.int64)
+            i, p = j // new, j % new
+            lo = np.maximum(np.floor(w + orig * (p / new - lpw / base)).astype(np.int64) - 1, 0)
+            m = lo[:, None] + np.arange(band)  # (J, band) tap indices
+            t = ((m - w) / orig - (p / new)[:, None]) * base
+            np.clip(t, -lpw, lpw, out=t)
+            k = np.cos(t * (math.pi / lpw / 2)) ** 2
+            t *= math.pi
+            with np.errstate(invalid="ignore", divide="ignore"):
+                k *= np.where(t == 0, 1.0, np.sin(t) / t) * (base / orig)
+            k[m >= taps] = 0.0
+            out[s : s + j.shape[0]] = (padded[(i * orig)[:, None] + m] * k).sum(axis=1)
+        return out
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(N,) float32 -> (ceil(N * new / orig),) float32."""
         n = x.shape[0]
         if self.orig == self.new:
             return np.array(x, np.float32)
+        if self.kernel is None:
+            return self._direct(x)
         taps = self.kernel.shape[0]
         padded = np.zeros(n + 2 * self.width + self.orig, np.float32)  # torchaudio's zero padding
         padded[self.width : self.width + n] = x

@@ -430,6 +430,40 @@ def test_sinc_resampler_lengths_and_a_tone(orig, new):
         SincResampler(0, 16000)
 
 
+@pytest.mark.parametrize("orig,new", [(44100, 16000), (22050, 16000), (8000, 16000), (48000, 16000), (3, 2)])
+def test_sinc_resampler_without_its_kernel_computes_the_same(orig, new):
+    """The direct evaluation (rates whose kernel would be huge) against the kernel product: within
+    2.5e-5 of unit-scale audio, the kernel's own float32 error (its times carry float32 rounding
+    scaled by the filter's base rate: 22,050 Hz against float64 differs by ~2e-5)."""
+    from maskloom.tokenizers.audio import SincResampler
+
+    x = (np.random.default_rng(orig).standard_normal(orig // 3 + 7) * 0.3).astype(np.float32)
+    direct = SincResampler(orig, new, max_kernel=0)
+    assert direct.kernel is None
+    y = direct(x)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, SincResampler(orig, new)(x), rtol=0, atol=2.5e-5)
+
+
+def test_sinc_resampler_rates_without_a_common_divisor_stay_small(tmp_path):
+    """44,101 -> 16,000 Hz would need a 2.8 GB kernel (torchaudio builds it); without it, 2 s of a
+    440 Hz tone come out as 32,000 samples of the tone, and such a file tokenizes."""
+    from maskloom.tokenizers.audio import SincResampler
+
+    r = SincResampler(44101, 16000)
+    assert r.kernel is None
+    x = np.sin(2 * np.pi * 440 * np.arange(2 * 44101) / 44101).astype(np.float32)
+    y = r(x)
+    assert y.shape == (32000,)
+    want = np.sin(2 * np.pi * 440 * np.arange(32000) / 16000)
+    np.testing.assert_allclose(y[200:-200], want[200:-200], atol=1e-3)
+    path = _wav(tmp_path / "odd.wav", (x[:44101] * 0.5).astype(np.float32), 44101)
+    tok = _tok()
+    assert tok.read(path).waveform.shape == (16000,)
+    (rec,) = tok(path)
+    assert rec.meta["frames"] == 98  # 1 s at a 10 ms shift, 25 ms windows
+
+
 def test_numpy_constants_equal_torchaudio():
     """The mel filterbank bit for bit; the Hann window within a unit in the last place."""
     from torchaudio.compliance import kaldi
