@@ -110,6 +110,23 @@ def hann_window(size: int) -> np.ndarray:
     return w
 
 
+def _sinc_hann(t: np.ndarray, lowpass_filter_width: int, scale: float) -> np.ndarray:
+    """torchaudio's windowed-sinc weights at times ``t`` (in units of the filter's base rate;
+    float32 or float64, clipped in place to the filter's width): ``sinc(pi t) cos^2(pi t / (2 w))``
+    times ``scale``, in ``t``'s dtype, the sine and cosine rounded from float64."""
+    dt = t.dtype.type
+    np.clip(t, -lowpass_filter_width, lowpass_filter_width, out=t)
+    a = t * dt(math.pi / lowpass_filter_width / 2)
+    window = np.cos(a.astype(np.float64, copy=False)).astype(t.dtype, copy=False) ** 2
+    t *= dt(math.pi)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = np.where(
+            t == 0, dt(1.0), np.sin(t.astype(np.float64, copy=False)).astype(t.dtype, copy=False) / t
+        )
+    k *= window * dt(scale)
+    return k
+
+
 class SincResampler:
     """``torchaudio.functional.resample(x, orig_freq, new_freq)`` (windowed-sinc interpolation with a
     Hann window, ``lowpass_filter_width=6``, ``rolloff=0.99``) in numpy, with its kernel built once.
@@ -150,13 +167,7 @@ class SincResampler:
         idx = np.arange(-self.width, self.width + self.orig, dtype=f32)[None, :] / f32(self.orig)
         t = np.arange(0, -self.new, -1, dtype=f32)[:, None] / f32(self.new) + idx  # (new, taps)
         t *= f32(base)
-        np.clip(t, -lowpass_filter_width, lowpass_filter_width, out=t)
-        a = t * f32(math.pi / lowpass_filter_width / 2)
-        window = np.cos(a.astype(np.float64)).astype(f32) ** 2
-        t *= f32(math.pi)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            k = np.where(t == 0, f32(1.0), np.sin(t.astype(np.float64)).astype(f32) / t)
-        k *= window * f32(base / self.orig)
+        k = _sinc_hann(t, lowpass_filter_width, base / self.orig)
         self.kernel = np.ascontiguousarray(k.T, dtype=f32)  # (taps, new): one column per output phase
 
     def _direct(self, x: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
@@ -177,12 +188,7 @@ class SincResampler:
             i, p = j // new, j % new
             lo = np.maximum(np.floor(w + orig * (p / new - lpw / base)).astype(np.int64) - 1, 0)
             m = lo[:, None] + np.arange(band)  # (J, band) tap indices
-            t = ((m - w) / orig - (p / new)[:, None]) * base
-            np.clip(t, -lpw, lpw, out=t)
-            k = np.cos(t * (math.pi / lpw / 2)) ** 2
-            t *= math.pi
-            with np.errstate(invalid="ignore", divide="ignore"):
-                k *= np.where(t == 0, 1.0, np.sin(t) / t) * (base / orig)
+            k = _sinc_hann(((m - w) / orig - (p / new)[:, None]) * base, lpw, base / orig)
             k[m >= taps] = 0.0
             out[s : s + j.shape[0]] = (padded[(i * orig)[:, None] + m] * k).sum(axis=1)
         return out
