@@ -116,6 +116,22 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 """Environment variables read by OpenMP / BLAS runtimes when they start (before their first use)."""
 
 
+def _set_env(env: dict[str, str]) -> dict[str, str | None]:
+    """Set environment variables; return their previous values (None: unset) for ``_restore_env``."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return old
+
+
+def _restore_env(old: dict[str, str | None]) -> None:
+    """Undo ``_set_env``."""
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def limit_threads(n: int) -> dict[str, Any]:
     """Run this process's numeric libraries with ``n`` intra-op threads; return the previous settings.
 
@@ -137,8 +153,7 @@ def limit_threads(n: int) -> dict[str, Any]:
     # work ran 15 % slower with its pool, even a pool of one, and at full speed without it).
     env["RAYON_NUM_THREADS"] = str(n)
     env["TOKENIZERS_PARALLELISM"] = "false" if n == 1 else "true"
-    old: dict[str, Any] = {"env": {k: os.environ.get(k) for k in env}}
-    os.environ.update(env)
+    old: dict[str, Any] = {"env": _set_env(env)}
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         old["torch"] = torch.get_num_threads()
@@ -155,11 +170,7 @@ def limit_threads(n: int) -> dict[str, Any]:
 
 def restore_threads(old: dict[str, Any]) -> None:
     """Undo ``limit_threads`` (``old`` is its return value)."""
-    for k, v in old.get("env", {}).items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    _restore_env(old.get("env", {}))
     if "pools" in old:
         old["pools"].restore_original_limits()
     if "torch" in old:
@@ -223,16 +234,11 @@ def init_ray(
         if num_cpus is not None or num_gpus is not None or object_store_memory is not None:
             log.info("connecting to %s: num_cpus/num_gpus/object_store_memory are the cluster's", target)
         log.info("connecting to the Ray cluster at %s", target)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # read by the raylet this starts, and so by the workers it starts
+    old = _set_env(env)  # read by the raylet this starts, and so by the workers it starts
     try:
         ray.init(**kw)
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_env(old)
     if quiet:
         import ray.data  # noqa: F401  (configures its loggers on import; quiet them afterwards)
 
