@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-import sys
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -53,11 +52,8 @@ _FUNCS = ("DftiCreateDescriptor_s_1d", "DftiSetValue", "DftiCommitDescriptor", "
 def _torch_lib_dir() -> str | None:
     """torch's ``lib`` directory, found without importing torch (``import torch`` costs ~1 s of CPU;
     a worker that only needs this FFT loads ``libtorch_cpu`` alone, ~0.15 s)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch, "__file__", None):
-        return os.path.join(os.path.dirname(torch.__file__), "lib")
     try:
-        spec = importlib.util.find_spec("torch")
+        spec = importlib.util.find_spec("torch")  # an imported torch's own spec
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
