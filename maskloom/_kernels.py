@@ -168,6 +168,30 @@ def gather_pad2(
 
 
 # ---- Kaldi filterbank (maskloom.tokenizers.audio.KaldiFbank) ------------------------------------
+MEL_LANES = 16
+"""Mel filters computed together (one 16-float vector, an AVX-512 register or two AVX ones)."""
+
+MEL_FRAMES = 4
+"""Frames whose filters are computed together (four independent chains of vector multiply-adds)."""
+
+
+def _cpu_has_f16c() -> bool:
+    """Whether numba compiles for a CPU that converts float32 to float16 in hardware (x86 F16C,
+    every 64-bit ARM). Without it LLVM would call a compiler-runtime function numba may not link."""
+    if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
+        return False  # a generic or chosen target (portable caches): keep the integer conversion
+    import platform
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except Exception:  # pragma: no cover - an llvmlite without the query
+        return False
+
+
 def _fbank_frames_py(s: np.ndarray, window: np.ndarray, shift: int, pre: Any, buf: np.ndarray) -> None:
     """Kaldi's framing into ``buf`` (T, fft_size), zero-padded past the window: frame t is
     ``x = s[t * shift : t * shift + W]`` minus its mean m (``remove_dc_offset``), pre-emphasised
@@ -193,71 +217,168 @@ def _fbank_frames_py(s: np.ndarray, window: np.ndarray, shift: int, pre: Any, bu
 _fbank_frames = _jit(_fbank_frames_py, reassociate=True)
 
 
-def _fbank_mel_py(
-    spec: np.ndarray, starts: np.ndarray, w_own: np.ndarray, w_next: np.ndarray, floor: Any, mel: np.ndarray
-) -> None:
-    """The mel filterbank of an rFFT: ``spec`` (T, 2 * bins) float32 (re, im interleaved); ``mel``
-    (T, F) gets ``max(sum_k w[f, k] (re_k^2 + im_k^2), floor)`` (the log is left to numpy's SIMD log).
-
-    Kaldi's triangular filters overlap only their neighbours: every FFT bin k is in filter f(k) with
-    weight ``w_own[k]`` and in f(k) + 1 with ``w_next[k]``, and the bins of filter f are
-    ``starts[f] .. starts[f + 1] - 1``. Filter f is then a few multiply-adds over those bins for all
-    frames at once (vectorised over frames: a loop over each frame's filters, whose bin counts vary,
-    runs 1.4x slower, and the dense product 20 times the work)."""
+def _power_py(spec: np.ndarray, power: np.ndarray) -> None:
+    """``power[t, k] = re^2 + im^2`` of ``spec`` (T, 2 * bins) float32 (re, im interleaved) for
+    t < T and k < K, ``power`` (Tp, K); rows T..Tp-1 get 0."""
     T = spec.shape[0]
-    nb = starts[-1]
-    pt = np.empty((nb, T), np.float32)  # power, bin-major
+    K = power.shape[1]
     for t in range(T):
         sp = spec[t]
-        for k in range(nb):
+        pr = power[t]
+        for k in range(K):
             re = sp[2 * k]
             im = sp[2 * k + 1]
-            pt[k, t] = re * re + im * im
-    carry = np.zeros(T, np.float32)  # filter f's sum over the bins of filter f - 1
-    nxt = np.empty(T, np.float32)
-    acc = np.empty(T, np.float32)
-    for f in range(mel.shape[1]):
-        for t in range(T):  # explicit loops: numba's slice assignment costs ~15 ns a call, 128 x 3 calls
-            acc[t] = carry[t]
-            nxt[t] = 0
-        for k in range(starts[f], starts[f + 1]):
-            wo = w_own[k]
-            wn = w_next[k]
-            pk = pt[k]
-            for t in range(T):
-                acc[t] += pk[t] * wo
-                nxt[t] += pk[t] * wn
-        for t in range(T):
-            mel[t, f] = max(acc[t], floor)
-            carry[t] = nxt[t]
+            pr[k] = re * re + im * im
+    for t in range(T, power.shape[0]):
+        pr = power[t]
+        for k in range(K):
+            pr[k] = 0
 
 
-_fbank_mel = _jit(_fbank_mel_py, reassociate=True)
+_power = _jit(_power_py, reassociate=True)
 
 
-def mel_tables(banks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """``(starts, w_own, w_next)`` of :func:`_fbank_mel_py` from a dense (F, bins) filter matrix, or
-    None when the filters do not have that shape (a bin in a filter other than f(k), f(k) + 1)."""
+def _fbank_log_mel_py(
+    spec: np.ndarray,
+    power: np.ndarray,
+    b0: np.ndarray,
+    b1: np.ndarray,
+    row0: np.ndarray,
+    weights: np.ndarray,
+    floor: Any,
+    mel: np.ndarray,
+) -> None:
+    """The log-mel filterbank of an rFFT: ``spec`` (T, 2 * bins) float32 (re, im interleaved) ->
+    ``mel`` (Tp, Fp) with ``mel[t, f] = log(max(sum_k w[f, k] (re_k^2 + im_k^2), floor))``;
+    ``power`` (Tp, K) is scratch, Tp = T rounded up to :data:`MEL_FRAMES`.
+
+    The filters go in groups of :data:`MEL_LANES` neighbours: group g covers the FFT bins
+    ``b0[g] .. b1[g] - 1`` and its dense weights are the rows ``row0[g] ..`` of ``weights`` (rows,
+    16), one row per bin (zeros where a filter misses the bin: Kaldi's 128 filters touch 268 such
+    rows). Each frame then needs one 16-wide multiply-add per covered bin, done by :func:`_mel_log`
+    for four frames at a time; the output is frame-major, as the tokens are. (Vectorising over frames
+    instead needs the spectrum transposed: 2.5x slower.) Rows T..Tp-1 of ``mel`` get log(floor)."""
+    _power(spec, power)
+    _mel_log(
+        power.ctypes.data, power.shape[1], power.shape[0], weights.ctypes.data, b0.ctypes.data,
+        b1.ctypes.data, row0.ctypes.data, b0.shape[0], floor, mel.ctypes.data, mel.shape[1],
+    )  # fmt: skip
+
+
+def _fbank_py(
+    s: np.ndarray,
+    window: np.ndarray,
+    shift: int,
+    pre: Any,
+    fft: int,
+    plan: int,
+    buf: np.ndarray,
+    spec: np.ndarray,
+    power: np.ndarray,
+    b0: np.ndarray,
+    b1: np.ndarray,
+    row0: np.ndarray,
+    weights: np.ndarray,
+    floor: Any,
+    mel: np.ndarray,
+) -> int:
+    """:func:`_fbank_frames_py`, the FFT (MKL's ``DftiComputeForward`` at address ``fft`` with the
+    committed descriptor ``plan``, for ``buf.shape[0]`` rows), then :func:`_fbank_log_mel_py`: the
+    whole log-mel filterbank in one call. Returns the FFT's status (0: done)."""
+    _fbank_frames(s, window, shift, pre, buf)
+    status = _call_ptr3(fft, plan, buf.ctypes.data, spec.ctypes.data)
+    if status != 0:
+        return status
+    _fbank_log_mel(spec, power, b0, b1, row0, weights, floor, mel)
+    return 0
+
+
+def _fbank_tokens_py(
+    s: np.ndarray,
+    window: np.ndarray,
+    shift: int,
+    pre: Any,
+    fft: int,
+    plan: int,
+    n: int,
+    b0: np.ndarray,
+    b1: np.ndarray,
+    row0: np.ndarray,
+    weights: np.ndarray,
+    bins: int,
+    floor: Any,
+    mean: Any,
+    scale: Any,
+    frames: int,
+    pad: Any,
+    out: np.ndarray,
+) -> tuple[int, bool]:
+    """:func:`_fbank_py` with :func:`_mel_tokens` in place of the log-mel store, and the padding:
+    waveform to normalised float16 16 x 16 tokens in one call (see :func:`fbank_tokens`); the
+    scratch arrays are made here (numba's allocator: ~50 ns each, numpy's ~400 ns). Returns the FFT's
+    status and whether the real frames' tokens are finite."""
+    tp = (frames + MEL_FRAMES - 1) // MEL_FRAMES * MEL_FRAMES
+    buf = np.empty((frames, n), np.float32)
+    spec = np.empty((frames, n + 2), np.float32)
+    power = np.empty((tp, bins), np.float32)
+    flag = np.empty(MEL_LANES, np.uint16)
+    _fbank_frames(s, window, shift, pre, buf)
+    status = _call_ptr3(fft, plan, buf.ctypes.data, spec.ctypes.data)
+    if status != 0:
+        return status, False
+    _power(spec, power)
+    _mel_tokens(
+        power.ctypes.data, bins, tp, weights.ctypes.data, b0.ctypes.data, b1.ctypes.data, row0.ctypes.data,
+        b0.shape[0], floor, out.ctypes.data, 0, mean, scale, frames, flag.ctypes.data,
+    )  # fmt: skip
+    finite = True
+    for i in range(MEL_LANES):
+        finite = finite and flag[i] != 0x7C00
+    groups = out.shape[1]  # padding: the rest of the last row of patches, then the rows after it
+    for t in range(frames, (frames + 15) // 16 * 16):
+        for g in range(groups):
+            row = out[t // 16, g]
+            for j in range(16):
+                row[(t % 16) * 16 + j] = pad
+    rest = out.reshape(-1)[(frames + 15) // 16 * groups * 256 :]
+    for i in range(rest.shape[0]):  # over a view: a loop from an offset is not vectorised (8x slower)
+        rest[i] = pad
+    return status, finite
+
+
+class MelTables:
+    """The mel filters as :func:`_fbank_log_mel_py` reads them (see :func:`mel_tables`)."""
+
+    __slots__ = ("arrays", "bins", "filters")
+
+    def __init__(
+        self, b0: np.ndarray, b1: np.ndarray, row0: np.ndarray, weights: np.ndarray, filters: int
+    ) -> None:
+        self.arrays = (b0, b1, row0, weights)
+        self.bins = max(int(b1.max(initial=0)), 1)  # power columns computed (the bins any filter touches)
+        self.filters = filters
+
+
+def mel_tables(banks: np.ndarray) -> MelTables:
+    """The :class:`MelTables` of a dense (F, bins) filter matrix: filters in groups of
+    :data:`MEL_LANES` (the last padded with zero filters), group g with its bin range ``b0[g] ..
+    b1[g] - 1`` (the bins its filters touch) and its weights over that range, the rows ``row0[g] ..``
+    of ``weights``. A group no bin touches gets an empty range (its filters are 0, then the floor)."""
     F, bins = banks.shape
-    own = np.full(bins, -1, np.int64)
-    w_own, w_next = np.zeros(bins, np.float32), np.zeros(bins, np.float32)
-    for k in range(bins):
-        fs = np.flatnonzero(banks[:, k])
-        if fs.size > 2 or (fs.size == 2 and fs[1] != fs[0] + 1):
-            return None
-        if fs.size:
-            own[k], w_own[k] = fs[0], banks[fs[0], k]
-            w_next[k] = banks[fs[1], k] if fs.size == 2 else 0.0
-    used = np.flatnonzero(own >= 0)
-    if not used.size:
-        return None
-    k0, k1 = int(used[0]), int(used[-1]) + 1
-    run = own[k0:k1]
-    if (run < 0).any() or (np.diff(run) < 0).any():  # bins of a filter must be one contiguous run
-        return None
-    starts = k0 + np.searchsorted(run, np.arange(F + 1), side="left")
-    starts[F] = k1
-    return starts.astype(np.int64), w_own, w_next
+    groups = -(-F // MEL_LANES)
+    padded = np.zeros((groups * MEL_LANES, bins), np.float32)
+    padded[:F] = banks
+    b0, b1, row0 = np.zeros(groups, np.int64), np.zeros(groups, np.int64), np.zeros(groups, np.int64)
+    blocks, rows = [], 0
+    for g in range(groups):
+        block = padded[g * MEL_LANES : (g + 1) * MEL_LANES]
+        cols = np.flatnonzero(block.any(axis=0))
+        lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 0)
+        b0[g], b1[g], row0[g] = lo, hi, rows
+        blocks.append(block[:, lo:hi].T)
+        rows += hi - lo
+    weights = np.ascontiguousarray(np.concatenate(blocks + [np.zeros((1, MEL_LANES), np.float32)]))
+    return MelTables(b0, b1, row0, weights, F)
 
 
 def fbank_frames(s: np.ndarray, window: np.ndarray, shift: int, pre: float, buf: np.ndarray) -> np.ndarray:
@@ -267,16 +388,179 @@ def fbank_frames(s: np.ndarray, window: np.ndarray, shift: int, pre: float, buf:
     return buf
 
 
-def fbank_mel(spec: np.ndarray, tables: tuple[np.ndarray, ...], floor: float, mel: np.ndarray) -> np.ndarray:
-    """:func:`_fbank_mel_py` (compiled) with the :func:`mel_tables` ``tables``; returns ``mel``."""
-    _fbank_mel(spec, *tables, np.float32(floor), mel)
+def mel_shape(frames: int, filters: int) -> tuple[int, int]:
+    """The (Tp, Fp) ``mel`` buffer of :func:`fbank_log_mel` for ``frames`` frames of ``filters``
+    filters (rounded up to :data:`MEL_FRAMES` and :data:`MEL_LANES`)."""
+    return -(-frames // MEL_FRAMES) * MEL_FRAMES, -(-filters // MEL_LANES) * MEL_LANES
+
+
+def fbank_log_mel(spec: np.ndarray, tables: MelTables, floor: float, mel: np.ndarray) -> np.ndarray:
+    """:func:`_fbank_log_mel_py` (compiled): ``spec`` (T, 2 * bins) float32 C-contiguous with
+    ``bins`` > ``tables.bins``; ``mel`` (Tp, Fp) float32 C-contiguous as :func:`mel_shape`; returns
+    ``mel``."""
+    power = np.empty((mel.shape[0], tables.bins), np.float32)
+    _fbank_log_mel(spec, power, *tables.arrays, np.float32(floor), mel)
     return mel
+
+
+def fbank(
+    s: np.ndarray,
+    window: np.ndarray,
+    shift: int,
+    pre: float,
+    fft: Any,
+    frames: int,
+    tables: MelTables,
+    floor: float,
+) -> np.ndarray:
+    """:func:`_fbank_py` (compiled): framing, MKL's FFT and the log-mel filters of the first ``frames``
+    frames in one call; ``fft`` a :class:`maskloom._mkl_fft.RealFFT`, ``s`` (N,) float32 C-contiguous
+    with ``(frames - 1) * shift + len(window) <= N``. Returns the (Tp, Fp) :func:`mel_shape` array
+    whose first (frames, F) part is the log-mel filterbank."""
+    plan = fft._plan(frames)  # held until the transform returns
+    mel = np.empty(mel_shape(frames, tables.filters), np.float32)
+    buf = np.empty((frames, fft.n), np.float32)
+    spec = np.empty((frames, 2 * fft.bins), np.float32)
+    power = np.empty((mel.shape[0], tables.bins), np.float32)
+    status = _fbank(
+        s, window, shift, np.float32(pre), fft.address, plan.handle.value, buf, spec, power, *tables.arrays,
+        np.float32(floor), mel,
+    )  # fmt: skip
+    if status:
+        from . import _mkl_fft
+
+        _mkl_fft._check(status, "compute")
+    return mel
+
+
+def fbank_tokens(
+    s: np.ndarray,
+    window: np.ndarray,
+    shift: int,
+    pre: float,
+    fft: Any,
+    frames: int,
+    tables: MelTables,
+    floor: float,
+    mean: float,
+    scale: float,
+    pad: np.uint16,
+    out: np.ndarray,
+) -> bool:
+    """:func:`fbank` straight to tokens: ``out`` (nt, F // 16, 256) uint16 (float16 bits, C-contiguous,
+    nt >= ceil(frames / 16)) gets ``(log-mel - mean) / scale`` of frame t, filters 16 b .. 16 b + 15,
+    as row ``t % 16`` of patch ``[t // 16, b]``, for t < ``frames``, and ``pad`` (float16 bits) in every
+    row after. Returns whether every value computed is finite (the padding is the caller's). Needs
+    :data:`FUSED_TOKENS` and F a multiple of 16 (16 x 16 patches; other shapes go through
+    :func:`fbank` and :func:`norm_tokens`)."""
+    status, finite = _fbank_tokens(
+        s, window, shift, pre, fft.address, fft.handle(frames), fft.n, *tables.arrays, tables.bins, floor,
+        mean, scale, frames, pad, out,
+    )  # fmt: skip
+    if status:
+        from . import _mkl_fft
+
+        _mkl_fft._check(status, "compute")
+    return finite
+
+
+def _norm_tokens_py(
+    fb: np.ndarray,
+    F: int,
+    frames: int,
+    mean: Any,
+    scale: Any,
+    pad: Any,
+    p: int,
+    out: np.ndarray,
+    half: np.ndarray,
+) -> bool:
+    """Normalise the first F columns of a (T, Fp) float32 filterbank into float16 tokens in the
+    (rows, F // p, p * p) patch layout, ``rows = ceil(frames / p)``, in two passes: ``half``
+    (>= frames * F,) uint16 gets the float16 bits of ``(fb[t, f] - mean) / scale`` for ``t < frames``
+    (float32 arithmetic as numpy's, no fast-math: the same bits as ``torch.Tensor.to(float16)`` of
+    numpy's result), contiguous so that the loop vectorises; then ``out`` (float16 viewed as uint16)
+    gets them at ``[t // p, f // p, (t % p) * p + f % p]``, and ``pad`` (float16 bits) for the frames
+    from ``frames`` to ``rows * p``. Runs of p moved as 64-bit words when p is a multiple of 4 (a loop
+    over p bits is not vectorised: 3x slower). Returns whether every value written for the real
+    frames is finite (an exponent of all ones is inf or NaN), found in the first pass: a record's
+    validation then need not read its tokens again."""
+    Fp = fb.shape[1]
+    nb = F // p
+    pp = p * p
+    high = np.int32(0)  # the largest exponent field seen
+    if Fp == F:  # one flat loop
+        src = fb.reshape(-1)
+        for i in range(frames * F):
+            h = _half((src[i] - mean) / scale)
+            high = max(high, h & 0x7C00)
+            half[i] = h
+    else:
+        for t in range(frames):
+            row = fb[t]
+            o = t * F
+            for i in range(F):
+                h = _half((row[i] - mean) / scale)
+                high = max(high, h & 0x7C00)
+                half[o + i] = h
+    if p % 4 == 0:
+        q = p // 4
+        h64 = half[: frames * F].view(np.uint64)
+        o64 = out.reshape(-1).view(np.uint64)
+        for t in range(frames):
+            d0 = ((t // p) * nb * pp + (t % p) * p) // 4
+            s0 = t * F // 4
+            for b in range(nb):
+                for j in range(q):
+                    o64[d0 + b * (pp // 4) + j] = h64[s0 + b * q + j]
+    else:
+        flat = out.reshape(-1)
+        for t in range(frames):
+            d0 = (t // p) * nb * pp + (t % p) * p
+            for b in range(nb):
+                d = d0 + b * pp
+                s = t * F + b * p
+                for j in range(p):
+                    flat[d + j] = half[s + j]
+    flat = out.reshape(-1)
+    for t in range(frames, (frames + p - 1) // p * p):  # the padded frames of the last row
+        d0 = (t // p) * nb * pp + (t % p) * p
+        for b in range(nb):
+            for j in range(p):
+                flat[d0 + b * pp + j] = pad
+    return high != 0x7C00
+
+
+def norm_tokens(
+    fb: np.ndarray,
+    frames: int,
+    mean: float,
+    scale: float,
+    pad: np.uint16,
+    p: int,
+    out: np.ndarray,
+    F: int = -1,
+) -> bool:
+    """:func:`_norm_tokens_py` (compiled): ``fb`` (T, Fp) float32 C-contiguous with ``frames <= T``,
+    of which the first ``F`` columns (default all) are used, F a multiple of ``p``; ``out``
+    (>= rows, F // p, p * p) uint16 (float16 bits) C-contiguous; ``pad`` the float16 bits of a padded
+    frame. Rows of ``out`` past ``rows`` are left as they are (numpy fills a run of padding rows
+    faster). Returns whether the real frames' tokens are all finite (the padding is the caller's)."""
+    F = fb.shape[1] if F < 0 else F
+    half = np.empty(frames * F + 4, np.uint16)  # + 4: a 64-bit view of any multiple-of-4 prefix
+    return bool(_norm_tokens(fb, F, frames, np.float32(mean), np.float32(scale), pad, p, out, half))
 
 
 if numba is not None:
     from llvmlite import ir as _ir
+    from numba.core import cgutils as _cgutils
     from numba.core import types as _types
     from numba.extending import intrinsic as _intrinsic
+
+    _F32 = _ir.FloatType()
+    _I32 = _ir.IntType(32)
+    _I64 = _ir.IntType(64)
+    _VEC = _ir.VectorType(_F32, MEL_LANES)
 
     @_intrinsic
     def _f32_bits(typingctx: Any, x: Any) -> Any:
@@ -295,7 +579,7 @@ if numba is not None:
         0..65535: IEEE conversion, the same bits as torch's and numpy's for every non-NaN input
         (zeros, subnormals, overflow to inf, inf); NaN becomes a quiet NaN of the same sign.
         Written without branches (selects) so that LLVM vectorises a loop of it (numba has no CPU
-        float16). F. Giesen's float_to_half_fast3_rtne."""
+        float16). F. Giesen's float_to_half_fast3_rtne. Used where the CPU lacks F16C."""
         u = np.int32(_f32_bits(v))
         sign = (u >> 16) & 0x8000
         a = u & 0x7FFFFFFF
@@ -306,75 +590,232 @@ if numba is not None:
         h = big if a >= 0x47800000 else h
         return h | sign
 
+    @_intrinsic
+    def _f16_hw(typingctx: Any, x: Any) -> Any:
+        """float32 -> float16 bits (int32) by LLVM's ``fptrunc``: the CPU's IEEE round-to-nearest-even
+        conversion (x86 ``vcvtps2ph``), the same bits as :func:`_to_half` (NaN payloads aside), 2x
+        faster in a loop."""
+        if isinstance(x, _types.Float) and x.bitwidth == 32:
 
-def _norm_tokens_py(
-    fb: np.ndarray, frames: int, mean: Any, scale: Any, pad: Any, p: int, out: np.ndarray, half: np.ndarray
-) -> None:
-    """Normalise a (T, F) float32 filterbank into float16 tokens in the (rows, F // p, p * p) patch
-    layout, ``rows = ceil(frames / p)``, in two passes: ``half`` (>= frames * F,) uint16 gets the
-    float16 bits of ``(fb[t, f] - mean) / scale`` for ``t < frames`` (float32 arithmetic as numpy's,
-    no fast-math: the same bits as ``torch.Tensor.to(float16)`` of numpy's result), contiguous so that
-    the loop vectorises; then ``out`` (float16 viewed as uint16) gets them at ``[t // p, f // p,
-    (t % p) * p + f % p]``, and ``pad`` (float16 bits) for the frames from ``frames`` to ``rows * p``.
-    p = 16 (every built-in configuration) moves rows of 16 in a loop of constant length, 3x faster
-    than a loop of length p. Returns whether every value written for the real frames is finite (an
-    exponent of all ones is inf or NaN), found in the same pass: a record's validation then need not
-    read its tokens again."""
-    F = fb.shape[1]
-    nb = F // p
-    pp = p * p
-    src = fb.reshape(-1)
-    flat = out.reshape(-1)
-    n = frames * F
-    for i in range(n):
-        half[i] = _to_half((src[i] - mean) / scale)
-    bad = 0  # values whose exponent bits are all ones (inf, NaN)
-    for i in range(n):  # a separate pass over the 2-byte results (in the loop above: 3x the cost)
-        bad += (half[i] & 0x7C00) == 0x7C00
-    if p == 16:
-        for t in range(frames):
-            d0 = (t // 16) * nb * 256 + (t % 16) * 16
-            for b in range(nb):
-                d = d0 + b * 256
-                s = t * F + b * 16
-                for j in range(16):
-                    flat[d + j] = half[s + j]
-    else:
-        for t in range(frames):
-            d0 = (t // p) * nb * pp + (t % p) * p
-            for b in range(nb):
-                d = d0 + b * pp
-                s = t * F + b * p
-                for j in range(p):
-                    flat[d + j] = half[s + j]
-    for t in range(frames, (frames + p - 1) // p * p):  # the padded frames of the last row
-        d0 = (t // p) * nb * pp + (t % p) * p
-        for b in range(nb):
-            for j in range(p):
-                flat[d0 + b * pp + j] = pad
-    return bad == 0
+            def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+                h = builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
+                return builder.zext(h, _I32)
 
+            return _types.int32(x), codegen
+        return None
 
-_norm_tokens = _jit(_norm_tokens_py)
+    _half = _f16_hw if _cpu_has_f16c() else _to_half
 
+FUSED_TOKENS = ENABLED and _cpu_has_f16c()
+"""Whether :func:`fbank_tokens` can run: the compiled kernels, on a CPU with a float16 conversion."""
 
-def norm_tokens(
-    fb: np.ndarray, frames: int, mean: float, scale: float, pad: np.uint16, p: int, out: np.ndarray
-) -> bool:
-    """:func:`_norm_tokens_py` (compiled): ``fb`` (T, F) float32 C-contiguous with ``frames <= T``
-    and F a multiple of ``p``; ``out`` (>= rows, F // p, p * p) uint16 (float16 bits) C-contiguous;
-    ``pad`` the float16 bits of a padded frame. Rows of ``out`` past ``rows`` are left as they are
-    (numpy fills a run of padding rows faster). Returns whether the real frames' tokens are all
-    finite (the padding is the caller's)."""
-    return bool(
-        _norm_tokens(
-            fb,
-            frames,
-            np.float32(mean),
-            np.float32(scale),
-            pad,
-            p,
-            out,
-            np.empty(frames * fb.shape[1], np.uint16),
+if numba is not None:
+    _MKL_LONG = _ir.IntType(8 * __import__("ctypes").sizeof(__import__("ctypes").c_long))
+
+    @_intrinsic
+    def _call_ptr3(typingctx: Any, fn: Any, a: Any, b: Any, c: Any) -> Any:
+        """``fn(a, b, c)`` for a C function ``long fn(void *, void *, ...)`` at address ``fn`` (all four
+        integers): how the compiled filterbank calls MKL's ``DftiComputeForward`` without a Python
+        round trip (ctypes costs ~3 us a call: the call, and ``ndarray.ctypes`` for each pointer)."""
+        sig = _types.intp(_types.intp, _types.intp, _types.intp, _types.intp)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            i8p = _ir.IntType(8).as_pointer()
+            fnty = _ir.FunctionType(_MKL_LONG, [i8p, i8p], var_arg=True)  # DFTI's prototype is variadic
+            f = builder.inttoptr(args[0], fnty.as_pointer())
+            r = builder.call(f, [builder.inttoptr(v, i8p) for v in args[1:]])
+            return builder.sext(r, _I64) if _MKL_LONG.width < 64 else r
+
+        return sig, codegen
+
+    def _splat(builder: Any, x: Any, vec: Any = None) -> Any:
+        vec = vec or _VEC
+        v = builder.insert_element(_ir.Constant(vec, _ir.Undefined), x, _ir.Constant(_I32, 0))
+        mask = _ir.Constant(_ir.VectorType(_I32, vec.count), [0] * vec.count)
+        return builder.shuffle_vector(v, _ir.Constant(vec, _ir.Undefined), mask)
+
+    _LOG_POLY = (  # Cephes logf: log(1 + x) = x - x^2/2 + x^3 P(x) for x in [sqrt(1/2) - 1, sqrt(2) - 1]
+        7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+        -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1,
+    )  # fmt: skip
+
+    def _vlog(builder: Any, a: Any) -> Any:
+        """Natural log of a 16-float vector of positive values (inf and NaN pass through), Cephes'
+        ``logf`` in float32: within 1 ulp of the exact log over the normal range (measured against
+        float64: max 1 ulp, as numpy's own SIMD log), vectorised where numba's scalar ``log`` calls libm
+        per element (6x slower than numpy's, which is why the log was a separate numpy pass)."""
+        vi = _ir.VectorType(_I32, MEL_LANES)
+
+        def c(v: float) -> Any:
+            return _ir.Constant(_VEC, [v] * MEL_LANES)
+
+        u = builder.bitcast(a, vi)
+        e = builder.sub(
+            builder.lshr(u, _ir.Constant(vi, [23] * MEL_LANES)), _ir.Constant(vi, [126] * MEL_LANES)
         )
-    )
+        m = builder.or_(
+            builder.and_(u, _ir.Constant(vi, [0x007FFFFF] * MEL_LANES)),
+            _ir.Constant(vi, [0x3F000000] * MEL_LANES),
+        )
+        x = builder.bitcast(m, _VEC)  # mantissa in [0.5, 1): a = x 2^e
+        low = builder.fcmp_ordered("<", x, c(0.707106781186547524))
+        e = builder.sub(e, builder.zext(low, vi))
+        x = builder.fsub(builder.select(low, builder.fadd(x, x), x), c(1.0))
+        z = builder.fmul(x, x)
+        y = c(_LOG_POLY[0])
+        for k in _LOG_POLY[1:]:
+            y = builder.fadd(builder.fmul(y, x), c(k))
+        y = builder.fmul(builder.fmul(y, x), z)
+        fe = builder.sitofp(e, _VEC)
+        y = builder.fadd(y, builder.fmul(fe, c(-2.12194440e-4)))
+        y = builder.fsub(y, builder.fmul(z, c(0.5)))
+        r = builder.fadd(builder.fadd(x, y), builder.fmul(fe, c(0.693359375)))
+        return builder.select(builder.fcmp_ordered("<", a, c(math.inf)), r, a)  # inf, NaN: themselves
+
+    def _mel_codegen(tokens: bool) -> Any:
+        """Code of :func:`_mel_log` (``tokens=False``) or :func:`_mel_tokens` (``True``)."""
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            power_a, K, tp, w_a, b0_a, b1_a, r0_a, ng, floor, out_a, Fp = args[:11]
+            fp, ip = _F32.as_pointer(), _I64.as_pointer()
+            power = builder.inttoptr(power_a, fp)
+            wts = builder.inttoptr(w_a, fp)
+            b0s, b1s, r0s = (builder.inttoptr(a, ip) for a in (b0_a, b1_a, r0_a))
+            fma = _cgutils.get_or_insert_function(
+                builder.module, _ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{MEL_LANES}f32"
+            )
+            accs = [_cgutils.alloca_once(builder, _VEC) for _ in range(MEL_FRAMES)]  # promoted to registers
+            floorv = _splat(builder, floor)
+            lanes = _ir.Constant(_I64, MEL_LANES)
+            if tokens:
+                mean, scale, frames, flag_a = args[11:]
+                vh = _ir.VectorType(_ir.IntType(16), MEL_LANES)
+                meanv, scalev = _splat(builder, mean), _splat(builder, scale)
+                out = builder.inttoptr(out_a, _ir.IntType(16).as_pointer())
+                expo = _ir.Constant(vh, [0x7C00] * MEL_LANES)
+                high = _cgutils.alloca_once(builder, vh)  # the largest exponent field stored, per lane
+                builder.store(_ir.Constant(vh, None), high)
+            else:
+                out = builder.inttoptr(out_a, fp)
+            with _cgutils.for_range(builder, builder.udiv(tp, _ir.Constant(_I64, MEL_FRAMES))) as blk:
+                t0 = builder.mul(blk.index, _ir.Constant(_I64, MEL_FRAMES))
+                ts = [builder.add(t0, _ir.Constant(_I64, i)) for i in range(MEL_FRAMES)]
+                prow = [builder.gep(power, [builder.mul(t, K)]) for t in ts]
+                with _cgutils.for_range(builder, ng) as grp:
+                    g = grp.index
+                    b0 = builder.load(builder.gep(b0s, [g]))
+                    b1 = builder.load(builder.gep(b1s, [g]))
+                    r0 = builder.load(builder.gep(r0s, [g]))
+                    for acc in accs:
+                        builder.store(_ir.Constant(_VEC, None), acc)
+                    wbase = builder.gep(
+                        wts, [builder.mul(builder.sub(r0, b0), lanes)]
+                    )  # row of bin k: wbase + 16 k
+                    with _cgutils.for_range_slice(builder, b0, b1, _ir.Constant(_I64, 1), inc=True) as (k, _):
+                        wptr = builder.bitcast(builder.gep(wbase, [builder.mul(k, lanes)]), _VEC.as_pointer())
+                        w = builder.load(wptr, align=4)
+                        for pr, acc in zip(prow, accs):
+                            pk = _splat(builder, builder.load(builder.gep(pr, [k])))
+                            builder.store(builder.call(fma, [pk, w, builder.load(acc)]), acc)
+                    for t, acc in zip(ts, accs):
+                        a = builder.load(acc)
+                        a = builder.select(builder.fcmp_unordered(">=", a, floorv), a, floorv)  # NaN kept
+                        y = _vlog(builder, a)
+                        if not tokens:  # mel[t, 16 g : 16 g + 16]
+                            dst = builder.gep(out, [builder.add(builder.mul(t, Fp), builder.mul(g, lanes))])
+                            builder.store(y, builder.bitcast(dst, _VEC.as_pointer()), align=4)
+                            continue
+                        # token (t // 16, g), row t % 16 of the 16 x 16 patch; only the real frames
+                        with builder.if_then(builder.icmp_unsigned("<", t, frames)):
+                            v = builder.fdiv(builder.fsub(y, meanv), scalev)
+                            h = builder.bitcast(
+                                builder.fptrunc(v, _ir.VectorType(_ir.HalfType(), MEL_LANES)), vh
+                            )
+                            e = builder.and_(h, expo)
+                            hi = builder.load(high)
+                            builder.store(builder.select(builder.icmp_unsigned(">", e, hi), e, hi), high)
+                            patch = builder.add(builder.mul(builder.lshr(t, _ir.Constant(_I64, 4)), ng), g)
+                            off = builder.add(
+                                builder.mul(patch, _ir.Constant(_I64, 256)),
+                                builder.mul(builder.and_(t, _ir.Constant(_I64, 15)), lanes),
+                            )
+                            builder.store(
+                                h, builder.bitcast(builder.gep(out, [off]), vh.as_pointer()), align=2
+                            )
+            if tokens:
+                builder.store(builder.load(high), builder.inttoptr(flag_a, vh.as_pointer()), align=2)
+            return context.get_dummy_value()
+
+        return codegen
+
+    @_intrinsic
+    def _log_vectors(typingctx: Any, src: Any, dst: Any, n: Any) -> Any:
+        """``dst[i] = _vlog(src[i])`` for n 16-float vectors at addresses ``src``, ``dst``."""
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            vp = _VEC.as_pointer()
+            src, dst = (builder.inttoptr(a, vp) for a in args[:2])
+            with _cgutils.for_range(builder, args[2]) as loop:
+                v = builder.load(builder.gep(src, [loop.index]), align=4)
+                builder.store(_vlog(builder, v), builder.gep(dst, [loop.index]), align=4)
+            return context.get_dummy_value()
+
+        return _types.void(_types.intp, _types.intp, _types.intp), codegen
+
+    _i = _types.intp
+    _MEL_SIG = (_i, _i, _i, _i, _i, _i, _i, _i, _types.float32, _i, _i)
+
+    @_intrinsic
+    def _mel_log(
+        typingctx: Any, power: Any, K: Any, tp: Any, weights: Any, b0: Any, b1: Any, row0: Any, groups: Any,
+        floor: Any, mel: Any, Fp: Any,
+    ) -> Any:  # fmt: skip
+        """The filter sums of :func:`_fbank_power_mel_py` written as LLVM vector code (numba's loop
+        vectoriser leaves 16 accumulators in memory or scalar: 10x slower): for each block of
+        :data:`MEL_FRAMES` frames and each group g, ``acc_i += splat(power[t_i, k]) * weights[row]``
+        over the group's bins, one ``llvm.fma`` on a 16-float vector per frame and bin, then
+        ``mel[t_i, 16 g : 16 g + 16] = log(max(acc_i, floor))`` (NaN kept, as ``np.maximum``; the log
+        is :func:`_vlog`). Arguments are addresses and sizes: ``power`` (tp, K) float32, tp a multiple
+        of MEL_FRAMES; ``weights`` (rows, 16) float32; ``b0``/``b1``/``row0`` (groups,) int64; ``mel``
+        (tp, Fp) float32."""
+        return _types.void(*_MEL_SIG), _mel_codegen(False)
+
+    @_intrinsic
+    def _mel_tokens(
+        typingctx: Any, power: Any, K: Any, tp: Any, weights: Any, b0: Any, b1: Any, row0: Any, groups: Any,
+        floor: Any, out: Any, Fp: Any, mean: Any, scale: Any, frames: Any, flag: Any,
+    ) -> Any:  # fmt: skip
+        """:func:`_mel_log` straight into 16 x 16 float16 tokens: the log-mel vector of frame t and
+        group g, normalised as ``(y - mean) / scale`` (float32, exact division) and rounded to float16
+        (``fptrunc``: the CPU's conversion), is row ``t % 16`` of patch ``(t // 16, g)`` of ``out``
+        (uint16, (rows, groups, 256)), for ``t < frames``. ``flag`` (16,) uint16 gets the largest
+        exponent field stored in each lane (0x7C00: an inf or NaN). Needs the hardware float16
+        conversion (``_cpu_has_f16c``)."""
+        return _types.void(*_MEL_SIG, _types.float32, _types.float32, _i, _i), _mel_codegen(True)
+
+
+def _log32_py(x: np.ndarray, out: np.ndarray) -> None:
+    _log_vectors(x.ctypes.data, out.ctypes.data, x.shape[0] // MEL_LANES)
+
+
+def log32(x: np.ndarray) -> np.ndarray:
+    """The float32 natural log the compiled filterbank uses (:func:`_vlog`), of a 1-D array: for tests
+    and for comparing with ``np.log``. Needs :data:`ENABLED`."""
+    x = np.asarray(x, np.float32).ravel()
+    n = -(-x.shape[0] // MEL_LANES) * MEL_LANES
+    src = np.ones(n, np.float32)
+    src[: x.shape[0]] = x
+    out = np.empty(n, np.float32)
+    _log32(src, out)
+    return out[: x.shape[0]]
+
+
+_log32 = _jit(_log32_py)
+# Not reassociated: numba puts its fast-math flags on every float operation of a function, the
+# intrinsics' included, and LLVM would then regroup the log and the normalisation differently in
+# each caller (a token one float16 step from the log-mel path's). The sums that gain from it are in
+# their own functions (_fbank_frames, _power); the filter sums are explicit llvm.fma calls.
+_fbank_log_mel = _jit(_fbank_log_mel_py)
+_fbank = _jit(_fbank_py)
+_fbank_tokens = _jit(_fbank_tokens_py)
+_norm_tokens = _jit(_norm_tokens_py)

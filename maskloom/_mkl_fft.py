@@ -127,8 +127,24 @@ class RealFFT:
         self.bins = self.n // 2 + 1
         self.max_plans = max_plans
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
+        self._kept: dict[int, _Plan] = {}  # handle()'s descriptors, never evicted
         self._lock = threading.Lock()
         self._compute = _lib.DftiComputeForward
+        self.address = ctypes.cast(self._compute, ctypes.c_void_p).value
+        """``DftiComputeForward``'s address, for compiled callers (:func:`maskloom._kernels.fbank`)."""
+
+    def handle(self, batch: int) -> int:
+        """The descriptor for ``batch`` rows as an address, for compiled callers
+        (:func:`maskloom._kernels.fbank_tokens`). These descriptors are kept, one per batch size, for
+        as long as this object lives, outside the ``max_plans`` LRU: an address handed to code that
+        runs without the GIL must not be freed by another thread's eviction. Callers' batch sizes are
+        bounded (frame counts up to a target length). A dictionary hit costs ~0.1 us, the LRU's locked
+        update ~1 us."""
+        plan = self._kept.get(batch)
+        if plan is None:
+            with self._lock:
+                plan = self._kept.setdefault(batch, self._create(batch))
+        return plan.handle.value
 
     def _plan(self, batch: int) -> _Plan:
         with self._lock:
@@ -136,27 +152,29 @@ class RealFFT:
             if plan is not None:
                 self._plans.move_to_end(batch)
                 return plan
-            h = ctypes.c_void_p()
-            _check(
-                _lib.DftiCreateDescriptor_s_1d(ctypes.byref(h), ctypes.c_int(_REAL), _LONG(self.n)), "create"
-            )
-            plan = _Plan(h)  # frees the descriptor if a setting below fails
-            strides = (_LONG * 2)(0, 1)
-            for param, value in (
-                (_PLACEMENT, _LONG(_NOT_INPLACE)),
-                (_NUMBER_OF_TRANSFORMS, _LONG(batch)),
-                (_INPUT_DISTANCE, _LONG(self.n)),
-                (_OUTPUT_DISTANCE, _LONG(self.bins)),
-                (_INPUT_STRIDES, strides),
-                (_OUTPUT_STRIDES, strides),
-                (_CONJUGATE_EVEN_STORAGE, _LONG(_COMPLEX_COMPLEX)),
-            ):
-                _check(_lib.DftiSetValue(h, ctypes.c_int(param), value), f"setting {param}")
-            _check(_lib.DftiCommitDescriptor(h), "commit")
-            self._plans[batch] = plan
+            plan = self._plans[batch] = self._create(batch)
             while len(self._plans) > self.max_plans:
                 self._plans.popitem(last=False)  # freed once no running call holds it
             return plan
+
+    def _create(self, batch: int) -> _Plan:
+        """A committed descriptor for ``batch`` rows of n points."""
+        h = ctypes.c_void_p()
+        _check(_lib.DftiCreateDescriptor_s_1d(ctypes.byref(h), ctypes.c_int(_REAL), _LONG(self.n)), "create")
+        plan = _Plan(h)  # frees the descriptor if a setting below fails
+        strides = (_LONG * 2)(0, 1)
+        for param, value in (
+            (_PLACEMENT, _LONG(_NOT_INPLACE)),
+            (_NUMBER_OF_TRANSFORMS, _LONG(batch)),
+            (_INPUT_DISTANCE, _LONG(self.n)),
+            (_OUTPUT_DISTANCE, _LONG(self.bins)),
+            (_INPUT_STRIDES, strides),
+            (_OUTPUT_STRIDES, strides),
+            (_CONJUGATE_EVEN_STORAGE, _LONG(_COMPLEX_COMPLEX)),
+        ):
+            _check(_lib.DftiSetValue(h, ctypes.c_int(param), value), f"setting {param}")
+        _check(_lib.DftiCommitDescriptor(h), "commit")
+        return plan
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``x`` (T, n) float32 C-contiguous, T >= 1 -> ``out`` (T, n // 2 + 1) complex64."""

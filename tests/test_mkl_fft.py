@@ -1,5 +1,6 @@
 """maskloom._mkl_fft: torch.fft.rfft's MKL transform with kept plans, bit for bit."""
 
+import ctypes
 import pickle
 
 import numpy as np
@@ -83,3 +84,21 @@ def test_threads_share_plans_and_an_evicted_plan_lives_while_in_use():
 
     with ThreadPoolExecutor(4) as ex:
         assert all(ex.map(work, range(4)))
+
+
+@needs_mkl
+def test_kept_handles_are_stable_and_compute_the_same_transform():
+    fft = _mkl_fft.RealFFT(512, max_plans=1)
+    h3, h5 = fft.handle(3), fft.handle(5)
+    assert h3 != h5 and fft.handle(3) == h3  # one kept descriptor per batch size
+    for b in (1, 2, 3, 4):
+        fft(np.zeros((b, 512), np.float32))  # LRU plans come and go (max_plans=1) ...
+    assert fft.handle(3) == h3 and set(fft._kept) == {3, 5}  # ... the kept ones stay
+    x = np.random.default_rng(0).standard_normal((3, 512)).astype(np.float32)
+    out = np.empty((3, 257), np.complex64)
+    status = _mkl_fft._lib.DftiComputeForward(  # what the compiled filterbank calls, by address
+        ctypes.c_void_p(h3), ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data)
+    )
+    assert status == 0
+    np.testing.assert_array_equal(out, torch.fft.rfft(torch.from_numpy(x)).numpy())
+    assert ctypes.cast(_mkl_fft._lib.DftiComputeForward, ctypes.c_void_p).value == fft.address

@@ -37,19 +37,21 @@ Decisions (documented here once):
   skips the frame energy that ``use_energy=False`` throws away, and takes the power spectrum as
   re^2 + im^2 rather than abs()^2; on CPU it regroups the arithmetic into few numpy passes and
   multiplies only the mel filters' bins (88 instead of 146 us per FSDD clip in the tokenizer loop;
-  the plain call is ~2.4x slower than the torch formulation); with numba, two compiled passes around
-  the FFT do it in 50 us (see :class:`KaldiFbank`).
-  ``tokenize`` normalises only the real frames; the padded frames are one precomputed float16
-  constant. With numba one compiled kernel (``maskloom._kernels.norm_tokens``) normalises, rounds
-  to float16 (by bit operations, the same bits as torch's cast) and writes the patch layout: 5 us
-  per FSDD clip instead of 9 for numpy + torch's cast (which is the path without numba; numpy's own
-  cast took 16 of a clip's ~150 us). Resampling keeps one :class:`SincResampler` (its sinc kernel)
-  per source rate: one matrix product, 29 us for an FSDD clip where torchaudio's ``conv1d`` took 47
-  in isolation and decoding a clip took ~225 us in a loop with it, ~95 us without. The FFT is torch's
-  MKL transform, but planned once per frame count (``maskloom._mkl_fft``: ``torch.fft.rfft`` plans
-  it on every call, ~6 us, and dispatches, ~3 us), with the same bits. A tokenized FSDD clip
-  (8 kHz, ~0.5 s, 128 frames) costs ~45 us after a ~95 us decode: the FFT is ~10 of them, the mel
-  sums 14.
+  the plain call is ~2.4x slower than the torch formulation). With numba, MKL and a CPU with a
+  float16 conversion (x86 F16C, ARM64), ``tokenize`` is one compiled call from the waveform to the
+  float16 patches (``maskloom._kernels.fbank_tokens``): framing, the FFT (MKL's, called by address),
+  the power spectrum, the mel sums (16 filters per vector multiply-add), a vectorised float32 log,
+  normalisation, the float16 rounding and the patch layout, with the padding; ~19 us per FSDD clip in
+  isolation, ~26 in the benchmark's loop, where it was ~45 as numpy passes around three kernels.
+  Without F16C the log-mel filterbank is one call and ``maskloom._kernels.norm_tokens`` makes the
+  tokens; without numba numpy and torch's cast do. The tokens equal, bit for bit, normalising
+  :meth:`AudioTokenizer.fbank`, whose log is the same function. Only the frames kept are computed (a
+  long recording cropped to the target length costs the target length). Resampling keeps one
+  :class:`SincResampler` (its sinc kernel) per source rate: one matrix product, 29 us for an FSDD
+  clip where torchaudio's ``conv1d`` took 47 in isolation and decoding a clip took ~225 us in a loop
+  with it, ~95 us without. The FFT is torch's MKL transform, but planned once per frame count
+  (``maskloom._mkl_fft``: ``torch.fft.rfft`` plans it on every call, ~6 us, and dispatches, ~3 us),
+  with the same bits.
 """
 
 from __future__ import annotations
@@ -288,13 +290,16 @@ class KaldiFbank:
     ~50 frames): 88 us per clip instead of 146 us for the torch formulation (which other devices
     still use).
 
-    With numba (a dependency; see :mod:`maskloom._kernels`) the CPU path is two compiled passes around
-    the FFT instead: one writes the windowed, pre-emphasised, zero-padded frames (Kaldi's arithmetic,
-    the mean-free pre-emphasis regrouped as above), one computes the power spectrum and the mel sums
-    using that each FFT bin lies in at most two neighbouring filters. 50 us per FSDD clip instead of
-    100 us for the numpy formulation measured beside it (the FFT is 25-40 us of it), as close to
-    ``kaldi.fbank`` (log-mel within 2e-3 on FSDD, against 3e-3 for the numpy path; the tests bound
-    both). The numpy path runs without numba or with ``MASKLOOM_JIT=0``.
+    With numba (a dependency; see :mod:`maskloom._kernels`) the CPU path is one compiled call
+    (:func:`maskloom._kernels.fbank`): the windowed, pre-emphasised, zero-padded frames (Kaldi's
+    arithmetic, the mean-free pre-emphasis regrouped as above), MKL's FFT called by address, the power
+    spectrum, then the mel sums as LLVM vector code (filters in groups of 16, one 16-wide multiply-add
+    per frame and FFT bin the group touches, four frames at a time) and a vectorised float32 log
+    (Cephes' ``logf``, within 0.82 ulp of the exact log; numpy's float32 log is within 3.3). ~17 us per
+    FSDD clip, where the two kernels around numpy's FFT and log took ~32. As close to ``kaldi.fbank``
+    (log-mel within 2e-3 on FSDD, against 3e-3 for the numpy path; the tests bound both).
+    :meth:`tokens` continues in the same call to float16 patches. The numpy path runs without numba
+    or with ``MASKLOOM_JIT=0``.
     """
 
     MEL_GROUPS = 4
@@ -310,6 +315,7 @@ class KaldiFbank:
         # (F, fft_size // 2 + 1) with a zero column for the Nyquist bin, as kaldi.fbank pads it
         self._np_banks = np.pad(mel_banks(num_mel_bins, self.fft_size, sample_rate), ((0, 0), (0, 1)))
         self._eps = float(np.finfo(np.float32).eps)
+        self._eps32, self._pre = np.float32(self._eps), np.float32(self.PREEMPHASIS)  # kernel arguments
         self._torch_consts: tuple[Any, Any] | None = None  # (banks, window) as torch tensors, for _torch
         # CPU path (numpy): the window, and the mel filters as runs over the bins they touch
         self._np_window = hann_window(self.window_size)  # (W,)
@@ -361,17 +367,35 @@ class KaldiFbank:
 
     def numpy(self, waveform: np.ndarray) -> np.ndarray:
         """The CPU path: (N,) float32 numpy waveform, N >= the window size -> (T, F) float32 log-mel."""
+        mel, t = self.log_mel(waveform)
+        f = self._np_banks.shape[0]
+        return mel[:t] if mel.shape[1] == f else np.ascontiguousarray(mel[:t, :f])
+
+    def log_mel(self, waveform: np.ndarray, max_frames: int | None = None) -> tuple[np.ndarray, int]:
+        """:meth:`numpy` of the first ``max_frames`` frames (default all; the rest of the waveform is
+        not read) as ``(mel, T)``: ``mel`` a C-contiguous float32 array whose first T rows and F columns
+        are the log-mel filterbank. With the compiled kernels it is (T, F) padded to
+        :func:`maskloom._kernels.mel_shape` (the padding holds log(eps)), so that no copy is made."""
         s = np.ascontiguousarray(waveform, dtype=np.float32)
         self._check(s.shape)
         n, w, h = s.shape[0], self.window_size, self.window_shift
         t = 1 + (n - w) // h
-        if _kernels.ENABLED and self._mel_tables is not None:  # compiled passes around the FFT
-            buf = np.empty((t, self.fft_size), np.float32)
-            _kernels.fbank_frames(s, self._np_window, h, self.PREEMPHASIS, buf)
-            spec = self._spectrum(buf)
-            mel = np.empty((t, self._np_banks.shape[0]), np.float32)
-            _kernels.fbank_mel(spec.view(np.float32), self._mel_tables, self._eps, mel)
-            return np.log(mel, out=mel)
+        if max_frames is not None and max_frames < t:
+            t = max(int(max_frames), 1)
+            n = (t - 1) * h + w
+            s = s[:n]
+        if _kernels.ENABLED and self._mel_tables is not None:  # compiled: one call, or two around torch's FFT
+            if self._rfft is not None:
+                mel = _kernels.fbank(
+                    s, self._np_window, h, self.PREEMPHASIS, self._rfft, t, self._mel_tables, self._eps
+                )
+                return mel, t
+            mel = np.empty(_kernels.mel_shape(t, self._np_banks.shape[0]), np.float32)
+            buf = _kernels.fbank_frames(
+                s, self._np_window, h, self.PREEMPHASIS, np.empty((t, self.fft_size), np.float32)
+            )
+            _kernels.fbank_log_mel(self._spectrum(buf).view(np.float32), self._mel_tables, self._eps, mel)
+            return mel, t
         # strided (T, W) views; np.ndarray(buffer=...) is ~10x cheaper than as_strided
         frames = np.ndarray((t, w), np.float32, buffer=s, strides=(h * 4, 4))
         dc = frames.sum(axis=1)
@@ -394,7 +418,42 @@ class KaldiFbank:
         for f0, f1, b0, b1, m in self._np_runs:
             np.matmul(power[:, b0:b1], m, out=mel[:, f0:f1])
         np.maximum(mel, np.float32(self._eps), out=mel)
-        return np.log(mel, out=mel)
+        return np.log(mel, out=mel), t
+
+    def fused_tokens(self) -> bool:
+        """Whether :meth:`tokens` runs here: compiled kernels with a hardware float16 conversion, MKL's
+        FFT, and filters in whole groups of 16 (every AudioMAE-style configuration)."""
+        return (
+            _kernels.ENABLED
+            and _kernels.FUSED_TOKENS
+            and self._rfft is not None
+            and self._mel_tables is not None
+            and self._np_banks.shape[0] % _kernels.MEL_LANES == 0
+        )
+
+    def tokens(
+        self,
+        waveform: np.ndarray,
+        max_frames: int,
+        mean: float,
+        scale: float,
+        pad: np.uint16,
+        out: np.ndarray,
+    ) -> tuple[int, bool]:
+        """The first ``max_frames`` frames of the log-mel filterbank, normalised as ``(x - mean) /
+        scale`` and rounded to float16, written straight into 16 x 16 patches: ``out`` (>= rows,
+        F // 16, 256) uint16 (float16 bits) gets frame t, bins 16 b .. 16 b + 15 as row ``t % 16`` of
+        patch ``[t // 16, b]``, and every later row ``pad`` (float16 bits). One compiled call from the waveform (:func:`maskloom._kernels.fbank_tokens`);
+        the same values as :meth:`numpy` then normalising (bit for bit, in the tests). Returns
+        ``(frames written, whether all are finite)``. Needs :meth:`fused_tokens`."""
+        s = np.ascontiguousarray(waveform, dtype=np.float32)
+        self._check(s.shape)
+        t = min(1 + (s.shape[0] - self.window_size) // self.window_shift, max(int(max_frames), 1))
+        finite = _kernels.fbank_tokens(
+            s, self._np_window, self.window_shift, self._pre, self._rfft, t, self._mel_tables, self._eps32,
+            np.float32(mean), np.float32(scale), pad, out,
+        )  # fmt: skip
+        return t, finite
 
     def _torch(self, waveform: torch.Tensor) -> torch.Tensor:
         """The same in torch ops, on any device (GPUs)."""
@@ -532,34 +591,27 @@ class AudioTokenizer(Tokenizer):
         if raw.waveform.size == 0:
             raise TokenizeError(src, "empty", "audio has no samples")
         mean, std = self.norm_stats()
-        fb = self._fbank_numpy(raw.waveform)  # (T, F)
-        total = fb.shape[0]
-        frames = min(total, c.target_frames)
+        kaldi = self._kaldi_fbank()
+        wav = self._fbank_input(raw.waveform)
+        total = kaldi.num_frames(wav.shape[0])
         p = c.patch_size
         nt, nf = c.target_frames // p, c.num_mel_bins // p
-        # Normalise the real frames only; every padded frame holds the same value. The result is the
-        # same as normalising the padded filterbank: the arithmetic per element is unchanged.
         pad = self._pad_token_value(mean, std)
-        rows = -(-frames // p)  # time rows of patches holding real frames
         tokens = np.empty((nt, nf, p * p), np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
-        tokens[rows:] = pad
-        finite = False  # whether the tokens were checked for NaN/inf here (Record.finite)
-        if _kernels.ENABLED:  # compiled: normalise, float16, patch layout (fb is C-contiguous); the
-            # kernel also finds whether the values are finite, which spares validation a 256 kB pass
-            finite = _kernels.norm_tokens(
-                fb, frames, mean, 2.0 * std, pad.view(np.uint16), p, tokens.view(np.uint16)
-            ) and math.isfinite(pad)
+        # Normalise the real frames only; every padded frame holds the same value. The result is the
+        # same as normalising the padded filterbank: the arithmetic per element is unchanged. Only the
+        # frames kept are computed (a 10 min recording cropped to 10 s reads 10 s).
+        if p == 16 and kaldi.fused_tokens():  # one compiled call: waveform to float16 patches
+            frames, finite = kaldi.tokens(
+                wav, c.target_frames, mean, 2.0 * std, pad.view(np.uint16), tokens.view(np.uint16)
+            )
+            finite = finite and math.isfinite(pad)
         else:
-            real = np.empty((rows * p, c.num_mel_bins), np.float16)  # (rows*p, F)
-            real[frames:] = pad
-            # float32 arithmetic, as torch's ((fb - mean) / (2 * std)): numpy keeps Python scalars
-            # weak; the float16 cast by torch (vectorised: 3 us for a 0.5 s clip, numpy's 16 us)
-            norm = fb[:frames] - mean
-            norm /= 2.0 * std
-            import torch  # only on this path (no numba)
-
-            torch.from_numpy(real[:frames]).copy_(torch.from_numpy(norm))
-            tokens.reshape(nt, nf, p, p)[:rows] = real.reshape(rows, p, nf, p).transpose(0, 2, 1, 3)
+            fb, computed = kaldi.log_mel(wav, max_frames=c.target_frames)  # (>= T, >= F), first (T, F) real
+            frames = min(computed, c.target_frames)
+            rows = -(-frames // p)
+            tokens[rows:] = pad
+            finite = self._norm_tokens(fb, frames, mean, std, pad, tokens)
         tokens = tokens.reshape(nt * nf, p * p)  # (L, p*p), time-major
         meta = {
             "sample_rate": c.sample_rate,
@@ -582,6 +634,33 @@ class AudioTokenizer(Tokenizer):
                 finite=finite,
             )
         ]
+
+    def _norm_tokens(
+        self, fb: np.ndarray, frames: int, mean: float, std: float, pad: np.float16, tokens: np.ndarray
+    ) -> bool:
+        """Normalise the first ``frames`` rows of a log-mel filterbank ``fb`` (C-contiguous, >= F
+        columns) into ``tokens`` (nt, nf, p * p) float16 rows 0 .. ceil(frames / p) - 1, the padded
+        frames of the last row with ``pad``; returns whether they were checked finite here."""
+        c = self.config
+        p = c.patch_size
+        nt, nf = tokens.shape[:2]
+        rows = -(-frames // p)
+        if _kernels.ENABLED:  # compiled: normalise, float16, patch layout; the kernel also finds
+            # whether the values are finite, which spares validation a pass over the tokens
+            return _kernels.norm_tokens(
+                fb, frames, mean, 2.0 * std, pad.view(np.uint16), p, tokens.view(np.uint16), F=c.num_mel_bins
+            ) and math.isfinite(pad)
+        real = np.empty((rows * p, c.num_mel_bins), np.float16)  # (rows*p, F)
+        real[frames:] = pad
+        # float32 arithmetic, as torch's ((fb - mean) / (2 * std)): numpy keeps Python scalars
+        # weak; the float16 cast by torch (vectorised: 3 us for a 0.5 s clip, numpy's 16 us)
+        norm = fb[:frames, : c.num_mel_bins] - mean
+        norm /= 2.0 * std
+        import torch  # only on this path (no numba)
+
+        torch.from_numpy(real[:frames]).copy_(torch.from_numpy(norm))
+        tokens.reshape(nt, nf, p, p)[:rows] = real.reshape(rows, p, nf, p).transpose(0, 2, 1, 3)
+        return False
 
     def detokenize(self, record: Record) -> np.ndarray:
         """The un-normalised filterbank of the real frames, (frames, num_mel_bins) float32.
@@ -677,18 +756,26 @@ class AudioTokenizer(Tokenizer):
 
     def _fbank_numpy(self, waveform: np.ndarray) -> np.ndarray:
         """:meth:`fbank` as a (T, num_mel_bins) float32 numpy array."""
-        c = self.config
+        return self._kaldi_fbank().numpy(self._fbank_input(waveform))
+
+    def _kaldi_fbank(self) -> KaldiFbank:
         if self._kaldi is None:
+            c = self.config
             self._kaldi = KaldiFbank(
                 sample_rate=c.sample_rate, num_mel_bins=c.num_mel_bins, frame_shift_ms=c.frame_shift_ms
             )
+        return self._kaldi
+
+    def _fbank_input(self, waveform: np.ndarray) -> np.ndarray:
+        """The waveform :class:`KaldiFbank` gets: as it is, or, shorter than one 25 ms window, with its
+        mean removed and zero-padded to one window (one frame)."""
         wav = np.asarray(waveform, dtype=np.float32)
-        win = self._kaldi.window_size
+        win = self._kaldi_fbank().window_size
         if wav.shape[0] < win:  # mean removal, then zero padding to one window (one frame)
             wav = np.pad(wav - wav.mean(dtype=np.float32), (0, win - wav.shape[0]))
         # Otherwise the waveform's mean need not be removed: Kaldi removes each frame's mean
         # (remove_dc_offset), which cancels any constant offset exactly (up to float32 rounding).
-        return self._kaldi.numpy(wav)
+        return wav
 
     def _resampler(self, sr: int) -> SincResampler:
         """``torchaudio.functional.resample(x, sr, Config.sample_rate)`` (:class:`SincResampler`) with

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 from torchaudio.compliance import kaldi
 
-from maskloom import _mkl_fft
+from maskloom import _kernels, _mkl_fft
 from maskloom.testing import check_tokenizer
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
 from maskloom.tokenizers.audio import Audio, AudioConfig, AudioTokenizer, KaldiFbank
@@ -363,6 +363,9 @@ def test_tokens_equal_pad_then_normalise(cfg, jit_path):
         expected = _plain_tokens(tok, wav)
         assert rec.tokens.dtype == np.float16 and rec.tokens.flags.c_contiguous
         np.testing.assert_array_equal(rec.tokens.view(np.uint16), expected.view(np.uint16))  # bit for bit
+    # with numba, F16C and MKL the tokens came from the one-call kernel (waveform to float16 patches)
+    fused = jit_path == "jit" and _kernels.FUSED_TOKENS and _mkl_fft.available()
+    assert tok._kaldi.fused_tokens() == fused
     r1, r2 = (tok.tokenize(Audio(waveform=wav, sample_rate=16000))[0] for _ in range(2))
     assert not np.shares_memory(r1.positions, r2.positions) and r1.positions.flags.writeable
 
