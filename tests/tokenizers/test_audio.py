@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -544,3 +546,29 @@ def test_a_cpu_worker_tokenizes_audio_without_importing_torch(tmp_path):
     if fast_path != "True":
         pytest.skip("numba or MKL's DFTI missing: the fallbacks use torch")
     assert imported == "False"
+
+
+def test_tokenizing_in_a_thread_keeps_the_kernels_scratch_alive():
+    """The compiled filterbank hands its scratch arrays to LLVM code; numba must not free them first.
+    (Passing ``.ctypes.data`` addresses made that address the arrays' last use: numba freed them
+    before the FFT and the mel sums read them. A thread's malloc arena unmaps freed memory sooner
+    than the main heap does, so this loop crashed within a few hundred clips.) A subprocess, so that
+    a crash fails the test instead of killing pytest."""
+    code = (
+        "import threading\n"
+        "import numpy as np\n"
+        "from maskloom.tokenizers.audio import Audio, AudioTokenizer\n"
+        "tok = AudioTokenizer({'target_frames': 1024})\n"
+        "rng = np.random.default_rng(0)\n"
+        "def run():\n"
+        "    for _ in range(600):\n"
+        "        n = int(rng.integers(4000, 40000))\n"
+        "        wav = (rng.standard_normal(n) * 0.1).astype(np.float32)\n"
+        "        tok.tokenize(Audio(waveform=wav, sample_rate=16000))\n"
+        "    print('ok')\n"
+        "t = threading.Thread(target=run)\n"
+        "t.start()\n"
+        "t.join()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
