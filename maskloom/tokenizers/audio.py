@@ -443,10 +443,13 @@ class KaldiFbank:
         """The first ``max_frames`` frames of the log-mel filterbank, normalised as ``(x - mean) /
         scale`` and rounded to float16, written straight into 16 x 16 patches: ``out`` (>= rows,
         F // 16, 256) uint16 (float16 bits) gets frame t, bins 16 b .. 16 b + 15 as row ``t % 16`` of
-        patch ``[t // 16, b]``, and every later row ``pad`` (float16 bits). One compiled call from the waveform (:func:`maskloom._kernels.fbank_tokens`);
-        the same values as :meth:`numpy` then normalising (bit for bit, in the tests). Returns
+        patch ``[t // 16, b]``, and every later row ``pad`` (float16 bits). One compiled call from the
+        waveform (:func:`maskloom._kernels.fbank_tokens`); the same values as :meth:`numpy` then
+        normalising (bit for bit, in the tests). Returns
         ``(frames written, whether all are finite)``. Needs :meth:`fused_tokens`."""
-        s = np.ascontiguousarray(waveform, dtype=np.float32)
+        s = waveform if waveform.dtype == np.float32 else np.asarray(waveform, np.float32)
+        if not s.flags.c_contiguous:
+            s = np.ascontiguousarray(s)
         self._check(s.shape)
         t = min(1 + (s.shape[0] - self.window_size) // self.window_shift, max(int(max_frames), 1))
         finite = _kernels.fbank_tokens(
@@ -532,7 +535,8 @@ class AudioTokenizer(Tokenizer):
         self.stats: dict[str, float] | None = None
         """Learned {"mean", "std", "frames", "files"} from fit()/load_artifacts(), or None."""
         self._kaldi: KaldiFbank | None = None  # built on first use (window + mel matrix)
-        self._pad_token: tuple[float, float, np.float16] | None = None  # (mean, std, normalised pad value)
+        # (mean, std, normalised pad value, its bits, float32 mean and 2 std for the kernels, pad finite)
+        self._pad_token: tuple[Any, ...] | None = None
         self._positions: np.ndarray | None = None  # (L, 2) float32, copied into every record
         self._resamplers: dict[int, SincResampler] = {}  # by source sample rate
 
@@ -592,20 +596,22 @@ class AudioTokenizer(Tokenizer):
             raise TokenizeError(src, "empty", "audio has no samples")
         mean, std = self.norm_stats()
         kaldi = self._kaldi_fbank()
-        wav = self._fbank_input(raw.waveform)
+        wav = raw.waveform
+        if wav.shape[0] < kaldi.window_size or wav.dtype != np.float32:
+            wav = self._fbank_input(wav)
         total = kaldi.num_frames(wav.shape[0])
         p = c.patch_size
         nt, nf = c.target_frames // p, c.num_mel_bins // p
-        pad = self._pad_token_value(mean, std)
+        _, _, pad, pad_bits, mean32, scale32, pad_finite = self._norm_consts(mean, std)
         tokens = np.empty((nt, nf, p * p), np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
         # Normalise the real frames only; every padded frame holds the same value. The result is the
         # same as normalising the padded filterbank: the arithmetic per element is unchanged. Only the
         # frames kept are computed (a 10 min recording cropped to 10 s reads 10 s).
         if p == 16 and kaldi.fused_tokens():  # one compiled call: waveform to float16 patches
             frames, finite = kaldi.tokens(
-                wav, c.target_frames, mean, 2.0 * std, pad.view(np.uint16), tokens.view(np.uint16)
+                wav, c.target_frames, mean32, scale32, pad_bits, tokens.view(np.uint16)
             )
-            finite = finite and math.isfinite(pad)
+            finite = finite and pad_finite
         else:
             fb, computed = kaldi.log_mel(wav, max_frames=c.target_frames)  # (>= T, >= F), first (T, F) real
             frames = min(computed, c.target_frames)
@@ -789,11 +795,17 @@ class AudioTokenizer(Tokenizer):
     def _pad_token_value(self, mean: float, std: float) -> np.float16:
         """``(pad_value - mean) / (2 * std)`` as float16, in the float32 arithmetic of the real frames
         (cached per statistics)."""
+        return self._norm_consts(mean, std)[2]
+
+    def _norm_consts(self, mean: float, std: float) -> tuple[Any, ...]:
+        """:attr:`_pad_token`: what normalising with ``(mean, std)`` needs, computed once per statistics."""
         if self._pad_token is None or self._pad_token[:2] != (mean, std):
             pad = np.full(1, self.config.pad_value, np.float32)
             value = ((pad - mean) / (2.0 * std)).astype(np.float16)[0]
-            self._pad_token = (mean, std, value)
-        return self._pad_token[2]
+            self._pad_token = (
+                mean, std, value, value.view(np.uint16), np.float32(mean), np.float32(2.0 * std), math.isfinite(value)
+            )  # fmt: skip
+        return self._pad_token
 
     def _grid_positions(self) -> np.ndarray:
         """(L, 2) float32 (time, freq) patch-grid indices, time-major (cached; callers copy)."""
