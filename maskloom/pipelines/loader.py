@@ -853,9 +853,8 @@ def collate(
         lens = np.empty(B, np.int64)
         tok_st, pos_st = [], []
         for c, r, slot in parts:
-            st = c.tok_off[r]
-            lens[slot] = c.tok_off[r + 1] - st
-            tok_st.append(st)
+            lens[slot] = c.row_lengths()[r]
+            tok_st.append(c.tok_off[r])
             pos_st.append(c.pos_off[r])
     L = int(lens.max()) if lens.size else 0
     pad = _padding_mask(lens, L)  # (B, L) True = padding
@@ -882,11 +881,12 @@ def collate(
         elens = np.zeros(lens.size, np.int64)  # (B,) edges per sample
         e_st = []
         for c, r, slot in parts:
-            st = c.edge_off[r] if c.edge_off is not None else np.zeros(r.size, np.int64)
-            if c.edge_off is not None:
-                elens[slice(None) if slot is None else slot] = c.edge_off[r + 1] - st
-            e_st.append(st)
-        epad = np.arange(int(elens.max()) if elens.size else 0) >= elens[:, None]  # (B, E)
+            if c.edge_off is None:
+                e_st.append(np.zeros(r.size, np.int64))
+                continue
+            e_st.append(c.edge_off[r])
+            elens[slice(None) if slot is None else slot] = c.row_lengths("edge_off")[r]
+        epad = _padding_mask(elens, int(elens.max()) if elens.size else 0)  # (B, E)
         edges = _pad_column(parts, "edges", e_st, elens, epad, (2,), np.int64, -1)  # (B, E, 2)
     if single:
         labels, ids = c.labels[r], c.ids[r]
