@@ -95,25 +95,37 @@ def _gather_pad2_py(
 ) -> None:
     """:func:`_gather_pad_py` of two columns with the same row starts (tokens and positions), padded
     with zeros, and the (B, L) padding mask (True = padding): one call instead of three (a call costs
-    ~1.5-3 us, as much as the copying)."""
+    ~1.5-3 us, as much as the copying). Flat loops over 1-D views, as there."""
     L = out1.shape[1]
     W1 = out1.shape[2]
     W2 = out2.shape[2]
+    flat1 = src1.reshape(-1)
+    flat2 = src2.reshape(-1)
+    rows1 = out1.reshape(out1.shape[0], L * W1)
+    rows2 = out2.reshape(out2.shape[0], L * W2)
     for b in range(starts.shape[0]):
         s = starts[b]
         n = lens[b]
+        seg1 = flat1[s * W1 : (s + n) * W1]
+        o1 = rows1[b]
+        for j in range(n * W1):
+            o1[j] = seg1[j]
+        rest1 = o1[n * W1 :]
+        for j in range(rest1.shape[0]):
+            rest1[j] = 0
+        seg2 = flat2[s * W2 : (s + n) * W2]
+        o2 = rows2[b]
+        for j in range(n * W2):
+            o2[j] = seg2[j]
+        rest2 = o2[n * W2 :]
+        for j in range(rest2.shape[0]):
+            rest2[j] = 0
+        pb = pad[b]
         for j in range(n):
-            for k in range(W1):
-                out1[b, j, k] = src1[s + j, k]
-            for k in range(W2):
-                out2[b, j, k] = src2[s + j, k]
-            pad[b, j] = False
-        for j in range(n, L):
-            for k in range(W1):
-                out1[b, j, k] = 0
-            for k in range(W2):
-                out2[b, j, k] = 0
-            pad[b, j] = True
+            pb[j] = False
+        rest = pb[n:]
+        for j in range(rest.shape[0]):
+            rest[j] = True
 
 
 _gather_pad2 = _jit(_gather_pad2_py)
