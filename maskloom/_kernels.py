@@ -296,6 +296,23 @@ def _fbank_log_mel_py(
     )  # fmt: skip
 
 
+def _frames_fft_py(
+    s: np.ndarray,
+    window: np.ndarray,
+    shift: int,
+    pre: Any,
+    fft: int,
+    plan: int,
+    buf: np.ndarray,
+    spec: np.ndarray,
+) -> int:
+    """:func:`_fbank_frames_py` into ``buf``, then MKL's ``DftiComputeForward`` (at address ``fft``,
+    with the committed descriptor ``plan`` for ``buf.shape[0]`` rows) from ``buf`` into ``spec``.
+    Returns the FFT's status (0: done)."""
+    _fbank_frames(s, window, shift, pre, buf)
+    return _call_ptr3(fft, plan, buf, spec)
+
+
 def _fbank_py(
     s: np.ndarray,
     window: np.ndarray,
@@ -316,12 +333,10 @@ def _fbank_py(
     """:func:`_fbank_frames_py`, the FFT (MKL's ``DftiComputeForward`` at address ``fft`` with the
     committed descriptor ``plan``, for ``buf.shape[0]`` rows), then :func:`_fbank_log_mel_py`: the
     whole log-mel filterbank in one call. Returns the FFT's status (0: done)."""
-    _fbank_frames(s, window, shift, pre, buf)
-    status = _call_ptr3(fft, plan, buf, spec)
-    if status != 0:
-        return status
-    _fbank_log_mel(spec, power, b0, b1, row0, weights, floor, mel)
-    return 0
+    status = _frames_fft(s, window, shift, pre, fft, plan, buf, spec)
+    if status == 0:
+        _fbank_log_mel(spec, power, b0, b1, row0, weights, floor, mel)
+    return status
 
 
 def _fbank_tokens_py(
@@ -353,8 +368,7 @@ def _fbank_tokens_py(
     spec = np.empty((frames, n + 2), np.float32)
     power = np.empty((tp, bins), np.float32)
     flag = np.empty(MEL_LANES, np.uint16)
-    _fbank_frames(s, window, shift, pre, buf)
-    status = _call_ptr3(fft, plan, buf, spec)
+    status = _frames_fft(s, window, shift, pre, fft, plan, buf, spec)
     if status != 0:
         return status, False
     _power(spec, power)
@@ -456,11 +470,16 @@ def fbank(
         s, window, shift, np.float32(pre), fft.address, plan.handle.value, buf, spec, power, *tables.arrays,
         np.float32(floor), mel,
     )  # fmt: skip
+    _fft_check(status)
+    return mel
+
+
+def _fft_check(status: int) -> None:
+    """Raise MKL's message for a failed transform (status != 0)."""
     if status:
         from . import _mkl_fft
 
         _mkl_fft._check(status, "compute")
-    return mel
 
 
 def fbank_tokens(
@@ -487,10 +506,7 @@ def fbank_tokens(
         s, window, shift, pre, fft.address, fft.handle(frames), fft.n, *tables.arrays, tables.bins, floor,
         mean, scale, frames, pad, out,
     )  # fmt: skip
-    if status:
-        from . import _mkl_fft
-
-        _mkl_fft._check(status, "compute")
+    _fft_check(status)
     return finite
 
 
@@ -862,6 +878,7 @@ _log32 = _jit(_log32_py)
 # intrinsics' included, and LLVM would then regroup the log and the normalisation differently in
 # each caller (a token one float16 step from the log-mel path's). The sums that gain from it are in
 # their own functions (_fbank_frames, _power); the filter sums are explicit llvm.fma calls.
+_frames_fft = _jit(_frames_fft_py)
 _fbank_log_mel = _jit(_fbank_log_mel_py)
 _fbank = _jit(_fbank_py)
 _fbank_tokens = _jit(_fbank_tokens_py)
