@@ -206,3 +206,36 @@ def test_to_half_rounds_as_torch_for_every_float32_class():
     nan = np.isnan(x)
     np.testing.assert_array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
     assert np.isnan(got[nan]).all() and (np.signbit(got[nan]) == np.signbit(x[nan])).all()
+
+
+def test_integer_half_conversion_equals_the_hardware_one():
+    """``_to_half`` (bit operations, for CPUs without F16C) and ``_f16_hw`` (``fptrunc``) agree on every
+    float32 class; the kernels use the second where the CPU has it, so the first is tested here."""
+    import numba
+
+    @numba.njit
+    def both(x, a, b):
+        for i in range(x.shape[0]):
+            a[i] = _kernels._to_half(x[i])
+            b[i] = _kernels._f16_hw(x[i])
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate(
+        [rng.standard_normal(20000).astype(np.float32) * s for s in (1e-8, 1e-6, 1e-4, 1.0, 1e4, 7e4)]
+        + [rng.integers(0, 2**32, 50000, dtype=np.uint64).astype(np.uint32).view(np.float32)]
+        + [np.array([0, -0.0, np.inf, -np.inf, 65504, 65519.99, 65520, 2**-14, 2**-24, 2**-25], np.float32)]
+    )
+    a, b = np.empty(x.size, np.int32), np.empty(x.size, np.int32)
+    both(x, a, b)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(a[~nan], b[~nan])
+    np.testing.assert_array_equal(
+        b[~nan], torch.from_numpy(x[~nan]).to(torch.float16).numpy().view(np.uint16)
+    )
+    assert ((a[nan] & 0x7C00) == 0x7C00).all() and ((b[nan] & 0x7C00) == 0x7C00).all()  # NaN stays NaN
+    assert ((a[nan] >> 15) == np.signbit(x[nan])).all() and ((b[nan] >> 15) == np.signbit(x[nan])).all()
+
+
+def test_float16_in_hardware_only_for_the_host_cpu(monkeypatch):
+    monkeypatch.setenv("NUMBA_CPU_NAME", "generic")  # portable caches: no assumption about F16C
+    assert _kernels._cpu_has_f16c() is False
