@@ -824,6 +824,55 @@ def _collate_short(
     return _make_batch(spec, tokens, positions, pad, c.labels[r], edges, c.ids[r], meta, with_meta)
 
 
+def _collate_short_parts(
+    parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]], spec: TableSpec, with_meta: bool
+) -> TokenBatch | None:
+    """:func:`_collate_short` of a batch drawn from several chunks in runs (a batch of a large table
+    of short rows whose rows span two or three row groups): per chunk, one compiled call for tokens,
+    positions and the padding mask together, one for the edges, into the batch's rows of that run
+    (``slot`` a slice: a contiguous view). Per chunk and column calls and their index arrays were
+    most of such a batch's Python time. None: not that case (no numba, index-array slots, different
+    token and position offsets, rows too long)."""
+    if not _kernels.ENABLED:
+        return None
+    for c, _, slot in parts:
+        if not isinstance(slot, slice) or slot.step not in (None, 1) or not c.same_offsets():
+            return None
+    lens = [c.row_lengths()[r] for c, r, _ in parts]
+    B = sum(int(x.size) for x in lens)
+    L = max((int(x.max()) for x in lens if x.size), default=0)
+    width = spec.token_dim if spec.token_kind == "continuous" else 1
+    if not B or not L or L * max(width, spec.position_dim) >= ROW_COPY_MIN:
+        return None
+    has_edges = any(c.edge_off is not None for c, _, _ in parts)
+    elens = [c.row_lengths("edge_off")[r] if c.edge_off is not None else None for c, r, _ in parts]
+    E = max((int(x.max()) for x in elens if x is not None and x.size), default=0)
+    if E * 2 >= ROW_COPY_MIN:
+        return None
+    dtypes = batch_dtypes(spec)
+    tokens = np.empty((B, L, width), dtypes["tok"])
+    positions = np.empty((B, L, spec.position_dim), dtypes["pos"])
+    pad = np.empty((B, L), bool)
+    edges = np.empty((B, E, 2), dtypes["edges"]) if has_edges else None
+    labels, ids = np.empty(B, np.int64), np.empty(B, object)
+    meta = np.full(B, "{}", object) if with_meta else None
+    for (c, r, slot), n, en in zip(parts, lens, elens):
+        tok2 = c.tok if c.tok.ndim == 2 else c.tok.reshape(-1, 1)  # ids (T,) as (T, 1)
+        _kernels.gather_pad2(tok2, c.pos, c.tok_off[r], n, tokens[slot], positions[slot], pad[slot])
+        if edges is not None:
+            if en is None:
+                edges[slot] = -1
+            else:
+                _kernels.gather_pad(c.edges, c.edge_off[r], en, edges[slot], -1)
+        labels[slot] = c.labels[r]
+        ids[slot] = c.ids[r]
+        if meta is not None and c.meta is not None:
+            meta[slot] = c.meta[r]
+    if spec.token_kind != "continuous":
+        tokens = tokens.reshape(B, L)
+    return _make_batch(spec, tokens, positions, pad, labels, edges, ids, meta, with_meta)
+
+
 def collate(
     parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]],
     spec: TableSpec,
@@ -849,6 +898,9 @@ def collate(
                 return fast
         tok_st, pos_st = [st], [st if c.same_offsets() else c.pos_off[r]]
     else:
+        fast = _collate_short_parts(parts, spec, with_meta)
+        if fast is not None:
+            return fast
         B = sum(int(r.size) for _, r, _ in parts)
         lens = np.empty(B, np.int64)
         tok_st, pos_st = [], []

@@ -1,5 +1,6 @@
 """The training loader: exact batches, padding, bucketing, shuffling, DDP shards, resume, mixing, workers."""
 
+import dataclasses
 import pickle
 import time
 from dataclasses import dataclass
@@ -725,11 +726,23 @@ def test_short_row_fast_path_equals_the_general_collate(discrete, jit_path):
     fast = collate([(chunk(), rows, None)], spec, with_meta=False)
     slots = np.arange(rows.size)
     general = collate([(chunk(), rows[:9], slots[:9]), (chunk(), rows[9:], slots[9:])], spec, with_meta=False)
+    # runs of a batch from several chunks (a large table's row groups): the multi-chunk fast path
+    runs = collate(
+        [(chunk(), rows[:9], slice(0, 9)), (chunk(), rows[9:], slice(9, 17))], spec, with_meta=False
+    )
     for name in ("tokens", "positions", "padding", "labels", "edges"):
-        a, b = getattr(fast, name), getattr(general, name)
-        assert a.dtype == b.dtype and torch.equal(a, b), name
-    assert fast.ids == general.ids == [f"r{i}" for i in rows]
+        a, b, c = getattr(fast, name), getattr(general, name), getattr(runs, name)
+        assert a.dtype == b.dtype == c.dtype and torch.equal(a, b) and torch.equal(a, c), name
+    assert fast.ids == general.ids == runs.ids == [f"r{i}" for i in rows]
     assert fast.edges.shape == (17, int(elens[rows].max()), 2) and int((fast.edges == -1).sum()) > 0
+    # a chunk without edges among them, with meta: its rows' edges are all padding
+    bare = dataclasses.replace(chunk(), edge_off=None, edges=None, meta=np.array(['{"m": 1}'] * n, object))
+    mixed = [(chunk(), rows[:9], slice(0, 9)), (bare, rows[9:], slice(9, 17))]
+    by_index = [(p[0], p[1], np.arange(17)[p[2]]) for p in mixed]
+    a, b = collate(mixed, spec, with_meta=True), collate(by_index, spec, with_meta=True)
+    for name in ("tokens", "positions", "padding", "labels", "edges"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (a.edges[9:] == -1).all() and a.meta == b.meta and a.meta[9] == {"m": 1}
 
 
 def test_big_batch_buffers_are_reused_only_when_released(tmp_path, monkeypatch):
