@@ -340,12 +340,10 @@ def _fbank_py(
 
 
 def _fbank_tokens_py(
-    s: np.ndarray,
     window: np.ndarray,
     shift: int,
     pre: Any,
     fft: int,
-    plan: int,
     n: int,
     b0: np.ndarray,
     b1: np.ndarray,
@@ -353,6 +351,8 @@ def _fbank_tokens_py(
     weights: np.ndarray,
     bins: int,
     floor: Any,
+    s: np.ndarray,
+    plan: int,
     mean: Any,
     scale: Any,
     frames: int,
@@ -360,8 +360,8 @@ def _fbank_tokens_py(
     out: np.ndarray,
 ) -> tuple[int, bool]:
     """:func:`_fbank_py` with :func:`_mel_tokens` in place of the log-mel store, and the padding:
-    waveform to normalised float16 16 x 16 tokens in one call (see :func:`fbank_tokens`); the
-    scratch arrays are made here (numba's allocator: ~50 ns each, numpy's ~400 ns). Returns the FFT's
+    waveform to normalised float16 16 x 16 tokens in one call (see :class:`FbankTokens`; the
+    constant arguments come first, bound there once); the scratch arrays are made here (numba's allocator: ~50 ns each, numpy's ~400 ns). Returns the FFT's
     status and whether the real frames' tokens are finite."""
     tp = (frames + MEL_FRAMES - 1) // MEL_FRAMES * MEL_FRAMES
     buf = np.empty((frames, n), np.float32)
@@ -482,32 +482,45 @@ def _fft_check(status: int) -> None:
         _mkl_fft._check(status, "compute")
 
 
-def fbank_tokens(
-    s: np.ndarray,
-    window: np.ndarray,
-    shift: int,
-    pre: float,
-    fft: Any,
-    frames: int,
-    tables: MelTables,
-    floor: float,
-    mean: float,
-    scale: float,
-    pad: np.uint16,
-    out: np.ndarray,
-) -> bool:
-    """:func:`fbank` straight to tokens: ``out`` (nt, F // 16, 256) uint16 (float16 bits, C-contiguous,
-    nt >= ceil(frames / 16)) gets ``(log-mel - mean) / scale`` of frame t, filters 16 b .. 16 b + 15,
-    as row ``t % 16`` of patch ``[t // 16, b]``, for t < ``frames``, and ``pad`` (float16 bits) in every
-    row after. Returns whether every value computed is finite (the padding is the caller's). Needs
-    :data:`FUSED_TOKENS` and F a multiple of 16 (16 x 16 patches; other shapes go through
-    :func:`fbank` and :func:`norm_tokens`)."""
-    status, finite = _fbank_tokens(
-        s, window, shift, pre, fft.address, fft.handle(frames), fft.n, *tables.arrays, tables.bins, floor,
-        mean, scale, frames, pad, out,
-    )  # fmt: skip
-    _fft_check(status)
-    return finite
+class FbankTokens:
+    """:func:`fbank` straight to tokens, with the constant arguments bound once (a call then costs
+    the kernel and ~2 us, where binding them per call cost ~1 us more). ``fft`` a
+    :class:`maskloom._mkl_fft.RealFFT`; ``window``, ``shift``, ``pre``, ``tables``, ``floor`` as
+    :func:`fbank`. Needs :data:`FUSED_TOKENS` and F a multiple of 16 (16 x 16 patches; other shapes
+    go through :func:`fbank` and :func:`norm_tokens`)."""
+
+    __slots__ = ("consts", "fft")
+
+    def __init__(
+        self, window: np.ndarray, shift: int, pre: float, fft: Any, tables: MelTables, floor: float
+    ) -> None:
+        self.fft = fft
+        self.consts = (
+            window, int(shift), np.float32(pre), fft.address, fft.n, *tables.arrays, tables.bins, np.float32(floor)
+        )  # fmt: skip
+
+    def __getstate__(self) -> tuple[Any, tuple[Any, ...]]:  # MKL's address is the process's own
+        return self.fft, self.consts[:3] + self.consts[4:]
+
+    def __setstate__(self, state: tuple[Any, tuple[Any, ...]]) -> None:
+        self.fft, c = state
+        self.consts = (*c[:3], self.fft.address, *c[3:])
+
+    def __call__(
+        self, s: np.ndarray, frames: int, mean: np.float32, scale: np.float32, pad: np.uint16, out: np.ndarray
+    ) -> bool:
+        """``out`` (nt, F // 16, 256) uint16 (float16 bits, C-contiguous, nt >= ceil(frames / 16)) gets
+        ``(log-mel - mean) / scale`` of frame t, filters 16 b .. 16 b + 15, as row ``t % 16`` of patch
+        ``[t // 16, b]``, for t < ``frames``, and ``pad`` (float16 bits) in every row after; ``s``
+        (N,) float32 C-contiguous with ``(frames - 1) * shift + len(window) <= N``; ``mean`` and
+        ``scale`` float32. Returns whether every value computed is finite (the padding is the
+        caller's)."""
+        status, finite = _fbank_tokens(
+            *self.consts, s, self.fft.handle(frames), mean, scale, frames, pad, out
+        )
+        if status:
+            _fft_check(status)
+        return finite
 
 
 def _norm_tokens_py(

@@ -128,6 +128,7 @@ class RealFFT:
         self.max_plans = max_plans
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
         self._kept: dict[int, _Plan] = {}  # handle()'s descriptors, never evicted
+        self._kept_handles: dict[int, int] = {}  # and their addresses
         self._lock = threading.Lock()
         self._compute = _lib.DftiComputeForward
         self.address = ctypes.cast(self._compute, ctypes.c_void_p).value
@@ -140,11 +141,12 @@ class RealFFT:
         runs without the GIL must not be freed by another thread's eviction. Callers' batch sizes are
         bounded (frame counts up to a target length). A dictionary hit costs ~0.1 us, the LRU's locked
         update ~1 us."""
-        plan = self._kept.get(batch)
-        if plan is None:
+        h = self._kept_handles.get(batch)
+        if h is None:
             with self._lock:
                 plan = self._kept.setdefault(batch, self._create(batch))
-        return plan.handle.value
+                h = self._kept_handles[batch] = plan.handle.value
+        return h
 
     def _plan(self, batch: int) -> _Plan:
         with self._lock:

@@ -315,7 +315,6 @@ class KaldiFbank:
         # (F, fft_size // 2 + 1) with a zero column for the Nyquist bin, as kaldi.fbank pads it
         self._np_banks = np.pad(mel_banks(num_mel_bins, self.fft_size, sample_rate), ((0, 0), (0, 1)))
         self._eps = float(np.finfo(np.float32).eps)
-        self._eps32, self._pre = np.float32(self._eps), np.float32(self.PREEMPHASIS)  # kernel arguments
         self._torch_consts: tuple[Any, Any] | None = None  # (banks, window) as torch tensors, for _torch
         # CPU path (numpy): the window, and the mel filters as runs over the bins they touch
         self._np_window = hann_window(self.window_size)  # (W,)
@@ -334,6 +333,13 @@ class KaldiFbank:
         self._mel_tables = _kernels.mel_tables(dense) if _kernels.ENABLED else None
         # CPU FFT: torch's MKL transform, planned once per frame count (see maskloom._mkl_fft)
         self._rfft = _mkl_fft.RealFFT(self.fft_size) if _mkl_fft.available() else None
+        # waveform to tokens in one compiled call, where it can run (see fused_tokens)
+        self._fused = (
+            _kernels.FbankTokens(self._np_window, self.window_shift, self.PREEMPHASIS, self._rfft, self._mel_tables, self._eps)
+            if _kernels.FUSED_TOKENS and self._rfft is not None and self._mel_tables is not None
+            and num_mel_bins % _kernels.MEL_LANES == 0
+            else None
+        )  # fmt: skip
 
     def _spectrum(self, buf: np.ndarray) -> np.ndarray:
         """(T, fft_size) float32 frames -> (T, fft_size // 2 + 1) complex64: ``torch.fft.rfft``'s bits,
@@ -423,13 +429,7 @@ class KaldiFbank:
     def fused_tokens(self) -> bool:
         """Whether :meth:`tokens` runs here: compiled kernels with a hardware float16 conversion, MKL's
         FFT, and filters in whole groups of 16 (every AudioMAE-style configuration)."""
-        return (
-            _kernels.ENABLED
-            and _kernels.FUSED_TOKENS
-            and self._rfft is not None
-            and self._mel_tables is not None
-            and self._np_banks.shape[0] % _kernels.MEL_LANES == 0
-        )
+        return _kernels.ENABLED and self._fused is not None
 
     def tokens(
         self,
@@ -452,10 +452,7 @@ class KaldiFbank:
             s = np.ascontiguousarray(s)
         self._check(s.shape)
         t = min(1 + (s.shape[0] - self.window_size) // self.window_shift, max(int(max_frames), 1))
-        finite = _kernels.fbank_tokens(
-            s, self._np_window, self.window_shift, self._pre, self._rfft, t, self._mel_tables, self._eps32,
-            np.float32(mean), np.float32(scale), pad, out,
-        )  # fmt: skip
+        finite = self._fused(s, t, np.float32(mean), np.float32(scale), pad, out)
         return t, finite
 
     def _torch(self, waveform: torch.Tensor) -> torch.Tensor:

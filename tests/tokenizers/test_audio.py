@@ -585,3 +585,26 @@ def test_tokenizing_in_a_thread_keeps_the_kernels_scratch_alive():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+def test_a_used_tokenizer_pickled_to_another_process_tokenizes_the_same(tmp_path):
+    """The compiled path binds MKL's function address; a tokenizer shipped to a worker after use must
+    bind its own process's (a stale address would crash the worker)."""
+    tok = _tok()
+    raw = Audio(waveform=_sine(0.4), sample_rate=16000)
+    want = tok.tokenize(raw, source="x")[0].tokens
+    fused = tok._kaldi._fused
+    if fused is not None:
+        again = pickle.loads(pickle.dumps(tok._kaldi))
+        assert again._fused.fft is again._rfft and again._fused.consts[3] == again._rfft.address
+    (tmp_path / "tok.pkl").write_bytes(pickle.dumps((tok, raw)))
+    code = (
+        "import pickle, sys\n"
+        "tok, raw = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "sys.stdout.buffer.write(tok.tokenize(raw, source='x')[0].tokens.tobytes())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "tok.pkl")], capture_output=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout == want.tobytes()
