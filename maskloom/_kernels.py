@@ -676,7 +676,7 @@ if numba is not None:
     _half = _f16_hw if _cpu_has_f16c() else _to_half
 
 FUSED_TOKENS = ENABLED and _cpu_has_f16c()
-"""Whether :func:`fbank_tokens` can run: the compiled kernels, on a CPU with a float16 conversion."""
+"""Whether :class:`FbankTokens` can run: the compiled kernels, on a CPU with a float16 conversion."""
 
 if numba is not None:
     _MKL_LONG = _ir.IntType(8 * __import__("ctypes").sizeof(__import__("ctypes").c_long))

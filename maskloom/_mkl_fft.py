@@ -136,7 +136,7 @@ class RealFFT:
 
     def handle(self, batch: int) -> int:
         """The descriptor for ``batch`` rows as an address, for compiled callers
-        (:func:`maskloom._kernels.fbank_tokens`). These descriptors are kept, one per batch size, for
+        (:class:`maskloom._kernels.FbankTokens`). These descriptors are kept, one per batch size, for
         as long as this object lives, outside the ``max_plans`` LRU: an address handed to code that
         runs without the GIL must not be freed by another thread's eviction. Callers' batch sizes are
         bounded (frame counts up to a target length). A dictionary hit costs ~0.1 us, the LRU's locked

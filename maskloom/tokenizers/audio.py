@@ -39,7 +39,7 @@ Decisions (documented here once):
   multiplies only the mel filters' bins (88 instead of 146 us per FSDD clip in the tokenizer loop;
   the plain call is ~2.4x slower than the torch formulation). With numba, MKL and a CPU with a
   float16 conversion (x86 F16C, ARM64), ``tokenize`` is one compiled call from the waveform to the
-  float16 patches (``maskloom._kernels.fbank_tokens``): framing, the FFT (MKL's, called by address),
+  float16 patches (``maskloom._kernels.FbankTokens``): framing, the FFT (MKL's, called by address),
   the power spectrum, the mel sums (16 filters per vector multiply-add), a vectorised float32 log,
   normalisation, the float16 rounding and the patch layout, with the padding; ~19 us per FSDD clip in
   isolation, ~26 in the benchmark's loop, where it was ~45 as numpy passes around three kernels.
@@ -444,7 +444,7 @@ class KaldiFbank:
         scale`` and rounded to float16, written straight into 16 x 16 patches: ``out`` (>= rows,
         F // 16, 256) uint16 (float16 bits) gets frame t, bins 16 b .. 16 b + 15 as row ``t % 16`` of
         patch ``[t // 16, b]``, and every later row ``pad`` (float16 bits). One compiled call from the
-        waveform (:func:`maskloom._kernels.fbank_tokens`); the same values as :meth:`numpy` then
+        waveform (:class:`maskloom._kernels.FbankTokens`); the same values as :meth:`numpy` then
         normalising (bit for bit, in the tests). Returns
         ``(frames written, whether all are finite)``. Needs :meth:`fused_tokens`."""
         s = waveform if waveform.dtype == np.float32 else np.asarray(waveform, np.float32)
