@@ -371,9 +371,10 @@ class KaldiFbank:
         self._check(tuple(waveform.shape))
         return self._torch(waveform)
 
-    def numpy(self, waveform: np.ndarray) -> np.ndarray:
-        """The CPU path: (N,) float32 numpy waveform, N >= the window size -> (T, F) float32 log-mel."""
-        mel, t = self.log_mel(waveform)
+    def numpy(self, waveform: np.ndarray, max_frames: int | None = None) -> np.ndarray:
+        """The CPU path: (N,) float32 numpy waveform, N >= the window size -> (T, F) float32 log-mel
+        (T at most ``max_frames``: the rest of the waveform is not read)."""
+        mel, t = self.log_mel(waveform, max_frames)
         f = self._np_banks.shape[0]
         return mel[:t] if mel.shape[1] == f else np.ascontiguousarray(mel[:t, :f])
 
@@ -695,11 +696,12 @@ class AudioTokenizer(Tokenizer):
         n = used = 0
         for s in srcs:
             try:
-                fb = self._fbank_numpy(self.read(s).waveform)  # (T, F)
+                # (T, F), the frames a record keeps only (a long file's others are not computed)
+                fb = self._fbank_numpy(self.read(s).waveform, self.config.target_frames)
             except TokenizeError as e:
                 log.warning("audio fit(): skipping %s", e)
                 continue
-            fb = fb[: self.config.target_frames].astype(np.float64)
+            fb = fb.astype(np.float64)
             s1 += float(fb.sum())
             s2 += float((fb * fb).sum())
             n += fb.size
@@ -757,9 +759,9 @@ class AudioTokenizer(Tokenizer):
 
         return torch.from_numpy(self._fbank_numpy(waveform))
 
-    def _fbank_numpy(self, waveform: np.ndarray) -> np.ndarray:
-        """:meth:`fbank` as a (T, num_mel_bins) float32 numpy array."""
-        return self._kaldi_fbank().numpy(self._fbank_input(waveform))
+    def _fbank_numpy(self, waveform: np.ndarray, max_frames: int | None = None) -> np.ndarray:
+        """:meth:`fbank` as a (T, num_mel_bins) float32 numpy array, T at most ``max_frames``."""
+        return self._kaldi_fbank().numpy(self._fbank_input(waveform), max_frames)
 
     def _kaldi_fbank(self) -> KaldiFbank:
         if self._kaldi is None:
