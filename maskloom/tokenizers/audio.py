@@ -533,7 +533,7 @@ class AudioTokenizer(Tokenizer):
         self.stats: dict[str, float] | None = None
         """Learned {"mean", "std", "frames", "files"} from fit()/load_artifacts(), or None."""
         self._kaldi: KaldiFbank | None = None  # built on first use (window + mel matrix)
-        # (mean, std, normalised pad value, its bits, float32 mean and 2 std for the kernels, pad finite)
+        # (mean, std, normalised pad value, its bits, whether it is finite)
         self._pad_token: tuple[Any, ...] | None = None
         self._positions: np.ndarray | None = None  # (L, 2) float32, copied into every record
         self._resamplers: dict[int, SincResampler] = {}  # by source sample rate
@@ -600,14 +600,14 @@ class AudioTokenizer(Tokenizer):
         total = kaldi.num_frames(wav.shape[0])
         p = c.patch_size
         nt, nf = c.target_frames // p, c.num_mel_bins // p
-        _, _, pad, pad_bits, mean32, scale32, pad_finite = self._norm_consts(mean, std)
+        _, _, pad, pad_bits, pad_finite = self._norm_consts(mean, std)
         tokens = np.empty((nt, nf, p * p), np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
         # Normalise the real frames only; every padded frame holds the same value. The result is the
         # same as normalising the padded filterbank: the arithmetic per element is unchanged. Only the
         # frames kept are computed (a 10 min recording cropped to 10 s reads 10 s).
         if p == 16 and kaldi.fused_tokens():  # one compiled call: waveform to float16 patches
             frames, finite = kaldi.tokens(
-                wav, c.target_frames, mean32, scale32, pad_bits, tokens.view(np.uint16)
+                wav, c.target_frames, mean, 2.0 * std, pad_bits, tokens.view(np.uint16)
             )
             finite = finite and pad_finite
         else:
@@ -791,19 +791,14 @@ class AudioTokenizer(Tokenizer):
             r = self._resamplers[sr] = SincResampler(sr, self.config.sample_rate)
         return r
 
-    def _pad_token_value(self, mean: float, std: float) -> np.float16:
-        """``(pad_value - mean) / (2 * std)`` as float16, in the float32 arithmetic of the real frames
-        (cached per statistics)."""
-        return self._norm_consts(mean, std)[2]
-
     def _norm_consts(self, mean: float, std: float) -> tuple[Any, ...]:
-        """:attr:`_pad_token`: what normalising with ``(mean, std)`` needs, computed once per statistics."""
+        """:attr:`_pad_token` for ``(mean, std)`` (cached per statistics): ``(pad_value - mean) /
+        (2 * std)`` as float16, in the float32 arithmetic of the real frames, with its bits and
+        whether it is finite."""
         if self._pad_token is None or self._pad_token[:2] != (mean, std):
             pad = np.full(1, self.config.pad_value, np.float32)
             value = ((pad - mean) / (2.0 * std)).astype(np.float16)[0]
-            self._pad_token = (
-                mean, std, value, value.view(np.uint16), np.float32(mean), np.float32(2.0 * std), math.isfinite(value)
-            )  # fmt: skip
+            self._pad_token = (mean, std, value, value.view(np.uint16), math.isfinite(value))
         return self._pad_token
 
     def _grid_positions(self) -> np.ndarray:
