@@ -127,8 +127,7 @@ class RealFFT:
         self.bins = self.n // 2 + 1
         self.max_plans = max_plans
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
-        self._kept: dict[int, _Plan] = {}  # handle()'s descriptors, never evicted
-        self._kept_handles: dict[int, int] = {}  # and their addresses
+        self._kept: dict[int, tuple[_Plan, int]] = {}  # handle()'s descriptors and addresses, never evicted
         self._lock = threading.Lock()
         self._compute = _lib.DftiComputeForward
         self.address = ctypes.cast(self._compute, ctypes.c_void_p).value
@@ -141,12 +140,14 @@ class RealFFT:
         runs without the GIL must not be freed by another thread's eviction. Callers' batch sizes are
         bounded (frame counts up to a target length). A dictionary hit costs ~0.1 us, the LRU's locked
         update ~1 us."""
-        h = self._kept_handles.get(batch)
-        if h is None:
+        kept = self._kept.get(batch)
+        if kept is None:
             with self._lock:
-                plan = self._kept.setdefault(batch, self._create(batch))
-                h = self._kept_handles[batch] = plan.handle.value
-        return h
+                kept = self._kept.get(batch)
+                if kept is None:
+                    plan = self._create(batch)
+                    kept = self._kept[batch] = (plan, plan.handle.value)
+        return kept[1]
 
     def _plan(self, batch: int) -> _Plan:
         with self._lock:
