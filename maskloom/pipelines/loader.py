@@ -778,8 +778,9 @@ def _collate_short(
     c: _Chunk, r: np.ndarray, st: np.ndarray, lens: np.ndarray, spec: TableSpec, with_meta: bool
 ) -> TokenBatch | None:
     """:func:`collate` of a whole batch of short rows from one chunk (text ids, series patches, small
-    graphs): the same result with the fewest numpy calls (one gather per column, one gather per
-    mask), as this is the per-batch cost that dominates tables of tiny rows. None: not that case."""
+    graphs) without numba: the same result with the fewest numpy calls (one gather per column, one
+    gather per mask), as this is the per-batch cost that dominates tables of tiny rows. (With numba,
+    :func:`_collate_short_parts` does it.) None: not that case."""
     if not lens.size:
         return None
     L = int(lens.max())
@@ -794,69 +795,81 @@ def _collate_short(
         E = int(elens.max())
         if E * 2 >= ROW_COPY_MIN:
             return None
-        if _kernels.ENABLED:  # one compiled pass: gather, convert, pad
-            edges = _kernels.gather_pad(
-                c.edges, e_st, elens, np.empty((lens.size, E, 2), dtypes["edges"]), -1
-            )
-        else:
-            edges = c.gather("edges", E, e_st, dtypes["edges"], int(e_st.max()))  # (B, E, 2)
-            if lens.size * E != int(elens.sum()):
-                _reset_padding(edges, _padding_mask(elens, E), -1)
-    if _kernels.ENABLED:  # tokens, positions and the padding mask in one compiled pass
-        tok2 = c.tok if c.tok.ndim == 2 else c.tok.reshape(-1, 1)  # ids (T,) as (T, 1)
-        tokens = np.empty((lens.size, L, tok2.shape[1]), dtypes["tok"])
-        positions = np.empty((lens.size, L, c.pos.shape[1]), dtypes["pos"])
-        pad = np.empty((lens.size, L), bool)
-        _kernels.gather_pad2(tok2, c.pos, st, lens, tokens, positions, pad)
-        if c.tok.ndim == 1:
-            tokens = tokens.reshape(lens.size, L)
-    else:
-        smax = int(st.max())  # once for both columns (their offsets are the same)
-        tokens = c.gather("tok", L, st, dtypes["tok"], smax)
-        positions = c.gather("pos", L, st, dtypes["pos"], smax)
-        if tokens.dtype != dtypes["tok"]:
-            tokens = tokens.astype(dtypes["tok"])
-        pad = _padding_mask(lens, L)  # (B, L)
-        if lens.size * L != int(lens.sum()):
-            _reset_padding(tokens, pad, 0)
-            _reset_padding(positions, pad, 0)
+        edges = c.gather("edges", E, e_st, dtypes["edges"], int(e_st.max()))  # (B, E, 2)
+        if lens.size * E != int(elens.sum()):
+            _reset_padding(edges, _padding_mask(elens, E), -1)
+    smax = int(st.max())  # once for both columns (their offsets are the same)
+    tokens = c.gather("tok", L, st, dtypes["tok"], smax)
+    positions = c.gather("pos", L, st, dtypes["pos"], smax)
+    if tokens.dtype != dtypes["tok"]:
+        tokens = tokens.astype(dtypes["tok"])
+    pad = _padding_mask(lens, L)  # (B, L)
+    if lens.size * L != int(lens.sum()):
+        _reset_padding(tokens, pad, 0)
+        _reset_padding(positions, pad, 0)
     meta = c.meta[r] if with_meta and c.meta is not None else None
     return _make_batch(spec, tokens, positions, pad, c.labels[r], edges, c.ids[r], meta, with_meta)
+
+
+def _row_fields(
+    parts: Sequence[tuple[Any, ...]], size: int, with_meta: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The (labels, ids, meta or None) of a batch of ``size`` rows taken from ``parts`` (as
+    :func:`collate`'s, or longer tuples that begin so): one gather each when a single part is the
+    whole batch in order (slot None or a slice), else per part into its slots."""
+    if len(parts) == 1 and (parts[0][2] is None or isinstance(parts[0][2], slice)):
+        c, r = parts[0][0], parts[0][1]
+        return c.labels[r], c.ids[r], (c.meta[r] if with_meta and c.meta is not None else None)
+    labels, ids = np.empty(size, np.int64), np.empty(size, object)
+    meta = np.full(size, "{}", object) if with_meta else None
+    for c, r, slot, *_ in parts:
+        labels[slot] = c.labels[r]
+        ids[slot] = c.ids[r]
+        if meta is not None and c.meta is not None:
+            meta[slot] = c.meta[r]
+    return labels, ids, meta
 
 
 def _collate_short_parts(
     parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]], spec: TableSpec, with_meta: bool
 ) -> TokenBatch | None:
-    """:func:`_collate_short` of a batch drawn from several chunks in runs (a batch of a large table
-    of short rows whose rows span two or three row groups): per chunk, one compiled call for tokens,
-    positions and the padding mask together, one for the edges, into the batch's rows of that run
-    (``slot`` a slice: a contiguous view). Per chunk and column calls and their index arrays were
-    most of such a batch's Python time. None: not that case (no numba, index-array slots, different
-    token and position offsets, rows too long)."""
+    """:func:`collate` of a batch of short rows (text ids, series patches, small graphs) with numba,
+    from one chunk or drawn from several in runs (a batch of a large table whose rows span two or
+    three row groups): per chunk, one compiled call for tokens, positions and the padding mask
+    together, one for the edges, into the batch's rows of that run (``slot`` None or a slice: a
+    contiguous view). This per-batch cost dominates tables of tiny rows; per chunk and column calls
+    and their index arrays were most of it. None: not that case (no numba, index-array slots,
+    different token and position offsets, empty or long rows)."""
     if not _kernels.ENABLED:
         return None
-    for c, _, slot in parts:
-        if not isinstance(slot, slice) or slot.step not in (None, 1) or not c.same_offsets():
+    runs = []  # (chunk, rows, slot, lengths, edge lengths or None) per part
+    B = L = E = 0
+    has_edges = False
+    for c, r, slot in parts:
+        if slot is None:  # the only part: the whole batch
+            slot = slice(0, r.size)
+        elif not isinstance(slot, slice) or slot.step not in (None, 1):
             return None
-    lens = [c.row_lengths()[r] for c, r, _ in parts]
-    B = sum(int(x.size) for x in lens)
-    L = max((int(x.max()) for x in lens if x.size), default=0)
+        if not c.same_offsets() or not r.size:
+            return None
+        n = c.row_lengths()[r]
+        L = max(L, int(n.max()))
+        en = None
+        if c.edge_off is not None:
+            has_edges = True
+            en = c.row_lengths("edge_off")[r]
+            E = max(E, int(en.max()))
+        B += r.size
+        runs.append((c, r, slot, n, en))
     width = spec.token_dim if spec.token_kind == "continuous" else 1
-    if not B or not L or L * max(width, spec.position_dim) >= ROW_COPY_MIN:
-        return None
-    has_edges = any(c.edge_off is not None for c, _, _ in parts)
-    elens = [c.row_lengths("edge_off")[r] if c.edge_off is not None else None for c, r, _ in parts]
-    E = max((int(x.max()) for x in elens if x is not None and x.size), default=0)
-    if E * 2 >= ROW_COPY_MIN:
+    if not L or L * max(width, spec.position_dim) >= ROW_COPY_MIN or E * 2 >= ROW_COPY_MIN:
         return None
     dtypes = batch_dtypes(spec)
     tokens = np.empty((B, L, width), dtypes["tok"])
     positions = np.empty((B, L, spec.position_dim), dtypes["pos"])
     pad = np.empty((B, L), bool)
     edges = np.empty((B, E, 2), dtypes["edges"]) if has_edges else None
-    labels, ids = np.empty(B, np.int64), np.empty(B, object)
-    meta = np.full(B, "{}", object) if with_meta else None
-    for (c, r, slot), n, en in zip(parts, lens, elens):
+    for c, r, slot, n, en in runs:
         tok2 = c.tok if c.tok.ndim == 2 else c.tok.reshape(-1, 1)  # ids (T,) as (T, 1)
         _kernels.gather_pad2(tok2, c.pos, c.tok_off[r], n, tokens[slot], positions[slot], pad[slot])
         if edges is not None:
@@ -864,10 +877,7 @@ def _collate_short_parts(
                 edges[slot] = -1
             else:
                 _kernels.gather_pad(c.edges, c.edge_off[r], en, edges[slot], -1)
-        labels[slot] = c.labels[r]
-        ids[slot] = c.ids[r]
-        if meta is not None and c.meta is not None:
-            meta[slot] = c.meta[r]
+    labels, ids, meta = _row_fields(runs, B, with_meta)
     if spec.token_kind != "continuous":
         tokens = tokens.reshape(B, L)
     return _make_batch(spec, tokens, positions, pad, labels, edges, ids, meta, with_meta)
@@ -887,6 +897,9 @@ def collate(
     vectorised per chunk and column (see :func:`_pad_column`); ``meta`` JSON is parsed only when
     ``batch.meta`` is first read.
     """
+    fast = _collate_short_parts(parts, spec, with_meta)
+    if fast is not None:
+        return fast
     single = len(parts) == 1 and parts[0][2] is None
     if single:
         c, r, _ = parts[0]
@@ -898,9 +911,6 @@ def collate(
                 return fast
         tok_st, pos_st = [st], [st if c.same_offsets() else c.pos_off[r]]
     else:
-        fast = _collate_short_parts(parts, spec, with_meta)
-        if fast is not None:
-            return fast
         B = sum(int(r.size) for _, r, _ in parts)
         lens = np.empty(B, np.int64)
         tok_st, pos_st = [], []
@@ -940,17 +950,7 @@ def collate(
             elens[slice(None) if slot is None else slot] = c.row_lengths("edge_off")[r]
         epad = _padding_mask(elens, int(elens.max()) if elens.size else 0)  # (B, E)
         edges = _pad_column(parts, "edges", e_st, elens, epad, (2,), np.int64, -1)  # (B, E, 2)
-    if single:
-        labels, ids = c.labels[r], c.ids[r]
-        meta = c.meta[r] if with_meta and c.meta is not None else None
-    else:
-        labels, ids = np.empty(lens.size, np.int64), np.empty(lens.size, object)
-        meta = np.full(lens.size, "{}", object) if with_meta else None
-        for c, r, slot in parts:
-            labels[slot] = c.labels[r]
-            ids[slot] = c.ids[r]
-            if meta is not None and c.meta is not None:
-                meta[slot] = c.meta[r]
+    labels, ids, meta = _row_fields(parts, lens.size, with_meta)
     return _make_batch(spec, tokens, positions, pad, labels, edges, ids, meta, with_meta)
 
 
