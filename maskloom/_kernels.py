@@ -313,32 +313,6 @@ def _frames_fft_py(
     return _call_ptr3(fft, plan, buf, spec)
 
 
-def _fbank_py(
-    s: np.ndarray,
-    window: np.ndarray,
-    shift: int,
-    pre: Any,
-    fft: int,
-    plan: int,
-    buf: np.ndarray,
-    spec: np.ndarray,
-    power: np.ndarray,
-    b0: np.ndarray,
-    b1: np.ndarray,
-    row0: np.ndarray,
-    weights: np.ndarray,
-    floor: Any,
-    mel: np.ndarray,
-) -> int:
-    """:func:`_fbank_frames_py`, the FFT (MKL's ``DftiComputeForward`` at address ``fft`` with the
-    committed descriptor ``plan``, for ``buf.shape[0]`` rows), then :func:`_fbank_log_mel_py`: the
-    whole log-mel filterbank in one call. Returns the FFT's status (0: done)."""
-    status = _frames_fft(s, window, shift, pre, fft, plan, buf, spec)
-    if status == 0:
-        _fbank_log_mel(spec, power, b0, b1, row0, weights, floor, mel)
-    return status
-
-
 def _fbank_tokens_py(
     window: np.ndarray,
     shift: int,
@@ -359,9 +333,9 @@ def _fbank_tokens_py(
     pad: Any,
     out: np.ndarray,
 ) -> tuple[int, bool]:
-    """:func:`_fbank_py` with :func:`_mel_tokens` in place of the log-mel store, and the padding:
-    waveform to normalised float16 16 x 16 tokens in one call (see :class:`FbankTokens`; the
-    constant arguments come first, bound there once); the scratch arrays are made here (numba's
+    """:func:`_frames_fft_py`, the power spectrum, :func:`_mel_tokens` (the log-mel sums straight to
+    normalised float16 16 x 16 tokens) and the padding: waveform to tokens in one call (see
+    :class:`FbankTokens`; the constant arguments come first, bound there once); the scratch arrays are made here (numba's
     allocator: ~50 ns each, numpy's ~400 ns). Returns the FFT's status and whether the real frames'
     tokens are finite."""
     tp = (frames + MEL_FRAMES - 1) // MEL_FRAMES * MEL_FRAMES
@@ -458,21 +432,16 @@ def fbank(
     tables: MelTables,
     floor: float,
 ) -> np.ndarray:
-    """:func:`_fbank_py` (compiled): framing, MKL's FFT and the log-mel filters of the first ``frames``
-    frames in one call; ``fft`` a :class:`maskloom._mkl_fft.RealFFT`, ``s`` (N,) float32 C-contiguous
-    with ``(frames - 1) * shift + len(window) <= N``. Returns the (Tp, Fp) :func:`mel_shape` array
-    whose first (frames, F) part is the log-mel filterbank."""
+    """Framing and MKL's FFT in one compiled call (:func:`_frames_fft_py`), then
+    :func:`fbank_log_mel`: the log-mel filterbank of the first ``frames`` frames; ``fft`` a
+    :class:`maskloom._mkl_fft.RealFFT`, ``s`` (N,) float32 C-contiguous with ``(frames - 1) * shift +
+    len(window) <= N``. Returns the (Tp, Fp) :func:`mel_shape` array whose first (frames, F) part is
+    the log-mel filterbank."""
     plan = fft._plan(frames)  # held until the transform returns
-    mel = np.empty(mel_shape(frames, tables.filters), np.float32)
     buf = np.empty((frames, fft.n), np.float32)
     spec = np.empty((frames, 2 * fft.bins), np.float32)
-    power = np.empty((mel.shape[0], tables.bins), np.float32)
-    status = _fbank(
-        s, window, shift, np.float32(pre), fft.address, plan.handle.value, buf, spec, power, *tables.arrays,
-        np.float32(floor), mel,
-    )  # fmt: skip
-    _fft_check(status)
-    return mel
+    _fft_check(_frames_fft(s, window, shift, np.float32(pre), fft.address, plan.handle.value, buf, spec))
+    return fbank_log_mel(spec, tables, floor, np.empty(mel_shape(frames, tables.filters), np.float32))
 
 
 def _fft_check(status: int) -> None:
@@ -892,6 +861,5 @@ _log32 = _jit(_log32_py)
 # their own functions (_fbank_frames, _power); the filter sums are explicit llvm.fma calls.
 _frames_fft = _jit(_frames_fft_py)
 _fbank_log_mel = _jit(_fbank_log_mel_py)
-_fbank = _jit(_fbank_py)
 _fbank_tokens = _jit(_fbank_tokens_py)
 _norm_tokens = _jit(_norm_tokens_py)

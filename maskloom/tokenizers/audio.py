@@ -43,7 +43,7 @@ Decisions (documented here once):
   the power spectrum, the mel sums (16 filters per vector multiply-add), a vectorised float32 log,
   normalisation, the float16 rounding and the patch layout, with the padding; ~19 us per FSDD clip in
   isolation, ~26 in the benchmark's loop, where it was ~45 as numpy passes around three kernels.
-  Without F16C the log-mel filterbank is one call and ``maskloom._kernels.norm_tokens`` makes the
+  Without F16C the log-mel filterbank is two calls and ``maskloom._kernels.norm_tokens`` makes the
   tokens; without numba numpy and torch's cast do. The tokens equal, bit for bit, normalising
   :meth:`AudioTokenizer.fbank`, whose log is the same function. Only the frames kept are computed (a
   long recording cropped to the target length costs the target length). Resampling keeps one
@@ -290,7 +290,7 @@ class KaldiFbank:
     ~50 frames): 88 us per clip instead of 146 us for the torch formulation (which other devices
     still use).
 
-    With numba (a dependency; see :mod:`maskloom._kernels`) the CPU path is one compiled call
+    With numba (a dependency; see :mod:`maskloom._kernels`) the CPU path is two compiled calls
     (:func:`maskloom._kernels.fbank`): the windowed, pre-emphasised, zero-padded frames (Kaldi's
     arithmetic, the mean-free pre-emphasis regrouped as above), MKL's FFT called by address, the power
     spectrum, then the mel sums as LLVM vector code (filters in groups of 16, one 16-wide multiply-add
@@ -298,7 +298,7 @@ class KaldiFbank:
     (Cephes' ``logf``, within 0.82 ulp of the exact log; numpy's float32 log is within 3.3). ~17 us per
     FSDD clip, where the two kernels around numpy's FFT and log took ~32. As close to ``kaldi.fbank``
     (log-mel within 2e-3 on FSDD, against 3e-3 for the numpy path; the tests bound both).
-    :meth:`tokens` continues in the same call to float16 patches. The numpy path runs without numba
+    :meth:`tokens` does all of it in one call, straight to float16 patches. The numpy path runs without numba
     or with ``MASKLOOM_JIT=0``.
     """
 
