@@ -56,6 +56,20 @@ def _jit(fn: Any, reassociate: bool = False) -> Any:
     return numba.njit(cache=True, nogil=True, fastmath=flags)(fn)
 
 
+def _copy_pad_py(seg: np.ndarray, row: np.ndarray, fill: Any) -> None:
+    """``row[:n] = seg`` and ``row[n:] = fill`` (n = ``len(seg)``), 1-D views: flat loops that LLVM
+    vectorises (a loop per token and channel, or indices from an offset, is not: 1.4-2.8x slower)."""
+    n = seg.shape[0]
+    for j in range(n):
+        row[j] = seg[j]
+    rest = row[n:]
+    for j in range(rest.shape[0]):
+        rest[j] = fill
+
+
+_copy_pad = numba.njit(cache=True, nogil=True, inline="always")(_copy_pad_py) if numba is not None else None
+
+
 def _gather_pad_py(
     src: np.ndarray, starts: np.ndarray, lens: np.ndarray, slots: np.ndarray, out: np.ndarray, fill: Any
 ) -> None:
@@ -64,21 +78,13 @@ def _gather_pad_py(
 
     ``src`` (N, W), ``out`` (B, L, W) with ``lens[i] <= L``, both C-contiguous; values are converted
     to ``out``'s dtype on assignment (int32 ids -> int64). A row's values are contiguous in both, so
-    each row is one flat loop over ``lens[i] * W`` values and one over the padding, on 1-D views
-    (vectorised; a loop per token and channel, or indices from an offset, is not: 1.4-2.8x slower)."""
+    each row is one :func:`_copy_pad_py` of ``lens[i] * W`` values."""
     L = out.shape[1]
     W = out.shape[2]
     flat = src.reshape(-1)
     rows = out.reshape(out.shape[0], L * W)
     for i in range(starts.shape[0]):
-        n = lens[i] * W
-        seg = flat[starts[i] * W : starts[i] * W + n]
-        o = rows[slots[i]]
-        for j in range(n):
-            o[j] = seg[j]
-        rest = o[n:]
-        for j in range(rest.shape[0]):
-            rest[j] = fill
+        _copy_pad(flat[starts[i] * W : (starts[i] + lens[i]) * W], rows[slots[i]], fill)
 
 
 _gather_pad = _jit(_gather_pad_py)
@@ -95,7 +101,7 @@ def _gather_pad2_py(
 ) -> None:
     """:func:`_gather_pad_py` of two columns with the same row starts (tokens and positions), padded
     with zeros, and the (B, L) padding mask (True = padding): one call instead of three (a call costs
-    ~1.5-3 us, as much as the copying). Flat loops over 1-D views, as there."""
+    ~1.5-3 us, as much as the copying). Flat loops over 1-D views (:func:`_copy_pad_py`), as there."""
     L = out1.shape[1]
     W1 = out1.shape[2]
     W2 = out2.shape[2]
@@ -106,20 +112,8 @@ def _gather_pad2_py(
     for b in range(starts.shape[0]):
         s = starts[b]
         n = lens[b]
-        seg1 = flat1[s * W1 : (s + n) * W1]
-        o1 = rows1[b]
-        for j in range(n * W1):
-            o1[j] = seg1[j]
-        rest1 = o1[n * W1 :]
-        for j in range(rest1.shape[0]):
-            rest1[j] = 0
-        seg2 = flat2[s * W2 : (s + n) * W2]
-        o2 = rows2[b]
-        for j in range(n * W2):
-            o2[j] = seg2[j]
-        rest2 = o2[n * W2 :]
-        for j in range(rest2.shape[0]):
-            rest2[j] = 0
+        _copy_pad(flat1[s * W1 : (s + n) * W1], rows1[b], 0)
+        _copy_pad(flat2[s * W2 : (s + n) * W2], rows2[b], 0)
         pb = pad[b]
         for j in range(n):
             pb[j] = False
