@@ -14,7 +14,7 @@ starts and lengths within the source, lengths at most the output's L), which the
 filterbank derive from the same offsets. ``NUMBA_BOUNDSCHECK=1`` turns checks on when debugging.
 
 Where numba's loop vectoriser gives up, a kernel's inner loop is LLVM vector code written with
-llvmlite (numba intrinsics): the Kaldi filterbank's mel sums (16 filters per multiply-add), its float32
+llvmlite (numba intrinsics): the Kaldi filterbank's mel sums (16 frames per multiply-add), its float32
 log (Cephes' ``logf`` on 16 lanes, within 0.82 ulp of the exact log where numba calls libm per
 element) and its float16 rounding (``fptrunc``, the CPU's conversion where it has one). The numpy
 formulation of the filterbank is within float32 rounding of it, not bit for bit (the tests bound
@@ -195,10 +195,8 @@ def gather_pad2(
 
 # ---- Kaldi filterbank (maskloom.tokenizers.audio.KaldiFbank) ------------------------------------
 MEL_LANES = 16
-"""Mel filters computed together (one 16-float vector, an AVX-512 register or two AVX ones)."""
-
-MEL_FRAMES = 4
-"""Frames whose filters are computed together (four independent chains of vector multiply-adds)."""
+"""Frames computed together: one 16-float vector (an AVX-512 register or two AVX ones) holds a filter's
+value in 16 frames; the filter outputs are also written in groups of 16 (a 16 x 16 patch)."""
 
 
 def _cpu_has_f16c() -> bool:
@@ -243,11 +241,10 @@ def _fbank_frames_py(s: np.ndarray, window: np.ndarray, shift: int, pre: Any, bu
 _fbank_frames = _jit(_fbank_frames_py, reassociate=True)
 
 
-def _power_py(spec: np.ndarray, power: np.ndarray) -> None:
+def _power_py(spec: np.ndarray, power: np.ndarray, K: int) -> None:
     """``power[t, k] = re^2 + im^2`` of ``spec`` (T, 2 * bins) float32 (re, im interleaved) for
-    t < T and k < K, ``power`` (Tp, K); rows T..Tp-1 get 0."""
+    t < T and k < K, ``power`` (Tp, >= K); rows T..Tp-1 get 0 (in their first K columns)."""
     T = spec.shape[0]
-    K = power.shape[1]
     for t in range(T):
         sp = spec[t]
         pr = power[t]
@@ -267,27 +264,23 @@ _power = _jit(_power_py, reassociate=True)
 def _fbank_log_mel_py(
     spec: np.ndarray,
     power: np.ndarray,
-    b0: np.ndarray,
-    b1: np.ndarray,
-    row0: np.ndarray,
+    lo: np.ndarray,
+    width: np.ndarray,
+    start: np.ndarray,
     weights: np.ndarray,
+    K: int,
     floor: Any,
     mel: np.ndarray,
 ) -> None:
     """The log-mel filterbank of an rFFT: ``spec`` (T, 2 * bins) float32 (re, im interleaved) ->
     ``mel`` (Tp, Fp) with ``mel[t, f] = log(max(sum_k w[f, k] (re_k^2 + im_k^2), floor))``;
-    ``power`` (Tp, K) is scratch, Tp = T rounded up to :data:`MEL_FRAMES`.
-
-    The filters go in groups of :data:`MEL_LANES` neighbours: group g covers the FFT bins
-    ``b0[g] .. b1[g] - 1`` and its dense weights are the rows ``row0[g] ..`` of ``weights`` (rows,
-    16), one row per bin (zeros where a filter misses the bin: Kaldi's 128 filters touch 268 such
-    rows). Each frame then needs one 16-wide multiply-add per covered bin, done by :func:`_mel_log`
-    for four frames at a time; the output is frame-major, as the tokens are. (Vectorising over frames
-    instead needs the spectrum transposed: 2.5x slower.) Rows T..Tp-1 of ``mel`` get log(floor)."""
-    _power(spec, power)
-    _mel_log(
-        power, power.shape[1], power.shape[0], weights, b0, b1, row0, b0.shape[0], floor, mel, mel.shape[1],
-    )  # fmt: skip
+    ``power`` (Tp, Kp) is scratch, Tp = T rounded up to :data:`MEL_LANES`, Kp = K rounded up to it.
+    The filters are :class:`MelTables` (``lo``, ``width``, ``start``, ``weights``; K the bins they
+    read); :func:`_mel_log` computes 16 frames at a time. Rows T..Tp-1 of ``mel`` get log(floor)."""
+    _power(spec, power, K)
+    pt = np.empty((power.shape[1], MEL_LANES), np.float32)
+    tp, kp = power.shape
+    _mel_log(power, kp, tp, pt, lo, width, start, weights, width.shape[0], floor, mel, mel.shape[1])
 
 
 def _frames_fft_py(
@@ -313,11 +306,11 @@ def _fbank_tokens_py(
     pre: Any,
     fft: int,
     n: int,
-    b0: np.ndarray,
-    b1: np.ndarray,
-    row0: np.ndarray,
+    lo: np.ndarray,
+    width: np.ndarray,
+    start: np.ndarray,
     weights: np.ndarray,
-    bins: int,
+    K: int,
     floor: Any,
     s: np.ndarray,
     plan: int,
@@ -332,17 +325,19 @@ def _fbank_tokens_py(
     :class:`FbankTokens`; the constant arguments come first, bound there once); the scratch arrays are made here (numba's
     allocator: ~50 ns each, numpy's ~400 ns). Returns the FFT's status and whether the real frames'
     tokens are finite."""
-    tp = (frames + MEL_FRAMES - 1) // MEL_FRAMES * MEL_FRAMES
+    tp = (frames + MEL_LANES - 1) // MEL_LANES * MEL_LANES
+    kp = (K + MEL_LANES - 1) // MEL_LANES * MEL_LANES
     buf = np.empty((frames, n), np.float32)
     spec = np.empty((frames, n + 2), np.float32)
-    power = np.empty((tp, bins), np.float32)
+    power = np.empty((tp, kp), np.float32)
+    pt = np.empty((kp, MEL_LANES), np.float32)
     flag = np.empty(MEL_LANES, np.uint16)
     status = _frames_fft(s, window, shift, pre, fft, plan, buf, spec)
     if status != 0:
         return status, False
-    _power(spec, power)
+    _power(spec, power, K)
     _mel_tokens(
-        power, bins, tp, weights, b0, b1, row0, b0.shape[0], floor, out, 0, mean, scale, frames, flag,
+        power, kp, tp, pt, lo, width, start, weights, width.shape[0], floor, out, 0, mean, scale, frames, flag,
     )  # fmt: skip
     finite = True
     for i in range(MEL_LANES):
@@ -365,33 +360,41 @@ class MelTables:
     __slots__ = ("arrays", "bins", "filters")
 
     def __init__(
-        self, b0: np.ndarray, b1: np.ndarray, row0: np.ndarray, weights: np.ndarray, filters: int
+        self, lo: np.ndarray, width: np.ndarray, start: np.ndarray, weights: np.ndarray, filters: int
     ) -> None:
-        self.arrays = (b0, b1, row0, weights)
-        self.bins = max(int(b1.max(initial=0)), 1)  # power columns computed (the bins any filter touches)
+        self.arrays = (lo, width, start, weights)
+        # power columns computed: the bins any filter reads
+        self.bins = max(int((lo.reshape(-1, MEL_LANES) + width[:, None]).max(initial=0)), 1)
         self.filters = filters
 
 
 def mel_tables(banks: np.ndarray) -> MelTables:
     """The :class:`MelTables` of a dense (F, bins) filter matrix: filters in groups of
-    :data:`MEL_LANES` (the last padded with zero filters), group g with its bin range ``b0[g] ..
-    b1[g] - 1`` (the bins its filters touch) and its weights over that range, the rows ``row0[g] ..``
-    of ``weights``. A group no bin touches gets an empty range (its filters are 0, then the floor)."""
+    :data:`MEL_LANES` (the last padded with zero filters); the filters of group g read ``width[g]``
+    consecutive bins each (the widest support in the group: the loop count is the same for the 16),
+    filter f the bins ``lo[f] ..`` with the weights ``weights[start[g] + (f % 16) * width[g] ..]``
+    (zeros outside its support; Kaldi's 128 filters: 592 weights where the dense (128, 256) matrix
+    has 504 non-zeros, and 268 rows of 16 in a bin-by-bin layout). Every bin read is a real bin
+    (``lo`` is moved left where a support ends near the last one); a filter without any bin reads
+    zeros (its value is the floor)."""
     F, bins = banks.shape
     groups = -(-F // MEL_LANES)
     padded = np.zeros((groups * MEL_LANES, bins), np.float32)
     padded[:F] = banks
-    b0, b1, row0 = np.zeros(groups, np.int64), np.zeros(groups, np.int64), np.zeros(groups, np.int64)
-    blocks, rows = [], 0
-    for g in range(groups):
-        block = padded[g * MEL_LANES : (g + 1) * MEL_LANES]
-        cols = np.flatnonzero(block.any(axis=0))
-        lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 0)
-        b0[g], b1[g], row0[g] = lo, hi, rows
-        blocks.append(block[:, lo:hi].T)
-        rows += hi - lo
-    weights = np.ascontiguousarray(np.concatenate(blocks + [np.zeros((1, MEL_LANES), np.float32)]))
-    return MelTables(b0, b1, row0, weights, F)
+    nz = padded != 0
+    has = nz.any(axis=1)
+    first = np.where(has, nz.argmax(axis=1), 0)
+    last = np.where(has, bins - nz[:, ::-1].argmax(axis=1), 0)  # one past the last non-zero
+    width = (last - first).reshape(groups, MEL_LANES).max(axis=1).astype(np.int64)
+    lo = np.minimum(first, bins - np.repeat(width, MEL_LANES)).astype(np.int64)
+    start = np.concatenate([[0], np.cumsum(width * MEL_LANES)[:-1]]).astype(np.int64)
+    weights = np.zeros(int((width * MEL_LANES).sum()) + 1, np.float32)  # + 1: never empty
+    for f in range(groups * MEL_LANES):
+        g = f // MEL_LANES
+        w = int(width[g])
+        o = int(start[g]) + (f % MEL_LANES) * w
+        weights[o : o + w] = padded[f, lo[f] : lo[f] + w]
+    return MelTables(lo, width, start, weights, F)
 
 
 def fbank_frames(s: np.ndarray, window: np.ndarray, shift: int, pre: float, buf: np.ndarray) -> np.ndarray:
@@ -403,16 +406,16 @@ def fbank_frames(s: np.ndarray, window: np.ndarray, shift: int, pre: float, buf:
 
 def mel_shape(frames: int, filters: int) -> tuple[int, int]:
     """The (Tp, Fp) ``mel`` buffer of :func:`fbank_log_mel` for ``frames`` frames of ``filters``
-    filters (rounded up to :data:`MEL_FRAMES` and :data:`MEL_LANES`)."""
-    return -(-frames // MEL_FRAMES) * MEL_FRAMES, -(-filters // MEL_LANES) * MEL_LANES
+    filters (both rounded up to :data:`MEL_LANES`)."""
+    return -(-frames // MEL_LANES) * MEL_LANES, -(-filters // MEL_LANES) * MEL_LANES
 
 
 def fbank_log_mel(spec: np.ndarray, tables: MelTables, floor: float, mel: np.ndarray) -> np.ndarray:
     """:func:`_fbank_log_mel_py` (compiled): ``spec`` (T, 2 * bins) float32 C-contiguous with
     ``bins`` > ``tables.bins``; ``mel`` (Tp, Fp) float32 C-contiguous as :func:`mel_shape`; returns
     ``mel``."""
-    power = np.empty((mel.shape[0], tables.bins), np.float32)
-    _fbank_log_mel(spec, power, *tables.arrays, np.float32(floor), mel)
+    power = np.empty((mel.shape[0], -(-tables.bins // MEL_LANES) * MEL_LANES), np.float32)
+    _fbank_log_mel(spec, power, *tables.arrays, tables.bins, np.float32(floor), mel)
     return mel
 
 
@@ -695,85 +698,117 @@ if numba is not None:
         low = builder.fcmp_ordered("<", x, c(0.707106781186547524))
         e = builder.sub(e, builder.zext(low, vi))
         x = builder.fsub(builder.select(low, builder.fadd(x, x), x), c(1.0))
+        fma = _cgutils.get_or_insert_function(
+            builder.module, _ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{MEL_LANES}f32"
+        )
         z = builder.fmul(x, x)
         y = c(_LOG_POLY[0])
         for k in _LOG_POLY[1:]:
-            y = builder.fadd(builder.fmul(y, x), c(k))
+            y = builder.call(fma, [y, x, c(k)])
         y = builder.fmul(builder.fmul(y, x), z)
         fe = builder.sitofp(e, _VEC)
-        y = builder.fadd(y, builder.fmul(fe, c(-2.12194440e-4)))
-        y = builder.fsub(y, builder.fmul(z, c(0.5)))
-        r = builder.fadd(builder.fadd(x, y), builder.fmul(fe, c(0.693359375)))
+        y = builder.call(fma, [fe, c(-2.12194440e-4), y])
+        y = builder.call(fma, [z, c(-0.5), y])
+        r = builder.call(fma, [fe, c(0.693359375), builder.fadd(x, y)])
         return builder.select(builder.fcmp_ordered("<", a, c(math.inf)), r, a)  # inf, NaN: themselves
+
+    def _transpose16(builder: Any, rows: list[Any]) -> list[Any]:
+        """The 16 x 16 transpose of 16 vectors of 16 lanes (any element type): four rounds of
+        two-input shuffles, each swapping the off-diagonal blocks of size d = 8, 4, 2, 1 (64 shuffles,
+        which x86 does as ``vpermt2ps`` / ``vunpck*``)."""
+        rows = list(rows)
+        for d in (8, 4, 2, 1):
+            ma = _ir.Constant(_ir.VectorType(_I32, 16), [c if not c & d else 16 + c - d for c in range(16)])
+            mb = _ir.Constant(_ir.VectorType(_I32, 16), [c + d if not c & d else 16 + c for c in range(16)])
+            for i in range(16):
+                if i & d:
+                    continue
+                a, b = rows[i], rows[i + d]
+                rows[i], rows[i + d] = builder.shuffle_vector(a, b, ma), builder.shuffle_vector(a, b, mb)
+        return rows
 
     def _mel_codegen(tokens: bool) -> Any:
         """Code of :func:`_mel_log` (``tokens=False``) or :func:`_mel_tokens` (``True``)."""
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            power, K, tp, wts, b0s, b1s, r0s, ng, floor, out, Fp = (
+            power, kp, tp, pt, los, widths, starts, wts, ng, floor, out, Fp = (
                 _ptr(context, builder, t, v, e) if isinstance(t, _types.Array) else v
                 for t, v, e in zip(
-                    signature.args, args, (_F32, 0, 0, _F32, _I64, _I64, _I64, 0, 0, _OUT[tokens], 0)
+                    signature.args, args, (_F32, 0, 0, _VEC, _I64, _I64, _I64, _F32, 0, 0, _OUT[tokens], 0)
                 )
             )
             fma = _cgutils.get_or_insert_function(
                 builder.module, _ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{MEL_LANES}f32"
             )
-            accs = [_cgutils.alloca_once(builder, _VEC) for _ in range(MEL_FRAMES)]  # promoted to registers
+            n16 = _ir.Constant(_I64, MEL_LANES)
+            vi64 = _ir.VectorType(_I64, MEL_LANES)
+            vf16 = _ir.VectorType(_ir.HalfType(), MEL_LANES)
+
+            def i64(v: int) -> Any:
+                return _ir.Constant(_I64, v)
+
+            acc = _cgutils.alloca_once(builder, _VEC)  # promoted to a register
             floorv = _splat(builder, floor)
-            lanes = _ir.Constant(_I64, MEL_LANES)
+            vh = _ir.VectorType(_ir.IntType(16), MEL_LANES)
             if tokens:
-                mean, scale, frames = args[11:14]
-                flag = _ptr(context, builder, signature.args[14], args[14], _ir.IntType(16))
-                vh = _ir.VectorType(_ir.IntType(16), MEL_LANES)
+                mean, scale, frames = args[12:15]
+                flag = _ptr(context, builder, signature.args[15], args[15], _ir.IntType(16))
                 meanv, scalev = _splat(builder, mean), _splat(builder, scale)
                 expo = _ir.Constant(vh, [0x7C00] * MEL_LANES)
+                iota = _ir.Constant(vi64, list(range(MEL_LANES)))
                 high = _cgutils.alloca_once(builder, vh)  # the largest exponent field stored, per lane
                 builder.store(_ir.Constant(vh, None), high)
-            with _cgutils.for_range(builder, builder.udiv(tp, _ir.Constant(_I64, MEL_FRAMES))) as blk:
-                t0 = builder.mul(blk.index, _ir.Constant(_I64, MEL_FRAMES))
-                ts = [builder.add(t0, _ir.Constant(_I64, i)) for i in range(MEL_FRAMES)]
-                prow = [builder.gep(power, [builder.mul(t, K)]) for t in ts]
+            with _cgutils.for_range(builder, builder.udiv(tp, n16)) as blk:
+                t0 = builder.mul(blk.index, n16)
+                # pt[k] = power[t0 .. t0 + 15, k]: the block's power spectrum, frames in the lanes
+                with _cgutils.for_range(builder, builder.udiv(kp, n16)) as chunk:
+                    k0 = builder.mul(chunk.index, n16)
+                    rows = []
+                    for r in range(MEL_LANES):
+                        src = builder.gep(power, [builder.add(builder.mul(builder.add(t0, i64(r)), kp), k0)])
+                        rows.append(builder.load(builder.bitcast(src, _VEC.as_pointer()), align=4))
+                    for j, col in enumerate(_transpose16(builder, rows)):
+                        builder.store(col, builder.gep(pt, [builder.add(k0, i64(j))]), align=4)
+                if tokens:  # the lanes of the real frames
+                    lanes = builder.add(_splat(builder, t0, vi64), iota)
+                    real = builder.icmp_unsigned("<", lanes, _splat(builder, frames, vi64))
                 with _cgutils.for_range(builder, ng) as grp:
                     g = grp.index
-                    b0 = builder.load(builder.gep(b0s, [g]))
-                    b1 = builder.load(builder.gep(b1s, [g]))
-                    r0 = builder.load(builder.gep(r0s, [g]))
-                    for acc in accs:
+                    w = builder.load(builder.gep(widths, [g]))
+                    base = builder.load(builder.gep(starts, [g]))
+                    cols = []
+                    for i in range(MEL_LANES):  # the group's 16 filters, each over its w bins
+                        f = builder.add(builder.mul(g, n16), i64(i))
+                        lo = builder.load(builder.gep(los, [f]))
+                        wrow = builder.gep(wts, [builder.add(base, builder.mul(w, i64(i)))])
+                        prow = builder.gep(pt, [lo])
                         builder.store(_ir.Constant(_VEC, None), acc)
-                    wbase = builder.gep(
-                        wts, [builder.mul(builder.sub(r0, b0), lanes)]
-                    )  # row of bin k: wbase + 16 k
-                    with _cgutils.for_range_slice(builder, b0, b1, _ir.Constant(_I64, 1), inc=True) as (k, _):
-                        wptr = builder.bitcast(builder.gep(wbase, [builder.mul(k, lanes)]), _VEC.as_pointer())
-                        w = builder.load(wptr, align=4)
-                        for pr, acc in zip(prow, accs):
-                            pk = _splat(builder, builder.load(builder.gep(pr, [k])))
-                            builder.store(builder.call(fma, [pk, w, builder.load(acc)]), acc)
-                    for t, acc in zip(ts, accs):
+                        with _cgutils.for_range(builder, w) as kk:
+                            wk = _splat(builder, builder.load(builder.gep(wrow, [kk.index])))
+                            pk = builder.load(builder.gep(prow, [kk.index]), align=4)
+                            builder.store(builder.call(fma, [wk, pk, builder.load(acc)]), acc)
                         a = builder.load(acc)
                         a = builder.select(builder.fcmp_unordered(">=", a, floorv), a, floorv)  # NaN kept
                         y = _vlog(builder, a)
-                        if not tokens:  # mel[t, 16 g : 16 g + 16]
-                            dst = builder.gep(out, [builder.add(builder.mul(t, Fp), builder.mul(g, lanes))])
-                            builder.store(y, builder.bitcast(dst, _VEC.as_pointer()), align=4)
-                            continue
-                        # token (t // 16, g), row t % 16 of the 16 x 16 patch; only the real frames
-                        with builder.if_then(builder.icmp_unsigned("<", t, frames)):
+                        if tokens:
                             v = builder.fdiv(builder.fsub(y, meanv), scalev)
-                            h = builder.bitcast(
-                                builder.fptrunc(v, _ir.VectorType(_ir.HalfType(), MEL_LANES)), vh
-                            )
-                            e = builder.and_(h, expo)
+                            h = builder.bitcast(builder.fptrunc(v, vf16), vh)
+                            e = builder.select(real, builder.and_(h, expo), _ir.Constant(vh, None))
                             hi = builder.load(high)
                             builder.store(builder.select(builder.icmp_unsigned(">", e, hi), e, hi), high)
-                            patch = builder.add(builder.mul(builder.lshr(t, _ir.Constant(_I64, 4)), ng), g)
-                            off = builder.add(
-                                builder.mul(patch, _ir.Constant(_I64, 256)),
-                                builder.mul(builder.and_(t, _ir.Constant(_I64, 15)), lanes),
-                            )
+                            y = h
+                        cols.append(y)
+                    # frame t0 + r, filters 16 g .. 16 g + 15: row r of the transpose
+                    if tokens:  # patch (t0 // 16, g)
+                        patch = builder.mul(builder.add(builder.mul(blk.index, ng), g), i64(256))
+                    for r, row in enumerate(_transpose16(builder, cols)):
+                        if tokens:  # its row r
+                            dst = builder.gep(out, [builder.add(patch, i64(16 * r))])
+                            builder.store(row, builder.bitcast(dst, vh.as_pointer()), align=2)
+                        else:  # mel[t0 + r, 16 g : 16 g + 16]
+                            off = builder.add(builder.mul(builder.add(t0, i64(r)), Fp), builder.mul(g, n16))
                             builder.store(
-                                h, builder.bitcast(builder.gep(out, [off]), vh.as_pointer()), align=2
+                                row, builder.bitcast(builder.gep(out, [off]), _VEC.as_pointer()), align=4
                             )
             if tokens:
                 builder.store(builder.load(high), builder.bitcast(flag, vh.as_pointer()), align=2)
@@ -797,37 +832,44 @@ if numba is not None:
     _i = _types.intp
     _OUT = {False: _F32, True: _ir.IntType(16)}  # the element of _mel_log's and _mel_tokens' output
 
-    def _mel_sig(power: Any, weights: Any, b0: Any, b1: Any, row0: Any, out: Any) -> tuple[Any, ...]:
-        return (power, _i, _i, weights, b0, b1, row0, _i, _types.float32, out, _i)
+    def _mel_sig(
+        power: Any, pt: Any, lo: Any, width: Any, start: Any, weights: Any, out: Any
+    ) -> tuple[Any, ...]:
+        return (power, _i, _i, pt, lo, width, start, weights, _i, _types.float32, out, _i)
 
     @_intrinsic
     def _mel_log(
-        typingctx: Any, power: Any, K: Any, tp: Any, weights: Any, b0: Any, b1: Any, row0: Any, groups: Any,
-        floor: Any, mel: Any, Fp: Any,
+        typingctx: Any, power: Any, Kp: Any, tp: Any, pt: Any, lo: Any, width: Any, start: Any, weights: Any,
+        groups: Any, floor: Any, mel: Any, Fp: Any,
     ) -> Any:  # fmt: skip
-        """The filter sums of :func:`_fbank_log_mel_py` written as LLVM vector code (numba's loop
-        vectoriser leaves 16 accumulators in memory or scalar: 10x slower): for each block of
-        :data:`MEL_FRAMES` frames and each group g, ``acc_i += splat(power[t_i, k]) * weights[row]``
-        over the group's bins, one ``llvm.fma`` on a 16-float vector per frame and bin, then
-        ``mel[t_i, 16 g : 16 g + 16] = log(max(acc_i, floor))`` (NaN kept, as ``np.maximum``; the log
-        is :func:`_vlog`). Arguments are arrays and sizes: ``power`` (tp, K) float32, tp a multiple of
-        MEL_FRAMES; ``weights`` (rows, 16) float32; ``b0``/``b1``/``row0`` (groups,) int64; ``mel``
-        (tp, Fp) float32."""
-        return _types.void(*_mel_sig(power, weights, b0, b1, row0, mel)), _mel_codegen(False)
+        """The filter sums of :func:`_fbank_log_mel_py` written as LLVM vector code, 16 frames at a
+        time in the 16 lanes of a vector: for each block of frames t0 .. t0 + 15, the power
+        spectrum's rows are transposed into ``pt`` (Kp, 16) (a 16 x 16 register transpose per 16
+        bins), then filter f of group g is ``acc = fma(splat(weight), pt[lo[f] + j], acc)`` over its
+        ``width[g]`` bins (one ``llvm.fma`` per non-zero weight and 16 frames, where a frame-major sum
+        over dense groups of 16 filters does 16 multiply-adds per bin and frame, 14 of them with a zero
+        weight), ``log(max(acc, floor))`` (NaN kept, as ``np.maximum``; the log is :func:`_vlog`), and
+        the group's 16 vectors are transposed back into rows ``mel[t0 + r, 16 g : 16 g + 16]``. Each
+        sum adds its terms bin by bin in ascending order from +0, as the dense product does (a zero
+        weight adds +0). ``power`` (tp, Kp) float32, tp and Kp multiples of 16 (columns past the bins
+        read are never used); ``lo`` (16 groups,), ``width``, ``start`` (groups,) int64 and ``weights``
+        float32 as :func:`mel_tables`; ``mel`` (tp, Fp) float32."""
+        return _types.void(*_mel_sig(power, pt, lo, width, start, weights, mel)), _mel_codegen(False)
 
     @_intrinsic
     def _mel_tokens(
-        typingctx: Any, power: Any, K: Any, tp: Any, weights: Any, b0: Any, b1: Any, row0: Any, groups: Any,
-        floor: Any, out: Any, Fp: Any, mean: Any, scale: Any, frames: Any, flag: Any,
+        typingctx: Any, power: Any, Kp: Any, tp: Any, pt: Any, lo: Any, width: Any, start: Any, weights: Any,
+        groups: Any, floor: Any, out: Any, Fp: Any, mean: Any, scale: Any, frames: Any, flag: Any,
     ) -> Any:  # fmt: skip
-        """:func:`_mel_log` straight into 16 x 16 float16 tokens: the log-mel vector of frame t and
-        group g, normalised as ``(y - mean) / scale`` (float32, exact division) and rounded to float16
-        (``fptrunc``: the CPU's conversion), is row ``t % 16`` of patch ``(t // 16, g)`` of ``out``
-        (uint16, (rows, groups, 256)), for ``t < frames``. ``flag`` (16,) uint16 gets the largest
-        exponent field stored in each lane (0x7C00: an inf or NaN). Needs the hardware float16
-        conversion (``_cpu_has_f16c``)."""
+        """:func:`_mel_log` straight into 16 x 16 float16 tokens: the log-mel value of frame t and
+        filter f, normalised as ``(y - mean) / scale`` (float32, exact division) and rounded to float16
+        (``fptrunc``: the CPU's conversion), is element ``(t % 16, f % 16)`` of patch ``(t // 16,
+        f // 16)`` of ``out`` (uint16, (rows, groups, 256)), for every t < tp: rows for ``t >= frames``
+        hold the floor's value, for the caller to overwrite (``Fp`` is unused). ``flag`` (16,) uint16
+        gets the largest exponent field stored for the real frames (``t < frames``) in each lane (0x7C00:
+        an inf or NaN). Needs the hardware float16 conversion (``_cpu_has_f16c``)."""
         sig = _types.void(
-            *_mel_sig(power, weights, b0, b1, row0, out), _types.float32, _types.float32, _i, flag
+            *_mel_sig(power, pt, lo, width, start, weights, out), _types.float32, _types.float32, _i, flag
         )
         return sig, _mel_codegen(True)
 

@@ -117,18 +117,48 @@ def test_mel_tables_and_fbank_log_mel_equal_the_log_of_the_dense_product(overlap
     if overlap:  # any filter shape works: bin 6 now in filters 0, 2 and 3
         banks[0, 6] = 0.5
     tables = _kernels.mel_tables(banks)
-    assert [a.tolist() for a in tables.arrays[:3]] == [[1], [11 if not overlap else 11], [0]]
-    assert tables.arrays[3].shape == (10 + 1, 16) and tables.bins == 11 and tables.filters == F
+    lo, width, start, weights = tables.arrays
+    # widths 3, 3, 4, 4, 3 (filter 0: 6 with bin 6): every filter of the group reads the widest; the
+    # last filter's start moves left so that it reads real bins only (12 - 6 = 6 <= 8)
+    w = 6 if overlap else 4
+    assert lo.tolist() == ([1, 3, 4, 6, 6] if overlap else [1, 3, 4, 6, 8]) + [0] * 11
+    assert width.tolist() == [w] and start.tolist() == [0] and weights.shape == (16 * w + 1,)
+    assert weights[: 5 * w].reshape(5, w).tolist() == [banks[f, lo[f] : lo[f] + w].tolist() for f in range(5)]
+    assert not weights[5 * w :].any() and tables.bins == 12 and tables.filters == F
     T = 7
     spec = rng.standard_normal((T, 2 * (bins + 1))).astype(np.float32)  # (T, re/im of bins + Nyquist)
     power = spec[:, 0::2].astype(np.float64) ** 2 + spec[:, 1::2].astype(np.float64) ** 2
     want = np.log(np.maximum(power[:, :bins] @ banks.T.astype(np.float64), 1e-3))
     mel = np.full(_kernels.mel_shape(T, F), np.nan, np.float32)
-    assert mel.shape == (8, 16)  # frames to a multiple of 4, filters to a multiple of 16
+    assert mel.shape == (16, 16)  # frames and filters to a multiple of 16
     got = _kernels.fbank_log_mel(spec, tables, 1e-3, mel)
     np.testing.assert_allclose(got[:T, :F], want, rtol=0, atol=2e-6)
     np.testing.assert_allclose(got[T:], np.log(np.float32(1e-3)), rtol=0, atol=1e-6)  # padding: the floor
     np.testing.assert_allclose(got[:T, F:], np.log(np.float32(1e-3)), rtol=0, atol=1e-6)
+
+
+def test_fbank_log_mel_over_several_blocks_of_frames_and_groups_of_filters():
+    """40 random sparse filters (three groups, one partly padded; two filters without any bin) over
+    37 frames (three blocks of 16): the float64 product's log."""
+    rng = np.random.default_rng(8)
+    F, bins, T = 40, 70, 37
+    banks = np.zeros((F, bins), np.float32)
+    for f in range(F):
+        if f in (7, 30):
+            continue
+        lo = int(rng.integers(0, bins - 1))
+        hi = min(bins, lo + int(rng.integers(1, 12)))
+        banks[f, lo:hi] = rng.uniform(0.1, 1.0, hi - lo)
+    tables = _kernels.mel_tables(banks)
+    assert tables.arrays[1].shape == (3,) and tables.bins <= bins
+    spec = rng.standard_normal((T, 2 * (bins + 1))).astype(np.float32)
+    power = spec[:, 0::2].astype(np.float64) ** 2 + spec[:, 1::2].astype(np.float64) ** 2
+    want = np.log(np.maximum(power[:, :bins] @ banks.T.astype(np.float64), 1e-3))
+    got = _kernels.fbank_log_mel(spec, tables, 1e-3, np.full(_kernels.mel_shape(T, F), np.nan, np.float32))
+    assert got.shape == (48, 48)
+    np.testing.assert_allclose(got[:T, :F], want, rtol=0, atol=3e-6)
+    assert (got[:T, [7, 30]] == np.log(np.float32(1e-3))).all()
+    np.testing.assert_allclose(got[T:], np.log(np.float32(1e-3)), rtol=0, atol=1e-6)
 
 
 def test_log32_is_within_one_ulp_of_the_exact_log():

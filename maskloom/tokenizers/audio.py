@@ -40,7 +40,7 @@ Decisions (documented here once):
   the plain call is ~2.4x slower than the torch formulation). With numba, MKL and a CPU with a
   float16 conversion (x86 F16C, ARM64), ``tokenize`` is one compiled call from the waveform to the
   float16 patches (``maskloom._kernels.FbankTokens``): framing, the FFT (MKL's, called by address),
-  the power spectrum, the mel sums (16 filters per vector multiply-add), a vectorised float32 log,
+  the power spectrum, the mel sums (16 frames per vector multiply-add), a vectorised float32 log,
   normalisation, the float16 rounding and the patch layout, with the padding; ~19 us per FSDD clip in
   isolation, ~26 in the benchmark's loop, where it was ~45 as numpy passes around three kernels.
   Without F16C the log-mel filterbank is two calls and ``maskloom._kernels.norm_tokens`` makes the
@@ -293,8 +293,9 @@ class KaldiFbank:
     With numba (a dependency; see :mod:`maskloom._kernels`) the CPU path is two compiled calls
     (:func:`maskloom._kernels.fbank`): the windowed, pre-emphasised, zero-padded frames (Kaldi's
     arithmetic, the mean-free pre-emphasis regrouped as above), MKL's FFT called by address, the power
-    spectrum, then the mel sums as LLVM vector code (filters in groups of 16, one 16-wide multiply-add
-    per frame and FFT bin the group touches, four frames at a time) and a vectorised float32 log
+    spectrum, then the mel sums as LLVM vector code (16 frames in the lanes of a vector: one 16-wide
+    multiply-add per filter weight; the spectrum and the results transposed 16 x 16 in registers) and
+    a vectorised float32 log
     (Cephes' ``logf``, within 0.82 ulp of the exact log; numpy's float32 log is within 3.3). ~17 us per
     FSDD clip, where the two kernels around numpy's FFT and log took ~32. As close to ``kaldi.fbank``
     (log-mel within 2e-3 on FSDD, against 3e-3 for the numpy path; the tests bound both).
