@@ -241,29 +241,8 @@ def _fbank_frames_py(s: np.ndarray, window: np.ndarray, shift: int, pre: Any, bu
 _fbank_frames = _jit(_fbank_frames_py, reassociate=True)
 
 
-def _power_py(spec: np.ndarray, power: np.ndarray, K: int) -> None:
-    """``power[t, k] = re^2 + im^2`` of ``spec`` (T, 2 * bins) float32 (re, im interleaved) for
-    t < T and k < K, ``power`` (Tp, >= K); rows T..Tp-1 get 0 (in their first K columns)."""
-    T = spec.shape[0]
-    for t in range(T):
-        sp = spec[t]
-        pr = power[t]
-        for k in range(K):
-            re = sp[2 * k]
-            im = sp[2 * k + 1]
-            pr[k] = re * re + im * im
-    for t in range(T, power.shape[0]):
-        pr = power[t]
-        for k in range(K):
-            pr[k] = 0
-
-
-_power = _jit(_power_py, reassociate=True)
-
-
 def _fbank_log_mel_py(
     spec: np.ndarray,
-    power: np.ndarray,
     lo: np.ndarray,
     width: np.ndarray,
     start: np.ndarray,
@@ -273,14 +252,16 @@ def _fbank_log_mel_py(
     mel: np.ndarray,
 ) -> None:
     """The log-mel filterbank of an rFFT: ``spec`` (T, 2 * bins) float32 (re, im interleaved) ->
-    ``mel`` (Tp, Fp) with ``mel[t, f] = log(max(sum_k w[f, k] (re_k^2 + im_k^2), floor))``;
-    ``power`` (Tp, Kp) is scratch, Tp = T rounded up to :data:`MEL_LANES`, Kp = K rounded up to it.
-    The filters are :class:`MelTables` (``lo``, ``width``, ``start``, ``weights``; K the bins they
-    read); :func:`_mel_log` computes 16 frames at a time. Rows T..Tp-1 of ``mel`` get log(floor)."""
-    _power(spec, power, K)
-    pt = np.empty((power.shape[1], MEL_LANES), np.float32)
-    tp, kp = power.shape
-    _mel_log(power, kp, tp, pt, lo, width, start, weights, width.shape[0], floor, mel, mel.shape[1])
+    ``mel`` (Tp, Fp) with ``mel[t, f] = log(max(sum_k w[f, k] (re_k^2 + im_k^2), floor))``, Tp = T
+    rounded up to :data:`MEL_LANES`. The filters are :class:`MelTables` (``lo``, ``width``,
+    ``start``, ``weights``; K the bins they read, 2 K rounded up to 32 at most ``2 * bins``);
+    :func:`_mel_log` computes 16 frames at a time. Rows T..Tp-1 of ``mel`` get log(floor)."""
+    T, rs = spec.shape
+    kp = (K + MEL_LANES - 1) // MEL_LANES * MEL_LANES
+    pt = np.empty((kp, MEL_LANES), np.float32)
+    _mel_log(
+        spec, rs, T, kp, mel.shape[0], pt, lo, width, start, weights, width.shape[0], floor, mel, mel.shape[1]
+    )
 
 
 def _frames_fft_py(
@@ -320,32 +301,31 @@ def _fbank_tokens_py(
     pad: Any,
     out: np.ndarray,
 ) -> tuple[int, bool]:
-    """:func:`_frames_fft_py`, the power spectrum, :func:`_mel_tokens` (the log-mel sums straight to
+    """:func:`_frames_fft_py`, then :func:`_mel_tokens` (the power spectrum and log-mel sums straight to
     normalised float16 16 x 16 tokens) and the padding: waveform to tokens in one call (see
     :class:`FbankTokens`; the constant arguments come first, bound there once); the scratch arrays are made here (numba's
     allocator: ~50 ns each, numpy's ~400 ns). Returns the FFT's status and whether the real frames'
     tokens are finite."""
     tp = (frames + MEL_LANES - 1) // MEL_LANES * MEL_LANES
-    kp = (K + MEL_LANES - 1) // MEL_LANES * MEL_LANES
+    kp = (K + MEL_LANES - 1) // MEL_LANES * MEL_LANES  # 2 kp <= n + 2 (FbankTokens checks)
     buf = np.empty((frames, n), np.float32)
     spec = np.empty((frames, n + 2), np.float32)
-    power = np.empty((tp, kp), np.float32)
     pt = np.empty((kp, MEL_LANES), np.float32)
     flag = np.empty(MEL_LANES, np.uint16)
     status = _frames_fft(s, window, shift, pre, fft, plan, buf, spec)
     if status != 0:
         return status, False
-    _power(spec, power, K)
     _mel_tokens(
-        power, kp, tp, pt, lo, width, start, weights, width.shape[0], floor, out, 0, mean, scale, frames, flag,
+        spec, n + 2, frames, kp, tp, pt, lo, width, start, weights, width.shape[0], floor, out, 0, mean, scale,
+        frames, flag,
     )  # fmt: skip
     finite = True
     for i in range(MEL_LANES):
         finite = finite and flag[i] != 0x7C00
-    groups = out.shape[1]  # padding: the rest of the last row of patches, then the rows after it
+    groups = width.shape[0]  # padding: the rest of the last row of patches, then the rows after it
     for t in range(frames, (frames + 15) // 16 * 16):
         for g in range(groups):
-            row = out[t // 16, g]
+            row = out[(t // 16) * groups + g]
             for j in range(16):
                 row[(t % 16) * 16 + j] = pad
     rest = out.reshape(-1)[(frames + 15) // 16 * groups * 256 :]
@@ -363,7 +343,7 @@ class MelTables:
         self, lo: np.ndarray, width: np.ndarray, start: np.ndarray, weights: np.ndarray, filters: int
     ) -> None:
         self.arrays = (lo, width, start, weights)
-        # power columns computed: the bins any filter reads
+        # power spectrum bins computed: the bins any filter reads
         self.bins = max(int((lo.reshape(-1, MEL_LANES) + width[:, None]).max(initial=0)), 1)
         self.filters = filters
 
@@ -414,8 +394,10 @@ def fbank_log_mel(spec: np.ndarray, tables: MelTables, floor: float, mel: np.nda
     """:func:`_fbank_log_mel_py` (compiled): ``spec`` (T, 2 * bins) float32 C-contiguous with
     ``bins`` > ``tables.bins``; ``mel`` (Tp, Fp) float32 C-contiguous as :func:`mel_shape`; returns
     ``mel``."""
-    power = np.empty((mel.shape[0], -(-tables.bins // MEL_LANES) * MEL_LANES), np.float32)
-    _fbank_log_mel(spec, power, *tables.arrays, tables.bins, np.float32(floor), mel)
+    need = 2 * (-(-tables.bins // MEL_LANES) * MEL_LANES)  # the kernel reads 16 bins at a time
+    if spec.shape[1] < need:  # a small FFT: zero bins up to a whole 16
+        spec = np.pad(spec, ((0, 0), (0, need - spec.shape[1])))
+    _fbank_log_mel(spec, *tables.arrays, tables.bins, np.float32(floor), mel)
     return mel
 
 
@@ -456,15 +438,23 @@ class FbankTokens:
     :func:`fbank`. Needs :data:`FUSED_TOKENS` and F a multiple of 16 (16 x 16 patches; other shapes
     go through :func:`fbank` and :func:`norm_tokens`)."""
 
-    __slots__ = ("consts", "fft")
+    __slots__ = ("consts", "fft", "window", "shift")
 
     def __init__(
         self, window: np.ndarray, shift: int, pre: float, fft: Any, tables: MelTables, floor: float
     ) -> None:
+        if 2 * (-(-tables.bins // MEL_LANES) * MEL_LANES) > fft.n + 2:
+            raise ValueError(
+                f"FbankTokens: filters reading {tables.bins} bins need an FFT of more than {fft.n} points"
+            )
         self.fft = fft
         self.consts = (
             window, int(shift), np.float32(pre), fft.address, fft.n, *tables.arrays, tables.bins, np.float32(floor)
         )  # fmt: skip
+        self.window = window.shape[0]
+        """Samples per frame: a waveform needs at least this many."""
+        self.shift = int(shift)
+        """Samples between frames."""
 
     def __getstate__(self) -> tuple[Any, tuple[Any, ...]]:  # MKL's address is the process's own
         return self.fft, self.consts[:3] + self.consts[4:]
@@ -472,16 +462,17 @@ class FbankTokens:
     def __setstate__(self, state: tuple[Any, tuple[Any, ...]]) -> None:
         self.fft, c = state
         self.consts = (*c[:3], self.fft.address, *c[3:])
+        self.window, self.shift = c[0].shape[0], c[1]
 
     def __call__(
         self, s: np.ndarray, frames: int, mean: np.float32, scale: np.float32, pad: np.uint16, out: np.ndarray
     ) -> bool:
-        """``out`` (nt, F // 16, 256) uint16 (float16 bits, C-contiguous, nt >= ceil(frames / 16)) gets
-        ``(log-mel - mean) / scale`` of frame t, filters 16 b .. 16 b + 15, as row ``t % 16`` of patch
-        ``[t // 16, b]``, for t < ``frames``, and ``pad`` (float16 bits) in every row after; ``s``
-        (N,) float32 C-contiguous with ``(frames - 1) * shift + len(window) <= N``; ``mean`` and
-        ``scale`` float32. Returns whether every value computed is finite (the padding is the
-        caller's)."""
+        """``out`` (rows * F // 16, 256) uint16 (float16 bits, C-contiguous, rows >= ceil(frames / 16))
+        gets ``(log-mel - mean) / scale`` of frame t, filters 16 b .. 16 b + 15, as row ``t % 16`` of
+        patch ``(t // 16) * (F // 16) + b``, for t < ``frames``, and ``pad`` (float16 bits) in every
+        row after; ``s`` (N,) float32 C-contiguous with ``(frames - 1) * shift + len(window) <= N``;
+        ``mean`` and ``scale`` float32. Returns whether every value computed is finite (the padding is
+        the caller's)."""
         status, finite = _fbank_tokens(
             *self.consts, s, self.fft.handle(frames), mean, scale, frames, pad, out
         )
@@ -731,10 +722,12 @@ if numba is not None:
         """Code of :func:`_mel_log` (``tokens=False``) or :func:`_mel_tokens` (``True``)."""
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            power, kp, tp, pt, los, widths, starts, wts, ng, floor, out, Fp = (
+            spec, rs, T, kp, tp, pt, los, widths, starts, wts, ng, floor, out, Fp = (
                 _ptr(context, builder, t, v, e) if isinstance(t, _types.Array) else v
                 for t, v, e in zip(
-                    signature.args, args, (_F32, 0, 0, _VEC, _I64, _I64, _I64, _F32, 0, 0, _OUT[tokens], 0)
+                    signature.args,
+                    args,
+                    (_F32, 0, 0, 0, 0, _VEC, _I64, _I64, _I64, _F32, 0, 0, _OUT[tokens], 0),
                 )
             )
             fma = _cgutils.get_or_insert_function(
@@ -747,12 +740,18 @@ if numba is not None:
             def i64(v: int) -> Any:
                 return _ir.Constant(_I64, v)
 
-            acc = _cgutils.alloca_once(builder, _VEC)  # promoted to a register
-            floorv = _splat(builder, floor)
             vh = _ir.VectorType(_ir.IntType(16), MEL_LANES)
+            acc = _cgutils.alloca_once(builder, _VEC)  # promoted to a register
+            cols = _cgutils.alloca_once(builder, _ir.ArrayType(vh if tokens else _VEC, MEL_LANES))
+            floorv = _splat(builder, floor)
+            evens = _ir.Constant(_ir.VectorType(_I32, MEL_LANES), list(range(0, 2 * MEL_LANES, 2)))
+            odds = _ir.Constant(_ir.VectorType(_I32, MEL_LANES), list(range(1, 2 * MEL_LANES, 2)))
+            zero = _cgutils.alloca_once(builder, _ir.ArrayType(_F32, 2 * MEL_LANES))  # a row of 16 bins
+            builder.store(_ir.Constant(_ir.ArrayType(_F32, 2 * MEL_LANES), None), zero)
+            zero = builder.bitcast(zero, _F32.as_pointer())
             if tokens:
-                mean, scale, frames = args[12:15]
-                flag = _ptr(context, builder, signature.args[15], args[15], _ir.IntType(16))
+                mean, scale, frames = args[14:17]
+                flag = _ptr(context, builder, signature.args[17], args[17], _ir.IntType(16))
                 meanv, scalev = _splat(builder, mean), _splat(builder, scale)
                 expo = _ir.Constant(vh, [0x7C00] * MEL_LANES)
                 iota = _ir.Constant(vi64, list(range(MEL_LANES)))
@@ -760,13 +759,24 @@ if numba is not None:
                 builder.store(_ir.Constant(vh, None), high)
             with _cgutils.for_range(builder, builder.udiv(tp, n16)) as blk:
                 t0 = builder.mul(blk.index, n16)
-                # pt[k] = power[t0 .. t0 + 15, k]: the block's power spectrum, frames in the lanes
+                # pt[k] = the power of bin k in frames t0 .. t0 + 15 (0 from frame T on), frames in
+                # the lanes: per frame and 16 bins, re^2 + im^2 as fma(re, re, im * im),
+                # then a 16 x 16 transpose
+                rowp = [
+                    builder.gep(spec, [builder.mul(builder.add(t0, i64(r)), rs)]) for r in range(MEL_LANES)
+                ]
+                live = [builder.icmp_unsigned("<", builder.add(t0, i64(r)), T) for r in range(MEL_LANES)]
                 with _cgutils.for_range(builder, builder.udiv(kp, n16)) as chunk:
                     k0 = builder.mul(chunk.index, n16)
                     rows = []
-                    for r in range(MEL_LANES):
-                        src = builder.gep(power, [builder.add(builder.mul(builder.add(t0, i64(r)), kp), k0)])
-                        rows.append(builder.load(builder.bitcast(src, _VEC.as_pointer()), align=4))
+                    for p, ok in zip(rowp, live):
+                        src = builder.select(ok, builder.gep(p, [builder.add(k0, k0)]), zero)
+                        src = builder.bitcast(src, _VEC.as_pointer())
+                        a = builder.load(src, align=4)  # re, im of bins k0 .. k0 + 7
+                        b = builder.load(builder.gep(src, [i64(1)]), align=4)  # bins k0 + 8 .. k0 + 15
+                        re = builder.shuffle_vector(a, b, evens)
+                        im = builder.shuffle_vector(a, b, odds)
+                        rows.append(builder.call(fma, [re, re, builder.fmul(im, im)]))
                     for j, col in enumerate(_transpose16(builder, rows)):
                         builder.store(col, builder.gep(pt, [builder.add(k0, i64(j))]), align=4)
                 if tokens:  # the lanes of the real frames
@@ -776,11 +786,12 @@ if numba is not None:
                     g = grp.index
                     w = builder.load(builder.gep(widths, [g]))
                     base = builder.load(builder.gep(starts, [g]))
-                    cols = []
-                    for i in range(MEL_LANES):  # the group's 16 filters, each over its w bins
-                        f = builder.add(builder.mul(g, n16), i64(i))
-                        lo = builder.load(builder.gep(los, [f]))
-                        wrow = builder.gep(wts, [builder.add(base, builder.mul(w, i64(i)))])
+                    # the group's 16 filters, each over its w bins, into cols[i] (a loop, not
+                    # unrolled: the kernel's code stays small enough for the instruction cache)
+                    with _cgutils.for_range(builder, n16) as fi:
+                        i = fi.index
+                        lo = builder.load(builder.gep(los, [builder.add(builder.mul(g, n16), i)]))
+                        wrow = builder.gep(wts, [builder.add(base, builder.mul(w, i))])
                         prow = builder.gep(pt, [lo])
                         builder.store(_ir.Constant(_VEC, None), acc)
                         with _cgutils.for_range(builder, w) as kk:
@@ -797,11 +808,12 @@ if numba is not None:
                             hi = builder.load(high)
                             builder.store(builder.select(builder.icmp_unsigned(">", e, hi), e, hi), high)
                             y = h
-                        cols.append(y)
+                        builder.store(y, builder.gep(cols, [i64(0), i]))
+                    cols_v = [builder.load(builder.gep(cols, [i64(0), i64(i)])) for i in range(MEL_LANES)]
                     # frame t0 + r, filters 16 g .. 16 g + 15: row r of the transpose
                     if tokens:  # patch (t0 // 16, g)
                         patch = builder.mul(builder.add(builder.mul(blk.index, ng), g), i64(256))
-                    for r, row in enumerate(_transpose16(builder, cols)):
+                    for r, row in enumerate(_transpose16(builder, cols_v)):
                         if tokens:  # its row r
                             dst = builder.gep(out, [builder.add(patch, i64(16 * r))])
                             builder.store(row, builder.bitcast(dst, vh.as_pointer()), align=2)
@@ -833,43 +845,47 @@ if numba is not None:
     _OUT = {False: _F32, True: _ir.IntType(16)}  # the element of _mel_log's and _mel_tokens' output
 
     def _mel_sig(
-        power: Any, pt: Any, lo: Any, width: Any, start: Any, weights: Any, out: Any
+        spec: Any, pt: Any, lo: Any, width: Any, start: Any, weights: Any, out: Any
     ) -> tuple[Any, ...]:
-        return (power, _i, _i, pt, lo, width, start, weights, _i, _types.float32, out, _i)
+        return (spec, _i, _i, _i, _i, pt, lo, width, start, weights, _i, _types.float32, out, _i)
 
     @_intrinsic
     def _mel_log(
-        typingctx: Any, power: Any, Kp: Any, tp: Any, pt: Any, lo: Any, width: Any, start: Any, weights: Any,
-        groups: Any, floor: Any, mel: Any, Fp: Any,
+        typingctx: Any, spec: Any, rs: Any, T: Any, Kp: Any, tp: Any, pt: Any, lo: Any, width: Any,
+        start: Any, weights: Any, groups: Any, floor: Any, mel: Any, Fp: Any,
     ) -> Any:  # fmt: skip
-        """The filter sums of :func:`_fbank_log_mel_py` written as LLVM vector code, 16 frames at a
-        time in the 16 lanes of a vector: for each block of frames t0 .. t0 + 15, the power
-        spectrum's rows are transposed into ``pt`` (Kp, 16) (a 16 x 16 register transpose per 16
-        bins), then filter f of group g is ``acc = fma(splat(weight), pt[lo[f] + j], acc)`` over its
-        ``width[g]`` bins (one ``llvm.fma`` per non-zero weight and 16 frames, where a frame-major sum
-        over dense groups of 16 filters does 16 multiply-adds per bin and frame, 14 of them with a zero
-        weight), ``log(max(acc, floor))`` (NaN kept, as ``np.maximum``; the log is :func:`_vlog`), and
-        the group's 16 vectors are transposed back into rows ``mel[t0 + r, 16 g : 16 g + 16]``. Each
-        sum adds its terms bin by bin in ascending order from +0, as the dense product does (a zero
-        weight adds +0). ``power`` (tp, Kp) float32, tp and Kp multiples of 16 (columns past the bins
-        read are never used); ``lo`` (16 groups,), ``width``, ``start`` (groups,) int64 and ``weights``
-        float32 as :func:`mel_tables`; ``mel`` (tp, Fp) float32."""
-        return _types.void(*_mel_sig(power, pt, lo, width, start, weights, mel)), _mel_codegen(False)
+        """The power spectrum and filter sums of :func:`_fbank_log_mel_py` written as LLVM vector
+        code, 16 frames at a time in the 16 lanes of a vector: for each block of frames t0 .. t0 + 15,
+        the power of the first Kp bins, ``fma(re, re, im * im)`` (0 for frames from T on;
+        the rounding of a fused ``re * re + im * im``), goes into ``pt`` (Kp, 16) through a 16 x 16 register transpose per 16 bins; then
+        filter f of group g is ``acc = fma(splat(weight), pt[lo[f] + j], acc)`` over its ``width[g]``
+        bins (one ``llvm.fma`` per weight and 16 frames, where a frame-major sum over dense groups of
+        16 filters does 16 multiply-adds per bin and frame, 14 of them with a zero weight),
+        ``log(max(acc, floor))`` (NaN kept, as ``np.maximum``; the log is :func:`_vlog`), and the
+        group's 16 vectors are transposed back into rows ``mel[t0 + r, 16 g : 16 g + 16]``. Each sum
+        adds its terms bin by bin in ascending order from +0, as the dense product does (a zero weight
+        adds +0). ``spec`` (T, rs) float32 (re, im interleaved) with ``2 Kp <= rs``; tp and Kp
+        multiples of 16 (bins past those the filters read are never used); ``lo`` (16 groups,),
+        ``width``, ``start`` (groups,) int64 and ``weights`` float32 as :func:`mel_tables`; ``mel``
+        (tp, Fp) float32."""
+        return _types.void(*_mel_sig(spec, pt, lo, width, start, weights, mel)), _mel_codegen(False)
 
     @_intrinsic
     def _mel_tokens(
-        typingctx: Any, power: Any, Kp: Any, tp: Any, pt: Any, lo: Any, width: Any, start: Any, weights: Any,
-        groups: Any, floor: Any, out: Any, Fp: Any, mean: Any, scale: Any, frames: Any, flag: Any,
+        typingctx: Any, spec: Any, rs: Any, T: Any, Kp: Any, tp: Any, pt: Any, lo: Any, width: Any,
+        start: Any, weights: Any, groups: Any, floor: Any, out: Any, Fp: Any, mean: Any, scale: Any,
+        frames: Any, flag: Any,
     ) -> Any:  # fmt: skip
         """:func:`_mel_log` straight into 16 x 16 float16 tokens: the log-mel value of frame t and
         filter f, normalised as ``(y - mean) / scale`` (float32, exact division) and rounded to float16
-        (``fptrunc``: the CPU's conversion), is element ``(t % 16, f % 16)`` of patch ``(t // 16,
-        f // 16)`` of ``out`` (uint16, (rows, groups, 256)), for every t < tp: rows for ``t >= frames``
-        hold the floor's value, for the caller to overwrite (``Fp`` is unused). ``flag`` (16,) uint16
-        gets the largest exponent field stored for the real frames (``t < frames``) in each lane (0x7C00:
-        an inf or NaN). Needs the hardware float16 conversion (``_cpu_has_f16c``)."""
+        (``fptrunc``: the CPU's conversion), is element ``(t % 16, f % 16)`` of patch ``(t // 16) *
+        groups + f // 16`` of ``out`` (uint16, (rows * groups, 256)), for every t < tp: rows for
+        ``t >= frames`` hold the floor's value, for the caller to overwrite (``Fp`` is unused).
+        ``flag`` (16,) uint16 gets the largest exponent field stored for the real frames (``t <
+        frames``) in each lane (0x7C00: an inf or NaN). Needs the hardware float16 conversion
+        (``_cpu_has_f16c``)."""
         sig = _types.void(
-            *_mel_sig(power, pt, lo, width, start, weights, out), _types.float32, _types.float32, _i, flag
+            *_mel_sig(spec, pt, lo, width, start, weights, out), _types.float32, _types.float32, _i, flag
         )
         return sig, _mel_codegen(True)
 
@@ -894,7 +910,7 @@ _log32 = _jit(_log32_py)
 # Not reassociated: numba puts its fast-math flags on every float operation of a function, the
 # intrinsics' included, and LLVM would then regroup the log and the normalisation differently in
 # each caller (a token one float16 step from the log-mel path's). The sums that gain from it are in
-# their own functions (_fbank_frames, _power); the filter sums are explicit llvm.fma calls.
+# their own function (_fbank_frames); the power and filter sums are explicit llvm.fma calls.
 _frames_fft = _jit(_frames_fft_py)
 _fbank_log_mel = _jit(_fbank_log_mel_py)
 _fbank_tokens = _jit(_fbank_tokens_py)

@@ -269,3 +269,19 @@ def test_integer_half_conversion_equals_the_hardware_one():
 def test_float16_in_hardware_only_for_the_host_cpu(monkeypatch):
     monkeypatch.setenv("NUMBA_CPU_NAME", "generic")  # portable caches: no assumption about F16C
     assert _kernels._cpu_has_f16c() is False
+
+
+def test_fbank_tokens_refuses_filters_past_the_fft_bins():
+    """The one-call kernel reads the spectrum 16 bins at a time from the FFT's rows: filters reading
+    more bins than the FFT has (rounded up to 16) are refused up front, not read past a row."""
+    from maskloom import _mkl_fft
+
+    if not (_kernels.FUSED_TOKENS and _mkl_fft.available()):
+        pytest.skip("the one-call kernel does not run here")
+    fft = _mkl_fft.RealFFT(32)  # 17 bins
+    window = np.hanning(24).astype(np.float32)
+    ok = _kernels.mel_tables(np.eye(16, 16, dtype=np.float32))  # reads 16 bins: 32 floats <= 34
+    assert _kernels.FbankTokens(window, 8, 0.97, fft, ok, 1e-7).window == 24
+    wide = _kernels.mel_tables(np.eye(16, 17, k=1, dtype=np.float32))  # reads 17 bins: 48 floats > 34
+    with pytest.raises(ValueError, match="filters reading 17 bins need an FFT of more than 32 points"):
+        _kernels.FbankTokens(window, 8, 0.97, fft, wide, 1e-7)

@@ -339,6 +339,7 @@ class KaldiFbank:
             _kernels.FbankTokens(self._np_window, self.window_shift, self.PREEMPHASIS, self._rfft, self._mel_tables, self._eps)
             if _kernels.FUSED_TOKENS and self._rfft is not None and self._mel_tables is not None
             and num_mel_bins % _kernels.MEL_LANES == 0
+            and 2 * -(-self._mel_tables.bins // _kernels.MEL_LANES) * _kernels.MEL_LANES <= self.fft_size + 2
             else None
         )  # fmt: skip
 
@@ -454,7 +455,7 @@ class KaldiFbank:
             s = np.ascontiguousarray(s)
         self._check(s.shape)
         t = min(1 + (s.shape[0] - self.window_size) // self.window_shift, max(int(max_frames), 1))
-        finite = self._fused(s, t, np.float32(mean), np.float32(scale), pad, out)
+        finite = self._fused(s, t, np.float32(mean), np.float32(scale), pad, out.reshape(-1, 256))
         return t, finite
 
     def _torch(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -594,35 +595,50 @@ class AudioTokenizer(Tokenizer):
         if raw.waveform.size == 0:
             raise TokenizeError(src, "empty", "audio has no samples")
         mean, std = self.norm_stats()
-        kaldi = self._kaldi_fbank()
+        # (mean, std, pad value, its bits, finite?, float32 mean, float32 2 std, (nt, nf, p), fused kernel)
+        _, _, pad, pad_bits, pad_finite, mean32, scale32, (nt, nf, p), fused = self._norm_consts(mean, std)
         wav = raw.waveform
-        if wav.shape[0] < kaldi.window_size or wav.dtype != np.float32:
-            wav = self._fbank_input(wav)
-        total = kaldi.num_frames(wav.shape[0])
-        p = c.patch_size
-        nt, nf = c.target_frames // p, c.num_mel_bins // p
-        _, _, pad, pad_bits, pad_finite = self._norm_consts(mean, std)
-        tokens = np.empty((nt, nf, p * p), np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
+        n = wav.shape[0]
         # Normalise the real frames only; every padded frame holds the same value. The result is the
         # same as normalising the padded filterbank: the arithmetic per element is unchanged. Only the
         # frames kept are computed (a 10 min recording cropped to 10 s reads 10 s).
-        if p == 16 and kaldi.fused_tokens():  # one compiled call: waveform to float16 patches
-            frames, finite = kaldi.tokens(
-                wav, c.target_frames, mean, 2.0 * std, pad_bits, tokens.view(np.uint16)
-            )
-            finite = finite and pad_finite
+        if (  # one compiled call: waveform to float16 patches (the common case, kept lean: ~2 us of Python)
+            fused is not None
+            and n >= fused.window
+            and wav.dtype == np.float32
+            and wav.ndim == 1
+            and wav.flags.c_contiguous
+        ):
+            total = 1 + (n - fused.window) // fused.shift
+            frames = min(total, c.target_frames)
+            bits = np.empty((nt * nf, 256), np.uint16)  # (L, p*p), patch (t, f) at row t * nf + f
+            finite = fused(wav, frames, mean32, scale32, pad_bits, bits) and pad_finite
+            tokens = bits.view(np.float16)
         else:
-            fb, computed = kaldi.log_mel(wav, max_frames=c.target_frames)  # (>= T, >= F), first (T, F) real
-            frames = min(computed, c.target_frames)
-            rows = -(-frames // p)
-            tokens[rows:] = pad
-            finite = self._norm_tokens(fb, frames, mean, std, pad, tokens)
-        tokens = tokens.reshape(nt * nf, p * p)  # (L, p*p), time-major
+            kaldi = self._kaldi_fbank()
+            if n < kaldi.window_size or wav.dtype != np.float32:
+                wav = self._fbank_input(wav)
+            total = kaldi.num_frames(wav.shape[0])
+            tokens = np.empty((nt, nf, p * p), np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
+            if p == 16 and kaldi.fused_tokens():
+                frames, finite = kaldi.tokens(
+                    wav, c.target_frames, mean, 2.0 * std, pad_bits, tokens.view(np.uint16)
+                )
+                finite = finite and pad_finite
+            else:
+                fb, computed = kaldi.log_mel(
+                    wav, max_frames=c.target_frames
+                )  # (>= T, >= F), first (T, F) real
+                frames = min(computed, c.target_frames)
+                rows = -(-frames // p)
+                tokens[rows:] = pad
+                finite = self._norm_tokens(fb, frames, mean, std, pad, tokens)
+            tokens = tokens.reshape(nt * nf, p * p)  # (L, p*p), time-major
         meta = {
             "sample_rate": c.sample_rate,
             "frames": frames,
             "total_frames": total,
-            "duration": raw.waveform.shape[0] / c.sample_rate,
+            "duration": n / c.sample_rate,
             "grid": [nt, nf],
             "patch_size": p,
             "num_mel_bins": c.num_mel_bins,
@@ -793,13 +809,22 @@ class AudioTokenizer(Tokenizer):
         return r
 
     def _norm_consts(self, mean: float, std: float) -> tuple[Any, ...]:
-        """:attr:`_pad_token` for ``(mean, std)`` (cached per statistics): ``(pad_value - mean) /
-        (2 * std)`` as float16, in the float32 arithmetic of the real frames, with its bits and
-        whether it is finite."""
+        """What :meth:`tokenize` needs for ``(mean, std)``, cached per statistics: ``(mean, std, pad,
+        pad bits, pad finite?, mean32, scale32, (nt, nf, p), fused)``: the padded frame's token
+        ``(pad_value - mean) / (2 * std)`` as float16 in the float32 arithmetic of the real frames, its
+        bits and whether it is finite; the statistics as float32 (the scale is 2 std); the patch grid;
+        and the one-call kernel (:class:`maskloom._kernels.FbankTokens`) where it runs, else None."""
         if self._pad_token is None or self._pad_token[:2] != (mean, std):
-            pad = np.full(1, self.config.pad_value, np.float32)
+            c = self.config
+            pad = np.full(1, c.pad_value, np.float32)
             value = ((pad - mean) / (2.0 * std)).astype(np.float16)[0]
-            self._pad_token = (mean, std, value, value.view(np.uint16), math.isfinite(value))
+            p = c.patch_size
+            kaldi = self._kaldi_fbank()
+            fused = kaldi._fused if p == 16 and kaldi.fused_tokens() else None
+            self._pad_token = (
+                mean, std, value, value.view(np.uint16), math.isfinite(value),
+                np.float32(mean), np.float32(2.0 * std), (c.target_frames // p, c.num_mel_bins // p, p), fused,
+            )  # fmt: skip
         return self._pad_token
 
     def _grid_positions(self) -> np.ndarray:
