@@ -596,7 +596,7 @@ def test_a_used_tokenizer_pickled_to_another_process_tokenizes_the_same(tmp_path
     fused = tok._kaldi._fused
     if fused is not None:
         again = pickle.loads(pickle.dumps(tok._kaldi))
-        assert again._fused.fft is again._rfft and again._fused.consts[3] == again._rfft.address
+        assert again._fused.fft is again._rfft and again._fused.consts[1][1] == again._rfft.address
     (tmp_path / "tok.pkl").write_bytes(pickle.dumps((tok, raw)))
     code = (
         "import pickle, sys\n"
