@@ -41,8 +41,8 @@ Decisions (documented here once):
   float16 conversion (x86 F16C, ARM64), ``tokenize`` is one compiled call from the waveform to the
   float16 patches (``maskloom._kernels.FbankTokens``): framing, the FFT (MKL's, called by address),
   the power spectrum, the mel sums (16 frames per vector multiply-add), a vectorised float32 log,
-  normalisation, the float16 rounding and the patch layout, with the padding; ~19 us per FSDD clip in
-  isolation, ~26 in the benchmark's loop, where it was ~45 as numpy passes around three kernels.
+  normalisation, the float16 rounding and the patch layout, with the padding; ~20 us per FSDD clip in
+  the kernel, ~22 in the benchmark's loop, where it was ~45 as numpy passes around three kernels.
   Without F16C the log-mel filterbank is two calls and ``maskloom._kernels.norm_tokens`` makes the
   tokens; without numba numpy and torch's cast do. The tokens equal, bit for bit, normalising
   :meth:`AudioTokenizer.fbank`, whose log is the same function. Only the frames kept are computed (a

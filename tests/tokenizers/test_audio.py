@@ -608,3 +608,28 @@ def test_a_used_tokenizer_pickled_to_another_process_tokenizes_the_same(tmp_path
     )
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert out.stdout == want.tobytes()
+
+
+@pytest.mark.parametrize("frames", [128, 1024])
+def test_tokenize_gives_the_same_record_for_any_layout_of_the_waveform(frames):
+    """A contiguous float32 waveform takes the lean one-call path where it runs; float64 and strided
+    waveforms take the general one. Same tokens (bit for bit), positions and meta either way."""
+    tok = _tok(target_frames=frames)
+    rng = np.random.default_rng(5)
+    wav = (0.3 * _sine(0.73) + 0.05 * rng.standard_normal(int(0.73 * 16000))).astype(np.float32)
+    strided = np.repeat(wav, 2)[::2]
+    assert not strided.flags.c_contiguous and (strided == wav).all()
+    recs = [
+        tok.tokenize(Audio(waveform=w, sample_rate=16000), source="x")[0]
+        for w in (wav, wav.astype(np.float64), strided)
+    ]
+    for r in recs[1:]:
+        assert r.tokens.dtype == np.float16 and r.tokens.shape == recs[0].tokens.shape == (
+            frames // 16 * 8,
+            256,
+        )
+        assert (r.tokens.view(np.uint16) == recs[0].tokens.view(np.uint16)).all()
+        assert (
+            (r.positions == recs[0].positions).all() and r.meta == recs[0].meta and r.finite == recs[0].finite
+        )
+    assert recs[0].meta["frames"] == 1 + (len(wav) - 400) // 160 == recs[0].meta["total_frames"]
