@@ -125,15 +125,16 @@ def with_copies(files: list[str], copies: int, directory: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # CPU accounting: this process and all its descendants (Ray's raylet, gcs_server, workers), by kind
 # ---------------------------------------------------------------------------------------------
-def _stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds) of a process, None if it is gone."""
+def _stat(pid: int) -> tuple[int, float, int] | None:
+    """(parent pid, CPU seconds, start time in clock ticks since boot) of a process, None if it is
+    gone. The start time tells a reused pid from the process that had it before."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             s = f.read()
     except OSError:
         return None
     fields = s[s.rindex(")") + 2 :].split()
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK, int(fields[19])
 
 
 def _kind(pid: int, driver: int) -> str:
@@ -169,10 +170,14 @@ class CpuMeter:
     def __init__(self) -> None:
         self.root = os.getpid()
         self._stop = threading.Event()
-        self._last: dict[int, float] = {}
-        self._first: dict[int, float] = {}
-        self._kinds: dict[int, str] = {}
-        self._ignored: set[int] = set()
+        # by (pid, start time): a pid reused by a new process during a run is another process (a
+        # worker of round 2 took the pid of one gone since round 1: counted against its CPU, the
+        # totals of a round came out negative)
+        self._last: dict[tuple[int, int], float] = {}
+        self._first: dict[tuple[int, int], float] = {}
+        self._kinds: dict[tuple[int, int], str] = {}
+        self._ignored: set[tuple[int, int]] = set()
+        self._live: dict[int, tuple[int, int]] = {}  # pid -> the process that had it when last seen
 
     def _sample(self) -> None:
         me = os.getpid()
@@ -180,19 +185,20 @@ class CpuMeter:
             if not name.isdigit():
                 continue
             pid = int(name)
-            if pid in self._ignored:
-                continue
             st = _stat(pid)
             if st is None:
                 continue
-            ppid, cpu = st
-            if pid not in self._last:
-                if pid != me and ppid not in self._last:
-                    self._ignored.add(pid)  # not ours (parents are seen before their children)
+            ppid, cpu, start = st
+            key = self._live[pid] = (pid, start)
+            if key in self._ignored:
+                continue
+            if key not in self._last:
+                if pid != me and self._live.get(ppid) not in self._last:
+                    self._ignored.add(key)  # not ours (parents are seen before their children)
                     continue
-                self._first[pid] = 0.0 if self._started else cpu  # new processes: all their CPU
-                self._kinds[pid] = _kind(pid, self.root)
-            self._last[pid] = cpu
+                self._first[key] = 0.0 if self._started else cpu  # new processes: all their CPU
+                self._kinds[key] = _kind(pid, self.root)
+            self._last[key] = cpu
 
     def __enter__(self) -> CpuMeter:
         self._started = False
@@ -219,11 +225,12 @@ class CpuMeter:
 
     def report(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for pid, cpu in self._last.items():
-            k = "driver" if pid == self.root else self._kinds[pid]
+        for key, cpu in self._last.items():
+            pid = key[0]
+            k = "driver" if pid == self.root else self._kinds[key]
             if pid == os.getpid() and self.root != os.getpid():
                 k = "benchmark"  # the parent of a cold run (this loop, mostly idle)
-            out[k] = out.get(k, 0.0) + cpu - self._first[pid]
+            out[k] = out.get(k, 0.0) + cpu - self._first[key]
         ours = sum(out.values())
         out = {k: round(v, 2) for k, v in sorted(out.items())}
         out["total"] = round(ours, 2)
