@@ -73,6 +73,7 @@ from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer
 if TYPE_CHECKING:
     import torch
 
+_F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
 log = logging.getLogger(__name__)
 
 STATS_FILE = "audio_stats.json"
@@ -605,7 +606,7 @@ class AudioTokenizer(Tokenizer):
         if (  # one compiled call: waveform to float16 patches (the common case, kept lean: ~2 us of Python)
             fused is not None
             and n >= fused.window
-            and wav.dtype == np.float32
+            and wav.dtype is _F32  # native float32 (the same object for every such array)
             and wav.ndim == 1
             and wav.flags.c_contiguous
         ):
@@ -613,7 +614,7 @@ class AudioTokenizer(Tokenizer):
             frames = min(total, c.target_frames)
             bits = np.empty((nt * nf, 256), np.uint16)  # (L, p*p), patch (t, f) at row t * nf + f
             finite = fused(wav, frames, mean32, scale32, pad_bits, bits) and pad_finite
-            tokens = bits.view(np.float16)
+            tokens = bits.view(_F16)
         else:
             kaldi = self._kaldi_fbank()
             if n < kaldi.window_size or wav.dtype != np.float32:
