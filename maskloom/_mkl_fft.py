@@ -14,8 +14,10 @@ audio worker then never pays ``import torch``'s ~1 s of CPU: :mod:`maskloom.toke
 the functions are not exported (builds without MKL: ARM, macOS), :func:`available` is False and
 callers use ``torch.fft.rfft``. ``MASKLOOM_MKL_FFT=0`` turns this path off.
 
-Threads: MKL reads ``MKL_NUM_THREADS``/``OMP_NUM_THREADS`` when loaded (``ray_utils.limit_threads``
-sets them first in a worker), and torch's ``set_num_threads`` sets MKL's count once torch is imported.
+Threads: each descriptor is limited to one thread (``DFTI_THREAD_LIMIT``), whatever MKL's count in
+the process (``MKL_NUM_THREADS``/``OMP_NUM_THREADS``, torch's ``set_num_threads``): the batches here
+are small (an FSDD clip's ~50 frames: 9 us on one thread, 15 us on two), and tokenizers run one per
+CPU. The transform is the same, and so are its bits (the tests compare with ``torch.fft.rfft``).
 
 A committed descriptor may be used by several threads at once (MKL's documented guarantee); the
 cache of descriptors is guarded by a lock, and a descriptor is freed only when no call holds it any
@@ -36,6 +38,7 @@ import numpy as np
 # DFTI enum values (mkl_dfti.h)
 _NUMBER_OF_TRANSFORMS, _CONJUGATE_EVEN_STORAGE, _PLACEMENT = 7, 10, 11
 _INPUT_STRIDES, _OUTPUT_STRIDES, _INPUT_DISTANCE, _OUTPUT_DISTANCE = 12, 13, 14, 15
+_THREAD_LIMIT = 27
 _REAL, _COMPLEX_COMPLEX, _NOT_INPLACE = 33, 39, 44
 _LONG = ctypes.c_long  # MKL_LONG: 64-bit on LP64 Linux; see _load for Windows
 
@@ -174,6 +177,10 @@ class RealFFT:
             (_INPUT_STRIDES, strides),
             (_OUTPUT_STRIDES, strides),
             (_CONJUGATE_EVEN_STORAGE, _LONG(_COMPLEX_COMPLEX)),
+            # one thread: a tokenizer's FFTs are small batches (~50 frames of 512 points, ~9 us),
+            # which MKL's threading makes slower (15 us with 2 threads here), and the tokenizers run
+            # one per CPU (Ray actors, DataLoader workers) whatever the process's MKL setting
+            (_THREAD_LIMIT, _LONG(1)),
         ):
             _check(_lib.DftiSetValue(h, ctypes.c_int(param), value), f"setting {param}")
         _check(_lib.DftiCommitDescriptor(h), "commit")

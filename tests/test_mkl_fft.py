@@ -102,3 +102,28 @@ def test_kept_handles_are_stable_and_compute_the_same_transform():
     assert status == 0
     np.testing.assert_array_equal(out, torch.fft.rfft(torch.from_numpy(x)).numpy())
     assert ctypes.cast(_mkl_fft._lib.DftiComputeForward, ctypes.c_void_p).value == fft.address
+
+
+@needs_mkl
+def test_plans_run_on_one_thread_whatever_the_process_setting(monkeypatch):
+    """Every descriptor is limited to one MKL thread (DFTI_THREAD_LIMIT = 1): MKL's threading made a
+    tokenizer's small batches slower (an FSDD clip's FFT 15 instead of 9 us with 2 threads), and
+    tokenizers run one per CPU. The settings are checked as MKL receives them."""
+    lib = _mkl_fft._load()
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def DftiSetValue(self, h, param, value):  # noqa: N802 (MKL's name)
+            seen.append((param.value, getattr(value, "value", None)))
+            return lib.DftiSetValue(h, param, value)
+
+    monkeypatch.setattr(_mkl_fft, "_lib", Spy())
+    fft = _mkl_fft.RealFFT(512)
+    x = np.random.default_rng(0).standard_normal((3, 512)).astype(np.float32)
+    got = fft(x)
+    assert (_mkl_fft._THREAD_LIMIT, 1) in seen and _mkl_fft._THREAD_LIMIT == 27  # mkl_dfti.h
+    assert (_mkl_fft._NUMBER_OF_TRANSFORMS, 3) in seen
+    np.testing.assert_array_equal(got, torch.fft.rfft(torch.from_numpy(x)).numpy())
