@@ -536,7 +536,7 @@ class AudioTokenizer(Tokenizer):
         self.stats: dict[str, float] | None = None
         """Learned {"mean", "std", "frames", "files"} from fit()/load_artifacts(), or None."""
         self._kaldi: KaldiFbank | None = None  # built on first use (window + mel matrix)
-        # (mean, std, normalised pad value, its bits, whether it is finite)
+        # what tokenize needs per statistics (see _norm_consts)
         self._pad_token: tuple[Any, ...] | None = None
         self._positions: np.ndarray | None = None  # (L, 2) float32, copied into every record
         self._resamplers: dict[int, SincResampler] = {}  # by source sample rate
@@ -627,9 +627,8 @@ class AudioTokenizer(Tokenizer):
                 )
                 finite = finite and pad_finite
             else:
-                fb, computed = kaldi.log_mel(
-                    wav, max_frames=c.target_frames
-                )  # (>= T, >= F), first (T, F) real
+                # (>= T, >= F), the first (T, F) real
+                fb, computed = kaldi.log_mel(wav, max_frames=c.target_frames)
                 frames = min(computed, c.target_frames)
                 rows = -(-frames // p)
                 tokens[rows:] = pad
