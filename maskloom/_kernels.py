@@ -247,17 +247,16 @@ def _fbank_log_mel_py(
     width: np.ndarray,
     start: np.ndarray,
     weights: np.ndarray,
-    K: int,
+    kp: int,
     floor: Any,
     mel: np.ndarray,
 ) -> None:
     """The log-mel filterbank of an rFFT: ``spec`` (T, 2 * bins) float32 (re, im interleaved) ->
     ``mel`` (Tp, Fp) with ``mel[t, f] = log(max(sum_k w[f, k] (re_k^2 + im_k^2), floor))``, Tp = T
     rounded up to :data:`MEL_LANES`. The filters are :class:`MelTables` (``lo``, ``width``,
-    ``start``, ``weights``; K the bins they read, 2 K rounded up to 32 at most ``2 * bins``);
-    :func:`_mel_log` computes 16 frames at a time. Rows T..Tp-1 of ``mel`` get log(floor)."""
+    ``start``, ``weights``; kp their ``span``, ``2 kp <= 2 * bins``); :func:`_mel_log` computes 16
+    frames at a time. Rows T..Tp-1 of ``mel`` get log(floor)."""
     T, rs = spec.shape
-    kp = (K + MEL_LANES - 1) // MEL_LANES * MEL_LANES
     pt = np.empty((kp, MEL_LANES), np.float32)
     _mel_log(
         spec, rs, T, kp, mel.shape[0], pt, lo, width, start, weights, width.shape[0], floor, mel, mel.shape[1]
@@ -299,15 +298,14 @@ def _fbank_tokens_py(
     ~40 ns each; 9 arguments instead of 19 save ~0.35 us a call). The scratch arrays are made here
     (numba's allocator: ~50 ns each, numpy's ~400 ns). Returns the FFT's status and whether the real
     frames' tokens are finite."""
-    shift, fft, n, K, nwin, nwt, groups = ci[0], ci[1], ci[2], ci[3], ci[4], ci[5], ci[6]
+    shift, fft, n, kp, nwin, nwt, groups = ci[0], ci[1], ci[2], ci[3], ci[4], ci[5], ci[6]
     lo = ci[7 : 7 + 16 * groups]
     width = ci[7 + 16 * groups : 7 + 17 * groups]
     start = ci[7 + 17 * groups : 7 + 18 * groups]
     window = cf[:nwin]
     weights = cf[nwin : nwin + nwt]
     pre, floor = cf[nwin + nwt], cf[nwin + nwt + 1]
-    tp = (frames + MEL_LANES - 1) // MEL_LANES * MEL_LANES
-    kp = (K + MEL_LANES - 1) // MEL_LANES * MEL_LANES  # 2 kp <= n + 2 (FbankTokens checks)
+    tp = (frames + MEL_LANES - 1) // MEL_LANES * MEL_LANES  # kp: 2 kp <= n + 2 (FbankTokens checks)
     buf = np.empty((frames, n), np.float32)
     spec = np.empty((frames, n + 2), np.float32)
     pt = np.empty((kp, MEL_LANES), np.float32)
@@ -316,13 +314,13 @@ def _fbank_tokens_py(
     if status != 0:
         return status, False
     _mel_tokens(
-        spec, n + 2, frames, kp, tp, pt, lo, width, start, weights, width.shape[0], floor, out, 0, mean, scale,
+        spec, n + 2, frames, kp, tp, pt, lo, width, start, weights, groups, floor, out, 0, mean, scale,
         frames, flag,
     )  # fmt: skip
     finite = True
     for i in range(MEL_LANES):
         finite = finite and flag[i] != 0x7C00
-    groups = width.shape[0]  # padding: the rest of the last row of patches, then the rows after it
+    # padding: the rest of the last row of patches, then the rows after it
     for t in range(frames, (frames + 15) // 16 * 16):
         for g in range(groups):
             row = out[(t // 16) * groups + g]
@@ -337,7 +335,7 @@ def _fbank_tokens_py(
 class MelTables:
     """The mel filters as :func:`_fbank_log_mel_py` reads them (see :func:`mel_tables`)."""
 
-    __slots__ = ("arrays", "bins", "filters")
+    __slots__ = ("arrays", "bins", "span", "filters")
 
     def __init__(
         self, lo: np.ndarray, width: np.ndarray, start: np.ndarray, weights: np.ndarray, filters: int
@@ -345,6 +343,8 @@ class MelTables:
         self.arrays = (lo, width, start, weights)
         # power spectrum bins computed: the bins any filter reads
         self.bins = max(int((lo.reshape(-1, MEL_LANES) + width[:, None]).max(initial=0)), 1)
+        # the bins the kernels compute: ``bins`` in whole 16s (they read the spectrum 16 bins at a time)
+        self.span = -(-self.bins // MEL_LANES) * MEL_LANES
         self.filters = filters
 
 
@@ -394,10 +394,9 @@ def fbank_log_mel(spec: np.ndarray, tables: MelTables, floor: float, mel: np.nda
     """:func:`_fbank_log_mel_py` (compiled): ``spec`` (T, 2 * bins) float32 C-contiguous with
     ``bins`` > ``tables.bins``; ``mel`` (Tp, Fp) float32 C-contiguous as :func:`mel_shape`; returns
     ``mel``."""
-    need = 2 * (-(-tables.bins // MEL_LANES) * MEL_LANES)  # the kernel reads 16 bins at a time
-    if spec.shape[1] < need:  # a small FFT: zero bins up to a whole 16
-        spec = np.pad(spec, ((0, 0), (0, need - spec.shape[1])))
-    _fbank_log_mel(spec, *tables.arrays, tables.bins, np.float32(floor), mel)
+    if spec.shape[1] < 2 * tables.span:  # a small FFT: zero bins up to a whole 16
+        spec = np.pad(spec, ((0, 0), (0, 2 * tables.span - spec.shape[1])))
+    _fbank_log_mel(spec, *tables.arrays, tables.span, np.float32(floor), mel)
     return mel
 
 
@@ -443,31 +442,28 @@ class FbankTokens:
     def __init__(
         self, window: np.ndarray, shift: int, pre: float, fft: Any, tables: MelTables, floor: float
     ) -> None:
-        if 2 * (-(-tables.bins // MEL_LANES) * MEL_LANES) > fft.n + 2:
+        if 2 * tables.span > fft.n + 2:
             raise ValueError(
                 f"FbankTokens: filters reading {tables.bins} bins need an FFT of more than {fft.n} points"
             )
         self.fft = fft
-        self.consts = self.pack(window, shift, pre, fft, tables, floor)
-        self.window = window.shape[0]
-        """Samples per frame: a waveform needs at least this many."""
-        self.shift = int(shift)
-        """Samples between frames."""
+        self._bind(self.pack(window, shift, pre, fft, tables, floor))
 
     @staticmethod
     def pack(
         window: np.ndarray, shift: int, pre: float, fft: Any, tables: MelTables, floor: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """The constants of :func:`_fbank_tokens_py` as two arrays: ``cf`` float32 = window, mel
-        weights, pre-emphasis, floor; ``ci`` int64 = shift, MKL's address, FFT size, bins read, the
-        lengths of the window and the weights, the filter groups, then ``lo``, ``width``, ``start``."""
+        weights, pre-emphasis, floor; ``ci`` int64 = shift, MKL's address, FFT size, the bins computed
+        (``tables.span``), the lengths of the window and the weights, the filter groups, then ``lo``,
+        ``width``, ``start``."""
         lo, width, start, weights = tables.arrays
         cf = np.concatenate([window, weights, np.array([pre, floor])]).astype(np.float32)
         head = [
             int(shift),
             fft.address,
             fft.n,
-            tables.bins,
+            tables.span,
             window.shape[0],
             weights.shape[0],
             width.shape[0],
@@ -475,14 +471,21 @@ class FbankTokens:
         ci = np.concatenate([np.array(head, np.int64), lo, width, start]).astype(np.int64)
         return cf, ci
 
+    def _bind(self, consts: tuple[np.ndarray, np.ndarray]) -> None:
+        self.consts = consts
+        self.window = int(consts[1][4])
+        """Samples per frame: a waveform needs at least this many."""
+        self.shift = int(consts[1][0])
+        """Samples between frames."""
+
     def __getstate__(self) -> tuple[Any, ...]:  # MKL's address is the process's own
-        return self.fft, self.consts, self.window, self.shift
+        return self.fft, self.consts
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.fft, (cf, ci), self.window, self.shift = state
+        self.fft, (cf, ci) = state
         ci = ci.copy()
         ci[1] = self.fft.address  # rebound in this process
-        self.consts = (cf, ci)
+        self._bind((cf, ci))
 
     def __call__(
         self, s: np.ndarray, frames: int, mean: np.float32, scale: np.float32, pad: np.uint16, out: np.ndarray

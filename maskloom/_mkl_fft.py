@@ -177,10 +177,7 @@ class RealFFT:
             (_INPUT_STRIDES, strides),
             (_OUTPUT_STRIDES, strides),
             (_CONJUGATE_EVEN_STORAGE, _LONG(_COMPLEX_COMPLEX)),
-            # one thread: a tokenizer's FFTs are small batches (~50 frames of 512 points, ~9 us),
-            # which MKL's threading makes slower (15 us with 2 threads here), and the tokenizers run
-            # one per CPU (Ray actors, DataLoader workers) whatever the process's MKL setting
-            (_THREAD_LIMIT, _LONG(1)),
+            (_THREAD_LIMIT, _LONG(1)),  # one thread (see the module's docstring)
         ):
             _check(_lib.DftiSetValue(h, ctypes.c_int(param), value), f"setting {param}")
         _check(_lib.DftiCommitDescriptor(h), "commit")

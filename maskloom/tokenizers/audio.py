@@ -340,7 +340,7 @@ class KaldiFbank:
             _kernels.FbankTokens(self._np_window, self.window_shift, self.PREEMPHASIS, self._rfft, self._mel_tables, self._eps)
             if _kernels.FUSED_TOKENS and self._rfft is not None and self._mel_tables is not None
             and num_mel_bins % _kernels.MEL_LANES == 0
-            and 2 * -(-self._mel_tables.bins // _kernels.MEL_LANES) * _kernels.MEL_LANES <= self.fft_size + 2
+            and 2 * self._mel_tables.span <= self.fft_size + 2
             else None
         )  # fmt: skip
 
@@ -431,33 +431,11 @@ class KaldiFbank:
         return np.log(mel, out=mel), t
 
     def fused_tokens(self) -> bool:
-        """Whether :meth:`tokens` runs here: compiled kernels with a hardware float16 conversion, MKL's
-        FFT, and filters in whole groups of 16 (every AudioMAE-style configuration)."""
+        """Whether the one-call kernel (:class:`maskloom._kernels.FbankTokens`, waveform to float16
+        16 x 16 patches, the same values as :meth:`numpy` then normalising) runs here: compiled kernels
+        with a hardware float16 conversion, MKL's FFT, and filters in whole groups of 16 (every
+        AudioMAE-style configuration)."""
         return _kernels.ENABLED and self._fused is not None
-
-    def tokens(
-        self,
-        waveform: np.ndarray,
-        max_frames: int,
-        mean: float,
-        scale: float,
-        pad: np.uint16,
-        out: np.ndarray,
-    ) -> tuple[int, bool]:
-        """The first ``max_frames`` frames of the log-mel filterbank, normalised as ``(x - mean) /
-        scale`` and rounded to float16, written straight into 16 x 16 patches: ``out`` (>= rows,
-        F // 16, 256) uint16 (float16 bits) gets frame t, bins 16 b .. 16 b + 15 as row ``t % 16`` of
-        patch ``[t // 16, b]``, and every later row ``pad`` (float16 bits). One compiled call from the
-        waveform (:class:`maskloom._kernels.FbankTokens`); the same values as :meth:`numpy` then
-        normalising (bit for bit, in the tests). Returns
-        ``(frames written, whether all are finite)``. Needs :meth:`fused_tokens`."""
-        s = waveform if waveform.dtype == np.float32 else np.asarray(waveform, np.float32)
-        if not s.flags.c_contiguous:
-            s = np.ascontiguousarray(s)
-        self._check(s.shape)
-        t = min(1 + (s.shape[0] - self.window_size) // self.window_shift, max(int(max_frames), 1))
-        finite = self._fused(s, t, np.float32(mean), np.float32(scale), pad, out.reshape(-1, 256))
-        return t, finite
 
     def _torch(self, waveform: torch.Tensor) -> torch.Tensor:
         """The same in torch ops, on any device (GPUs)."""
@@ -603,14 +581,16 @@ class AudioTokenizer(Tokenizer):
         # Normalise the real frames only; every padded frame holds the same value. The result is the
         # same as normalising the padded filterbank: the arithmetic per element is unchanged. Only the
         # frames kept are computed (a 10 min recording cropped to 10 s reads 10 s).
-        if (  # one compiled call: waveform to float16 patches (the common case, kept lean: ~2 us of Python)
-            fused is not None
-            and n >= fused.window
-            and wav.dtype is _F32  # native float32 (the same object for every such array)
-            and wav.ndim == 1
-            and wav.flags.c_contiguous
-        ):
-            total = 1 + (n - fused.window) // fused.shift
+        if fused is not None:  # one compiled call: waveform to float16 patches (kept lean: ~2 us of Python)
+            if not (
+                n >= fused.window
+                and wav.dtype is _F32  # native float32 (the same object for every such array)
+                and wav.ndim == 1
+                and wav.flags.c_contiguous
+            ):
+                wav = np.ascontiguousarray(self._fbank_input(wav))
+                self._kaldi_fbank()._check(wav.shape)
+            total = 1 + (wav.shape[0] - fused.window) // fused.shift
             frames = min(total, c.target_frames)
             bits = np.empty((nt * nf, 256), np.uint16)  # (L, p*p), patch (t, f) at row t * nf + f
             finite = fused(wav, frames, mean32, scale32, pad_bits, bits) and pad_finite
@@ -621,18 +601,10 @@ class AudioTokenizer(Tokenizer):
                 wav = self._fbank_input(wav)
             total = kaldi.num_frames(wav.shape[0])
             tokens = np.empty((nt, nf, p * p), np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
-            if p == 16 and kaldi.fused_tokens():
-                frames, finite = kaldi.tokens(
-                    wav, c.target_frames, mean, 2.0 * std, pad_bits, tokens.view(np.uint16)
-                )
-                finite = finite and pad_finite
-            else:
-                # (>= T, >= F), the first (T, F) real
-                fb, computed = kaldi.log_mel(wav, max_frames=c.target_frames)
-                frames = min(computed, c.target_frames)
-                rows = -(-frames // p)
-                tokens[rows:] = pad
-                finite = self._norm_tokens(fb, frames, mean, std, pad, tokens)
+            fb, computed = kaldi.log_mel(wav, max_frames=c.target_frames)  # (>= T, >= F), first (T, F) real
+            frames = min(computed, c.target_frames)
+            tokens[-(-frames // p) :] = pad
+            finite = self._norm_tokens(fb, frames, mean, std, pad, tokens)
             tokens = tokens.reshape(nt * nf, p * p)  # (L, p*p), time-major
         meta = {
             "sample_rate": c.sample_rate,
