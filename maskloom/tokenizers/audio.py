@@ -300,7 +300,8 @@ class KaldiFbank:
     (Cephes' ``logf``, within 0.82 ulp of the exact log; numpy's float32 log is within 3.3). ~17 us per
     FSDD clip, where the two kernels around numpy's FFT and log took ~32. As close to ``kaldi.fbank``
     (log-mel within 2e-3 on FSDD, against 3e-3 for the numpy path; the tests bound both).
-    :meth:`tokens` does all of it in one call, straight to float16 patches. The numpy path runs without numba
+    :class:`maskloom._kernels.FbankTokens` (see :meth:`fused_tokens`) does all of it in one call, straight to
+    float16 patches. The numpy path runs without numba
     or with ``MASKLOOM_JIT=0``.
     """
 
