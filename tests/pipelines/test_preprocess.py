@@ -197,9 +197,17 @@ def test_default_shards_are_a_multiple_of_the_workers():
     assert default_shard_size(42_000, 1, 0.00024) == 2048  # one worker: no rounding
     assert default_shard_size(42_000, 2, 0.00024) == 1910 and -(-42_000 // 1910) == 22
     assert default_shard_size(100_000, 4) == 253 and -(-100_000 // 253) == 396
+    # a count that is a multiple of the workers already is evened out: 1024 per shard would be 41
+    # full shards and one of 16 (one worker a shard behind); 42 shards of 1000 instead
+    assert default_shard_size(42_000, 1, 0.00045) == 1024
+    assert default_shard_size(42_000, 2, 0.00045) == 1000
+    assert default_shard_size(42_001, 2, 0.00045) == 1001 and -(-42_001 // 1001) == 42
     for n in range(3_000, 60_000, 997):
         for w in (2, 3, 4, 8):
-            assert -(-n // default_shard_size(n, w, 0.00024)) % w == 0, (n, w)
+            size = default_shard_size(n, w, 0.00024)
+            count = -(-n // size)
+            assert count % w == 0, (n, w)
+            assert n - (count - 1) * size >= size - count, (n, w)  # the last shard is about as big
     # not below the minimum size: 2053 inputs on 8 workers keep 63 shards of 33
     assert default_shard_size(2053, 8) == 33
 
