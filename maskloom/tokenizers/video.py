@@ -57,9 +57,9 @@ from einops import rearrange
 from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
 from maskloom.tokenizers.image import (
     INTERPOLATIONS,
+    _resize_shorter_center_crop_view,
     grid_positions,
     grid_size_of,
-    resize_shorter_center_crop,
     scatter_patches,
 )
 
@@ -160,7 +160,7 @@ class VideoTokenizer(Tokenizer):
     """
 
     Config: ClassVar[type] = VideoConfig
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: only the crop is resampled (smoothing filters: values +-1)
     extensions: ClassVar[tuple[str, ...]] = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
     def spec(self) -> TableSpec:
@@ -257,9 +257,9 @@ class VideoTokenizer(Tokenizer):
         src_idx = idx if video.frame_indices is None else np.asarray(video.frame_indices)[idx]
         crops = []
         facts: dict[str, Any] = {}
-        for frame in video.frames[idx]:  # T frames, not tokens: a short loop
-            crop, facts = resize_shorter_center_crop(frame, c.image_size, c.interpolation)
-            crops.append(crop)
+        for i in idx:  # T frames, not tokens: a short loop (a view per frame, not a copy of the clip)
+            crop, facts = _resize_shorter_center_crop_view(video.frames[i], c.image_size, c.interpolation)
+            crops.append(crop)  # may be a view of the frame: np.stack copies
         meta = {
             "original_size": [int(video.frames.shape[1]), int(video.frames.shape[2])],
             **facts,

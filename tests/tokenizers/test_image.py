@@ -347,3 +347,27 @@ def test_grid_positions_are_fresh_arrays():
     img = np.zeros((32, 32, 3), np.uint8)
     r1, r2 = tok.tokenize(img)[0], tok.tokenize(img)[0]
     assert not np.shares_memory(r1.positions, r2.positions)
+
+
+def test_only_the_crop_is_resampled_and_matches_the_whole_resize():
+    """bilinear and hamming resample the crop's source region only (Pillow's box): the same pixels
+    as resizing the whole image and cropping, up to rounding (+-1; on these small random images in
+    up to a quarter of the values); the other filters resize the whole image, so those match exactly."""
+    from PIL import Image
+
+    from maskloom.tokenizers.image import resample_filter
+
+    rng = np.random.default_rng(7)
+    for h, w, size in [(101, 77, 32), (256, 340, 224), (20, 40, 32), (48, 30, 16)]:
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for interp in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"):
+            crop, facts = resize_shorter_center_crop(img, size, interp)
+            (rh, rw), (top, left) = facts["resized_size"], facts["crop_offset"]
+            whole = np.asarray(Image.fromarray(img).resize((rw, rh), resample_filter(interp)))
+            expected = whole[top : top + size, left : left + size]
+            assert crop.shape == (size, size, 3) and crop.flags.writeable and crop.flags.c_contiguous
+            diff = np.abs(crop.astype(int) - expected)
+            if interp in ("bilinear", "hamming"):
+                assert diff.max() <= 1 and diff.mean() < 0.3, (h, w, interp)
+            else:
+                np.testing.assert_array_equal(crop, expected)
