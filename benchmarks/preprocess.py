@@ -25,6 +25,11 @@ from other users of the machine hits every mode alike; figures are medians over 
 * ``plain_write`` — **the fair peer**: the same plus packing the records of each shard and writing
   it with ``tables.ShardWriter`` (zstd Parquet row groups, temp name + fsync + rename + directory fsync),
   i.e. the work the pipeline does minus Ray and minus its exactly-once bookkeeping;
+* ``plain_write_2`` — **the ceiling of two workers**: ``plain_write`` in two processes at once, each on
+  every other file, timed from the moment both are ready (imports done, one file tokenized) until the
+  slower one ends: what two cores give this work with no Ray, no start-up and no tail. Two such
+  processes slow each other down (memory traffic: a 10 s audio clip is 256 kB of tokens, copied
+  and compressed), so this is below 2x;
 * ``warm_1``, ``warm_2``: ``preprocess()`` with 1 and 2 tokenizer actors on a Ray already running
   in this process (as on a cluster): planning, actor start-up (process, imports, tokenizer), the
   shards, commit records, ``_errors.parquet`` and the manifest;
@@ -40,6 +45,8 @@ single-worker default, estimated the same way.
 
 Figures: inputs/s of each mode; ``overhead_1 = 1 - ray_1 / plain_write`` (target <= 0.15),
 ``speedup_2 = ray_2 / plain_write`` (target >= 1.6), for warm and cold (and against ``plain`` for
+reference; ``ceiling_speedup_2 = plain_write_2 / plain_write``, and ``<start>_2_of_ceiling = ray_2 /
+plain_write_2``: the share of the 2-core ceiling the pipeline reaches; for
 reference; ``*_after_startup``: the same from the moment a worker began its first shard, which a
 long job tends to); per run: start-up (until a worker began its first shard) and CPU seconds by process
 kind (driver, tokenizer actors inside shards and in total, raylet, gcs_server, other Ray helpers),
@@ -77,7 +84,7 @@ CASES = {
     "image": ({"image_size": 224, "patch_size": 16}, "images/cifar10/*/*/*.jpg", 8),
     "audio": ({}, "audio/fsdd/*.wav", 21),  # the defaults: 16 kHz, 128 mel bins, 1024 frames
 }
-MODES = ("plain", "plain_write", "warm_1", "warm_2", "cold_1", "cold_2")
+MODES = ("plain", "plain_write", "plain_write_2", "warm_1", "warm_2", "cold_1", "cold_2")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -147,6 +154,8 @@ def _kind(pid: int, driver: int) -> str:
             comm = f.read().strip()
     except OSError:
         return "other_ray"
+    if "maskloom_bench_preprocess" in cmd:
+        return "plain_processes"  # plain_write_2's two loops
     if "raylet" in comm:
         return "raylet"
     if "gcs_server" in comm:
@@ -283,6 +292,48 @@ def plain_loop(modality: str, config: dict, files: list[str], write_to: str | No
             "errors": errors, "shard_size": shard_size if write_to else None, "cpu": m.report()}  # fmt: skip
 
 
+PAIR = """
+import importlib.util, json, sys, time
+spec = importlib.util.spec_from_file_location("maskloom_bench_preprocess", sys.argv[1])
+B = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(B)
+modality, config, files, out, shard_size = json.load(open(sys.argv[2]))
+B.plain_loop(modality, config, files[:1], None, 1)  # imports, kernels, page cache of one file
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.perf_counter()
+r = B.plain_loop(modality, config, files, out, shard_size)
+print(json.dumps({"start": t0, "end": time.perf_counter(), "rows": r["rows"], "tokens": r["tokens"],
+                  "errors": r["errors"]}), flush=True)
+"""
+
+
+def pair_loop(modality: str, config: dict, files: list[str], out: str, shard_size: int, tmp: str) -> dict:
+    """``plain_loop`` with shard writing in two fresh processes at once, each on every other file;
+    timed (CLOCK_MONOTONIC, common to both) from the later one's start to the later one's end."""
+    procs = []
+    for k in range(2):
+        args = os.path.join(tmp, f"pair-args-{k}.json")
+        with open(args, "w") as f:
+            json.dump([modality, config, files[k::2], os.path.join(out, str(k)), shard_size], f)
+        procs.append(subprocess.Popen([sys.executable, "-c", PAIR, os.path.abspath(__file__), args],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))  # fmt: skip
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+            raise RuntimeError("plain_write_2: a process failed before its loop")
+    with CpuMeter() as m:
+        for p in procs:
+            p.stdin.write("go\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        res = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("plain_write_2: a process failed")
+    dt = max(r["end"] for r in res) - max(r["start"] for r in res)
+    total = {k: sum(r[k] for r in res) for k in ("rows", "tokens", "errors")}
+    return {"seconds": round(dt, 2), "inputs_per_s": round(len(files) / dt, 1), **total,
+            "shard_size": shard_size, "cpu": m.report()}  # fmt: skip
+
+
 def _pipeline_figures(r: dict, wall: float) -> dict:
     r = {"startup_seconds": 0.0, "shard_size": None, "workers": None, "worker_cpu_seconds": 0.0, **r}
     after = wall - r["startup_seconds"]
@@ -363,6 +414,16 @@ def _ratios(rnd: dict) -> dict:
                 )
             if f"{start}_2" in rnd and peer in rnd:
                 out[f"{start}_speedup_2{sfx}"] = rnd[f"{start}_2"]["inputs_per_s"] / rnd[peer]["inputs_per_s"]
+    if "plain_write_2" in rnd:  # what two bare processes reach, and the share of it the pipeline gets
+        if "plain_write" in rnd:
+            out["ceiling_speedup_2"] = (
+                rnd["plain_write_2"]["inputs_per_s"] / rnd["plain_write"]["inputs_per_s"]
+            )
+        for start in ("warm", "cold"):
+            if f"{start}_2" in rnd:
+                out[f"{start}_2_of_ceiling"] = (
+                    rnd[f"{start}_2"]["inputs_per_s"] / rnd["plain_write_2"]["inputs_per_s"]
+                )
     if "plain_write" in rnd:  # the same after the actors' start-up (what a long job tends to)
         peer = rnd["plain_write"]["inputs_per_s"]
         for start in ("warm", "cold"):
@@ -465,6 +526,10 @@ def main() -> None:
                     elif mode == "plain_write":
                         rnd[mode] = plain_loop(
                             modality, config, files, out, peer_shard_size(modality, config, files)
+                        )
+                    elif mode == "plain_write_2":
+                        rnd[mode] = pair_loop(
+                            modality, config, files, out, peer_shard_size(modality, config, files), tmp
                         )
                     elif mode.startswith("warm"):
                         if not ray_up:
