@@ -119,9 +119,10 @@ def resize_shorter_center_crop(
     340 video frame to 224 x 224: 0.58 instead of 1.28 ms). The result equals resizing the whole
     image and cropping up to rounding (the coefficients follow the box's own float arithmetic, and
     Pillow rounds between its two passes): +-1 at most, in 0.6 % of the values of the video frames
-    here (300 random shapes: 1.8 % on average, up to a quarter for small images). The other filters resize the whole image, then crop:
-    ``nearest`` and ``box`` pick source pixels, which the box's arithmetic can move across a pixel
-    edge, and ``bicubic`` and ``lanczos`` came out up to 23 and 44 levels apart at some shapes.
+    here (300 random shapes: 1.8 % on average, up to a quarter for small images). The other
+    filters resize the whole image, then crop: ``nearest`` and ``box`` pick source pixels, which the
+    box's arithmetic can move across a pixel edge, and ``bicubic`` and ``lanczos`` came out up to 23
+    and 44 levels apart at some shapes.
     """
     view, facts = _resize_shorter_center_crop_view(image, size, interpolation)
     return view.copy(), facts  # C-contiguous, writable, never shares memory with ``image``
