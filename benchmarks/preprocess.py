@@ -40,15 +40,15 @@ from other users of the machine hits every mode alike; figures are medians over 
 Threads: every tokenizing process (the plain loop and each actor) runs torch / OpenMP / BLAS /
 Arrow with one intra-op thread (``ray_utils.limit_threads(1)``; an actor reserves one CPU).
 Shard size: each pipeline run uses the pipeline's default for its worker count
-(``default_shard_size``, with the driver's estimate of an input's cost); ``plain_write`` uses the
-single-worker default, estimated the same way.
+(``default_shard_size``, with the driver's estimate of an input's cost); ``plain_write`` and
+``plain_write_2`` use the single-worker default, estimated the same way once per round (so both
+write the same shards).
 
 Figures: inputs/s of each mode; ``overhead_1 = 1 - ray_1 / plain_write`` (target <= 0.15),
 ``speedup_2 = ray_2 / plain_write`` (target >= 1.6), for warm and cold (and against ``plain`` for
-reference; ``ceiling_speedup_2 = plain_write_2 / plain_write``, and ``<start>_2_of_ceiling = ray_2 /
-plain_write_2``: the share of the 2-core ceiling the pipeline reaches; for
 reference; ``*_after_startup``: the same from the moment a worker began its first shard, which a
-long job tends to); per run: start-up (until a worker began its first shard) and CPU seconds by process
+long job tends to); ``ceiling_speedup_2 = plain_write_2 / plain_write`` and ``<start>_2_of_ceiling =
+ray_2 / plain_write_2`` (the share of the 2-core ceiling the pipeline reaches); per run: start-up (until a worker began its first shard) and CPU seconds by process
 kind (driver, tokenizer actors inside shards and in total, raylet, gcs_server, other Ray helpers),
 ``cpus_used`` (CPUs' worth our processes got) and how busy the machine was with other people's
 work (``others_busy_cpus``); ``<mode>_cpu_overhead = 1 - cpu(plain_write) / cpu(mode)``: the
@@ -318,16 +318,23 @@ def pair_loop(modality: str, config: dict, files: list[str], out: str, shard_siz
             json.dump([modality, config, files[k::2], os.path.join(out, str(k)), shard_size], f)
         procs.append(subprocess.Popen([sys.executable, "-c", PAIR, os.path.abspath(__file__), args],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))  # fmt: skip
-    for p in procs:
-        if p.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
-            raise RuntimeError("plain_write_2: a process failed before its loop")
-    with CpuMeter() as m:
+    try:
         for p in procs:
-            p.stdin.write("go\n")  # type: ignore[union-attr]
-            p.stdin.flush()  # type: ignore[union-attr]
-        res = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError("plain_write_2: a process failed")
+            if p.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
+                raise RuntimeError("plain_write_2: a process failed before its loop")
+        with CpuMeter() as m:
+            for p in procs:
+                p.stdin.write("go\n")  # type: ignore[union-attr]
+                p.stdin.flush()  # type: ignore[union-attr]
+            outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise RuntimeError("plain_write_2: a process failed")
+    finally:
+        for p in procs:  # one that failed must not leave the other waiting for its "go"
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    res = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     dt = max(r["end"] for r in res) - max(r["start"] for r in res)
     total = {k: sum(r[k] for r in res) for k in ("rows", "tokens", "errors")}
     return {"seconds": round(dt, 2), "inputs_per_s": round(len(files) / dt, 1), **total,
@@ -518,19 +525,18 @@ def main() -> None:
             for k in range(args.rounds):
                 rnd: dict = {}
                 ray_up = False
+                peer_size = None  # the single-worker shard size, estimated once a round
                 for mode in modes:
                     out = os.path.join(tmp, f"{modality}-{mode}")
                     shutil.rmtree(out, ignore_errors=True)
                     if mode == "plain":
                         rnd[mode] = plain_loop(modality, config, files, None, 0)
-                    elif mode == "plain_write":
-                        rnd[mode] = plain_loop(
-                            modality, config, files, out, peer_shard_size(modality, config, files)
-                        )
-                    elif mode == "plain_write_2":
-                        rnd[mode] = pair_loop(
-                            modality, config, files, out, peer_shard_size(modality, config, files), tmp
-                        )
+                    elif mode in ("plain_write", "plain_write_2"):
+                        peer_size = peer_size or peer_shard_size(modality, config, files)
+                        if mode == "plain_write":
+                            rnd[mode] = plain_loop(modality, config, files, out, peer_size)
+                        else:
+                            rnd[mode] = pair_loop(modality, config, files, out, peer_size, tmp)
                     elif mode.startswith("warm"):
                         if not ray_up:
                             ray_up = init_ray(num_cpus=os.cpu_count())

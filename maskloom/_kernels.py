@@ -442,12 +442,18 @@ class FbankTokens:
     def __init__(
         self, window: np.ndarray, shift: int, pre: float, fft: Any, tables: MelTables, floor: float
     ) -> None:
-        if 2 * tables.span > fft.n + 2:
+        if not self.fits(tables, fft.n):
             raise ValueError(
                 f"FbankTokens: filters reading {tables.bins} bins need an FFT of more than {fft.n} points"
             )
         self.fft = fft
         self._bind(self.pack(window, shift, pre, fft, tables, floor))
+
+    @staticmethod
+    def fits(tables: MelTables, n: int) -> bool:
+        """Whether filters ``tables`` fit an FFT of ``n`` points: the kernel reads the spectrum 16 bins
+        at a time (``tables.span``) from rows of ``n // 2 + 1`` (re, im) bins."""
+        return 2 * tables.span <= n + 2
 
     @staticmethod
     def pack(
@@ -678,6 +684,12 @@ if numba is not None:
 
         return sig, codegen
 
+    def _fma(builder: Any) -> Any:
+        """LLVM's fused multiply-add on 16-float vectors (``llvm.fma``: one rounding, on every CPU)."""
+        return _cgutils.get_or_insert_function(
+            builder.module, _ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{MEL_LANES}f32"
+        )
+
     def _splat(builder: Any, x: Any, vec: Any = None) -> Any:
         vec = vec or _VEC
         v = builder.insert_element(_ir.Constant(vec, _ir.Undefined), x, _ir.Constant(_I32, 0))
@@ -711,9 +723,7 @@ if numba is not None:
         low = builder.fcmp_ordered("<", x, c(0.707106781186547524))
         e = builder.sub(e, builder.zext(low, vi))
         x = builder.fsub(builder.select(low, builder.fadd(x, x), x), c(1.0))
-        fma = _cgutils.get_or_insert_function(
-            builder.module, _ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{MEL_LANES}f32"
-        )
+        fma = _fma(builder)
         z = builder.fmul(x, x)
         y = c(_LOG_POLY[0])
         for k in _LOG_POLY[1:]:
@@ -752,9 +762,7 @@ if numba is not None:
                     (_F32, 0, 0, 0, 0, _VEC, _I64, _I64, _I64, _F32, 0, 0, _OUT[tokens], 0),
                 )
             )
-            fma = _cgutils.get_or_insert_function(
-                builder.module, _ir.FunctionType(_VEC, [_VEC] * 3), f"llvm.fma.v{MEL_LANES}f32"
-            )
+            fma = _fma(builder)
             n16 = _ir.Constant(_I64, MEL_LANES)
             vi64 = _ir.VectorType(_I64, MEL_LANES)
             vf16 = _ir.VectorType(_ir.HalfType(), MEL_LANES)

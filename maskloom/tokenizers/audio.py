@@ -341,7 +341,7 @@ class KaldiFbank:
             _kernels.FbankTokens(self._np_window, self.window_shift, self.PREEMPHASIS, self._rfft, self._mel_tables, self._eps)
             if _kernels.FUSED_TOKENS and self._rfft is not None and self._mel_tables is not None
             and num_mel_bins % _kernels.MEL_LANES == 0
-            and 2 * self._mel_tables.span <= self.fft_size + 2
+            and _kernels.FbankTokens.fits(self._mel_tables, self.fft_size)
             else None
         )  # fmt: skip
 
@@ -516,7 +516,7 @@ class AudioTokenizer(Tokenizer):
         """Learned {"mean", "std", "frames", "files"} from fit()/load_artifacts(), or None."""
         self._kaldi: KaldiFbank | None = None  # built on first use (window + mel matrix)
         # what tokenize needs per statistics (see _norm_consts)
-        self._pad_token: tuple[Any, ...] | None = None
+        self._norm_cache: tuple[Any, ...] | None = None
         self._positions: np.ndarray | None = None  # (L, 2) float32, copied into every record
         self._resamplers: dict[int, SincResampler] = {}  # by source sample rate
 
@@ -787,18 +787,18 @@ class AudioTokenizer(Tokenizer):
         ``(pad_value - mean) / (2 * std)`` as float16 in the float32 arithmetic of the real frames, its
         bits and whether it is finite; the statistics as float32 (the scale is 2 std); the patch grid;
         and the one-call kernel (:class:`maskloom._kernels.FbankTokens`) where it runs, else None."""
-        if self._pad_token is None or self._pad_token[:2] != (mean, std):
+        if self._norm_cache is None or self._norm_cache[:2] != (mean, std):
             c = self.config
             pad = np.full(1, c.pad_value, np.float32)
             value = ((pad - mean) / (2.0 * std)).astype(np.float16)[0]
             p = c.patch_size
             kaldi = self._kaldi_fbank()
             fused = kaldi._fused if p == 16 and kaldi.fused_tokens() else None
-            self._pad_token = (
+            self._norm_cache = (
                 mean, std, value, value.view(np.uint16), math.isfinite(value),
                 np.float32(mean), np.float32(2.0 * std), (c.target_frames // p, c.num_mel_bins // p, p), fused,
             )  # fmt: skip
-        return self._pad_token
+        return self._norm_cache
 
     def _grid_positions(self) -> np.ndarray:
         """(L, 2) float32 (time, freq) patch-grid indices, time-major (cached; callers copy)."""

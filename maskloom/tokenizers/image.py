@@ -139,17 +139,16 @@ def _resize_shorter_center_crop_view(
     new_w = max(size, round(w * size / short))
     top, left = (new_h - size) // 2, (new_w - size) // 2
     facts = {"resized_size": [new_h, new_w], "crop_offset": [top, left]}
-    if (new_h, new_w) == (h, w):
-        return image[top : top + size, left : left + size], facts
-    from PIL import Image
+    if (new_h, new_w) != (h, w):
+        from PIL import Image
 
-    if interpolation not in _CROP_ONLY:
-        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample_filter(interpolation)))
-        return image[top : top + size, left : left + size], facts
-    sy, sx = h / new_h, w / new_w  # source pixels per resized pixel
-    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)  # the crop, in the source
-    crop = Image.fromarray(image).resize((size, size), resample_filter(interpolation), box=box)
-    return np.asarray(crop), facts
+        im, resample = Image.fromarray(image), resample_filter(interpolation)
+        if interpolation in _CROP_ONLY:
+            sy, sx = h / new_h, w / new_w  # source pixels per resized pixel
+            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)  # the crop, in the source
+            return np.asarray(im.resize((size, size), resample, box=box)), facts
+        image = np.asarray(im.resize((new_w, new_h), resample))
+    return image[top : top + size, left : left + size], facts
 
 
 def grid_positions(*sizes: int) -> np.ndarray:
