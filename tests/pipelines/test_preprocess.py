@@ -217,14 +217,14 @@ def test_seconds_per_input_samples_evenly_after_one_untimed_input():
     from maskloom.pipelines.sources import Input
 
     class Clock:
-        def __init__(self, fail=()):
-            self.calls, self.fail = [], set(fail)
+        def __init__(self, fail=(), warm=0.02):
+            self.calls, self.fail, self.warm = [], set(fail), warm
 
         def __call__(self, source):
             self.calls.append(source)
             if source in self.fail:
                 raise TokenizeError(source, "corrupt", "bad")
-            time.sleep(0.02 if source == "s0" else 0.002)  # the first (warm-up) input is slow
+            time.sleep(self.warm if source == "s0" else 0.002)  # the first (warm-up) input is slow
             return []
 
     inputs = [Input(f"s{i}") for i in range(100)]
@@ -238,6 +238,9 @@ def test_seconds_per_input_samples_evenly_after_one_untimed_input():
     tok = Clock()
     seconds_per_input(tok, inputs, sample=8, budget=0.0)  # no new input once the budget is spent
     assert tok.calls == ["s0", "s12"]
+    tok = Clock(warm=0.2)  # the budget starts after the warm-up input, which here outlasts it alone
+    spi = seconds_per_input(tok, inputs, sample=4, budget=0.1)
+    assert tok.calls == ["s0", "s25", "s50", "s74", "s99"] and spi < 0.1
 
 
 def test_max_tasks_in_flight_reaches_the_actor_pool():
