@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from maskloom.pipelines._gc import gc_paused
+
 LabelMode = Literal["auto", "none", "folder", "regex", "manifest"]
 LABEL_MODES = ("auto", "none", "folder", "regex", "manifest")
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
@@ -126,6 +128,7 @@ def _read_manifest(path: str) -> list[tuple[str, str | None]]:
     return out
 
 
+@gc_paused()
 def find_inputs(
     paths: str | Sequence[str],
     *,

@@ -525,3 +525,50 @@ def test_image_folder_to_table_round_trip(tmp_path, local_ray):
     for rec in table.records():
         assert rec.label == (0 if "/cat/" in rec.source else 1)
         np.testing.assert_array_equal(tok.detokenize(rec), pixels[rec.source])
+
+
+def test_gc_paused_restores_the_collector_and_pauses_the_planning():
+    import gc
+
+    from maskloom.pipelines import preprocess as P
+    from maskloom.pipelines._gc import gc_paused
+    from maskloom.pipelines.sources import Input
+
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        with gc_paused():
+            assert not gc.isenabled()
+            with gc_paused():  # nested: the inner exit leaves it paused
+                pass
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        with pytest.raises(KeyError), gc_paused():
+            raise KeyError("x")
+        assert gc.isenabled()  # resumed after an exception too
+        gc.disable()
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # a paused collector stays paused
+        gc.enable()
+
+        seen = []
+
+        class Key(str):  # plan_shards sorts by source: see the collector's state while it runs
+            def __lt__(self, other):
+                seen.append(gc.isenabled())
+                return str.__lt__(self, other)
+
+        plan = P.plan_shards([Input(Key(f"/x/{i}")) for i in (3, 1, 2)], "k", 2)
+        assert [[i.source for i in sh.inputs] for sh in plan] == [["/x/1", "/x/2"], ["/x/3"]]
+        assert seen and not any(seen) and gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_abspath_fast_path_agrees_with_os_path():
+    from maskloom.pipelines.preprocess import _abspath
+
+    for p in ("/a/b.wav", "/a//b", "//a/b", "/a/./b", "/a/../b", "/a/b/", "/a/.hidden/c", "/a/b/.", "/a/b/..",
+              "rel/x.wav", "./x", "../x", "x", "/", "/a/b..c/d", "/a/...", "/a/b./c"):  # fmt: skip
+        assert _abspath(p) == os.path.abspath(p), p
