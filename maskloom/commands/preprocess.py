@@ -42,7 +42,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--address", help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)"
     )
-    r.add_argument("--num-workers", type=int, help="tokenizer actors (default: CPUs / cpus-per-worker)")
+    r.add_argument(
+        "--num-workers",
+        type=int,
+        help="tokenizer actors (default: CPUs / cpus-per-worker); 0: in this process without Ray "
+        "(small jobs, debugging a tokenizer)",
+    )
     r.add_argument("--cpus-per-worker", type=float, help="CPUs per actor (default 1)")
     r.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default 0)")
     r.add_argument("--object-store-memory", type=int, metavar="BYTES", help="object store of an embedded Ray")
@@ -122,6 +127,10 @@ def run(args: argparse.Namespace) -> int:
         cls = TOKENIZERS.get(args.modality)
         config = _load_config(args.config, args.set)
         get_tokenizer(args.modality, config)  # validate the config before any work
+        if args.num_workers is not None and args.num_workers < 0:
+            raise ValueError(
+                f"--num-workers must be >= 0 (0: in this process, without Ray), got {args.num_workers}"
+            )
         if args.shard_size is not None and args.shard_size < 1:
             raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
         if args.max_error_rate is not None and not 0.0 <= args.max_error_rate <= 1.0:

@@ -11,12 +11,15 @@ The job reads top to bottom (the Ray Data pattern: items -> ``map_batches(Actor)
                its artifacts written to ``artifacts/`` first; workers load them.
 3. **map**     ``ray.data.from_items(shard specs)`` -> ``map_batches(TokenizeShardActor,
                compute=ActorPoolStrategy)``: each actor builds its tokenizer once (intra-op
-               threads capped to its CPUs; one shard in flight per actor, so that none hoards
-               shards at the end of the job); per shard it
+               threads capped to its CPUs; two shards in flight per actor, the one it works on and
+               the next, so that it never waits for the scheduler and none hoards shards at the end
+               of the job); per shard it
                tokenizes every input (a bad input becomes an error row, never a dead job), writes
                the shard a row group at a time under a temporary name and renames it atomically
                to its deterministic name, then writes a commit record
-               ``_commits/<shard_id>.json`` (atomically, after the shard).
+               ``_commits/<shard_id>.json`` (atomically, after the shard). With ``num_workers=0``
+               the driver runs the same ``tokenize_shard`` over the shards itself, without Ray
+               (small jobs, which Ray's start-up of seconds would dominate; debugging a tokenizer).
 4. **commit**  the driver checks the accounting (inputs = distinct sources written + error rows),
                writes ``_errors.parquet`` and, last, ``_manifest.json``. Readers open a table
                through its manifest only, so an unfinished table is invisible.
@@ -158,7 +161,7 @@ class PreprocessResult:
     startup_seconds: float = 0.0
     """Wall time until a worker began its first shard (Ray start-up, planning, actor start-up)."""
     workers: int = 0
-    """Tokenizer actors of this run (0 when nothing was to be done)."""
+    """Tokenizer actors of this run (0 when nothing was to be done or it ran in this process)."""
     shard_size: int = 0
     """Inputs per shard of the plan."""
     worker_seconds: float = 0.0
@@ -529,7 +532,9 @@ def preprocess(
     progress: bool = True,
 ) -> PreprocessResult:
     """Tokenize ``inputs`` with tokenizer ``modality`` (``config``: dataclass, dict or None) into the
-    token table ``out_dir``, on an embedded local Ray or the cluster at ``address``/``RAY_ADDRESS``.
+    token table ``out_dir``, on an embedded local Ray or the cluster at ``address``/``RAY_ADDRESS``
+    (``num_workers=0``: in this process, without Ray: the same shards, commit records and table,
+    for small jobs that Ray's start-up would dominate, and for debugging a tokenizer).
 
     ``label_names`` overrides the input set's (or the tokenizer's) class names; ``imports`` names
     modules to import first on the driver and every worker (plug-in tokenizers). ``shard_size``
@@ -542,6 +547,8 @@ def preprocess(
     t0 = time.perf_counter()
     if not out_dir:
         raise ValueError("out_dir is required")
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0: in this process, without Ray), got {num_workers}")
     if max_error_rate is not None and not 0.0 <= max_error_rate <= 1.0:
         raise ValueError(f"max_error_rate must lie in [0, 1], got {max_error_rate}")
     items, names = _as_inputs(inputs)
@@ -620,7 +627,7 @@ def preprocess(
         if state is not None and state.get("inputs_digest") == inputs_digest and state.get("shard_size"):
             shard_size = int(state["shard_size"])  # resume the partial job's plan, whatever the workers now
         else:
-            hint = resources(num_workers, cpus_per_worker, gpus_per_worker).num_workers
+            hint = resources(num_workers or 1, cpus_per_worker, gpus_per_worker).num_workers
             shard_size = measured_shard_size(tokenizer, items, hint)
     plan = plan_shards(items, key, shard_size)
     tables.atomic_write_bytes(
@@ -637,52 +644,58 @@ def preprocess(
     if skipped:
         log.info("resuming: %d of %d shards already committed", skipped, len(plan))
 
-    # ---- map: Ray Data actor pool over the missing shards --------------------------------------
-    first = first_start = worker_s = worker_cpu = 0.0
+    # ---- map: Ray Data actor pool over the missing shards (or this process) ---------------------
+    tally = _Tally(t0, sum(len(c["errors"]) for c in done.values()))
+    limit = None if max_error_rate is None else max_error_rate * len(items)
     n_workers = 0
-    wall0 = time.time() - (time.perf_counter() - t0)  # Unix time of t0 (workers stamp shards in Unix time)
     if todo:
-        errors_so_far = sum(len(c["errors"]) for c in done.values())
-        limit = None if max_error_rate is None else max_error_rate * len(items)
-        started = init_ray(address, object_store_memory=object_store_memory)
-        try:
-            import ray.data
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            res = resources(None if num_workers is None else min(num_workers, len(todo)), cpus_per_worker,
-                            gpus_per_worker, 1, object_store_memory, max_workers=len(todo))  # fmt: skip
-            quiet_ray_data_bars()  # ours below counts shards
-            with gc_paused():
-                specs = [{"spec": sh.to_json()} for sh in todo]
-            ds = ray.data.from_items(specs, override_num_blocks=len(todo))
-            ds = ds.map_batches(
-                TokenizeShardActor,
-                fn_constructor_kwargs={
-                    "modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
-                    "artifacts_dir": artifacts_dir if os.path.isdir(artifacts_dir) else None,
-                    "out_dir": out_dir, "meta": meta, "threads": res.threads_per_worker,
-                },
-                **res.map_batches_kwargs(),
-            )  # fmt: skip
-            n_workers = res.num_workers
-            log.info("tokenizing %d shards of %d inputs with %d workers", len(todo), shard_size, n_workers)
-            with tqdm(total=len(plan), initial=skipped, unit="shard", desc="preprocess", file=sys.stderr,
-                      disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
-                for row in ds.iter_rows():
-                    first = first or time.perf_counter() - t0
-                    c = json.loads(row["commit"])
-                    done[c["shard_id"]] = c
-                    start = c.get("started", 0.0) - wall0
-                    first_start = start if not first_start else min(first_start, start)
-                    worker_s += c.get("seconds", 0.0)
-                    worker_cpu += c.get("cpu_seconds", 0.0)
-                    errors_so_far += len(c["errors"])
-                    bar.update(1)
-                    bar.set_postfix(errors=errors_so_far)
-                    if limit is not None and errors_so_far > limit:
-                        break  # the rate can only grow: stop early, keep what is committed
-        finally:
-            shutdown_ray(started)
+        with tqdm(total=len(plan), initial=skipped, unit="shard", desc="preprocess", file=sys.stderr,
+                  disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
+
+            def take(c: dict[str, Any]) -> bool:
+                """Count a shard's commit; True when the error rate is over the limit (it can only grow)."""
+                done[c["shard_id"]] = c
+                tally.add(c)
+                bar.update(1)
+                bar.set_postfix(errors=tally.errors)
+                return limit is not None and tally.errors > limit
+
+            if num_workers == 0:  # here, without Ray: the same shards, records and table
+                log.info("tokenizing %d shards of %d inputs in this process", len(todo), shard_size)
+                for sh in todo:
+                    if take(tokenize_shard(tokenizer, sh, out_dir, meta)):
+                        break
+            else:
+                started = init_ray(address, object_store_memory=object_store_memory)
+                try:
+                    import ray.data
+
+                    res = resources(min(num_workers, len(todo)) if num_workers else None, cpus_per_worker,
+                                    gpus_per_worker, 1, object_store_memory, max_workers=len(todo))  # fmt: skip
+                    quiet_ray_data_bars()  # ours counts shards
+                    with gc_paused():
+                        specs = [{"spec": sh.to_json()} for sh in todo]
+                    ds = ray.data.from_items(specs, override_num_blocks=len(todo))
+                    ds = ds.map_batches(
+                        TokenizeShardActor,
+                        fn_constructor_kwargs={
+                            "modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
+                            "artifacts_dir": artifacts_dir if os.path.isdir(artifacts_dir) else None,
+                            "out_dir": out_dir, "meta": meta, "threads": res.threads_per_worker,
+                        },
+                        **res.map_batches_kwargs(),
+                    )  # fmt: skip
+                    n_workers = res.num_workers
+                    log.info(
+                        "tokenizing %d shards of %d inputs with %d workers", len(todo), shard_size, n_workers
+                    )
+                    for row in ds.iter_rows():
+                        if take(json.loads(row["commit"])):
+                            break
+                finally:
+                    shutdown_ray(started)
 
     # ---- commit: accounting, errors, manifest (last) -------------------------------------------
     errors = [e for sh in plan if sh.shard_id in done for e in done[sh.shard_id]["errors"]]
@@ -715,11 +728,29 @@ def preprocess(
         out_dir=out_dir, inputs=len(items), rows=rows, tokens=tokens, errors=len(errors),
         bytes=sum(s["bytes"] for s in shard_infos), input_bytes=input_bytes, shards=len(plan),
         skipped_shards=skipped, seconds=seconds, throughput=processed / seconds if processed else 0.0,
-        first_shard_seconds=first, startup_seconds=max(0.0, first_start), workers=n_workers,
-        shard_size=shard_size, worker_seconds=worker_s, worker_cpu_seconds=worker_cpu,
+        first_shard_seconds=tally.first, startup_seconds=max(0.0, tally.first_start), workers=n_workers,
+        shard_size=shard_size, worker_seconds=tally.seconds, worker_cpu_seconds=tally.cpu_seconds,
     )  # fmt: skip
     log.info("%s", result.summary())
     return result
+
+
+class _Tally:
+    """The driver's running figures over the commit records it receives."""
+
+    def __init__(self, t0: float, errors: int) -> None:
+        self.t0 = t0  # perf_counter at the job's start
+        self.wall0 = time.time() - (time.perf_counter() - t0)  # the same in Unix time (shards' stamps)
+        self.errors = errors
+        self.first = self.first_start = self.seconds = self.cpu_seconds = 0.0
+
+    def add(self, c: dict[str, Any]) -> None:
+        self.first = self.first or time.perf_counter() - self.t0
+        start = c.get("started", 0.0) - self.wall0
+        self.first_start = start if not self.first_start else min(self.first_start, start)
+        self.seconds += c.get("seconds", 0.0)
+        self.cpu_seconds += c.get("cpu_seconds", 0.0)
+        self.errors += len(c["errors"])
 
 
 def _write_errors(path: str, errors: Sequence[Sequence[str]]) -> None:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+import maskloom.pipelines.preprocess as pp
 from maskloom import tables
 from maskloom.cli import main
 from maskloom.pipelines.preprocess import (
@@ -572,3 +573,52 @@ def test_abspath_fast_path_agrees_with_os_path():
     for p in ("/a/b.wav", "/a//b", "//a/b", "/a/./b", "/a/../b", "/a/b/", "/a/.hidden/c", "/a/b/.", "/a/b/..",
               "rel/x.wav", "./x", "../x", "x", "/", "/a/b..c/d", "/a/...", "/a/b./c"):  # fmt: skip
         assert _abspath(p) == os.path.abspath(p), p
+
+
+# ---- in this process, without Ray (num_workers=0) ----------------------------------------------
+def test_in_process_job_writes_the_table_ray_writes(tmp_path, local_ray, monkeypatch):
+    found = make_data(tmp_path / "in")
+    via_ray = preprocess(found, TOK, None, str(tmp_path / "ray"), shard_size=3, imports=IMPORTS, progress=False,
+                         num_workers=1)  # fmt: skip
+
+    def no_ray(*a, **k):
+        raise AssertionError("an in-process job started Ray")
+
+    monkeypatch.setattr(pp, "init_ray", no_ray)
+    here = preprocess(found, TOK, None, str(tmp_path / "here"), shard_size=3, progress=False, num_workers=0)
+    assert (here.inputs, here.rows, here.tokens, here.errors, here.shards, here.workers) == (
+        10,
+        9,
+        14,
+        1,
+        4,
+        0,
+    )
+    a, b = tables.TokenTable(str(tmp_path / "ray")), tables.TokenTable(str(tmp_path / "here"))
+    assert [(s["name"], s["rows"], s["sha256"]) for s in a.manifest.shards] == [
+        (s["name"], s["rows"], s["sha256"]) for s in b.manifest.shards
+    ]  # the same shard files, byte for byte
+    assert a.manifest.totals == b.manifest.totals and a.errors().to_pylist() == b.errors().to_pylist()
+    assert via_ray.workers == 1 and here.startup_seconds < via_ray.startup_seconds
+    again = preprocess(found, TOK, None, str(tmp_path / "here"), shard_size=3, progress=False, num_workers=0)
+    assert again.already_done  # a rerun does nothing, as with Ray
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        preprocess(found, TOK, None, str(tmp_path / "neg"), num_workers=-1, progress=False)
+
+
+def test_in_process_job_resumes_and_stops_at_the_error_rate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pp, "init_ray", lambda *a, **k: pytest.fail("an in-process job started Ray"))
+    make_data(tmp_path / "in", n_a=3, n_b=0, bad=("a/bad1.txt", "a/bad2.txt"))
+    out = tmp_path / "t"
+    argv = ["preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(out), "--shard-size", "2", "--no-progress",
+            "--num-workers", "0"]  # fmt: skip
+    assert main([*argv, "--max-error-rate", "0.3"]) == 1  # stops after the shard that passes 30 %
+    assert "2 of 5 inputs rejected (40.0%), above --max-error-rate 30.0%" in capsys.readouterr().err
+    kept = sorted(f for f in os.listdir(out / COMMITS) if f != "_run.json")
+    assert len(kept) == 1  # shards a/bad1, a/bad2 | a/f0, a/f1 | a/f2: it stopped after the first
+    assert main([*argv, "--max-error-rate", "0.5"]) == 0
+    out_ = capsys.readouterr()
+    assert out_.out.strip().startswith("5 inputs = 3 written + 2 errors; 3 rows, 6 tokens, ")
+    assert "1/3 shards resumed" in out_.out
+    assert main([*argv[:-2], "--num-workers", "-1"]) == 2
+    assert "--num-workers must be >= 0" in capsys.readouterr().err
