@@ -54,7 +54,8 @@ Figures: inputs/s of each mode; ``overhead_1 = 1 - ray_1 / plain_write`` (target
 reference; ``*_after_startup``: the same from the moment a worker began its first shard, which a
 long job tends to); ``ceiling_speedup_2 = plain_write_2 / plain_write`` and ``<start>_2_of_ceiling =
 ray_2 / plain_write_2`` (the share of the 2-core ceiling the pipeline reaches); per run: start-up (until a worker began its first shard) and CPU seconds by process
-kind (driver, tokenizer actors inside shards and in total, raylet, gcs_server, other Ray helpers),
+kind (driver, tokenizer actors inside shards and in total, Ray's other worker processes: Ray Data's
+helper actors and idle workers, raylet, gcs_server, other Ray helpers),
 ``cpus_used`` (CPUs' worth our processes got) and how busy the machine was with other people's
 work (``others_busy_cpus``); ``<mode>_cpu_overhead = 1 - cpu(plain_write) / cpu(mode)``: the
 share of a run's CPU that is not the peer's work (Ray, start-up, bookkeeping), which does not

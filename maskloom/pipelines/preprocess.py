@@ -32,6 +32,7 @@ a changed config or input set never mixes into an existing table unless ``overwr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -44,7 +45,7 @@ import shutil
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -627,7 +628,11 @@ def preprocess(
         if state is not None and state.get("inputs_digest") == inputs_digest and state.get("shard_size"):
             shard_size = int(state["shard_size"])  # resume the partial job's plan, whatever the workers now
         else:
-            hint = resources(num_workers or 1, cpus_per_worker, gpus_per_worker).num_workers
+            hint = (
+                1
+                if num_workers == 0
+                else resources(num_workers, cpus_per_worker, gpus_per_worker).num_workers
+            )
             shard_size = measured_shard_size(tokenizer, items, hint)
     plan = plan_shards(items, key, shard_size)
     tables.atomic_write_bytes(
@@ -647,55 +652,31 @@ def preprocess(
     # ---- map: Ray Data actor pool over the missing shards (or this process) ---------------------
     tally = _Tally(t0, sum(len(c["errors"]) for c in done.values()))
     limit = None if max_error_rate is None else max_error_rate * len(items)
-    n_workers = 0
     if todo:
         from tqdm import tqdm
 
+        if num_workers == 0:  # here, without Ray: the same shards, records and table
+            log.info("tokenizing %d shards of %d inputs in this process", len(todo), shard_size)
+            commits: Generator[dict[str, Any], None, None] = (
+                tokenize_shard(tokenizer, sh, out_dir, meta) for sh in todo
+            )
+        else:
+            actor = {"modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
+                     "artifacts_dir": artifacts_dir if os.path.isdir(artifacts_dir) else None,
+                     "out_dir": out_dir, "meta": meta}  # fmt: skip
+            commits = _commits_on_ray(
+                todo, actor, tally, address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
+                gpus_per_worker=gpus_per_worker, object_store_memory=object_store_memory,
+            )  # fmt: skip
         with tqdm(total=len(plan), initial=skipped, unit="shard", desc="preprocess", file=sys.stderr,
-                  disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
-
-            def take(c: dict[str, Any]) -> bool:
-                """Count a shard's commit; True when the error rate is over the limit (it can only grow)."""
+                  disable=not progress, dynamic_ncols=True) as bar, contextlib.closing(commits):  # fmt: skip
+            for c in commits:
                 done[c["shard_id"]] = c
                 tally.add(c)
                 bar.update(1)
                 bar.set_postfix(errors=tally.errors)
-                return limit is not None and tally.errors > limit
-
-            if num_workers == 0:  # here, without Ray: the same shards, records and table
-                log.info("tokenizing %d shards of %d inputs in this process", len(todo), shard_size)
-                for sh in todo:
-                    if take(tokenize_shard(tokenizer, sh, out_dir, meta)):
-                        break
-            else:
-                started = init_ray(address, object_store_memory=object_store_memory)
-                try:
-                    import ray.data
-
-                    res = resources(min(num_workers, len(todo)) if num_workers else None, cpus_per_worker,
-                                    gpus_per_worker, 1, object_store_memory, max_workers=len(todo))  # fmt: skip
-                    quiet_ray_data_bars()  # ours counts shards
-                    with gc_paused():
-                        specs = [{"spec": sh.to_json()} for sh in todo]
-                    ds = ray.data.from_items(specs, override_num_blocks=len(todo))
-                    ds = ds.map_batches(
-                        TokenizeShardActor,
-                        fn_constructor_kwargs={
-                            "modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
-                            "artifacts_dir": artifacts_dir if os.path.isdir(artifacts_dir) else None,
-                            "out_dir": out_dir, "meta": meta, "threads": res.threads_per_worker,
-                        },
-                        **res.map_batches_kwargs(),
-                    )  # fmt: skip
-                    n_workers = res.num_workers
-                    log.info(
-                        "tokenizing %d shards of %d inputs with %d workers", len(todo), shard_size, n_workers
-                    )
-                    for row in ds.iter_rows():
-                        if take(json.loads(row["commit"])):
-                            break
-                finally:
-                    shutdown_ray(started)
+                if limit is not None and tally.errors > limit:
+                    break  # the rate can only grow: stop early, keep what is committed
 
     # ---- commit: accounting, errors, manifest (last) -------------------------------------------
     errors = [e for sh in plan if sh.shard_id in done for e in done[sh.shard_id]["errors"]]
@@ -728,11 +709,48 @@ def preprocess(
         out_dir=out_dir, inputs=len(items), rows=rows, tokens=tokens, errors=len(errors),
         bytes=sum(s["bytes"] for s in shard_infos), input_bytes=input_bytes, shards=len(plan),
         skipped_shards=skipped, seconds=seconds, throughput=processed / seconds if processed else 0.0,
-        first_shard_seconds=tally.first, startup_seconds=max(0.0, tally.first_start), workers=n_workers,
+        first_shard_seconds=tally.first, startup_seconds=max(0.0, tally.first_start), workers=tally.workers,
         shard_size=shard_size, worker_seconds=tally.seconds, worker_cpu_seconds=tally.cpu_seconds,
     )  # fmt: skip
     log.info("%s", result.summary())
     return result
+
+
+def _commits_on_ray(
+    todo: Sequence[ShardSpec],
+    actor: dict[str, Any],
+    tally: _Tally,
+    *,
+    address: str | None,
+    num_workers: int | None,
+    cpus_per_worker: float | None,
+    gpus_per_worker: float | None,
+    object_store_memory: int | None,
+) -> Generator[dict[str, Any], None, None]:
+    """Tokenize ``todo`` on a Ray Data pool of :class:`TokenizeShardActor` (``actor``: its constructor
+    arguments but the threads) and yield the commit records as they arrive; records the pool's size
+    in ``tally.workers``. Ray is started or connected to on the first record asked for, and shut
+    down (if this started it) when the generator ends or is closed."""
+    started = init_ray(address, object_store_memory=object_store_memory)
+    try:
+        import ray.data
+
+        res = resources(min(num_workers, len(todo)) if num_workers else None, cpus_per_worker,
+                        gpus_per_worker, 1, object_store_memory, max_workers=len(todo))  # fmt: skip
+        quiet_ray_data_bars()  # ours counts shards
+        with gc_paused():
+            specs = [{"spec": sh.to_json()} for sh in todo]
+        ds = ray.data.from_items(specs, override_num_blocks=len(todo)).map_batches(
+            TokenizeShardActor,
+            fn_constructor_kwargs={**actor, "threads": res.threads_per_worker},
+            **res.map_batches_kwargs(),
+        )
+        tally.workers = res.num_workers
+        log.info("tokenizing %d shards with %d workers", len(todo), res.num_workers)
+        for row in ds.iter_rows():
+            yield json.loads(row["commit"])
+    finally:
+        shutdown_ray(started)
 
 
 class _Tally:
@@ -743,6 +761,7 @@ class _Tally:
         self.wall0 = time.time() - (time.perf_counter() - t0)  # the same in Unix time (shards' stamps)
         self.errors = errors
         self.first = self.first_start = self.seconds = self.cpu_seconds = 0.0
+        self.workers = 0  # tokenizer actors (0: the job ran in the driver)
 
     def add(self, c: dict[str, Any]) -> None:
         self.first = self.first or time.perf_counter() - self.t0

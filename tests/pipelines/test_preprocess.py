@@ -622,3 +622,19 @@ def test_in_process_job_resumes_and_stops_at_the_error_rate(tmp_path, monkeypatc
     assert "1/3 shards resumed" in out_.out
     assert main([*argv[:-2], "--num-workers", "-1"]) == 2
     assert "--num-workers must be >= 0" in capsys.readouterr().err
+
+
+def test_default_shard_size_is_planned_for_the_workers_that_will_run(tmp_path, monkeypatch):
+    found = make_data(tmp_path / "in")
+    seen = []
+
+    def record(tokenizer, inputs, workers):
+        seen.append(workers)
+        raise KeyboardInterrupt  # planned: stop before any work
+
+    monkeypatch.setattr(pp, "measured_shard_size", record)
+    for n in (None, 0, 3):
+        with pytest.raises(KeyboardInterrupt):
+            preprocess(found, TOK, None, str(tmp_path / f"t{n}"), num_workers=n, progress=False)
+    # None: as many workers as CPUs (the default pool); 0: the driver alone
+    assert seen == [resources().num_workers, 1, 3]
