@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 
@@ -28,6 +29,11 @@ class TokenBatch:
     edges:     (B, E, 2) int64 token-index pairs, padded with -1; or None.
     ids:       the B sample ids.
     meta:      per-sample meta dicts (JSON from the table), for detokenising and drawing; may be empty.
+    segments:  None, or for a *packed* batch (:func:`pack_batch`) (B, L) int64: the sample each token
+               belongs to, 0..N-1, and -1 on padding. A packed row holds several samples end to end;
+               ``labels``, ``ids`` and ``meta`` then have N entries (one per sample, in sample order),
+               ``edges`` index tokens of the row, and the backbone keeps samples apart (attention
+               within a sample only, masking counted per sample, features pooled per sample).
     """
 
     tokens: torch.Tensor
@@ -38,10 +44,29 @@ class TokenBatch:
     edges: torch.Tensor | None = None
     ids: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    segments: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
+        """Rows of the tensors (B); see :attr:`num_samples` for samples."""
         return int(self.tokens.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the batch: B, or N for a packed batch."""
+        if self.segments is None:
+            return self.batch_size
+        if self.labels is not None:
+            return int(self.labels.shape[0])
+        return int(self.segments.max()) + 1 if self.segments.numel() else 0
+
+    @property
+    def sample_lengths(self) -> torch.Tensor:
+        """(num_samples,) number of real tokens per sample (:attr:`lengths` for an unpacked batch)."""
+        if self.segments is None:
+            return self.lengths
+        seg = self.segments[self.segments >= 0]
+        return torch.bincount(seg, minlength=self.num_samples)
 
     @property
     def seq_len(self) -> int:
@@ -73,4 +98,145 @@ class TokenBatch:
             padding=f(self.padding),
             labels=f(self.labels),
             edges=f(self.edges),
+            segments=f(self.segments),
         )
+
+
+def _first_fit_decreasing(lens: np.ndarray, order: list[int], row_tokens: int) -> tuple[list[int], list[int], int]:
+    """Place samples (in ``order``: longest first) in the first row with room -> (rows, offsets, R)."""
+    row = [0] * lens.size
+    offset = [0] * lens.size
+    fills: list[int] = []
+    for i in order:
+        need = int(lens[i])
+        for r, f in enumerate(fills):
+            if f + need <= row_tokens:
+                break
+        else:
+            r = len(fills)
+            fills.append(0)
+        row[i], offset[i] = r, fills[r]
+        fills[r] += need
+    return row, offset, len(fills)
+
+
+def pack_plan(lengths: np.ndarray, row_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sample lengths (N,) -> (row (N,), offset (N,), number of rows R) of a packing into rows of at
+    most ``cap = max(row_tokens, longest sample)`` tokens (the batch is that long anyway).
+
+    First-fit decreasing (longest first, ties in sample order, each into the first row with room)
+    into the fewest rows it can fill to ``cap``, with the shortest row limit at that count: for R
+    rows from ``ceil(total / cap)``, the limit grows from ``ceil(total / R)`` until the samples fit in
+    R rows. A batch is as long as its fullest row, so balancing the rows matters as much as their
+    number: 300 tokens in rows of up to 64 take 5 rows of 60-64, not 4 full rows and a short fifth."""
+    if row_tokens < 1:
+        raise ValueError(f"row_tokens must be >= 1, got {row_tokens}")
+    lens = np.asarray(lengths, dtype=np.int64)
+    if lens.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
+    order = np.argsort(-lens, kind="stable").tolist()
+    longest, total = int(lens.max()), int(lens.sum())
+    cap = max(row_tokens, longest)
+    rows = -(-total // cap)
+    while True:
+        limit = max(-(-total // rows), longest)
+        step = max(1, limit // 64)
+        while True:
+            row, offset, used = _first_fit_decreasing(lens, order, limit)
+            if used <= rows:
+                return np.asarray(row, np.int64), np.asarray(offset, np.int64), used
+            if limit >= cap:
+                break
+            limit = min(limit + step, cap)
+        rows += 1
+
+
+def pack_arrays(
+    tokens: np.ndarray,
+    positions: np.ndarray,
+    padding: np.ndarray,
+    edges: np.ndarray | None,
+    row_tokens: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Pack padded numpy columns of N samples into rows of at most ``row_tokens`` tokens
+    (:func:`pack_plan`). -> (tokens, positions, padding, segments, edges) of R rows, each as long as
+    the fullest row; padding slots hold 0 (tokens, positions), True (padding), -1 (segments, edges).
+    A sample's tokens keep their order and sit end to end with the row's other samples; its edges
+    are shifted by its offset in the row."""
+    n, width = padding.shape
+    real = ~padding
+    lens = real.sum(1)
+    row, offset, rows = pack_plan(lens, row_tokens)
+    fill = np.bincount(row, weights=lens, minlength=rows).astype(np.int64)
+    length = int(fill.max()) if rows else 0
+    src = np.flatnonzero(real.reshape(-1))  # real tokens, sample-major
+    sample = src // width
+    start = np.cumsum(lens) - lens  # first real token of each sample among ``src``
+    dest = row[sample] * length + offset[sample] + (np.arange(src.size) - start[sample])
+
+    def scatter(a: np.ndarray, fill_value: int) -> np.ndarray:
+        out = np.full((rows * length, *a.shape[2:]), fill_value, dtype=a.dtype)
+        out[dest] = a.reshape(n * width, *a.shape[2:])[src]
+        return out.reshape(rows, length, *a.shape[2:])
+
+    seg = np.full(rows * length, -1, np.int64)
+    seg[dest] = sample
+    pad = np.ones(rows * length, bool)
+    pad[dest] = False
+    out_edges = None
+    if edges is not None:
+        valid = (edges >= 0).all(-1)  # (N, E)
+        counts = valid.sum(1)
+        # a row's edges in the order of its samples' offsets
+        order = np.lexsort((offset, row))
+        estart = np.zeros(n, np.int64)
+        before = np.cumsum(counts[order]) - counts[order]  # edges of earlier samples, over all rows
+        row_first = np.zeros(rows, np.int64)
+        first_of_row = np.flatnonzero(np.r_[True, row[order][1:] != row[order][:-1]])
+        row_first[row[order][first_of_row]] = before[first_of_row]
+        estart[order] = before - row_first[row[order]]
+        ecount = np.bincount(row, weights=counts, minlength=rows).astype(np.int64)
+        e_len = int(ecount.max()) if rows else 0
+        es, ek = np.nonzero(valid)  # sample-major
+        ebegin = np.cumsum(counts) - counts
+        edest = row[es] * e_len + estart[es] + (np.arange(es.size) - ebegin[es])
+        flat = np.full((rows * e_len, 2), -1, dtype=edges.dtype)
+        flat[edest] = edges[es, ek] + offset[es, None].astype(edges.dtype)
+        out_edges = flat.reshape(rows, e_len, 2)
+    return (
+        scatter(tokens, 0),
+        scatter(positions, 0),
+        pad.reshape(rows, length),
+        seg.reshape(rows, length),
+        out_edges,
+    )
+
+
+def pack_batch(batch: TokenBatch, row_tokens: int) -> TokenBatch:
+    """The batch with its samples packed end to end into rows of at most ``row_tokens`` tokens
+    (first-fit decreasing, :func:`pack_plan`), with ``segments`` saying which sample each token is.
+
+    Packing removes most of the padding of batches of short, uneven samples (small graphs, short
+    texts): 64 MUTAG graphs pad 15 % with length bucketing, ~1 % packed into rows of 256 tokens.
+    ``labels``, ``ids`` and ``meta`` stay one per sample. Works on CPU tensors (the loader packs
+    before handing a batch over)."""
+    if batch.segments is not None:
+        raise ValueError("the batch is already packed")
+    edges = None if batch.edges is None else batch.edges.cpu().numpy()
+    tokens, positions, padding, segments, edges = pack_arrays(
+        batch.tokens.cpu().numpy(),
+        batch.positions.cpu().numpy(),
+        batch.padding.cpu().numpy(),
+        edges,
+        row_tokens,
+    )
+    device = batch.tokens.device
+    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return replace(
+        batch,
+        tokens=t(tokens),
+        positions=t(positions),
+        padding=t(padding),
+        segments=t(segments),
+        edges=None if edges is None else t(edges),
+    )

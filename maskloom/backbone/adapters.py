@@ -30,14 +30,20 @@ def _positions(cfg: AdapterConfig, dim: int) -> nn.Module:
 
 
 def prepare_positions(
-    cfg: AdapterConfig, positions: Tensor, *, training: bool, generator: torch.Generator | None
+    cfg: AdapterConfig,
+    positions: Tensor,
+    *,
+    training: bool,
+    generator: torch.Generator | None,
+    segments: Tensor | None = None,
 ) -> Tensor:
-    """(B, L, P) coordinates as the position encoders see them (spectral: random sign flips in training)."""
+    """(B, L, P) coordinates as the position encoders see them (spectral: random sign flips in
+    training, per sample: per ``segments`` entry of a packed batch)."""
     if positions.shape[-1] != cfg.position_dim:
         raise ValueError(f"batch has {positions.shape[-1]} position axes, adapter expects {cfg.position_dim}")
     positions = positions.float()
     if cfg.position_kind == "spectral" and cfg.sign_flip and training:
-        positions = random_sign_flip(positions, generator)
+        positions = random_sign_flip(positions, generator, segments)
     return positions
 
 

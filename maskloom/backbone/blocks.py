@@ -29,6 +29,16 @@ def key_mask(padding: Tensor) -> Tensor | None:
     return keep[:, None, None, :]
 
 
+def segment_mask(query_segments: Tensor, key_segments: Tensor | None = None) -> Tensor:
+    """Block-diagonal SDPA mask of a packed batch: (B, Lq) and (B, Lk) sample indices (-1 on
+    padding) -> (B, 1, Lq, Lk) bool, True where query and key belong to the same sample. A padding
+    query attends to every key (finite, meaningless output, as in :func:`key_mask`); padding keys
+    are never attended by a real query."""
+    ks = query_segments if key_segments is None else key_segments
+    same = query_segments[:, :, None] == ks[:, None, :]
+    return (same | (query_segments < 0)[:, :, None])[:, None]
+
+
 def heads_view(parts: tuple[Tensor, ...], heads: int) -> tuple[Tensor, ...]:
     """Views (no copies) of projections (B, L, D) as SDPA inputs (B, H, L, D/H).
 

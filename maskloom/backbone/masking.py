@@ -92,6 +92,39 @@ def random_mask(padding: Tensor, ratio: float, generator: torch.Generator | None
     return topk_mask(noise, padding, num_masked((~padding).sum(1), ratio))
 
 
+def segment_counts(segments: Tensor, num_samples: int) -> Tensor:
+    """(B, L) segments of a packed batch (-1 on padding) -> (N,) real tokens per sample."""
+    seg = segments[segments >= 0]
+    return torch.bincount(seg, minlength=num_samples)
+
+
+def segment_topk_mask(scores: Tensor, excluded: Tensor, k: Tensor, segments: Tensor) -> Tensor:
+    """:func:`topk_mask` per *sample* of a packed batch: (B, L) scores, excluded, segments (sample of
+    each token, -1 on padding) and (N,) counts -> (B, L) bool, True on each sample's k highest
+    non-excluded scores (ties broken by position). Needs k <= a sample's non-excluded tokens."""
+    n = k.shape[0]
+    flat_seg = segments.reshape(-1)
+    key = scores.float().reshape(-1).masked_fill(excluded.reshape(-1) | (flat_seg < 0), float("-inf"))
+    seg = torch.where(flat_seg < 0, torch.full_like(flat_seg, n), flat_seg)  # padding: its own group
+    order = key.argsort(descending=True, stable=True)
+    order = order[seg[order].argsort(stable=True)]  # by sample, each sample's tokens by descending score
+    counts = torch.bincount(seg, minlength=n + 1)
+    first = torch.cumsum(counts, 0) - counts  # first sorted slot of every sample
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - first[seg[order]]
+    k_of = torch.cat([k, k.new_zeros(1)])[seg]
+    return ((rank < k_of) & ~excluded.reshape(-1) & (flat_seg >= 0)).reshape(segments.shape)
+
+
+def random_mask_packed(
+    segments: Tensor, ratio: float, num_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """:func:`random_mask` for a packed batch: exactly num_masked(length) tokens of every *sample*."""
+    noise = rand(tuple(segments.shape), generator, segments.device)
+    k = num_masked(segment_counts(segments, num_samples), ratio)
+    return segment_topk_mask(noise, segments < 0, k, segments)
+
+
 def tube_mask(
     positions: Tensor, padding: Tensor, ratio: float, axis: int, generator: torch.Generator | None = None
 ) -> Tensor:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from maskloom.backbone.adapters import InputAdapter, OutputAdapter, prepare_positions
-from maskloom.backbone.blocks import Block, CrossBlock, key_mask
+from maskloom.backbone.blocks import Block, CrossBlock, key_mask, segment_mask
 from maskloom.backbone.config import ModelConfig
 from maskloom.backbone.linear import Linear
 from maskloom.backbone.masking import (
@@ -32,6 +32,9 @@ from maskloom.backbone.masking import (
     num_masked,
     rand,
     random_mask,
+    random_mask_packed,
+    segment_counts,
+    segment_topk_mask,
     topk_mask,
     tube_mask,
 )
@@ -68,7 +71,8 @@ class Features:
     """Representations of unmasked inputs, for probes and fine-tuning."""
 
     pooled: Tensor
-    """(B, dim) mean over real tokens of the final encoder output."""
+    """(B, dim) mean over real tokens of the final encoder output; (N, dim), one per sample, for a
+    packed batch."""
     tokens: Tensor
     """(B, L, dim) final encoder output per token (padding positions hold garbage)."""
     padding: Tensor
@@ -152,8 +156,24 @@ class MaskedModel(nn.Module):
                 f"batch shapes disagree: tokens {tuple(batch.tokens.shape)}, positions "
                 f"{tuple(batch.positions.shape)}, padding {tuple(batch.padding.shape)}"
             )
-        if n == 0 or bool((batch.padding.all(1)).any()):
+        if batch.segments is None:
+            if n == 0 or bool((batch.padding.all(1)).any()):
+                raise ValueError("every sample of a batch needs at least one real token")
+            return
+        if batch.segments.shape != (b, n):
+            raise ValueError(
+                f"batch shapes disagree: segments {tuple(batch.segments.shape)}, padding {(b, n)}"
+            )
+        if bool(((batch.segments < 0) != batch.padding).any()):
+            raise ValueError("a packed batch's segments must be -1 exactly on its padding")
+        if n == 0 or bool((segment_counts(batch.segments, batch.num_samples) == 0).any()):
             raise ValueError("every sample of a batch needs at least one real token")
+        kind = self.config.masking_for(batch.modality).kind
+        if kind != "random":
+            raise ValueError(
+                f"packed batches (several samples per row) support random masking only; "
+                f"{batch.modality!r} uses {kind!r} masking: load it without packing"
+            )
 
     def embed(self, batch: TokenBatch, positions: Tensor) -> Tensor:
         """tokens + coordinates -> (B, L, dim) through the modality's input adapter."""
@@ -173,9 +193,17 @@ class MaskedModel(nn.Module):
         A ``mask`` given by the caller is used as is (its padding entries are cleared)."""
         cfg = self.config.masking_for(batch.modality)
         padding = batch.padding
-        k = num_masked((~padding).sum(1), cfg.ratio)
         log_prob = latents = None
         aux: dict[str, Tensor] = {}
+        if batch.segments is not None:  # packed: random masking only (checked in _check_batch)
+            if mask is None:
+                return random_mask_packed(batch.segments, cfg.ratio, batch.num_samples, generator), None, None, aux
+            mask = mask.to(torch.bool) & ~padding
+            seen = segment_counts(batch.segments.masked_fill(mask, -1), batch.num_samples)
+            if bool((seen == 0).any()):
+                raise ValueError("a given mask must leave at least one real token visible per sample")
+            return mask, None, None, aux
+        k = num_masked((~padding).sum(1), cfg.ratio)
         if mask is not None:
             mask = mask.to(torch.bool) & ~padding
             if bool((mask | padding).all(1).any()):
@@ -202,11 +230,20 @@ class MaskedModel(nn.Module):
         return mask, log_prob, latents, aux
 
     def _attention_mask(
-        self, padding: Tensor, index: Tensor, edges: Tensor | None, seq_len: int
+        self,
+        padding: Tensor,
+        index: Tensor,
+        edges: Tensor | None,
+        seq_len: int,
+        segments: Tensor | None = None,
     ) -> Tensor | None:
         """SDPA mask over a sequence whose slots hold original tokens ``index`` (B, S): the key-padding
-        mask, plus (with ``edge_bias`` and edges) a learned per-head bias on adjacent pairs."""
-        keep = key_mask(padding)
+        mask (block-diagonal by sample for a packed batch's ``segments``), plus (with ``edge_bias`` and
+        edges) a learned per-head bias on adjacent pairs."""
+        if segments is None:
+            keep = key_mask(padding)
+        else:
+            keep = segment_mask(segments.gather(1, index).masked_fill(padding, -1))
         if self.edge_bias is None or edges is None:
             return keep
         b, s = index.shape
@@ -242,7 +279,7 @@ class MaskedModel(nn.Module):
         h = _gather(x, index)  # (B, S, dim)
         if latents is not None:  # SMA: visible tokens read the latents of the first layer
             h = self.maskers[batch.modality].read_back(h, latents)
-        attn_mask = self._attention_mask(padding, index, batch.edges, batch.seq_len)
+        attn_mask = self._attention_mask(padding, index, batch.edges, batch.seq_len, batch.segments)
         for blk in self.blocks:
             h = blk(h, attn_mask, generator)
         return self.norm(h)
@@ -267,24 +304,35 @@ class MaskedModel(nn.Module):
             full = self.mask_token.expand(b, n, -1)
             full = torch.scatter(full, 1, index[..., None].expand(-1, -1, y.shape[-1]), y)  # un-shuffle
             h = full + out.position_embedding(positions)
-            attn_mask = key_mask(batch.padding)
+            attn_mask = key_mask(batch.padding) if batch.segments is None else segment_mask(batch.segments)
             for blk in self.decoder_blocks:
                 h = blk(h, attn_mask, generator)
             return out.head(self.decoder_norm(h)), mask
 
         # CrossMAE: score a fraction of the masked tokens; queries cross-attend to encoder features
         frac = self.config.decoder.reconstruct_fraction
+        seg = batch.segments
         target = mask
-        if frac < 1.0:
-            n_mask = mask.sum(1)
+        if frac < 1.0:  # per sample (per row unless packed)
+            n_mask = mask.sum(1) if seg is None else segment_counts(seg.masked_fill(~mask, -1), batch.num_samples)
             n_target = torch.round(n_mask.double() * frac).long().clamp(min=1).minimum(n_mask)
-            target = topk_mask(rand((b, n), generator, mask.device), ~mask, n_target)
+            noise = rand((b, n), generator, mask.device)
+            if seg is None:
+                target = topk_mask(noise, ~mask, n_target)
+            else:
+                target = segment_topk_mask(noise, ~mask, n_target, seg)
         t_index, t_padding = gather_index(target)  # (B, T)
         pred = torch.zeros(b, n, out.cfg.out_dim, dtype=y.dtype, device=y.device)
         if t_index.shape[1] == 0:
             return pred, target
         q = self.mask_token + out.position_embedding(_gather(positions, t_index))  # (B, T, Dd)
-        mem_mask = key_mask(vis_padding)
+        if seg is None:
+            mem_mask = key_mask(vis_padding)
+        else:
+            mem_mask = segment_mask(
+                seg.gather(1, t_index).masked_fill(t_padding, -1),
+                seg.gather(1, index).masked_fill(vis_padding, -1),
+            )
         for blk in self.decoder_blocks:
             q = blk(q, y, mem_mask)
         p = out.head(self.decoder_norm(q)).masked_fill(t_padding[..., None], 0.0)  # (B, T, Dout)
@@ -308,7 +356,9 @@ class MaskedModel(nn.Module):
         Deterministic for a seeded ``generator``."""
         self._check_batch(batch)
         cfg = self.inputs[batch.modality].cfg
-        positions = prepare_positions(cfg, batch.positions, training=self.training, generator=generator)
+        positions = prepare_positions(
+            cfg, batch.positions, training=self.training, generator=generator, segments=batch.segments
+        )
         x = self.embed(batch, positions)  # (B, L, dim)
         mask, log_prob, latents, aux = self.choose_mask(
             x, batch, generator=generator, progress=progress, mask=mask
@@ -335,6 +385,13 @@ class MaskedModel(nn.Module):
         b, n = batch.padding.shape
         index = torch.arange(n, device=x.device).expand(b, n)
         tokens = self.forward_encoder(x, index, batch.padding, batch, latents=latents)
+        if batch.segments is not None:  # packed: the mean of each sample's tokens, (N, dim)
+            real = batch.segments >= 0
+            seg = batch.segments[real]
+            pooled = tokens.new_zeros(batch.num_samples, tokens.shape[-1]).index_add_(0, seg, tokens[real])
+            counts = torch.bincount(seg, minlength=batch.num_samples).clamp(min=1)
+            pooled = pooled / counts[:, None].to(tokens.dtype)
+            return Features(pooled=pooled, tokens=tokens, padding=batch.padding)
         real = (~batch.padding)[..., None].to(tokens.dtype)
         pooled = (tokens * real).sum(1) / real.sum(1).clamp(min=1)
         return Features(pooled=pooled, tokens=tokens, padding=batch.padding)

@@ -101,9 +101,17 @@ def build_position_encoder(
     raise ValueError(f"unknown position encoding {kind!r}; known: sincos, mlp, fourier")
 
 
-def random_sign_flip(positions: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """(B, L, P) -> (B, L, P) with each of the P axes (eigenvectors) multiplied by +-1 per sample."""
+def random_sign_flip(
+    positions: Tensor, generator: torch.Generator | None = None, segments: Tensor | None = None
+) -> Tensor:
+    """(B, L, P) -> (B, L, P) with each of the P axes (eigenvectors) multiplied by +-1 per sample
+    (per row, or per sample of a packed batch's ``segments`` (B, L), -1 on padding)."""
     b, _, p = positions.shape
     device = generator.device if generator is not None else positions.device
-    flips = torch.randint(0, 2, (b, 1, p), generator=generator, device=device).to(positions.device)
+    if segments is None:
+        flips = torch.randint(0, 2, (b, 1, p), generator=generator, device=device).to(positions.device)
+    else:
+        n = int(segments.max()) + 1 if segments.numel() else 0
+        per = torch.randint(0, 2, (max(n, 1), p), generator=generator, device=device).to(positions.device)
+        flips = per[segments.clamp(min=0)]  # (B, L, P); padding takes sample 0's (its positions are 0)
     return positions * (flips * 2 - 1).to(positions.dtype)
