@@ -102,18 +102,18 @@ class TokenBatch:
         )
 
 
-def _first_fit_decreasing(lens: np.ndarray, order: list[int], row_tokens: int) -> tuple[list[int], list[int], int]:
+def _first_fit_decreasing(
+    lens: np.ndarray, order: list[int], row_tokens: int
+) -> tuple[list[int], list[int], int]:
     """Place samples (in ``order``: longest first) in the first row with room -> (rows, offsets, R)."""
     row = [0] * lens.size
     offset = [0] * lens.size
     fills: list[int] = []
     for i in order:
         need = int(lens[i])
-        for r, f in enumerate(fills):
-            if f + need <= row_tokens:
-                break
-        else:
-            r = len(fills)
+        room = row_tokens - need
+        r = next((j for j, f in enumerate(fills) if f <= room), len(fills))
+        if r == len(fills):
             fills.append(0)
         row[i], offset[i] = r, fills[r]
         fills[r] += need

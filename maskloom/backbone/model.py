@@ -197,7 +197,12 @@ class MaskedModel(nn.Module):
         aux: dict[str, Tensor] = {}
         if batch.segments is not None:  # packed: random masking only (checked in _check_batch)
             if mask is None:
-                return random_mask_packed(batch.segments, cfg.ratio, batch.num_samples, generator), None, None, aux
+                return (
+                    random_mask_packed(batch.segments, cfg.ratio, batch.num_samples, generator),
+                    None,
+                    None,
+                    aux,
+                )
             mask = mask.to(torch.bool) & ~padding
             seen = segment_counts(batch.segments.masked_fill(mask, -1), batch.num_samples)
             if bool((seen == 0).any()):
@@ -314,7 +319,9 @@ class MaskedModel(nn.Module):
         seg = batch.segments
         target = mask
         if frac < 1.0:  # per sample (per row unless packed)
-            n_mask = mask.sum(1) if seg is None else segment_counts(seg.masked_fill(~mask, -1), batch.num_samples)
+            n_mask = (
+                mask.sum(1) if seg is None else segment_counts(seg.masked_fill(~mask, -1), batch.num_samples)
+            )
             n_target = torch.round(n_mask.double() * frac).long().clamp(min=1).minimum(n_mask)
             noise = rand((b, n), generator, mask.device)
             if seg is None:

@@ -79,7 +79,7 @@ import pyarrow.parquet as pq
 import torch
 
 from maskloom import _kernels
-from maskloom.batch import TokenBatch
+from maskloom.batch import TokenBatch, pack_arrays
 from maskloom.tables import TableError, TableSpec, TokenTable, vector_values
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,13 @@ class LoaderConfig:
     """If set, a batch holds at most this many padded tokens (``B * L``), and at most ``batch_size`` rows."""
     drop_last: bool = False
     """Drop batches with fewer than ``batch_size`` rows (ignored with ``max_tokens``)."""
+    pack: int | Mapping[str, int] | None = None
+    """Pack each batch's samples end to end into rows of at most this many tokens
+    (:func:`maskloom.batch.pack_batch`; a mapping: per modality, others unpacked). The batch still
+    holds ``batch_size`` samples (or ``max_tokens`` worth), in fewer, fuller rows, with
+    ``TokenBatch.segments`` telling them apart; the backbone attends, masks and pools per sample.
+    For tables of short, uneven samples (small graphs): 64 MUTAG graphs per batch pad 15 % with
+    bucketing alone, ~1 % packed into rows of up to 256 tokens. Needs random masking."""
     rank: int = 0
     """This process's rank for DDP."""
     world_size: int = 1
@@ -144,6 +151,9 @@ class LoaderConfig:
             raise ValueError(f"bucket_window must be >= 1, got {self.bucket_window}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        packs = self.pack.values() if isinstance(self.pack, Mapping) else [self.pack]
+        if any(p is not None and not (isinstance(p, int) and p >= 1) for p in packs):
+            raise ValueError(f"pack must be a number of tokens >= 1 (or a mapping of them), got {self.pack}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank {self.rank}, world_size {self.world_size}"
@@ -979,6 +989,27 @@ def _make_batch(
     )
 
 
+def _pack(batch: TokenBatch, row_tokens: int) -> TokenBatch:
+    """A collated CPU batch packed into rows of at most ``row_tokens`` tokens (:func:`pack_arrays`),
+    its ``meta`` JSON handed on unparsed."""
+    edges = None if batch.edges is None else batch.edges.numpy()
+    tokens, positions, pad, segments, edges = pack_arrays(
+        batch.tokens.numpy(), batch.positions.numpy(), batch.padding.numpy(), edges, row_tokens
+    )
+    meta = batch.__dict__["_meta"] if isinstance(batch, _Batch) else batch.meta
+    return _Batch(
+        tokens=torch.from_numpy(tokens),
+        positions=torch.from_numpy(positions),
+        padding=torch.from_numpy(pad),
+        modality=batch.modality,
+        labels=batch.labels,
+        edges=None if edges is None else torch.from_numpy(edges),
+        ids=batch.ids,
+        meta=meta,
+        segments=torch.from_numpy(segments),
+    )
+
+
 SEGMENT_BYTES = 32 << 20
 """A stream too big to be resident but of short rows is read in *segments*: runs of consecutive planned
 batches whose row groups together hold at most this many uncompressed bytes (or one batch's groups,
@@ -1015,10 +1046,18 @@ class _Reader:
     row groups each batch needs, one part of the batch per row group.
     """
 
-    def __init__(self, streams: list[_Stream], *, with_meta: bool, cache: bool = False) -> None:
+    def __init__(
+        self,
+        streams: list[_Stream],
+        *,
+        with_meta: bool,
+        cache: bool = False,
+        pack: Sequence[int | None] | None = None,
+    ) -> None:
         self.streams = streams
         self.with_meta = with_meta
         self.cache = cache
+        self.pack = list(pack) if pack is not None else [None] * len(streams)  # row tokens per stream
         self._resident: dict[int, tuple[_Chunk, np.ndarray | None]] = {}  # stream -> all its rows
         self._files: dict[str, pq.ParquetFile] = {}
         self.pool = _BufferPool()  # big token columns reuse buffers the consumer has let go of
@@ -1153,6 +1192,11 @@ class _Reader:
         ends = np.cumsum([items[i][2].size for i in seg.items]).tolist()
         return chunk, {i: local[a:b] for i, a, b in zip(seg.items, [0, *ends[:-1]], ends)}
 
+    def _packed(self, s: int, batch: TokenBatch) -> TokenBatch:
+        """The batch of stream ``s``, packed when the loader packs that stream (:func:`_pack`)."""
+        row_tokens = self.pack[s]
+        return batch if row_tokens is None else _pack(batch, row_tokens)
+
     def run(self, items: Sequence[tuple[int, int, np.ndarray]]) -> Iterator[TokenBatch]:
         """``items``: (stream, pass, stream rows) per batch, in the order to yield."""
         segments = self._segments(items)
@@ -1180,7 +1224,9 @@ class _Reader:
                         groups = sorted(g for (s2, c2, g) in remaining if (s2, c2) == (s, cyc))
                         w = whole[s] = (cyc, *self._load_groups(s, groups))
                 local = rows if w[2] is None else w[2][rows]
-                yield collate([(w[1], local, None)], st.spec, with_meta=self.with_meta, pool=pool)
+                yield self._packed(
+                    s, collate([(w[1], local, None)], st.spec, with_meta=self.with_meta, pool=pool)
+                )
                 if last[(s, cyc)] == i:
                     del whole[s]
                 continue
@@ -1189,7 +1235,9 @@ class _Reader:
                 cur = current.get(s)
                 if cur is None or cur[0] is not seg:
                     current[s] = cur = (seg, *self._open_segment(seg, items, decoded))
-                yield collate([(cur[1], cur[2].pop(i), None)], st.spec, with_meta=self.with_meta, pool=pool)
+                yield self._packed(
+                    s, collate([(cur[1], cur[2].pop(i), None)], st.spec, with_meta=self.with_meta, pool=pool)
+                )
                 continue
             # big rows, or big row groups: one part per row group the batch takes rows from; a batch's
             # rows are in table order (see plan_stream), so each part is a contiguous run of the batch
@@ -1206,7 +1254,7 @@ class _Reader:
                     (cache[(s, g)], rows[a:b] - st.group_start[g], slice(a, b))
                     for g, a, b in zip(groups, bounds[:-1], bounds[1:])
                 ]
-            batch = collate(parts, st.spec, with_meta=self.with_meta, pool=pool)
+            batch = self._packed(s, collate(parts, st.spec, with_meta=self.with_meta, pool=pool))
             for g, a, b in zip(groups, bounds[:-1], bounds[1:]):
                 key = (s, cyc, g)
                 remaining[key] -= b - a
@@ -1229,8 +1277,8 @@ against 11.5 ms), so bigger batches keep it."""
 class _PipeBatch:
     """A batch's numpy columns, pickled by value (DataLoader's conversion leaves this type alone)."""
 
-    COLUMNS = ("tokens", "positions", "padding", "labels", "edges")
-    """The TokenBatch fields that hold tensors (None for labels or edges when absent)."""
+    COLUMNS = ("tokens", "positions", "padding", "labels", "edges", "segments")
+    """The TokenBatch fields that hold tensors (None for labels, edges or segments when absent)."""
 
     __slots__ = ("arrays", "modality", "ids", "meta")
 
@@ -1368,7 +1416,19 @@ class TokenLoader:
                     f"weights must name exactly the modalities of the tables {sorted(self.modalities)}; "
                     f"missing {sorted(missing)}, unknown {sorted(extra)}"
                 )
-        self._reader = _Reader(self.streams, with_meta=self.config.with_meta, cache=self.config.cache)
+        pack = self.config.pack
+        if isinstance(pack, Mapping):
+            unknown = sorted(set(pack) - set(self.modalities))
+            if unknown:
+                raise ValueError(
+                    f"pack names modalities {unknown} that no table has; tables: {sorted(self.modalities)}"
+                )
+            per_stream = [pack.get(m) for m in self.modalities]
+        else:
+            per_stream = [pack] * len(self.streams)
+        self._reader = _Reader(
+            self.streams, with_meta=self.config.with_meta, cache=self.config.cache, pack=per_stream
+        )
         self._epoch = 0
         self._position = 0
         self._plan_cache: tuple[int, list[tuple[int, int, np.ndarray]]] | None = None
@@ -1506,25 +1566,30 @@ def _ray_collate_base() -> type:
 
 
 class _CollateMixin:
-    def __init__(self, spec: TableSpec, with_meta: bool = True) -> None:
+    def __init__(self, spec: TableSpec, with_meta: bool = True, pack: int | None = None) -> None:
         self.spec = spec
         self.with_meta = with_meta
+        self.pack = pack
 
     def __call__(self, batch: pa.Table) -> TokenBatch:
         chunk = _Chunk.from_arrow(batch, self.spec)
         rows = np.arange(batch.num_rows)
-        return collate([(chunk, rows, rows)], self.spec, with_meta=self.with_meta)
+        out = collate([(chunk, rows, rows)], self.spec, with_meta=self.with_meta)
+        return out if self.pack is None else _pack(out, self.pack)
 
 
-def collate_fn(table: str | TokenTable | TableSpec, *, with_meta: bool = True):
-    """A Ray ``ArrowBatchCollateFn`` turning a pyarrow batch of token-table rows into a TokenBatch.
+def collate_fn(table: str | TokenTable | TableSpec, *, with_meta: bool = True, pack: int | None = None):
+    """A Ray ``ArrowBatchCollateFn`` turning a pyarrow batch of token-table rows into a TokenBatch
+    (packed into rows of at most ``pack`` tokens if given, as ``LoaderConfig.pack``).
 
     Use as ``ds.iter_torch_batches(batch_size=64, collate_fn=collate_fn(table))``; move the batch to
     the device yourself (``batch.to(device)``), Ray only moves plain tensor batches.
     """
+    if pack is not None and not (isinstance(pack, int) and pack >= 1):
+        raise ValueError(f"pack must be a number of tokens >= 1, got {pack}")
     spec = table if isinstance(table, TableSpec) else _open(table).spec
     cls = type("TokenBatchCollateFn", (_CollateMixin, _ray_collate_base()), {})
-    return cls(spec, with_meta)
+    return cls(spec, with_meta, pack)
 
 
 def ray_dataset(tables: str | TokenTable | Sequence[str | TokenTable], *, with_meta: bool = True):

@@ -768,3 +768,73 @@ def test_big_batch_buffers_are_reused_only_when_released(tmp_path, monkeypatch):
         del b
     assert set(ptrs) <= kept_ptrs  # every batch of this epoch reused a buffer of the last one
     assert pickle.loads(pickle.dumps(loader._reader.pool)).buffers == []
+
+
+# ---------------------------------------------------------------------------------------------
+# packing: several samples per row
+def _same_samples(packed, plain, limit):
+    """The packed batch is the plain batch packed by :func:`pack_batch`: the same ids and labels, and
+    every sample's tokens, positions and (shifted) edges."""
+    from maskloom.batch import pack_batch
+
+    ref = pack_batch(plain, limit)
+    assert packed.ids == plain.ids and torch.equal(packed.labels, plain.labels)
+    assert torch.equal(packed.segments < 0, packed.padding)
+    for col in ("tokens", "positions", "padding", "segments", "edges"):
+        x, y = getattr(packed, col), getattr(ref, col)
+        assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), col
+
+
+_PACK = 7
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_packed_batches_hold_the_unpacked_batches_samples(tmp_path, num_workers):
+    ids = _ids_table(tmp_path)
+    kw = dict(batch_size=6, seed=3, bucket_window=2)
+    plain = list(TokenLoader(ids, **kw))
+    packed = list(TokenLoader(ids, **kw, pack=_PACK, num_workers=num_workers))
+    assert len(packed) == len(plain) == 4
+    for a, b in zip(packed, plain):
+        _same_samples(a, b, _PACK)
+        assert a.num_samples == b.batch_size and a.sample_lengths.tolist() == b.lengths.tolist()
+        assert a.batch_size < b.batch_size and a.seq_len <= max(_PACK, b.seq_len)
+    pad_plain = sum(int(b.padding.sum()) for b in plain)
+    pad_packed = sum(int(b.padding.sum()) for b in packed)
+    assert (pad_plain, pad_packed) == (25, 12)  # of 66 real tokens
+
+
+def test_pack_by_modality_and_bad_pack_values(tmp_path):
+    ids = _ids_table(tmp_path)
+    vec = make_vec(tmp_path, [3, 1, 2, 4])
+    batches = list(TokenLoader([ids, vec], batch_size=8, shuffle=False, pack={"loader_test_ids": 9}))
+    assert {(b.modality, b.segments is not None) for b in batches} == {
+        ("loader_test_ids", True),
+        ("loader_test_vec", False),
+    }
+    with pytest.raises(ValueError, match=r"pack names modalities \['audio'\] that no table has"):
+        TokenLoader(ids, pack={"audio": 8})
+    for bad in (0, -3, 2.5, {"loader_test_ids": 0}):
+        with pytest.raises(ValueError, match="pack must be a number of tokens >= 1"):
+            TokenLoader(ids, pack=bad)
+
+
+def test_packed_resume_and_collate_fn(tmp_path):
+    from maskloom.pipelines.loader import _CollateMixin
+
+    ids = _ids_table(tmp_path)
+    loader = TokenLoader(ids, batch_size=5, seed=1, pack=8)
+    first = list(loader)
+    loader.set_epoch(0)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    rest = TokenLoader(ids, batch_size=5, seed=1, pack=8)
+    rest.load_state_dict(state)
+    assert [b.ids for b in rest] == [b.ids for b in first[1:]]
+    # the Ray Data collate function packs the same way (called here without Ray)
+    t = tables.TokenTable(ids)
+    arrow = t.read()
+    _same_samples(_CollateMixin(t.spec, pack=8)(arrow), _CollateMixin(t.spec)(arrow), 8)
+    with pytest.raises(ValueError, match="pack must be a number of tokens >= 1"):
+        collate_fn(ids, pack=0)
