@@ -124,6 +124,206 @@ def _gather_pad2_py(
 
 _gather_pad2 = _jit(_gather_pad2_py)
 
+
+def _first_fit_py(
+    lens: np.ndarray,
+    order: np.ndarray,
+    limit: int,
+    rows: int,
+    fill: np.ndarray,
+    row: np.ndarray,
+    offset: np.ndarray,
+) -> int:
+    """First fit of the samples in ``order`` into rows of at most ``limit`` tokens: each goes to the
+    first row with room, or a new row. Writes ``row``/``offset`` and the rows' ``fill``; returns the
+    rows used, or ``rows + 1`` as soon as more than ``rows`` are needed."""
+    used = 0
+    for i in order:
+        need = lens[i]
+        j = 0
+        while j < used and fill[j] + need > limit:
+            j += 1
+        if j == used:
+            if used == rows:
+                return rows + 1
+            fill[used] = 0
+            used += 1
+        row[i] = j
+        offset[i] = fill[j]
+        fill[j] += need
+    return used
+
+
+_first_fit = numba.njit(cache=True, nogil=True)(_first_fit_py) if numba is not None else _first_fit_py
+
+
+def pack_rows_py(
+    lens: np.ndarray, order: np.ndarray, r_lo: int, r_hi: int, cap: int, row: np.ndarray, offset: np.ndarray
+) -> int:
+    """The packing of :func:`maskloom.batch.pack_plan` (plain Python, compiled by numba when there):
+    for each row count R from ``r_lo`` (at least to ``r_hi``, further until one fits), the smallest
+    row limit from ``max(ceil(total / R), longest)`` to ``cap`` at which first-fit decreasing
+    (``order``: longest first) needs at most R rows (bisection); the fit with the fewest slots, rows
+    x fullest row, wins (the first among equals). Writes its ``row``/``offset``; returns its rows."""
+    n = lens.shape[0]
+    total = 0
+    longest = 0
+    for i in range(n):
+        total += lens[i]
+        longest = max(longest, lens[i])
+    fill = np.zeros(n, np.int64)
+    best_cost = -1
+    best_limit = cap
+    r = r_lo
+    while r <= n and (r <= r_hi or best_cost < 0):
+        hi = cap
+        if _first_fit(lens, order, hi, r, fill, row, offset) <= r:
+            lo = max((total + r - 1) // r, longest)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _first_fit(lens, order, mid, r, fill, row, offset) <= r:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            used = _first_fit(lens, order, hi, r, fill, row, offset)
+            fullest = 0
+            for q in range(used):
+                fullest = max(fullest, fill[q])
+            if best_cost < 0 or used * fullest < best_cost:
+                best_cost = used * fullest
+                best_limit = hi
+        r += 1
+    return _first_fit(lens, order, best_limit, n, fill, row, offset)
+
+
+_pack_rows = _jit(pack_rows_py)
+
+
+def _pack_plan_py(
+    lens: np.ndarray, row_tokens: int, choices: int, row: np.ndarray, offset: np.ndarray
+) -> int:
+    """:func:`maskloom.batch.pack_plan` in one compiled call: the order (longest first, stable), the
+    row limit and the row counts to try, then :func:`pack_rows_py`. Needs at least one sample."""
+    n = lens.shape[0]
+    order = np.argsort(-lens, kind="mergesort")
+    cap = max(row_tokens, lens.max())
+    r_lo = max(1, (lens.sum() + cap - 1) // cap)
+    return _pack_rows(lens, order, r_lo, min(n, r_lo + choices - 1), cap, row, offset)
+
+
+_pack_plan = _jit(_pack_plan_py)
+
+
+def pack_plan(lens: np.ndarray, row_tokens: int, choices: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Compiled :func:`_pack_plan_py` (needs numba): (row (N,), offset (N,), R)."""
+    lens = np.ascontiguousarray(lens, np.int64)
+    row = np.empty(lens.size, np.int64)
+    offset = np.empty(lens.size, np.int64)
+    return row, offset, int(_pack_plan(lens, row_tokens, choices, row, offset))
+
+
+def pack_rows(
+    lens: np.ndarray, order: np.ndarray, r_lo: int, r_hi: int, cap: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(row (N,), offset (N,), R) of :func:`pack_rows_py`, compiled when numba is there. Needs
+    ``1 <= r_lo <= r_hi`` and ``cap`` >= the longest length."""
+    lens = np.ascontiguousarray(lens, np.int64)
+    order = np.ascontiguousarray(order, np.int64)
+    row = np.empty(lens.size, np.int64)
+    offset = np.empty(lens.size, np.int64)
+    fn = _pack_rows if ENABLED else pack_rows_py
+    r = fn(lens, order, int(r_lo), int(r_hi), int(cap), row, offset)
+    return row, offset, int(r)
+
+
+def _pack_columns_py(
+    tok: np.ndarray,
+    pos: np.ndarray,
+    lens: np.ndarray,
+    row: np.ndarray,
+    offset: np.ndarray,
+    tok_out: np.ndarray,
+    pos_out: np.ndarray,
+    pad_out: np.ndarray,
+    seg_out: np.ndarray,
+) -> None:
+    """Sample i's first ``lens[i]`` tokens and positions (``tok`` (N, Lb, Dt), ``pos`` (N, Lb, Dp))
+    to row ``row[i]`` from slot ``offset[i]`` of ``tok_out`` (R, L, Dt) and ``pos_out`` (R, L, Dp),
+    with ``pad_out`` False and ``seg_out`` i there. The outputs come filled (0, True, -1); slots stay
+    within L (the packing's fullest row). Flat loops over 1-D views, as :func:`_gather_pad_py`."""
+    dt = tok.shape[2]
+    dp = pos.shape[2]
+    tin = tok.reshape(tok.shape[0], -1)
+    pin = pos.reshape(pos.shape[0], -1)
+    tout = tok_out.reshape(tok_out.shape[0], -1)
+    pout = pos_out.reshape(pos_out.shape[0], -1)
+    for i in range(lens.shape[0]):
+        r = row[i]
+        o = offset[i]
+        n = lens[i]
+        src = tin[i]
+        dst = tout[r, o * dt : (o + n) * dt]
+        for j in range(n * dt):
+            dst[j] = src[j]
+        src = pin[i]
+        dst2 = pout[r, o * dp : (o + n) * dp]
+        for j in range(n * dp):
+            dst2[j] = src[j]
+        for j in range(o, o + n):
+            pad_out[r, j] = False
+            seg_out[r, j] = i
+
+
+_pack_columns = _jit(_pack_columns_py)
+
+
+def _pack_edges_py(
+    edges: np.ndarray, counts: np.ndarray, row: np.ndarray, offset: np.ndarray, out: np.ndarray
+) -> None:
+    """Sample i's first ``counts[i]`` edges (``edges`` (N, E, 2)), shifted by ``offset[i]``, to row
+    ``row[i]`` of ``out`` (R, E', 2, filled with -1), after the edges of the row's earlier samples
+    (in sample order)."""
+    fill = np.zeros(out.shape[0], np.int64)
+    for i in range(counts.shape[0]):
+        r = row[i]
+        s = fill[r]
+        o = offset[i]
+        for k in range(counts[i]):
+            out[r, s + k, 0] = edges[i, k, 0] + o
+            out[r, s + k, 1] = edges[i, k, 1] + o
+        fill[r] = s + counts[i]
+
+
+_pack_edges = _jit(_pack_edges_py)
+
+
+def pack_columns(
+    tok: np.ndarray,
+    pos: np.ndarray,
+    lens: np.ndarray,
+    row: np.ndarray,
+    offset: np.ndarray,
+    tok_out: np.ndarray,
+    pos_out: np.ndarray,
+    pad_out: np.ndarray,
+    seg_out: np.ndarray,
+) -> None:
+    """Compiled :func:`_pack_columns_py` (needs numba); ``tok`` (N, Lb) ids are taken as (N, Lb, 1)
+    and float16 columns are copied as their bits."""
+    if tok.ndim == 2:
+        tok, tok_out = tok[..., None], tok_out[..., None]
+    tok, tok_out = _as_bits(tok, tok_out)
+    pos, pos_out = _as_bits(pos, pos_out)
+    _pack_columns(tok, pos, lens, row, offset, tok_out, pos_out, pad_out, seg_out)
+
+
+def pack_edges(
+    edges: np.ndarray, counts: np.ndarray, row: np.ndarray, offset: np.ndarray, out: np.ndarray
+) -> None:
+    """Compiled :func:`_pack_edges_py` (needs numba)."""
+    _pack_edges(edges, counts, row, offset, out)
+
+
 _BITS = {np.dtype(np.float16): np.dtype(np.uint16)}
 """dtypes numba does not compute with on CPU, copied as integers of the same width (same bits)."""
 

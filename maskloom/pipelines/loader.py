@@ -994,7 +994,7 @@ def _pack(batch: TokenBatch, row_tokens: int) -> TokenBatch:
     its ``meta`` JSON handed on unparsed."""
     edges = None if batch.edges is None else batch.edges.numpy()
     tokens, positions, pad, segments, edges = pack_arrays(
-        batch.tokens.numpy(), batch.positions.numpy(), batch.padding.numpy(), edges, row_tokens
+        batch.tokens.numpy(), batch.positions.numpy(), batch.padding.numpy(), edges, row_tokens, prefix=True
     )
     meta = batch.__dict__["_meta"] if isinstance(batch, _Batch) else batch.meta
     return _Batch(
