@@ -16,6 +16,7 @@ File layout (every table and key is optional unless marked; see ``builtin/*.toml
     [train]        seed, log_every, checkpoint_every, keep_checkpoints, compile, precision
     [modality.image]                         # one table per modality; "*" matches any table
     weight = 1.0                             # share of steps when several modalities are mixed
+    pack = 256                               # optional: pack batches into rows of <= 256 tokens
     tokenizer = { patch_size = 16 }          # the modality's tokenizer Config
     adapter = { input_norm = true }          # AdapterConfig fields beyond the table's spec
     masking = { kind = "random", ratio = 0.75 }   # MaskingConfig fields (+ policy_weight)
@@ -162,6 +163,9 @@ class ModalityRecipe:
     """Registered objective name."""
     objective_options: dict[str, Any] = field(default_factory=dict)
     """The objective's Config fields."""
+    pack: int | None = None
+    """Pack each batch's samples into rows of at most this many tokens (``LoaderConfig.pack``): for
+    short, uneven samples such as small graphs. Needs random masking."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,6 +245,8 @@ class Recipe:
                 "masking": masking,
                 "objective": {"name": m.objective, **m.objective_options},
             }
+            if m.pack is not None:
+                d["modality"][m.modality]["pack"] = m.pack
         return d
 
     def to_toml(self) -> str:
@@ -363,7 +369,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, path: str) -> None:
 
 
 _TOP = {"name", "description", "model", "optim", "train", "modality"}
-_MODALITY_KEYS = {"weight", "tokenizer", "adapter", "masking", "objective"}
+_MODALITY_KEYS = {"weight", "pack", "tokenizer", "adapter", "masking", "objective"}
 
 
 def recipe_from_dict(data: Mapping[str, Any], *, path: str = "<memory>") -> Recipe:
@@ -459,6 +465,16 @@ def _modality(name: str, raw: Any, path: str) -> ModalityRecipe:
     if not isinstance(ratio, bool) and isinstance(ratio, int | float) and not 0 < ratio < 1:
         raise RecipeError(path, f"{key}.masking.ratio", f"must lie in (0, 1), got {ratio}")
     masking = _build(MaskingConfig, masking_raw, f"{key}.masking", path)
+    pack = raw.get("pack")
+    if pack is not None:
+        if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
+            raise RecipeError(path, f"{key}.pack", f"expected a number of tokens >= 1, got {pack!r}")
+        if masking.kind != "random":
+            raise RecipeError(
+                path,
+                f"{key}.pack",
+                f"packed batches need random masking; this modality uses {masking.kind!r}",
+            )
 
     obj = dict(_table(raw, "objective", path, prefix=key))
     obj_name = obj.pop("name", None)
@@ -482,6 +498,7 @@ def _modality(name: str, raw: Any, path: str) -> ModalityRecipe:
         policy_weight=float(policy_weight),
         objective=obj_name,
         objective_options=obj,
+        pack=pack,
     )
 
 

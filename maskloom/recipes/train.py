@@ -570,6 +570,7 @@ def _train(
         num_workers=options.loader_workers,
         weights=weights,
         pin_memory=device.type == "cuda",
+        pack={m: mod.pack for m, mod in mods.items() if mod.pack is not None} or None,
     )
     step = 0
     if options.resume and ckpts:

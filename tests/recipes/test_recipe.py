@@ -172,6 +172,17 @@ BAD = [
         "model.encoder: dim 128 not divisible by heads 3",
     ),
     (('name = "tiny-image"', "name = "), "not valid TOML"),
+    (
+        ("[modality.image]", "[modality.image]\npack = 0"),
+        "modality.image.pack: expected a number of tokens >= 1, got 0",
+    ),
+    (
+        (
+            'masking = { kind = "random", ratio = 0.75 }',
+            'masking = { kind = "block", ratio = 0.75 }\npack = 64',
+        ),
+        "modality.image.pack: packed batches need random masking; this modality uses 'block'",
+    ),
 ]
 
 
@@ -184,6 +195,14 @@ def test_validation_errors_name_file_and_key(tmp_path, edit, fragment):
         load_recipe(p)
     msg = str(e.value)
     assert msg.startswith(f"{p}: ") and fragment in msg, msg
+
+
+def test_pack_is_kept_and_round_trips(tmp_path):
+    p = write(tmp_path, GOOD.replace("[modality.image]", "[modality.image]\npack = 64", 1))
+    r = load_recipe(p)
+    assert r.modalities[0].pack == 64 and r.to_dict()["modality"]["image"]["pack"] == 64
+    assert load_recipe(write(tmp_path, GOOD, "plain.toml")).modalities[0].pack is None
+    assert "pack" not in load_recipe(write(tmp_path, GOOD, "plain.toml")).to_dict()["modality"]["image"]
 
 
 def test_missing_recipe_names_builtins(tmp_path):

@@ -282,6 +282,23 @@ def test_two_modalities_and_adaptive_masking(tmp_path, toy):
     assert sorted(m for m, _ in model.config.adapters) == ["train_ids", "train_toy"]
 
 
+def test_packed_training(tmp_path, toy, monkeypatch):
+    seen = []
+    forward = MaskedModel.forward
+
+    def spy(self, batch, **kw):
+        seen.append((batch.batch_size, batch.num_samples, batch.segments is not None))
+        return forward(self, batch, **kw)
+
+    monkeypatch.setattr(MaskedModel, "forward", spy)
+    res = run(tmp_path, recipe(steps=4, extra="pack = 20"), [toy])
+    assert res.status == "finished" and all(math.isfinite(x) for x in res.losses)
+    # 4 sequences of 6..13 vectors per batch (bucketed), packed into rows of up to 20: the short
+    # ones two to a row, the long ones (13 + 13 > 20) one to a row
+    assert seen == [(2, 4, True), (2, 4, True), (4, 4, True), (4, 4, True)]
+    assert "pack = 20" in (tmp_path / "run" / "recipe.toml").read_text()
+
+
 def test_stop_flag_catches_sigterm():
     before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or Ray's handler when an earlier test started Ray
     with T._StopFlag() as stop:
