@@ -788,8 +788,12 @@ def _same_samples(packed, plain, limit):
 _PACK = 7
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_packed_batches_hold_the_unpacked_batches_samples(tmp_path, num_workers):
+@pytest.mark.parametrize(("num_workers", "pipe_bytes"), [(0, None), (2, None), (2, 0)])
+def test_packed_batches_hold_the_unpacked_batches_samples(tmp_path, monkeypatch, num_workers, pipe_bytes):
+    from maskloom.pipelines import loader as loader_mod
+
+    if pipe_bytes is not None:  # every batch from the workers as shared-memory tensors
+        monkeypatch.setattr(loader_mod, "PIPE_BATCH_BYTES", pipe_bytes)
     ids = _ids_table(tmp_path)
     kw = dict(batch_size=6, seed=3, bucket_window=2)
     plain = list(TokenLoader(ids, **kw))
