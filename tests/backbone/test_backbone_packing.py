@@ -239,3 +239,16 @@ def test_compiled_columns_equal_numpy_indexing(monkeypatch, dtype):
     reference = pack_arrays(tokens, positions, padding, edges, 64, prefix=True)
     for a, b in zip(compiled, reference):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_crossmae_fraction_is_counted_per_sample_of_a_packed_batch():
+    model = make_model("spectral", MaskingConfig(kind="random", ratio=0.5), decoder="cross", fraction=0.5)
+    packed = pack_batch(graph_batch(), 12)
+    with torch.no_grad():
+        out = model.train()(packed, generator=gen(2))
+    masked = torch.bincount(packed.segments[out.mask], minlength=6)
+    scored = torch.bincount(packed.segments[out.target_mask], minlength=6)
+    assert masked.tolist() == [4, 2, 4, 1, 2, 2]  # num_masked of 9, 3, 7, 2, 5, 4 at 0.5
+    # round(0.5 * masked), at least 1: 2, 1, 2, 1, 1, 1 (round half to even: 0.5 -> 0 -> 1)
+    assert scored.tolist() == [2, 1, 2, 1, 1, 1]
+    assert not bool((out.target_mask & ~out.mask).any())
