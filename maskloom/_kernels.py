@@ -164,7 +164,9 @@ def pack_rows_py(
     for each row count R from ``r_lo`` (at least to ``r_hi``, further until one fits), the smallest
     row limit from ``max(ceil(total / R), longest)`` to ``cap`` at which first-fit decreasing
     (``order``: longest first) needs at most R rows (bisection); the fit with the fewest slots, rows
-    x fullest row, wins (the first among equals). Writes its ``row``/``offset``; returns its rows."""
+    x fullest row, wins (the first among equals), unless rows no longer than the longest sample
+    have fewer slots (so a packed batch never pads more than the unpacked one). Writes its
+    ``row``/``offset``; returns its rows."""
     n = lens.shape[0]
     total = 0
     longest = 0
@@ -193,6 +195,13 @@ def pack_rows_py(
                 best_cost = used * fullest
                 best_limit = hi
         r += 1
+    # rows as long as the longest sample (no longer than the unpacked batch): never more slots
+    used = _first_fit(lens, order, longest, n, fill, row, offset)
+    fullest = 0
+    for q in range(used):
+        fullest = max(fullest, fill[q])
+    if used * fullest < best_cost:
+        best_limit = longest
     return _first_fit(lens, order, best_limit, n, fill, row, offset)
 
 

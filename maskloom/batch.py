@@ -114,7 +114,9 @@ def pack_plan(lengths: np.ndarray, row_tokens: int) -> tuple[np.ndarray, np.ndar
     room) decides the placement. A batch is as long as its fullest row, so the limit matters as
     much as the number of rows: for each of ``PACK_ROW_CHOICES`` row counts R from
     ``ceil(total / cap)``, the smallest limit at which first-fit decreasing needs at most R rows is
-    found by bisection, and the packing with the fewest slots (rows x fullest row) is kept. 300
+    found by bisection, and the packing with the fewest slots (rows x fullest row) is kept; rows
+    limited to the longest sample are a candidate too, so packing never pads more than one sample
+    per row would. 300
     tokens in rows of up to 64 become 6 rows of at most 52 tokens (312 slots), not 6 of up to 64
     with a short last row (384). Compiled with numba (``maskloom._kernels.pack_rows``): ~10 us for
     64 samples."""

@@ -42,9 +42,12 @@ def test_pack_plan_is_first_fit_decreasing_with_the_fewest_slots():
     # 5 + 5 > 8: three rows of one sample each
     row, offset, rows = pack_plan(np.array([5, 5, 5]), 8)
     assert (rows, row.tolist()) == (3, [0, 1, 2])
-    # 15 tokens in rows of up to 10: 2 rows, the limit raised from 8 to 9 until five 3s fit
+    # equal lengths: one sample per row has no padding (15 slots), two rows of 9 would have 18
     row, offset, rows = pack_plan(np.array([3] * 5), 10)
-    assert rows == 2 and row.tolist() == [0, 0, 0, 1, 1]
+    assert rows == 5 and row.tolist() == [0, 1, 2, 3, 4] and offset.tolist() == [0] * 5
+    # 14 tokens: two rows of 7 (14 slots) beat five rows of 3 (15)
+    row, offset, rows = pack_plan(np.array([3, 3, 3, 3, 1, 1]), 10)
+    assert (rows, row.tolist(), offset.tolist()) == (2, [0, 0, 1, 1, 0, 1], [0, 3, 0, 3, 6, 6])
     assert pack_plan(np.array([], dtype=np.int64), 4)[2] == 0
     with pytest.raises(ValueError, match="row_tokens must be >= 1"):
         pack_plan(np.array([1]), 0)
