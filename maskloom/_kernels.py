@@ -157,14 +157,48 @@ def _first_fit_py(
 _first_fit = numba.njit(cache=True, nogil=True)(_first_fit_py) if numba is not None else _first_fit_py
 
 
+def _fit_slots_py(
+    lens: np.ndarray,
+    order: np.ndarray,
+    rows: int,
+    lo: int,
+    cap: int,
+    fill: np.ndarray,
+    row: np.ndarray,
+    offset: np.ndarray,
+) -> tuple[int, int]:
+    """(slots = rows used x fullest row, limit) of first-fit decreasing into at most ``rows`` rows
+    at the smallest limit in ``lo..cap`` that fits (bisection), or (-1, cap) if none does."""
+    hi = cap
+    if _first_fit(lens, order, hi, rows, fill, row, offset) > rows:
+        return -1, cap
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _first_fit(lens, order, mid, rows, fill, row, offset) <= rows:
+            hi = mid
+        else:
+            lo = mid + 1
+    used = _first_fit(lens, order, hi, rows, fill, row, offset)
+    fullest = 0
+    for q in range(used):
+        fullest = max(fullest, fill[q])
+    return used * fullest, hi
+
+
+_fit_slots = numba.njit(cache=True, nogil=True)(_fit_slots_py) if numba is not None else _fit_slots_py
+
+
 def pack_rows_py(
     lens: np.ndarray, order: np.ndarray, r_lo: int, r_hi: int, cap: int, row: np.ndarray, offset: np.ndarray
 ) -> int:
-    """The packing of :func:`maskloom.batch.pack_plan` (plain Python, compiled by numba when there):
-    for each row count R from ``r_lo`` (at least to ``r_hi``, further until one fits), the smallest
-    row limit from ``max(ceil(total / R), longest)`` to ``cap`` at which first-fit decreasing
-    (``order``: longest first) needs at most R rows (bisection); the fit with the fewest slots, rows
-    x fullest row, wins (the first among equals), unless rows no longer than the longest sample
+    """The packing of :func:`maskloom.batch.pack_plan` (plain Python, compiled by numba when there).
+
+    Candidate row counts R: the ``r_hi - r_lo + 1`` counts from the rows first-fit decreasing
+    (``order``: longest first) needs at ``cap`` (at least ``r_lo``), and ``ceil(N / k)`` for every k
+    samples per row that needs more rows (batches of similar lengths pack best k to a row). For
+    each, the smallest row limit from ``max(ceil(total / R), longest)`` to ``cap`` at which
+    first-fit decreasing needs at most R rows (bisection); the fit with the fewest slots, rows x
+    fullest row, wins (the first tried among equals), unless rows no longer than the longest sample
     have fewer slots (so a packed batch never pads more than the unpacked one). Writes its
     ``row``/``offset``; returns its rows."""
     n = lens.shape[0]
@@ -174,33 +208,28 @@ def pack_rows_py(
         total += lens[i]
         longest = max(longest, lens[i])
     fill = np.zeros(n, np.int64)
+    # fewer rows than first-fit decreasing needs at the full limit do not fit: start there
+    first = max(r_lo, _first_fit(lens, order, cap, n, fill, row, offset))
+    last = min(n, first + (r_hi - r_lo))
     best_cost = -1
     best_limit = cap
-    r = r_lo
-    while r <= n and (r <= r_hi or best_cost < 0):
-        hi = cap
-        if _first_fit(lens, order, hi, r, fill, row, offset) <= r:
-            lo = max((total + r - 1) // r, longest)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if _first_fit(lens, order, mid, r, fill, row, offset) <= r:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            used = _first_fit(lens, order, hi, r, fill, row, offset)
-            fullest = 0
-            for q in range(used):
-                fullest = max(fullest, fill[q])
-            if best_cost < 0 or used * fullest < best_cost:
-                best_cost = used * fullest
-                best_limit = hi
-        r += 1
+    for r in range(first, last + 1):
+        cost, limit = _fit_slots(lens, order, r, max((total + r - 1) // r, longest), cap, fill, row, offset)
+        if cost >= 0 and (best_cost < 0 or cost < best_cost):
+            best_cost, best_limit = cost, limit
+    for k in range(n // first, 0, -1):  # k samples to a row
+        r = (n + k - 1) // k
+        if r <= last:
+            continue
+        cost, limit = _fit_slots(lens, order, r, max((total + r - 1) // r, longest), cap, fill, row, offset)
+        if cost >= 0 and (best_cost < 0 or cost < best_cost):
+            best_cost, best_limit = cost, limit
     # rows as long as the longest sample (no longer than the unpacked batch): never more slots
     used = _first_fit(lens, order, longest, n, fill, row, offset)
     fullest = 0
     for q in range(used):
         fullest = max(fullest, fill[q])
-    if used * fullest < best_cost:
+    if best_cost < 0 or used * fullest < best_cost:
         best_limit = longest
     return _first_fit(lens, order, best_limit, n, fill, row, offset)
 
