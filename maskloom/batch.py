@@ -112,13 +112,14 @@ def pack_plan(lengths: np.ndarray, row_tokens: int) -> tuple[np.ndarray, np.ndar
 
     First-fit decreasing (samples longest first, ties in sample order, each into the first row with
     room) decides the placement. A batch is as long as its fullest row, so the limit matters as
-    much as the number of rows: for each of ``PACK_ROW_CHOICES`` row counts R from
-    ``ceil(total / cap)``, the smallest limit at which first-fit decreasing needs at most R rows is
-    found by bisection, and the packing with the fewest slots (rows x fullest row) is kept; rows
-    limited to the longest sample are a candidate too, so packing never pads more than one sample
-    per row would. 300
-    tokens in rows of up to 64 become 6 rows of at most 52 tokens (312 slots), not 6 of up to 64
-    with a short last row (384). Compiled with numba (``maskloom._kernels.pack_rows``): ~10 us for
+    much as the number of rows. Candidate row counts R: ``PACK_ROW_CHOICES`` counts from the rows
+    first-fit decreasing needs at ``cap`` (at least ``ceil(total / cap)``), and ``ceil(N / k)``
+    for k samples to a row (bucketed batches of similar lengths pack best that way). For each, the
+    smallest limit at which first-fit decreasing needs at most R rows is found by bisection, and
+    the packing with the fewest slots (rows x fullest row) is kept; rows limited to the longest
+    sample are a candidate too, so packing never pads more than one sample per row would. 300
+    tokens in rows of up to 64 become 7 rows of at most 44 tokens (308 slots), not 6 of up to 64
+    with a short last row (384). Compiled with numba (``maskloom._kernels.pack_plan``): ~30 us for
     64 samples."""
     if row_tokens < 1:
         raise ValueError(f"row_tokens must be >= 1, got {row_tokens}")
@@ -153,7 +154,7 @@ def pack_arrays(
 
     ``prefix``: the caller guarantees that every sample's real tokens and edges come first (the
     loader's batches); otherwise it is checked. Such batches are copied by compiled loops
-    (``maskloom._kernels.pack_columns``, ~10 us for 64 small graphs); others by numpy indexing."""
+    (``maskloom._kernels.pack_columns``, ~20 us for 64 small graphs); others by numpy indexing."""
     from maskloom import _kernels
 
     n, width = padding.shape
@@ -227,7 +228,8 @@ def pack_batch(batch: TokenBatch, row_tokens: int) -> TokenBatch:
     (first-fit decreasing, :func:`pack_plan`), with ``segments`` saying which sample each token is.
 
     Packing removes most of the padding of batches of short, uneven samples (small graphs, short
-    texts): 64 MUTAG graphs pad 15 % with length bucketing, ~1 % packed into rows of 256 tokens.
+    texts): MUTAG's graphs in batches of 64 pad 15 % with length bucketing, 3.4 % packed into rows
+    of up to 128 tokens.
     ``labels``, ``ids`` and ``meta`` stay one per sample. Works on CPU tensors (the loader packs
     before handing a batch over)."""
     if batch.segments is not None:
