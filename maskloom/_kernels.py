@@ -211,30 +211,24 @@ def pack_rows_py(
     # fewer rows than first-fit decreasing needs at the full limit do not fit: start there
     first = max(r_lo, _first_fit(lens, order, cap, n, fill, row, offset))
     last = min(n, first + (r_hi - r_lo))
-    best_cost = -1
-    best_limit = cap
-    for r in range(first, last + 1):
-        cost, limit = _fit_slots(lens, order, r, max((total + r - 1) // r, longest), cap, fill, row, offset)
-        if cost >= 0 and (best_cost < 0 or cost < best_cost):
-            best_cost, best_limit = cost, limit
+    # candidates: (rows, lowest limit, highest limit); the last one, rows as long as the longest
+    # sample (no longer than the unpacked batch), always fits, so packing never has more slots
+    candidates = [(r, max((total + r - 1) // r, longest), cap) for r in range(first, last + 1)]
     for k in range(n // first, 0, -1):  # k samples to a row
         r = (n + k - 1) // k
-        if r <= last:
-            continue
-        cost, limit = _fit_slots(lens, order, r, max((total + r - 1) // r, longest), cap, fill, row, offset)
+        if r > last:
+            candidates.append((r, max((total + r - 1) // r, longest), cap))
+    candidates.append((n, longest, longest))
+    best_cost = -1
+    best_limit = cap
+    for r, lo, hi in candidates:
+        cost, limit = _fit_slots(lens, order, r, lo, hi, fill, row, offset)
         if cost >= 0 and (best_cost < 0 or cost < best_cost):
             best_cost, best_limit = cost, limit
-    # rows as long as the longest sample (no longer than the unpacked batch): never more slots
-    used = _first_fit(lens, order, longest, n, fill, row, offset)
-    fullest = 0
-    for q in range(used):
-        fullest = max(fullest, fill[q])
-    if best_cost < 0 or used * fullest < best_cost:
-        best_limit = longest
     return _first_fit(lens, order, best_limit, n, fill, row, offset)
 
 
-_pack_rows = _jit(pack_rows_py)
+_pack_rows = _jit(pack_rows_py) if numba is not None else pack_rows_py
 
 
 def _pack_plan_py(
@@ -253,11 +247,12 @@ _pack_plan = _jit(_pack_plan_py)
 
 
 def pack_plan(lens: np.ndarray, row_tokens: int, choices: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Compiled :func:`_pack_plan_py` (needs numba): (row (N,), offset (N,), R)."""
+    """(row (N,), offset (N,), R) of :func:`_pack_plan_py`, compiled when numba is there."""
     lens = np.ascontiguousarray(lens, np.int64)
     row = np.empty(lens.size, np.int64)
     offset = np.empty(lens.size, np.int64)
-    return row, offset, int(_pack_plan(lens, row_tokens, choices, row, offset))
+    fn = _pack_plan if ENABLED else _pack_plan_py
+    return row, offset, int(fn(lens, int(row_tokens), int(choices), row, offset))
 
 
 def pack_rows(
@@ -332,7 +327,8 @@ def _pack_edges_py(
         fill[r] = s + counts[i]
 
 
-_pack_edges = _jit(_pack_edges_py)
+pack_edges = _jit(_pack_edges_py)
+"""Compiled :func:`_pack_edges_py` (None without numba)."""
 
 
 def pack_columns(
@@ -353,13 +349,6 @@ def pack_columns(
     tok, tok_out = _as_bits(tok, tok_out)
     pos, pos_out = _as_bits(pos, pos_out)
     _pack_columns(tok, pos, lens, row, offset, tok_out, pos_out, pad_out, seg_out)
-
-
-def pack_edges(
-    edges: np.ndarray, counts: np.ndarray, row: np.ndarray, offset: np.ndarray, out: np.ndarray
-) -> None:
-    """Compiled :func:`_pack_edges_py` (needs numba)."""
-    _pack_edges(edges, counts, row, offset, out)
 
 
 _BITS = {np.dtype(np.float16): np.dtype(np.uint16)}

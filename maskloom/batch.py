@@ -124,17 +124,11 @@ def pack_plan(lengths: np.ndarray, row_tokens: int) -> tuple[np.ndarray, np.ndar
     if row_tokens < 1:
         raise ValueError(f"row_tokens must be >= 1, got {row_tokens}")
     lens = np.asarray(lengths, dtype=np.int64)
-    n = lens.size
-    if n == 0:
+    if lens.size == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
     from maskloom import _kernels
 
-    if _kernels.ENABLED:  # the same steps in one compiled call
-        return _kernels.pack_plan(lens, row_tokens, PACK_ROW_CHOICES)
-    cap = max(row_tokens, int(lens.max()))
-    r_lo = max(1, -(-int(lens.sum()) // cap))
-    order = np.argsort(-lens, kind="stable")
-    return _kernels.pack_rows(lens, order, r_lo, min(n, r_lo + PACK_ROW_CHOICES - 1), cap)
+    return _kernels.pack_plan(lens, row_tokens, PACK_ROW_CHOICES)
 
 
 def pack_arrays(
@@ -223,7 +217,7 @@ def pack_arrays(
     return tok_out, pos_out, pad, seg, out_edges
 
 
-def pack_batch(batch: TokenBatch, row_tokens: int) -> TokenBatch:
+def pack_batch(batch: TokenBatch, row_tokens: int, *, prefix: bool = False) -> TokenBatch:
     """The batch with its samples packed end to end into rows of at most ``row_tokens`` tokens
     (first-fit decreasing, :func:`pack_plan`), with ``segments`` saying which sample each token is.
 
@@ -231,7 +225,7 @@ def pack_batch(batch: TokenBatch, row_tokens: int) -> TokenBatch:
     texts): MUTAG's graphs in batches of 64 pad 15 % with length bucketing, 3.4 % packed into rows
     of up to 128 tokens.
     ``labels``, ``ids`` and ``meta`` stay one per sample. Works on CPU tensors (the loader packs
-    before handing a batch over)."""
+    before handing a batch over); ``prefix`` as in :func:`pack_arrays`."""
     if batch.segments is not None:
         raise ValueError("the batch is already packed")
     edges = None if batch.edges is None else batch.edges.cpu().numpy()
@@ -241,6 +235,7 @@ def pack_batch(batch: TokenBatch, row_tokens: int) -> TokenBatch:
         batch.padding.cpu().numpy(),
         edges,
         row_tokens,
+        prefix=prefix,
     )
     device = batch.tokens.device
     t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731

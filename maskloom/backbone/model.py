@@ -396,7 +396,7 @@ class MaskedModel(nn.Module):
             real = batch.segments >= 0
             seg = batch.segments[real]
             pooled = tokens.new_zeros(batch.num_samples, tokens.shape[-1]).index_add_(0, seg, tokens[real])
-            counts = torch.bincount(seg, minlength=batch.num_samples).clamp(min=1)
+            counts = segment_counts(batch.segments, batch.num_samples).clamp(min=1)
             pooled = pooled / counts[:, None].to(tokens.dtype)
             return Features(pooled=pooled, tokens=tokens, padding=batch.padding)
         real = (~batch.padding)[..., None].to(tokens.dtype)

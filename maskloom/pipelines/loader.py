@@ -79,7 +79,7 @@ import pyarrow.parquet as pq
 import torch
 
 from maskloom import _kernels
-from maskloom.batch import TokenBatch, pack_arrays
+from maskloom.batch import TokenBatch, pack_batch
 from maskloom.tables import TableError, TableSpec, TokenTable, vector_values
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class LoaderConfig:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
         packs = self.pack.values() if isinstance(self.pack, Mapping) else [self.pack]
-        if any(p is not None and not (isinstance(p, int) and p >= 1) for p in packs):
+        if not all(_valid_pack(p) for p in packs):
             raise ValueError(f"pack must be a number of tokens >= 1 (or a mapping of them), got {self.pack}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(
@@ -171,6 +171,11 @@ class LoaderConfig:
 # ---------------------------------------------------------------------------------------------
 # lengths and the row-group index
 # ---------------------------------------------------------------------------------------------
+def _valid_pack(pack: Any) -> bool:
+    """Whether ``pack`` is None or a number of tokens >= 1 (``LoaderConfig.pack``, ``collate_fn``)."""
+    return pack is None or (isinstance(pack, int) and pack >= 1)
+
+
 def _open(table: str | TokenTable) -> TokenTable:
     return table if isinstance(table, TokenTable) else TokenTable(os.fspath(table))
 
@@ -989,25 +994,10 @@ def _make_batch(
     )
 
 
-def _pack(batch: TokenBatch, row_tokens: int) -> TokenBatch:
-    """A collated CPU batch packed into rows of at most ``row_tokens`` tokens (:func:`pack_arrays`),
-    its ``meta`` JSON handed on unparsed."""
-    edges = None if batch.edges is None else batch.edges.numpy()
-    tokens, positions, pad, segments, edges = pack_arrays(
-        batch.tokens.numpy(), batch.positions.numpy(), batch.padding.numpy(), edges, row_tokens, prefix=True
-    )
-    meta = batch.__dict__["_meta"] if isinstance(batch, _Batch) else batch.meta
-    return _Batch(
-        tokens=torch.from_numpy(tokens),
-        positions=torch.from_numpy(positions),
-        padding=torch.from_numpy(pad),
-        modality=batch.modality,
-        labels=batch.labels,
-        edges=None if edges is None else torch.from_numpy(edges),
-        ids=batch.ids,
-        meta=meta,
-        segments=torch.from_numpy(segments),
-    )
+def _pack(batch: _Batch, row_tokens: int) -> TokenBatch:
+    """A collated batch (real tokens and edges first) packed into rows of at most ``row_tokens``
+    tokens (:func:`pack_batch`), its ``meta`` JSON handed on unparsed."""
+    return batch._hand_over(pack_batch, batch, row_tokens, prefix=True)
 
 
 SEGMENT_BYTES = 32 << 20
@@ -1585,7 +1575,7 @@ def collate_fn(table: str | TokenTable | TableSpec, *, with_meta: bool = True, p
     Use as ``ds.iter_torch_batches(batch_size=64, collate_fn=collate_fn(table))``; move the batch to
     the device yourself (``batch.to(device)``), Ray only moves plain tensor batches.
     """
-    if pack is not None and not (isinstance(pack, int) and pack >= 1):
+    if not _valid_pack(pack):
         raise ValueError(f"pack must be a number of tokens >= 1, got {pack}")
     spec = table if isinstance(table, TableSpec) else _open(table).spec
     cls = type("TokenBatchCollateFn", (_CollateMixin, _ray_collate_base()), {})
