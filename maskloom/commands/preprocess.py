@@ -6,7 +6,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from maskloom.pipelines.preprocess import PreprocessResult
 
 HELP = "raw files -> a sharded token table (Ray; resumable, exactly-once; --address for a cluster)"
 
@@ -108,6 +111,25 @@ def _load_config(path: str | None, overrides: list[str]) -> dict[str, Any]:
     return cfg
 
 
+SMALL_JOB_SHARE = 0.5
+"""Share of a job's wall time spent starting Ray and its actors above which the CLI suggests
+``--num-workers 0`` (an embedded Ray's start-up is 4-7 s on a 2-core machine; see the README)."""
+
+
+def small_job_hint(result: PreprocessResult, embedded: bool) -> str | None:
+    """A one-line note when an embedded Ray's start-up took most of the job (``startup_seconds``: until
+    a worker began its first shard), else None. Not for a cluster (its start-up is a running Ray's)
+    nor for runs in this process or with nothing to do."""
+    if not embedded or result.workers == 0 or result.already_done or result.seconds <= 0:
+        return None
+    if result.startup_seconds <= SMALL_JOB_SHARE * result.seconds:
+        return None
+    return (
+        f"maskloom preprocess: note: starting Ray took {result.startup_seconds:.1f} of this job's "
+        f"{result.seconds:.1f} s; a job this small runs faster in this process: --num-workers 0"
+    )
+
+
 def _error(msg: str) -> int:
     print(f"maskloom preprocess: error: {msg}", file=sys.stderr)
     return 2
@@ -117,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     import importlib
 
     from maskloom.pipelines.preprocess import PreprocessError, TableConflictError, preprocess
+    from maskloom.pipelines.ray_utils import resolve_address
     from maskloom.pipelines.sources import SourceError, find_inputs
     from maskloom.registry import RegistryError
     from maskloom.tokenizers.base import TOKENIZERS, get_tokenizer
@@ -157,4 +180,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"maskloom preprocess: failed: {e}", file=sys.stderr)
         return 1
     print(result.summary())
+    hint = small_job_hint(result, embedded=resolve_address(args.address) == "local")
+    if hint:
+        print(hint, file=sys.stderr)
     return 0

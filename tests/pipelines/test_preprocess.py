@@ -17,6 +17,7 @@ from maskloom.cli import main
 from maskloom.pipelines.preprocess import (
     COMMITS,
     PreprocessError,
+    PreprocessResult,
     ShardSpec,
     TableConflictError,
     TokenizeShardActor,
@@ -638,3 +639,22 @@ def test_default_shard_size_is_planned_for_the_workers_that_will_run(tmp_path, m
             preprocess(found, TOK, None, str(tmp_path / f"t{n}"), num_workers=n, progress=False)
     # None: as many workers as CPUs (the default pool); 0: the driver alone
     assert seen == [resources().num_workers, 1, 3]
+
+
+def test_small_job_hint_only_when_an_embedded_ray_start_up_dominates(tmp_path):
+    from maskloom.commands.preprocess import small_job_hint
+
+    base = dict(out_dir=str(tmp_path), inputs=10, rows=10, tokens=100, errors=0, bytes=1, input_bytes=1,
+                shards=2, skipped_shards=0, throughput=1.0, workers=2)  # fmt: skip
+    slow_start = PreprocessResult(**base, seconds=10.5, startup_seconds=7.4)
+    assert small_job_hint(slow_start, embedded=True) == (
+        "maskloom preprocess: note: starting Ray took 7.4 of this job's 10.5 s; "
+        "a job this small runs faster in this process: --num-workers 0"
+    )
+    assert small_job_hint(slow_start, embedded=False) is None  # a cluster: its Ray was running
+    assert small_job_hint(PreprocessResult(**base, seconds=10.0, startup_seconds=5.0), embedded=True) is None
+    assert small_job_hint(PreprocessResult(**base, seconds=60.0, startup_seconds=7.0), embedded=True) is None
+    in_process = PreprocessResult(**{**base, "workers": 0}, seconds=1.0, startup_seconds=0.9)
+    assert small_job_hint(in_process, embedded=True) is None
+    done = PreprocessResult(**base, seconds=0.1, startup_seconds=0.0, already_done=True)
+    assert small_job_hint(done, embedded=True) is None
