@@ -177,14 +177,19 @@ class PreprocessResult:
         if self.already_done:
             return (
                 f"{self.out_dir}: already finished with this config ({self.inputs} inputs, {self.rows} rows, "
-                f"{self.tokens} tokens, {self.errors} errors, {_mb(self.bytes)}); nothing to do"
+                f"{self.tokens} tokens, {_count(self.errors, 'error')}, {_mb(self.bytes)}); nothing to do"
             )
         skipped = f", {self.skipped_shards}/{self.shards} shards resumed" if self.skipped_shards else ""
         return (
-            f"{self.inputs} inputs = {self.inputs - self.errors} written + {self.errors} errors; "
+            f"{self.inputs} inputs = {self.inputs - self.errors} written + {_count(self.errors, 'error')}; "
             f"{self.rows} rows, {self.tokens} tokens, {_mb(self.bytes)} written, {self.throughput:.1f} inputs/s "
             f"({_mb(self.input_bytes)} read, {self.seconds:.1f} s{skipped})"
         )
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 error``, ``2 errors``, ``0 errors``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _mb(n: int) -> str:

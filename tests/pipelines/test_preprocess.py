@@ -658,3 +658,22 @@ def test_small_job_hint_only_when_an_embedded_ray_start_up_dominates(tmp_path):
     assert small_job_hint(in_process, embedded=True) is None
     done = PreprocessResult(**base, seconds=0.1, startup_seconds=0.0, already_done=True)
     assert small_job_hint(done, embedded=True) is None
+
+
+def test_summary_counts_errors_in_the_singular_and_plural(tmp_path):
+    base = dict(out_dir=str(tmp_path), inputs=10, tokens=90, bytes=2_500_000, input_bytes=1_000_000, shards=2,
+                skipped_shards=0, seconds=2.0, throughput=5.0)  # fmt: skip
+    one = PreprocessResult(**base, rows=9, errors=1)
+    assert one.summary() == (
+        "10 inputs = 9 written + 1 error; 9 rows, 90 tokens, 2.5 MB written, 5.0 inputs/s (1.0 MB read, 2.0 s)"
+    )
+    assert (
+        PreprocessResult(**base, rows=10, errors=0)
+        .summary()
+        .startswith("10 inputs = 10 written + 0 errors; ")
+    )
+    done = PreprocessResult(**base, rows=8, errors=2, already_done=True)
+    assert done.summary() == (
+        f"{tmp_path}: already finished with this config (10 inputs, 8 rows, 90 tokens, 2 errors, 2.5 MB); "
+        "nothing to do"
+    )

@@ -80,7 +80,7 @@ def test_ray_job_submit_preprocess_round_trip(tmp_path, ray_head):
            "--shard-size", "3", "--no-progress"]  # fmt: skip
     done = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "7 inputs = 6 written + 1 errors; 6 rows, 12 tokens, " in done.stdout
+    assert "7 inputs = 6 written + 1 error; 6 rows, 12 tokens, " in done.stdout
     assert (
         "Progress bars disabled" not in done.stdout + done.stderr
     )  # Ray Data's notice: ours replace its bars
