@@ -15,7 +15,8 @@ peer below lasts ~20 s on this machine; ``--copies K`` overrides both. (Token ta
 writes 10x cheaper and these jobs 2-2.7x shorter; the counts were raised to keep the ~20 s. Session
 5's audio fbank took the audio peer from 16.5 to 14 s for 30,000 clips: 15 -> 21 copies. Session
 11's audio path without torch decodes a clip in 95 instead of ~225 us: the audio peer went from 30 to
-17-18 s; the counts stayed.)
+17-18 s; the counts stayed.) ``--modalities audio --copies 63`` is the README's 3x longer audio job (126,000 clips,
+~59 s single-process), where Ray's fixed start-up of each actor is amortised as in a real corpus.
 Without /work/shared/data, generated files stand in.
 
 Modes, on the same files, each round running all of them back to back (rounds interleave, so load
