@@ -8,7 +8,8 @@ per-round ratio (``ratio``), so the load of a shared machine drifts over both si
   ``torch.nn.TransformerEncoder`` (pre-norm, GELU, no dropout) of the same width, depth and token
   count; ratio = peer time / ours (target >= 1.0). ``encoder_vs_timm`` does the same against timm's
   ViT ``Block``s when timm is importable (the ``bench`` extra). Ours runs as maskloom runs it: its
-  Linears take oneDNN on an AVX-512 CPU (``maskloom.backbone.linear``; ``cpu_matmul`` says which),
+  Linears take oneDNN on an AVX-512 CPU that is not Intel's (``maskloom.backbone.linear``;
+  ``cpu_matmul`` says which),
   the peers' run on the BLAS. ``*_same_kernels`` time our blocks with their Linears on the BLAS
   too, which isolates the rest of the block (attention layout, etc.) from the GEMM library.
 - mae_speedup: full model step (embed, mask, encode, decode, MSE, backward, AdamW) at 75% masking

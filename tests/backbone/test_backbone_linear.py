@@ -115,7 +115,9 @@ def test_policy_resolution_and_errors(monkeypatch):
         assert cpu_matmul() == "blas"
         set_cpu_matmul("auto")
         avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-        assert cpu_matmul() == ("onednn" if avx512 and torch.backends.mkldnn.is_available() else "blas")
+        not_intel = lin.cpu_vendor() != "GenuineIntel"
+        expected = "onednn" if avx512 and not_intel and torch.backends.mkldnn.is_available() else "blas"
+        assert cpu_matmul() == expected
         with pytest.raises(ValueError, match="'fast'.*auto, onednn, blas"):
             set_cpu_matmul("fast")
         # the environment variable is read on first use, and a bad value names it
@@ -129,6 +131,47 @@ def test_policy_resolution_and_errors(monkeypatch):
     finally:
         set_cpu_matmul("auto")
     assert cpu_matmul() == before
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_auto_takes_onednn_on_avx512_cpus_but_intel_ones(monkeypatch):
+    cases = {  # (capability, vendor) -> auto's choice
+        ("AVX512", "AuthenticAMD"): "onednn",
+        ("AVX512", ""): "onednn",
+        ("AVX512", "GenuineIntel"): "blas",
+        ("AVX2", "AuthenticAMD"): "blas",
+        ("AVX2", "GenuineIntel"): "blas",
+    }
+    before = cpu_matmul()
+    try:
+        for (capability, vendor), expected in cases.items():
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+            monkeypatch.setattr(lin, "cpu_vendor", lambda v=vendor: v)
+            set_cpu_matmul("auto")
+            assert cpu_matmul() == expected, (capability, vendor)
+            set_cpu_matmul("onednn")  # forced: whatever the CPU
+            assert cpu_matmul() == "onednn"
+    finally:
+        monkeypatch.undo()
+        set_cpu_matmul("auto")
+    assert cpu_matmul() == before
+
+
+def test_cpu_vendor_reads_the_vendor_id(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n")
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
+    )
+    assert lin.cpu_vendor() == "AuthenticAMD"
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    monkeypatch.setattr(
+        lin.platform, "processor", lambda: "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel"
+    )
+    assert lin.cpu_vendor() == "GenuineIntel"
+    monkeypatch.setattr(lin.platform, "processor", lambda: "arm")
+    assert lin.cpu_vendor() == ""
 
 
 def test_linear_module_is_an_nn_linear():
