@@ -56,6 +56,13 @@ def _jit(fn: Any, reassociate: bool = False) -> Any:
     return numba.njit(cache=True, nogil=True, fastmath=flags)(fn)
 
 
+def _jit_callee(fn: Any) -> Any:
+    """:func:`_jit` for a kernel that other kernels call: without numba, ``fn`` itself, so that their
+    plain-Python forms can call it."""
+    compiled = _jit(fn)
+    return fn if compiled is None else compiled
+
+
 def _copy_pad_py(seg: np.ndarray, row: np.ndarray, fill: Any) -> None:
     """``row[:n] = seg`` and ``row[n:] = fill`` (n = ``len(seg)``), 1-D views: flat loops that LLVM
     vectorises (a loop per token and channel, or indices from an offset, is not: 1.4-2.8x slower)."""
@@ -154,7 +161,7 @@ def _first_fit_py(
     return used
 
 
-_first_fit = numba.njit(cache=True, nogil=True)(_first_fit_py) if numba is not None else _first_fit_py
+_first_fit = _jit_callee(_first_fit_py)
 
 
 def _fit_slots_py(
@@ -185,7 +192,7 @@ def _fit_slots_py(
     return used * fullest, hi
 
 
-_fit_slots = numba.njit(cache=True, nogil=True)(_fit_slots_py) if numba is not None else _fit_slots_py
+_fit_slots = _jit_callee(_fit_slots_py)
 
 
 def pack_rows_py(
@@ -228,7 +235,7 @@ def pack_rows_py(
     return _first_fit(lens, order, best_limit, n, fill, row, offset)
 
 
-_pack_rows = _jit(pack_rows_py) if numba is not None else pack_rows_py
+_pack_rows = _jit_callee(pack_rows_py)
 
 
 def _pack_plan_py(
