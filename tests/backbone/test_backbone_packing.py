@@ -188,19 +188,39 @@ def test_a_packed_mask_that_hides_a_whole_sample_is_refused():
         model(packed, mask=mask)
 
 
+def _plain_python_packing(monkeypatch) -> None:
+    """Run packing as plain Python from here on. ``ENABLED = False`` alone is not enough: the Python
+    forms call the kernels they share with the compiled ones (``_first_fit``, ``_fit_slots``,
+    ``_pack_rows``) through module globals, which are the compiled kernels when numba is there."""
+    from maskloom import _kernels
+
+    monkeypatch.setattr(_kernels, "ENABLED", False)
+    monkeypatch.setattr(_kernels, "_first_fit", _kernels._first_fit_py)
+    monkeypatch.setattr(_kernels, "_fit_slots", _kernels._fit_slots_py)
+    monkeypatch.setattr(_kernels, "_pack_rows", _kernels.pack_rows_py)
+
+
 def test_compiled_packing_equals_the_python_reference(monkeypatch):
     from maskloom import _kernels
 
     if not _kernels.ENABLED:
         pytest.skip("numba is not available")
     rng = np.random.default_rng(0)
+    trials = []
     for trial in range(200):
         n = int(rng.integers(1, 70))
         lens = rng.integers(1, 40, n) if trial % 2 else rng.integers(15, 30, n)
         order = np.argsort(-lens, kind="stable")
         cap = max(int(rng.integers(8, 128)), int(lens.max()))
         r_lo = max(1, -(-int(lens.sum()) // cap))
-        got = _kernels.pack_rows(lens, order, r_lo, min(n, r_lo + 2), cap)
+        trials.append((n, lens, order, r_lo, cap))
+    compiled_rows = [
+        _kernels.pack_rows(lens, order, r_lo, min(n, r_lo + 2), cap) for n, lens, order, r_lo, cap in trials
+    ]
+    cases = [rng.integers(1, 40, int(rng.integers(1, 70))) for _ in range(50)]
+    compiled = [pack_plan(lens, 48) for lens in cases]
+    _plain_python_packing(monkeypatch)  # the references: pack_plan's numpy steps and its loops in Python
+    for (n, lens, order, r_lo, cap), got in zip(trials, compiled_rows):
         row, offset = np.empty(n, np.int64), np.empty(n, np.int64)
         r = _kernels.pack_rows_py(lens, order, r_lo, min(n, r_lo + 2), cap, row, offset)
         assert got[2] == r and np.array_equal(got[0], row) and np.array_equal(got[1], offset)
@@ -210,9 +230,6 @@ def test_compiled_packing_equals_the_python_reference(monkeypatch):
             mine = np.flatnonzero(row == q)
             ends = sorted((offset[i], offset[i] + lens[i]) for i in mine)
             assert ends[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
-    cases = [rng.integers(1, 40, int(rng.integers(1, 70))) for _ in range(50)]
-    compiled = [pack_plan(lens, 48) for lens in cases]
-    monkeypatch.setattr(_kernels, "ENABLED", False)  # pack_plan's numpy steps + the plain Python loop
     for lens, got in zip(cases, compiled):
         ref = pack_plan(lens, 48)
         assert got[2] == ref[2] and np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
@@ -238,7 +255,7 @@ def test_compiled_columns_equal_numpy_indexing(monkeypatch, dtype):
     for i, c in enumerate(ecounts):
         edges[i, :c] = rng.integers(0, lens[i], (c, 2))
     compiled = pack_arrays(tokens, positions, padding, edges, 64, prefix=True)
-    monkeypatch.setattr(_kernels, "ENABLED", False)
+    _plain_python_packing(monkeypatch)
     reference = pack_arrays(tokens, positions, padding, edges, 64, prefix=True)
     for a, b in zip(compiled, reference):
         assert a.dtype == b.dtype and np.array_equal(a, b)
