@@ -199,7 +199,6 @@ class CpuMeter:
         self._first: dict[tuple[int, int], float] = {}
         self._kinds: dict[tuple[int, int], str] = {}
         self._ignored: set[tuple[int, int]] = set()
-        self._live: dict[int, tuple[int, int]] = {}  # pid -> the process that had it when last seen
 
     def _sample(self) -> None:
         me = os.getpid()
@@ -207,20 +206,20 @@ class CpuMeter:
         for name in os.listdir("/proc"):
             if name.isdigit() and (st := _stat(int(name))) is not None:
                 snap[int(name)] = st
-        for pid, (_, _, start) in snap.items():
-            self._live[pid] = (pid, start)
 
         def ours(pid: int, depth: int = 0) -> bool:
             """In this process's tree: itself, a process already counted, or a child of one of ours.
             Decided over the whole snapshot, not in /proc's pid order: pids wrap (at 32,768 here),
             and a worker started after the wrap lists before the raylet that started it (until
             2026-12-04 it was then ignored, and a round's warm CPU came out ~1 CPU-s)."""
-            key = self._live.get(pid)
-            if pid == me or key in self._last:
+            if pid == me:
                 return True
-            if key is None or key in self._ignored or pid not in snap or depth > 64:
+            if pid not in snap or depth > 64:
                 return False
-            return ours(snap[pid][0], depth + 1)
+            key = (pid, snap[pid][2])
+            if key in self._last:
+                return True
+            return key not in self._ignored and ours(snap[pid][0], depth + 1)
 
         for pid, (_, cpu, start) in snap.items():
             key = (pid, start)
