@@ -164,6 +164,40 @@ def _first_fit_py(
 _first_fit = _jit_callee(_first_fit_py)
 
 
+def _fits_py(
+    lens: np.ndarray,
+    order: np.ndarray,
+    limit: int,
+    rows: int,
+    fill: np.ndarray,
+    row: np.ndarray,
+    offset: np.ndarray,
+    memo: np.ndarray,
+) -> bool:
+    """Whether first-fit decreasing at row limit ``limit`` needs at most ``rows`` rows, remembered in
+    ``memo`` (3, cap + 1) for the other candidates of a packing, which probe many of the same limits:
+    ``memo[0, limit]`` the rows it needs (-1: not known), ``memo[1, limit]`` its fullest row,
+    ``memo[2, limit]`` the most rows it is known not to fit in (0: none)."""
+    used = memo[0, limit]
+    if used >= 0:
+        return used <= rows
+    if memo[2, limit] >= rows:
+        return False
+    used = _first_fit(lens, order, limit, rows, fill, row, offset)
+    if used > rows:  # stopped early: it needs more than ``rows``
+        memo[2, limit] = max(memo[2, limit], rows)
+        return False
+    fullest = 0
+    for q in range(used):
+        fullest = max(fullest, fill[q])
+    memo[0, limit] = used
+    memo[1, limit] = fullest
+    return True
+
+
+_fits = _jit_callee(_fits_py)
+
+
 def _fit_slots_py(
     lens: np.ndarray,
     order: np.ndarray,
@@ -173,23 +207,20 @@ def _fit_slots_py(
     fill: np.ndarray,
     row: np.ndarray,
     offset: np.ndarray,
+    memo: np.ndarray,
 ) -> tuple[int, int]:
     """(slots = rows used x fullest row, limit) of first-fit decreasing into at most ``rows`` rows
     at the smallest limit in ``lo..cap`` that fits (bisection), or (-1, cap) if none does."""
     hi = cap
-    if _first_fit(lens, order, hi, rows, fill, row, offset) > rows:
+    if not _fits(lens, order, hi, rows, fill, row, offset, memo):
         return -1, cap
     while lo < hi:
         mid = (lo + hi) // 2
-        if _first_fit(lens, order, mid, rows, fill, row, offset) <= rows:
+        if _fits(lens, order, mid, rows, fill, row, offset, memo):
             hi = mid
         else:
             lo = mid + 1
-    used = _first_fit(lens, order, hi, rows, fill, row, offset)
-    fullest = 0
-    for q in range(used):
-        fullest = max(fullest, fill[q])
-    return used * fullest, hi
+    return memo[0, hi] * memo[1, hi], hi
 
 
 _fit_slots = _jit_callee(_fit_slots_py)
@@ -207,7 +238,12 @@ def pack_rows_py(
     first-fit decreasing needs at most R rows (bisection); the fit with the fewest slots, rows x
     fullest row, wins (the first tried among equals), unless rows no longer than the longest sample
     have fewer slots (so a packed batch never pads more than the unpacked one). Writes its
-    ``row``/``offset``; returns its rows."""
+    ``row``/``offset``; returns its rows.
+
+    Two shortcuts leave the result as it is: a candidate whose fewest possible slots cannot beat the
+    best fit so far is skipped (a perfect fit, slots == total, ends the search), and first-fit's
+    answer at each limit is remembered across candidates (:func:`_fits_py`). On bucketed batches of
+    64 SMS messages they took the packing from ~47 to ~20 us."""
     n = lens.shape[0]
     total = 0
     longest = 0
@@ -215,8 +251,11 @@ def pack_rows_py(
         total += lens[i]
         longest = max(longest, lens[i])
     fill = np.zeros(n, np.int64)
+    memo = np.zeros((3, cap + 1), np.int64)
+    memo[0] = -1
     # fewer rows than first-fit decreasing needs at the full limit do not fit: start there
-    first = max(r_lo, _first_fit(lens, order, cap, n, fill, row, offset))
+    _fits(lens, order, cap, n, fill, row, offset, memo)  # n rows always do (cap >= longest)
+    first = max(r_lo, memo[0, cap])
     last = min(n, first + (r_hi - r_lo))
     # candidates: (rows, lowest limit, highest limit); the last one, rows as long as the longest
     # sample (no longer than the unpacked batch), always fits, so packing never has more slots
@@ -229,7 +268,11 @@ def pack_rows_py(
     best_cost = -1
     best_limit = cap
     for r, lo, hi in candidates:
-        cost, limit = _fit_slots(lens, order, r, lo, hi, fill, row, offset)
+        # a fit into at most r rows has fullest row >= lo (the longest sample, total / r) and uses
+        # >= total / hi rows, so at least this many slots: skip it if that cannot beat the best
+        if best_cost >= 0 and max(total, lo * ((total + hi - 1) // hi)) >= best_cost:
+            continue
+        cost, limit = _fit_slots(lens, order, r, lo, hi, fill, row, offset, memo)
         if cost >= 0 and (best_cost < 0 or cost < best_cost):
             best_cost, best_limit = cost, limit
     return _first_fit(lens, order, best_limit, n, fill, row, offset)
@@ -336,6 +379,138 @@ def _pack_edges_py(
 
 pack_edges = _jit(_pack_edges_py)
 """Compiled :func:`_pack_edges_py` (None without numba)."""
+
+
+def _gather_pack_py(
+    src1: np.ndarray,
+    src2: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    first: int,
+    row: np.ndarray,
+    offset: np.ndarray,
+    out1: np.ndarray,
+    out2: np.ndarray,
+    pad_out: np.ndarray,
+    seg_out: np.ndarray,
+) -> None:
+    """Rows of a decoded chunk straight into packed rows (:func:`_pack_columns_py` without the padded
+    batch in between): sample ``b = first + i`` of the batch is ``src1[starts[i] : starts[i] +
+    lens[i]]`` (src1 (T, W1)) and the same rows of ``src2`` (T, W2); it goes to row ``row[b]`` from
+    slot ``offset[b]`` of ``out1`` (R, L, W1) and ``out2`` (R, L, W2), with ``pad_out`` False and
+    ``seg_out`` b there. The outputs come filled (0, True, -1). Values are converted to the outputs'
+    dtypes (int32 ids -> int64). Flat loops over 1-D views, as :func:`_gather_pad2_py`."""
+    W1 = out1.shape[2]
+    W2 = out2.shape[2]
+    flat1 = src1.reshape(-1)
+    flat2 = src2.reshape(-1)
+    rows1 = out1.reshape(out1.shape[0], out1.shape[1] * W1)
+    rows2 = out2.reshape(out2.shape[0], out2.shape[1] * W2)
+    for i in range(starts.shape[0]):
+        b = first + i
+        r = row[b]
+        o = offset[b]
+        s = starts[i]
+        n = lens[i]
+        d1 = rows1[r, o * W1 : (o + n) * W1]
+        v1 = flat1[s * W1 : (s + n) * W1]
+        for j in range(n * W1):
+            d1[j] = v1[j]
+        d2 = rows2[r, o * W2 : (o + n) * W2]
+        v2 = flat2[s * W2 : (s + n) * W2]
+        for j in range(n * W2):
+            d2[j] = v2[j]
+        pr = pad_out[r, o : o + n]
+        sr = seg_out[r, o : o + n]
+        for j in range(n):
+            pr[j] = False
+            sr[j] = b
+
+
+_gather_pack = _jit(_gather_pack_py)
+
+
+def _gather_pack_edges_py(
+    edges: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    first: int,
+    row: np.ndarray,
+    offset: np.ndarray,
+    base: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """The edges of chunk rows straight into packed rows (:func:`_pack_edges_py` from a chunk):
+    sample ``b = first + i``'s ``counts[i]`` edges ``edges[starts[i]:]`` (E, 2), shifted by
+    ``offset[b]``, go to row ``row[b]`` of ``out`` (R, E', 2, filled with -1) from slot ``base[b]``
+    (:func:`_row_bases_py`)."""
+    flat = edges.reshape(-1)
+    rows = out.reshape(out.shape[0], out.shape[1] * 2)
+    for i in range(starts.shape[0]):
+        b = first + i
+        o = offset[b]
+        m = 2 * counts[i]
+        src = flat[2 * starts[i] : 2 * starts[i] + m]
+        dst = rows[row[b], 2 * base[b] : 2 * base[b] + m]
+        for k in range(m):  # flat 1-D views, as _gather_pad2_py: vectorised
+            dst[k] = src[k] + o
+
+
+_gather_pack_edges = _jit(_gather_pack_edges_py)
+
+
+def _row_bases_py(row: np.ndarray, counts: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(base (N,), fill (rows,)): sample b's values start at ``base[b]`` in its row ``row[b]``, after
+    those of the row's earlier samples (in sample order); ``fill``: each row's total."""
+    fill = np.zeros(rows, np.int64)
+    base = np.empty(row.shape[0], np.int64)
+    for b in range(row.shape[0]):
+        base[b] = fill[row[b]]
+        fill[row[b]] += counts[b]
+    return base, fill
+
+
+_row_bases = _jit(_row_bases_py)
+
+
+def gather_pack(
+    src1: np.ndarray,
+    src2: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    first: int,
+    row: np.ndarray,
+    offset: np.ndarray,
+    out1: np.ndarray,
+    out2: np.ndarray,
+    pad_out: np.ndarray,
+    seg_out: np.ndarray,
+) -> None:
+    """Compiled :func:`_gather_pack_py` (needs numba); float16 columns are copied as their bits."""
+    if out1.dtype in _BITS or out2.dtype in _BITS:
+        src1, out1 = _as_bits(src1, out1)
+        src2, out2 = _as_bits(src2, out2)
+    _gather_pack(src1, src2, starts, lens, first, row, offset, out1, out2, pad_out, seg_out)
+
+
+def gather_pack_edges(
+    edges: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    first: int,
+    row: np.ndarray,
+    offset: np.ndarray,
+    base: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Compiled :func:`_gather_pack_edges_py` (needs numba)."""
+    _gather_pack_edges(edges, starts, counts, first, row, offset, base, out)
+
+
+def row_bases(row: np.ndarray, counts: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_row_bases_py`, compiled when numba is there."""
+    fn = _row_bases if ENABLED else _row_bases_py
+    return fn(row, np.ascontiguousarray(counts, np.int64), int(rows))
 
 
 def pack_columns(

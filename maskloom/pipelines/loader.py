@@ -79,7 +79,7 @@ import pyarrow.parquet as pq
 import torch
 
 from maskloom import _kernels
-from maskloom.batch import TokenBatch, pack_batch
+from maskloom.batch import TokenBatch, pack_batch, pack_plan
 from maskloom.tables import TableError, TableSpec, TokenTable, vector_values
 
 log = logging.getLogger(__name__)
@@ -857,25 +857,14 @@ def _collate_short_parts(
     different token and position offsets, empty or long rows)."""
     if not _kernels.ENABLED:
         return None
-    runs = []  # (chunk, rows, slot, lengths, edge lengths or None) per part
-    B = L = E = 0
-    has_edges = False
-    for c, r, slot in parts:
-        if slot is None:  # the only part: the whole batch
-            slot = slice(0, r.size)
-        elif not isinstance(slot, slice) or slot.step not in (None, 1):
-            return None
-        if not c.same_offsets() or not r.size:
-            return None
-        n = c.row_lengths()[r]
-        L = max(L, int(n.max()))
-        en = None
-        if c.edge_off is not None:
-            has_edges = True
-            en = c.row_lengths("edge_off")[r]
-            E = max(E, int(en.max()))
-        B += r.size
-        runs.append((c, r, slot, n, en))
+    found = _short_runs(parts)
+    if found is None:
+        return None
+    runs, B = found
+    L = max(int(n.max()) for _, _, _, n, _ in runs)
+    ens = [en for *_, en in runs if en is not None]
+    has_edges = bool(ens)
+    E = max((int(en.max()) for en in ens), default=0)
     width = spec.token_dim if spec.token_kind == "continuous" else 1
     if not L or L * max(width, spec.position_dim) >= ROW_COPY_MIN or E * 2 >= ROW_COPY_MIN:
         return None
@@ -898,20 +887,101 @@ def _collate_short_parts(
     return _make_batch(spec, tokens, positions, pad, labels, edges, ids, meta, with_meta)
 
 
+def _short_runs(
+    parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]],
+) -> tuple[list[tuple[_Chunk, np.ndarray, slice, np.ndarray, np.ndarray | None]], int] | None:
+    """The parts of a batch as runs for the compiled short-row paths: (chunk, rows, slot as a slice,
+    token lengths, edge lengths or None) and the batch size; None when a part does not qualify
+    (an index-array slot, different token and position offsets, no rows)."""
+    runs = []
+    B = 0
+    for c, r, slot in parts:
+        if slot is None:  # the only part: the whole batch
+            slot = slice(0, r.size)
+        elif not isinstance(slot, slice) or slot.step not in (None, 1):
+            return None
+        if not c.same_offsets() or not r.size:
+            return None
+        en = c.row_lengths("edge_off")[r] if c.edge_off is not None else None
+        B += r.size
+        runs.append((c, r, slot, c.row_lengths()[r], en))
+    return runs, B
+
+
+def _collate_packed_parts(
+    parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]],
+    spec: TableSpec,
+    with_meta: bool,
+    row_tokens: int,
+) -> TokenBatch | None:
+    """``_pack(collate(parts), row_tokens)`` built straight from the chunks with numba: the packing
+    plan (:func:`maskloom.batch.pack_plan`) from the rows' lengths, then one compiled call per run for
+    tokens, positions, padding and segments together, and one for the edges, into the packed rows.
+    The padded batch in between, and its round trip through tensors, are never made (on 100 copies
+    of SMS they took most of the time packing added). The same batch, bit for bit. None: not that
+    case (no numba, or a part :func:`_short_runs` turns down)."""
+    if not _kernels.ENABLED:
+        return None
+    found = _short_runs(parts)
+    if found is None:
+        return None
+    runs, B = found
+    lens = np.empty(B, np.int64)
+    has_edges = any(en is not None for *_, en in runs)
+    elens = np.zeros(B, np.int64) if has_edges else None
+    for _, _, slot, n, en in runs:
+        lens[slot] = n
+        if en is not None:
+            elens[slot] = en
+    row, offset, R = pack_plan(lens, row_tokens)
+    L = int(_kernels.row_bases(row, lens, R)[1].max())
+    dtypes = batch_dtypes(spec)
+    width = spec.token_dim if spec.token_kind == "continuous" else 1
+    tokens = np.zeros((R, L, width), dtypes["tok"])
+    positions = np.zeros((R, L, spec.position_dim), dtypes["pos"])
+    pad = np.ones((R, L), bool)
+    seg = np.full((R, L), -1, np.int64)
+    edges = None
+    if has_edges:
+        base, efill = _kernels.row_bases(row, elens, R)
+        edges = np.full((R, int(efill.max()), 2), -1, dtypes["edges"])
+    for c, r, slot, n, en in runs:
+        tok2 = c.tok if c.tok.ndim == 2 else c.tok.reshape(-1, 1)  # ids (T,) as (T, 1)
+        st = c.tok_off[r]
+        _kernels.gather_pack(tok2, c.pos, st, n, slot.start or 0, row, offset, tokens, positions, pad, seg)
+        if en is not None:
+            _kernels.gather_pack_edges(c.edges, c.edge_off[r], en, slot.start or 0, row, offset, base, edges)
+    labels, ids, meta = _row_fields(runs, B, with_meta)
+    if spec.token_kind != "continuous":
+        tokens = tokens.reshape(R, L)
+    batch = _make_batch(spec, tokens, positions, pad, labels, edges, ids, meta, with_meta)
+    batch.segments = torch.from_numpy(seg)
+    return batch
+
+
 def collate(
     parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]],
     spec: TableSpec,
     *,
     with_meta: bool = True,
     pool: _BufferPool | None = None,
+    pack: int | None = None,
 ) -> TokenBatch:
-    """Pad rows taken from decoded chunks into one TokenBatch.
+    """Pad rows taken from decoded chunks into one TokenBatch (packed into rows of at most ``pack``
+    tokens if given: :func:`_pack`, straight from the chunks when it can: :func:`_collate_packed_parts`).
 
     ``parts``: (chunk, local row indices (n,), batch slots) triples; the slots, an (n,) index array or
     a slice, together cover 0..B-1 exactly once (``None``: the only part, the whole batch in order). The work is
     vectorised per chunk and column (see :func:`_pad_column`); ``meta`` JSON is parsed only when
     ``batch.meta`` is first read.
     """
+    if pack is not None:
+        packed = _collate_packed_parts(parts, spec, with_meta, pack)
+        return (
+            packed
+            if packed is not None
+            else _pack(collate(parts, spec, with_meta=with_meta, pool=pool), pack)
+        )
     fast = _collate_short_parts(parts, spec, with_meta)
     if fast is not None:
         return fast
@@ -1182,11 +1252,6 @@ class _Reader:
         ends = np.cumsum([items[i][2].size for i in seg.items]).tolist()
         return chunk, {i: local[a:b] for i, a, b in zip(seg.items, [0, *ends[:-1]], ends)}
 
-    def _packed(self, s: int, batch: TokenBatch) -> TokenBatch:
-        """The batch of stream ``s``, packed when the loader packs that stream (:func:`_pack`)."""
-        row_tokens = self.pack[s]
-        return batch if row_tokens is None else _pack(batch, row_tokens)
-
     def run(self, items: Sequence[tuple[int, int, np.ndarray]]) -> Iterator[TokenBatch]:
         """``items``: (stream, pass, stream rows) per batch, in the order to yield."""
         segments = self._segments(items)
@@ -1203,6 +1268,7 @@ class _Reader:
         pool = self.pool
         for i, (s, cyc, rows) in enumerate(items):
             st = self.streams[s]
+            pack = self.pack[s]  # row tokens, or None: not packed
             if st.resident:  # one gather from one chunk; no row-group bookkeeping per batch
                 w = whole.get(s)
                 if w is None or w[0] != cyc:
@@ -1214,9 +1280,7 @@ class _Reader:
                         groups = sorted(g for (s2, c2, g) in remaining if (s2, c2) == (s, cyc))
                         w = whole[s] = (cyc, *self._load_groups(s, groups))
                 local = rows if w[2] is None else w[2][rows]
-                yield self._packed(
-                    s, collate([(w[1], local, None)], st.spec, with_meta=self.with_meta, pool=pool)
-                )
+                yield collate([(w[1], local, None)], st.spec, with_meta=self.with_meta, pool=pool, pack=pack)
                 if last[(s, cyc)] == i:
                     del whole[s]
                 continue
@@ -1225,8 +1289,8 @@ class _Reader:
                 cur = current.get(s)
                 if cur is None or cur[0] is not seg:
                     current[s] = cur = (seg, *self._open_segment(seg, items, decoded))
-                yield self._packed(
-                    s, collate([(cur[1], cur[2].pop(i), None)], st.spec, with_meta=self.with_meta, pool=pool)
+                yield collate(
+                    [(cur[1], cur[2].pop(i), None)], st.spec, with_meta=self.with_meta, pool=pool, pack=pack
                 )
                 continue
             # big rows, or big row groups: one part per row group the batch takes rows from; a batch's
@@ -1244,7 +1308,7 @@ class _Reader:
                     (cache[(s, g)], rows[a:b] - st.group_start[g], slice(a, b))
                     for g, a, b in zip(groups, bounds[:-1], bounds[1:])
                 ]
-            batch = self._packed(s, collate(parts, st.spec, with_meta=self.with_meta, pool=pool))
+            batch = collate(parts, st.spec, with_meta=self.with_meta, pool=pool, pack=pack)
             for g, a, b in zip(groups, bounds[:-1], bounds[1:]):
                 key = (s, cyc, g)
                 remaining[key] -= b - a
@@ -1564,8 +1628,7 @@ class _CollateMixin:
     def __call__(self, batch: pa.Table) -> TokenBatch:
         chunk = _Chunk.from_arrow(batch, self.spec)
         rows = np.arange(batch.num_rows)
-        out = collate([(chunk, rows, rows)], self.spec, with_meta=self.with_meta)
-        return out if self.pack is None else _pack(out, self.pack)
+        return collate([(chunk, rows, None)], self.spec, with_meta=self.with_meta, pack=self.pack)
 
 
 def collate_fn(table: str | TokenTable | TableSpec, *, with_meta: bool = True, pack: int | None = None):

@@ -53,6 +53,66 @@ def test_pack_plan_is_first_fit_decreasing_with_the_fewest_slots():
         pack_plan(np.array([1]), 0)
 
 
+def _reference_plan(lens: np.ndarray, row_tokens: int, choices: int = 3) -> tuple[list, list, int]:
+    """pack_plan as its docstring states it, without shortcuts: every candidate row count tried by
+    bisection over the row limit with first-fit decreasing, the fewest slots (first among equals)."""
+    lens = [int(x) for x in lens]
+    n, total, longest = len(lens), sum(lens), max(lens)
+    order = sorted(range(n), key=lambda i: -lens[i])  # stable: ties in sample order
+    cap = max(row_tokens, longest)
+
+    def ffd(limit):  # -> (row, offset, fill)
+        row, offset, fill = [0] * n, [0] * n, []
+        for i in order:
+            j = next((q for q, f in enumerate(fill) if f + lens[i] <= limit), len(fill))
+            if j == len(fill):
+                fill.append(0)
+            row[i], offset[i] = j, fill[j]
+            fill[j] += lens[i]
+        return row, offset, fill
+
+    r_lo = max(1, -(-total // cap))
+    first = max(r_lo, len(ffd(cap)[2]))
+    last = min(n, first + choices - 1)
+    rs = list(range(first, last + 1)) + [-(-n // k) for k in range(n // first, 0, -1) if -(-n // k) > last]
+    candidates = [(r, max(-(-total // r), longest), cap) for r in rs] + [(n, longest, longest)]
+    best = None  # (slots, limit)
+    for r, lo, hi in candidates:
+        if len(ffd(hi)[2]) > r:
+            continue
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(ffd(mid)[2]) <= r else (mid + 1, hi)
+        fill = ffd(hi)[2]
+        if best is None or len(fill) * max(fill) < best[0]:
+            best = (len(fill) * max(fill), hi)
+    row, offset, fill = ffd(best[1])
+    return row, offset, len(fill)
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_pack_plan_equals_its_plain_statement(monkeypatch, path):
+    """The packing's shortcuts (skipping candidates that cannot win, first-fit's answers remembered
+    across candidates) leave every plan as the plain statement makes it: random lengths, and the
+    near-equal lengths of bucketed batches (where perfect fits end the search early)."""
+    from maskloom import _kernels
+
+    if path == "compiled" and not _kernels.ENABLED:
+        pytest.skip("numba is not available")
+    if path == "python":
+        _plain_python_packing(monkeypatch)
+    rng = np.random.default_rng(5)
+    cases = [(rng.integers(1, 40, int(rng.integers(1, 70))), int(rng.integers(4, 100))) for _ in range(150)]
+    for _ in range(150):
+        base = int(rng.integers(1, 30))
+        n = int(rng.integers(1, 70))
+        cases.append((base + rng.integers(0, int(rng.integers(1, 4)), n), 4 * base))
+    for lens, row_tokens in cases:
+        row, offset, rows = pack_plan(lens, row_tokens)
+        ref = _reference_plan(lens, row_tokens)
+        assert (row.tolist(), offset.tolist(), rows) == ref, (lens.tolist(), row_tokens)
+
+
 def test_pack_batch_keeps_every_token_edge_and_label():
     batch = graph_batch()
     packed = pack_batch(batch, 12)
@@ -190,12 +250,13 @@ def test_a_packed_mask_that_hides_a_whole_sample_is_refused():
 
 def _plain_python_packing(monkeypatch) -> None:
     """Run packing as plain Python from here on. ``ENABLED = False`` alone is not enough: the Python
-    forms call the kernels they share with the compiled ones (``_first_fit``, ``_fit_slots``,
-    ``_pack_rows``) through module globals, which are the compiled kernels when numba is there."""
+    forms call the kernels they share with the compiled ones (``_first_fit``, ``_fits``,
+    ``_fit_slots``, ``_pack_rows``) through module globals, which are the compiled kernels when numba is there."""
     from maskloom import _kernels
 
     monkeypatch.setattr(_kernels, "ENABLED", False)
     monkeypatch.setattr(_kernels, "_first_fit", _kernels._first_fit_py)
+    monkeypatch.setattr(_kernels, "_fits", _kernels._fits_py)
     monkeypatch.setattr(_kernels, "_fit_slots", _kernels._fit_slots_py)
     monkeypatch.setattr(_kernels, "_pack_rows", _kernels.pack_rows_py)
 

@@ -745,6 +745,63 @@ def test_short_row_fast_path_equals_the_general_collate(discrete, jit_path):
     assert (a.edges[9:] == -1).all() and a.meta == b.meta and a.meta[9] == {"m": 1}
 
 
+@pytest.mark.parametrize("discrete", [False, True])
+def test_packing_straight_from_chunks_equals_packing_the_padded_batch(discrete):
+    """collate(..., pack=) builds packed rows from the chunks (numba); the same batch, bit for bit,
+    as collating padded and packing that (the path without numba): one chunk, runs over several
+    chunks, chunks without edges among them."""
+    from maskloom import _kernels
+    from maskloom.pipelines.loader import _Chunk, _collate_packed_parts, _pack, collate
+
+    if not _kernels.ENABLED:
+        pytest.skip("numba is not available")
+    rng = np.random.default_rng(11)
+    spec = IdsTokenizer().spec() if discrete else VecTokenizer({"dim": 3, "dtype": "float16"}).spec()
+    width = len(spec.position_axes)
+
+    def chunk(n, edges=True):
+        lens = rng.integers(1, 12, n)
+        elens = np.where(rng.random(n) < 0.3, 0, rng.integers(1, 6, n))
+        off, eoff = np.concatenate([[0], np.cumsum(lens)]), np.concatenate([[0], np.cumsum(elens)])
+        pairs = np.concatenate([rng.integers(0, lens[i], (elens[i], 2)) for i in range(n)]).astype(np.int32)
+        return _Chunk(
+            tok_off=off,
+            tok=(
+                rng.integers(0, 1000, off[-1]).astype(np.int32)
+                if discrete
+                else rng.standard_normal((off[-1], 3)).astype(np.float16)
+            ),  # fmt: skip
+            pos_off=off,
+            pos=rng.standard_normal((off[-1], width)).astype(np.float32),
+            edge_off=eoff if edges else None,
+            edges=pairs if edges else None,
+            labels=np.arange(n) % 3,
+            ids=np.array([f"r{i}" for i in range(n)], object),
+            meta=np.array([f'{{"i": {i}}}' for i in range(n)], object),
+        )
+
+    checked = 0
+    for trial in range(40):
+        a, b, c = chunk(50), chunk(30), chunk(20, edges=trial % 3 != 0)
+        ra, rb, rc = rng.permutation(50)[:17], rng.permutation(30)[:9], rng.permutation(20)[:5]
+        layouts = [
+            [(a, ra, None)],
+            [(a, ra, slice(0, 17)), (b, rb, slice(17, 26)), (c, rc, slice(26, 31))],
+            [(c, rc, slice(0, 5)), (a, ra, slice(5, 22))],
+        ]
+        for parts in layouts:
+            row_tokens = int(rng.integers(4, 40))
+            assert _collate_packed_parts(parts, spec, True, row_tokens) is not None  # the direct path
+            got = collate(parts, spec, with_meta=True, pack=row_tokens)
+            ref = _pack(collate(parts, spec, with_meta=True), row_tokens)
+            for name in ("tokens", "positions", "padding", "segments", "labels", "edges"):
+                x, y = getattr(got, name), getattr(ref, name)
+                assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), name
+            assert got.ids == ref.ids and got.meta == ref.meta and got.num_samples == ref.num_samples
+            checked += 1
+    assert checked == 120
+
+
 def test_big_batch_buffers_are_reused_only_when_released(tmp_path, monkeypatch):
     import pickle
 
