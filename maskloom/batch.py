@@ -119,8 +119,8 @@ def pack_plan(lengths: np.ndarray, row_tokens: int) -> tuple[np.ndarray, np.ndar
     the packing with the fewest slots (rows x fullest row) is kept; rows limited to the longest
     sample are a candidate too, so packing never pads more than one sample per row would. 300
     tokens in rows of up to 64 become 7 rows of at most 44 tokens (308 slots), not 6 of up to 64
-    with a short last row (384). Compiled with numba (``maskloom._kernels.pack_plan``): ~30 us for
-    64 samples."""
+    with a short last row (384). Compiled with numba (``maskloom._kernels.pack_plan``): 3 us for 64
+    samples that pack perfectly, ~22 us for 64 of two lengths that do not."""
     if row_tokens < 1:
         raise ValueError(f"row_tokens must be >= 1, got {row_tokens}")
     lens = np.asarray(lengths, dtype=np.int64)
