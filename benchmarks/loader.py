@@ -57,6 +57,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -137,29 +138,34 @@ def _copies(recs: list[Record], k: int) -> list[Record]:
     return [dataclasses.replace(r, id=f"{r.id}~{c}") for c in range(k) for r in recs]
 
 
-def build_tables(root: str, rows: int, large_copies: int = 0) -> dict[str, str]:
-    """name -> table directory; real-data tables only for registered tokenizers and present data.
+def build_tables(
+    root: str, rows: int, large_copies: int = 0, wanted: Callable[[str], bool] = lambda name: True
+) -> dict[str, str]:
+    """name -> table directory; real-data tables only for registered tokenizers and present data,
+    and only those whose name ``wanted`` accepts (``--only``: the others are not built).
 
     With ``large_copies`` = K > 0, also K copies of the SMS and ENZYMES tables (``*_xK``): tables of
     short rows too big for the loader's cache (over ``RESIDENT_BYTES``), read row group by row group
     every epoch as a large text corpus or graph collection is."""
     out = {}
     have = set(TOKENIZERS.names())
-    if "image" in have and os.path.isdir(f"{DATA}/images/cifar10"):
+    sms_x, enzymes_x = f"text_sms_x{large_copies}", f"graph_enzymes_x{large_copies}"
+    if "image" in have and wanted("image_cifar10") and os.path.isdir(f"{DATA}/images/cifar10"):
         files = sorted(glob.glob(f"{DATA}/images/cifar10/train/*/*.jpg"))[:: max(1, 2000 // rows)][:rows]
         tok = get_tokenizer("image", {})  # MAE default: 224 x 224, 16 x 16 patches, 196 tokens of 768 uint8
         recs, errs = _tokenize_files(tok, files)
         out["image_cifar10"] = tables.write_table(
             f"{root}/image", recs, tok, errors=errs, rows_per_shard=256
         ).directory
-    if "audio" in have and os.path.isdir(f"{DATA}/audio/fsdd"):
+    if "audio" in have and wanted("audio_fsdd") and os.path.isdir(f"{DATA}/audio/fsdd"):
         files = sorted(glob.glob(f"{DATA}/audio/fsdd/*.wav"))[:rows]
         tok = get_tokenizer("audio", {})
         recs, errs = _tokenize_files(tok, files)
         out["audio_fsdd"] = tables.write_table(
             f"{root}/audio", recs, tok, errors=errs, rows_per_shard=256
         ).directory
-    if "text" in have and os.path.exists(f"{DATA}/text/sms_spam.tsv"):
+    large_sms = bool(large_copies) and wanted(sms_x)
+    if "text" in have and (wanted("text_sms") or large_sms) and os.path.exists(f"{DATA}/text/sms_spam.tsv"):
         src = f"{DATA}/text/sms_spam.tsv"
         tok = get_tokenizer(
             "text",
@@ -173,32 +179,41 @@ def build_tables(root: str, rows: int, large_copies: int = 0) -> dict[str, str]:
         )
         tok.fit([src])
         recs, errs = _tokenize_files(tok, [src])
-        out["text_sms"] = tables.write_table(
-            f"{root}/text", recs, tok, errors=errs, rows_per_shard=1024
-        ).directory
-        if large_copies:
-            out[f"text_sms_x{large_copies}"] = tables.write_table(
+        if wanted("text_sms"):
+            out["text_sms"] = tables.write_table(
+                f"{root}/text", recs, tok, errors=errs, rows_per_shard=1024
+            ).directory
+        if large_sms:
+            out[sms_x] = tables.write_table(
                 f"{root}/text_x", _copies(recs, large_copies), tok, rows_per_shard=1024
             ).directory
-    if "time_series" in have and os.path.exists(f"{DATA}/time_series/ETTh1.csv"):
+    if (
+        "time_series" in have
+        and wanted("time_series_etth1")
+        and os.path.exists(f"{DATA}/time_series/ETTh1.csv")
+    ):
         tok = get_tokenizer("time_series", {"window": 336, "stride": 24})
         recs, errs = _tokenize_files(tok, [f"{DATA}/time_series/ETTh1.csv"])
         out["time_series_etth1"] = tables.write_table(f"{root}/ts", recs, tok, errors=errs).directory
     for name in ("MUTAG", "ENZYMES"):  # one TU folder = one source; graphs carry edges
         src = f"{DATA}/graphs/{name}"
-        if "graph" in have and os.path.isdir(src):
+        large = bool(large_copies) and name == "ENZYMES" and wanted(enzymes_x)
+        if "graph" in have and (wanted(f"graph_{name.lower()}") or large) and os.path.isdir(src):
             tok = get_tokenizer("graph", {})
             if tok.needs_fit:
                 tok.fit([src])
             recs, errs = _tokenize_files(tok, [src])
-            out[f"graph_{name.lower()}"] = tables.write_table(
-                f"{root}/{name}", recs, tok, errors=errs
-            ).directory
-            if large_copies and name == "ENZYMES":
-                out[f"graph_enzymes_x{large_copies}"] = tables.write_table(
+            if wanted(f"graph_{name.lower()}"):
+                out[f"graph_{name.lower()}"] = tables.write_table(
+                    f"{root}/{name}", recs, tok, errors=errs
+                ).directory
+            if large:
+                out[enzymes_x] = tables.write_table(
                     f"{root}/{name}_x", _copies(recs, large_copies), tok
                 ).directory
-    if "video" in have:  # the shared data has 3 clips: the demo's moving shapes (VideoMAE's 16 frames)
+    if "video" in have and wanted(
+        "video_demo"
+    ):  # the shared data has 3 clips: the demo's moving shapes (VideoMAE's 16 frames)
         from maskloom.demo_data import write_demo_data
 
         per_class = max(1, min(rows, 192) // 4)
@@ -209,6 +224,8 @@ def build_tables(root: str, rows: int, large_copies: int = 0) -> dict[str, str]:
         out["video_demo"] = tables.write_table(
             f"{root}/video", recs, tok, errors=errs, rows_per_shard=64
         ).directory
+    if not wanted("synthetic_ragged"):
+        return out
     recs = _ragged_records(max(rows * 4, 2000))
     tok = _Ragged()
     spec = tok.spec()
@@ -454,13 +471,13 @@ def main() -> int:
         "tables": {},
     }
     with tempfile.TemporaryDirectory(prefix="maskloom-bench-loader-") as root:
-        t0 = time.perf_counter()
-        dirs = build_tables(root, args.rows, args.large_copies)
-        result["build_seconds"] = round(time.perf_counter() - t0, 1)
         only = [w for w in args.only.split(",") if w]
+        t0 = time.perf_counter()
+        dirs = build_tables(
+            root, args.rows, args.large_copies, lambda name: not only or any(w in name for w in only)
+        )
+        result["build_seconds"] = round(time.perf_counter() - t0, 1)
         for name, d in dirs.items():
-            if only and not any(w in name for w in only):
-                continue
             result["tables"][name] = bench_table(name, d, args.batch_size, args.repeat, args.workers)
     print(json.dumps(result, indent=1))
     return 0
