@@ -456,7 +456,8 @@ def _gather_pack_edges_py(
             dst[k] = src[k] + o
 
 
-_gather_pack_edges = _jit(_gather_pack_edges_py)
+gather_pack_edges = _jit(_gather_pack_edges_py)
+"""Compiled :func:`_gather_pack_edges_py` (None without numba)."""
 
 
 def _row_bases_py(row: np.ndarray, counts: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -491,20 +492,6 @@ def gather_pack(
         src1, out1 = _as_bits(src1, out1)
         src2, out2 = _as_bits(src2, out2)
     _gather_pack(src1, src2, starts, lens, first, row, offset, out1, out2, pad_out, seg_out)
-
-
-def gather_pack_edges(
-    edges: np.ndarray,
-    starts: np.ndarray,
-    counts: np.ndarray,
-    first: int,
-    row: np.ndarray,
-    offset: np.ndarray,
-    base: np.ndarray,
-    out: np.ndarray,
-) -> None:
-    """Compiled :func:`_gather_pack_edges_py` (needs numba)."""
-    _gather_pack_edges(edges, starts, counts, first, row, offset, base, out)
 
 
 def row_bases(row: np.ndarray, counts: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:

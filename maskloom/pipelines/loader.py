@@ -855,8 +855,6 @@ def _collate_short_parts(
     contiguous view). This per-batch cost dominates tables of tiny rows; per chunk and column calls
     and their index arrays were most of it. None: not that case (no numba, index-array slots,
     different token and position offsets, empty or long rows)."""
-    if not _kernels.ENABLED:
-        return None
     found = _short_runs(parts)
     if found is None:
         return None
@@ -891,8 +889,10 @@ def _short_runs(
     parts: Sequence[tuple[_Chunk, np.ndarray, np.ndarray | None]],
 ) -> tuple[list[tuple[_Chunk, np.ndarray, slice, np.ndarray, np.ndarray | None]], int] | None:
     """The parts of a batch as runs for the compiled short-row paths: (chunk, rows, slot as a slice,
-    token lengths, edge lengths or None) and the batch size; None when a part does not qualify
-    (an index-array slot, different token and position offsets, no rows)."""
+    token lengths, edge lengths or None) and the batch size; None without numba or when a part does
+    not qualify (an index-array slot, different token and position offsets, no rows)."""
+    if not _kernels.ENABLED:
+        return None
     runs = []
     B = 0
     for c, r, slot in parts:
@@ -920,8 +920,6 @@ def _collate_packed_parts(
     The padded batch in between, and its round trip through tensors, are never made (on 100 copies
     of SMS they took most of the time packing added). The same batch, bit for bit. None: not that
     case (no numba, or a part :func:`_short_runs` turns down)."""
-    if not _kernels.ENABLED:
-        return None
     found = _short_runs(parts)
     if found is None:
         return None
