@@ -488,9 +488,8 @@ def gather_pack(
     seg_out: np.ndarray,
 ) -> None:
     """Compiled :func:`_gather_pack_py` (needs numba); float16 columns are copied as their bits."""
-    if out1.dtype in _BITS or out2.dtype in _BITS:
-        src1, out1 = _as_bits(src1, out1)
-        src2, out2 = _as_bits(src2, out2)
+    src1, out1 = _as_bits(src1, out1)
+    src2, out2 = _as_bits(src2, out2)
     _gather_pack(src1, src2, starts, lens, first, row, offset, out1, out2, pad_out, seg_out)
 
 
@@ -583,9 +582,8 @@ def gather_pad2(
 ) -> None:
     """:func:`gather_pad` of two columns (N, W1), (N, W2) with the same row starts into (B, L, W1) and
     (B, L, W2), zero-padded, in one pass; ``pad`` (B, L) bool gets the padding mask."""
-    if out1.dtype in _BITS or out2.dtype in _BITS:
-        src1, out1 = _as_bits(src1, out1)
-        src2, out2 = _as_bits(src2, out2)
+    src1, out1 = _as_bits(src1, out1)
+    src2, out2 = _as_bits(src2, out2)
     _gather_pad2(src1, src2, starts, lens, out1, out2, pad)
 
 

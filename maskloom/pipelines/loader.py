@@ -945,10 +945,10 @@ def _collate_packed_parts(
         edges = np.full((R, int(efill.max()), 2), -1, dtypes["edges"])
     for c, r, slot, n, en in runs:
         tok2 = c.tok if c.tok.ndim == 2 else c.tok.reshape(-1, 1)  # ids (T,) as (T, 1)
-        st = c.tok_off[r]
-        _kernels.gather_pack(tok2, c.pos, st, n, slot.start or 0, row, offset, tokens, positions, pad, seg)
+        first = slot.start or 0  # the run's first sample in the batch
+        _kernels.gather_pack(tok2, c.pos, c.tok_off[r], n, first, row, offset, tokens, positions, pad, seg)
         if en is not None:
-            _kernels.gather_pack_edges(c.edges, c.edge_off[r], en, slot.start or 0, row, offset, base, edges)
+            _kernels.gather_pack_edges(c.edges, c.edge_off[r], en, first, row, offset, base, edges)
     labels, ids, meta = _row_fields(runs, B, with_meta)
     if spec.token_kind != "continuous":
         tokens = tokens.reshape(R, L)
