@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from maskloom.tokenizers.base import TOKENIZERS, Record, TableSpec
+from maskloom.tokenizers.base import TOKENIZERS, Record, TableSpec, utf8_text
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -341,8 +341,8 @@ def records_to_arrow(
         edges = pa.nulls(n, schema.field("edges").type)
     modality = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([spec.modality]))
     cols = [
-        pa.array([r.id for r in records], pa.string()),
-        pa.array([r.source for r in records], pa.string()),
+        _text_array([r.id for r in records]),
+        _text_array([r.source for r in records]),
         modality,
         tokens,
         positions,
@@ -712,9 +712,17 @@ class ShardWriter:
 
 def errors_to_arrow(errors: Iterable[tuple[str, str, str]]) -> pa.Table:
     rows = list(errors)
-    return pa.Table.from_pylist(
-        [{"source": s, "kind": k, "message": m} for s, k, m in rows], schema=ERRORS_SCHEMA
-    )
+    return pa.Table.from_arrays([_text_array([r[j] for r in rows]) for j in range(3)], schema=ERRORS_SCHEMA)
+
+
+def _text_array(values: list[str]) -> pa.Array:
+    """An Arrow string array of ``values``; a file name that is not UTF-8 (Linux allows any bytes)
+    goes in with those bytes written as ``\\xNN`` (:func:`~maskloom.tokenizers.base.utf8_text`)
+    instead of failing the whole shard."""
+    try:
+        return pa.array(values, pa.string())
+    except UnicodeEncodeError:
+        return pa.array([utf8_text(v) for v in values], pa.string())
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 
 import av
@@ -358,6 +359,41 @@ def test_corrupt_truncated_empty_unsupported_files(name, tmp_path):
     ]
     got = {what: _error(tok, path).kind for what, path, _ in cases}
     assert got == {what: kind for what, _, kind in cases}
+
+
+def _latin1_copy(path: str) -> str | None:
+    """A copy of the file at ``path`` whose name starts with the byte 0xE9 (Latin-1 "é", not UTF-8:
+    Python names it with the lone surrogate U+DCE9); None where the file system refuses the name."""
+    out = os.path.join(os.path.dirname(path), "\udce9" + os.path.basename(path))
+    try:
+        shutil.copyfile(path, out)
+    except (OSError, UnicodeEncodeError):
+        return None
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_file_names_that_are_not_utf8(name, tmp_path):
+    """Linux file names are bytes. Under a name that is not UTF-8 a good file gives the same records
+    (libsndfile, decord and PyAV take UTF-8 paths: they open a link to it), and a bad one the same
+    error, still naming the file."""
+    tok = _text_tok(tmp_path) if name == "text" else _tok(name)
+    cases = BAD_FILES[name](tmp_path)
+    (tmp_path / "ok.csv").write_text("0,1\n1,2\n") if name == "graph" else None
+    good = sorted(str(p) for p in tmp_path.glob("ok.*") if p.suffix in tok.extensions)
+    assert good, "no valid file to read"
+    for path in good:
+        other = _latin1_copy(path)
+        if other is None:
+            pytest.skip("this file system only takes UTF-8 file names")
+        want, got = tok(path), tok(other)
+        assert [r.source for r in got] == [other] * len(want)
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_array_equal(a.positions, b.positions)
+    files = [(what, path, kind) for what, path, kind in cases if os.path.isfile(path)]
+    got_kinds = {what: _error(tok, _latin1_copy(path)).kind for what, path, _ in files}
+    assert got_kinds == {what: kind for what, _, kind in files}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,7 +68,14 @@ import numpy as np
 import soundfile as sf
 
 from maskloom import _kernels, _mkl_fft
-from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+from maskloom.tokenizers.base import (
+    Record,
+    TableSpec,
+    TokenizeError,
+    Tokenizer,
+    register_tokenizer,
+    utf8_path,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -538,7 +545,8 @@ class AudioTokenizer(Tokenizer):
         self.check_file(source)
         ext = os.path.splitext(source)[1].lower()
         try:
-            data, sr = sf.read(source, dtype="float32", always_2d=True)  # (N, C)
+            with utf8_path(source) as path:  # libsndfile takes UTF-8 paths
+                data, sr = sf.read(path, dtype="float32", always_2d=True)  # (N, C)
         except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
             if ext in self.extensions:
                 raise TokenizeError(source, "corrupt", f"cannot decode audio: {e}") from None

@@ -22,13 +22,15 @@ maskloom through the ``maskloom.tokenizers`` entry-point group (value: ``module:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, ClassVar, Literal
@@ -272,6 +274,46 @@ class Tokenizer(ABC):
             raise TokenizeError(source, "missing", "no such file or directory")
         if os.path.isfile(source) and os.path.getsize(source) == 0:
             raise TokenizeError(source, "empty", "file is empty (0 bytes)")
+
+
+def utf8_text(s: str) -> str:
+    """``s`` itself when it is valid Unicode text; else with its undecodable bytes written as ``\\xNN``.
+
+    File names on Linux are bytes, and Python carries bytes that are not UTF-8 as lone surrogates
+    (``'caf\\udce9.wav'`` for Latin-1 ``café.wav``). Arrow strings, and so a token table's ``id`` and
+    ``source`` columns, must be UTF-8: such a name is stored as ``'caf\\xe9.wav'``."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = s.encode("utf-8", "surrogateescape")  # the file name's own bytes
+    except UnicodeEncodeError:  # a surrogate no file name decodes to (from JSON, say)
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+@contextlib.contextmanager
+def utf8_path(source: str) -> Iterator[str]:
+    """A path to ``source`` that C libraries taking UTF-8 paths can open (libsndfile, FFmpeg).
+
+    ``source`` itself, unless its name holds bytes that are not UTF-8 (see :func:`utf8_text`): then,
+    while the ``with`` block runs, a symlink to it in a new temporary directory, named ``input``
+    plus its extension (which such libraries use to pick a format)::
+
+        with utf8_path(source) as path:
+            data, rate = soundfile.read(path)
+    """
+    if utf8_text(source) is source:
+        yield source
+        return
+    ext = os.path.splitext(source)[1]
+    ext = ext if utf8_text(ext) is ext else ""
+    with tempfile.TemporaryDirectory(prefix="maskloom-path-") as d:
+        link = os.path.join(d, "input" + ext)
+        os.symlink(os.path.abspath(source), link)
+        yield link
 
 
 BUILTIN_MODALITIES = ("image", "video", "audio", "point_cloud", "graph", "time_series", "text")

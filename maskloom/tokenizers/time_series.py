@@ -62,7 +62,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from einops import rearrange
 
-from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+from maskloom.tokenizers.base import (
+    Record,
+    TableSpec,
+    TokenizeError,
+    Tokenizer,
+    register_tokenizer,
+    utf8_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -576,14 +583,15 @@ class TimeSeriesTokenizer(Tokenizer):
     def _read_table(self, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
         ext = os.path.splitext(source)[1].lower()
         try:
-            if ext == ".parquet":
-                with pq.ParquetFile(
-                    source
-                ) as pf:  # unlike pq.read_table, keeps duplicate names (refused below)
-                    table = pf.read()
-            else:
-                delim = "\t" if ext == ".tsv" else ","
-                table = pacsv.read_csv(source, parse_options=pacsv.ParseOptions(delimiter=delim))
+            with utf8_path(source) as path:  # Arrow takes UTF-8 paths
+                if ext == ".parquet":
+                    with pq.ParquetFile(
+                        path
+                    ) as pf:  # unlike pq.read_table, keeps duplicate names (refused below)
+                        table = pf.read()
+                else:
+                    delim = "\t" if ext == ".tsv" else ","
+                    table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delim))
         except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
             raise TokenizeError(source, "corrupt", f"cannot read table: {e}") from None
         if table.num_rows == 0:

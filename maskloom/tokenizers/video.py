@@ -54,7 +54,14 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from einops import rearrange
 
-from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+from maskloom.tokenizers.base import (
+    Record,
+    TableSpec,
+    TokenizeError,
+    Tokenizer,
+    register_tokenizer,
+    utf8_path,
+)
 from maskloom.tokenizers.image import (
     INTERPOLATIONS,
     _resize_shorter_center_crop_view,
@@ -195,29 +202,32 @@ class VideoTokenizer(Tokenizer):
                 source, "unsupported", f"extension {ext or '(none)'!r} is not one of {self.extensions}"
             )
         vr = None
-        try:
+        with utf8_path(source) as path:  # decord and PyAV (FFmpeg) take UTF-8 paths
             try:
-                vr = decord.VideoReader(source, ctx=decord.cpu(0), num_threads=1)
-            except (RuntimeError, decord.DECORDError) as e:
-                raise TokenizeError(source, "corrupt", f"decord cannot open the video: {_short(e)}") from None
-            n = len(vr)
-            if n < 1:
-                raise TokenizeError(source, "empty", "the video has no frames")
-            idx = self.sample_indices(n)
-            try:
-                fps: float | None = float(vr.get_avg_fps())
-            except (RuntimeError, decord.DECORDError, ValueError, ZeroDivisionError):
-                fps = None  # no usable timing: frames still decode
-            try:
-                frames = _to_numpy(vr.get_batch(idx.tolist()))  # (T, H, W, 3) uint8
-            except (RuntimeError, decord.DECORDError, IndexError) as e:
-                # decord 0.6 cannot copy frames whose RGB rows the decoder padded (some widths,
-                # e.g. 8, 16, 24, 48, 72 px: "DECORDArrayCopyFromTo: The size must exactly match");
-                # PyAV decodes those files, so it gets a second try before the file is called corrupt.
-                log.info("%s: decord could not decode frames (%s); decoding with PyAV", source, _short(e))
-                frames = _decode_with_pyav(source, idx, error=_short(e))
-        finally:
-            del vr  # decord frees the demuxer/decoder when the reader is collected
+                try:
+                    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+                except (RuntimeError, decord.DECORDError) as e:
+                    raise TokenizeError(
+                        source, "corrupt", f"decord cannot open the video: {_short(e)}"
+                    ) from None
+                n = len(vr)
+                if n < 1:
+                    raise TokenizeError(source, "empty", "the video has no frames")
+                idx = self.sample_indices(n)
+                try:
+                    fps: float | None = float(vr.get_avg_fps())
+                except (RuntimeError, decord.DECORDError, ValueError, ZeroDivisionError):
+                    fps = None  # no usable timing: frames still decode
+                try:
+                    frames = _to_numpy(vr.get_batch(idx.tolist()))  # (T, H, W, 3) uint8
+                except (RuntimeError, decord.DECORDError, IndexError) as e:
+                    # decord 0.6 cannot copy frames whose RGB rows the decoder padded (some widths,
+                    # e.g. 8, 16, 24, 48, 72 px: "DECORDArrayCopyFromTo: The size must exactly match");
+                    # PyAV decodes those files, so it gets a second try before the file is called corrupt.
+                    log.info("%s: decord could not decode frames (%s); decoding with PyAV", source, _short(e))
+                    frames = _decode_with_pyav(path, idx, error=_short(e), source=source)
+            finally:
+                del vr  # decord frees the demuxer/decoder when the reader is collected
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape:
             raise TokenizeError(
                 source, "corrupt", f"decoder returned frames of shape {frames.shape} {frames.dtype}"
@@ -326,8 +336,9 @@ class VideoTokenizer(Tokenizer):
         Image.fromarray(sheet).save(path, format="PNG")
 
 
-def _decode_with_pyav(source: str, indices: np.ndarray, *, error: str) -> np.ndarray:
-    """Frames ``indices`` (T,) of ``source`` decoded in presentation order with PyAV: (T, H, W, 3) uint8.
+def _decode_with_pyav(path: str, indices: np.ndarray, *, error: str, source: str | None = None) -> np.ndarray:
+    """Frames ``indices`` (T,) of the file at ``path`` (``source``, named in errors: the input it is
+    a link to, by default ``path``) decoded in presentation order with PyAV: (T, H, W, 3) uint8.
 
     Decodes sequentially up to the last wanted frame (the fallback path; decord seeks instead).
     """
@@ -336,8 +347,9 @@ def _decode_with_pyav(source: str, indices: np.ndarray, *, error: str) -> np.nda
     wanted = {int(i) for i in indices}
     last = max(wanted)
     got: dict[int, np.ndarray] = {}
+    source = path if source is None else source
     try:
-        with av.open(source) as container:
+        with av.open(path) as container:
             stream = container.streams.video[0]
             stream.thread_count = 1
             for k, frame in enumerate(container.decode(stream)):

@@ -677,3 +677,46 @@ def test_summary_counts_errors_in_the_singular_and_plural(tmp_path):
         f"{tmp_path}: already finished with this config (10 inputs, 8 rows, 90 tokens, 2 errors, 2.5 MB); "
         "nothing to do"
     )
+
+
+def _non_utf8_name(directory, name: str) -> str | None:
+    """``directory/name`` created empty, where ``name`` carries a lone surrogate (a file name byte that
+    is not UTF-8, as Linux allows); None where the file system refuses such names (macOS)."""
+    path = os.path.join(str(directory), name)
+    try:
+        open(path, "w").close()
+    except (OSError, UnicodeEncodeError):
+        return None
+    return path
+
+
+def test_file_names_that_are_not_utf8_are_kept_with_their_bytes_escaped(tmp_path, monkeypatch):
+    """A Latin-1 file name (bytes, not UTF-8) neither stops the job nor is lost: its sample is
+    written, with ``\\xNN`` for the byte in ``id`` and ``source``; a bad file of such a name is an
+    error row the same way. (Before, Arrow refused the name and the job died at its error table.)"""
+    monkeypatch.setattr(pp, "init_ray", lambda *a, **k: pytest.fail("an in-process job started Ray"))
+    make_data(tmp_path / "in", n_a=2, n_b=0, bad=())
+    good = _non_utf8_name(tmp_path / "in" / "a", "caf\udce9.txt")
+    bad = _non_utf8_name(tmp_path / "in" / "a", "bad\udcff.txt")
+    if good is None or bad is None:
+        pytest.skip("this file system only takes UTF-8 file names")
+    with open(good, "w") as f:
+        f.write("7 8 9")
+    with open(bad, "w") as f:
+        f.write("not numbers")
+    found = find_inputs(str(tmp_path / "in"), extensions=(".txt",))
+    assert len(found) == 4
+    out = tmp_path / "t"
+    r = preprocess(found, TOK, None, str(out), shard_size=2, progress=False, num_workers=0)
+    assert (r.inputs, r.rows, r.errors) == (4, 3, 1)
+    t = tables.TokenTable(str(out))
+    rows = {row["source"]: row["id"] for row in t.read(columns=["id", "source"]).to_pylist()}
+    d = str(tmp_path / "in" / "a")
+    assert rows == {
+        f"{d}/caf\\xe9.txt": f"{d}/caf\\xe9.txt#0",
+        f"{d}/f0.txt": f"{d}/f0.txt#0",
+        f"{d}/f1.txt": f"{d}/f1.txt#0",
+    }
+    assert [(e["source"], e["kind"]) for e in t.errors().to_pylist()] == [(f"{d}/bad\\xff.txt", "corrupt")]
+    again = preprocess(found, TOK, None, str(out), shard_size=2, progress=False, num_workers=0)
+    assert again.already_done  # the commit records keep the names as they are: a rerun finds them
