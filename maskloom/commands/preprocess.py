@@ -138,7 +138,7 @@ def _error(msg: str) -> int:
 def run(args: argparse.Namespace) -> int:
     import importlib
 
-    from maskloom.pipelines.preprocess import PreprocessError, TableConflictError, preprocess
+    from maskloom.pipelines.preprocess import OutDirError, PreprocessError, TableConflictError, preprocess
     from maskloom.pipelines.ray_utils import resolve_address
     from maskloom.pipelines.sources import SourceError, find_inputs
     from maskloom.registry import RegistryError
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             object_store_memory=args.object_store_memory, shard_size=args.shard_size, overwrite=args.overwrite,
             max_error_rate=args.max_error_rate, imports=args.imports, progress=not args.no_progress,
         )  # fmt: skip
-    except TableConflictError as e:
+    except (TableConflictError, OutDirError) as e:
         return _error(str(e))
     except PreprocessError as e:
         print(f"maskloom preprocess: failed: {e}", file=sys.stderr)

@@ -98,6 +98,10 @@ class TableConflictError(PreprocessError):
     """The output directory holds a table or partial job with another config or input set."""
 
 
+class OutDirError(PreprocessError):
+    """The output directory cannot be used: a file of that name, or a directory that cannot be made."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ShardSpec:
     """One unit of work: a run of consecutive sorted inputs."""
@@ -546,7 +550,8 @@ def preprocess(
     modules to import first on the driver and every worker (plug-in tokenizers). ``shard_size``
     None: ``default_shard_size`` for the inputs and the workers (``num_workers``, else the CPUs of
     the running Ray or of this machine); a resumed partial job keeps its plan's size. Raises
-    TableConflictError (another config/input set in ``out_dir`` and not ``overwrite``),
+    TableConflictError (another config/input set in ``out_dir`` and not ``overwrite``), OutDirError
+    (``out_dir`` is a file or cannot be made),
     PreprocessError (error rate above ``max_error_rate``; committed shards are kept for a rerun),
     ValueError for an empty input set or a bad config, and RegistryError for an unknown modality.
     """
@@ -572,6 +577,8 @@ def preprocess(
     artifacts_dir = os.path.join(out_dir, tables.ARTIFACTS)
 
     # ---- state of out_dir: finished table, partial job, or nothing ------------------------------
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutDirError(f"{out_dir}: exists and is not a directory; choose another --out")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         ours = os.path.exists(os.path.join(out_dir, tables.MANIFEST)) or os.path.isdir(commits_dir)
         if not ours:
@@ -606,7 +613,10 @@ def preprocess(
             f"{out_dir}: holds a partial job with another config (fingerprint {state.get('fingerprint')}, "
             f"now {fingerprint}); use overwrite (--overwrite) to start over"
         )
-    os.makedirs(commits_dir, exist_ok=True)
+    try:
+        os.makedirs(commits_dir, exist_ok=True)
+    except OSError as e:  # a read-only file system, no permission, a file on the way
+        raise OutDirError(f"{out_dir}: cannot create the table directory: {e.strerror or e}") from None
 
     # ---- fit on the driver (corpus-level tokenizers); workers load the artifacts ----------------
     if tokenizer.needs_fit:

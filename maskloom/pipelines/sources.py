@@ -1,8 +1,8 @@
 """Find the inputs of a preprocessing job and their labels.
 
-Inputs come from a directory (walked recursively, filtered by the tokenizer's extensions, sorted),
-a glob pattern, or a manifest file (CSV or JSONL with a ``path`` column and an optional ``label``
-column). A tokenizer that declares no extensions (``Tokenizer.extensions == ()``, e.g. a folder of
+Inputs come from a directory (walked recursively, filtered by the tokenizer's extensions, sorted;
+token tables inside it are skipped), a glob pattern (the same), or a manifest file (CSV or JSONL
+with a ``path`` column and an optional ``label`` column; a BOM is ignored). A tokenizer that declares no extensions (``Tokenizer.extensions == ()``, e.g. a folder of
 TU-format graph files) takes the given path itself as its one source; ``as_one_source=True`` asks
 for the same with any tokenizer.
 
@@ -70,11 +70,24 @@ def _has_ext(path: str, extensions: Sequence[str]) -> bool:
     return any(low.endswith(e.lower()) for e in extensions)
 
 
+TABLE_MARKERS = ("_manifest.json", "_commits")
+"""Entries only a token table (finished, or a job's partial one) holds: ``tables.MANIFEST`` and
+``preprocess.COMMITS``. Such a directory is output, never input: walking a folder of ``.parquet``
+series with the table written inside it would otherwise take the table's own shards as inputs."""
+
+
+def _is_table(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, m)) for m in TABLE_MARKERS)
+
+
 def _walk(directory: str, extensions: Sequence[str]) -> list[str]:
-    """Files under ``directory`` (recursive, hidden entries skipped) with one of ``extensions``."""
+    """Files under ``directory`` (recursive, hidden entries and token tables skipped) with one of
+    ``extensions``."""
+    if _is_table(directory):
+        raise SourceError(f"{directory}: is a token table (maskloom's output), not raw input")
     out = []
     for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_table(os.path.join(root, d)))
         out.extend(os.path.join(root, f) for f in files if not f.startswith(".") and _has_ext(f, extensions))
     return out
 
@@ -85,6 +98,8 @@ def _expand(path: str, extensions: Sequence[str], as_one_source: bool) -> list[s
     if glob.has_magic(path):
         matches = glob.glob(path, recursive=True)
         found = [m for m in matches if os.path.isfile(m) or (takes_dirs and os.path.isdir(m))]
+        in_table = {d for d in {os.path.dirname(m) for m in found} if _is_table(d)}
+        found = [m for m in found if os.path.dirname(m) not in in_table and not _is_table(m)]
         if not found:
             raise SourceError(f"{path}: the pattern matches no input")
         return found
@@ -102,7 +117,7 @@ def _read_manifest(path: str) -> list[tuple[str, str | None]]:
     base = os.path.dirname(os.path.abspath(path))
     rows: list[dict] = []
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: drops the BOM spreadsheets write
             if path.lower().endswith(".csv"):
                 rows = list(csv.DictReader(f))
             else:
@@ -183,7 +198,12 @@ def find_inputs(
             for src, lab in entries:
                 if not os.path.exists(src):
                     raise SourceError(f"{src}: no such file or directory (listed in {p})")
-                named[os.path.abspath(src)] = lab
+                src = os.path.abspath(src)
+                if src in named and named[src] != lab:
+                    raise SourceError(
+                        f"{src}: listed twice with different labels ({named[src]!r}, {lab!r}; in {p})"
+                    )
+                named[src] = lab
             continue
         found = _expand(p, extensions, as_one_source)
         if not found:

@@ -440,6 +440,19 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     (tmp_path / "x.txt").write_text("1")
     assert main(["preprocess", str(tmp_path / "x.txt"), "-m", TOK, "-o", str(tmp_path)]) == 2
     assert "is not empty and is not a token table" in capsys.readouterr().err
+    out = tmp_path / "x.txt"  # --out names a file, or a directory under one
+    assert main(["preprocess", str(tmp_path / "x.txt"), "-m", TOK, "-o", str(out), "--num-workers", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"maskloom preprocess: error: {out}: exists and is not a directory; choose another --out"
+    )
+    assert (
+        main(["preprocess", str(tmp_path / "x.txt"), "-m", TOK, "-o", str(out / "t"), "--num-workers", "0"])
+        == 2
+    )
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"maskloom preprocess: error: {out / 't'}: cannot create the table directory: Not a directory"
+    )
+    assert out.read_text() == "1"
 
 
 def test_cli_max_error_rate_fails_cleanly_and_keeps_commits(tmp_path, capsys, local_ray):

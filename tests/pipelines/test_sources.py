@@ -132,3 +132,41 @@ def test_missing_and_empty(tmp_path):
 def test_duplicates_collapse(tree):
     s = find_inputs([str(tree / "cat"), str(tree / "cat" / "b.jpg")], extensions=(".jpg",))
     assert len(s) == 2
+
+
+def test_manifest_from_a_spreadsheet_with_a_bom_and_duplicate_entries(tmp_path):
+    a, b = touch(tmp_path / "d" / "a.txt"), touch(tmp_path / "d" / "b.txt")
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfpath,label\r\nd/a.txt,x\r\nd/b.txt,y\r\nd/a.txt,x\r\n")
+    s = find_inputs(str(tmp_path / "m.csv"), manifest=True)  # the BOM is not part of 'path'
+    assert s.inputs == (Input(a, 0), Input(b, 1)) and s.label_names == ("x", "y")
+    (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"path": "d/a.txt"}).encode() + b"\n")
+    assert find_inputs(str(tmp_path / "m.jsonl"), manifest=True).inputs == (Input(a),)
+    (tmp_path / "two.csv").write_text("path,label\nd/a.txt,x\nd/b.txt,y\nd/a.txt,z\n")
+    with pytest.raises(SourceError, match=r"a.txt: listed twice with different labels \('x', 'z'; in "):
+        find_inputs(str(tmp_path / "two.csv"), manifest=True)
+
+
+def test_token_tables_are_output_never_input(tmp_path):
+    """A folder of .parquet series with its table written inside: a rerun must not take the table's
+    own shards as inputs (it did, and refused the "changed" input set), by walk or by glob."""
+    series = [touch(tmp_path / f"s{i}.parquet") for i in range(2)]
+    touch(tmp_path / "table" / "part-00000-ab.parquet")
+    touch(tmp_path / "table" / "_manifest.json", "{}")
+    touch(tmp_path / "partial" / "_commits" / "x.json", "{}")  # a job still running or cut short
+    touch(tmp_path / "partial" / "part-00001-cd.parquet")
+    touch(tmp_path / "more" / "s2.parquet")
+    want = (*series, str(tmp_path / "more" / "s2.parquet"))
+    assert find_inputs(str(tmp_path), extensions=(".parquet",)).inputs == tuple(
+        Input(p) for p in sorted(want)
+    )
+    got = find_inputs(str(tmp_path / "**" / "*.parquet"), extensions=(".parquet",)).inputs
+    assert got == tuple(Input(p) for p in sorted(want))
+    with pytest.raises(SourceError, match="table: is a token table \\(maskloom's output\\), not raw input"):
+        find_inputs(str(tmp_path / "table"), extensions=(".parquet",))
+
+
+def test_table_markers_are_the_names_the_writers_use():
+    from maskloom import tables
+    from maskloom.pipelines import preprocess, sources
+
+    assert sources.TABLE_MARKERS == (tables.MANIFEST, preprocess.COMMITS)
