@@ -67,7 +67,14 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
     assert "recipe.toml: the run was trained with another recipe" in err
 
 
-def test_demo_rejects_bad_arguments(capsys):
+def test_demo_rejects_bad_arguments(capsys, tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "f")]) == 2  # before any work
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"maskloom demo: error: {tmp_path / 'f'}: exists and is not a directory; choose another --out\n"
+    )
     assert main(["demo", "--per-class", "1"]) == 2
     assert "error: --per-class must be >= 2" in capsys.readouterr().err
     assert main(["demo", "--set", "nope.key=1"]) == 2

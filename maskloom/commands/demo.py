@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from maskloom._paths import OutDirError
     from maskloom.pipelines.preprocess import PreprocessError
     from maskloom.pipelines.sources import SourceError
     from maskloom.recipes.evaluate import EvalError
@@ -126,7 +127,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from maskloom.recipes.train import TrainError
     from maskloom.recipes.visualize import ShowError
 
-    return (PreprocessError, SourceError, EvalError, RecipeError, TrainError, ShowError)
+    return (PreprocessError, SourceError, EvalError, RecipeError, TrainError, ShowError, OutDirError)
 
 
 def run_demo(
@@ -143,11 +144,12 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the whole main job under ``out`` with ``recipe`` (a loaded Recipe, overrides applied); return a
     summary dict (also written as summary.json)."""
+    from maskloom._paths import make_out_dir
     from maskloom.demo_data import MODALITIES, write_demo_data
     from maskloom.pipelines.ray_utils import init_ray, shutdown_ray
 
     t_start = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
+    make_out_dir(out, "demo directory")
     data_dir, tables_dir, run_dir = (os.path.join(out, d) for d in ("data", "tables", "run"))
     timings: dict[str, float] = {}
 

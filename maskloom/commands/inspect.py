@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from maskloom._paths import OutDirError, make_out_dir
 from maskloom.tables import META_KEY, TableError, TokenTable, arrow_to_records, from_storage
 from maskloom.tokenizers.base import Record
 
@@ -138,7 +139,7 @@ def render_samples(table: TokenTable, n: int, out: str) -> list[dict[str, Any]]:
     or a tokenizer without ``render``), or {"id", "error"} when detokenizing/drawing failed.
     """
     tok = table.tokenizer()
-    os.makedirs(out, exist_ok=True)
+    make_out_dir(out)
     results: list[dict[str, Any]] = []
     for i, rec in enumerate(first_records(table, n)):
         try:
@@ -257,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
         results = render_samples(table, args.render, args.out)
     except KeyError as e:  # RegistryError: the table's tokenizer is not installed
         return _fail(f"{args.table}: cannot rebuild tokenizer {table.meta['tokenizer']!r}: {e}")
+    except OutDirError as e:
+        return _fail(str(e))
     except OSError as e:
         return _fail(f"{args.out}: {e}")
     failed = 0

@@ -138,7 +138,8 @@ def _error(msg: str) -> int:
 def run(args: argparse.Namespace) -> int:
     import importlib
 
-    from maskloom.pipelines.preprocess import OutDirError, PreprocessError, TableConflictError, preprocess
+    from maskloom._paths import OutDirError
+    from maskloom.pipelines.preprocess import PreprocessError, TableConflictError, preprocess
     from maskloom.pipelines.ray_utils import resolve_address
     from maskloom.pipelines.sources import SourceError, find_inputs
     from maskloom.registry import RegistryError

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from maskloom._paths import OutDirError
 from maskloom.recipes.recipe import RecipeError, parse_overrides
 
 HELP = "pretrain a masked model with a recipe on token tables"
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.out}: Ray Train finished: {json.dumps(metrics, default=str)}")
             return 0
         result = train(args.recipe, args.tables, args.out, options=options, overrides=overrides)
-    except (RecipeError, TrainError) as e:
+    except (RecipeError, TrainError, OutDirError) as e:
         return _error(str(e))
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one summary, from rank 0
         return 0

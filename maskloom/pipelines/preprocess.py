@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from maskloom import tables
+from maskloom._paths import OutDirError, make_out_dir
 from maskloom.pipelines._gc import gc_paused
 from maskloom.pipelines.ray_utils import (
     init_ray,
@@ -96,10 +97,6 @@ class PreprocessError(RuntimeError):
 
 class TableConflictError(PreprocessError):
     """The output directory holds a table or partial job with another config or input set."""
-
-
-class OutDirError(PreprocessError):
-    """The output directory cannot be used: a file of that name, or a directory that cannot be made."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -578,7 +575,9 @@ def preprocess(
 
     # ---- state of out_dir: finished table, partial job, or nothing ------------------------------
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutDirError(f"{out_dir}: exists and is not a directory; choose another --out")
+        raise OutDirError(
+            f"{out_dir}: exists and is not a directory; choose another --out"
+        )  # before any work
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         ours = os.path.exists(os.path.join(out_dir, tables.MANIFEST)) or os.path.isdir(commits_dir)
         if not ours:
@@ -613,10 +612,8 @@ def preprocess(
             f"{out_dir}: holds a partial job with another config (fingerprint {state.get('fingerprint')}, "
             f"now {fingerprint}); use overwrite (--overwrite) to start over"
         )
-    try:
-        os.makedirs(commits_dir, exist_ok=True)
-    except OSError as e:  # a read-only file system, no permission, a file on the way
-        raise OutDirError(f"{out_dir}: cannot create the table directory: {e.strerror or e}") from None
+    make_out_dir(out_dir, "table directory")
+    os.makedirs(commits_dir, exist_ok=True)
 
     # ---- fit on the driver (corpus-level tokenizers); workers load the artifacts ----------------
     if tokenizer.needs_fit:

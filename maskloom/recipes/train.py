@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from maskloom._paths import OutDirError, make_out_dir
 from maskloom.backbone import AdapterConfig, MaskedModel, ModelConfig
 from maskloom.backbone.linear import cpu_matmul
 from maskloom.batch import TokenBatch
@@ -117,7 +118,14 @@ def open_tables(paths: Sequence[str]) -> list[TokenTable]:
     if not paths:
         raise TrainError("no token tables given (--tables T [T ...])")
     out = []
+    seen: dict[str, str] = {}
     for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise TrainError(
+                f"{p}: listed twice in --tables (also as {seen[real]}); each table trains once an epoch"
+            )
+        seen[real] = os.fspath(p)
         try:
             out.append(TokenTable(os.fspath(p)))
         except TableError as e:
@@ -531,6 +539,8 @@ def _train(
 
     # ---- run directory
     recipe_text = recipe.to_toml()
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutDirError(f"{out}: exists and is not a directory; choose another --out")  # before any work
     ckpts = list_checkpoints(out)
     if rank == 0:
         if not options.resume and (ckpts or os.path.isfile(os.path.join(out, METRICS_FILE))):
@@ -544,7 +554,7 @@ def _train(
                         f"{out}/{RECIPE_FILE}: the run was trained with another recipe; "
                         "resume with the same recipe and --set values, or choose a new --out"
                     )
-        os.makedirs(out, exist_ok=True)
+        make_out_dir(out, "run directory")
         with open(os.path.join(out, RECIPE_FILE), "w", encoding="utf-8") as f:
             f.write(recipe_text)
     if options.resume and not ckpts:

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskloom._paths import make_out_dir
 from maskloom.backbone import MaskedModel
 from maskloom.recipes.evaluate import EvalError, load_run_model
 from maskloom.recipes.objectives import Objective, build_objective
@@ -458,7 +459,7 @@ def show_run(
     recons = reconstruct_batch(model, tt, objective, n=n, seed=seed, device=device)
     tok = tt.tokenizer()
     draw = DRAWERS.get(tt.modality, draw_tokens)
-    os.makedirs(out_dir, exist_ok=True)
+    make_out_dir(out_dir)
     paths: list[str] = []
     for i, r in enumerate(recons):  # one drawing per sample
         paths.extend(draw(tok, r, os.path.join(out_dir, f"{tt.modality}-{i:02d}")))

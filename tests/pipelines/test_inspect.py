@@ -139,6 +139,13 @@ def test_cli_bad_paths_exit_2(tmp_path, capsys):
     table = make_table(tmp_path)
     assert main(["inspect", table.directory, "--render", "2"]) == 2
     assert "--out" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main(["inspect", table.directory, "--render", "2", "--out", str(tmp_path / "f" / "png")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"maskloom inspect: error: {tmp_path / 'f' / 'png'}: cannot create the output directory: Not a directory\n"
+    )
 
 
 def test_render_writes_pngs(tmp_path, capsys):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from maskloom import tables
+from maskloom._paths import OutDirError
 from maskloom.backbone import MaskedModel
 from maskloom.cli import main
 from maskloom.recipes import train as T
@@ -315,6 +316,14 @@ def test_train_errors(tmp_path, toy):
         run(tmp_path, recipe(steps=1), [toy])
     with pytest.raises(T.TrainError, match="trained with another recipe"):
         run(tmp_path, recipe(steps=2), [toy], resume=True)
+    with pytest.raises(T.TrainError, match=r"/\.: listed twice in --tables \(also as .*toy\)"):
+        run(tmp_path, recipe(steps=1), [toy, toy + "/."], name="twice")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutDirError, match="file: exists and is not a directory; choose another --out"):
+        run(tmp_path, recipe(steps=1), [toy], name="file")
+    with pytest.raises(OutDirError, match="file/run: cannot create the run directory: Not a directory"):
+        run(tmp_path, recipe(steps=1), [toy], name="file/run")
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_cli_end_to_end(tmp_path, toy, capsys):

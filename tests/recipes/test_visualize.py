@@ -186,6 +186,13 @@ def test_show_cli_user_errors(run, tmp_path, capsys):
     assert "maskloom show: error:" in capsys.readouterr().err
     assert main(["show", str(tmp_path / "norun"), "--table", img, "--out", str(tmp_path / "o")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main(["show", run_dir, "--table", img, "--out", str(tmp_path / "f"), "--n", "1"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"maskloom show: error: {tmp_path / 'f'}: exists and is not a directory; choose another --out\n"
+    )
 
 
 # ---- every drawer on synthetic reconstructions ---------------------------------------------------
