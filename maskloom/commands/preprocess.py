@@ -130,6 +130,17 @@ def small_job_hint(result: PreprocessResult, embedded: bool) -> str | None:
     )
 
 
+def _committed(out: str) -> int:
+    """Shards committed in table directory ``out`` so far (their commit records)."""
+    from maskloom.pipelines.preprocess import COMMITS, RUN_STATE
+
+    try:
+        n = sum(1 for f in os.listdir(os.path.join(out, COMMITS)) if f.endswith(".json") and f != RUN_STATE)
+    except OSError:
+        n = 0
+    return n
+
+
 def _error(msg: str) -> int:
     print(f"maskloom preprocess: error: {msg}", file=sys.stderr)
     return 2
@@ -175,6 +186,11 @@ def run(args: argparse.Namespace) -> int:
             object_store_memory=args.object_store_memory, shard_size=args.shard_size, overwrite=args.overwrite,
             max_error_rate=args.max_error_rate, imports=args.imports, progress=not args.no_progress,
         )  # fmt: skip
+    except KeyboardInterrupt:
+        n = _committed(args.out)
+        print(f"maskloom preprocess: interrupted; {n} committed shard{'s' if n != 1 else ''} kept: "
+              "run the same command again to resume", file=sys.stderr)  # fmt: skip
+        return 130
     except (TableConflictError, OutDirError) as e:
         return _error(str(e))
     except PreprocessError as e:

@@ -733,3 +733,38 @@ def test_file_names_that_are_not_utf8_are_kept_with_their_bytes_escaped(tmp_path
     assert [(e["source"], e["kind"]) for e in t.errors().to_pylist()] == [(f"{d}/bad\\xff.txt", "corrupt")]
     again = preprocess(found, TOK, None, str(out), shard_size=2, progress=False, num_workers=0)
     assert again.already_done  # the commit records keep the names as they are: a rerun finds them
+
+
+def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
+    """SIGINT (Ctrl-C) mid-job: exit 130 with one line saying how many shards are kept, no traceback;
+    the same command then finishes only the rest (in this process: no Ray, so it runs in seconds)."""
+    make_data(tmp_path / "in", n_a=4, n_b=4, bad=())
+    out = tmp_path / "t"
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = "import ppkit_tokenizer, sys; from maskloom.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(out),
+            "--import", "ppkit_tokenizer", "--shard-size", "1", "--num-workers", "0", "--no-progress",
+            "--set", "delay=0.3"]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (
+            (out / COMMITS).exists() and len([f for f in os.listdir(out / COMMITS) if f != "_run.json"]) >= 2
+        ):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    n = len([f for f in os.listdir(out / COMMITS) if f != "_run.json"])
+    assert proc.returncode == 130 and 2 <= n < 8
+    assert err.splitlines()[-1] == (
+        f"maskloom preprocess: interrupted; {n} committed shards kept: run the same command again to resume"
+    )
+    assert "Traceback" not in err
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"{n}/8 shards resumed" in done.stdout
+    assert tables.TokenTable(str(out)).manifest.totals == {"inputs": 8, "rows": 8, "errors": 0}
