@@ -54,7 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    return int(_module(args.command).run(args) or 0)
+    try:
+        return int(_module(args.command).run(args) or 0)
+    except ValueError as e:
+        # a table found unreadable in the middle of a command (a shard missing or damaged since the
+        # manifest was written): one line naming it, as for any other user-side problem
+        tables = sys.modules.get("maskloom.tables")
+        if tables is None or not isinstance(e, tables.TableError):
+            raise
+        print(f"maskloom {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

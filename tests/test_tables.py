@@ -376,3 +376,76 @@ def test_a_record_that_vouches_for_its_values_skips_the_nan_scans_and_the_kit_ch
     assert check_tokenizer(Liar(), [good])["records"] == 1
     with pytest.raises(AssertionError, match="bad.npy: .*tokens contain non-finite values"):
         check_tokenizer(Liar(), [bad])
+
+
+def _zero_column_chunk(path: str, column: str, row_group: int = 0) -> None:
+    """Overwrite one column chunk of a Parquet file with zeros, its footer intact: a shard damaged
+    inside (the reader fails on that chunk's page header, deterministically)."""
+    md = pq.ParquetFile(path).metadata.row_group(row_group)
+    chunk = next(
+        md.column(i) for i in range(md.num_columns) if md.column(i).path_in_schema.split(".")[0] == column
+    )
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(chunk.total_compressed_size))
+
+
+def test_verify_and_damaged_shards_are_named(tmp_path):
+    tok = ToyTokenizer()
+    table = tables.write_table(str(tmp_path / "t"), [rec(i, 40) for i in range(6)], tok, rows_per_shard=3)
+    assert table.verify() == []
+    p0, p1 = table.shard_paths()
+    s0, s1 = table.manifest.shards
+    _zero_column_chunk(p0, "tokens")  # same size, other bytes
+    with open(p0, "rb") as f:
+        now = hashlib.sha256(f.read()).hexdigest()
+    with open(p1, "r+b") as f:
+        f.truncate(100)
+    assert table.verify() == [
+        f"{p0}: SHA-256 {now[:16]}... differs from the manifest's {s0['sha256'][:16]}...",
+        f"{p1}: 100 bytes, the manifest lists {s1['bytes']}",
+    ]
+    for read in (tables.open_shard, tables.read_shard):
+        with pytest.raises(tables.TableError) as e:
+            read(p1)
+        msg = str(e.value)
+        assert msg.startswith(f"{p1}: cannot read shard (") and msg.endswith("; " + tables.DAMAGED_HINT)
+    with pytest.raises(tables.TableError, match=r"cannot read shard \("):
+        tables.read_shard(p0)  # the footer reads; the zeroed chunk does not
+    os.unlink(p1)
+    assert table.verify()[1] == f"{p1}: missing"
+    with pytest.raises(tables.TableError) as e:
+        tables.open_shard(p1)
+    assert str(e.value) == f"{p1}: shard listed in the manifest is missing; {tables.DAMAGED_HINT}"
+
+
+def test_damaged_shard_inside_stops_the_loader_and_the_cli_with_its_name(tmp_path, capsys):
+    from maskloom.cli import main
+    from maskloom.pipelines.loader import LoaderConfig, TokenLoader
+
+    tok = ToyTokenizer()
+    table = tables.write_table(str(tmp_path / "t"), [rec(i, 40) for i in range(6)], tok, rows_per_shard=3)
+    assert main(["inspect", table.directory, "--verify"]) == 0
+    assert capsys.readouterr().out.startswith("verified 2 shards (0.0 MB) against the manifest: all match\n")
+    p1 = table.shard_paths()[1]
+    _zero_column_chunk(p1, "tokens")  # read by batches, not by the loader's length scan (positions)
+    loader = TokenLoader([table], LoaderConfig(batch_size=6, cache=False, bucket=False, shuffle=False))
+    with pytest.raises(tables.TableError) as e:
+        list(loader)
+    assert str(e.value).startswith(f"{p1}: cannot read shard, row group 0 (")
+    _zero_column_chunk(p1, "positions")  # the length column: the loader cannot even be built
+    with pytest.raises(tables.TableError, match=r"part-00001.parquet: cannot read shard, row group 0 \("):
+        TokenLoader([table], LoaderConfig(batch_size=6))
+    assert main(["inspect", table.directory, "--verify"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"maskloom inspect: damaged: {p1}: SHA-256 ")
+    assert err[1] == (
+        "maskloom inspect: 1 of 2 shards do not match the manifest; rebuild the table (maskloom preprocess ... "
+        "--overwrite)"
+    )
+    assert main(["inspect", table.directory]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"maskloom inspect: error: {p1}: cannot read shard, row group 0"
+    )

@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from maskloom._paths import OutDirError, make_out_dir
-from maskloom.tables import META_KEY, TableError, TokenTable, arrow_to_records, from_storage
+from maskloom.tables import META_KEY, TableError, TokenTable, arrow_to_records, from_storage, open_shard
 from maskloom.tokenizers.base import Record
 
 HELP = "schema, counts, length histogram and errors of a token table; render samples"
@@ -115,7 +114,7 @@ def first_records(table: TokenTable, n: int) -> list[Record]:
     """The first ``n`` records in manifest order, reading only the row groups needed."""
     out: list[Record] = []
     for path in table.shard_paths():
-        pf = pq.ParquetFile(path)
+        pf = open_shard(path)
         md = pf.schema_arrow.metadata
         for g in range(pf.metadata.num_row_groups):
             if len(out) >= n:
@@ -224,6 +223,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--examples", type=int, default=3, help="error examples to show (default 3)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object instead")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="first check every shard against the manifest (size, SHA-256, rows); exit 1 on a mismatch",
+    )
 
 
 def _fail(msg: str) -> int:
@@ -242,6 +246,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         table = TokenTable(args.table)
+        if args.verify:
+            problems = table.verify()
+            for p in problems:
+                print(f"maskloom inspect: damaged: {p}", file=sys.stderr)
+            mb = sum(s["bytes"] for s in table.manifest.shards) / 1e6
+            if problems:
+                print(f"maskloom inspect: {len(problems)} of {len(table.manifest.shards)} shards do not match "
+                      "the manifest; rebuild the table (maskloom preprocess ... --overwrite)", file=sys.stderr)  # fmt: skip
+                return 1
+            print(
+                f"verified {len(table.manifest.shards)} shards ({mb:.1f} MB) against the manifest: all match"
+            )
         lengths = table_lengths(table)
         summary = table_summary(table, lengths)
         errors = error_summary(table, max(0, args.examples))

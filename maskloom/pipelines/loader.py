@@ -80,7 +80,7 @@ import torch
 
 from maskloom import _kernels
 from maskloom.batch import TokenBatch, pack_batch, pack_plan
-from maskloom.tables import TableError, TableSpec, TokenTable, vector_values
+from maskloom.tables import TableError, TableSpec, TokenTable, open_shard, shard_error, vector_values
 
 log = logging.getLogger(__name__)
 
@@ -209,14 +209,15 @@ def _table_groups(table: TokenTable) -> tuple[list[tuple[str, int, int, int]], n
     every row."""
     col = _length_column(table.spec)
     groups, lengths = [], []
-    for path, info in zip(table.shard_paths(), table.manifest.shards):
-        if not os.path.exists(path):
-            raise TableError(f"{table.directory}: shard {info['name']} listed in the manifest is missing")
-        pf = pq.ParquetFile(path)
+    for path in table.shard_paths():
+        pf = open_shard(path)  # TableError naming a missing or damaged shard
         for g in range(pf.metadata.num_row_groups):
             rg = pf.metadata.row_group(g)
             groups.append((path, g, rg.num_rows, rg.total_byte_size))
-            lengths.append(_list_lengths(pf.read_row_group(g, columns=[col]).column(col)))
+            try:
+                lengths.append(_list_lengths(pf.read_row_group(g, columns=[col]).column(col)))
+            except (OSError, pa.ArrowException) as e:  # a shard damaged inside, its footer intact
+                raise shard_error(path, e, f", row group {g}") from None
     return groups, (np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
 
 
@@ -1138,14 +1139,17 @@ class _Reader:
         if self._pid != os.getpid():  # a forked worker opens its own handles
             self._files, self._pid = {}, os.getpid()
         if path not in self._files:
-            self._files[path] = pq.ParquetFile(path)
+            self._files[path] = open_shard(path)
         return self._files[path]
 
     def _load(self, s: int, g: int) -> _Chunk:
         st = self.streams[s]
         grp = st.groups[g]
         cols = [c for c in READ_COLUMNS if self.with_meta or c != "meta"]
-        t = self._file(grp.path).read_row_group(grp.index, columns=cols)
+        try:
+            t = self._file(grp.path).read_row_group(grp.index, columns=cols)
+        except (OSError, pa.ArrowException) as e:  # a shard damaged inside, its footer intact
+            raise shard_error(grp.path, e, f", row group {grp.index}") from None
         return _Chunk.from_arrow(t, st.spec)
 
     def _load_groups(self, s: int, groups: list[int]) -> tuple[_Chunk, np.ndarray | None]:
