@@ -82,6 +82,8 @@ def _load_config(path: str | None, overrides: list[str]) -> dict[str, Any]:
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such config file")
         low = path.lower()
+        if not low.endswith((".json", ".toml", ".yaml", ".yml")):
+            raise ValueError(f"{path}: config file must be .json, .toml or .yaml")
         with open(path, "rb") as f:
             data = f.read()
         try:
@@ -91,16 +93,13 @@ def _load_config(path: str | None, overrides: list[str]) -> dict[str, Any]:
                 import tomllib
 
                 cfg = tomllib.loads(data.decode())
-            elif low.endswith((".yaml", ".yml")):
+            else:
                 import yaml
 
                 cfg = yaml.safe_load(data) or {}
-            else:
-                raise ValueError(f"{path}: config file must be .json, .toml or .yaml")
-        except ValueError:
-            raise
-        except Exception as e:  # yaml/toml syntax errors
-            raise ValueError(f"{path}: cannot parse config ({e})") from None
+        except Exception as e:  # syntax errors (JSON's and TOML's are ValueErrors), bytes that are not UTF-8
+            reason = " ".join(str(e).split())  # YAML's messages span lines
+            raise ValueError(f"{path}: cannot parse config ({reason})") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"{path}: config must be a mapping of field -> value")
     for item in overrides:

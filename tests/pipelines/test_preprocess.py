@@ -768,3 +768,40 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"{n}/8 shards resumed" in done.stdout
     assert tables.TokenTable(str(out)).manifest.totals == {"inputs": 8, "rows": 8, "errors": 0}
+
+
+def test_config_files_and_set_overrides(tmp_path):
+    from maskloom.commands.preprocess import _load_config
+
+    (tmp_path / "c.json").write_text('{"scale": 2.0, "delay": 0}')
+    (tmp_path / "c.toml").write_text("scale = 2.0\ndelay = 0\n")
+    (tmp_path / "c.yaml").write_text("scale: 2.0\ndelay: 0\n")
+    for name in ("c.json", "c.toml", "c.yaml"):
+        assert _load_config(str(tmp_path / name), []) == {"scale": 2.0, "delay": 0}
+    assert _load_config(str(tmp_path / "c.toml"), ["scale=3", "crash_on=x"]) == {
+        "scale": 3,
+        "delay": 0,
+        "crash_on": "x",
+    }  # --set wins; a value that is not JSON is a string
+    (tmp_path / "bad.toml").write_text("scale = [\n")
+    (tmp_path / "bad.json").write_text("{scale")
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe")
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "c.ini").write_text("x")
+    want = {
+        "bad.toml": "bad.toml: cannot parse config (Invalid value (at end of document))",
+        "bad.json": "bad.json: cannot parse config (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        "bad.yaml": "bad.yaml: cannot parse config (while parsing a flow node expected the node content, but found "
+        "'<stream end>' in \"<byte string>\", line 2, column 1: ^)",
+        "bin.toml": "bin.toml: cannot parse config ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte)",
+        "list.json": "list.json: config must be a mapping of field -> value",
+        "c.ini": "c.ini: config file must be .json, .toml or .yaml",
+        "none.toml": "none.toml: no such config file",
+    }
+    for name, message in want.items():
+        with pytest.raises(ValueError) as e:
+            _load_config(str(tmp_path / name), [])
+        assert str(e.value) == f"{tmp_path / message}"
+    with pytest.raises(ValueError, match="--set 'scale': expected KEY=VALUE"):
+        _load_config(None, ["scale"])
