@@ -317,7 +317,7 @@ def load_recipe(name_or_path: str, overrides: Mapping[str, Any] | None = None) -
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # tomllib reads UTF-8 only
         raise RecipeError(path, "", f"not valid TOML ({e})") from None
     for key, value in (overrides or {}).items():
         # optim takes exactly one of steps and epochs: overriding one replaces the other

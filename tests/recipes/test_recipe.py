@@ -210,6 +210,13 @@ def test_missing_recipe_names_builtins(tmp_path):
         recipe_path("mae-imagee")
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(str(tmp_path / "nope.toml"))
+    (tmp_path / "latin1.toml").write_bytes('name = "caf\xe9"\n'.encode("latin-1"))  # not UTF-8
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(tmp_path / "latin1.toml"))
+    assert str(e.value) == (
+        f"{tmp_path / 'latin1.toml'}: not valid TOML ('utf-8' codec can't decode byte 0xe9 in position 11: "
+        "invalid continuation byte)"
+    )
 
 
 def test_check_table_objective_against_spec(tmp_path):
