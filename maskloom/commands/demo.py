@@ -121,13 +121,23 @@ def run(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple[type[Exception], ...]:
     from maskloom._paths import OutDirError
     from maskloom.pipelines.preprocess import PreprocessError
+    from maskloom.pipelines.ray_utils import RayConnectError
     from maskloom.pipelines.sources import SourceError
     from maskloom.recipes.evaluate import EvalError
     from maskloom.recipes.recipe import RecipeError
     from maskloom.recipes.train import TrainError
     from maskloom.recipes.visualize import ShowError
 
-    return (PreprocessError, SourceError, EvalError, RecipeError, TrainError, ShowError, OutDirError)
+    return (
+        PreprocessError,
+        SourceError,
+        EvalError,
+        RecipeError,
+        TrainError,
+        ShowError,
+        OutDirError,
+        RayConnectError,
+    )
 
 
 def run_demo(

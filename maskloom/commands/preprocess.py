@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     from maskloom._paths import OutDirError
     from maskloom.pipelines.preprocess import PreprocessError, TableConflictError, preprocess
-    from maskloom.pipelines.ray_utils import resolve_address
+    from maskloom.pipelines.ray_utils import RayConnectError, resolve_address
     from maskloom.pipelines.sources import SourceError, find_inputs
     from maskloom.registry import RegistryError
     from maskloom.tokenizers.base import TOKENIZERS, get_tokenizer
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"maskloom preprocess: interrupted; {n} committed shard{'s' if n != 1 else ''} kept: "
               "run the same command again to resume", file=sys.stderr)  # fmt: skip
         return 130
-    except (TableConflictError, OutDirError) as e:
+    except (TableConflictError, OutDirError, RayConnectError) as e:
         return _error(str(e))
     except PreprocessError as e:
         print(f"maskloom preprocess: failed: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ import os
 import sys
 
 from maskloom._paths import OutDirError
+from maskloom.pipelines.ray_utils import RayConnectError
 from maskloom.recipes.recipe import RecipeError, parse_overrides
 
 HELP = "pretrain a masked model with a recipe on token tables"
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.out}: Ray Train finished: {json.dumps(metrics, default=str)}")
             return 0
         result = train(args.recipe, args.tables, args.out, options=options, overrides=overrides)
-    except (RecipeError, TrainError, OutDirError) as e:
+    except (RecipeError, TrainError, OutDirError, RayConnectError) as e:
         return _error(str(e))
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one summary, from rank 0
         return 0

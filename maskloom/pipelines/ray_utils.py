@@ -189,6 +189,43 @@ starts it with 0, the niceness of a plain loop (unless the variable is set). Ray
 sets the same for its own actor. A cluster keeps its own setting."""
 
 
+class RayConnectError(ConnectionError):
+    """No Ray cluster answers at the given address (checked before ``ray.init``, which would retry
+    for minutes)."""
+
+
+_CONNECT_HINT = (
+    "start one with `ray start --head`, or leave out --address (and RAY_ADDRESS) for an embedded Ray"
+)
+
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to wait for a cluster's GCS port to accept a connection before giving up."""
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise RayConnectError unless something listens at a ``host:port`` address.
+
+    ``ray.init`` on an address where nothing listens logs "Failed to connect to GCS" and keeps
+    retrying (over 3 minutes here) instead of failing. Other forms (``auto``, ``ray://...`` for Ray
+    Client, ``local``) are left to Ray, which fails fast for them."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayConnectError(f"Ray address {address!r}: expected HOST:PORT (e.g. 127.0.0.1:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = (
+            f"no answer within {timeout:g} s"
+            if isinstance(e, TimeoutError)
+            else (e.strerror or str(e)).lower()
+        )
+        raise RayConnectError(f"no Ray cluster at {address} ({reason}); {_CONNECT_HINT}") from None
+
+
 def resolve_address(address: str | None = None) -> str:
     """The address to connect to: ``address``, else ``RAY_ADDRESS``, else ``"local"`` (embedded)."""
     return address or os.environ.get("RAY_ADDRESS") or "local"
@@ -231,12 +268,20 @@ def init_ray(
         if WORKER_NICENESS_ENV not in os.environ:
             env[WORKER_NICENESS_ENV] = "0"
     else:
+        check_reachable(target)
         if num_cpus is not None or num_gpus is not None or object_store_memory is not None:
             log.info("connecting to %s: num_cpus/num_gpus/object_store_memory are the cluster's", target)
         log.info("connecting to the Ray cluster at %s", target)
     old = _set_env(env)  # read by the raylet this starts, and so by the workers it starts
     try:
         ray.init(**kw)
+    except ConnectionError as e:  # something listens there, but not a Ray that lets us in
+        if isinstance(e, RayConnectError):
+            raise
+        raise RayConnectError(
+            f"cannot connect to a Ray cluster at {target}: {e} (a cluster with token authentication "
+            "needs RAY_AUTH_MODE=token and its token in ~/.ray/auth_token: see the README)"
+        ) from None
     finally:
         _restore_env(old)
     if quiet:

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -805,3 +806,27 @@ def test_config_files_and_set_overrides(tmp_path):
         assert str(e.value) == f"{tmp_path / message}"
     with pytest.raises(ValueError, match="--set 'scale': expected KEY=VALUE"):
         _load_config(None, ["scale"])
+
+
+def test_an_address_where_no_ray_listens_fails_at_once_with_one_line(tmp_path, capsys):
+    """ray.init would log "Failed to connect to GCS" for minutes; the CLI checks the port first."""
+    from maskloom.pipelines.ray_utils import RayConnectError, check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    make_data(tmp_path / "in", n_a=1, n_b=0, bad=())
+    t0 = time.perf_counter()
+    argv = ["preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(tmp_path / "t"), "--no-progress"]
+    assert main([*argv, "--address", f"127.0.0.1:{port}"]) == 2
+    assert time.perf_counter() - t0 < 10
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"maskloom preprocess: error: no Ray cluster at 127.0.0.1:{port} (connection refused); start one with "
+        "`ray start --head`, or leave out --address (and RAY_ADDRESS) for an embedded Ray"
+    )
+    with pytest.raises(
+        RayConnectError, match=r"Ray address 'somehost': expected HOST:PORT \(e.g. 127.0.0.1:6379\)"
+    ):
+        check_reachable("somehost")
+    for address in ("auto", "local", "ray://somehost:10001"):  # Ray's own forms: left to ray.init
+        check_reachable(address)

@@ -39,8 +39,8 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"port {port} not open after {timeout} s")
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")  # one head for the tests here (it takes ~8 s to start)
+def ray_head():
     gcs, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
@@ -89,3 +89,22 @@ def test_ray_job_submit_preprocess_round_trip(tmp_path, ray_head):
     assert t.label_names == ["0", "1"]
     assert sorted(t.read().column("label").to_pylist()) == [0, 0, 0, 1, 1, 1]
     assert [e["kind"] for e in t.errors().to_pylist()] == ["corrupt"]
+
+
+def test_a_client_without_the_token_is_told_what_is_missing(tmp_path, ray_head):
+    """Ray retries a refused token for ~20 s and raises a bare ConnectionError; the CLI ends with
+    one line that names the address and the missing setting (exit 2)."""
+    (tmp_path / "0.txt").write_text("1 2")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import ppkit_tokenizer, sys; from maskloom.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "preprocess", str(tmp_path / "0.txt"), "-m", "ppkit_numbers",
+            "-o", str(tmp_path / "t"), "--address", ray_head["gcs"], "--no-progress"]  # fmt: skip
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr
+    assert last.startswith(
+        f"maskloom preprocess: error: cannot connect to a Ray cluster at {ray_head['gcs']}: "
+    )
+    assert last.endswith("needs RAY_AUTH_MODE=token and its token in ~/.ray/auth_token: see the README)")
+    assert not (tmp_path / "t" / tables.MANIFEST).exists()
