@@ -656,8 +656,12 @@ def forecast_table(models: dict[str, MaskedModel], table: TokenTable, cfg: EvalC
 # ---------------------------------------------------------------------------------------------
 def load_run_model(run_dir: str, device: str = "cpu") -> MaskedModel:
     """The run's final model (``RUN/model``), else its newest checkpoint; EvalError when neither exists."""
-    from maskloom.recipes.train import MODEL_DIR, list_checkpoints
+    from maskloom.recipes.train import MODEL_DIR, TrainError, list_checkpoints, pick_device
 
+    try:
+        device = str(pick_device(device))  # not "model.safetensors: corrupt" for a device not here
+    except TrainError as e:
+        raise EvalError(str(e)) from None
     if not os.path.isdir(run_dir):
         raise EvalError(f"{run_dir}: no such run directory")
     path = os.path.join(run_dir, MODEL_DIR)

@@ -489,11 +489,7 @@ def train(
     try:
         opened = open_tables(tables)
         cfg, mods = model_config(recipe, opened)
-        req_type = (
-            torch.device(options.device).type
-            if options.device
-            else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        req_type = pick_device(options.device).type  # TrainError for a device this machine lacks
         rank, world, local_rank, started = init_distributed(req_type)
         try:
             return _train(recipe, opened, out, cfg, mods, options, rank, world, local_rank, TokenLoader)

@@ -242,6 +242,15 @@ def test_eval_cli_user_errors(tiny_run, tmp_path, capsys):
     assert "no such run directory" in capsys.readouterr().err
     assert main(["eval", run, "--tables", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+    for device, reason in (
+        ("nodev", "Expected one of cpu, cuda"),
+        ("cuda", "CUDA is not available on this machine"),
+    ):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        assert main(["eval", run, "--tables", img, "--device", device]) == 2
+        err = capsys.readouterr().err  # the device named, not "model.safetensors: corrupt"
+        assert err.startswith(f"maskloom eval: error: --device {device!r}: ") and reason in err
 
 
 def test_unlabelled_non_series_table_is_skipped(tiny_run, tmp_path):

@@ -318,6 +318,8 @@ def test_train_errors(tmp_path, toy):
         run(tmp_path, recipe(steps=2), [toy], resume=True)
     with pytest.raises(T.TrainError, match=r"/\.: listed twice in --tables \(also as .*toy\)"):
         run(tmp_path, recipe(steps=1), [toy, toy + "/."], name="twice")
+    with pytest.raises(T.TrainError, match="--device 'nodev': Expected one of cpu, cuda"):
+        run(tmp_path, recipe(steps=1), [toy], name="dev", device="nodev")
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutDirError, match="file: exists and is not a directory; choose another --out"):
         run(tmp_path, recipe(steps=1), [toy], name="file")
