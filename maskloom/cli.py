@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS: dict[str, str] = {
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(_module(args.command).run(args) or 0)
+    except BrokenPipeError:
+        # the reader of our output went away (`maskloom recipes | head -1`): stop quietly, as Unix
+        # tools do; point stdout at /dev/null so that Python's flush at exit does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except ValueError as e:
         # a table found unreadable in the middle of a command (a shard missing or damaged since the
         # manifest was written): one line naming it, as for any other user-side problem
