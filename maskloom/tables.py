@@ -839,7 +839,7 @@ class TokenTable:
         try:
             return pq.read_table(p)
         except (OSError, pa.ArrowException) as e:
-            raise TableError(f"{p}: cannot read the error table ({e})") from None
+            raise TableError(f"{p}: cannot read the error table ({' '.join(str(e).split())})") from None
 
     def verify(self) -> list[str]:
         """Check every shard against the manifest (present, same size, same SHA-256: the bytes the

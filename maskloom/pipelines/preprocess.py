@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from maskloom import tables
-from maskloom._paths import OutDirError, make_out_dir
+from maskloom._paths import check_out_dir, make_out_dir
 from maskloom.pipelines._gc import gc_paused
 from maskloom.pipelines.ray_utils import (
     init_ray,
@@ -574,10 +574,7 @@ def preprocess(
     artifacts_dir = os.path.join(out_dir, tables.ARTIFACTS)
 
     # ---- state of out_dir: finished table, partial job, or nothing ------------------------------
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutDirError(
-            f"{out_dir}: exists and is not a directory; choose another --out"
-        )  # before any work
+    check_out_dir(out_dir)  # before any work
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         ours = os.path.exists(os.path.join(out_dir, tables.MANIFEST)) or os.path.isdir(commits_dir)
         if not ours:

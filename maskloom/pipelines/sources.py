@@ -2,9 +2,10 @@
 
 Inputs come from a directory (walked recursively, filtered by the tokenizer's extensions, sorted;
 token tables inside it are skipped), a glob pattern (the same), or a manifest file (CSV or JSONL
-with a ``path`` column and an optional ``label`` column; a BOM is ignored). A tokenizer that declares no extensions (``Tokenizer.extensions == ()``, e.g. a folder of
-TU-format graph files) takes the given path itself as its one source; ``as_one_source=True`` asks
-for the same with any tokenizer.
+with a ``path`` column and an optional ``label`` column; a BOM is ignored). A tokenizer that
+declares no extensions (``Tokenizer.extensions == ()``, e.g. a folder of TU-format graph files)
+takes the given path itself as its one source; ``as_one_source=True`` asks for the same with any
+tokenizer.
 
 Labels come from the parent folder name (``labels="folder"``, the ImageFolder convention), a
 regular expression with a named group ``label`` applied to the file name (``labels="regex"``), the

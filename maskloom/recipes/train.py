@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from maskloom._paths import OutDirError, make_out_dir
+from maskloom._paths import check_out_dir, make_out_dir
 from maskloom.backbone import AdapterConfig, MaskedModel, ModelConfig
 from maskloom.backbone.linear import cpu_matmul
 from maskloom.batch import TokenBatch
@@ -535,8 +535,7 @@ def _train(
 
     # ---- run directory
     recipe_text = recipe.to_toml()
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise OutDirError(f"{out}: exists and is not a directory; choose another --out")  # before any work
+    check_out_dir(out)  # before any work
     ckpts = list_checkpoints(out)
     if rank == 0:
         if not options.resume and (ckpts or os.path.isfile(os.path.join(out, METRICS_FILE))):
