@@ -99,7 +99,7 @@ def arrow_schema(spec: TableSpec, meta: dict[str, Any] | None = None) -> pa.Sche
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string()),  # the rejected input
-        pa.field("kind", pa.string()),  # TokenizeError kind: missing, unsupported, corrupt, empty, ...
+        pa.field("kind", pa.string()),  # TokenizeError kind: missing, unreadable, unsupported, corrupt, ...
         pa.field("message", pa.string()),  # the reason, for people
     ]
 )

@@ -419,3 +419,19 @@ def test_edge_list_with_an_absurd_node_id_raises_tokenize_error(tmp_path):
 def test_csv_with_duplicate_column_names_raises_tokenize_error(tmp_path):
     (tmp_path / "dup.csv").write_text("a,a\n" + "1,2\n" * 20)
     _error(_tok("time_series"), tmp_path / "dup.csv")
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_file_this_user_may_not_read_is_unreadable_not_corrupt(name, tmp_path, monkeypatch):
+    """Shared storage holds files of other users: no read permission is its own kind, checked
+    before the decoder (whose failure would read "corrupt"). The permission is denied by a patched
+    ``os.access``, as the tests may run as root, whom no mode bit stops."""
+    tok = _text_tok(tmp_path) if name == "text" else _tok(name)
+    BAD_FILES[name](tmp_path)
+    (tmp_path / "ok.csv").write_text("0,1\n1,2\n") if name == "graph" else None
+    path = sorted(str(p) for p in tmp_path.glob("ok.*") if p.suffix in tok.extensions)[0]
+    tok(path)  # readable: fine
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: p != path and real(p, mode, **kw))
+    e = _error(tok, path)
+    assert (e.kind, e.reason) == ("unreadable", "permission denied: this user may not read it")

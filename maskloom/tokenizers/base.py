@@ -50,13 +50,14 @@ class TokenizeError(ValueError):
     """A raw input that cannot be tokenized: names the source, a short error kind and the reason.
 
     ``kind`` is one of a small vocabulary so that error tables can be summarised:
-    ``missing`` (no such file), ``unsupported`` (format/extension not handled), ``corrupt``
-    (decoder failed), ``empty`` (no content: zero-length audio, empty text, no nodes),
+    ``missing`` (no such file), ``unreadable`` (this user may not read it), ``unsupported``
+    (format/extension not handled), ``corrupt`` (decoder failed), ``empty`` (no content:
+    zero-length audio, empty text, no nodes),
     ``too_small`` (fewer elements than one token needs), ``invalid`` (content violates the config,
     e.g. all-NaN series), ``config`` (the tokenizer config is wrong for this input).
     """
 
-    KINDS = ("missing", "unsupported", "corrupt", "empty", "too_small", "invalid", "config")
+    KINDS = ("missing", "unreadable", "unsupported", "corrupt", "empty", "too_small", "invalid", "config")
 
     def __init__(self, source: str, kind: str, reason: str) -> None:
         if kind not in self.KINDS:
@@ -269,9 +270,13 @@ class Tokenizer(ABC):
 
     @staticmethod
     def check_file(source: str) -> None:
-        """Raise TokenizeError(missing/empty) for a path that does not exist or has no bytes."""
+        """Raise TokenizeError(missing/unreadable/empty) for a path that does not exist, that this
+        user may not read (a file owned by someone else on shared storage: not "corrupt", which
+        the decoder's failure would say), or that has no bytes."""
         if not os.path.exists(source):
             raise TokenizeError(source, "missing", "no such file or directory")
+        if not os.access(source, os.R_OK):
+            raise TokenizeError(source, "unreadable", "permission denied: this user may not read it")
         if os.path.isfile(source) and os.path.getsize(source) == 0:
             raise TokenizeError(source, "empty", "file is empty (0 bytes)")
 
