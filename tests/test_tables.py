@@ -430,10 +430,11 @@ def test_damaged_shard_inside_stops_the_loader_and_the_cli_with_its_name(tmp_pat
     assert capsys.readouterr().out.startswith("verified 2 shards (0.0 MB) against the manifest: all match\n")
     p1 = table.shard_paths()[1]
     _zero_column_chunk(p1, "tokens")  # read by batches, not by the loader's length scan (positions)
-    loader = TokenLoader([table], LoaderConfig(batch_size=6, cache=False, bucket=False, shuffle=False))
-    with pytest.raises(tables.TableError) as e:
-        list(loader)
-    assert str(e.value).startswith(f"{p1}: cannot read shard, row group 0 (")
+    for workers in (0, 1):  # from a DataLoader worker too: the same one-line error, not its dump
+        cfg = LoaderConfig(batch_size=3, cache=False, bucket=False, shuffle=False, num_workers=workers)
+        with pytest.raises(tables.TableError) as e:
+            list(TokenLoader([table], cfg))
+        assert str(e.value).startswith(f"{p1}: cannot read shard, row group 0 (") and "\n" not in str(e.value)
     _zero_column_chunk(p1, "positions")  # the length column: the loader cannot even be built
     with pytest.raises(tables.TableError, match=r"part-00001.parquet: cannot read shard, row group 0 \("):
         TokenLoader([table], LoaderConfig(batch_size=6))

@@ -1374,12 +1374,17 @@ class _PlanDataset(torch.utils.data.IterableDataset):
             return self.reader.run(self.items)
         return self._worker(self.items[info.id :: info.num_workers])
 
-    def _worker(self, items: list[tuple[int, int, np.ndarray]]) -> Iterator[TokenBatch | _PipeBatch]:
-        for b in self.reader.run(items):
-            if _PipeBatch.nbytes(b) <= PIPE_BATCH_BYTES:
-                yield _PipeBatch(b)  # type: ignore[arg-type]
-            else:
-                yield b
+    def _worker(
+        self, items: list[tuple[int, int, np.ndarray]]
+    ) -> Iterator[TokenBatch | _PipeBatch | _Failure]:
+        try:
+            for b in self.reader.run(items):
+                if _PipeBatch.nbytes(b) <= PIPE_BATCH_BYTES:
+                    yield _PipeBatch(b)  # type: ignore[arg-type]
+                else:
+                    yield b
+        except TableError as e:  # a damaged shard: raised in the loader's process as itself, one line,
+            yield _Failure(e)  # not as DataLoader's "Caught TableError in DataLoader worker ..." dump
 
 
 def _background(it: Iterator[TokenBatch], depth: int) -> Iterator[TokenBatch]:
@@ -1604,6 +1609,8 @@ class TokenLoader:
         for batch in it:
             if isinstance(batch, _PipeBatch):
                 batch = batch.batch()
+            elif isinstance(batch, _Failure):
+                raise batch.error
             if cfg.pin_memory:
                 batch = batch.pin_memory()
             self._position += 1
