@@ -83,11 +83,19 @@ def _is_table(directory: str) -> bool:
 
 def _walk(directory: str, extensions: Sequence[str]) -> list[str]:
     """Files under ``directory`` (recursive, hidden entries and token tables skipped) with one of
-    ``extensions``."""
+    ``extensions``. Symlinked folders are followed, each real folder once (under the first path
+    that reaches it, in sorted order): a link back to an ancestor (``d/up -> ..``) would otherwise
+    list every file below it again at each of ~40 levels, until the OS stops the path."""
     if _is_table(directory):
         raise SourceError(f"{directory}: is a token table (maskloom's output), not raw input")
     out = []
+    seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(directory, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: walked already
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_table(os.path.join(root, d)))
         out.extend(os.path.join(root, f) for f in files if not f.startswith(".") and _has_ext(f, extensions))
     return out

@@ -170,3 +170,12 @@ def test_table_markers_are_the_names_the_writers_use():
     from maskloom.pipelines import preprocess, sources
 
     assert sources.TABLE_MARKERS == (tables.MANIFEST, preprocess.COMMITS)
+
+
+def test_symlinked_folders_are_walked_once_each(tmp_path):
+    a = touch(tmp_path / "d" / "a.jpg")
+    touch(tmp_path / "e" / "b.jpg")
+    os.symlink("..", tmp_path / "d" / "up")  # a loop: d/up/d/up/... (listed ~40 times each before)
+    os.symlink(tmp_path / "e", tmp_path / "d" / "also_e")  # a second way into e
+    got = [i.source for i in find_inputs(str(tmp_path), extensions=(".jpg",)).inputs]
+    assert got == [a, str(tmp_path / "d" / "also_e" / "b.jpg")]  # e first reached as d/also_e
