@@ -43,7 +43,6 @@ import math
 import os
 import shutil
 import stat
-import sys
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ import numpy as np
 
 from maskloom import tables
 from maskloom._paths import check_out_dir, make_out_dir
+from maskloom._progress import Progress
 from maskloom.pipelines._gc import gc_paused
 from maskloom.pipelines.ray_utils import (
     init_ray,
@@ -662,8 +662,6 @@ def preprocess(
     tally = _Tally(t0, sum(len(c["errors"]) for c in done.values()))
     limit = None if max_error_rate is None else max_error_rate * len(items)
     if todo:
-        from tqdm import tqdm
-
         if num_workers == 0:  # here, without Ray: the same shards, records and table
             log.info("tokenizing %d shards of %d inputs in this process", len(todo), shard_size)
             commits: Generator[dict[str, Any], None, None] = (
@@ -677,13 +675,13 @@ def preprocess(
                 todo, actor, tally, address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                 gpus_per_worker=gpus_per_worker, object_store_memory=object_store_memory,
             )  # fmt: skip
-        with tqdm(total=len(plan), initial=skipped, unit="shard", desc="preprocess", file=sys.stderr,
-                  disable=not progress, dynamic_ncols=True) as bar, contextlib.closing(commits):  # fmt: skip
+        with Progress(len(plan), initial=skipped, unit="shard", desc="preprocess", enabled=progress) as bar, \
+                contextlib.closing(commits):  # fmt: skip
             for c in commits:
                 done[c["shard_id"]] = c
                 tally.add(c)
-                bar.update(1)
                 bar.set_postfix(errors=tally.errors)
+                bar.update(1)
                 if limit is not None and tally.errors > limit:
                     break  # the rate can only grow: stop early, keep what is committed
 

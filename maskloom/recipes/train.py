@@ -48,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from maskloom._paths import check_out_dir, make_out_dir
+from maskloom._progress import Progress
 from maskloom.backbone import AdapterConfig, MaskedModel, ModelConfig
 from maskloom.backbone.linear import cpu_matmul
 from maskloom.batch import TokenBatch
@@ -84,7 +85,7 @@ class RunOptions:
     compile: bool | None = None
     """Override the recipe's train.compile."""
     progress: bool = True
-    """Show a tqdm progress bar (rank 0, only on a terminal)."""
+    """Show progress (rank 0): a tqdm bar on a terminal, a line every 30 s in a log."""
     threads: int | None = None
     """torch intra-op CPU threads of this process (None = torch's default). Small models on a CPU
     gain little from several threads and lose much when other processes share the cores."""
@@ -622,17 +623,8 @@ def _train(
     metrics_f = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None  # noqa: SIM115
     tb = _tensorboard(out) if rank == 0 else None
     bar = None
-    if rank == 0 and options.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=total,
-            initial=step,
-            desc=f"train {recipe.name}",
-            unit="step",
-            disable=None,
-            dynamic_ncols=True,
-        )
+    if rank == 0 and options.progress:  # a bar on a terminal, a line every 30 s in a log
+        bar = Progress(total, initial=step, desc=f"train {recipe.name}", unit="step")
 
     batches = _forever(loader)
     losses: list[float] = []
