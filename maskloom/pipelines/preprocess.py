@@ -95,6 +95,11 @@ class PreprocessError(RuntimeError):
     """A job that cannot finish (error rate above the limit, broken accounting); committed shards stay."""
 
 
+class WriteError(PreprocessError):
+    """The table directory refused a write (no space left, no permission, a read-only file system):
+    the job stops, as every later shard would fail the same way; committed shards are kept."""
+
+
 class TableConflictError(PreprocessError):
     """The output directory holds a table or partial job with another config or input set."""
 
@@ -364,19 +369,23 @@ def tokenize_shard(
     input_bytes = tokens = 0
     # records go to the file a row group at a time (validated per input in _tokenize_one): a shard's
     # memory is one row group, however many inputs it has
-    with tables.ShardWriter(os.path.join(out_dir, shard.name), spec, meta) as writer:
-        for item in shard.inputs:
-            try:
-                input_bytes += _size(item.source)
-                records = _tokenize_one(tokenizer, item, spec)
-            except (TokenizeError, _Rejected) as e:
-                log.debug("rejected %s: %s: %s", e.source, e.kind, e.reason)
-                errors.append([item.source, e.kind, e.reason])
-                continue
-            writer.add(records)
-            written.append(item.source)
-            tokens += sum(r.num_tokens for r in records)
-        info = writer.close()
+    path = os.path.join(out_dir, shard.name)
+    try:
+        with tables.ShardWriter(path, spec, meta) as writer:
+            for item in shard.inputs:
+                try:
+                    input_bytes += _size(item.source)
+                    records = _tokenize_one(tokenizer, item, spec)
+                except (TokenizeError, _Rejected) as e:
+                    log.debug("rejected %s: %s: %s", e.source, e.kind, e.reason)
+                    errors.append([item.source, e.kind, e.reason])
+                    continue
+                writer.add(records)  # an OSError here is the disk's, not the input's
+                written.append(item.source)
+                tokens += sum(r.num_tokens for r in records)
+            info = writer.close()
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write the shard ({e.strerror or e})") from None
     if info is not None:
         info["inputs"] = len(written)
     commit = {
@@ -393,7 +402,12 @@ def tokenize_shard(
         "cpu_seconds": time.process_time() - c0,
         "started": started,
     }
-    tables.atomic_write_bytes(_commit_path(out_dir, shard.shard_id), json.dumps(commit).encode())
+    try:
+        tables.atomic_write_bytes(_commit_path(out_dir, shard.shard_id), json.dumps(commit).encode())
+    except OSError as e:
+        raise WriteError(
+            f"{_commit_path(out_dir, shard.shard_id)}: cannot write the commit record ({e.strerror or e})"
+        ) from None
     return commit
 
 
@@ -449,10 +463,16 @@ class TokenizeShardActor:
         self.meta = meta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        commits = [
-            json.dumps(tokenize_shard(self.tokenizer, ShardSpec.from_json(s), self.out_dir, self.meta))
-            for s in batch["spec"]
-        ]
+        commits = []
+        for s in batch["spec"]:
+            try:
+                commits.append(
+                    json.dumps(
+                        tokenize_shard(self.tokenizer, ShardSpec.from_json(s), self.out_dir, self.meta)
+                    )
+                )
+            except WriteError as e:  # handed over as a row: Ray would deliver only its text, in a traceback
+                commits.append(json.dumps({"write_error": str(e)}))
         return {"commit": np.array(commits, dtype=object)}
 
 
@@ -675,15 +695,21 @@ def preprocess(
                 todo, actor, tally, address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                 gpus_per_worker=gpus_per_worker, object_store_memory=object_store_memory,
             )  # fmt: skip
-        with Progress(len(plan), initial=skipped, unit="shard", desc="preprocess", enabled=progress) as bar, \
-                contextlib.closing(commits):  # fmt: skip
-            for c in commits:
-                done[c["shard_id"]] = c
-                tally.add(c)
-                bar.set_postfix(errors=tally.errors)
-                bar.update(1)
-                if limit is not None and tally.errors > limit:
-                    break  # the rate can only grow: stop early, keep what is committed
+        try:
+            with Progress(len(plan), initial=skipped, unit="shard", desc="preprocess", enabled=progress) as bar, \
+                    contextlib.closing(commits):  # fmt: skip
+                for c in commits:
+                    if "write_error" in c:  # from a worker: the disk, not an input; every shard would fail
+                        raise WriteError(c["write_error"])
+                    done[c["shard_id"]] = c
+                    tally.add(c)
+                    bar.set_postfix(errors=tally.errors)
+                    bar.update(1)
+                    if limit is not None and tally.errors > limit:
+                        break  # the rate can only grow: stop early, keep what is committed
+        except WriteError as e:
+            raise WriteError(f"{e}; {len(done)} committed shards kept: free space (or fix the permissions), "
+                             "then run the same command again to resume") from None  # fmt: skip
 
     # ---- commit: accounting, errors, manifest (last) -------------------------------------------
     errors = [e for sh in plan if sh.shard_id in done for e in done[sh.shard_id]["errors"]]
@@ -700,7 +726,6 @@ def preprocess(
     tokens = sum(c["tokens"] for c in commits)
     shard_infos = [c["shard"] for c in commits if c["shard"]]
     input_bytes = sum(c["input_bytes"] for c in commits)
-    _write_errors(os.path.join(out_dir, tables.ERRORS), errors)
     seconds = time.perf_counter() - t0
     processed = sum(len(sh.inputs) for sh in todo)
     manifest = tables.Manifest(
@@ -710,7 +735,12 @@ def preprocess(
         extra={"inputs_digest": inputs_digest, "artifacts_digest": art_digest, "tokens": tokens,
                "input_bytes": input_bytes, "planned_shards": len(plan), "shard_size": shard_size},
     )  # fmt: skip
-    tables.write_manifest(out_dir, manifest)
+    try:
+        _write_errors(os.path.join(out_dir, tables.ERRORS), errors)
+        tables.write_manifest(out_dir, manifest)
+    except OSError as e:
+        raise WriteError(f"{out_dir}: cannot write the error table and manifest ({e.strerror or e}); every shard "
+                         "is committed: free space, then run the same command again to finish") from None  # fmt: skip
     _tidy(out_dir, {s["name"] for s in shard_infos})
     result = PreprocessResult(
         out_dir=out_dir, inputs=len(items), rows=rows, tokens=tokens, errors=len(errors),

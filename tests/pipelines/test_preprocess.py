@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -834,3 +835,67 @@ def test_an_address_where_no_ray_listens_fails_at_once_with_one_line(tmp_path):
         check_reachable("somehost")
     for address in ("auto", "local", "ray://somehost:10001"):  # Ray's own forms: left to ray.init
         check_reachable(address)
+
+
+def test_a_full_disk_stops_the_job_with_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    """No space left (or no permission) is the disk's fault, not an input's: the job stops at the
+    first shard that cannot be written, names it, keeps the committed ones and leaves no temp file."""
+    import errno
+
+    make_data(tmp_path / "in", n_a=4, n_b=4, bad=())
+    out = tmp_path / "t"
+    real_add, calls = tables.ShardWriter.add, []
+
+    def add(self, records):
+        calls.append(1)
+        if len(calls) == 5:  # the third shard of two inputs
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_add(self, records)
+
+    monkeypatch.setattr(tables.ShardWriter, "add", add)
+    argv = ["preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(out), "--shard-size", "2", "--no-progress",
+            "--num-workers", "0"]  # fmt: skip
+    assert main(argv) == 1
+    shards = sorted(p.name for p in out.iterdir() if p.name.startswith("part-"))
+    assert re.fullmatch(
+        re.escape(f"maskloom preprocess: failed: {out}/") + r"part-00002-[0-9a-f]{16}\.parquet"
+        + re.escape(": cannot write the shard (No space left on device); 2 committed shards kept: free space (or fix "
+                    "the permissions), then run the same command again to resume"),
+        capsys.readouterr().err.splitlines()[-1],
+    )  # fmt: skip
+    assert len(shards) == 2 and not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    monkeypatch.setattr(tables.ShardWriter, "add", real_add)  # space again
+    assert main(argv) == 0
+    assert "2/4 shards resumed" in capsys.readouterr().out
+
+
+def test_a_worker_hands_a_write_error_over_as_a_row_and_the_driver_stops(tmp_path, monkeypatch):
+    """On Ray a worker's exception reaches the driver only as text in a traceback, so the actor
+    returns the write error as a row, which the driver raises as WriteError."""
+    from maskloom.pipelines.preprocess import WriteError
+
+    found = make_data(tmp_path / "in", n_a=2, n_b=0, bad=())
+    tok = get_tokenizer(TOK, None)
+    meta = tables.table_meta(tok.spec(), tokenizer=TOK, tokenizer_version=tok.version, config=tok.config_dict(),
+                             fingerprint=tok.fingerprint())  # fmt: skip
+    spec = plan_shards(found.inputs, "k", 2)[0]
+
+    def close(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tables.ShardWriter, "close", close)
+    actor = TokenizeShardActor(modality=TOK, config={}, imports=(), artifacts_dir=None, out_dir=str(tmp_path),
+                               meta=meta)  # fmt: skip
+    row = json.loads(actor({"spec": np.array([spec.to_json()], dtype=object)})["commit"][0])
+    assert row == {"write_error": f"{tmp_path / spec.name}: cannot write the shard (Permission denied)"}
+
+    def ray_rows(todo, *a, **k):
+        yield row
+
+    monkeypatch.setattr(pp, "_commits_on_ray", ray_rows)
+    with pytest.raises(WriteError) as e:
+        preprocess(found, TOK, None, str(tmp_path / "t"), shard_size=2, progress=False, num_workers=1)
+    assert str(e.value) == (
+        f"{tmp_path / spec.name}: cannot write the shard (Permission denied); 0 committed shards kept: free space "
+        "(or fix the permissions), then run the same command again to resume"
+    )
