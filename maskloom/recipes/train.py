@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from maskloom._paths import check_out_dir, make_out_dir
@@ -356,10 +357,44 @@ def save_checkpoint(
     world_size: int,
     keep: int,
 ) -> str:
-    """Write ``checkpoints/step-N`` atomically (a temporary directory renamed when complete)."""
+    """Write ``checkpoints/step-N`` atomically (a temporary directory renamed when complete).
+
+    A refused write (no space left, no permission) raises TrainError naming the checkpoint, with the
+    temporary directory removed and the earlier checkpoints kept (``--resume`` continues from the
+    newest once there is room)."""
     root = os.path.join(run_dir, CHECKPOINTS)
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".step-{step}.tmp")
+    try:
+        return _save_checkpoint(run_dir, root, final, tmp, step, model, optimizer, generator, state, rank,
+                                world_size, keep)  # fmt: skip
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainError(
+            f"{final}: cannot write the checkpoint ({_reason(e)}); earlier checkpoints are kept: free space "
+            "(or fix the permissions), then continue with --resume"
+        ) from None
+
+
+def _reason(e: BaseException) -> str:
+    """An I/O error's reason in a few words: ``strerror`` for an OSError, else its message on one line."""
+    return (e.strerror if isinstance(e, OSError) and e.strerror else None) or " ".join(str(e).split())
+
+
+def _save_checkpoint(
+    run_dir: str,
+    root: str,
+    final: str,
+    tmp: str,
+    step: int,
+    model: MaskedModel,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    state: dict[str, Any],
+    rank: int,
+    world_size: int,
+    keep: int,
+) -> str:
     if rank == 0:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
@@ -709,7 +744,13 @@ def _train(
                     )
         _checkpoint(out, step, model, optimizer, generator, loader, rank, world, tc.keep_checkpoints)
         if rank == 0:
-            model.save(os.path.join(out, MODEL_DIR))
+            try:
+                model.save(os.path.join(out, MODEL_DIR))
+            except (OSError, SafetensorError) as e:
+                raise TrainError(
+                    f"{os.path.join(out, MODEL_DIR)}: cannot write the model ({_reason(e)}); the last checkpoint "
+                    "is kept: free space, then run the same command with --resume to write it"
+                ) from None
         _barrier()
     finally:
         if metrics_f is not None:

@@ -447,3 +447,25 @@ def test_ray_train_two_cpu_workers(tmp_path):
     ck = out / "checkpoints" / "step-4"
     assert (ck / "rng-rank1.safetensors").exists()
     MaskedModel.load(str(out / "model"))
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_with_one_line_and_leaves_no_partial(
+    tmp_path, toy, monkeypatch
+):
+    import errno
+
+    real = T.save_file
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T, "save_file", full)
+    with pytest.raises(T.TrainError) as e:
+        run(tmp_path, recipe(steps=4, ckpt=2), [toy])
+    assert str(e.value) == (
+        f"{tmp_path / 'run' / 'checkpoints' / 'step-2'}: cannot write the checkpoint (No space left on device); "
+        "earlier checkpoints are kept: free space (or fix the permissions), then continue with --resume"
+    )
+    assert os.listdir(tmp_path / "run" / "checkpoints") == []  # no half-written .step-2.tmp
+    monkeypatch.setattr(T, "save_file", real)  # room again
+    assert run(tmp_path, recipe(steps=4, ckpt=2), [toy], resume=True).step == 4
