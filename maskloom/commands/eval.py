@@ -9,6 +9,7 @@ ridge forecasting head at ``--horizon`` steps (MSE/MAE). See ``maskloom.recipes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "linear-probe / kNN / forecasting evaluation of a trained run"
@@ -43,8 +44,16 @@ def _error(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from maskloom._paths import OutDirError, make_out_dir
     from maskloom.recipes.evaluate import EvalError, evaluate_run, format_results, write_json
 
+    if args.out:  # before the evaluation, not after it
+        if os.path.isdir(args.out):
+            return _error(f"{args.out}: is a directory; --out names the JSON file to write")
+        try:
+            make_out_dir(os.path.dirname(os.path.abspath(args.out)))
+        except OutDirError as e:
+            return _error(str(e))
     try:
         results = evaluate_run(
             args.run,

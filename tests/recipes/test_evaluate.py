@@ -242,6 +242,15 @@ def test_eval_cli_user_errors(tiny_run, tmp_path, capsys):
     assert "no such run directory" in capsys.readouterr().err
     assert main(["eval", run, "--tables", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")  # --out under a file, or a directory: refused before evaluating
+    assert main(["eval", run, "--tables", img, "--out", str(tmp_path / "f" / "r.json")]) == 2
+    assert capsys.readouterr() == ("", f"maskloom eval: error: {tmp_path / 'f'}: exists and is not a directory; "
+                                       "choose another --out\n")  # fmt: skip
+    assert main(["eval", run, "--tables", img, "--out", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"maskloom eval: error: {tmp_path}: is a directory; --out names the JSON file to write\n"
+    )
     for device, reason in (
         ("nodev", "Expected one of cpu, cuda"),
         ("cuda", "CUDA is not available on this machine"),
