@@ -146,7 +146,13 @@ def _read_manifest(path: str) -> list[tuple[str, str | None]]:
         p = row.get("path")
         if not p:
             raise SourceError(f"{path}: entry {n} has no 'path' (columns: {sorted(row)})")
+        if not isinstance(p, str):
+            raise SourceError(f"{path}: entry {n}: 'path' must be a string, got {type(p).__name__} {p!r}")
         label = row.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int, float))):
+            raise SourceError(
+                f"{path}: entry {n}: 'label' must be a string or a number, got {type(label).__name__} {label!r}"
+            )
         label = None if label is None or str(label) == "" else str(label)
         out.append((p if os.path.isabs(p) else os.path.join(base, p), label))
     return out

@@ -109,6 +109,21 @@ def test_bad_manifests(tmp_path):
     (tmp_path / "bad.jsonl").write_text("[1]\n")
     with pytest.raises(SourceError, match="bad.jsonl:1: each line must be a JSON object"):
         find_inputs(str(tmp_path / "bad.jsonl"), manifest=True)
+    touch(tmp_path / "a.txt")
+    for line, message in (
+        ({"path": 5}, "entry 1: 'path' must be a string, got int 5"),
+        (
+            {"path": "a.txt", "label": {"x": 1}},
+            "entry 1: 'label' must be a string or a number, got dict {'x': 1}",
+        ),
+        ({"path": "a.txt", "label": True}, "entry 1: 'label' must be a string or a number, got bool True"),
+    ):
+        (tmp_path / "t.jsonl").write_text(json.dumps(line) + "\n")
+        with pytest.raises(SourceError) as e:
+            find_inputs(str(tmp_path / "t.jsonl"), manifest=True)
+        assert str(e.value) == f"{tmp_path / 't.jsonl'}: {message}"
+    (tmp_path / "t.jsonl").write_text(json.dumps({"path": "a.txt", "label": 3}) + "\n")
+    assert find_inputs(str(tmp_path / "t.jsonl"), manifest=True).label_names == ("3",)
 
 
 def test_directory_as_one_source(tmp_path):
