@@ -66,6 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--max-error-rate", type=float, metavar="FRACTION",
                    help="fail (exit 1) when more than this fraction of inputs is rejected, e.g. 0.05")  # fmt: skip
+    r.add_argument("--input-timeout", type=float, default=None, metavar="SECONDS",
+                   help="end a Ray worker whose input takes longer (a decoder hung on a damaged file); the "
+                        "input becomes an error row and the job goes on (default 300; 0: no limit)")  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -169,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
         if args.max_error_rate is not None and not 0.0 <= args.max_error_rate <= 1.0:
             raise ValueError(f"--max-error-rate must lie in [0, 1], got {args.max_error_rate}")
+        if args.input_timeout is not None and args.input_timeout < 0:
+            raise ValueError(f"--input-timeout must be >= 0 seconds (0: no limit), got {args.input_timeout}")
         found = find_inputs(
             args.inputs, extensions=cls.extensions, labels=args.labels, label_regex=args.label_regex,
             manifest=args.manifest, as_one_source=args.as_one_source,
@@ -184,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
             object_store_memory=args.object_store_memory, shard_size=args.shard_size, overwrite=args.overwrite,
             max_error_rate=args.max_error_rate, imports=args.imports, progress=not args.no_progress,
+            **({} if args.input_timeout is None else {"input_timeout": args.input_timeout}),
         )  # fmt: skip
     except KeyboardInterrupt:
         n = _committed(args.out)

@@ -43,8 +43,9 @@ import math
 import os
 import shutil
 import stat
+import threading
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,8 +352,87 @@ class _Rejected(Exception):
         self.source, self.kind, self.reason = source, kind, reason
 
 
+INPUT_TIMEOUT_S = 300.0
+"""Default seconds one input may take in a Ray worker before the worker is ended (``--input-timeout``)."""
+
+HUNG = "_hung"
+"""Folder under ``_commits`` with one record per input that outlived the timeout in a worker."""
+
+
+def _hung_path(out_dir: str, source: str) -> str:
+    return os.path.join(
+        out_dir,
+        COMMITS,
+        HUNG,
+        hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".json",
+    )
+
+
+def _hung_inputs(out_dir: str) -> dict[str, float]:
+    """{source: timeout in seconds} of the inputs recorded as hung in ``out_dir``."""
+    folder = os.path.join(out_dir, COMMITS, HUNG)
+    out = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        rec = _read_json(os.path.join(folder, name))
+        if rec is not None:
+            out[rec["source"]] = float(rec["seconds"])
+    return out
+
+
+class InputWatchdog:
+    """Ends its worker process when one input has taken longer than ``timeout`` seconds.
+
+    Decoders in C can hang for ever on a damaged file (decord's ``get_batch`` on some MP4s, for
+    one); nothing inside the process can stop them, and one such file would stall the whole job.
+    A daemon thread checks once a second; past the timeout it records the input under
+    ``_commits/_hung/`` and ends the process (``os._exit``). Ray restarts the actor and reruns the
+    shard, and :func:`tokenize_shard` turns the recorded input into an error row (kind
+    ``corrupt``) instead of decoding it again: the shard is written once, exactly as if the file
+    had failed to decode. Only for worker processes: ending the calling process
+    (``num_workers=0``) would end the user's program."""
+
+    def __init__(self, timeout: float, *, tick: float = 1.0) -> None:
+        self.timeout = float(timeout)
+        self._current: tuple[str, str, float] | None = None  # (out_dir, source, started)
+        self._thread = threading.Thread(target=self._watch, args=(min(tick, self.timeout / 4),),
+                                        name="maskloom-input-watchdog", daemon=True)  # fmt: skip
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def watching(self, out_dir: str, source: str) -> Iterator[None]:
+        self._current = (out_dir, source, time.monotonic())
+        try:
+            yield
+        finally:
+            self._current = None
+
+    def _watch(self, tick: float) -> None:
+        while True:
+            time.sleep(tick)
+            cur = self._current
+            if cur is not None and time.monotonic() - cur[2] > self.timeout:
+                out_dir, source, _ = cur
+                path = _hung_path(out_dir, source)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tables.atomic_write_bytes(
+                    path, json.dumps({"source": source, "seconds": self.timeout}).encode()
+                )
+                log.error("%s: still decoding after %g s; ending this worker (Ray restarts it and the job goes "
+                          "on without this input)", source, self.timeout)  # fmt: skip
+                logging.shutdown()
+                os._exit(HUNG_EXIT_CODE)
+
+
+HUNG_EXIT_CODE = 75
+"""Exit status of a worker ended by :class:`InputWatchdog`."""
+
+
 def tokenize_shard(
-    tokenizer: Tokenizer, shard: ShardSpec, out_dir: str, meta: dict[str, Any]
+    tokenizer: Tokenizer,
+    shard: ShardSpec,
+    out_dir: str,
+    meta: dict[str, Any],
+    watchdog: InputWatchdog | None = None,
 ) -> dict[str, Any]:
     """Tokenize every input of ``shard``, write the shard file atomically, then its commit record.
 
@@ -364,6 +444,7 @@ def tokenize_shard(
     started = time.time()
     t0, c0 = time.perf_counter(), time.process_time()
     spec = tables.spec_from_meta(meta)
+    hung = _hung_inputs(out_dir)  # inputs that outlived the timeout in an earlier try of this shard
     written: list[str] = []
     errors: list[list[str]] = []
     input_bytes = tokens = 0
@@ -375,7 +456,11 @@ def tokenize_shard(
             for item in shard.inputs:
                 try:
                     input_bytes += _size(item.source)
-                    records = _tokenize_one(tokenizer, item, spec)
+                    if item.source in hung:
+                        raise TokenizeError(item.source, "corrupt", f"decoding did not end within {hung[item.source]:g} "
+                                            "s (--input-timeout); its worker was ended and restarted")  # fmt: skip
+                    with watchdog.watching(out_dir, item.source) if watchdog else contextlib.nullcontext():
+                        records = _tokenize_one(tokenizer, item, spec)
                 except (TokenizeError, _Rejected) as e:
                     log.debug("rejected %s: %s: %s", e.source, e.kind, e.reason)
                     errors.append([item.source, e.kind, e.reason])
@@ -455,12 +540,14 @@ class TokenizeShardActor:
         out_dir: str,
         meta: dict[str, Any],
         threads: int = 1,
+        input_timeout: float | None = None,
     ) -> None:
         limit_threads(threads)  # env vars first: OpenMP reads them when torch is first imported
         self.tokenizer = build_tokenizer(modality, config, imports, artifacts_dir)
         limit_threads(threads)  # and torch itself, now that the tokenizer may have imported it
         self.out_dir = out_dir
         self.meta = meta
+        self.watchdog = InputWatchdog(input_timeout) if input_timeout else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         commits = []
@@ -468,7 +555,9 @@ class TokenizeShardActor:
             try:
                 commits.append(
                     json.dumps(
-                        tokenize_shard(self.tokenizer, ShardSpec.from_json(s), self.out_dir, self.meta)
+                        tokenize_shard(
+                            self.tokenizer, ShardSpec.from_json(s), self.out_dir, self.meta, self.watchdog
+                        )
                     )
                 )
             except WriteError as e:  # handed over as a row: Ray would deliver only its text, in a traceback
@@ -557,6 +646,7 @@ def preprocess(
     label_names: Sequence[str] | None = None,
     imports: Sequence[str] = (),
     progress: bool = True,
+    input_timeout: float | None = INPUT_TIMEOUT_S,
 ) -> PreprocessResult:
     """Tokenize ``inputs`` with tokenizer ``modality`` (``config``: dataclass, dict or None) into the
     token table ``out_dir``, on an embedded local Ray or the cluster at ``address``/``RAY_ADDRESS``
@@ -566,7 +656,9 @@ def preprocess(
     ``label_names`` overrides the input set's (or the tokenizer's) class names; ``imports`` names
     modules to import first on the driver and every worker (plug-in tokenizers). ``shard_size``
     None: ``default_shard_size`` for the inputs and the workers (``num_workers``, else the CPUs of
-    the running Ray or of this machine); a resumed partial job keeps its plan's size. Raises
+    the running Ray or of this machine); a resumed partial job keeps its plan's size.
+    ``input_timeout``: seconds one input may take in a Ray worker before the worker is ended and
+    the input becomes an error row (:class:`InputWatchdog`; None or 0: no limit). Raises
     TableConflictError (another config/input set in ``out_dir`` and not ``overwrite``), OutDirError
     (``out_dir`` is a file or cannot be made),
     PreprocessError (error rate above ``max_error_rate``; committed shards are kept for a rerun),
@@ -579,6 +671,8 @@ def preprocess(
         raise ValueError(f"num_workers must be >= 0 (0: in this process, without Ray), got {num_workers}")
     if max_error_rate is not None and not 0.0 <= max_error_rate <= 1.0:
         raise ValueError(f"max_error_rate must lie in [0, 1], got {max_error_rate}")
+    if input_timeout is not None and input_timeout < 0:
+        raise ValueError(f"input_timeout must be >= 0 seconds (0: no limit), got {input_timeout}")
     items, names = _as_inputs(inputs)
     for m in imports:
         importlib.import_module(m)
@@ -690,7 +784,7 @@ def preprocess(
         else:
             actor = {"modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
                      "artifacts_dir": artifacts_dir if os.path.isdir(artifacts_dir) else None,
-                     "out_dir": out_dir, "meta": meta}  # fmt: skip
+                     "out_dir": out_dir, "meta": meta, "input_timeout": input_timeout}  # fmt: skip
             commits = _commits_on_ray(
                 todo, actor, tally, address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                 gpus_per_worker=gpus_per_worker, object_store_memory=object_store_memory,

@@ -36,6 +36,8 @@ class NumbersConfig:
     """If set and this file does not exist: create it and kill this process (a dying worker)."""
     crash_on: str = ""
     """Raise a plain RuntimeError (a tokenizer bug) for sources containing this string."""
+    hang_on: str = ""
+    """Never return (a decoder hung in C) for sources containing this string."""
 
 
 class NumbersTokenizer(Tokenizer):
@@ -61,6 +63,8 @@ class NumbersTokenizer(Tokenizer):
             os._exit(1)
         if self.config.crash_on and self.config.crash_on in source:
             raise RuntimeError("boom")
+        if self.config.hang_on and self.config.hang_on in source:
+            time.sleep(3600)
         try:
             return np.array([float(x) for x in open(source).read().split()], np.float32)
         except ValueError as e:

@@ -899,3 +899,44 @@ def test_a_worker_hands_a_write_error_over_as_a_row_and_the_driver_stops(tmp_pat
         f"{tmp_path / spec.name}: cannot write the shard (Permission denied); 0 committed shards kept: free space "
         "(or fix the permissions), then run the same command again to resume"
     )
+
+
+def test_an_input_that_never_finishes_ends_its_worker_and_becomes_an_error_row(tmp_path, local_ray):
+    """A decoder hung in C (decord on some MP4s) would stall the job for ever: past --input-timeout
+    the watchdog records the input and ends the worker; Ray restarts it and reruns the shard, and the
+    input becomes one error row. Every other input is written once."""
+    found = make_data(tmp_path / "in", n_a=3, n_b=3, bad=())
+    out = str(tmp_path / "t")
+    t0 = time.perf_counter()
+    r = preprocess(found, TOK, {"hang_on": "a/f1.txt"}, out, shard_size=3, imports=IMPORTS, progress=False,
+                   num_workers=1, input_timeout=1.0)  # fmt: skip
+    assert time.perf_counter() - t0 < 120
+    assert (r.inputs, r.rows, r.errors) == (6, 5, 1)
+    t = tables.TokenTable(out)
+    hung = str(tmp_path / "in" / "a" / "f1.txt")
+    assert t.errors().to_pylist() == [{
+        "source": hung, "kind": "corrupt",
+        "message": "decoding did not end within 1 s (--input-timeout); its worker was ended and restarted",
+    }]  # fmt: skip
+    ids = t.read().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 5 and f"{hung}#0" not in ids
+    assert not os.path.exists(os.path.join(out, COMMITS))  # the hung record went with the commit records
+
+
+def test_input_watchdog_records_the_input_and_ends_the_process(tmp_path):
+    """The watchdog in a child process: past the timeout, the record, then exit status 75."""
+    code = (
+        "import sys, time; from maskloom.pipelines.preprocess import InputWatchdog\n"
+        "w = InputWatchdog(0.2, tick=0.05)\n"
+        "with w.watching(sys.argv[1], 'fast.txt'): time.sleep(0.1)\n"
+        "with w.watching(sys.argv[1], 'slow.txt'): time.sleep(30)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == pp.HUNG_EXIT_CODE, done.stderr
+    assert pp._hung_inputs(str(tmp_path)) == {"slow.txt": 0.2}
+    with pytest.raises(ValueError, match="input_timeout must be >= 0 seconds"):
+        preprocess(
+            [str(tmp_path / "x.txt")], TOK, None, str(tmp_path / "t"), input_timeout=-1, progress=False
+        )
