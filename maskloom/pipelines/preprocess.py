@@ -45,7 +45,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -398,13 +398,13 @@ class InputWatchdog:
                                         name="maskloom-input-watchdog", daemon=True)  # fmt: skip
         self._thread.start()
 
-    @contextlib.contextmanager
-    def watching(self, out_dir: str, source: str) -> Iterator[None]:
+    def begin(self, out_dir: str, source: str) -> None:
+        """Watch ``source`` from now (until :meth:`end`); plain assignments, no context manager: ~0.2
+        instead of ~1.5 us an input, against ~200 us for a spoken-digit clip."""
         self._current = (out_dir, source, time.monotonic())
-        try:
-            yield
-        finally:
-            self._current = None
+
+    def end(self) -> None:
+        self._current = None
 
     def _watch(self, tick: float) -> None:
         while True:
@@ -459,8 +459,14 @@ def tokenize_shard(
                     if item.source in hung:
                         raise TokenizeError(item.source, "corrupt", f"decoding did not end within {hung[item.source]:g} "
                                             "s (--input-timeout); its worker was ended and restarted")  # fmt: skip
-                    with watchdog.watching(out_dir, item.source) if watchdog else contextlib.nullcontext():
+                    if watchdog is None:
                         records = _tokenize_one(tokenizer, item, spec)
+                    else:
+                        watchdog.begin(out_dir, item.source)
+                        try:
+                            records = _tokenize_one(tokenizer, item, spec)
+                        finally:
+                            watchdog.end()
                 except (TokenizeError, _Rejected) as e:
                     log.debug("rejected %s: %s: %s", e.source, e.kind, e.reason)
                     errors.append([item.source, e.kind, e.reason])

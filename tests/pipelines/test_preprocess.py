@@ -928,8 +928,8 @@ def test_input_watchdog_records_the_input_and_ends_the_process(tmp_path):
     code = (
         "import sys, time; from maskloom.pipelines.preprocess import InputWatchdog\n"
         "w = InputWatchdog(0.2, tick=0.05)\n"
-        "with w.watching(sys.argv[1], 'fast.txt'): time.sleep(0.1)\n"
-        "with w.watching(sys.argv[1], 'slow.txt'): time.sleep(30)\n"
+        "w.begin(sys.argv[1], 'fast.txt'); time.sleep(0.1); w.end()\n"
+        "w.begin(sys.argv[1], 'slow.txt'); time.sleep(30)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
