@@ -107,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
         result = train(args.recipe, args.tables, args.out, options=options, overrides=overrides)
     except (RecipeError, TrainError, OutDirError, RayConnectError) as e:
         return _error(str(e))
+    except FloatingPointError as e:  # the loss diverged: the recipe's fault, not the code's
+        print(f"maskloom train: failed: {e}; the run's last checkpoint, if any, is kept", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one summary, from rank 0
         return 0
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 from dataclasses import dataclass
 
@@ -469,3 +470,25 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line_and_leaves_no_p
     assert os.listdir(tmp_path / "run" / "checkpoints") == []  # no half-written .step-2.tmp
     monkeypatch.setattr(T, "save_file", real)  # room again
     assert run(tmp_path, recipe(steps=4, ckpt=2), [toy], resume=True).step == 4
+
+
+def test_a_diverging_run_ends_with_one_line(tmp_path, toy, capsys):
+    rec = _toy_recipe_file(tmp_path, steps=20)
+    argv = [
+        "train",
+        rec,
+        "--tables",
+        toy,
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+        "--set",
+        "optim.base_lr=1e12",
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(
+        r"maskloom train: failed: step \d+: the loss is (nan|inf) \(diverged; lower optim\.base_lr\); the run's last "
+        r"checkpoint, if any, is kept",
+        err[-1],
+    ), err
