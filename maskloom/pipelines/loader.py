@@ -1592,7 +1592,13 @@ class TokenLoader:
     # ---- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[TokenBatch]:
         cfg = self.config
-        items = self.plan()[self._position :]
+        plan = self.plan()
+        if 0 < len(plan) <= self._position:
+            # a state saved after the epoch's last batch, before the loop asked for more (a checkpoint
+            # at the end of an epoch): that epoch is over, this iteration is the next one
+            self.set_epoch(self._epoch + 1)
+            plan = self.plan()
+        items = plan[self._position :]
         if cfg.num_workers == 0:
             it: Any = self._reader.run(items)
             if cfg.thread_prefetch > 0:

@@ -280,6 +280,27 @@ def test_resume_mid_epoch_yields_exactly_the_rest(tmp_path):
         TokenLoader(d, batch_size=3, seed=5).load_state_dict(state)
 
 
+def test_a_state_saved_after_the_last_batch_resumes_with_the_next_epoch(tmp_path):
+    """A training loop checkpoints after each step, so a state can hold (epoch e, position = all of
+    its batches) before the loader has rolled over: iterating it yields epoch e + 1 (it yielded
+    nothing, and training stopped with "the loader yielded no batch")."""
+    d = make_vec(tmp_path, [(i * 5) % 9 + 1 for i in range(12)], rows_per_shard=5)
+    loader = TokenLoader(d, batch_size=3, seed=4)
+    it = iter(loader)
+    n = len(loader.plan())
+    for _ in range(n):
+        next(it)
+    state = loader.state_dict()
+    assert (state["epoch"], state["position"]) == (0, n)
+    resumed = TokenLoader(d, batch_size=3, seed=4)
+    resumed.load_state_dict(state)
+    want = TokenLoader(d, batch_size=3, seed=4)
+    want.set_epoch(1)
+    got, expected = ids_of(resumed), ids_of(want)
+    assert got == expected and len(expected) == n
+    assert resumed.epoch == 2
+
+
 def test_num_workers_identical_in_order(tmp_path):
     d = make_vec(tmp_path, [(i * 3) % 8 + 1 for i in range(26)], rows_per_shard=5)
     ref = list(TokenLoader(d, batch_size=3, seed=7))
