@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from maskloom._paths import OutDirError
@@ -119,6 +120,19 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.status != "finished":
         print(
-            f"resume with: maskloom train {args.recipe} --tables {' '.join(args.tables)} --out {args.out} --resume"
+            "resume with: "
+            + shlex.join(
+                [
+                    "maskloom",
+                    "train",
+                    args.recipe,
+                    "--tables",
+                    *args.tables,
+                    "--out",
+                    args.out,
+                    *[a for kv in args.overrides for a in ("--set", kv)],
+                    "--resume",
+                ]
+            )  # fmt: skip
         )
     return 0

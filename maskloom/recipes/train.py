@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -60,6 +61,9 @@ from maskloom.tables import TableError, TokenTable
 log = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.toml"
+TABLES_FILE = "tables.json"
+"""The tables a run trains on, by identity (modality, config fingerprint, input set, rows), so that
+``--resume`` on other tables is refused: the loader's saved position means nothing there."""
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
@@ -115,6 +119,19 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # building blocks
 # ---------------------------------------------------------------------------------------------
+def _table_identity(t: TokenTable) -> dict[str, Any]:
+    """What makes a table the same table wherever it lies: modality, config fingerprint, rows and its
+    shards' bytes (the SHA-256 of each, from the manifest: nothing is read)."""
+    shards = hashlib.sha256("".join(s["sha256"] for s in t.manifest.shards).encode()).hexdigest()[:16]
+    return {
+        "directory": os.path.abspath(t.directory),
+        "modality": t.modality,
+        "fingerprint": t.meta.get("fingerprint"),
+        "rows": t.num_rows,
+        "shards": shards,
+    }
+
+
 def open_tables(paths: Sequence[str]) -> list[TokenTable]:
     """Open the token tables; TrainError naming the path for anything that is not a finished table."""
     if not paths:
@@ -585,9 +602,21 @@ def _train(
                         f"{out}/{RECIPE_FILE}: the run was trained with another recipe; "
                         "resume with the same recipe and --set values, or choose a new --out"
                     )
+        identity = [_table_identity(t) for t in tables]
+        if options.resume and ckpts and os.path.isfile(os.path.join(out, TABLES_FILE)):
+            with open(os.path.join(out, TABLES_FILE), encoding="utf-8") as f:
+                before = json.load(f)
+            if [{k: v for k, v in t.items() if k != "directory"} for t in before] != [
+                {k: v for k, v in t.items() if k != "directory"} for t in identity
+            ]:  # the same tables moved elsewhere are the same tables
+                raise TrainError(
+                    f"{out}: the run was trained on other tables ({', '.join(t['directory'] for t in before)}); "
+                    "resume with the same --tables (in the same order), or choose a new --out"
+                )
         make_out_dir(out, "run directory")
         with open(os.path.join(out, RECIPE_FILE), "w", encoding="utf-8") as f:
             f.write(recipe_text)
+        _write_json(os.path.join(out, TABLES_FILE), identity)
     if options.resume and not ckpts:
         log.warning("%s: no checkpoint to resume from; starting from step 0", out)
 

@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 from dataclasses import dataclass
 
@@ -472,6 +473,27 @@ def test_a_checkpoint_that_cannot_be_written_stops_with_one_line_and_leaves_no_p
     assert run(tmp_path, recipe(steps=4, ckpt=2), [toy], resume=True).step == 4
 
 
+def test_resume_on_other_tables_is_refused_and_the_hint_keeps_the_set_values(tmp_path, toy, capsys):
+    other = make_vectors(tmp_path / "other", n=24, seed=1)
+    rec = _toy_recipe_file(tmp_path, steps=6)
+    out = str(tmp_path / "r")
+    base = ["train", rec, "--out", out, "--no-progress", "--set", "optim.warmup_steps=1"]
+    assert main([*base, "--tables", toy, "--max-steps", "2"]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (
+        hint
+        == f"resume with: maskloom train {rec} --tables {toy} --out {out} --set optim.warmup_steps=1 --resume"
+    )
+    assert main([*base, "--tables", other, "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"maskloom train: error: {out}: the run was trained on other tables ({os.path.abspath(toy)}); resume with "
+        "the same --tables (in the same order), or choose a new --out\n"
+    )
+    moved = str(tmp_path / "moved")
+    shutil.copytree(toy, moved)  # the same table elsewhere is the same table
+    assert main([*base, "--tables", moved, "--resume"]) == 0
+
+
 def test_a_diverging_run_ends_with_one_line(tmp_path, toy, capsys):
     rec = _toy_recipe_file(tmp_path, steps=20)
     argv = [
@@ -492,3 +514,15 @@ def test_a_diverging_run_ends_with_one_line(tmp_path, toy, capsys):
         r"checkpoint, if any, is kept",
         err[-1],
     ), err
+
+
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(tmp_path, toy):
+    """24 rows in batches of 4: step 6 ends epoch 0, and its checkpoint's loader state is (epoch 0,
+    position 6 of 6). Resuming from it must start epoch 1 (it raised "the loader yielded no batch")."""
+    full = run(tmp_path, recipe(steps=9), [toy], name="full")
+    first = run(tmp_path, recipe(steps=9), [toy], name="part", max_steps=6)
+    state = json.load(open(tmp_path / "part" / "checkpoints" / "step-6" / "state.json"))["loader"]
+    assert (state["epoch"], state["position"]) == (0, 6)
+    second = run(tmp_path, recipe(steps=9), [toy], name="part", resume=True)
+    assert second.status == "finished" and len(second.losses) == 3
+    assert first.losses + second.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-7)
