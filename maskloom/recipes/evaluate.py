@@ -358,12 +358,21 @@ def extract_features(
 # ---------------------------------------------------------------------------------------------
 # classification of one table
 # ---------------------------------------------------------------------------------------------
+def _class_name(table: TokenTable, label: int) -> str:
+    names = table.label_names
+    return repr(names[label]) if names and 0 <= label < len(names) else str(label)
+
+
 def classify_table(models: dict[str, MaskedModel], table: TokenTable, cfg: EvalConfig) -> dict[str, Any]:
     """Probe results of one labelled table (see :func:`evaluate_run` for the structure)."""
     tf = extract_features(models, table, batch_size=cfg.batch_size, device=cfg.device)
     keep = np.flatnonzero(tf.labels >= 0)
     if keep.size == 0:
         return {"modality": table.modality, "kind": "skipped", "reason": "the table has no labels"}
+    classes = np.unique(tf.labels[keep])
+    if classes.size < 2:  # every probe would score 1.000: nothing to tell the feature sets apart
+        return {"modality": table.modality, "kind": "skipped",
+                "reason": f"every labelled sample has the same class ({_class_name(table, int(classes[0]))})"}  # fmt: skip
     src_of = _sources(table)
     ids = [tf.ids[i] for i in keep]
     labels = tf.labels[keep]

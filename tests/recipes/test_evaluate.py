@@ -275,6 +275,19 @@ def test_unlabelled_non_series_table_is_skipped(tiny_run, tmp_path):
     }
 
 
+def test_a_table_of_one_class_is_skipped_not_scored_perfect(tiny_run, tmp_path):
+    root, run, img, _ = tiny_run
+    recs = [dataclasses.replace(r, label=0) for r in tables.TokenTable(img).records()]
+    tok = tables.TokenTable(img).tokenizer()
+    one = tables.write_table(str(tmp_path / "one"), recs, tok, label_names=["cat"]).directory
+    res = E.evaluate_run(run, [one])
+    assert res["tables"][one] == {
+        "modality": "image",
+        "kind": "skipped",
+        "reason": "every labelled sample has the same class ('cat')",
+    }
+
+
 @pytest.mark.parametrize("n,f", [(50, 8), (12, 40)])  # primal and dual paths
 def test_ridge_forecast_matches_sklearn_ridge(n, f):
     from sklearn.linear_model import Ridge
