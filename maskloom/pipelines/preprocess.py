@@ -34,15 +34,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import math
 import os
 import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Generator, Sequence
@@ -635,6 +638,59 @@ def artifacts_digest(directory: str) -> str:
     return h.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _job_lock(out_dir: str) -> Generator[None, None, None]:
+    """Hold this machine's lock on table ``out_dir`` for one job, or raise TableConflictError.
+
+    Two jobs on one table (a command started twice, a scheduler retrying a job whose first try still
+    runs) would write the same shards and then remove each other's commit records. The lock is an
+    ``flock`` on a file in the system's temporary folder named by the table's absolute path, so the
+    table holds nothing extra; it is released when the job ends, however it ends (the OS drops it
+    with the process). Drivers on different machines sharing storage are not covered."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    folder = os.path.join(tempfile.gettempdir(), "maskloom-locks")
+    os.makedirs(folder, exist_ok=True)
+    key = hashlib.sha256(os.path.abspath(out_dir).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    with open(os.path.join(folder, key + ".lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise TableConflictError(
+                f"{os.path.abspath(out_dir)}: another maskloom preprocess (pid {holder}) is writing this table; wait for it to "
+                "end, or choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _one_job_per_table(fn: Any) -> Any:
+    """Run ``fn`` (whose parameter ``out_dir`` names the table) under :func:`_job_lock`."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        out_dir = sig.bind(*args, **kwargs).arguments.get("out_dir") or ""
+        if not out_dir:  # fn's own check reports it
+            return fn(*args, **kwargs)
+        with _job_lock(out_dir):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_one_job_per_table
 def preprocess(
     inputs: InputSet | Sequence[Input] | Sequence[str],
     modality: str,

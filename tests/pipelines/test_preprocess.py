@@ -940,3 +940,29 @@ def test_input_watchdog_records_the_input_and_ends_the_process(tmp_path):
         preprocess(
             [str(tmp_path / "x.txt")], TOK, None, str(tmp_path / "t"), input_timeout=-1, progress=False
         )
+
+
+def test_a_second_job_on_a_table_being_written_is_refused(tmp_path):
+    """A command started twice (or a scheduler's retry while the first try runs) would write the same
+    shards and remove each other's commit records: the second job stops at once, naming the first."""
+    found = make_data(tmp_path / "in", n_a=2, n_b=0, bad=())
+    out = tmp_path / "t"
+    code = (
+        "import sys, time; from maskloom.pipelines.preprocess import _job_lock\n"
+        "with _job_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TableConflictError) as e:
+            preprocess(found, TOK, None, str(out), progress=False, num_workers=0)
+        assert str(e.value) == (
+            f"{out}: another maskloom preprocess (pid {holder.pid}) is writing this table; wait for it to end, "
+            "or choose another --out"
+        )
+        assert not out.exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    r = preprocess(found, TOK, None, str(out), progress=False, num_workers=0)  # the OS dropped the lock
+    assert (r.inputs, r.rows) == (2, 2)
