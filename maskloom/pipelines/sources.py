@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from maskloom.pipelines._gc import gc_paused
+from maskloom.tokenizers.base import utf8_text
 
 LabelMode = Literal["auto", "none", "folder", "regex", "manifest"]
 LABEL_MODES = ("auto", "none", "folder", "regex", "manifest")
@@ -232,15 +233,15 @@ def find_inputs(
         labels = "manifest" if manifest and any(lab is not None for lab in named.values()) else "none"
     if labels == "none":
         named = dict.fromkeys(named)
-    elif labels == "folder":
-        named = {s: os.path.basename(os.path.dirname(s)) for s in named}
+    elif labels == "folder":  # a folder name that is not UTF-8 becomes text with \xNN, as ids do
+        named = {s: utf8_text(os.path.basename(os.path.dirname(s))) for s in named}
     elif labels == "regex":
         assert pattern is not None
         for s in named:
             m = pattern.search(os.path.basename(s))
             if m is None or m.group("label") is None:
                 raise SourceError(f"{s}: file name does not match the label regex {label_regex!r}")
-            named[s] = m.group("label")
+            named[s] = utf8_text(m.group("label"))
     elif labels == "manifest":
         missing = [s for s, lab in named.items() if lab is None]
         if missing:

@@ -194,3 +194,17 @@ def test_symlinked_folders_are_walked_once_each(tmp_path):
     os.symlink(tmp_path / "e", tmp_path / "d" / "also_e")  # a second way into e
     got = [i.source for i in find_inputs(str(tmp_path), extensions=(".jpg",)).inputs]
     assert got == [a, str(tmp_path / "d" / "also_e" / "b.jpg")]  # e first reached as d/also_e
+
+
+def test_label_names_from_file_names_that_are_not_utf8_are_escaped(tmp_path):
+    """A class folder named in Latin-1 gives a label name that any UTF-8 consumer can print (inspect's
+    summary raised UnicodeEncodeError on a UTF-8 terminal), written as its ids are: ``\\xNN``."""
+    try:
+        a = touch(os.path.join(str(tmp_path), "caf\udce9", "a.jpg"))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system only takes UTF-8 file names")
+    b = touch(tmp_path / "dog" / "b.jpg")
+    s = find_inputs(str(tmp_path), extensions=(".jpg",), labels="folder")
+    assert s.label_names == ("caf\\xe9", "dog") and s.inputs == (Input(a, 0), Input(b, 1))
+    s = find_inputs(str(tmp_path), extensions=(".jpg",), label_regex=r"^(?P<label>.)")
+    assert s.label_names == ("a", "b")
