@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from maskloom.pipelines.preprocess import PreprocessResult
+
+log = logging.getLogger(__name__)
 
 HELP = "raw files -> a sharded token table (Ray; resumable, exactly-once; --address for a cluster)"
 
@@ -158,9 +161,19 @@ def run(args: argparse.Namespace) -> int:
     from maskloom.registry import RegistryError
     from maskloom.tokenizers.base import TOKENIZERS, get_tokenizer
 
-    try:
-        for m in args.imports:
+    for m in args.imports:
+        try:
             importlib.import_module(m)
+        except ImportError as e:
+            return _error(f"--import: {e}")
+        except Exception as e:  # the plug-in's own error (a syntax error, a failing import-time line)
+            import traceback
+
+            log.debug("".join(traceback.format_exception(e)))
+            where = f" ({e.filename}, line {e.lineno})" if isinstance(e, SyntaxError) else ""
+            return _error(f"--import {m}: {type(e).__name__}: {e.msg if isinstance(e, SyntaxError) else e}{where}"
+                          " (-vv shows the traceback)")  # fmt: skip
+    try:
         cls = TOKENIZERS.get(args.modality)
         config = _load_config(args.config, args.set)
         get_tokenizer(args.modality, config)  # validate the config before any work
@@ -178,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
             args.inputs, extensions=cls.extensions, labels=args.labels, label_regex=args.label_regex,
             manifest=args.manifest, as_one_source=args.as_one_source,
         )  # fmt: skip
-    except ImportError as e:
-        return _error(f"--import: {e}")
+    except ImportError as e:  # the tokenizer needs a package that is not installed
+        return _error(f"-m {args.modality}: {e}")
     except (SourceError, RegistryError, ValueError, TypeError) as e:
         return _error(str(e))
     print(f"maskloom preprocess: {len(found)} inputs -> {args.out} ({args.modality})", file=sys.stderr)

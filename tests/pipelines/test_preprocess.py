@@ -966,3 +966,34 @@ def test_a_second_job_on_a_table_being_written_is_refused(tmp_path):
         holder.wait()
     r = preprocess(found, TOK, None, str(out), progress=False, num_workers=0)  # the OS dropped the lock
     assert (r.inputs, r.rows) == (2, 2)
+
+
+def test_a_plug_in_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "plug_syntax.py").write_text("def f(:\n")
+    (tmp_path / "plug_raises.py").write_text("raise RuntimeError('no licence file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = [
+        "preprocess",
+        str(tmp_path),
+        "-m",
+        TOK,
+        "-o",
+        str(tmp_path / "o"),
+        "--num-workers",
+        "0",
+        "--import",
+    ]
+    assert main([*base, "plug_syntax"]) == 2
+    assert capsys.readouterr().err == (
+        f"maskloom preprocess: error: --import plug_syntax: SyntaxError: invalid syntax ({tmp_path / 'plug_syntax.py'}, "
+        "line 1) (-vv shows the traceback)\n"
+    )
+    assert main([*base, "plug_raises"]) == 2
+    assert capsys.readouterr().err == (
+        "maskloom preprocess: error: --import plug_raises: RuntimeError: no licence file (-vv shows the traceback)\n"
+    )
+    assert main([*base, "plug_missing_xyz"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "maskloom preprocess: error: --import: No module named 'plug_missing_xyz'\n"
+    )
