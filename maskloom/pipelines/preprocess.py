@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -940,10 +941,26 @@ def _commits_on_ray(
         )
         tally.workers = res.num_workers
         log.info("tokenizing %d shards with %d workers", len(todo), res.num_workers)
-        for row in ds.iter_rows():
-            yield json.loads(row["commit"])
+        try:
+            for row in ds.iter_rows():
+                yield json.loads(row["commit"])
+        except ray.exceptions.RayActorError as e:  # the actor's constructor failed: no worker can start
+            raise PreprocessError(
+                f"the tokenizer workers could not start: {_last_error(str(e))} (a plug-in must be importable on "
+                "every worker: `ray job submit --working-dir` ships it, or install it on the nodes)"
+            ) from e
     finally:
         shutdown_ray(started)
+
+
+def _last_error(text: str) -> str:
+    """The last ``SomeError: message`` line of a traceback Ray handed over as text (the worker's own
+    exception), or the text's last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln):
+            return ln
+    return lines[-1] if lines else text
 
 
 class _Tally:

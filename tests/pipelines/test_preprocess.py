@@ -997,3 +997,18 @@ def test_a_plug_in_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsy
         capsys.readouterr().err
         == "maskloom preprocess: error: --import: No module named 'plug_missing_xyz'\n"
     )
+
+
+def test_workers_that_cannot_import_a_plug_in_end_the_job_with_one_line(tmp_path, monkeypatch, local_ray):
+    """A plug-in importable on the driver but not on the workers (a cluster without it): every actor's
+    constructor fails, and the job ends naming the worker's error, not with Ray's 100-line dump."""
+    (tmp_path / "plug_driver_only.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # this process only: the workers' path lacks it
+    found = make_data(tmp_path / "in", n_a=2, n_b=0, bad=())
+    with pytest.raises(PreprocessError) as e:
+        preprocess(found, TOK, None, str(tmp_path / "t"), imports=["ppkit_tokenizer", "plug_driver_only"],
+                   progress=False, num_workers=1)  # fmt: skip
+    assert str(e.value) == (
+        "the tokenizer workers could not start: ModuleNotFoundError: No module named 'plug_driver_only' (a plug-in "
+        "must be importable on every worker: `ray job submit --working-dir` ships it, or install it on the nodes)"
+    )
