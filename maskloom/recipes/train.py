@@ -119,6 +119,37 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 # building blocks
 # ---------------------------------------------------------------------------------------------
+def check_run_dir(
+    out: str, recipe_text: str, tables: Sequence[TokenTable], resume: bool
+) -> list[tuple[int, str]]:
+    """Whether ``out`` can take this run: TrainError when it holds a run and not ``resume``, or a run
+    of another recipe or other tables; returns its checkpoints. Checked by rank 0 before training,
+    and by :func:`train_ray` on the driver before it starts any worker."""
+    check_out_dir(out)
+    ckpts = list_checkpoints(out)
+    if not resume and (ckpts or os.path.isfile(os.path.join(out, METRICS_FILE))):
+        raise TrainError(f"{out}: already holds a run; pass --resume to continue it or choose a new --out")
+    if resume and os.path.isfile(os.path.join(out, RECIPE_FILE)):
+        with open(os.path.join(out, RECIPE_FILE), encoding="utf-8") as f:
+            if f.read() != recipe_text:
+                raise TrainError(
+                    f"{out}/{RECIPE_FILE}: the run was trained with another recipe; "
+                    "resume with the same recipe and --set values, or choose a new --out"
+                )
+    if resume and ckpts and os.path.isfile(os.path.join(out, TABLES_FILE)):
+        with open(os.path.join(out, TABLES_FILE), encoding="utf-8") as f:
+            before = json.load(f)
+        now = [_table_identity(t) for t in tables]
+        if [{k: v for k, v in t.items() if k != "directory"} for t in before] != [
+            {k: v for k, v in t.items() if k != "directory"} for t in now
+        ]:  # the same tables moved elsewhere are the same tables
+            raise TrainError(
+                f"{out}: the run was trained on other tables ({', '.join(t['directory'] for t in before)}); "
+                "resume with the same --tables (in the same order), or choose a new --out"
+            )
+    return ckpts
+
+
 def _table_identity(t: TokenTable) -> dict[str, Any]:
     """What makes a table the same table wherever it lies: modality, config fingerprint, rows and its
     shards' bytes (the SHA-256 of each, from the manifest: nothing is read)."""
@@ -588,35 +619,12 @@ def _train(
 
     # ---- run directory
     recipe_text = recipe.to_toml()
-    check_out_dir(out)  # before any work
-    ckpts = list_checkpoints(out)
+    ckpts = list_checkpoints(out) if rank != 0 else check_run_dir(out, recipe_text, tables, options.resume)
     if rank == 0:
-        if not options.resume and (ckpts or os.path.isfile(os.path.join(out, METRICS_FILE))):
-            raise TrainError(
-                f"{out}: already holds a run; pass --resume to continue it or choose a new --out"
-            )
-        if options.resume and os.path.isfile(os.path.join(out, RECIPE_FILE)):
-            with open(os.path.join(out, RECIPE_FILE), encoding="utf-8") as f:
-                if f.read() != recipe_text:
-                    raise TrainError(
-                        f"{out}/{RECIPE_FILE}: the run was trained with another recipe; "
-                        "resume with the same recipe and --set values, or choose a new --out"
-                    )
-        identity = [_table_identity(t) for t in tables]
-        if options.resume and ckpts and os.path.isfile(os.path.join(out, TABLES_FILE)):
-            with open(os.path.join(out, TABLES_FILE), encoding="utf-8") as f:
-                before = json.load(f)
-            if [{k: v for k, v in t.items() if k != "directory"} for t in before] != [
-                {k: v for k, v in t.items() if k != "directory"} for t in identity
-            ]:  # the same tables moved elsewhere are the same tables
-                raise TrainError(
-                    f"{out}: the run was trained on other tables ({', '.join(t['directory'] for t in before)}); "
-                    "resume with the same --tables (in the same order), or choose a new --out"
-                )
         make_out_dir(out, "run directory")
         with open(os.path.join(out, RECIPE_FILE), "w", encoding="utf-8") as f:
             f.write(recipe_text)
-        _write_json(os.path.join(out, TABLES_FILE), identity)
+        _write_json(os.path.join(out, TABLES_FILE), [_table_identity(t) for t in tables])
     if options.resume and not ckpts:
         log.warning("%s: no checkpoint to resume from; starting from step 0", out)
 
@@ -888,8 +896,8 @@ def train_ray(
     if num_workers < 1:
         raise TrainError(f"--num-workers must be >= 1, got {num_workers}")
     recipe = load_recipe(recipe_name_or_path, overrides=overrides)  # validate before starting Ray
-    open_tables(tables)
     out = os.path.abspath(out)
+    check_run_dir(out, recipe.to_toml(), open_tables(tables), options.resume)  # and the run directory
     started = init_ray(ray_address, include_dashboard=None)
     try:
         trainer = TorchTrainer(
@@ -905,9 +913,19 @@ def train_ray(
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
             run_config=RunConfig(name=f"maskloom-{recipe.name}", storage_path=os.path.join(out, "ray")),
         )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        try:
+            result = trainer.fit()
+            error = result.error
+        except Exception as e:  # Ray Train 2 raises a worker's failure from fit()
+            error = e
+        if error is not None:
+            # a user-side error in a worker (a shard damaged mid-run, say) reaches here as traceback
+            # text: one line for it, as without Ray; anything else keeps its traceback
+            found = re.findall(r"^maskloom\.[\w.]+\.(?:TrainError|TableError|RecipeError|OutDirError): (.*)$",
+                               str(error), re.M)  # fmt: skip
+            if found:
+                raise TrainError(f"a Ray Train worker stopped: {found[-1]}") from error
+            raise error
         return dict(result.metrics or {})
     finally:
         shutdown_ray(started)

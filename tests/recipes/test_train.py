@@ -449,6 +449,17 @@ def test_ray_train_two_cpu_workers(tmp_path):
     ck = out / "checkpoints" / "step-4"
     assert (ck / "rng-rank1.safetensors").exists()
     MaskedModel.load(str(out / "model"))
+    # user-side errors: one TrainError, the run directory's checked on the driver before any worker
+    with pytest.raises(T.TrainError, match="already holds a run; pass --resume"):
+        T.train_ray(str(path), [table], str(out), num_workers=2, options=T.RunOptions(progress=False))
+    os.unlink(tables.TokenTable(table).shard_paths()[0])  # found missing by the workers' loaders
+    with pytest.raises(T.TrainError) as e:
+        T.train_ray(
+            str(path), [table], str(tmp_path / "ray2"), num_workers=2, options=T.RunOptions(progress=False)
+        )
+    assert str(e.value).startswith(
+        "a Ray Train worker stopped: "
+    ) and "shard listed in the manifest is missing" in str(e.value)
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_with_one_line_and_leaves_no_partial(
