@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from maskloom._paths import make_out_dir
+
 log = logging.getLogger(__name__)
 
 MODALITIES: tuple[str, ...] = ("image", "video", "audio", "point_cloud", "graph", "time_series", "text")
@@ -480,7 +482,7 @@ def _prepare(out_dir: str, modalities: Sequence[str]) -> None:
         raise FileExistsError(
             f"{out_dir} is not empty and was not written by demo-data; choose a new or empty directory"
         )
-    os.makedirs(out_dir, exist_ok=True)
+    make_out_dir(out_dir, "demo data directory")  # OutDirError (a ValueError) for a file of that name
     for m in modalities:
         for folder in (m, "time_series_long") if m == "time_series" else (m,):
             path = os.path.join(out_dir, folder)

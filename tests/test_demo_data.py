@@ -312,3 +312,13 @@ def test_ar_noise_is_autocorrelated(demo):
     )[:, 0]
     a = ar - ar.mean()
     assert np.dot(a[1:], a[:-1]) / np.dot(a, a) > 0.6  # phi in [0.8, 0.95]
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    from maskloom.cli import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["demo-data", str(tmp_path / "f"), "--per-class", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"maskloom demo-data: error: {tmp_path / 'f'}: exists and is not a directory; choose another --out\n"
+    )
