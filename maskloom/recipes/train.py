@@ -414,8 +414,29 @@ def save_checkpoint(
     final = os.path.join(root, f"step-{step}")
     tmp = os.path.join(root, f".step-{step}.tmp")
     try:
-        return _save_checkpoint(run_dir, root, final, tmp, step, model, optimizer, generator, state, rank,
-                                world_size, keep)  # fmt: skip
+        if rank == 0:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        _barrier()
+        t, doc = rng_to_files(generator)
+        save_file(t, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
+        _write_json(os.path.join(tmp, f"rng-rank{rank}.json"), doc)
+        _barrier()
+        if rank == 0:
+            model.save(tmp)
+            ot, odoc = optimizer_to_files(optimizer)
+            save_file(ot, os.path.join(tmp, "optimizer.safetensors"))
+            _write_json(os.path.join(tmp, "optimizer.json"), odoc)
+            _write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "world_size": world_size})
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if keep > 0:
+                for _, old in list_checkpoints(run_dir)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainError(
@@ -427,45 +448,6 @@ def save_checkpoint(
 def _reason(e: BaseException) -> str:
     """An I/O error's reason in a few words: ``strerror`` for an OSError, else its message on one line."""
     return (e.strerror if isinstance(e, OSError) and e.strerror else None) or " ".join(str(e).split())
-
-
-def _save_checkpoint(
-    run_dir: str,
-    root: str,
-    final: str,
-    tmp: str,
-    step: int,
-    model: MaskedModel,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    state: dict[str, Any],
-    rank: int,
-    world_size: int,
-    keep: int,
-) -> str:
-    if rank == 0:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    _barrier()
-    t, doc = rng_to_files(generator)
-    save_file(t, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
-    _write_json(os.path.join(tmp, f"rng-rank{rank}.json"), doc)
-    _barrier()
-    if rank == 0:
-        model.save(tmp)
-        ot, odoc = optimizer_to_files(optimizer)
-        save_file(ot, os.path.join(tmp, "optimizer.safetensors"))
-        _write_json(os.path.join(tmp, "optimizer.json"), odoc)
-        _write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "world_size": world_size})
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep > 0:
-            for _, old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
 
 
 # ---------------------------------------------------------------------------------------------
