@@ -635,9 +635,14 @@ class TimeSeriesTokenizer(Tokenizer):
                     blank,
                 )
             if not names:
-                raise TokenizeError(
-                    source, "invalid", f"no numeric columns (columns: {table.column_names[:10]})"
-                )
+                cols = table.column_names
+                sep = next((c for c in ";|\t" if len(cols) == 1 and c in cols[0]), None)
+                hint = (
+                    f"; the file looks {sep!r}-separated, and .csv is read as comma-separated (.tsv: tabs)"
+                    if sep
+                    else ""
+                )  # a spreadsheet's export in a locale whose decimal mark is the comma
+                raise TokenizeError(source, "invalid", f"no numeric columns (columns: {cols[:10]}){hint}")
         cols = [pc.cast(table.column(n), pa.float64()).to_numpy(zero_copy_only=False) for n in names]
         values = _to_float32(np.stack(cols, axis=1))  # (T, C); nulls became NaN, beyond float32 inf
         return values, tuple(names)

@@ -510,3 +510,21 @@ def test_values_beyond_float32_are_missing_without_warning(tmp_path):
     ts = tmp_path / "big.ts"
     ts.write_text("@problemName B\n@classLabel true x\n@data\n1,1e300,3:4,5,6:x\n")
     assert _tok().read(str(ts)).series[0][:, 0].tolist() == [1.0, np.inf, 3.0]
+
+
+def test_a_semicolon_separated_csv_is_named_as_such_and_a_bom_is_ignored(tmp_path):
+    """A spreadsheet exported where the decimal mark is the comma separates fields with ';'; the
+    error says so. A UTF-8 byte-order mark before the header does not reach the column names."""
+    tok = get_tokenizer("time_series", {"window": None})
+    semi = tmp_path / "semi.csv"
+    semi.write_text("a;b\n" + "".join(f"{i};{2 * i}\n" for i in range(40)))
+    with pytest.raises(TokenizeError) as e:
+        tok(str(semi))
+    assert (e.value.kind, e.value.reason) == (
+        "invalid",
+        "no numeric columns (columns: ['a;b']); the file looks ';'-separated, and .csv is read as "
+        "comma-separated (.tsv: tabs)",
+    )
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + ("temp\n" + "".join(f"{i / 10}\n" for i in range(40))).encode())
+    assert tok(str(bom))[0].meta["channel_names"] == ["temp"]
