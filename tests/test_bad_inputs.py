@@ -435,3 +435,32 @@ def test_a_file_this_user_may_not_read_is_unreadable_not_corrupt(name, tmp_path,
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: p != path and real(p, mode, **kw))
     e = _error(tok, path)
     assert (e.kind, e.reason) == ("unreadable", "permission denied: this user may not read it")
+
+
+def test_a_byte_order_mark_changes_nothing(tmp_path):
+    """Text files saved by spreadsheets and Windows editors start with a UTF-8 BOM. It broke the text
+    tokenizer's CSV header ("no text column 'text' in header ['\\ufefftext', ...]") and its JSONL
+    ("line 1 is not JSON"), and rode into .txt tokens; the other text formats now ignore it too."""
+    xyz = "".join(f"{np.sin(i):.4f} {np.cos(i):.4f} {i / 64:.4f}\n" for i in range(64))
+    ucr = "".join(
+        f"{k % 2}\t" + "\t".join(f"{np.sin(i * (k + 1) / 7):.4f}" for i in range(24)) + "\n" for k in range(4)
+    )
+    cases = [
+        ("text", "a.txt", "the cat sat on the mat\n"),
+        ("text", "a.csv", "text,id\nthe cat sat,1\nthe dog sat,2\n"),
+        ("text", "a.jsonl", json.dumps({"text": "the cat sat"}) + "\n"),
+        ("graph", "a.csv", "0,1\n1,2\n2,0\n"),
+        ("point_cloud", "a.xyz", xyz),
+        ("time_series", "a.tsv", ucr),
+    ]
+    for name, file, content in cases:
+        tok = _text_tok(tmp_path) if name == "text" else _tok(name)
+        plain, bom = tmp_path / "plain" / file, tmp_path / "bom" / file
+        for p, prefix in ((plain, b""), (bom, b"\xef\xbb\xbf")):
+            p.parent.mkdir(exist_ok=True)
+            p.write_bytes(prefix + content.encode())
+        want, got = tok(str(plain)), tok(str(bom))
+        assert len(got) == len(want) > 0, (name, file)
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=f"{name} {file}")
+            assert a.label == b.label

@@ -239,7 +239,7 @@ def _read_numeric_rows(path: str) -> np.ndarray:
     """A small numeric text table (whitespace/comma separated, optional header, #/% comments) as
     float64 (R, C). Raises TokenizeError(corrupt/empty)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             rows = [ln.split("#", 1)[0].split("%", 1)[0].replace(",", " ").split() for ln in f]
     except UnicodeDecodeError as e:
         raise TokenizeError(path, "corrupt", f"not a text file ({e.reason} at byte {e.start})") from None
@@ -267,7 +267,7 @@ def _read_tu_file(path: str, dtype: type, source: str) -> np.ndarray:
     or an empty edge file. Raises TokenizeError(source, corrupt) naming the file."""
     name = os.path.basename(path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = [ln for ln in f.read().split("\n") if ln.strip()]
     except UnicodeDecodeError as e:
         raise TokenizeError(

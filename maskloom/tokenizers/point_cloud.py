@@ -215,7 +215,7 @@ class PointCloudTokenizer(Tokenizer):
     @staticmethod
     def _read_text(source: str) -> np.ndarray:
         try:
-            with open(source, encoding="utf-8") as f:
+            with open(source, encoding="utf-8-sig") as f:
                 lines = [ln.split("#", 1)[0].replace(",", " ").split() for ln in f]
         except UnicodeDecodeError as e:
             raise TokenizeError(

@@ -265,7 +265,7 @@ class TextTokenizer(Tokenizer):
                 f"extension {ext or '(none)'!r}; text reads {', '.join(self.extensions)}",
             )
         try:
-            with open(source, encoding="utf-8", newline="") as f:
+            with open(source, encoding="utf-8-sig", newline="") as f:
                 content = f.read()
         except UnicodeDecodeError as e:
             raise TokenizeError(source, "corrupt", f"not UTF-8 text ({e.reason} at byte {e.start})") from None

@@ -350,7 +350,7 @@ class TimeSeriesTokenizer(Tokenizer):
     def _ts_class_labels(source: str) -> tuple[str, ...] | None:
         """A ``.ts`` file's ``@classLabel`` names (None when it declares none), from its header only."""
         try:
-            with open(source, encoding="utf-8") as f:
+            with open(source, encoding="utf-8-sig") as f:
                 for line in f:
                     s = line.strip()
                     if s.lower().startswith("@classlabel"):
@@ -367,7 +367,7 @@ class TimeSeriesTokenizer(Tokenizer):
         """The distinct labels (first field of each line) of a header-less UCR ``.tsv``/``.csv`` file."""
         delim = "\t" if source.lower().endswith(".tsv") else ","
         try:
-            with open(source, encoding="utf-8") as f:
+            with open(source, encoding="utf-8-sig") as f:
                 return {ln.split(delim, 1)[0].strip() for ln in f if ln.strip()}
         except UnicodeDecodeError as e:
             raise TokenizeError(source, "corrupt", f"not UTF-8 text ({e})") from None
@@ -563,7 +563,7 @@ class TimeSeriesTokenizer(Tokenizer):
             return "ucr"
         if ext == ".tsv":
             try:
-                with open(source, encoding="utf-8") as f:
+                with open(source, encoding="utf-8-sig") as f:
                     first = next((ln for ln in f if ln.strip()), "")
             except UnicodeDecodeError as e:
                 raise TokenizeError(source, "corrupt", f"not UTF-8 text ({e})") from None
@@ -650,7 +650,7 @@ class TimeSeriesTokenizer(Tokenizer):
     def _read_ucr(self, source: str) -> tuple[tuple[str, ...] | None, list[np.ndarray], list[str | None]]:
         """(class names from the header or None, series (T_i, C) float32, raw label strings)."""
         try:
-            with open(source, encoding="utf-8") as f:
+            with open(source, encoding="utf-8-sig") as f:
                 text = f.read()
         except UnicodeDecodeError as e:
             raise TokenizeError(source, "corrupt", f"not UTF-8 text ({e})") from None
