@@ -654,9 +654,15 @@ def _job_lock(out_dir: str) -> Generator[None, None, None]:
         yield
         return
     folder = os.path.join(tempfile.gettempdir(), "maskloom-locks")
-    os.makedirs(folder, exist_ok=True)
     key = hashlib.sha256(os.path.abspath(out_dir).encode("utf-8", "surrogateescape")).hexdigest()[:24]
-    with open(os.path.join(folder, key + ".lock"), "a+") as f:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, key + ".lock"), "a+")  # noqa: SIM115 - closed below
+    except OSError as e:  # a temporary folder this user cannot write: run unguarded rather than not at all
+        log.warning("cannot take the one-job-per-table lock in %s (%s); running without it", folder, e)
+        yield
+        return
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1012,3 +1012,13 @@ def test_workers_that_cannot_import_a_plug_in_end_the_job_with_one_line(tmp_path
         "the tokenizer workers could not start: ModuleNotFoundError: No module named 'plug_driver_only' (a plug-in "
         "must be importable on every worker: `ray job submit --working-dir` ships it, or install it on the nodes)"
     )
+
+
+def test_a_temp_folder_that_cannot_hold_the_lock_does_not_stop_the_job(tmp_path, monkeypatch, caplog):
+    (tmp_path / "tmpfile").write_text("not a folder")
+    monkeypatch.setattr(pp.tempfile, "gettempdir", lambda: str(tmp_path / "tmpfile"))
+    found = make_data(tmp_path / "in", n_a=2, n_b=0, bad=())
+    with caplog.at_level("WARNING", logger="maskloom.pipelines.preprocess"):
+        r = preprocess(found, TOK, None, str(tmp_path / "t"), progress=False, num_workers=0)
+    assert (r.inputs, r.rows) == (2, 2)
+    assert "cannot take the one-job-per-table lock" in caplog.text
