@@ -92,7 +92,11 @@ def _walk(directory: str, extensions: Sequence[str]) -> list[str]:
     out = []
     seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(directory, followlinks=True):
-        st = os.stat(root)
+        try:
+            st = os.stat(root)
+        except OSError:  # gone since its parent was listed (a live collection): as os.walk does, skip it
+            dirs[:] = []
+            continue
         if (st.st_dev, st.st_ino) in seen:  # reached again through a link: walked already
             dirs[:] = []
             continue

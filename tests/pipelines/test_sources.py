@@ -208,3 +208,19 @@ def test_label_names_from_file_names_that_are_not_utf8_are_escaped(tmp_path):
     assert s.label_names == ("caf\\xe9", "dog") and s.inputs == (Input(a, 0), Input(b, 1))
     s = find_inputs(str(tmp_path), extensions=(".jpg",), label_regex=r"^(?P<label>.)")
     assert s.label_names == ("a", "b")
+
+
+def test_a_folder_removed_during_the_walk_is_skipped(tmp_path, monkeypatch):
+    """A live collection changes while it is walked: a folder listed, then gone before its stat, is
+    skipped (as os.walk skips one gone before its listing), not a FileNotFoundError."""
+    a = touch(tmp_path / "a" / "x.jpg")
+    touch(tmp_path / "b" / "y.jpg")
+    real_stat, gone = os.stat, str(tmp_path / "b")
+
+    def stat(path, *args, **kw):
+        if os.fspath(path) == gone:
+            raise FileNotFoundError(2, "No such file or directory", gone)
+        return real_stat(path, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", stat)
+    assert find_inputs(str(tmp_path), extensions=(".jpg",)).inputs == (Input(a),)
