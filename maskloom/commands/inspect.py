@@ -226,7 +226,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="first check every shard against the manifest (size, SHA-256, rows); exit 1 on a mismatch",
+        help="first check every shard against the manifest (size, SHA-256); exit 1 on a mismatch",
     )
 
 

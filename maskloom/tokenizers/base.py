@@ -299,8 +299,7 @@ def utf8_text(s: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-@contextlib.contextmanager
-def utf8_path(source: str) -> Iterator[str]:
+def utf8_path(source: str) -> contextlib.AbstractContextManager[str]:
     """A path to ``source`` that C libraries taking UTF-8 paths can open (libsndfile, FFmpeg).
 
     ``source`` itself, unless its name holds bytes that are not UTF-8 (see :func:`utf8_text`): then,
@@ -309,10 +308,15 @@ def utf8_path(source: str) -> Iterator[str]:
 
         with utf8_path(source) as path:
             data, rate = soundfile.read(path)
-    """
+
+    The common case is a ``nullcontext`` (0.5 instead of 1.1 us a file: it runs for every clip)."""
     if utf8_text(source) is source:
-        yield source
-        return
+        return contextlib.nullcontext(source)
+    return _utf8_link(source)
+
+
+@contextlib.contextmanager
+def _utf8_link(source: str) -> Iterator[str]:
     ext = os.path.splitext(source)[1]
     ext = ext if utf8_text(ext) is ext else ""
     with tempfile.TemporaryDirectory(prefix="maskloom-path-") as d:
