@@ -63,10 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except ValueError as e:
-        # a table found unreadable in the middle of a command (a shard missing or damaged since the
-        # manifest was written): one line naming it, as for any other user-side problem
+        # user-side problems found deep inside any command, one line each: an --out that names a file
+        # or cannot be made, a table found unreadable midway (a shard missing or damaged since the
+        # manifest was written)
+        from maskloom._paths import OutDirError
+
         tables = sys.modules.get("maskloom.tables")
-        if tables is None or not isinstance(e, tables.TableError):
+        if not isinstance(e, OutDirError) and (tables is None or not isinstance(e, tables.TableError)):
             raise
         print(f"maskloom {args.command}: error: {e}", file=sys.stderr)
         return 2

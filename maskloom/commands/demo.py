@@ -119,7 +119,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from maskloom._paths import OutDirError
     from maskloom.pipelines.preprocess import PreprocessError
     from maskloom.pipelines.ray_utils import RayConnectError
     from maskloom.pipelines.sources import SourceError
@@ -135,7 +134,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
         RecipeError,
         TrainError,
         ShowError,
-        OutDirError,
         RayConnectError,
     )
 

@@ -44,16 +44,13 @@ def _error(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from maskloom._paths import OutDirError, make_out_dir
+    from maskloom._paths import make_out_dir
     from maskloom.recipes.evaluate import EvalError, evaluate_run, format_results, write_json
 
     if args.out:  # before the evaluation, not after it
         if os.path.isdir(args.out):
             return _error(f"{args.out}: is a directory; --out names the JSON file to write")
-        try:
-            make_out_dir(os.path.dirname(os.path.abspath(args.out)))
-        except OutDirError as e:
-            return _error(str(e))
+        make_out_dir(os.path.dirname(os.path.abspath(args.out)))  # OutDirError: one line from the cli
     try:
         results = evaluate_run(
             args.run,

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from maskloom._paths import OutDirError, make_out_dir
+from maskloom._paths import make_out_dir
 from maskloom.tables import META_KEY, TableError, TokenTable, arrow_to_records, from_storage, open_shard
 from maskloom.tokenizers.base import Record
 
@@ -274,8 +274,6 @@ def run(args: argparse.Namespace) -> int:
         results = render_samples(table, args.render, args.out)
     except KeyError as e:  # RegistryError: the table's tokenizer is not installed
         return _fail(f"{args.table}: cannot rebuild tokenizer {table.meta['tokenizer']!r}: {e}")
-    except OutDirError as e:
-        return _fail(str(e))
     except OSError as e:
         return _fail(f"{args.out}: {e}")
     failed = 0

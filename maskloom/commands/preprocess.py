@@ -154,7 +154,6 @@ def _error(msg: str) -> int:
 def run(args: argparse.Namespace) -> int:
     import importlib
 
-    from maskloom._paths import OutDirError
     from maskloom.pipelines.preprocess import PreprocessError, TableConflictError, preprocess
     from maskloom.pipelines.ray_utils import RayConnectError, resolve_address
     from maskloom.pipelines.sources import SourceError, find_inputs
@@ -209,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"maskloom preprocess: interrupted; {n} committed shard{'s' if n != 1 else ''} kept: "
               "run the same command again to resume", file=sys.stderr)  # fmt: skip
         return 130
-    except (TableConflictError, OutDirError, RayConnectError) as e:
+    except (TableConflictError, RayConnectError) as e:
         return _error(str(e))
     except PreprocessError as e:
         print(f"maskloom preprocess: failed: {e}", file=sys.stderr)

@@ -35,12 +35,11 @@ def _error(msg: str) -> int:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from maskloom._paths import OutDirError
     from maskloom.recipes.visualize import ShowError, loss_curve_png, show_run
 
     try:
         paths = show_run(args.run, args.table, args.out, n=args.n, seed=args.seed, device=args.device)
-    except (ShowError, OutDirError) as e:
+    except ShowError as e:
         return _error(str(e))
     if args.loss_curve:
         metrics = os.path.join(args.run, "metrics.jsonl")

@@ -14,7 +14,6 @@ import os
 import shlex
 import sys
 
-from maskloom._paths import OutDirError
 from maskloom.pipelines.ray_utils import RayConnectError
 from maskloom.recipes.recipe import RecipeError, parse_overrides
 
@@ -106,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.out}: Ray Train finished: {json.dumps(metrics, default=str)}")
             return 0
         result = train(args.recipe, args.tables, args.out, options=options, overrides=overrides)
-    except (RecipeError, TrainError, OutDirError, RayConnectError) as e:
+    except (RecipeError, TrainError, RayConnectError) as e:
         return _error(str(e))
     except FloatingPointError as e:  # the loss diverged: the recipe's fault, not the code's
         print(f"maskloom train: failed: {e}; the run's last checkpoint, if any, is kept", file=sys.stderr)
