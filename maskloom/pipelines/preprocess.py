@@ -25,7 +25,9 @@ The job reads top to bottom (the Ray Data pattern: items -> ``map_batches(Actor)
                through its manifest only, so an unfinished table is invisible.
 
 Exactly-once: a retried shard (Ray restarts a killed actor and retries its task) rewrites the same
-file name with the same content, and the manifest lists each planned shard once. A rerun after a
+file name with the same content, and the manifest lists each planned shard once. An input that
+kills its worker on every try (a decoder's segfault) would be retried for ever; the worker notes
+which input it is on (``ShardAttempts``), and after two deaths on it the input is an error row. A rerun after a
 crash skips shards whose commit record (and file) exist; a rerun of a finished job does nothing;
 a changed config or input set never mixes into an existing table unless ``overwrite``.
 """
@@ -46,9 +48,11 @@ import os
 import re
 import shutil
 import stat
+import struct
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -430,6 +434,90 @@ class InputWatchdog:
 HUNG_EXIT_CODE = 75
 """Exit status of a worker ended by :class:`InputWatchdog`."""
 
+CRASHES = "_crashes"
+"""Folder under ``_commits`` where a Ray worker keeps which input of its shard it is on."""
+CRASH_LIMIT = 2
+"""Deaths of a worker on one input, in one job, after which that input becomes an error row."""
+SHARD_DEATH_LIMIT = 3
+"""Deaths of a shard's workers outside any input, in one job, after which the job stops."""
+
+
+class WorkerDeathsError(PreprocessError):
+    """A shard's workers kept dying outside any input (writing the shard, not decoding): the job stops."""
+
+
+class ShardAttempts:
+    """Which input of a shard a Ray worker is on, kept where the next try of the shard can read it.
+
+    A decoder that kills its process (a segfault in C, the kernel's OOM killer on a huge input) has
+    no chance to raise: Ray restarts the actor and retries the shard, which dies again, for ever (Ray
+    Data retries without limit). So before each input the worker writes the input's index to
+    ``_commits/_crashes/<shard_id>.pos`` (one 8-byte ``pwrite``, ~0.6 us; the page cache keeps it
+    when the process dies), and every try of the shard begins by reading what the try before left:
+    an index means that try died on that input. An input on which workers died ``CRASH_LIMIT``
+    times in this job becomes an error row (kind ``crashed``) and the shard goes on without it; a
+    single death is retried as before, since a worker can be killed for reasons that are not its
+    input's. Deaths are counted per job (``run``): a rerun after the driver ended starts afresh.
+    ``SHARD_DEATH_LIMIT`` deaths outside any input (writing the shard) stop the job
+    (:class:`WorkerDeathsError`) instead of retrying for ever. Only for Ray workers: with
+    ``num_workers=0`` a crash ends the caller's own process."""
+
+    _POS = struct.Struct("<q")
+
+    def __init__(self, out_dir: str, shard: ShardSpec, run: str) -> None:
+        folder = os.path.join(out_dir, COMMITS, CRASHES)
+        self.state_path = os.path.join(folder, shard.shard_id + ".json")
+        self.pos_path = os.path.join(folder, shard.shard_id + ".pos")
+        self.shard = shard
+        self.run = run
+        self._fd = -1
+
+    def begin(self) -> dict[int, int]:
+        """Count the death of the try before (if any) and start this one: {input index: deaths} of
+        the inputs to skip."""
+        state = _read_json(self.state_path)
+        if state is None or state.get("run") != self.run:  # none, or an earlier job's: start afresh
+            state = {"run": self.run, "deaths": {}, "elsewhere": 0}
+        else:  # a try of this job began and did not finish (done() removes the files)
+            try:
+                with open(self.pos_path, "rb") as f:
+                    raw = f.read(8)
+            except FileNotFoundError:
+                raw = b""
+            k = self._POS.unpack(raw)[0] if len(raw) == 8 else -1
+            if 0 <= k < len(self.shard.inputs):
+                n = state["deaths"][str(k)] = state["deaths"].get(str(k), 0) + 1
+                log.warning("%s: its worker died while decoding it (%d of the %d deaths after which it becomes an "
+                            "error row); retrying the shard", self.shard.inputs[k].source, n, CRASH_LIMIT)  # fmt: skip
+            else:
+                state["elsewhere"] += 1
+                if state["elsewhere"] >= SHARD_DEATH_LIMIT:
+                    raise WorkerDeathsError(
+                        f"shard {self.shard.index} ({self.shard.name}): its workers died {state['elsewhere']} times "
+                        "outside any input (writing the shard or its commit record); see the workers' output above"
+                    )
+        os.makedirs(os.path.dirname(self.pos_path), exist_ok=True)
+        tables.atomic_write_bytes(self.state_path, json.dumps(state).encode())
+        self._fd = os.open(self.pos_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.at(-1)
+        return {int(k): n for k, n in state["deaths"].items() if n >= CRASH_LIMIT}
+
+    def at(self, index: int) -> None:
+        """The worker is on input ``index`` of the shard from now (-1: on none)."""
+        os.pwrite(self._fd, self._POS.pack(index), 0)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def done(self) -> None:
+        """The shard is committed: nothing to carry over."""
+        self.close()
+        for p in (self.pos_path, self.state_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
 
 def tokenize_shard(
     tokenizer: Tokenizer,
@@ -437,8 +525,12 @@ def tokenize_shard(
     out_dir: str,
     meta: dict[str, Any],
     watchdog: InputWatchdog | None = None,
+    run: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize every input of ``shard``, write the shard file atomically, then its commit record.
+
+    ``run`` (a job's id, in Ray workers): keep :class:`ShardAttempts` so that an input that kills
+    its worker again and again becomes an error row.
 
     Returns the commit record: {shard_id, index, fingerprint, shard ({name, rows, bytes, sha256,
     inputs}) or None when every input failed, sources (inputs written), errors ([source, kind,
@@ -455,14 +547,22 @@ def tokenize_shard(
     # records go to the file a row group at a time (validated per input in _tokenize_one): a shard's
     # memory is one row group, however many inputs it has
     path = os.path.join(out_dir, shard.name)
+    attempts = ShardAttempts(out_dir, shard, run) if run else None
     try:
+        crashed = attempts.begin() if attempts else {}
         with tables.ShardWriter(path, spec, meta) as writer:
-            for item in shard.inputs:
+            for index, item in enumerate(shard.inputs):
                 try:
                     input_bytes += _size(item.source)
                     if item.source in hung:
                         raise TokenizeError(item.source, "corrupt", f"decoding did not end within {hung[item.source]:g} "
                                             "s (--input-timeout); its worker was ended and restarted")  # fmt: skip
+                    if index in crashed:
+                        raise _Rejected(item.source, "crashed", f"its worker process died while decoding it, "
+                                        f"{crashed[index]} times (a crash in the decoder, or more memory than a "
+                                        "worker has); the job went on without it")  # fmt: skip
+                    if attempts is not None:
+                        attempts.at(index)  # until the next input: its records' writing counts as its own
                     if watchdog is None:
                         records = _tokenize_one(tokenizer, item, spec)
                     else:
@@ -478,8 +578,12 @@ def tokenize_shard(
                 writer.add(records)  # an OSError here is the disk's, not the input's
                 written.append(item.source)
                 tokens += sum(r.num_tokens for r in records)
+            if attempts is not None:
+                attempts.at(-1)
             info = writer.close()
     except OSError as e:
+        if attempts is not None:
+            attempts.close()
         raise WriteError(f"{path}: cannot write the shard ({e.strerror or e})") from None
     if info is not None:
         info["inputs"] = len(written)
@@ -503,6 +607,9 @@ def tokenize_shard(
         raise WriteError(
             f"{_commit_path(out_dir, shard.shard_id)}: cannot write the commit record ({e.strerror or e})"
         ) from None
+    finally:
+        if attempts is not None:
+            attempts.done()
     return commit
 
 
@@ -551,6 +658,7 @@ class TokenizeShardActor:
         meta: dict[str, Any],
         threads: int = 1,
         input_timeout: float | None = None,
+        run: str | None = None,
     ) -> None:
         limit_threads(threads)  # env vars first: OpenMP reads them when torch is first imported
         self.tokenizer = build_tokenizer(modality, config, imports, artifacts_dir)
@@ -558,6 +666,7 @@ class TokenizeShardActor:
         self.out_dir = out_dir
         self.meta = meta
         self.watchdog = InputWatchdog(input_timeout) if input_timeout else None
+        self.run = run
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         commits = []
@@ -566,12 +675,19 @@ class TokenizeShardActor:
                 commits.append(
                     json.dumps(
                         tokenize_shard(
-                            self.tokenizer, ShardSpec.from_json(s), self.out_dir, self.meta, self.watchdog
+                            self.tokenizer,
+                            ShardSpec.from_json(s),
+                            self.out_dir,
+                            self.meta,
+                            self.watchdog,
+                            self.run,
                         )
                     )
                 )
             except WriteError as e:  # handed over as a row: Ray would deliver only its text, in a traceback
                 commits.append(json.dumps({"write_error": str(e)}))
+            except WorkerDeathsError as e:
+                commits.append(json.dumps({"worker_deaths": str(e)}))
         return {"commit": np.array(commits, dtype=object)}
 
 
@@ -727,10 +843,12 @@ def preprocess(
     None: ``default_shard_size`` for the inputs and the workers (``num_workers``, else the CPUs of
     the running Ray or of this machine); a resumed partial job keeps its plan's size.
     ``input_timeout``: seconds one input may take in a Ray worker before the worker is ended and
-    the input becomes an error row (:class:`InputWatchdog`; None or 0: no limit). Raises
+    the input becomes an error row (:class:`InputWatchdog`; None or 0: no limit). In Ray workers an
+    input that kills its worker twice becomes an error row too (:class:`ShardAttempts`). Raises
     TableConflictError (another config/input set in ``out_dir`` and not ``overwrite``), OutDirError
     (``out_dir`` is a file or cannot be made),
-    PreprocessError (error rate above ``max_error_rate``; committed shards are kept for a rerun),
+    PreprocessError (error rate above ``max_error_rate``, WriteError, WorkerDeathsError; committed
+    shards are kept for a rerun),
     ValueError for an empty input set or a bad config, and RegistryError for an unknown modality.
     """
     t0 = time.perf_counter()
@@ -853,7 +971,8 @@ def preprocess(
         else:
             actor = {"modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
                      "artifacts_dir": artifacts_dir if os.path.isdir(artifacts_dir) else None,
-                     "out_dir": out_dir, "meta": meta, "input_timeout": input_timeout}  # fmt: skip
+                     "out_dir": out_dir, "meta": meta, "input_timeout": input_timeout,
+                     "run": uuid.uuid4().hex}  # fmt: skip
             commits = _commits_on_ray(
                 todo, actor, tally, address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                 gpus_per_worker=gpus_per_worker, object_store_memory=object_store_memory,
@@ -864,6 +983,8 @@ def preprocess(
                 for c in commits:
                     if "write_error" in c:  # from a worker: the disk, not an input; every shard would fail
                         raise WriteError(c["write_error"])
+                    if "worker_deaths" in c:
+                        raise WorkerDeathsError(f"{c['worker_deaths']}; {len(done)} committed shards kept")
                     done[c["shard_id"]] = c
                     tally.add(c)
                     bar.set_postfix(errors=tally.errors)

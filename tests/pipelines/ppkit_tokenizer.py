@@ -6,6 +6,7 @@ Inputs are text files of whitespace-separated numbers; each number becomes one 2
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class NumbersConfig:
     """Raise a plain RuntimeError (a tokenizer bug) for sources containing this string."""
     hang_on: str = ""
     """Never return (a decoder hung in C) for sources containing this string."""
+    segfault_on: str = ""
+    """Kill this process with SIGSEGV (a decoder crashing in C) for sources containing this string."""
 
 
 class NumbersTokenizer(Tokenizer):
@@ -65,6 +68,8 @@ class NumbersTokenizer(Tokenizer):
             raise RuntimeError("boom")
         if self.config.hang_on and self.config.hang_on in source:
             time.sleep(3600)
+        if self.config.segfault_on and self.config.segfault_on in source:
+            ctypes.string_at(0)  # a real SIGSEGV, in this thread (os.kill would signal any thread)
         try:
             return np.array([float(x) for x in open(source).read().split()], np.float32)
         except ValueError as e:

@@ -20,9 +20,11 @@ from maskloom.pipelines.preprocess import (
     COMMITS,
     PreprocessError,
     PreprocessResult,
+    ShardAttempts,
     ShardSpec,
     TableConflictError,
     TokenizeShardActor,
+    WorkerDeathsError,
     _size,
     artifacts_digest,
     default_shard_size,
@@ -375,7 +377,7 @@ def test_default_shard_size_used_recorded_and_kept_on_resume(tmp_path, local_ray
     # a job that stops on its error rate, committed shards of 2 inputs kept
     with pytest.raises(PreprocessError, match="above --max-error-rate"):
         preprocess(found, TOK, None, out, shard_size=2, imports=IMPORTS, progress=False, max_error_rate=0.1)
-    committed = {f for f in os.listdir(os.path.join(out, COMMITS)) if f != "_run.json"}
+    committed = {f for f in os.listdir(os.path.join(out, COMMITS)) if not f.startswith("_")}  # commit records
     assert committed
     # the rerun without a shard size resumes that plan (the default would be one shard of 5)
     assert default_shard_size(5, 2) == 5
@@ -402,6 +404,60 @@ def test_killed_worker_neither_loses_nor_duplicates_rows(tmp_path, local_ray):
     ids = tables.TokenTable(out).read().column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 12
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+@pytest.mark.timeout(120)  # without the guard: for ever
+def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(tmp_path, local_ray):
+    """A decoder that crashes its process (a segfault in C; the OOM killer on a huge input) never
+    raises: Ray Data restarts the actor and retries the shard without limit, so one such file stalled
+    the job for ever. After two deaths on the same input it is an error row; every other input is
+    written once."""
+    found = make_data(tmp_path / "in", n_a=3, n_b=3, bad=())
+    out = str(tmp_path / "t")
+    r = preprocess(found, TOK, {"segfault_on": "a/f1.txt"}, out, shard_size=3, imports=IMPORTS, progress=False,
+                   num_workers=1)  # fmt: skip
+    assert (r.inputs, r.rows, r.errors) == (6, 5, 1)
+    t = tables.TokenTable(out)
+    bad = str(tmp_path / "in" / "a" / "f1.txt")
+    assert t.errors().to_pylist() == [{
+        "source": bad, "kind": "crashed",
+        "message": "its worker process died while decoding it, 2 times (a crash in the decoder, or more memory "
+                   "than a worker has); the job went on without it",
+    }]  # fmt: skip
+    ids = t.read().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 5 and f"{bad}#0" not in ids
+    assert not os.path.exists(os.path.join(out, COMMITS))
+
+
+def test_shard_attempts_count_deaths_per_input_within_one_job(tmp_path, caplog):
+    """What each try of a shard reads from the one before it (a death is a try that never called done)."""
+    shard = plan_shards([Input(f"/d/{c}.txt") for c in "abc"], "k", 3)[0]
+
+    def died_at(run, index):
+        a = ShardAttempts(str(tmp_path), shard, run)
+        skip = a.begin()
+        a.at(index)
+        a.close()  # the process ends here: no done()
+        return skip
+
+    assert died_at("job1", 1) == {}
+    assert died_at("job1", 1) == {}  # one death is retried: a worker may be killed for other reasons
+    assert "/d/b.txt: its worker died while decoding it (1 of the 2 deaths" in caplog.text
+    assert died_at("job1", 2) == {1: 2}  # b.txt is skipped now; the try dies on c.txt
+    a = ShardAttempts(str(tmp_path), shard, "job1")
+    assert a.begin() == {1: 2}  # c.txt died once: retried
+    a.done()
+    assert os.listdir(os.path.join(tmp_path, COMMITS, "_crashes")) == []
+    assert died_at("job1", 0) == {}  # a committed shard's next try starts afresh
+    assert died_at("job2", 0) == {}  # and so does another job (a rerun after the driver ended)
+    # deaths outside any input (writing the shard) are retried up to a limit, then stop the job
+    assert [died_at("job3", -1) for _ in range(3)] == [{}, {}, {}]
+    with pytest.raises(WorkerDeathsError) as e:
+        ShardAttempts(str(tmp_path), shard, "job3").begin()
+    assert str(e.value) == (
+        f"shard 0 ({shard.name}): its workers died 3 times outside any input (writing the shard or its commit "
+        "record); see the workers' output above"
+    )
 
 
 def test_resume_skips_committed_shards(tmp_path, local_ray):
