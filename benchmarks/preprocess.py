@@ -72,6 +72,7 @@ another session keeps a core busy, two workers get the same share as the single-
 ``speedup_2`` reads ~1 whatever the pipeline does; ``cpus_used`` and ``others_busy_cpus`` show it.
 
     python benchmarks/preprocess.py [--rounds 3] [--limit N] [--copies K] [--modalities image,audio]
+        [--set audio.target_frames=128]
 """
 
 from __future__ import annotations
@@ -504,7 +505,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all modes (medians reported)")
     ap.add_argument("--modalities", default="image,audio")
     ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODALITY.KEY=VALUE",
+        help="override a tokenizer setting of a case, e.g. audio.target_frames=128 (repeatable)",
+    )
     args = ap.parse_args()
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        modality, dot, name = key.partition(".")
+        if not sep or not dot or modality not in CASES:
+            ap.error(f"--set {item!r}: expected MODALITY.KEY=VALUE with MODALITY in {sorted(CASES)}")
+        try:
+            overrides.setdefault(modality, {})[name] = json.loads(value)
+        except ValueError:
+            overrides.setdefault(modality, {})[name] = value
     modes = args.modes.split(",")
 
     import shutil
@@ -543,6 +561,7 @@ def main() -> None:
                 result[modality] = {"skipped": "no tokenizer or no benchmark case"}
                 continue
             config, pattern, copies = CASES[modality]
+            config = {**config, **overrides.get(modality, {})}
             copies = args.copies or copies
             files = sorted(glob.glob(os.path.join(DATA, pattern)))
             source = "shared-data" if files else "generated"
