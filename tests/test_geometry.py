@@ -11,14 +11,14 @@ def line(n: int) -> torch.Tensor:
     return p
 
 
-def test_fps_on_a_line_picks_the_extremes_then_the_middle():
+def test_fps_on_a_line_picks_the_extremes_then_the_middle(jit_path):
     idx = farthest_point_sample(line(11), 3, start=0, use_pytorch3d=False)
     assert idx.tolist() == [[0, 10, 5]]
     idx = farthest_point_sample(line(11), 2, start=5, use_pytorch3d=False)
     assert idx.tolist() == [[5, 0]]  # tie between 0 and 10: lowest index
 
 
-def test_fps_batched_and_deterministic_with_lengths():
+def test_fps_batched_and_deterministic_with_lengths(jit_path):
     p = torch.cat([line(11), line(11)])
     idx = farthest_point_sample(p, 3, lengths=torch.tensor([11, 5]), use_pytorch3d=False)
     assert idx.tolist() == [[0, 10, 5], [0, 4, 2]]
@@ -32,6 +32,38 @@ def test_fps_batched_and_deterministic_with_lengths():
     )
     assert torch.equal(a, b) and a.dtype == torch.long
     assert all(len(set(r)) == 8 for r in a.tolist())
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 7), (300, 64), (20000, 200)])
+def test_compiled_fps_picks_what_the_torch_loop_picks(monkeypatch, n, k):
+    """The compiled CPU loop (maskloom._kernels) against the torch loop it replaces: random clouds,
+    clouds full of ties (a coarse integer grid with duplicates), lengths, a random start."""
+    from maskloom import _kernels
+
+    if not _kernels.ENABLED:
+        pytest.skip("numba is not installed (or MASKLOOM_JIT=0)")
+    g = torch.Generator().manual_seed(n)
+    clouds = [torch.randn(3, n, 3, generator=g), torch.randint(0, 3, (3, n, 3), generator=g).float()]
+    lengths = torch.tensor([n, max(1, n // 2), max(1, n - 1)])
+
+    def both(*args, **kw):
+        out = []
+        for enabled in (True, False):
+            monkeypatch.setattr(_kernels, "ENABLED", enabled)
+            torch.manual_seed(7)  # start=None draws the first picks from torch's RNG
+            out.append(farthest_point_sample(*args, use_pytorch3d=False, **kw))
+        return out
+
+    for cloud in clouds:
+        for kw in ({"start": 0}, {"start": n - 1}, {"start": None}, {"start": 0, "lengths": lengths}):
+            compiled, loop = both(cloud, k, **kw)
+            assert torch.equal(compiled, loop), kw
+    # non-finite points, or other shapes, take the torch loop
+    monkeypatch.setattr(_kernels, "ENABLED", True)
+    bad = clouds[0].clone()
+    bad[0, 0, 0] = float("nan")
+    assert farthest_point_sample(bad, k, use_pytorch3d=False).shape == (3, k)
+    assert farthest_point_sample(torch.randn(2, n, 6, generator=g), k, use_pytorch3d=False).shape == (2, k)
 
 
 def test_fps_rejects_too_many():
