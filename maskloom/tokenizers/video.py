@@ -28,6 +28,8 @@ Pipeline:
     decord 0.6 fails to copy out frames of some widths (8, 12, 16, 24, 48, 72 px among those
     tried: the decoder pads RGB rows and decord's size check refuses them); then the same frames
     are decoded with PyAV, sequentially from the start. A file neither can decode is ``corrupt``.
+    Both apply the container's display rotation (a phone's portrait video is landscape frames
+    plus a rotation matrix), so frames come upright, as images do by their EXIF orientation.
 
 ``tokenize(raw)``
     Samples ``raw`` again with the same rule — the identity on a clip ``read`` made (it has ``T``
@@ -354,7 +356,11 @@ def _decode_with_pyav(path: str, indices: np.ndarray, *, error: str, source: str
             stream.thread_count = 1
             for k, frame in enumerate(container.decode(stream)):
                 if k in wanted:
-                    got[k] = frame.to_ndarray(format="rgb24")
+                    rgb = frame.to_ndarray(format="rgb24")
+                    # the container's display rotation (phones record portrait video as landscape
+                    # frames plus a matrix), applied as decord applies it; degrees counterclockwise
+                    turns = round(getattr(frame, "rotation", 0) / 90) % 4
+                    got[k] = np.rot90(rgb, turns) if turns else rgb
                 if k >= last:
                     break
     except (av.FFmpegError, OSError, IndexError, ValueError) as e:

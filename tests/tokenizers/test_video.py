@@ -7,6 +7,7 @@ left edge is at column k (a moving square); lossy codecs are checked with tolera
 
 import dataclasses
 import pickle
+import struct
 
 import av
 import numpy as np
@@ -233,6 +234,35 @@ def test_pyav_fallback_decoder(tmp_path):
     with pytest.raises(TokenizeError) as e:
         _decode_with_pyav(path, np.array([1, 7]), error="test")
     assert e.value.kind == "corrupt" and "[7]" in e.value.reason
+
+
+def _set_display_rotation(path: str, degrees: int) -> None:
+    """Write a clockwise display rotation into an MP4/MOV's track header matrix (what a phone
+    records for portrait video: landscape frames plus this matrix)."""
+    b = bytearray(open(path, "rb").read())
+    i = b.index(b"tkhd")
+    # the matrix follows: version+flags, times and ids (v0: 20 bytes), reserved, layer..volume
+    off = i + 4 + 4 + (32 if b[i + 4] == 1 else 20) + 8 + 8
+    one, neg = 1 << 16, (-(1 << 16)) & 0xFFFFFFFF
+    a, bb, c, d = {90: (0, one, neg, 0), 180: (neg, 0, 0, neg), 270: (0, neg, one, 0)}[degrees]
+    assert struct.unpack(">9I", b[off : off + 36])[:5] == (one, 0, 0, 0, one)  # the identity was there
+    b[off : off + 36] = struct.pack(">9I", a, bb, 0, c, d, 0, 0, 0, 1 << 30)
+    open(path, "wb").write(bytes(b))
+
+
+@pytest.mark.parametrize("width", [40, 48])  # 48: decord cannot copy these frames; PyAV decodes them
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_display_rotation_is_applied_by_both_decoders(tmp_path, width, degrees):
+    """A phone's portrait video (landscape frames + a rotation matrix) is read upright, as images are
+    by their EXIF orientation: decord applies the matrix, and the PyAV fallback now does too (it
+    returned the frames lying on their side)."""
+    frames = _frames(6, 24, width)
+    path = _write(tmp_path / "phone.mov", frames, "png", "rgb24")  # lossless in QuickTime
+    _set_display_rotation(path, degrees)
+    upright = np.rot90(frames, -degrees // 90, axes=(1, 2))  # clockwise
+    video = _tok(num_frames=2, frame_stride=2).read(path)
+    np.testing.assert_array_equal(video.frames, upright[[1, 3]])
+    np.testing.assert_array_equal(_decode_with_pyav(path, np.array([1, 3]), error="test"), upright[[1, 3]])
 
 
 @pytest.mark.parametrize(
