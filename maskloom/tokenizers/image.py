@@ -10,6 +10,10 @@ Pipeline:
 ``read(path)``
     Decode JPEG / PNG / WebP / BMP / TIFF with Pillow into RGB ``uint8`` of shape (H, W, 3).
     EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo stands upright.
+    A JPEG whose shorter side is at least 4 x ``image_size`` is decoded at a DCT scale that keeps
+    it at least 2 x ``image_size`` (``ImageConfig.jpeg_draft``, on by default: a 12-megapixel photo
+    tokenizes in 68 instead of 275 ms, its tokens within a few levels); the meta's
+    ``original_size`` stays the file's, ``decoded_size`` says what was decoded.
     Only the first frame of an animated or multi-page file is used. Mode conversion:
 
     * ``RGB``: as is; ``L`` (grey) and ``1`` (bilevel): the grey value repeated in R, G and B;
@@ -75,6 +79,12 @@ class ImageConfig:
     """Side p of a square patch; S must be a multiple of p. One token holds p*p*3 uint8 values."""
     interpolation: str = "bicubic"
     """Resize filter: nearest, bilinear, bicubic (MAE's choice), lanczos, box or hamming."""
+    jpeg_draft: bool = True
+    """Decode a JPEG whose shorter side is at least 4 x ``image_size`` at a reduced scale (libjpeg's
+    DCT scaling by 1/2, 1/4 or 1/8, Pillow's ``draft``), keeping its shorter side at least
+    2 x ``image_size``, then resize as usual: a 12-megapixel phone photo tokenizes ~4x faster, its
+    tokens within a few levels of the full decode's (mean 0.26, at most 3 on a noisy test photo).
+    Smaller JPEGs (ImageNet's, COCO's) and other formats decode in full. False: always in full."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_size, int) or self.image_size < 1:
@@ -87,6 +97,21 @@ class ImageConfig:
             )
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if not isinstance(self.jpeg_draft, bool):
+            raise ValueError(f"jpeg_draft must be true or false, got {self.jpeg_draft!r}")
+
+
+class DecodedImage(np.ndarray):
+    """The (H, W, 3) uint8 pixels :meth:`ImageTokenizer.read` decoded at a reduced scale
+    (``jpeg_draft``), with the file's own (height, width), upright, in ``file_size``."""
+
+    file_size: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, pixels: np.ndarray, size_wh: tuple[int, int]) -> DecodedImage:
+        out = pixels.view(cls)
+        out.file_size = (int(size_wh[1]), int(size_wh[0]))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +348,10 @@ class ImageTokenizer(Tokenizer):
                     raise TokenizeError(
                         source, "unsupported", f"{img.format} images are not read (only {PIL_FORMATS})"
                     )
+                size = img.size  # (W, H) as stored, before any draft
+                s2 = 2 * self.config.image_size
+                if self.config.jpeg_draft and img.format == "JPEG" and min(size) >= 2 * s2:
+                    img.draft(None, (s2, s2))  # the largest DCT scale keeping both sides >= 2 S
                 img.load()  # decode now: a truncated file fails here, inside the try
                 try:
                     upright = ImageOps.exif_transpose(img)
@@ -331,7 +360,10 @@ class ImageTokenizer(Tokenizer):
                     upright = img
                 if upright.width == 0 or upright.height == 0:
                     raise TokenizeError(source, "empty", "image has zero width or height")
-                return pil_to_rgb(upright, source)
+                rgb = pil_to_rgb(upright, source)
+                if img.size != size:  # drafted: the file's own size (upright) for the record's meta
+                    rgb = DecodedImage.of(rgb, size if upright.size == img.size else size[::-1])
+                return rgb
         except TokenizeError:
             raise
         except Image.DecompressionBombError as e:
@@ -367,13 +399,16 @@ class ImageTokenizer(Tokenizer):
         image, facts = _resize_shorter_center_crop_view(raw, s, c.interpolation)  # (S, S, 3), may be a view
         tokens = patchify(image, p)  # (L, p*p*3), '(h p1) (w p2) c -> (h w) (p1 p2 c)', a new array
         grid = [s // p, s // p]
+        h, w = getattr(raw, "file_size", None) or raw.shape[:2]
         meta = {
-            "original_size": [int(raw.shape[0]), int(raw.shape[1])],
+            "original_size": [int(h), int(w)],
             **facts,
             "processed_size": [s, s],
             "patch_size": p,
             "grid": grid,
         }
+        if h != raw.shape[0] or w != raw.shape[1]:
+            meta["decoded_size"] = [int(raw.shape[0]), int(raw.shape[1])]  # a JPEG decoded at a DCT scale
         return [
             Record(id=f"{source}#0", source=source, tokens=tokens, positions=grid_positions(*grid), meta=meta)
         ]

@@ -188,6 +188,43 @@ def test_read_jpeg(tmp_path):
     assert np.abs(out.astype(int) - img).max() <= 3
 
 
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth test photo with sensor-like noise."""
+    r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    img = np.stack([np.sin(c / 9.0) * 100 + 128, np.cos(r / 7.0) * 100 + 128, (r + c) % 256], -1)
+    noise = np.random.default_rng(seed).integers(-10, 11, img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def test_large_jpegs_decode_at_a_dct_scale_to_nearly_the_same_tokens(tmp_path):
+    """A JPEG whose shorter side is >= 4 S decodes at the largest DCT scale keeping it >= 2 S (here
+    S = 32: 300x400 -> 1/4 -> 75x100), ~4x faster for phone photos; the tokens stay within a few
+    levels of the full decode's, and the meta keeps the file's own size."""
+    Image.fromarray(_photo(300, 400)).save(tmp_path / "big.jpg", quality=92)
+    path = str(tmp_path / "big.jpg")
+    (fast,), (full,) = _tok(image_size=32)(path), _tok(image_size=32, jpeg_draft=False)(path)
+    assert fast.meta["original_size"] == full.meta["original_size"] == [300, 400]
+    assert fast.meta["decoded_size"] == [75, 100] and "decoded_size" not in full.meta
+    assert np.array_equal(
+        full.tokens, _tok(image_size=32).tokenize(np.asarray(Image.open(path)), source=path)[0].tokens
+    )
+    diff = np.abs(fast.tokens.astype(int) - full.tokens.astype(int))
+    assert diff.mean() < 1.0 and diff.max() <= 4  # 0.51 and 2 here
+    # just under 4 S: decoded in full, the same tokens
+    Image.fromarray(_photo(127, 400)).save(tmp_path / "under.jpg", quality=92)
+    (a,), (b,) = (_tok(image_size=32, jpeg_draft=d)(str(tmp_path / "under.jpg")) for d in (True, False))
+    assert np.array_equal(a.tokens, b.tokens) and a.meta == b.meta
+    # EXIF-rotated: the file's size as it stands upright
+    pil = Image.fromarray(_photo(300, 400))
+    exif = pil.getexif()
+    exif[0x0112] = 6
+    pil.save(tmp_path / "rot.jpg", exif=exif, quality=92)
+    (rot,) = _tok(image_size=32)(str(tmp_path / "rot.jpg"))
+    assert rot.meta["original_size"] == [400, 300] and rot.meta["decoded_size"] == [100, 75]
+    with pytest.raises(ValueError, match="jpeg_draft must be true or false"):
+        _tok(jpeg_draft="yes")
+
+
 def test_exif_orientation_applied(tmp_path):
     img = np.zeros((10, 20, 3), np.uint8)  # landscape, marker at the top-left
     img[0, 0] = [255, 0, 0]
