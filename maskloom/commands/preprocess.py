@@ -64,8 +64,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="inputs per shard (default: ~0.5 s of work each as measured on a few inputs, 32 to 4096 "
         "inputs, and about 8 shards per worker for small jobs)",
     )
-    r.add_argument(
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument(
         "--overwrite", action="store_true", help="replace a table built with another config or input set"
+    )
+    mode.add_argument(
+        "--append",
+        action="store_true",
+        help="add the inputs a finished table lacks (a collection that grew) as new shards; its own shards, "
+        "config and classes stay",
     )
     r.add_argument("--max-error-rate", type=float, metavar="FRACTION",
                    help="fail (exit 1) when more than this fraction of inputs is rejected, e.g. 0.05")  # fmt: skip
@@ -200,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
             found, args.modality, config, args.out, address=args.address, num_workers=args.num_workers,
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
             object_store_memory=args.object_store_memory, shard_size=args.shard_size, overwrite=args.overwrite,
-            max_error_rate=args.max_error_rate, imports=args.imports, progress=not args.no_progress,
+            append=args.append, max_error_rate=args.max_error_rate, imports=args.imports, progress=not args.no_progress,
             **({} if args.input_timeout is None else {"input_timeout": args.input_timeout}),
         )  # fmt: skip
     except KeyboardInterrupt:

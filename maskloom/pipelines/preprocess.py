@@ -186,6 +186,9 @@ class PreprocessResult:
     """CPU time the workers spent inside shards of this run, summed."""
     already_done: bool = False
     """True when the table was already finished with the same config and inputs."""
+    appended_inputs: int = 0
+    """Inputs this run added to a finished table (``append``); its shards: ``appended_shards``."""
+    appended_shards: int = 0
 
     def summary(self) -> str:
         """One line: inputs, rows, tokens, errors, bytes, throughput."""
@@ -195,6 +198,12 @@ class PreprocessResult:
                 f"{self.tokens} tokens, {_count(self.errors, 'error')}, {_mb(self.bytes)}); nothing to do"
             )
         skipped = f", {self.skipped_shards}/{self.shards} shards resumed" if self.skipped_shards else ""
+        if self.appended_shards:
+            resumed = self.skipped_shards - (self.shards - self.appended_shards)
+            skipped = (
+                f", {_count(self.appended_inputs, 'input')} appended in {_count(self.appended_shards, 'shard')}"
+                + (f", {resumed} resumed" if resumed else "")
+            )
         return (
             f"{self.inputs} inputs = {self.inputs - self.errors} written + {_count(self.errors, 'error')}; "
             f"{self.rows} rows, {self.tokens} tokens, {_mb(self.bytes)} written, {self.throughput:.1f} inputs/s "
@@ -313,14 +322,17 @@ def seconds_per_input(
 
 
 @gc_paused()
-def plan_shards(inputs: Sequence[Input], key: str, shard_size: int = DEFAULT_SHARD_SIZE) -> list[ShardSpec]:
+def plan_shards(
+    inputs: Sequence[Input], key: str, shard_size: int = DEFAULT_SHARD_SIZE, *, first_index: int = 0
+) -> list[ShardSpec]:
     """Cut sorted ``inputs`` into shards of ``shard_size``; ids hash each shard's inputs with ``key``
-    (the tokenizer fingerprint plus artifacts digest), so equal inputs and config give equal plans."""
+    (the tokenizer fingerprint plus artifacts digest), so equal inputs and config give equal plans.
+    Indices (in file names) start at ``first_index`` (after a table's own shards, when appending)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     ordered = sorted(inputs, key=lambda i: i.source)
     out = []
-    for index, start in enumerate(range(0, len(ordered), shard_size)):
+    for index, start in enumerate(range(0, len(ordered), shard_size), first_index):
         chunk = tuple(ordered[start : start + shard_size])
         sid = _digest({"key": key, "inputs": [[i.source, i.label] for i in chunk]})
         out.append(ShardSpec(index=index, shard_id=sid, inputs=chunk))
@@ -815,7 +827,7 @@ def _one_job_per_table(fn: Any) -> Any:
 
 @_one_job_per_table
 def preprocess(
-    inputs: InputSet | Sequence[Input] | Sequence[str],
+    inputs: InputSet | Sequence[Input] | Sequence[str] | str | os.PathLike[str],
     modality: str,
     config: Any = None,
     out_dir: str = "",
@@ -832,9 +844,12 @@ def preprocess(
     imports: Sequence[str] = (),
     progress: bool = True,
     input_timeout: float | None = INPUT_TIMEOUT_S,
+    append: bool = False,
 ) -> PreprocessResult:
     """Tokenize ``inputs`` with tokenizer ``modality`` (``config``: dataclass, dict or None) into the
-    token table ``out_dir``, on an embedded local Ray or the cluster at ``address``/``RAY_ADDRESS``
+    token table ``out_dir`` (``inputs``: an InputSet, Inputs or paths, or one directory, file or glob
+    resolved as the command line does, by :func:`~maskloom.pipelines.sources.find_inputs` with the
+    tokenizer's extensions), on an embedded local Ray or the cluster at ``address``/``RAY_ADDRESS``
     (``num_workers=0``: in this process, without Ray: the same shards, commit records and table,
     for small jobs that Ray's start-up would dominate, and for debugging a tokenizer).
 
@@ -842,6 +857,9 @@ def preprocess(
     modules to import first on the driver and every worker (plug-in tokenizers). ``shard_size``
     None: ``default_shard_size`` for the inputs and the workers (``num_workers``, else the CPUs of
     the running Ray or of this machine); a resumed partial job keeps its plan's size.
+    ``append``: ``out_dir`` holds a finished table of some of ``inputs`` (same config and labels):
+    tokenize only the inputs it lacks into new shards and list them in the manifest beside the old
+    ones (:func:`_append_base`), for a collection that grows; the old shards are not touched.
     ``input_timeout``: seconds one input may take in a Ray worker before the worker is ended and
     the input becomes an error row (:class:`InputWatchdog`; None or 0: no limit). In Ray workers an
     input that kills its worker twice becomes an error row too (:class:`ShardAttempts`). Raises
@@ -860,10 +878,18 @@ def preprocess(
         raise ValueError(f"max_error_rate must lie in [0, 1], got {max_error_rate}")
     if input_timeout is not None and input_timeout < 0:
         raise ValueError(f"input_timeout must be >= 0 seconds (0: no limit), got {input_timeout}")
-    items, names = _as_inputs(inputs)
+    if append and overwrite:
+        raise ValueError(
+            "append and overwrite exclude each other: append adds to a table, overwrite replaces it"
+        )
     for m in imports:
         importlib.import_module(m)
-    TOKENIZERS.get(modality)  # unknown modality -> RegistryError before any work
+    cls = TOKENIZERS.get(modality)  # unknown modality -> RegistryError before any work
+    if isinstance(inputs, (str, os.PathLike)):  # one directory, file or glob, as on the command line
+        from maskloom.pipelines.sources import find_inputs
+
+        inputs = find_inputs(os.fspath(inputs), extensions=cls.extensions)
+    items, names = _as_inputs(inputs)
     tokenizer = build_tokenizer(modality, config)
     fingerprint = tokenizer.fingerprint()
     if label_names is None:
@@ -884,17 +910,28 @@ def preprocess(
             )
     if overwrite and os.path.isdir(out_dir):
         _clear(out_dir)
+    base: _AppendBase | None = None
     if os.path.exists(os.path.join(out_dir, tables.MANIFEST)):
         manifest = tables.read_manifest(out_dir)
         same = (
             manifest.meta.get("fingerprint") == fingerprint
             and manifest.extra.get("inputs_digest") == inputs_digest
         )
-        if not same:
-            what = "config" if manifest.meta.get("fingerprint") != fingerprint else "input set"
+        if not same and manifest.meta.get("fingerprint") != fingerprint:
             raise TableConflictError(
-                f"{out_dir}: holds a finished table built with another {what}; use overwrite (--overwrite) to replace it"
+                f"{out_dir}: holds a finished table built with another config; use overwrite (--overwrite) to replace it"
             )
+        if not same and not append:
+            raise TableConflictError(
+                f"{out_dir}: holds a finished table built with another input set; use append (--append) to add "
+                "new inputs to it, or overwrite (--overwrite) to replace it"
+            )
+        if not same:
+            base = _append_base(out_dir, manifest, items, label_names)
+            log.info(
+                "appending %d new inputs to the %d of %s", len(base.items), manifest.totals["inputs"], out_dir
+            )
+    if base is None and os.path.exists(os.path.join(out_dir, tables.MANIFEST)):
         log.info("%s: already finished with this config; nothing to do", out_dir)
         tot = manifest.totals
         return PreprocessResult(
@@ -914,8 +951,15 @@ def preprocess(
     os.makedirs(commits_dir, exist_ok=True)
 
     # ---- fit on the driver (corpus-level tokenizers); workers load the artifacts ----------------
+    whole = items  # the table's inputs when the job ends
+    if base is not None:
+        items = base.items  # the inputs to tokenize now
     if tokenizer.needs_fit:
-        if state is not None and state.get("inputs_digest") == inputs_digest and os.path.isdir(artifacts_dir):
+        if base is not None:  # new inputs are tokenized with what the table was fitted on
+            tokenizer.load_artifacts(artifacts_dir)
+        elif (
+            state is not None and state.get("inputs_digest") == inputs_digest and os.path.isdir(artifacts_dir)
+        ):
             tokenizer.load_artifacts(artifacts_dir)
             log.info("reusing the fitted artifacts in %s", artifacts_dir)
         else:
@@ -923,7 +967,7 @@ def preprocess(
             tokenizer.fit([i.source for i in items])
             shutil.rmtree(artifacts_dir, ignore_errors=True)
             tokenizer.save_artifacts(artifacts_dir)
-    else:
+    elif base is None:
         tokenizer.save_artifacts(artifacts_dir)
     art_digest = artifacts_digest(artifacts_dir)
     key = shard_key(fingerprint, art_digest)
@@ -934,6 +978,8 @@ def preprocess(
         spec, tokenizer=tokenizer.name, tokenizer_version=tokenizer.version, config=tokenizer.config_dict(),
         fingerprint=fingerprint, label_names=label_names,
     )  # fmt: skip
+    if base is not None:
+        meta = base.manifest.meta  # the new shards carry exactly the old ones' table facts
     if shard_size is None:
         if state is not None and state.get("inputs_digest") == inputs_digest and state.get("shard_size"):
             shard_size = int(state["shard_size"])  # resume the partial job's plan, whatever the workers now
@@ -944,7 +990,7 @@ def preprocess(
                 else resources(num_workers, cpus_per_worker, gpus_per_worker).num_workers
             )
             shard_size = measured_shard_size(tokenizer, items, hint)
-    plan = plan_shards(items, key, shard_size)
+    plan = plan_shards(items, key, shard_size, first_index=0 if base is None else base.first_index)
     tables.atomic_write_bytes(
         os.path.join(commits_dir, RUN_STATE),
         json.dumps({"fingerprint": fingerprint, "inputs_digest": inputs_digest, "artifacts_digest": art_digest,
@@ -997,7 +1043,7 @@ def preprocess(
 
     # ---- commit: accounting, errors, manifest (last) -------------------------------------------
     errors = [e for sh in plan if sh.shard_id in done for e in done[sh.shard_id]["errors"]]
-    if max_error_rate is not None and len(errors) / len(items) > max_error_rate:
+    if max_error_rate is not None and items and len(errors) / len(items) > max_error_rate:
         raise PreprocessError(
             f"{out_dir}: {len(errors)} of {len(items)} inputs rejected ({len(errors) / len(items):.1%}), "
             f"above --max-error-rate {max_error_rate:.1%}; {len(done)} committed shards kept; see {commits_dir}"
@@ -1010,14 +1056,24 @@ def preprocess(
     tokens = sum(c["tokens"] for c in commits)
     shard_infos = [c["shard"] for c in commits if c["shard"]]
     input_bytes = sum(c["input_bytes"] for c in commits)
+    planned = len(plan)
+    if base is not None:  # the table's own shards, errors and totals first
+        old = base.manifest
+        shard_infos = list(old.shards) + shard_infos
+        errors = base.errors + errors
+        rows += old.totals["rows"]
+        tokens += old.extra.get("tokens", 0)
+        input_bytes += old.extra.get("input_bytes", 0)
+        planned += base.first_index
+        skipped += base.first_index
     seconds = time.perf_counter() - t0
     processed = sum(len(sh.inputs) for sh in todo)
     manifest = tables.Manifest(
         meta=meta,
         shards=shard_infos,
-        totals={"inputs": len(items), "rows": rows, "errors": len(errors)},
+        totals={"inputs": len(whole), "rows": rows, "errors": len(errors)},
         extra={"inputs_digest": inputs_digest, "artifacts_digest": art_digest, "tokens": tokens,
-               "input_bytes": input_bytes, "planned_shards": len(plan), "shard_size": shard_size},
+               "input_bytes": input_bytes, "planned_shards": planned, "shard_size": shard_size},
     )  # fmt: skip
     try:
         _write_errors(os.path.join(out_dir, tables.ERRORS), errors)
@@ -1027,14 +1083,84 @@ def preprocess(
                          "is committed: free space, then run the same command again to finish") from None  # fmt: skip
     _tidy(out_dir, {s["name"] for s in shard_infos})
     result = PreprocessResult(
-        out_dir=out_dir, inputs=len(items), rows=rows, tokens=tokens, errors=len(errors),
-        bytes=sum(s["bytes"] for s in shard_infos), input_bytes=input_bytes, shards=len(plan),
+        out_dir=out_dir, inputs=len(whole), rows=rows, tokens=tokens, errors=len(errors),
+        bytes=sum(s["bytes"] for s in shard_infos), input_bytes=input_bytes, shards=planned,
         skipped_shards=skipped, seconds=seconds, throughput=processed / seconds if processed else 0.0,
         first_shard_seconds=tally.first, startup_seconds=max(0.0, tally.first_start), workers=tally.workers,
         shard_size=shard_size, worker_seconds=tally.seconds, worker_cpu_seconds=tally.cpu_seconds,
+        appended_inputs=0 if base is None else len(items), appended_shards=0 if base is None else len(plan),
     )  # fmt: skip
     log.info("%s", result.summary())
     return result
+
+
+@dataclass(frozen=True)
+class _AppendBase:
+    """What appending to a finished table starts from (:func:`_append_base`)."""
+
+    manifest: tables.Manifest
+    items: list[Input]
+    """The inputs the table lacks, sorted: the ones to tokenize."""
+    errors: list[tuple[str, str, str]]
+    """The table's error rows, kept."""
+    first_index: int
+    """Index of the first new shard: after every shard the table's job planned."""
+
+
+@gc_paused()
+def _append_base(
+    out_dir: str, manifest: tables.Manifest, items: Sequence[Input], label_names: Sequence[str] | None
+) -> _AppendBase:
+    """Check that the finished table in ``out_dir`` (same config) can grow into ``items``: the same
+    label names, every input it accounts for (written or an error row) still among ``items`` with
+    the label it was written with. Reads the table's ``source`` and ``label`` columns and its
+    error rows; raises TableConflictError naming the first difference."""
+    import pyarrow.parquet as pq
+
+    from maskloom.tokenizers.base import utf8_text
+
+    old_names = manifest.meta.get("label_names")
+    new_names = None if label_names is None else list(label_names)
+    if new_names is not None and old_names is not None and new_names != list(old_names):
+        added = [n for n in new_names if n not in old_names]
+        what = (
+            f"new classes {added[:5]}"
+            if added
+            else f"label names {new_names[:5]}... instead of {old_names[:5]}..."
+        )
+        raise TableConflictError(
+            f"{out_dir}: cannot append: the inputs have {what}; a table keeps its classes (their numbers are in "
+            "its rows): use overwrite (--overwrite) to rebuild it"
+        )
+    by_source = {utf8_text(i.source): i for i in items}  # sources as the table stores them
+    table = tables.TokenTable(out_dir)
+    written: dict[str, int | None] = {}
+    for path in table.shard_paths():
+        t = pq.read_table(path, columns=["source", "label"])
+        written.update(zip(t.column("source").to_pylist(), t.column("label").to_pylist()))
+    errors = [(r["source"], r["kind"], r["message"]) for r in table.errors().to_pylist()]
+    for source, label in list(written.items()) + [(e[0], ...) for e in errors]:
+        item = by_source.get(source)
+        if item is None:
+            n = sum(1 for s in [*written, *(e[0] for e in errors)] if s not in by_source)
+            raise TableConflictError(
+                f"{out_dir}: cannot append: {n} of the table's inputs are not among the inputs (the first: {source}); "
+                "append only adds inputs: use overwrite (--overwrite) to rebuild it"
+            )
+        if label is not ... and item.label != label:
+            raise TableConflictError(
+                f"{out_dir}: cannot append: {source} was written with label {label}, the inputs now give it "
+                f"{item.label}; use overwrite (--overwrite) to rebuild the table"
+            )
+    if len(written) + len(errors) != manifest.totals["inputs"]:
+        raise TableConflictError(
+            f"{out_dir}: cannot append: its shards and error rows account for {len(written) + len(errors)} inputs, "
+            f"its manifest says {manifest.totals['inputs']}; run inspect --verify on it"
+        )
+    old = set(written) | {e[0] for e in errors}
+    new = sorted((i for s, i in by_source.items() if s not in old), key=lambda i: i.source)
+    return _AppendBase(manifest=manifest, items=new, errors=errors,
+                       first_index=int(manifest.extra.get("planned_shards", len(manifest.shards))))  # fmt: skip
 
 
 def _commits_on_ray(

@@ -371,6 +371,141 @@ def test_preprocess_kept_ids_unique_and_plain_list_inputs(tmp_path, local_ray):
     assert t.label_names is None and t.read().column("label").null_count == 4
 
 
+def test_append_adds_the_new_inputs_as_new_shards_and_leaves_the_old_ones(tmp_path):
+    """A collection that grew: --append tokenizes only the inputs the table lacks into shards after
+    its own, keeps its shards (not rewritten), error rows and classes, and accounts for everything."""
+    found = make_data(tmp_path / "in", n_a=3, n_b=2)
+    out = tmp_path / "t"
+    r1 = preprocess(found, TOK, None, str(out), shard_size=2, progress=False, num_workers=0)
+    assert (r1.inputs, r1.rows, r1.errors, r1.shards) == (6, 5, 1, 3)
+    old = tables.TokenTable(str(out)).manifest.shards
+    mtimes = {s["name"]: os.path.getmtime(out / s["name"]) for s in old}
+    (tmp_path / "in" / "a" / "f9.txt").write_text("9 10")
+    (tmp_path / "in" / "b" / "g9.txt").write_text("9")
+    (tmp_path / "in" / "b" / "bad2.txt").write_text("words")
+    grown = find_inputs(str(tmp_path / "in"), extensions=(".txt",), labels="folder")
+    with pytest.raises(TableConflictError, match=r"another input set; use append \(--append\)"):
+        preprocess(grown, TOK, None, str(out), shard_size=2, progress=False, num_workers=0)
+    r2 = preprocess(grown, TOK, None, str(out), shard_size=2, progress=False, num_workers=0, append=True)
+    assert (r2.inputs, r2.rows, r2.errors, r2.shards, r2.skipped_shards) == (9, 7, 2, 5, 3)
+    table = tables.TokenTable(str(out))
+    assert table.manifest.totals == {"inputs": 9, "rows": 7, "errors": 2}
+    assert table.manifest.shards[:3] == old
+    assert [s["name"][:10] for s in table.manifest.shards[3:]] == ["part-00003", "part-00004"]
+    assert {s["name"]: os.path.getmtime(out / s["name"]) for s in old} == mtimes  # not rewritten
+    t = table.read()
+    assert sorted(os.path.basename(x) for x in t.column("source").to_pylist()) == [
+        "f0.txt", "f1.txt", "f2.txt", "f9.txt", "g0.txt", "g1.txt", "g9.txt"]  # fmt: skip
+    labels = dict(
+        zip((os.path.basename(x) for x in t.column("source").to_pylist()), t.column("label").to_pylist())
+    )
+    assert (labels["f9.txt"], labels["g9.txt"]) == (0, 1) and table.label_names == ["a", "b"]
+    assert sorted(os.path.basename(e["source"]) for e in table.errors().to_pylist()) == [
+        "bad.txt",
+        "bad2.txt",
+    ]
+    assert sorted(set(os.listdir(out)) - {"artifacts"}) == sorted(
+        ["_manifest.json", "_errors.parquet"] + [s["name"] for s in table.manifest.shards]
+    )  # no commit records or temp files left
+    again = preprocess(grown, TOK, None, str(out), shard_size=2, progress=False, num_workers=0, append=True)
+    assert again.already_done and again.inputs == 9
+
+
+def test_an_interrupted_append_resumes_its_committed_shards(tmp_path):
+    found = make_data(tmp_path / "in", n_a=2, n_b=2, bad=())
+    out = tmp_path / "t"
+    preprocess(found, TOK, None, str(out), shard_size=2, progress=False, num_workers=0)
+    for k in range(5, 9):
+        (tmp_path / "in" / "a" / f"f{k}.txt").write_text(str(k))
+    grown = find_inputs(str(tmp_path / "in"), extensions=(".txt",), labels="folder")
+    # the append job's first new shard was committed before its driver died
+    tok = get_tokenizer(TOK)
+    new = [i for i in grown.inputs if os.path.basename(i.source) in {f"f{k}.txt" for k in range(5, 9)}]
+    plan = plan_shards(
+        new, shard_key(tok.fingerprint(), artifacts_digest(str(out / "artifacts"))), 2, first_index=2
+    )
+    tokenize_shard(tok, plan[0], str(out), tables.TokenTable(str(out)).meta)
+    mtime = os.path.getmtime(out / plan[0].name)
+    r = preprocess(grown, TOK, None, str(out), shard_size=2, progress=False, num_workers=0, append=True)
+    assert (r.inputs, r.rows, r.shards, r.skipped_shards) == (8, 8, 4, 3)  # 2 old + the committed new one
+    assert r.summary().endswith(", 4 inputs appended in 2 shards, 1 resumed)")
+    assert os.path.getmtime(out / plan[0].name) == mtime
+    assert [s["name"] for s in tables.TokenTable(str(out)).manifest.shards][2:] == [sh.name for sh in plan]
+
+
+def test_cli_append(tmp_path, capsys):
+    make_data(tmp_path / "in", n_a=2, n_b=1, bad=())
+    args = ["preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(tmp_path / "t"), "--num-workers", "0",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    (tmp_path / "in" / "b" / "g7.txt").write_text("7")
+    assert main(args) == 2
+    assert "use append (--append) to add new inputs to it" in capsys.readouterr().err
+    assert main([*args, "--append"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        out.startswith("4 inputs = 4 written + 0 errors; 4 rows") and "s, 1 input appended in 1 shard)" in out
+    )
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--append", "--overwrite"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_append_refuses_what_would_change_the_table(tmp_path):
+    """Removed inputs, new classes, changed labels and another config are refused, each in one line."""
+    found = make_data(tmp_path / "in", n_a=2, n_b=2, bad=())
+    out = str(tmp_path / "t")
+    preprocess(found, TOK, None, out, progress=False, num_workers=0)
+    os.makedirs(tmp_path / "in" / "c")
+    (tmp_path / "in" / "c" / "h0.txt").write_text("1")
+    grown = find_inputs(str(tmp_path / "in"), extensions=(".txt",), labels="folder")
+    with pytest.raises(TableConflictError) as e:
+        preprocess(grown, TOK, None, out, progress=False, num_workers=0, append=True)
+    assert str(e.value) == (
+        f"{out}: cannot append: the inputs have new classes ['c']; a table keeps its classes (their numbers are in "
+        "its rows): use overwrite (--overwrite) to rebuild it"
+    )
+    items = [Input(i.source, i.label) for i in found.inputs]
+    with pytest.raises(
+        TableConflictError,
+        match=r"cannot append: 1 of the table's inputs are not among the inputs \(the first: ",
+    ):
+        preprocess(items[1:] + [Input(str(tmp_path / "in" / "c" / "h0.txt"), 0)], TOK, None, out, progress=False,
+                   num_workers=0, append=True, label_names=["a", "b"])  # fmt: skip
+    relabelled = [Input(i.source, 1 - i.label) for i in items] + [
+        Input(str(tmp_path / "in" / "c" / "h0.txt"), 0)
+    ]
+    with pytest.raises(TableConflictError, match="was written with label 0, the inputs now give it 1"):
+        preprocess(
+            relabelled, TOK, None, out, progress=False, num_workers=0, append=True, label_names=["a", "b"]
+        )
+    with pytest.raises(TableConflictError, match="another config"):
+        preprocess(grown, TOK, {"scale": 3.0}, out, progress=False, num_workers=0, append=True)
+    with pytest.raises(ValueError, match="append and overwrite exclude each other"):
+        preprocess(grown, TOK, None, out, progress=False, num_workers=0, append=True, overwrite=True)
+    assert tables.TokenTable(out).manifest.totals["inputs"] == 4  # untouched
+
+
+def test_append_to_a_fitted_text_table_keeps_its_vocabulary(tmp_path):
+    """A tokenizer fitted on the corpus (text BPE) tokenizes the new inputs with the table's artifacts."""
+    d = tmp_path / "docs"
+    d.mkdir()
+    for k in range(3):
+        (d / f"d{k}.txt").write_text("the quick brown fox jumps over the lazy dog " * (k + 2))
+    out = str(tmp_path / "t")
+    preprocess(str(d / "*.txt"), "text", {"vocab_size": 300}, out, progress=False, num_workers=0)
+    digest = artifacts_digest(os.path.join(out, tables.ARTIFACTS))
+    (d / "d9.txt").write_text("a brown dog and a lazy fox")
+    r = preprocess(str(d / "*.txt"), "text", {"vocab_size": 300}, out, progress=False, num_workers=0,
+                   append=True)  # fmt: skip
+    assert (r.inputs, r.errors) == (4, 0)
+    assert artifacts_digest(os.path.join(out, tables.ARTIFACTS)) == digest  # not refitted
+    tok = get_tokenizer("text", {"vocab_size": 300})
+    tok.load_artifacts(os.path.join(out, tables.ARTIFACTS))
+    new = [x for x in tables.TokenTable(out).records() if x.source.endswith("d9.txt")]
+    assert len(new) == 1 and np.array_equal(new[0].tokens, tok(str(d / "d9.txt"))[0].tokens)
+
+
 def test_default_shard_size_used_recorded_and_kept_on_resume(tmp_path, local_ray):
     found = make_data(tmp_path / "in", n_a=3, n_b=0, bad=("a/bad1.txt", "a/bad2.txt"))
     out = str(tmp_path / "t")
