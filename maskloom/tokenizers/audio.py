@@ -26,6 +26,9 @@ Decisions (documented here once):
 * Long audio is cut to the first ``target_frames`` frames (AudioMAE's evaluation crop), and only
   that much is decoded (with the resampler's reach): an hour of 44.1 kHz stereo is read in 16 ms
   and ~0.3 GB of peak memory (the process's) instead of 8.7 s and 3.4 GB, to the same tokens.
+  ``max_windows`` (0: all) cuts it instead into consecutive windows of ``target_frames`` frames,
+  one record each (``<source>#k``), each the tokens that stretch of audio alone gives; a tail
+  window is kept when at least half of it is real frames.
 * Audio shorter than one analysis window (25 ms, 400 samples at 16 kHz) is zero-padded to one window
   after mean removal, which gives exactly one real frame. Zero-length audio is rejected (``empty``).
 * ``Config.normalize_with = "config"`` (default) normalises with ``norm_mean``/``norm_std`` (AudioSet
@@ -248,6 +251,12 @@ class AudioConfig:
     """Filterbank standard deviation used when normalize_with="config" (AudioSet value from AudioMAE)."""
     fit_max_files: int = 500
     """fit() reads at most this many files, evenly spaced over the sorted source list."""
+    max_windows: int = 1
+    """Records per recording: it is cut into consecutive windows of ``target_frames`` frames and up to
+    this many become records, ids ``<source>#0``, ``#1``, ... (0: every window). 1 keeps AudioMAE's
+    crop, the first window only. A window after the first is kept when at least half of it is real
+    frames (its rest padded as a short clip's); such records' meta adds ``window`` and ``offset``
+    (seconds)."""
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0:
@@ -268,6 +277,14 @@ class AudioConfig:
             raise ValueError(f"norm_std must be positive, got {self.norm_std}")
         if self.fit_max_files < 1:
             raise ValueError(f"fit_max_files must be >= 1, got {self.fit_max_files}")
+        if (
+            isinstance(self.max_windows, bool)
+            or not isinstance(self.max_windows, int)
+            or self.max_windows < 0
+        ):
+            raise ValueError(
+                f"max_windows must be an integer >= 0 (0: every window), got {self.max_windows!r}"
+            )
 
 
 class KaldiFbank:
@@ -589,7 +606,10 @@ class AudioTokenizer(Tokenizer):
         resampler reads for them (each output block of ``new`` samples reads ``orig + 2 width``
         inputs), so that the tokens equal those of the whole recording's."""
         k = self._kaldi_fbank()
-        out = (self.config.target_frames - 1) * k.window_shift + k.window_size
+        c = self.config
+        if c.max_windows == 0:
+            return -1  # every window: all of it
+        out = (c.max_windows * c.target_frames - 1) * k.window_shift + k.window_size
         if sr == self.config.sample_rate:
             return out
         r = self._resampler(sr)
@@ -611,9 +631,49 @@ class AudioTokenizer(Tokenizer):
         if raw.waveform.size == 0:
             raise TokenizeError(src, "empty", "audio has no samples")
         mean, std = self.norm_stats()
-        # (mean, std, pad value, its bits, finite?, float32 mean, float32 2 std, (nt, nf, p), fused kernel)
-        _, _, pad, pad_bits, pad_finite, mean32, scale32, (nt, nf, p), fused = self._norm_consts(mean, std)
+        consts = self._norm_consts(mean, std)
+        nt, nf, p = consts[7]
+        tokens, frames, total, finite = self._window_tokens(raw.waveform, raw.total_samples or 0, consts)
+        meta = {
+            "sample_rate": c.sample_rate,
+            "frames": frames,
+            "total_frames": total,
+            "duration": raw.duration,
+            "grid": [nt, nf],
+            "patch_size": p,
+            "num_mel_bins": c.num_mel_bins,
+            "norm_mean": mean,
+            "norm_std": std,
+        }
+        first = Record(id=f"{source}#0", source=source, tokens=tokens, positions=self._grid_positions().copy(),
+                       meta=meta, finite=finite)  # fmt: skip
+        if c.max_windows == 1:
+            return [first]
+        first.meta.update(window=0, offset=0.0)
+        records = [first]
+        kaldi = self._kaldi_fbank()
+        hop = c.target_frames * kaldi.window_shift  # samples from one window's first frame to the next's
+        need = (c.target_frames - 1) * kaldi.window_shift + kaldi.window_size
         wav = raw.waveform
+        k = 1
+        while c.max_windows == 0 or k < c.max_windows:
+            piece = wav[k * hop : k * hop + need]
+            if kaldi.num_frames(piece.shape[0]) * 2 < c.target_frames:  # under half a window left
+                break
+            tokens, frames, _, finite = self._window_tokens(piece, 0, consts)
+            meta = {**first.meta, "frames": frames, "window": k, "offset": k * hop / c.sample_rate}
+            records.append(Record(id=f"{source}#{k}", source=source, tokens=tokens,
+                                  positions=self._grid_positions().copy(), meta=meta, finite=finite))  # fmt: skip
+            k += 1
+        return records
+
+    def _window_tokens(self, wav: np.ndarray, total_samples: int, consts: tuple[Any, ...]) -> tuple[Any, ...]:
+        """(tokens (L, p*p) float16, real frames, frames of the whole recording, finite?) of the first
+        ``target_frames`` frames of ``wav`` (``total_samples``: the whole recording's length when
+        ``wav`` is its beginning, else 0)."""
+        c = self.config
+        # (mean, std, pad value, its bits, finite?, float32 mean, float32 2 std, (nt, nf, p), fused kernel)
+        mean, std, pad, pad_bits, pad_finite, mean32, scale32, (nt, nf, p), fused = consts
         n = wav.shape[0]
         # Normalise the real frames only; every padded frame holds the same value. The result is the
         # same as normalising the padded filterbank: the arithmetic per element is unchanged. Only the
@@ -627,7 +687,7 @@ class AudioTokenizer(Tokenizer):
             ):
                 wav = np.ascontiguousarray(self._fbank_input(wav))
                 self._kaldi_fbank()._check(wav.shape)
-            total = 1 + (max(wav.shape[0], raw.total_samples or 0) - fused.window) // fused.shift
+            total = 1 + (max(wav.shape[0], total_samples) - fused.window) // fused.shift
             frames = min(total, c.target_frames)
             bits = np.empty((nt * nf, 256), np.uint16)  # (L, p*p), patch (t, f) at row t * nf + f
             finite = fused(wav, frames, mean32, scale32, pad_bits, bits) and pad_finite
@@ -636,34 +696,14 @@ class AudioTokenizer(Tokenizer):
             kaldi = self._kaldi_fbank()
             if n < kaldi.window_size or wav.dtype != np.float32:
                 wav = self._fbank_input(wav)
-            total = kaldi.num_frames(max(wav.shape[0], raw.total_samples or 0))
+            total = kaldi.num_frames(max(wav.shape[0], total_samples))
             tokens = np.empty((nt, nf, p * p), np.float16)  # (nt, nf, p*p): patch (t, f) at [t, f]
             fb, computed = kaldi.log_mel(wav, max_frames=c.target_frames)  # (>= T, >= F), first (T, F) real
             frames = min(computed, c.target_frames)
             tokens[-(-frames // p) :] = pad
             finite = self._norm_tokens(fb, frames, mean, std, pad, tokens)
             tokens = tokens.reshape(nt * nf, p * p)  # (L, p*p), time-major
-        meta = {
-            "sample_rate": c.sample_rate,
-            "frames": frames,
-            "total_frames": total,
-            "duration": raw.duration,
-            "grid": [nt, nf],
-            "patch_size": p,
-            "num_mel_bins": c.num_mel_bins,
-            "norm_mean": mean,
-            "norm_std": std,
-        }
-        return [
-            Record(
-                id=f"{source}#0",
-                source=source,
-                tokens=tokens,
-                positions=self._grid_positions().copy(),  # finite: patch indices
-                meta=meta,
-                finite=finite,
-            )
-        ]
+        return tokens, frames, total, finite
 
     def _norm_tokens(
         self, fb: np.ndarray, frames: int, mean: float, std: float, pad: np.float16, tokens: np.ndarray

@@ -163,6 +163,36 @@ def test_long_recordings_are_decoded_only_as_far_as_the_tokens_need(tmp_path, sr
     assert got.meta == ref.meta and ref.meta["frames"] == (32 if n >= need else ref.meta["frames"])
 
 
+@pytest.mark.parametrize("max_windows", [0, 2, 5])
+def test_long_recordings_cut_into_windows(tmp_path, max_windows, jit_path):
+    """max_windows != 1: consecutive windows of target_frames frames, each tokenized exactly as that
+    stretch of audio alone would be; the tail is kept when at least half a window is real."""
+    tok = _tok(target_frames=32, max_windows=max_windows)  # a window: 32 frames = 5,120 samples at 16 kHz
+    hop, need = 32 * 160, 31 * 160 + 400
+    wav = (
+        np.random.default_rng(1).uniform(-0.5, 0.5, 3 * hop + 20 * 160 + 400).astype(np.float32)
+    )  # 3 windows + 21 frames
+    path = _wav(tmp_path / "long.wav", wav)
+    recs = tok(path)
+    n = {0: 4, 2: 2, 5: 4}[max_windows]  # the tail (21 of 32 frames) is kept; 2 caps it
+    assert [r.id for r in recs] == [f"{path}#{k}" for k in range(n)]
+    assert [r.meta["window"] for r in recs] == list(range(n))
+    assert [r.meta["offset"] for r in recs] == [k * hop / 16000 for k in range(n)]
+    assert [r.meta["frames"] for r in recs] == [32, 32, 32, 21][:n]
+    assert {r.meta["total_frames"] for r in recs} == {1 + (wav.shape[0] - 400) // 160}
+    alone = _tok(target_frames=32)
+    for k, r in enumerate(recs):
+        (ref,) = alone.tokenize(
+            Audio(waveform=wav[k * hop : k * hop + need].copy(), sample_rate=16000), source="x"
+        )
+        assert np.array_equal(r.tokens.view(np.uint16), ref.tokens.view(np.uint16)), k
+    # a tail under half a window is dropped
+    short = _wav(tmp_path / "short.wav", wav[: 3 * hop + 14 * 160 + 400])
+    assert len(_tok(target_frames=32, max_windows=0)(short)) == 3
+    with pytest.raises(ValueError, match="max_windows must be an integer >= 0"):
+        _tok(max_windows=-1)
+
+
 def test_audio_shorter_than_one_window_is_padded_to_one_frame(tmp_path):
     tok = _tok()
     wav = _sine(100 / 16000)  # 100 samples < 400-sample (25 ms) window
