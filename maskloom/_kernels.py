@@ -1,8 +1,9 @@
 """Compiled kernels (numba) for the per-batch and per-clip loops that numpy can only do in many passes.
 
-Each kernel here has a numpy formulation next to its caller, which is the reference: the tests check
-that both give the same bits, and the numpy one runs when numba is missing (it is a dependency, but a
-platform without its wheels still works) or when ``MASKLOOM_JIT=0`` is set.
+Each kernel here has a numpy formulation next to its caller (for farthest point sampling, the torch
+loop in :mod:`maskloom.geometry`), which is the reference: the tests check that both give the same
+bits, and the reference runs when numba is missing (it is a dependency, but a platform without its
+wheels still works) or when ``MASKLOOM_JIT=0`` is set.
 
 Kernels are compiled on first use for the argument types they meet (about 0.3-1 s each) and cached on
 disk by numba (``cache=True``: next to this file in ``__pycache__``, or under ``NUMBA_CACHE_DIR``), so
