@@ -373,11 +373,9 @@ class TextTokenizer(Tokenizer):
         labels = [self._label_index(docs[i][1], source) for i in keep]
         # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which records do not keep
         encode = getattr(bpe, "encode_batch_fast", bpe.encode_batch)
-        encodings = encode([docs[i][0] for i in keep], add_special_tokens=False)
         L, step = self.config.max_length, self.config.max_length - self.config.overlap
         records: list[Record] = []
-        for doc, label, enc in zip(keep, labels, encodings):
-            ids = np.asarray(enc.ids, dtype=np.int32)
+        for doc, label, ids in zip(keep, labels, self._encoded(encode, [docs[i][0] for i in keep])):
             n_chunks = 1 if len(ids) <= L else 1 + math.ceil((len(ids) - L) / step)
             for c in range(n_chunks):
                 start = c * step
@@ -393,6 +391,17 @@ class TextTokenizer(Tokenizer):
                     )
                 )
         return records
+
+    ENCODE_BATCH: ClassVar[int] = 1024
+    """Documents encoded per call: a tokenizers ``Encoding`` holds each token's string as well as
+    its id (~20 kB for a 150-word document), so a file of 100,000 documents encoded in one call
+    held 2 GB; its ids are kept, the encodings dropped a batch at a time."""
+
+    def _encoded(self, encode: Any, texts: list[str]) -> Iterator[np.ndarray]:
+        """Each text's ids, (n,) int32, encoding ``ENCODE_BATCH`` texts per call."""
+        for start in range(0, len(texts), self.ENCODE_BATCH):
+            batch = encode(texts[start : start + self.ENCODE_BATCH], add_special_tokens=False)
+            yield from [np.asarray(e.ids, dtype=np.int32) for e in batch]
 
     def _label_index(self, label: Any, source: str) -> int | None:
         if label is None:
