@@ -27,9 +27,11 @@ The job reads top to bottom (the Ray Data pattern: items -> ``map_batches(Actor)
 Exactly-once: a retried shard (Ray restarts a killed actor and retries its task) rewrites the same
 file name with the same content, and the manifest lists each planned shard once. An input that
 kills its worker on every try (a decoder's segfault) would be retried for ever; the worker notes
-which input it is on (``ShardAttempts``), and after two deaths on it the input is an error row. A rerun after a
-crash skips shards whose commit record (and file) exist; a rerun of a finished job does nothing;
-a changed config or input set never mixes into an existing table unless ``overwrite``.
+which input it is on (``ShardAttempts``), and after two deaths on it the input is an error row. A
+rerun after a crash skips shards whose commit record (and file) exist; a rerun of a finished job
+does nothing; a changed config or input set never mixes into an existing table unless
+``overwrite`` (which rebuilds it) or, for inputs added to a finished table's, ``append`` (which
+tokenizes only those, into new shards after its own).
 """
 
 from __future__ import annotations
