@@ -179,8 +179,10 @@ def run_demo(
         tables: dict[str, str] = {}
         pre: dict[str, Any] = {}
         _say(f"[2/5] preprocessing {len(jobs)} tables with Ray")
+        rebuilt = []
         for name, job in jobs.items():
-            res = _preprocess(job, os.path.join(tables_dir, name), workers=workers, progress=progress)
+            res, again = _preprocess(job, os.path.join(tables_dir, name), workers=workers, progress=progress)
+            rebuilt += [name] if again else []
             tables[name] = res.out_dir
             pre[name] = res
             _say(f"      {name:<16} {res.summary()}")
@@ -194,6 +196,11 @@ def run_demo(
 
     t0 = time.perf_counter()
     train_tables = [p for n, p in tables.items() if n != "forecast"]
+    if rebuilt and os.path.isdir(run_dir):  # trained on the tables before: kept aside, not resumed
+        aside = _free_name(run_dir + ".old")
+        os.rename(run_dir, aside)
+        _say(f"      the run in {run_dir} was trained on the tables before {', '.join(rebuilt)} were rebuilt; "
+             f"moved to {aside}, training afresh")  # fmt: skip
     _say(f"[3/5] pretraining {recipe.name!r} on {len(train_tables)} tables for <= {minutes:g} min")
     res = train(
         recipe,
@@ -317,7 +324,9 @@ def _preprocess_jobs(data_dir: str, recipe: Any) -> dict[str, dict[str, Any]]:
 
 
 def _preprocess(job: dict[str, Any], out_dir: str, *, workers: int | None, progress: bool):
-    from maskloom.pipelines.preprocess import preprocess
+    """Preprocess one demo table; one left by another config or maskloom version (its tokenizer's
+    config changed) is rebuilt: the demo owns OUT/tables. Returns (result, rebuilt?)."""
+    from maskloom.pipelines.preprocess import TableConflictError, preprocess
     from maskloom.pipelines.sources import find_inputs
     from maskloom.tokenizers import TOKENIZERS
 
@@ -325,7 +334,25 @@ def _preprocess(job: dict[str, Any], out_dir: str, *, workers: int | None, progr
     inputs = find_inputs(
         job["paths"], extensions=exts, labels=job["labels"], as_one_source=job["as_one_source"]
     )
-    return preprocess(inputs, job["modality"], job["config"], out_dir, num_workers=workers, progress=progress)
+    try:
+        res = preprocess(
+            inputs, job["modality"], job["config"], out_dir, num_workers=workers, progress=progress
+        )
+        return res, False
+    except TableConflictError:
+        _say(f"      {os.path.basename(out_dir)}: built by another config or maskloom version; rebuilding it")
+        res = preprocess(inputs, job["modality"], job["config"], out_dir, num_workers=workers, progress=progress,
+                         overwrite=True)  # fmt: skip
+        return res, True
+
+
+def _free_name(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ... : the first that does not exist."""
+    k, out = 1, path
+    while os.path.exists(out):
+        k += 1
+        out = f"{path}-{k}"
+    return out
 
 
 def _preprocess_table(pre: dict[str, Any]) -> str:
