@@ -1117,8 +1117,6 @@ def _append_base(
     label names, every input it accounts for (written or an error row) still among ``items`` with
     the label it was written with. Reads the table's ``source`` and ``label`` columns and its
     error rows; raises TableConflictError naming the first difference."""
-    import pyarrow.parquet as pq
-
     from maskloom.tokenizers.base import utf8_text
 
     old_names = manifest.meta.get("label_names")
@@ -1138,7 +1136,7 @@ def _append_base(
     table = tables.TokenTable(out_dir)
     written: dict[str, int | None] = {}
     for path in table.shard_paths():
-        t = pq.read_table(path, columns=["source", "label"])
+        t = tables.read_shard(path, ["source", "label"])  # a damaged shard: one TableError naming it
         written.update(zip(t.column("source").to_pylist(), t.column("label").to_pylist()))
     errors = [(r["source"], r["kind"], r["message"]) for r in table.errors().to_pylist()]
     for source, label in list(written.items()) + [(e[0], ...) for e in errors]:
