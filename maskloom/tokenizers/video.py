@@ -17,6 +17,11 @@ Frame sampling (``sample_indices(n)`` for a video of ``n`` frames, ``T = num_fra
   ``floor(i * n / T)`` for ``i = 0 .. T-1``. When ``n < T`` some frames repeat
   (e.g. ``n = 3, T = 8`` -> ``[0, 0, 0, 1, 1, 1, 2, 2]``); a single-frame video repeats its frame
   ``T`` times. Every clip therefore has exactly ``T`` frames and the same number of tokens.
+* **several clips** (``max_clips = N > 1``, a video of at least two slots of ``T * s`` frames): of
+  its ``n // (T * s)`` consecutive slots from frame 0, all or ``N`` spread evenly (slot
+  ``j * slots // N``) become clips ``start + s * i``, one record each (``<source>#k``, meta
+  ``clip``); ``read`` resizes and crops each clip's frames as it decodes them, so a long video
+  costs ~2.4 MB per clip at the defaults rather than its decoded frames.
 
 Pipeline:
 
@@ -93,6 +98,12 @@ class VideoConfig:
     """Frames pt per tubelet; one token holds pt*p*p*3 uint8 values."""
     interpolation: str = "bilinear"
     """Frame resize filter: nearest, bilinear, bicubic, lanczos, box or hamming."""
+    max_clips: int = 1
+    """Records per video. 1: one clip, placed by ``clip_start`` (VideoMAE's). N > 1: a long video is
+    cut into consecutive slots of ``num_frames * frame_stride`` frames from its start, and up to N
+    of them, spread evenly over the video, become clips, one record each (``<source>#0``, ``#1``,
+    ...); each clip's frames are resized as they are decoded, so a video holds ~2.4 MB per clip at
+    the defaults, not its decoded frames. A video shorter than one slot gives its one clip."""
 
     def __post_init__(self) -> None:
         for name in ("num_frames", "frame_stride", "image_size", "patch_size", "tubelet_size"):
@@ -111,6 +122,8 @@ class VideoConfig:
             raise ValueError(f"clip_start must be 'begin' or 'center', got {self.clip_start!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if not isinstance(self.max_clips, int) or isinstance(self.max_clips, bool) or self.max_clips < 1:
+            raise ValueError(f"max_clips must be a positive integer, got {self.max_clips!r}")
 
 
 @dataclass
@@ -137,6 +150,16 @@ class Video:
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
+
+
+def clip_slots(n: int, num_frames: int, stride: int, max_clips: int) -> list[int]:
+    """First frames of the clips of an ``n``-frame video when ``max_clips > 1``: of its
+    ``n // (num_frames * stride)`` consecutive slots, all, or ``max_clips`` spread evenly (slot
+    ``j * slots // max_clips``); [] when the video is shorter than one slot."""
+    span = num_frames * stride
+    slots = n // span
+    picked = range(slots) if slots <= max_clips else (j * slots // max_clips for j in range(max_clips))
+    return [k * span for k in picked]
 
 
 def sample_indices(n: int, num_frames: int, stride: int, clip_start: str = "center") -> np.ndarray:
@@ -215,31 +238,44 @@ class VideoTokenizer(Tokenizer):
                 n = len(vr)
                 if n < 1:
                     raise TokenizeError(source, "empty", "the video has no frames")
-                idx = self.sample_indices(n)
                 try:
                     fps: float | None = float(vr.get_avg_fps())
                 except (RuntimeError, decord.DECORDError, ValueError, ZeroDivisionError):
                     fps = None  # no usable timing: frames still decode
-                try:
-                    frames = _to_numpy(vr.get_batch(idx.tolist()))  # (T, H, W, 3) uint8
-                except (RuntimeError, decord.DECORDError, IndexError) as e:
-                    # decord 0.6 cannot copy frames whose RGB rows the decoder padded (some widths,
-                    # e.g. 8, 16, 24, 48, 72 px: "DECORDArrayCopyFromTo: The size must exactly match");
-                    # PyAV decodes those files, so it gets a second try before the file is called corrupt.
-                    log.info("%s: decord could not decode frames (%s); decoding with PyAV", source, _short(e))
-                    frames = _decode_with_pyav(path, idx, error=_short(e), source=source)
+                c = self.config
+                starts = clip_slots(n, c.num_frames, c.frame_stride, c.max_clips) if c.max_clips > 1 else []
+                if len(starts) > 1:
+                    return self._read_clips(vr, path, source, n, fps, starts)
+                idx = self.sample_indices(n)
+                frames = _decode_frames(vr, path, idx, source)
             finally:
                 del vr  # decord frees the demuxer/decoder when the reader is collected
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape:
-            raise TokenizeError(
-                source, "corrupt", f"decoder returned frames of shape {frames.shape} {frames.dtype}"
-            )
         return Video(
             frames=np.ascontiguousarray(frames),
             fps=fps if fps is not None and np.isfinite(fps) and fps > 0 else None,
             frame_indices=idx,
             num_source_frames=int(n),
         )
+
+    def _read_clips(
+        self, vr: Any, path: str, source: str, n: int, fps: float | None, starts: list[int]
+    ) -> Video:
+        """The clips starting at ``starts`` (``max_clips > 1``), each decoded and at once resized and
+        cropped to S x S: a Video of (clips * T, S, S, 3) frames, ``extra`` holding the clip count
+        and the source frames' size and resize facts for each clip's meta."""
+        c = self.config
+        step = c.frame_stride * np.arange(c.num_frames, dtype=np.int64)
+        clips, indices = [], []
+        for start in starts:
+            idx = start + step
+            frames = _decode_frames(vr, path, idx, source)
+            crops = [_resize_shorter_center_crop_view(f, c.image_size, c.interpolation) for f in frames]
+            facts = {"original_size": [int(frames.shape[1]), int(frames.shape[2])], **crops[-1][1]}
+            clips.append(np.stack([crop for crop, _ in crops]))
+            indices.append(idx)
+        return Video(frames=np.concatenate(clips), fps=fps if fps is not None and np.isfinite(fps) and fps > 0 else None,
+                     frame_indices=np.concatenate(indices), num_source_frames=int(n),
+                     extra={"clips": len(starts), "prepared": facts})  # fmt: skip
 
     # ---- tokenize -------------------------------------------------------------------------------
     def _as_video(self, raw: Any, source: str) -> Video:
@@ -268,13 +304,17 @@ class VideoTokenizer(Tokenizer):
         idx = self.sample_indices(n)
         src_idx = idx if video.frame_indices is None else np.asarray(video.frame_indices)[idx]
         crops = []
-        facts: dict[str, Any] = {}
+        facts: dict[str, Any] = {"original_size": [int(video.frames.shape[1]), int(video.frames.shape[2])]}
+        prepared = video.extra.get("prepared") if video.frames.shape[1:3] == (c.image_size,) * 2 else None
         for i in idx:  # T frames, not tokens: a short loop (a view per frame, not a copy of the clip)
-            crop, facts = _resize_shorter_center_crop_view(video.frames[i], c.image_size, c.interpolation)
+            if prepared:  # resized and cropped as read decoded them (max_clips): S x S already
+                crops.append(video.frames[i])
+                continue
+            crop, resize = _resize_shorter_center_crop_view(video.frames[i], c.image_size, c.interpolation)
+            facts.update(resize)
             crops.append(crop)  # may be a view of the frame: np.stack copies
         meta = {
-            "original_size": [int(video.frames.shape[1]), int(video.frames.shape[2])],
-            **facts,
+            **(prepared or facts),
             "processed_size": [c.image_size, c.image_size],
             "num_frames": c.num_frames,
             "frame_indices": [int(i) for i in src_idx],
@@ -284,7 +324,24 @@ class VideoTokenizer(Tokenizer):
         return np.stack(crops), meta
 
     def tokenize(self, raw: Video | np.ndarray, *, source: str = "") -> list[Record]:
-        """Clip -> one record: tokens (L, pt*p*p*3) uint8, positions (L, 3) float32 (t, row, col)."""
+        """Clip -> one record: tokens (L, pt*p*p*3) uint8, positions (L, 3) float32 (t, row, col).
+        A Video that :meth:`read` made of several clips (``max_clips``) -> one record per clip,
+        ``<source>#k``, meta ``clip`` k."""
+        clips = raw.extra.get("clips", 1) if isinstance(raw, Video) else 1
+        if clips == 1:
+            return [self._clip_record(raw, source, 0)]
+        t = self.config.num_frames
+        idx = raw.frame_indices
+        out = []
+        for k in range(clips):
+            clip = Video(frames=raw.frames[k * t : (k + 1) * t], fps=raw.fps, num_source_frames=raw.num_source_frames,
+                         frame_indices=None if idx is None else idx[k * t : (k + 1) * t], extra=raw.extra)  # fmt: skip
+            rec = self._clip_record(clip, source, k)
+            rec.meta["clip"] = k
+            out.append(rec)
+        return out
+
+    def _clip_record(self, raw: Video | np.ndarray, source: str, k: int) -> Record:
         c = self.config
         frames, meta = self.preprocess(raw, source=source)  # (T, S, S, 3)
         tokens = rearrange(
@@ -296,15 +353,13 @@ class VideoTokenizer(Tokenizer):
         )  # (L, pt*p*p*3)
         grid = [c.num_frames // c.tubelet_size, c.image_size // c.patch_size, c.image_size // c.patch_size]
         meta.update(patch_size=c.patch_size, tubelet_size=c.tubelet_size, grid=grid)
-        return [
-            Record(
-                id=f"{source}#0",
-                source=source,
-                tokens=np.ascontiguousarray(tokens),
-                positions=grid_positions(*grid),
-                meta=meta,
-            )
-        ]
+        return Record(
+            id=f"{source}#{k}",
+            source=source,
+            tokens=np.ascontiguousarray(tokens),
+            positions=grid_positions(*grid),
+            meta=meta,
+        )
 
     def detokenize(self, record: Record) -> Video:
         """Record -> Video with the processed frames (T, S, S, 3) uint8, tubelets placed by (t, row, col)."""
@@ -336,6 +391,26 @@ class VideoTokenizer(Tokenizer):
             r, q = divmod(k, cols)
             sheet[r * (h + gap) : r * (h + gap) + h, q * (w + gap) : q * (w + gap) + w] = frames[k]
         Image.fromarray(sheet).save(path, format="PNG")
+
+
+def _decode_frames(vr: Any, path: str, idx: np.ndarray, source: str) -> np.ndarray:
+    """Frames ``idx`` of the open decord reader ``vr`` (of the file at ``path``), (T, H, W, 3)
+    uint8; PyAV's where decord cannot copy them; TokenizeError ``corrupt`` where neither decodes."""
+    import decord
+
+    try:
+        frames = _to_numpy(vr.get_batch(idx.tolist()))  # (T, H, W, 3) uint8
+    except (RuntimeError, decord.DECORDError, IndexError) as e:
+        # decord 0.6 cannot copy frames whose RGB rows the decoder padded (some widths,
+        # e.g. 8, 16, 24, 48, 72 px: "DECORDArrayCopyFromTo: The size must exactly match");
+        # PyAV decodes those files, so it gets a second try before the file is called corrupt.
+        log.info("%s: decord could not decode frames (%s); decoding with PyAV", source, _short(e))
+        frames = _decode_with_pyav(path, idx, error=_short(e), source=source)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape:
+        raise TokenizeError(
+            source, "corrupt", f"decoder returned frames of shape {frames.shape} {frames.dtype}"
+        )
+    return frames
 
 
 def _decode_with_pyav(path: str, indices: np.ndarray, *, error: str, source: str | None = None) -> np.ndarray:

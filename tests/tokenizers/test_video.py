@@ -226,6 +226,45 @@ def test_widths_decord_cannot_copy_fall_back_to_pyav(tmp_path, width):
     np.testing.assert_array_equal(video.frames, frames[[1, 3]])
 
 
+@pytest.mark.parametrize("max_clips,starts", [(3, [0, 8, 24]), (10, [0, 8, 16, 24, 32])])
+def test_long_videos_cut_into_clips(tmp_path, max_clips, starts):
+    """max_clips > 1: consecutive slots of T * stride frames, up to max_clips of them spread evenly,
+    one record each, each the record that clip's frames alone give (resized as they were decoded)."""
+    frames = _frames(40)  # 5 slots of 4 frames at stride 2
+    path = _write(tmp_path / "long.mkv", frames)
+    tok = _tok(num_frames=4, frame_stride=2, image_size=16, max_clips=max_clips)
+    recs = tok(path)
+    assert [r.id for r in recs] == [f"{path}#{k}" for k in range(len(starts))]
+    assert [r.meta["clip"] for r in recs] == list(range(len(starts)))
+    one = _tok(num_frames=4, frame_stride=2, image_size=16)
+    for r, start in zip(recs, starts):
+        idx = start + 2 * np.arange(4)
+        assert r.meta["frame_indices"] == idx.tolist() and r.meta["num_source_frames"] == 40
+        (ref,) = one.tokenize(Video(frames=frames[idx], frame_indices=idx, num_source_frames=40), source=path)
+        assert np.array_equal(r.tokens, ref.tokens)
+        assert {k: v for k, v in r.meta.items() if k not in ("clip", "fps")} == {
+            k: v for k, v in ref.meta.items() if k != "fps"
+        }
+        assert r.meta["original_size"] == [32, 32] and r.meta["resized_size"] == [16, 16]
+    # shorter than two slots: the one clip max_clips=1 gives
+    for n in (6, 12):
+        short = _write(tmp_path / f"short{n}.mkv", _frames(n))
+        (a,), (b,) = tok(short), one(short)
+        assert a.id == b.id and np.array_equal(a.tokens, b.tokens) and a.meta == b.meta
+    with pytest.raises(ValueError, match="max_clips must be a positive integer"):
+        _tok(max_clips=0)
+
+
+def test_clips_of_a_video_decord_cannot_copy_come_from_pyav(tmp_path):
+    frames = _frames(24, 24, 48)  # 48 px wide: decord refuses to copy these frames
+    path = _write(tmp_path / "w.mkv", frames)
+    recs = _tok(num_frames=2, frame_stride=4, image_size=16, max_clips=2)(path)  # 3 slots: 0 and 8
+    one = _tok(num_frames=2, frame_stride=4, image_size=16)
+    for r, idx in zip(recs, ([0, 4], [8, 12])):
+        assert r.meta["frame_indices"] == idx
+        assert np.array_equal(r.tokens, one.tokenize(Video(frames=frames[idx]), source=path)[0].tokens)
+
+
 def test_pyav_fallback_decoder(tmp_path):
     frames = _frames(5)
     path = _write(tmp_path / "v.mkv", frames)
