@@ -74,6 +74,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="add the inputs a finished table lacks (a collection that grew) as new shards; its own shards, "
         "config and classes stay",
     )
+    mode.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="as --append, and tokenize again the inputs the table holds as error rows (files fixed since, "
+        "a decoder upgraded)",
+    )
     r.add_argument("--max-error-rate", type=float, metavar="FRACTION",
                    help="fail (exit 1) when more than this fraction of inputs is rejected, e.g. 0.05")  # fmt: skip
     r.add_argument("--input-timeout", type=float, default=None, metavar="SECONDS",
@@ -207,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
             found, args.modality, config, args.out, address=args.address, num_workers=args.num_workers,
             cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
             object_store_memory=args.object_store_memory, shard_size=args.shard_size, overwrite=args.overwrite,
-            append=args.append, max_error_rate=args.max_error_rate, imports=args.imports, progress=not args.no_progress,
+            append=args.append, retry_errors=args.retry_errors, max_error_rate=args.max_error_rate,
+            imports=args.imports, progress=not args.no_progress,
             **({} if args.input_timeout is None else {"input_timeout": args.input_timeout}),
         )  # fmt: skip
     except KeyboardInterrupt:

@@ -189,8 +189,10 @@ class PreprocessResult:
     already_done: bool = False
     """True when the table was already finished with the same config and inputs."""
     appended_inputs: int = 0
-    """Inputs this run added to a finished table (``append``); its shards: ``appended_shards``."""
+    """Inputs this run added to a finished table (``append``); its shards: ``appended_shards``; of
+    them, ``retried_inputs`` were its error rows (``retry_errors``)."""
     appended_shards: int = 0
+    retried_inputs: int = 0
 
     def summary(self) -> str:
         """One line: inputs, rows, tokens, errors, bytes, throughput."""
@@ -204,6 +206,7 @@ class PreprocessResult:
             resumed = self.skipped_shards - (self.shards - self.appended_shards)
             skipped = (
                 f", {_count(self.appended_inputs, 'input')} appended in {_count(self.appended_shards, 'shard')}"
+                + (f" ({self.retried_inputs} retried errors)" if self.retried_inputs else "")
                 + (f", {resumed} resumed" if resumed else "")
             )
         return (
@@ -847,6 +850,7 @@ def preprocess(
     progress: bool = True,
     input_timeout: float | None = INPUT_TIMEOUT_S,
     append: bool = False,
+    retry_errors: bool = False,
 ) -> PreprocessResult:
     """Tokenize ``inputs`` with tokenizer ``modality`` (``config``: dataclass, dict or None) into the
     token table ``out_dir`` (``inputs``: an InputSet, Inputs or paths, or one directory, file or glob
@@ -862,6 +866,8 @@ def preprocess(
     ``append``: ``out_dir`` holds a finished table of some of ``inputs`` (same config and labels):
     tokenize only the inputs it lacks into new shards and list them in the manifest beside the old
     ones (:func:`_append_base`), for a collection that grows; the old shards are not touched.
+    ``retry_errors`` (implies ``append``): the inputs the finished table holds as error rows are
+    tokenized again too (files fixed since, a decoder upgraded); its written rows stay.
     ``input_timeout``: seconds one input may take in a Ray worker before the worker is ended and
     the input becomes an error row (:class:`InputWatchdog`; None or 0: no limit). In Ray workers an
     input that kills its worker twice becomes an error row too (:class:`ShardAttempts`). Raises
@@ -880,6 +886,7 @@ def preprocess(
         raise ValueError(f"max_error_rate must lie in [0, 1], got {max_error_rate}")
     if input_timeout is not None and input_timeout < 0:
         raise ValueError(f"input_timeout must be >= 0 seconds (0: no limit), got {input_timeout}")
+    append = append or retry_errors
     if append and overwrite:
         raise ValueError(
             "append and overwrite exclude each other: append adds to a table, overwrite replaces it"
@@ -928,10 +935,10 @@ def preprocess(
                 f"{out_dir}: holds a finished table built with another input set; use append (--append) to add "
                 "new inputs to it, or overwrite (--overwrite) to replace it"
             )
-        if not same:
-            base = _append_base(out_dir, manifest, items, label_names)
+        if not same or (retry_errors and manifest.totals["errors"]):
+            base = _append_base(out_dir, manifest, items, label_names, retry_errors=retry_errors)
             log.info(
-                "appending %d new inputs to the %d of %s", len(base.items), manifest.totals["inputs"], out_dir
+                "appending %d inputs to the %d of %s", len(base.items), manifest.totals["inputs"], out_dir
             )
     if base is None and os.path.exists(os.path.join(out_dir, tables.MANIFEST)):
         log.info("%s: already finished with this config; nothing to do", out_dir)
@@ -1091,6 +1098,7 @@ def preprocess(
         first_shard_seconds=tally.first, startup_seconds=max(0.0, tally.first_start), workers=tally.workers,
         shard_size=shard_size, worker_seconds=tally.seconds, worker_cpu_seconds=tally.cpu_seconds,
         appended_inputs=0 if base is None else len(items), appended_shards=0 if base is None else len(plan),
+        retried_inputs=0 if base is None else base.retried,
     )  # fmt: skip
     log.info("%s", result.summary())
     return result
@@ -1107,11 +1115,18 @@ class _AppendBase:
     """The table's error rows, kept."""
     first_index: int
     """Index of the first new shard: after every shard the table's job planned."""
+    retried: int = 0
+    """Of ``items``, the inputs the table held as error rows (``retry_errors``)."""
 
 
 @gc_paused()
 def _append_base(
-    out_dir: str, manifest: tables.Manifest, items: Sequence[Input], label_names: Sequence[str] | None
+    out_dir: str,
+    manifest: tables.Manifest,
+    items: Sequence[Input],
+    label_names: Sequence[str] | None,
+    *,
+    retry_errors: bool = False,
 ) -> _AppendBase:
     """Check that the finished table in ``out_dir`` (same config) can grow into ``items``: the same
     label names, every input it accounts for (written or an error row) still among ``items`` with
@@ -1157,9 +1172,13 @@ def _append_base(
             f"{out_dir}: cannot append: its shards and error rows account for {len(written) + len(errors)} inputs, "
             f"its manifest says {manifest.totals['inputs']}; run inspect --verify on it"
         )
+    if retry_errors:  # their inputs are tokenized again: new error rows replace these
+        retried, errors = len(errors), []
+    else:
+        retried = 0
     old = set(written) | {e[0] for e in errors}
     new = sorted((i for s, i in by_source.items() if s not in old), key=lambda i: i.source)
-    return _AppendBase(manifest=manifest, items=new, errors=errors,
+    return _AppendBase(manifest=manifest, items=new, errors=errors, retried=retried,
                        first_index=int(manifest.extra.get("planned_shards", len(manifest.shards))))  # fmt: skip
 
 

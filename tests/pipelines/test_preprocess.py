@@ -411,6 +411,31 @@ def test_append_adds_the_new_inputs_as_new_shards_and_leaves_the_old_ones(tmp_pa
     assert again.already_done and again.inputs == 9
 
 
+def test_retry_errors_tokenizes_the_error_rows_inputs_again(tmp_path):
+    """A file fixed since the table was built (or a decoder upgraded): --retry-errors tokenizes the
+    table's error-row inputs again, with any new inputs; its written rows stay as they are."""
+    found = make_data(tmp_path / "in", n_a=2, n_b=2, bad=("a/bad1.txt", "b/bad2.txt"))
+    out = str(tmp_path / "t")
+    r1 = preprocess(found, TOK, None, out, shard_size=2, progress=False, num_workers=0)
+    assert (r1.inputs, r1.rows, r1.errors) == (6, 4, 2)
+    old = tables.TokenTable(out).manifest.shards
+    (tmp_path / "in" / "a" / "bad1.txt").write_text("7 8")  # fixed
+    (tmp_path / "in" / "b" / "g5.txt").write_text("5")  # new
+    grown = find_inputs(str(tmp_path / "in"), extensions=(".txt",), labels="folder")
+    r2 = preprocess(grown, TOK, None, out, shard_size=2, progress=False, num_workers=0, retry_errors=True)
+    assert (r2.inputs, r2.rows, r2.errors) == (7, 6, 1)
+    assert r2.summary().endswith(", 3 inputs appended in 2 shards (2 retried errors))")
+    table = tables.TokenTable(out)
+    assert table.manifest.shards[: len(old)] == old
+    assert [os.path.basename(e["source"]) for e in table.errors().to_pylist()] == ["bad2.txt"]
+    fixed = [x for x in table.records() if x.source.endswith("bad1.txt")]
+    assert len(fixed) == 1 and fixed[0].tokens.tolist() == [[7, 14], [8, 16]] and fixed[0].label == 0
+    # nothing new and the one error still bad: retried again, the same table
+    r3 = preprocess(grown, TOK, None, out, shard_size=2, progress=False, num_workers=0, retry_errors=True)
+    assert (r3.inputs, r3.rows, r3.errors) == (7, 6, 1)
+    assert preprocess(grown, TOK, None, out, shard_size=2, progress=False, num_workers=0).already_done
+
+
 def test_an_interrupted_append_resumes_its_committed_shards(tmp_path):
     found = make_data(tmp_path / "in", n_a=2, n_b=2, bad=())
     out = tmp_path / "t"
@@ -446,6 +471,8 @@ def test_cli_append(tmp_path, capsys):
     assert (
         out.startswith("4 inputs = 4 written + 0 errors; 4 rows") and "s, 1 input appended in 1 shard)" in out
     )
+    assert main([*args, "--retry-errors"]) == 0  # no error rows, no new inputs: nothing to do
+    assert "already finished" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main([*args, "--append", "--overwrite"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
