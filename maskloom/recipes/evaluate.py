@@ -27,7 +27,9 @@ stratified k-fold cross-validation (``EvalConfig.folds``, default 5, :func:`fold
 each class, samples ordered by ``sha256(f"{seed}:{relative id}")`` are dealt to the folds in turn,
 and the accuracy counts every sample once, as a test sample of its fold. With ``folds=1``, a single
 deterministic stratified split: the first ``round(0.7 * n)`` of each class (at least one, leaving at
-least one) go to train.
+least one) go to train. Records cut from one sample (the windows of a recording or of a series, the
+clips of a video, the chunks of a document: :func:`group_keys`) count as one sample in both, so none
+is trained on and tested at once; a table of one record per sample splits as it did before.
 
 Forecasting (unlabelled time-series tables, ETT-style; Nie et al., 2023, PatchTST): the table must
 have been made by the ``time_series`` tokenizer from table files (CSV/TSV/Parquet) with a ``window``
@@ -208,57 +210,94 @@ def split_indices(
     *,
     seed: int = 0,
     train_fraction: float = 0.7,
+    groups: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(train indices, test indices, rule) of labelled samples; rule is ``source`` or ``hash``.
 
     See the module docstring for the rule. Deterministic: depends on the sources, ids, labels and seed
-    only (not on the order of the samples).
+    only (not on the order of the samples). ``groups`` (:func:`group_keys`): records with one key
+    are one sample, split together (default: each id its own).
     """
     labels = np.asarray(labels)
     roles = [split_role(s) for s in _relative_sources(list(sources))]
     if all(r is not None for r in roles) and {"train", "test"} <= set(roles):
         r = np.array(roles)
         return np.flatnonzero(r == "train"), np.flatnonzero(r == "test"), "source"
-    h = np.array(
-        [int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in ids],
-        dtype=np.uint64,
-    )
+    keys = list(ids) if groups is None else list(groups)
     train: list[np.ndarray] = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        order = members[np.argsort(h[members], kind="stable")]
-        n_train = int(round(train_fraction * order.size))
-        if order.size >= 2:
-            n_train = min(max(n_train, 1), order.size - 1)
-        train.append(order[:n_train])
+        ranked = _ranked_groups(keys, members, seed)  # (rank of each member's group, number of groups)
+        n_groups = int(ranked.max()) + 1 if members.size else 0
+        n_train = int(round(train_fraction * n_groups))
+        if n_groups >= 2:
+            n_train = min(max(n_train, 1), n_groups - 1)
+        train.append(members[ranked < n_train])
     tr = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
     te = np.setdiff1d(np.arange(labels.size), tr)
     return tr, te, "hash"
+
+
+def _ranked_groups(keys: Sequence[str], members: np.ndarray, seed: int) -> np.ndarray:
+    """For each of ``members`` (indices into ``keys``), the rank of its key among the distinct keys
+    of ``members`` ordered by ``sha256(f"{seed}:{key}")`` (ties by key): samples sharing a key (the
+    windows of one recording) share a rank, so they land on the same side of a split."""
+    uniq = sorted({keys[m] for m in members})
+    h = [int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "big") for k in uniq]
+    rank = {k: r for r, (_, k) in enumerate(sorted(zip(h, uniq)))}
+    return np.array([rank[keys[m]] for m in members], dtype=np.int64)
+
+
+def group_keys(ids: Sequence[str], metas: Sequence[dict[str, Any]]) -> list[str]:
+    """The sample each record belongs to, for splits: records cut from one recording (audio
+    ``max_windows``: meta ``window`` and ``offset``), one video (``max_clips``: ``clip``), one
+    document (text: ``doc`` and ``chunk``) or one series (time series windows: ``series``) of a
+    source are one sample, keyed by the first of their ids; any other record is its own sample,
+    keyed by its id (so a table of such records splits as it did without groups)."""
+    raw = []
+    for i, m in zip(ids, metas):
+        head = i.rsplit("#", 1)[0]
+        if ("window" in m and "offset" in m) or "clip" in m:
+            raw.append((head,))
+        elif "chunk" in m and "doc" in m:
+            raw.append((head, "doc", m["doc"]))
+        elif "series" in m:
+            raw.append((head, "series", m["series"]))
+        else:
+            raw.append((i,))
+    first: dict[tuple[Any, ...], str] = {}
+    for i, g in zip(ids, raw):
+        if g not in first or i < first[g]:
+            first[g] = i
+    return [first[g] for g in raw]
 
 
 # ---------------------------------------------------------------------------------------------
 # features
 # ---------------------------------------------------------------------------------------------
 def fold_indices(
-    sources: Sequence[str], ids: Sequence[str], labels: np.ndarray, *, folds: int = 5, seed: int = 0
+    sources: Sequence[str],
+    ids: Sequence[str],
+    labels: np.ndarray,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold (train, test) index pairs of labelled samples, deterministic by a hash of each
     sample's id relative to the common source prefix (so moving the data does not change the folds).
-    Within a class, samples ordered by hash are dealt to folds in turn; every sample is tested once."""
+    Within a class, samples ordered by hash are dealt to folds in turn; every sample is tested once.
+    ``groups`` (:func:`group_keys`): records with one key are one sample, dealt to one fold (the
+    windows of a recording are never both trained on and tested)."""
     labels = np.asarray(labels)
-    rel = [
+    keys = [
         r + i[len(s) :] if i.startswith(s) else i
-        for r, s, i in zip(_relative_sources(list(sources)), sources, ids)
+        for r, s, i in zip(_relative_sources(list(sources)), sources, ids if groups is None else groups)
     ]
-    h = np.array(
-        [int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:8], "big") for i in rel],
-        dtype=np.uint64,
-    )
     fold_of = np.zeros(labels.size, np.int64)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        order = members[np.argsort(h[members], kind="stable")]
-        fold_of[order] = np.arange(order.size) % folds
+        fold_of[members] = _ranked_groups(keys, members, seed) % folds
     out = []
     for f in range(folds):
         te = np.flatnonzero(fold_of == f)
@@ -373,14 +412,17 @@ def classify_table(models: dict[str, MaskedModel], table: TokenTable, cfg: EvalC
     if classes.size < 2:  # every probe would score 1.000: nothing to tell the feature sets apart
         return {"modality": table.modality, "kind": "skipped",
                 "reason": f"every labelled sample has the same class ({_class_name(table, int(classes[0]))})"}  # fmt: skip
-    src_of = _sources(table)
+    src_of, group_of = _sources(table)
     ids = [tf.ids[i] for i in keep]
     labels = tf.labels[keep]
     srcs = [src_of[i] for i in ids]
-    tr, te, rule = split_indices(srcs, ids, labels, seed=cfg.seed, train_fraction=cfg.train_fraction)
+    groups = [group_of[i] for i in ids]
+    tr, te, rule = split_indices(
+        srcs, ids, labels, seed=cfg.seed, train_fraction=cfg.train_fraction, groups=groups
+    )
     splits = [(tr, te)]
     if rule == "hash" and cfg.folds > 1:
-        splits = fold_indices(srcs, ids, labels, folds=cfg.folds, seed=cfg.seed)
+        splits = fold_indices(srcs, ids, labels, folds=cfg.folds, seed=cfg.seed, groups=groups)
         rule = f"{len(splits)}-fold"
         tr = splits[0][0] if splits else tr
     if not splits or tr.size == 0 or te.size == 0:
@@ -414,9 +456,12 @@ def classify_table(models: dict[str, MaskedModel], table: TokenTable, cfg: EvalC
     }
 
 
-def _sources(table: TokenTable) -> dict[str, str]:
-    t = table.read(columns=["id", "source"])
-    return dict(zip(t.column("id").to_pylist(), t.column("source").to_pylist()))
+def _sources(table: TokenTable) -> tuple[dict[str, str], dict[str, str]]:
+    """{id: source} and {id: group key} (:func:`group_keys`) of a table's records."""
+    t = table.read(columns=["id", "source", "meta"])
+    ids = t.column("id").to_pylist()
+    metas = [json.loads(m) for m in t.column("meta").to_pylist()]
+    return dict(zip(ids, t.column("source").to_pylist())), dict(zip(ids, group_keys(ids, metas)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,7 +631,7 @@ def forecast_table(models: dict[str, MaskedModel], table: TokenTable, cfg: EvalC
     )
     if not tf.ids:
         return skip("the table has no rows")
-    src_of = _sources(table)
+    src_of, _ = _sources(table)
     raws: dict[str, Any] = {}
     h = cfg.horizon
     targets, last, keep, wstd, keys, starts, lengths, chans = [], [], [], [], [], [], [], []

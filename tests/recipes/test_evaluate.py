@@ -328,6 +328,42 @@ def test_fold_indices_stratified_and_location_independent():
     assert any(not np.array_equal(a[1], b[1]) for a, b in zip(folds, other))
 
 
+def test_windows_clips_and_chunks_of_one_sample_are_split_together():
+    """Records cut from one recording, video or document (audio max_windows, video max_clips, text
+    chunks) are one sample: never trained on and tested at once, which would flatter the probes.
+    Records that are their own sample keep the folds and split they had."""
+    ids = ["/d/r1.wav#0", "/d/r1.wav#1", "/d/v.mp4#2", "/d/v.mp4#5", "/d/t.jsonl#4-0", "/d/t.jsonl#4-1",
+           "/d/s.csv#0-1-0", "/d/s.csv#0-0-0", "/d/s.csv#1-0-0", "/d/x.png#0"]  # fmt: skip
+    metas = [{"window": 0, "offset": 0.0}, {"window": 1, "offset": 10.24}, {"clip": 2}, {"clip": 5},
+             {"doc": 4, "chunk": 0}, {"doc": 4, "chunk": 1}, {"series": 0, "window": 96}, {"series": 0, "window": 96},
+             {"series": 1, "window": 96}, {}]  # fmt: skip
+    assert E.group_keys(ids, metas) == [
+        "/d/r1.wav#0", "/d/r1.wav#0", "/d/v.mp4#2", "/d/v.mp4#2", "/d/t.jsonl#4-0", "/d/t.jsonl#4-0",
+        "/d/s.csv#0-0-0", "/d/s.csv#0-0-0", "/d/s.csv#1-0-0", "/d/x.png#0"]  # fmt: skip
+    # 12 recordings of 2 classes, 3 windows each
+    srcs = [f"/data/r{r}.wav" for r in range(12) for _ in range(3)]
+    ids = [f"/data/r{r}.wav#{w}" for r in range(12) for w in range(3)]
+    labels = np.array([r % 2 for r in range(12) for _ in range(3)])
+    groups = E.group_keys(ids, [{"window": w, "offset": w * 10.24} for _ in range(12) for w in range(3)])
+    folds = E.fold_indices(srcs, ids, labels, folds=3, seed=0, groups=groups)
+    assert len(folds) == 3
+    for tr, te in folds:
+        assert not {srcs[i] for i in tr} & {srcs[i] for i in te}  # no recording on both sides
+        assert te.size == 12  # 2 recordings of each class, 3 windows each
+    assert np.sort(np.concatenate([te for _, te in folds])).tolist() == list(range(36))
+    tr, te, _ = E.split_indices(srcs, ids, labels, seed=0, groups=groups)
+    assert not {srcs[i] for i in tr} & {srcs[i] for i in te} and tr.size == 24 and te.size == 12
+    # without windows: the same folds and split as without groups
+    one = [f"/data/a/{i}.png#0" for i in range(15)]
+    lab = np.array([0] * 10 + [1] * 5)
+    singles = E.group_keys(one, [{}] * 15)
+    a = E.fold_indices([i[:-2] for i in one], one, lab, folds=5, seed=0)
+    b = E.fold_indices([i[:-2] for i in one], one, lab, folds=5, seed=0, groups=singles)
+    assert all(np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    sa, sb = E.split_indices(one, one, lab, seed=3), E.split_indices(one, one, lab, seed=3, groups=singles)
+    assert np.array_equal(sa[0], sb[0]) and np.array_equal(sa[1], sb[1])
+
+
 def test_ridge_penalty_from_validation_rows():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 5))
