@@ -686,7 +686,7 @@ def test_cli_max_error_rate_fails_cleanly_and_keeps_commits(tmp_path, capsys, lo
     assert not (out / "_manifest.json").exists()
     with pytest.raises(tables.TableError, match="not a finished token table"):
         tables.TokenTable(str(out))  # committed shards are invisible to readers
-    assert len([f for f in os.listdir(out / COMMITS) if f != "_run.json"]) >= 1
+    assert len([f for f in os.listdir(out / COMMITS) if not f.startswith("_")]) >= 1
     assert main([*argv, "--max-error-rate", "0.5"]) == 0
     summary = capsys.readouterr().out.strip()
     assert summary.startswith("5 inputs = 3 written + 2 errors; 3 rows, 6 tokens, ") and "inputs/s" in summary
@@ -708,7 +708,7 @@ def test_killed_driver_resumes_only_missing_shards(tmp_path):
         deadline = time.time() + 90
         while time.time() < deadline:
             n = (
-                len([f for f in os.listdir(out / COMMITS) if f != "_run.json"])
+                len([f for f in os.listdir(out / COMMITS) if not f.startswith("_")])  # commit records
                 if (out / COMMITS).exists()
                 else 0
             )
@@ -722,7 +722,7 @@ def test_killed_driver_resumes_only_missing_shards(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    committed = {f for f in os.listdir(out / COMMITS) if f != "_run.json"}
+    committed = {f for f in os.listdir(out / COMMITS) if not f.startswith("_")}  # commit records
     assert 2 <= len(committed) < 8 and not (out / "_manifest.json").exists()
     # rerun with the same config (the delay is part of the config, so keep it)
     done = subprocess.run(argv + slow, env=env, capture_output=True, text=True, timeout=180)
@@ -848,7 +848,7 @@ def test_in_process_job_resumes_and_stops_at_the_error_rate(tmp_path, monkeypatc
             "--num-workers", "0"]  # fmt: skip
     assert main([*argv, "--max-error-rate", "0.3"]) == 1  # stops after the shard that passes 30 %
     assert "2 of 5 inputs rejected (40.0%), above --max-error-rate 30.0%" in capsys.readouterr().err
-    kept = sorted(f for f in os.listdir(out / COMMITS) if f != "_run.json")
+    kept = sorted(f for f in os.listdir(out / COMMITS) if not f.startswith("_"))
     assert len(kept) == 1  # shards a/bad1, a/bad2 | a/f0, a/f1 | a/f2: it stopped after the first
     assert main([*argv, "--max-error-rate", "0.5"]) == 0
     out_ = capsys.readouterr()
@@ -969,7 +969,8 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not (
-            (out / COMMITS).exists() and len([f for f in os.listdir(out / COMMITS) if f != "_run.json"]) >= 2
+            (out / COMMITS).exists()
+            and len([f for f in os.listdir(out / COMMITS) if not f.startswith("_")]) >= 2
         ):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
@@ -978,7 +979,7 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    n = len([f for f in os.listdir(out / COMMITS) if f != "_run.json"])
+    n = len([f for f in os.listdir(out / COMMITS) if not f.startswith("_")])
     assert proc.returncode == 130 and 2 <= n < 8
     assert err.splitlines()[-1] == (
         f"maskloom preprocess: interrupted; {n} committed shards kept: run the same command again to resume"
