@@ -253,7 +253,9 @@ def group_keys(ids: Sequence[str], metas: Sequence[dict[str, Any]]) -> list[str]
     ``max_windows``: meta ``window`` and ``offset``), one video (``max_clips``: ``clip``), one
     document (text: ``doc`` and ``chunk``) or one series (time series windows: ``series``) of a
     source are one sample, keyed by the first of their ids; any other record is its own sample,
-    keyed by its id (so a table of such records splits as it did without groups)."""
+    keyed by its id (so a table of such records splits as it did without groups). A plug-in
+    tokenizer that cuts one input into several samples of one thing gets the same by setting one of
+    these meta keys."""
     raw = []
     for i, m in zip(ids, metas):
         head = i.rsplit("#", 1)[0]
