@@ -459,6 +459,11 @@ SHARD_DEATH_LIMIT = 3
 """Deaths of a shard's workers outside any input, in one job, after which the job stops."""
 
 
+IN_PROCESS_RUN = "in-process"
+""":class:`ShardAttempts`'s ``run`` for shards tokenized in the calling process (``num_workers=0``):
+deaths there end the run itself, so they are counted across runs."""
+
+
 class WorkerDeathsError(PreprocessError):
     """A shard's workers kept dying outside any input (writing the shard, not decoding): the job stops."""
 
@@ -476,8 +481,10 @@ class ShardAttempts:
     single death is retried as before, since a worker can be killed for reasons that are not its
     input's. Deaths are counted per job (``run``): a rerun after the driver ended starts afresh.
     ``SHARD_DEATH_LIMIT`` deaths outside any input (writing the shard) stop the job
-    (:class:`WorkerDeathsError`) instead of retrying for ever. Only for Ray workers: with
-    ``num_workers=0`` a crash ends the caller's own process."""
+    (:class:`WorkerDeathsError`) instead of retrying for ever. A try that ends in Python (an error,
+    Ctrl-C, SIGTERM) is no death: it removes its files. With ``num_workers=0`` a crash ends the
+    calling process itself; its runs share one ``run`` (:data:`IN_PROCESS_RUN`), so each rerun of the
+    command counts the death, names the input, and the third skips it as an error row."""
 
     _POS = struct.Struct("<q")
 
@@ -504,8 +511,8 @@ class ShardAttempts:
             k = self._POS.unpack(raw)[0] if len(raw) == 8 else -1
             if 0 <= k < len(self.shard.inputs):
                 n = state["deaths"][str(k)] = state["deaths"].get(str(k), 0) + 1
-                log.warning("%s: its worker died while decoding it (%d of the %d deaths after which it becomes an "
-                            "error row); retrying the shard", self.shard.inputs[k].source, n, CRASH_LIMIT)  # fmt: skip
+                log.warning("%s: the process decoding it died (%d of the %d deaths after which it becomes an "
+                            "error row); trying its shard again", self.shard.inputs[k].source, n, CRASH_LIMIT)  # fmt: skip
             else:
                 state["elsewhere"] += 1
                 if state["elsewhere"] >= SHARD_DEATH_LIMIT:
@@ -572,6 +579,9 @@ def tokenize_shard(
     attempts = ShardAttempts(out_dir, shard, run) if run else None
     try:
         crashed = attempts.begin() if attempts else {}
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write the shard's bookkeeping ({e.strerror or e})") from None
+    try:
         with tables.ShardWriter(path, spec, meta) as writer:
             for index, item in enumerate(shard.inputs):
                 try:
@@ -580,9 +590,9 @@ def tokenize_shard(
                         raise TokenizeError(item.source, "corrupt", f"decoding did not end within {hung[item.source]:g} "
                                             "s (--input-timeout); its worker was ended and restarted")  # fmt: skip
                     if index in crashed:
-                        raise _Rejected(item.source, "crashed", f"its worker process died while decoding it, "
-                                        f"{crashed[index]} times (a crash in the decoder, or more memory than a "
-                                        "worker has); the job went on without it")  # fmt: skip
+                        raise _Rejected(item.source, "crashed", f"the process decoding it died {crashed[index]} "
+                                        "times (a crash in the decoder, or more memory than it had); the job went "
+                                        "on without it")  # fmt: skip
                     if attempts is not None:
                         attempts.at(index)  # until the next input: its records' writing counts as its own
                     if watchdog is None:
@@ -603,10 +613,12 @@ def tokenize_shard(
             if attempts is not None:
                 attempts.at(-1)
             info = writer.close()
-    except OSError as e:
-        if attempts is not None:
-            attempts.close()
-        raise WriteError(f"{path}: cannot write the shard ({e.strerror or e})") from None
+    except BaseException as e:
+        if attempts is not None:  # ended in Python (an error, Ctrl-C), not by the process dying
+            attempts.done()
+        if isinstance(e, OSError):
+            raise WriteError(f"{path}: cannot write the shard ({e.strerror or e})") from None
+        raise
     if info is not None:
         info["inputs"] = len(written)
     commit = {
@@ -820,6 +832,27 @@ def _job_lock(out_dir: str) -> Generator[None, None, None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _sigterm_as_exit(enabled: bool) -> Generator[None, None, None]:
+    """While tokenizing in this process, SIGTERM (a scheduler's preemption, ``timeout``) ends it by
+    SystemExit(143) instead of at once, so that the shard in hand cleans up like Ctrl-C and is not
+    counted as a crash (:class:`ShardAttempts`). Only in the main thread, where Python takes signals."""
+    import signal
+
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _one_job_per_table(fn: Any) -> Any:
     """Run ``fn`` (whose parameter ``out_dir`` names the table) under :func:`_job_lock`."""
     sig = inspect.signature(fn)
@@ -1026,7 +1059,7 @@ def preprocess(
         if num_workers == 0:  # here, without Ray: the same shards, records and table
             log.info("tokenizing %d shards of %d inputs in this process", len(todo), shard_size)
             commits: Generator[dict[str, Any], None, None] = (
-                tokenize_shard(tokenizer, sh, out_dir, meta) for sh in todo
+                tokenize_shard(tokenizer, sh, out_dir, meta, run=IN_PROCESS_RUN) for sh in todo
             )
         else:
             actor = {"modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
@@ -1039,7 +1072,7 @@ def preprocess(
             )  # fmt: skip
         try:
             with Progress(len(plan), initial=skipped, unit="shard", desc="preprocess", enabled=progress) as bar, \
-                    contextlib.closing(commits):  # fmt: skip
+                    contextlib.closing(commits), _sigterm_as_exit(num_workers == 0):  # fmt: skip
                 for c in commits:
                     if "write_error" in c:  # from a worker: the disk, not an input; every shard would fail
                         raise WriteError(c["write_error"])

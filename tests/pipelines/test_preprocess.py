@@ -583,12 +583,35 @@ def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(tmp_path
     bad = str(tmp_path / "in" / "a" / "f1.txt")
     assert t.errors().to_pylist() == [{
         "source": bad, "kind": "crashed",
-        "message": "its worker process died while decoding it, 2 times (a crash in the decoder, or more memory "
-                   "than a worker has); the job went on without it",
+        "message": "the process decoding it died 2 times (a crash in the decoder, or more memory than it had); "
+                   "the job went on without it",
     }]  # fmt: skip
     ids = t.read().column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 5 and f"{bad}#0" not in ids
     assert not os.path.exists(os.path.join(out, COMMITS))
+
+
+@pytest.mark.timeout(120)
+def test_an_input_that_kills_the_in_process_job_is_named_and_skipped_on_the_third_run(tmp_path):
+    """--num-workers 0: a decoder's crash ends the command itself. Each rerun counts the death and
+    names the input; the third run skips it as an error row. Ctrl-C and SIGTERM are no deaths."""
+    make_data(tmp_path / "in", n_a=3, n_b=3, bad=())
+    out = tmp_path / "t"
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = "import ppkit_tokenizer, sys; from maskloom.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(out),
+            "--import", "ppkit_tokenizer", "--shard-size", "3", "--num-workers", "0", "--no-progress",
+            "--set", "segfault_on=a/f1.txt"]  # fmt: skip
+    bad = str(tmp_path / "in" / "a" / "f1.txt")
+    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == -signal.SIGSEGV
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == -signal.SIGSEGV
+    assert f"{bad}: the process decoding it died (1 of the 2 deaths" in second.stderr
+    third = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert third.returncode == 0, third.stderr
+    assert third.stdout.startswith("6 inputs = 5 written + 1 error; 5 rows")
+    assert [e["kind"] for e in tables.TokenTable(str(out)).errors().to_pylist()] == ["crashed"]
 
 
 def test_shard_attempts_count_deaths_per_input_within_one_job(tmp_path, caplog):
@@ -604,7 +627,7 @@ def test_shard_attempts_count_deaths_per_input_within_one_job(tmp_path, caplog):
 
     assert died_at("job1", 1) == {}
     assert died_at("job1", 1) == {}  # one death is retried: a worker may be killed for other reasons
-    assert "/d/b.txt: its worker died while decoding it (1 of the 2 deaths" in caplog.text
+    assert "/d/b.txt: the process decoding it died (1 of the 2 deaths" in caplog.text
     assert died_at("job1", 2) == {1: 2}  # b.txt is skipped now; the try dies on c.txt
     a = ShardAttempts(str(tmp_path), shard, "job1")
     assert a.begin() == {1: 2}  # c.txt died once: retried
@@ -985,9 +1008,25 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
         f"maskloom preprocess: interrupted; {n} committed shards kept: run the same command again to resume"
     )
     assert "Traceback" not in err
+    assert not os.listdir(out / COMMITS / "_crashes")  # ended in Python: not a crash of its input
+    # SIGTERM (a scheduler's preemption) ends it as cleanly, twice in a row
+    crashes = out / COMMITS / "_crashes"
+    for _ in range(2):
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline and not any(f.endswith(".pos") for f in os.listdir(crashes)):
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(0.02)  # until it is inside a shard
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 143 and not os.listdir(crashes)
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert f"{n}/8 shards resumed" in done.stdout
+    assert "died" not in done.stderr
     assert tables.TokenTable(str(out)).manifest.totals == {"inputs": 8, "rows": 8, "errors": 0}
 
 
