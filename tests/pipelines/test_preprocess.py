@@ -79,6 +79,22 @@ def make_data(root, n_a=5, n_b=4, bad=("b/bad.txt",)):
     return find_inputs(str(root), extensions=(".txt",), labels="folder")
 
 
+def _cli_subprocess() -> tuple[dict[str, str], str]:
+    """(environment, ``python -c`` code) to run ``maskloom`` in a child process that has the test
+    tokenizer registered (for tests that kill, interrupt or crash the command)."""
+    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return env, "import ppkit_tokenizer, sys; from maskloom.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _preprocess_argv(inputs, out, *options: str) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of ``maskloom preprocess INPUTS -m ppkit_numbers -o OUT --import ppkit_tokenizer
+    --no-progress OPTIONS`` in a child process (:func:`_cli_subprocess`)."""
+    env, code = _cli_subprocess()
+    argv = [sys.executable, "-c", code, "preprocess", str(inputs), "-m", TOK, "-o", str(out),
+            "--import", "ppkit_tokenizer", "--no-progress", *options]  # fmt: skip
+    return argv, env
+
+
 # ---- planning and one shard (no Ray) ---------------------------------------------------------
 def test_plan_is_deterministic_and_keyed_by_config():
     inputs = [Input(f"/d/{c}.txt", k) for k, c in enumerate("edcba")]
@@ -597,11 +613,8 @@ def test_an_input_that_kills_the_in_process_job_is_named_and_skipped_on_the_thir
     names the input; the third run skips it as an error row. Ctrl-C and SIGTERM are no deaths."""
     make_data(tmp_path / "in", n_a=3, n_b=3, bad=())
     out = tmp_path / "t"
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = "import ppkit_tokenizer, sys; from maskloom.cli import main; sys.exit(main(sys.argv[1:]))"
-    argv = [sys.executable, "-c", code, "preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(out),
-            "--import", "ppkit_tokenizer", "--shard-size", "3", "--num-workers", "0", "--no-progress",
-            "--set", "segfault_on=a/f1.txt"]  # fmt: skip
+    argv, env = _preprocess_argv(tmp_path / "in", out, "--shard-size", "3", "--num-workers", "0",
+                                 "--set", "segfault_on=a/f1.txt")  # fmt: skip
     bad = str(tmp_path / "in" / "a" / "f1.txt")
     first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert first.returncode == -signal.SIGSEGV
@@ -719,10 +732,7 @@ def test_cli_max_error_rate_fails_cleanly_and_keeps_commits(tmp_path, capsys, lo
 def test_killed_driver_resumes_only_missing_shards(tmp_path):
     make_data(tmp_path / "in", n_a=4, n_b=4, bad=())
     out = tmp_path / "t"
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = "import ppkit_tokenizer, sys; from maskloom.cli import main; sys.exit(main(sys.argv[1:]))"
-    argv = [sys.executable, "-c", code, "preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(out),
-            "--import", "ppkit_tokenizer", "--shard-size", "1", "--num-workers", "1", "--no-progress"]  # fmt: skip
+    argv, env = _preprocess_argv(tmp_path / "in", out, "--shard-size", "1", "--num-workers", "1")
     slow = ["--set", "delay=0.5"]
     proc = subprocess.Popen(
         argv + slow, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -983,11 +993,9 @@ def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     the same command then finishes only the rest (in this process: no Ray, so it runs in seconds)."""
     make_data(tmp_path / "in", n_a=4, n_b=4, bad=())
     out = tmp_path / "t"
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = "import ppkit_tokenizer, sys; from maskloom.cli import main; sys.exit(main(sys.argv[1:]))"
-    argv = [sys.executable, "-c", code, "preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(out),
-            "--import", "ppkit_tokenizer", "--shard-size", "1", "--num-workers", "0", "--no-progress",
-            "--set", "delay=0.3"]  # fmt: skip
+    argv, env = _preprocess_argv(
+        tmp_path / "in", out, "--shard-size", "1", "--num-workers", "0", "--set", "delay=0.3"
+    )
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
@@ -1076,8 +1084,7 @@ def test_an_address_where_no_ray_listens_fails_at_once_with_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     make_data(tmp_path / "in", n_a=1, n_b=0, bad=())
-    env = {**os.environ, "PYTHONPATH": HERE + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = "import ppkit_tokenizer, sys; from maskloom.cli import main; sys.exit(main(sys.argv[1:]))"
+    env, code = _cli_subprocess()
     argv = [sys.executable, "-c", code, "preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(tmp_path / "t"),
             "--no-progress", "--address", f"127.0.0.1:{port}"]  # fmt: skip
     t0 = time.perf_counter()
