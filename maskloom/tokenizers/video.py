@@ -242,6 +242,8 @@ class VideoTokenizer(Tokenizer):
                     fps: float | None = float(vr.get_avg_fps())
                 except (RuntimeError, decord.DECORDError, ValueError, ZeroDivisionError):
                     fps = None  # no usable timing: frames still decode
+                if fps is not None and not (np.isfinite(fps) and fps > 0):
+                    fps = None
                 c = self.config
                 starts = clip_slots(n, c.num_frames, c.frame_stride, c.max_clips) if c.max_clips > 1 else []
                 if len(starts) > 1:
@@ -252,7 +254,7 @@ class VideoTokenizer(Tokenizer):
                 del vr  # decord frees the demuxer/decoder when the reader is collected
         return Video(
             frames=np.ascontiguousarray(frames),
-            fps=fps if fps is not None and np.isfinite(fps) and fps > 0 else None,
+            fps=fps,
             frame_indices=idx,
             num_source_frames=int(n),
         )
@@ -273,9 +275,8 @@ class VideoTokenizer(Tokenizer):
             facts = {"original_size": [int(frames.shape[1]), int(frames.shape[2])], **crops[-1][1]}
             clips.append(np.stack([crop for crop, _ in crops]))
             indices.append(idx)
-        return Video(frames=np.concatenate(clips), fps=fps if fps is not None and np.isfinite(fps) and fps > 0 else None,
-                     frame_indices=np.concatenate(indices), num_source_frames=int(n),
-                     extra={"clips": len(starts), "prepared": facts})  # fmt: skip
+        return Video(frames=np.concatenate(clips), fps=fps, frame_indices=np.concatenate(indices),
+                     num_source_frames=int(n), extra={"clips": len(starts), "prepared": facts})  # fmt: skip
 
     # ---- tokenize -------------------------------------------------------------------------------
     def _as_video(self, raw: Any, source: str) -> Video:
