@@ -600,16 +600,20 @@ class AudioTokenizer(Tokenizer):
         wav = np.ascontiguousarray(wav, dtype=np.float32)
         return Audio(waveform=wav, sample_rate=target, total_samples=total)
 
+    def _window_samples(self, windows: int) -> int:
+        """Samples at the target rate of ``windows`` consecutive windows of ``target_frames`` frames."""
+        k = self._kaldi_fbank()
+        return (windows * self.config.target_frames - 1) * k.window_shift + k.window_size
+
     def _input_samples(self, sr: int) -> int:
         """Samples at ``sr`` that :meth:`tokenize` needs from the start of a recording: those of
         ``target_frames`` frames at the target rate and, resampled, every input sample the
         resampler reads for them (each output block of ``new`` samples reads ``orig + 2 width``
         inputs), so that the tokens equal those of the whole recording's."""
-        k = self._kaldi_fbank()
         c = self.config
         if c.max_windows == 0:
             return -1  # every window: all of it
-        out = (c.max_windows * c.target_frames - 1) * k.window_shift + k.window_size
+        out = self._window_samples(c.max_windows)
         if sr == self.config.sample_rate:
             return out
         r = self._resampler(sr)
@@ -653,7 +657,7 @@ class AudioTokenizer(Tokenizer):
         records = [first]
         kaldi = self._kaldi_fbank()
         hop = c.target_frames * kaldi.window_shift  # samples from one window's first frame to the next's
-        need = (c.target_frames - 1) * kaldi.window_shift + kaldi.window_size
+        need = self._window_samples(1)
         wav = raw.waveform
         k = 1
         while c.max_windows == 0 or k < c.max_windows:
