@@ -958,7 +958,8 @@ def preprocess(
     if overwrite and os.path.isdir(out_dir):
         _clear(out_dir)
     base: _AppendBase | None = None
-    if os.path.exists(os.path.join(out_dir, tables.MANIFEST)):
+    finished = os.path.exists(os.path.join(out_dir, tables.MANIFEST))
+    if finished:
         manifest = tables.read_manifest(out_dir)
         same = (
             manifest.meta.get("fingerprint") == fingerprint
@@ -978,7 +979,7 @@ def preprocess(
             log.info(
                 "appending %d inputs to the %d of %s", len(base.items), manifest.totals["inputs"], out_dir
             )
-    if base is None and os.path.exists(os.path.join(out_dir, tables.MANIFEST)):
+    if finished and base is None:
         log.info("%s: already finished with this config; nothing to do", out_dir)
         tot = manifest.totals
         return PreprocessResult(
@@ -1192,15 +1193,15 @@ def _append_base(
         t = tables.read_shard(path, ["source", "label"])  # a damaged shard: one TableError naming it
         written.update(zip(t.column("source").to_pylist(), t.column("label").to_pylist()))
     errors = [(r["source"], r["kind"], r["message"]) for r in table.errors().to_pylist()]
-    for source, label in list(written.items()) + [(e[0], ...) for e in errors]:
-        item = by_source.get(source)
-        if item is None:
-            n = sum(1 for s in [*written, *(e[0] for e in errors)] if s not in by_source)
-            raise TableConflictError(
-                f"{out_dir}: cannot append: {n} of the table's inputs are not among the inputs (the first: {source}); "
-                "append only adds inputs: use overwrite (--overwrite) to rebuild it"
-            )
-        if label is not ... and item.label != label:
+    gone = [s for s in (*written, *(e[0] for e in errors)) if s not in by_source]
+    if gone:
+        raise TableConflictError(
+            f"{out_dir}: cannot append: {len(gone)} of the table's inputs are not among the inputs (the first: "
+            f"{gone[0]}); append only adds inputs: use overwrite (--overwrite) to rebuild it"
+        )
+    for source, label in written.items():
+        item = by_source[source]
+        if item.label != label:
             raise TableConflictError(
                 f"{out_dir}: cannot append: {source} was written with label {label}, the inputs now give it "
                 f"{item.label}; use overwrite (--overwrite) to rebuild the table"
