@@ -228,7 +228,7 @@ def split_indices(
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         ranked = _ranked_groups(keys, members, seed)  # (rank of each member's group, number of groups)
-        n_groups = int(ranked.max()) + 1 if members.size else 0
+        n_groups = int(ranked.max()) + 1  # members: a class present among the labels, never empty
         n_train = int(round(train_fraction * n_groups))
         if n_groups >= 2:
             n_train = min(max(n_train, 1), n_groups - 1)
