@@ -933,9 +933,13 @@ def preprocess(
         importlib.import_module(m)
     cls = TOKENIZERS.get(modality)  # unknown modality -> RegistryError before any work
     if isinstance(inputs, (str, os.PathLike)):  # one directory, file or glob, as on the command line
-        from maskloom.pipelines.sources import find_inputs
+        from maskloom.pipelines.sources import find_inputs, skipped_text
 
-        inputs = find_inputs(os.fspath(inputs), extensions=cls.extensions)
+        given = os.fspath(inputs)
+        inputs = find_inputs(given, extensions=cls.extensions)
+        if inputs.skipped:
+            log.warning("skipped %s in %s: not %s", skipped_text(inputs.skipped), given,
+                        "/".join(cls.extensions))  # fmt: skip
     items, names = _as_inputs(inputs)
     tokenizer = build_tokenizer(modality, config)
     fingerprint = tokenizer.fingerprint()

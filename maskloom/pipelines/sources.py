@@ -22,7 +22,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from maskloom.pipelines._gc import gc_paused
@@ -55,6 +55,11 @@ class InputSet:
     """Inputs sorted by source."""
     label_names: tuple[str, ...] | None
     """Class names indexed by ``Input.label``; None when the inputs carry no labels."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Files passed over while walking the given folders because their extension is not one of the
+    tokenizer's: count per lower-case extension (``"(none)"`` for a name without one), so that a
+    command can say what it left out (a folder of ``.gif`` among ``.jpg``, ``.flac`` for a ``.wav``
+    tokenizer). Hidden files, token tables and inputs given by glob or manifest are not counted."""
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -82,9 +87,21 @@ def _is_table(directory: str) -> bool:
     return any(os.path.exists(os.path.join(directory, m)) for m in TABLE_MARKERS)
 
 
-def _walk(directory: str, extensions: Sequence[str]) -> list[str]:
+def _ext_name(name: str) -> str:
+    """A file name's lower-case extension as :attr:`InputSet.skipped` counts it."""
+    return os.path.splitext(name)[1].lower() or "(none)"
+
+
+def skipped_text(skipped: dict[str, int]) -> str:
+    """``"3 files (.gif 2, .txt 1)"``: the files a walk passed over, most frequent extension first."""
+    n = sum(skipped.values())
+    parts = ", ".join(f"{e} {c}" for e, c in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{n} file{'s' if n != 1 else ''} ({parts})"
+
+
+def _walk(directory: str, extensions: Sequence[str], skipped: dict[str, int]) -> list[str]:
     """Files under ``directory`` (recursive, hidden entries and token tables skipped) with one of
-    ``extensions``. Symlinked folders are followed, each real folder once (under the first path
+    ``extensions``; the other (non-hidden) files are counted by extension into ``skipped``. Symlinked folders are followed, each real folder once (under the first path
     that reaches it, in sorted order): a link back to an ancestor (``d/up -> ..``) would otherwise
     list every file below it again at each of ~40 levels, until the OS stops the path."""
     if _is_table(directory):
@@ -102,12 +119,18 @@ def _walk(directory: str, extensions: Sequence[str]) -> list[str]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _is_table(os.path.join(root, d)))
-        out.extend(os.path.join(root, f) for f in files if not f.startswith(".") and _has_ext(f, extensions))
+        for f in files:
+            if f.startswith("."):
+                continue
+            if _has_ext(f, extensions):
+                out.append(os.path.join(root, f))
+            else:
+                skipped[_ext_name(f)] = skipped.get(_ext_name(f), 0) + 1
     return out
 
 
-def _expand(path: str, extensions: Sequence[str], as_one_source: bool) -> list[str]:
-    """One user-given path or glob -> source paths."""
+def _expand(path: str, extensions: Sequence[str], as_one_source: bool, skipped: dict[str, int]) -> list[str]:
+    """One user-given path or glob -> source paths (a walked folder's other files counted into ``skipped``)."""
     takes_dirs = as_one_source or not extensions
     if glob.has_magic(path):
         matches = glob.glob(path, recursive=True)
@@ -120,7 +143,7 @@ def _expand(path: str, extensions: Sequence[str], as_one_source: bool) -> list[s
     if not os.path.exists(path):
         raise SourceError(f"{path}: no such file or directory")
     if os.path.isdir(path) and not takes_dirs:
-        return _walk(path, extensions)
+        return _walk(path, extensions, skipped)
     return [path]
 
 
@@ -210,6 +233,7 @@ def find_inputs(
             )
 
     named: dict[str, str | None] = {}  # absolute source -> label name
+    skipped: dict[str, int] = {}
     for p in paths:
         if manifest:
             entries = _read_manifest(p)
@@ -225,9 +249,13 @@ def find_inputs(
                     )
                 named[src] = lab
             continue
-        found = _expand(p, extensions, as_one_source)
+        here: dict[str, int] = {}
+        found = _expand(p, extensions, as_one_source, here)
         if not found:
-            raise SourceError(f"{p}: no input files with extension {', '.join(extensions)}")
+            other = f"; it holds {skipped_text(here)}" if here else ""
+            raise SourceError(f"{p}: no input files with extension {', '.join(extensions)}{other}")
+        for e, c in here.items():
+            skipped[e] = skipped.get(e, 0) + c
         for src in found:
             named[os.path.abspath(src)] = None
 
@@ -257,4 +285,4 @@ def find_inputs(
     label_names = _sort_names(names) if names else None
     index = {n: i for i, n in enumerate(label_names or ())}
     inputs = tuple(Input(s, None if named[s] is None else index[named[s]]) for s in sorted(named))
-    return InputSet(inputs=inputs, label_names=label_names)
+    return InputSet(inputs=inputs, label_names=label_names, skipped=skipped)

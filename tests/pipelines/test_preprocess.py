@@ -478,7 +478,10 @@ def test_cli_append(tmp_path, capsys):
     make_data(tmp_path / "in", n_a=2, n_b=1, bad=())
     args = ["preprocess", str(tmp_path / "in"), "-m", TOK, "-o", str(tmp_path / "t"), "--num-workers", "0",
             "--no-progress"]  # fmt: skip
+    (tmp_path / "in" / "a" / "cover.png").write_bytes(b"not the tokenizer's")
     assert main(args) == 0
+    note = "maskloom preprocess: note: skipped 1 file (.png 1) in the input folders: not .txt\n"
+    assert note in capsys.readouterr().err
     (tmp_path / "in" / "b" / "g7.txt").write_text("7")
     assert main(args) == 2
     assert "use append (--append) to add new inputs to it" in capsys.readouterr().err
@@ -684,6 +687,10 @@ def test_cli_user_errors_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["preprocess", str(tmp_path / "empty"), "-m", TOK, "-o", str(tmp_path / "o")]) == 2
     assert "no input files with extension .txt" in capsys.readouterr().err
+    (tmp_path / "empty" / "notes.md").write_text("x")
+    assert main(["preprocess", str(tmp_path / "empty"), "-m", TOK, "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("no input files with extension .txt; it holds 1 file (.md 1)")
     assert main(["preprocess", str(tmp_path), "-m", "no_such_modality", "-o", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert (

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from maskloom.pipelines.sources import Input, SourceError, find_inputs
+from maskloom.pipelines.sources import Input, SourceError, find_inputs, skipped_text
 
 
 def touch(path, text="1"):
@@ -142,6 +142,26 @@ def test_missing_and_empty(tmp_path):
         find_inputs(str(tmp_path / "empty"), extensions=(".jpg",))
     with pytest.raises(SourceError, match="no input paths"):
         find_inputs([])
+
+
+def test_files_of_other_extensions_are_counted(tmp_path):
+    """A walk says what it left out (per extension); an input set with none of the tokenizer's files
+    says what the folder holds instead."""
+    for name in ("a.jpg", "b.JPG", "c.gif", "sub/d.GIF", "sub/e.txt", "NOTES", ".hidden.gif"):
+        touch(tmp_path / "imgs" / name)
+    s = find_inputs(str(tmp_path / "imgs"), extensions=(".jpg",))
+    assert [os.path.basename(i.source) for i in s.inputs] == ["a.jpg", "b.JPG"]
+    assert s.skipped == {".gif": 2, ".txt": 1, "(none)": 1}
+    assert skipped_text(s.skipped) == "4 files (.gif 2, (none) 1, .txt 1)"
+    assert skipped_text({".wav": 1}) == "1 file (.wav 1)"
+    touch(tmp_path / "more" / "x.jpg")
+    touch(tmp_path / "more" / "y.bmp")
+    s = find_inputs([str(tmp_path / "imgs" / "*.gif"), str(tmp_path / "more")], extensions=(".jpg",))
+    assert len(s) == 2 and s.skipped == {".bmp": 1}  # a glob's matches are what was asked for
+    assert find_inputs(str(tmp_path / "imgs"), extensions=(".jpg", ".gif", ".txt", "NOTES")).skipped == {}
+    holds = r"it holds 2 files \(.gif 1, .txt 1\)$"
+    with pytest.raises(SourceError, match=r"sub: no input files with extension .png; " + holds):
+        find_inputs(str(tmp_path / "imgs" / "sub"), extensions=(".png",))
 
 
 def test_duplicates_collapse(tree):
