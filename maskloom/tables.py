@@ -406,18 +406,24 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file + fsync + rename: readers never see a partial file."""
+def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file + fsync + rename: readers never see a partial file.
+
+    ``durable=False`` leaves out both fsyncs: the file still appears whole or not at all to anyone who
+    outlives the writing *process* (the page cache keeps it), though not a crash of the machine; for
+    bookkeeping that guards against the process dying, where an fsync is most of the cost."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(d)
+        if durable:
+            _fsync_dir(d)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -520,13 +520,9 @@ class ShardAttempts:
                         f"shard {self.shard.index} ({self.shard.name}): its workers died {state['elsewhere']} times "
                         "outside any input (writing the shard or its commit record); see the workers' output above"
                     )
-        os.makedirs(os.path.dirname(self.pos_path), exist_ok=True)
-        # temp + rename without fsync: what this guards against is the process dying, not the machine
-        # (the page cache keeps the file); an fsync per shard cost 0.6 ms here, more on shared storage
-        tmp = f"{self.state_path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(state).encode())
-        os.replace(tmp, self.state_path)
+        # not durable: this guards against the process dying, not the machine (an fsync per shard
+        # cost 0.6 ms here, more on shared storage); the call also makes the folder pos_path shares
+        tables.atomic_write_bytes(self.state_path, json.dumps(state).encode(), durable=False)
         self._fd = os.open(self.pos_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.at(-1)
         return {int(k): n for k, n in state["deaths"].items() if n >= CRASH_LIMIT}
