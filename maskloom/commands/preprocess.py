@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
     from maskloom.pipelines.preprocess import PreprocessError, TableConflictError, preprocess
     from maskloom.pipelines.ray_utils import RayConnectError, resolve_address
-    from maskloom.pipelines.sources import SourceError, find_inputs, skipped_text
+    from maskloom.pipelines.sources import SourceError, find_inputs, skipped_note
     from maskloom.registry import RegistryError
     from maskloom.tokenizers.base import TOKENIZERS, get_tokenizer
 
@@ -209,8 +209,8 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(e))
     print(f"maskloom preprocess: {len(found)} inputs -> {args.out} ({args.modality})", file=sys.stderr)
     if found.skipped:
-        print(f"maskloom preprocess: note: skipped {skipped_text(found.skipped)} in the input folders: "
-              f"not {'/'.join(cls.extensions)}", file=sys.stderr)  # fmt: skip
+        note = skipped_note(found.skipped, "the input folders", cls.extensions)
+        print(f"maskloom preprocess: note: {note}", file=sys.stderr)
     try:
         result = preprocess(
             found, args.modality, config, args.out, address=args.address, num_workers=args.num_workers,

@@ -929,13 +929,12 @@ def preprocess(
         importlib.import_module(m)
     cls = TOKENIZERS.get(modality)  # unknown modality -> RegistryError before any work
     if isinstance(inputs, (str, os.PathLike)):  # one directory, file or glob, as on the command line
-        from maskloom.pipelines.sources import find_inputs, skipped_text
+        from maskloom.pipelines.sources import find_inputs, skipped_note
 
         given = os.fspath(inputs)
         inputs = find_inputs(given, extensions=cls.extensions)
         if inputs.skipped:
-            log.warning("skipped %s in %s: not %s", skipped_text(inputs.skipped), given,
-                        "/".join(cls.extensions))  # fmt: skip
+            log.warning("%s", skipped_note(inputs.skipped, given, cls.extensions))
     items, names = _as_inputs(inputs)
     tokenizer = build_tokenizer(modality, config)
     fingerprint = tokenizer.fingerprint()

@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -99,11 +100,17 @@ def skipped_text(skipped: dict[str, int]) -> str:
     return f"{n} file{'s' if n != 1 else ''} ({parts})"
 
 
-def _walk(directory: str, extensions: Sequence[str], skipped: dict[str, int]) -> list[str]:
+def skipped_note(skipped: dict[str, int], where: str, extensions: Sequence[str]) -> str:
+    """``"skipped 1 file (.gif 1) in WHERE: not .jpg/.png"``: what a command tells its user."""
+    return f"skipped {skipped_text(skipped)} in {where}: not {'/'.join(extensions)}"
+
+
+def _walk(directory: str, extensions: Sequence[str], skipped: Counter[str]) -> list[str]:
     """Files under ``directory`` (recursive, hidden entries and token tables skipped) with one of
-    ``extensions``; the other (non-hidden) files are counted by extension into ``skipped``. Symlinked folders are followed, each real folder once (under the first path
-    that reaches it, in sorted order): a link back to an ancestor (``d/up -> ..``) would otherwise
-    list every file below it again at each of ~40 levels, until the OS stops the path."""
+    ``extensions``; the other (non-hidden) files are counted by extension into ``skipped``.
+    Symlinked folders are followed, each real folder once (under the first path that reaches it, in
+    sorted order): a link back to an ancestor (``d/up -> ..``) would otherwise list every file below
+    it again at each of ~40 levels, until the OS stops the path."""
     if _is_table(directory):
         raise SourceError(f"{directory}: is a token table (maskloom's output), not raw input")
     out = []
@@ -125,11 +132,11 @@ def _walk(directory: str, extensions: Sequence[str], skipped: dict[str, int]) ->
             if _has_ext(f, extensions):
                 out.append(os.path.join(root, f))
             else:
-                skipped[_ext_name(f)] = skipped.get(_ext_name(f), 0) + 1
+                skipped[_ext_name(f)] += 1
     return out
 
 
-def _expand(path: str, extensions: Sequence[str], as_one_source: bool, skipped: dict[str, int]) -> list[str]:
+def _expand(path: str, extensions: Sequence[str], as_one_source: bool, skipped: Counter[str]) -> list[str]:
     """One user-given path or glob -> source paths (a walked folder's other files counted into ``skipped``)."""
     takes_dirs = as_one_source or not extensions
     if glob.has_magic(path):
@@ -233,7 +240,7 @@ def find_inputs(
             )
 
     named: dict[str, str | None] = {}  # absolute source -> label name
-    skipped: dict[str, int] = {}
+    skipped: Counter[str] = Counter()
     for p in paths:
         if manifest:
             entries = _read_manifest(p)
@@ -249,13 +256,12 @@ def find_inputs(
                     )
                 named[src] = lab
             continue
-        here: dict[str, int] = {}
+        here: Counter[str] = Counter()
         found = _expand(p, extensions, as_one_source, here)
         if not found:
             other = f"; it holds {skipped_text(here)}" if here else ""
             raise SourceError(f"{p}: no input files with extension {', '.join(extensions)}{other}")
-        for e, c in here.items():
-            skipped[e] = skipped.get(e, 0) + c
+        skipped += here
         for src in found:
             named[os.path.abspath(src)] = None
 
@@ -285,4 +291,4 @@ def find_inputs(
     label_names = _sort_names(names) if names else None
     index = {n: i for i, n in enumerate(label_names or ())}
     inputs = tuple(Input(s, None if named[s] is None else index[named[s]]) for s in sorted(named))
-    return InputSet(inputs=inputs, label_names=label_names, skipped=skipped)
+    return InputSet(inputs=inputs, label_names=label_names, skipped=dict(skipped))
