@@ -231,16 +231,16 @@ def _image_cases(tmp_path) -> list[tuple[str, str, str]]:
     Image.open(png).save(jpg, quality=90)
     (tmp_path / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + GARBAGE)
     (tmp_path / "garbage.jpg").write_bytes(GARBAGE)
-    gif = tmp_path / "anim.png"  # a GIF named .png: a format read() refuses
-    Image.open(png).save(gif, format="GIF")
-    (tmp_path / "pic.gif").write_bytes(open(gif, "rb").read())
+    pcx = tmp_path / "pic.png"  # a PCX named .png: a format read() refuses
+    Image.open(png).save(pcx, format="PCX")
+    (tmp_path / "pic.pcx").write_bytes(open(pcx, "rb").read())
     return [
         ("truncated png", _truncate(str(png)), "corrupt"),
         ("truncated jpeg", _truncate(str(jpg)), "corrupt"),
         ("corrupt png", str(tmp_path / "garbage.png"), "corrupt"),
         ("corrupt jpeg", str(tmp_path / "garbage.jpg"), "corrupt"),
-        ("gif named .png", str(gif), "unsupported"),
-        ("unsupported extension", str(tmp_path / "pic.gif"), "unsupported"),
+        ("pcx named .png", str(pcx), "unsupported"),
+        ("unsupported extension", str(tmp_path / "pic.pcx"), "unsupported"),
     ]
 
 

@@ -59,7 +59,7 @@ class InputSet:
     skipped: dict[str, int] = field(default_factory=dict)
     """Files passed over while walking the given folders because their extension is not one of the
     tokenizer's: count per lower-case extension (``"(none)"`` for a name without one), so that a
-    command can say what it left out (a folder of ``.gif`` among ``.jpg``, ``.flac`` for a ``.wav``
+    command can say what it left out (a folder of ``.heic`` among ``.jpg``, ``.flac`` for a ``.wav``
     tokenizer). Hidden files, token tables and inputs given by glob or manifest are not counted."""
 
     def __len__(self) -> int:
@@ -101,7 +101,7 @@ def skipped_text(skipped: dict[str, int]) -> str:
 
 
 def skipped_note(skipped: dict[str, int], where: str, extensions: Sequence[str]) -> str:
-    """``"skipped 1 file (.gif 1) in WHERE: not .jpg/.png"``: what a command tells its user."""
+    """``"skipped 1 file (.heic 1) in WHERE: not .jpg/.png"``: what a command tells its user."""
     return f"skipped {skipped_text(skipped)} in {where}: not {'/'.join(extensions)}"
 
 

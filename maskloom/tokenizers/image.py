@@ -8,7 +8,9 @@ as raw ``uint8``; normalisation (e.g. MAE's per-patch norm-pix target) belongs t
 Pipeline:
 
 ``read(path)``
-    Decode JPEG / PNG / WebP / BMP / TIFF with Pillow into RGB ``uint8`` of shape (H, W, 3).
+    Decode JPEG / PNG / WebP / BMP / TIFF / GIF / AVIF / Netpbm (PBM, PGM, PPM) with Pillow into
+    RGB ``uint8`` of shape (H, W, 3) (GIF, AVIF and Netpbm since 2026-12-04: a folder walk left
+    them out before).
     EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo stands upright.
     A JPEG whose shorter side is at least 4 x ``image_size`` is decoded at a DCT scale that keeps
     it at least 2 x ``image_size`` (``ImageConfig.jpeg_draft``, on by default: a 12-megapixel photo
@@ -65,8 +67,9 @@ log = logging.getLogger(__name__)
 INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 """Names accepted for the resize filter (Pillow's ``Image.Resampling`` members, lower case)."""
 
-PIL_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF")
-"""Pillow format names ``read`` accepts (MPO is the multi-picture JPEG many cameras write)."""
+PIL_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "PPM")
+"""Pillow format names ``read`` accepts (MPO is the multi-picture JPEG many cameras write; Pillow's
+``PPM`` is the Netpbm family: PBM, PGM, PPM)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,7 +317,10 @@ class ImageTokenizer(Tokenizer):
 
     Config: ClassVar[type] = ImageConfig
     version: ClassVar[str] = "2"  # 2: only the crop is resampled (smoothing filters: values +-1)
-    extensions: ClassVar[tuple[str, ...]] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+    extensions: ClassVar[tuple[str, ...]] = (
+        ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif",
+        ".ppm", ".pgm", ".pbm", ".pnm",
+    )  # fmt: skip
 
     def spec(self) -> TableSpec:
         p = self.config.patch_size

@@ -313,11 +313,48 @@ def test_bad_inputs(tmp_path):
     assert _kind(tmp_path, "empty.jpg", b"") == "empty"
     assert _kind(tmp_path, "garbage.png", bytes(range(256)) * 3) == "corrupt"
     assert _kind(tmp_path, "notes.txt", b"hello") == "unsupported"
-    # a GIF with an image extension: decodable, but not a format this tokenizer reads
-    Image.new("RGB", (4, 4)).save(tmp_path / "g.gif")
-    assert _kind(tmp_path, "gif.png", (tmp_path / "g.gif").read_bytes()) == "unsupported"
+    # a PCX with an image extension: decodable, but not a format this tokenizer reads
+    Image.new("RGB", (4, 4)).save(tmp_path / "g.pcx")
+    assert _kind(tmp_path, "pcx.png", (tmp_path / "g.pcx").read_bytes()) == "unsupported"
     (tmp_path / "dir.png").mkdir()
     assert _kind(tmp_path, "dir.png", None) == "unsupported"
+
+
+def test_gif_avif_netpbm_and_jfif_are_read(tmp_path):
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    first, second = Image.fromarray(a), Image.fromarray(255 - a)
+    first.save(tmp_path / "anim.gif", save_all=True, append_images=[second], duration=100, loop=0)
+    with Image.open(tmp_path / "anim.gif") as im:
+        assert im.n_frames == 2
+        want = np.array(im.convert("RGB"))  # frame 0 as quantised to GIF's 256-colour palette
+    tok = _tok()
+    np.testing.assert_array_equal(tok.read(str(tmp_path / "anim.gif")), want)  # the first frame only
+    # a palette GIF with a transparent index: composited on white
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    p.putpixel((1, 2), 1)
+    p.save(tmp_path / "t.gif", transparency=0)
+    t = tok.read(str(tmp_path / "t.gif"))
+    assert t[2, 1].tolist() == [200, 100, 50] and (t.sum(axis=2) == 765).sum() == 15
+    Image.fromarray(a).save(tmp_path / "c.ppm")
+    np.testing.assert_array_equal(tok.read(str(tmp_path / "c.ppm")), a)  # lossless
+    Image.fromarray(a[..., 0]).save(tmp_path / "g.pgm")
+    np.testing.assert_array_equal(tok.read(str(tmp_path / "g.pgm")), np.repeat(a[..., :1], 3, axis=2))
+    Image.fromarray(np.full((3, 5), 65535, np.uint16)).save(tmp_path / "w16.pgm")  # 16-bit PGM: scaled
+    assert (tok.read(str(tmp_path / "w16.pgm")) == 255).all()
+    Image.fromarray(a[..., 0] > 127).save(tmp_path / "b.pbm")
+    np.testing.assert_array_equal(
+        tok.read(str(tmp_path / "b.pbm"))[..., 0], np.where(a[..., 0] > 127, 255, 0)
+    )
+    y, x = np.mgrid[0:40, 0:48]
+    smooth = np.stack([y * 6, x * 5, (x + y) * 2], axis=2).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "j.jfif", format="JPEG", quality=95)
+    Image.fromarray(smooth).save(tmp_path / "x.avif", quality=95)
+    for name in ("j.jfif", "x.avif"):  # lossy: near the pixels
+        got = tok.read(str(tmp_path / name))
+        assert got.shape == a.shape and np.abs(got.astype(int) - smooth).mean() < 3
+    assert {".gif", ".avif", ".jfif", ".jpe", ".pgm", ".ppm", ".pbm", ".pnm"} <= set(tok.extensions)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
