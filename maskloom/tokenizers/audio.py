@@ -10,8 +10,9 @@ dataset statistics (AudioSet: -4.2677393, 4.5689974), and cut into 16x16 patches
 
 Decisions (documented here once):
 
-* Decoding uses ``soundfile`` (libsndfile: WAV, FLAC, OGG/Vorbis, MP3 with libsndfile >= 1.1,
-  AIFF); multi-channel audio is mixed down to mono by averaging channels; the waveform is resampled
+* Decoding uses ``soundfile`` (libsndfile: WAV, FLAC, Ogg Vorbis and Opus, MP3 with libsndfile >=
+  1.1, AIFF), and FFmpeg through PyAV for what libsndfile lacks (``.m4a``/``.aac``: AAC, ``.wma``,
+  ``.mka``; :func:`decode_with_pyav`); multi-channel audio is mixed down to mono by averaging channels; the waveform is resampled
   to ``Config.sample_rate`` with torchaudio's resampling algorithm (``functional.resample``: the
   same values within float32 rounding), ported to numpy (:class:`SincResampler`).
 * The CPU path does not import torch (``import torch`` is ~1 s of CPU in every preprocessing worker):
@@ -506,6 +507,58 @@ class Audio:
         return n / self.sample_rate
 
 
+FFMPEG_EXTENSIONS: tuple[str, ...] = (".m4a", ".aac", ".wma", ".mka")
+"""Audio formats libsndfile does not read (AAC in MP4 or ADTS, Windows Media, Matroska audio),
+decoded with FFmpeg through PyAV (:func:`decode_with_pyav`)."""
+
+
+def decode_with_pyav(path: str, samples_at: Any) -> tuple[np.ndarray, int, int]:
+    """The first audio stream of the file at ``path``: (data (N, C) float32, sample rate, frames of
+    the whole stream). ``samples_at(rate)`` says how many frames are wanted from the start (-1: all);
+    decoding stops once they are there, and the whole stream's length is then the container's
+    duration (the decoded count when that is unknown or shorter). Samples are as the decoder gives
+    them (an edit list's encoder delay is dropped by FFmpeg; a file without one keeps AAC's ~1024
+    priming samples). Raises ``av.FFmpegError`` for undecodable data and ``LookupError`` for a file
+    without an audio stream."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise LookupError("no audio stream (video or data only)")
+        stream = container.streams.audio[0]
+        stream.thread_count = 1
+        rate = stream.codec_context.sample_rate or stream.sample_rate
+        if not rate:
+            raise ValueError("the audio stream has no sample rate")
+        want = samples_at(rate)
+        estimate = 0
+        if stream.duration is not None and stream.time_base is not None:
+            estimate = round(stream.duration * stream.time_base * rate)
+        elif container.duration is not None:
+            estimate = round(container.duration * rate / av.time_base)
+        # one sample format and rate for every frame (planar float32: (C, n) per frame)
+        resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
+        chunks: list[np.ndarray] = []
+        have, stopped = 0, False
+        for frame in container.decode(stream):
+            for out in resampler.resample(frame):
+                chunks.append(out.to_ndarray())
+                have += chunks[-1].shape[1]
+            if 0 <= want <= have:
+                stopped = True
+                break
+        if not stopped:
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+                have += chunks[-1].shape[1]
+    if not chunks:
+        return np.zeros((0, 1), np.float32), rate, 0
+    data = np.concatenate(chunks, axis=1).T  # (N, C)
+    if stopped:
+        return np.ascontiguousarray(data[:want]), rate, max(estimate, have)
+    return np.ascontiguousarray(data), rate, have
+
+
 def riff_truncation(path: str) -> str | None:
     """For a RIFF/WAVE file: a message when its ``data`` chunk declares more bytes than the file holds
     (a file cut short while copying), else None. libsndfile silently returns the shorter clip."""
@@ -537,7 +590,7 @@ class AudioTokenizer(Tokenizer):
 
     Config = AudioConfig
     version = "1"
-    extensions = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+    extensions = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif") + FFMPEG_EXTENSIONS
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -571,18 +624,21 @@ class AudioTokenizer(Tokenizer):
         3.4 GB of memory to decode whole, for the 10 s that are tokenized; now 16 ms, the same tokens."""
         self.check_file(source)
         ext = os.path.splitext(source)[1].lower()
-        try:
-            with utf8_path(source) as path, sf.SoundFile(path) as f:  # libsndfile takes UTF-8 paths
-                sr, length = f.samplerate, f.frames
-                frames = self._input_samples(sr)
-                frames = frames if 0 <= frames < length else -1  # -1: all
-                data = f.read(frames=frames, dtype="float32", always_2d=True)  # (N, C)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
-            if ext in self.extensions:
-                raise TokenizeError(source, "corrupt", f"cannot decode audio: {e}") from None
-            raise TokenizeError(
-                source, "unsupported", f"not an audio format libsndfile reads ({e})"
-            ) from None
+        if ext in FFMPEG_EXTENSIONS:
+            data, sr, length = self._read_with_pyav(source)
+        else:
+            try:
+                with utf8_path(source) as path, sf.SoundFile(path) as f:  # libsndfile takes UTF-8 paths
+                    sr, length = f.samplerate, f.frames
+                    frames = self._input_samples(sr)
+                    frames = frames if 0 <= frames < length else -1  # -1: all
+                    data = f.read(frames=frames, dtype="float32", always_2d=True)  # (N, C)
+            except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+                if ext in self.extensions:
+                    raise TokenizeError(source, "corrupt", f"cannot decode audio: {e}") from None
+                raise TokenizeError(
+                    source, "unsupported", f"not an audio format libsndfile reads ({e})"
+                ) from None
         if data.shape[0] == 0 or data.shape[1] == 0:
             raise TokenizeError(source, "empty", "audio has no samples")
         short = riff_truncation(source)
@@ -599,6 +655,20 @@ class AudioTokenizer(Tokenizer):
             total = length if sr == target else -(-length * target // sr)
         wav = np.ascontiguousarray(wav, dtype=np.float32)
         return Audio(waveform=wav, sample_rate=target, total_samples=total)
+
+    def _read_with_pyav(self, source: str) -> tuple[np.ndarray, int, int]:
+        """:func:`decode_with_pyav` of ``source`` (the formats libsndfile lacks), its errors as
+        TokenizeErrors naming the file."""
+        import av
+
+        try:
+            with utf8_path(source) as path:  # FFmpeg takes UTF-8 paths
+                return decode_with_pyav(path, self._input_samples)
+        except LookupError as e:
+            raise TokenizeError(source, "empty", str(e)) from None
+        except (av.FFmpegError, OSError, ValueError) as e:
+            why = getattr(e, "strerror", None) or str(e)  # without FFmpeg's copy of the (linked) path
+            raise TokenizeError(source, "corrupt", f"cannot decode audio (FFmpeg): {why}") from None
 
     def _window_samples(self, windows: int) -> int:
         """Samples at the target rate of ``windows`` consecutive windows of ``target_frames`` frames."""

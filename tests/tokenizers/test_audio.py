@@ -253,6 +253,82 @@ def test_flac_and_pcm16_read(tmp_path):
     np.testing.assert_allclose(raw.waveform, wav, atol=1 / 32768)
 
 
+def _encode(path, codec: str, data: np.ndarray, sr: int, fmt: str | None = None) -> str:
+    """``data`` (N,) or (N, C) float32 encoded with FFmpeg (PyAV) into the file at ``path``."""
+    import av
+
+    planar = np.ascontiguousarray(data.reshape(len(data), -1).T)  # (C, N)
+    layout = "mono" if planar.shape[0] == 1 else "stereo"
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=sr)
+        stream.layout = layout
+        for i in range(0, planar.shape[1], 4096):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, i : i + 4096]), "fltp", layout)
+            frame.sample_rate, frame.pts = sr, i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return str(path)
+
+
+def test_formats_libsndfile_lacks_are_decoded_with_ffmpeg(tmp_path):
+    x = _sine(3.0, sr=44100, amp=0.3)
+    stereo = np.stack([x, x], axis=1)
+    # FLAC in Matroska is lossless: the same waveform as the FLAC file libsndfile reads
+    mka = _encode(tmp_path / "a.mka", "flac", stereo, 44100)
+    sf.write(str(tmp_path / "a.flac"), stereo, 44100, subtype="PCM_16")
+    whole = _tok(max_windows=0)
+    ref = whole.read(str(tmp_path / "a.flac"))
+    got = whole.read(mka)
+    assert got.total_samples is None and got.waveform.shape == ref.waveform.shape == (48000,)
+    np.testing.assert_array_equal(got.waveform, ref.waveform)
+    # only the beginning is decoded for the first window; the length is the container's
+    first = _tok().read(mka)
+    assert first.waveform.shape[0] < 48000 and first.total_samples == 48000
+    (a,), (b,) = _tok().tokenize(first), _tok().tokenize(Audio(ref.waveform, 16000))
+    np.testing.assert_array_equal(a.tokens, b.tokens)  # the same tokens as the whole waveform's
+    # AAC (lossy) in MP4 (.m4a) and ADTS (.aac); mono at 22.05 kHz
+    for name, fmt, data, sr in [("s.m4a", None, stereo, 44100), ("s.aac", "adts", x, 44100),
+                                ("m.m4a", None, x[::2].copy(), 22050)]:  # fmt: skip
+        raw = whole.read(_encode(tmp_path / name, "aac", data, sr, fmt))
+        n = raw.waveform.shape[0]
+        assert raw.sample_rate == 16000 and 48000 <= n <= 48000 + 2 * 2048 * 16000 // sr, (name, n)
+        rms = float(np.sqrt(np.mean(raw.waveform[2000:46000] ** 2)))
+        assert abs(rms - 0.3 / np.sqrt(2)) < 0.01, (name, rms)
+        assert int(np.abs(np.fft.rfft(raw.waveform[:16000])).argmax()) in (439, 440, 441)  # still 440 Hz
+        (rec,) = _tok().tokenize(_tok().read(str(tmp_path / name)), source=name)
+        assert rec.tokens.shape == (64, 256) and np.isfinite(rec.tokens.astype(np.float32)).all()
+    assert {".m4a", ".aac", ".wma", ".mka", ".opus"} <= set(AudioTokenizer.extensions)
+
+
+def test_ffmpeg_formats_bad_inputs(tmp_path):
+    import av
+
+    tok = _tok()
+    good = open(_encode(tmp_path / "s.m4a", "aac", _sine(1.0, sr=44100), 44100), "rb").read()
+    (tmp_path / "half.m4a").write_bytes(good[: len(good) // 2])  # MP4's index (moov) is at the end
+    (tmp_path / "junk.aac").write_bytes(bytes(range(256)) * 8)
+    with av.open(str(tmp_path / "video.m4a"), "w", format="mp4") as out:  # video only
+        s = out.add_stream("mpeg4", rate=10)
+        s.width = s.height = 16
+        s.pix_fmt = "yuv420p"
+        out.mux(s.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+        out.mux(s.encode(None))
+    for name, kind, text in [("half.m4a", "corrupt", "cannot decode audio (FFmpeg): Invalid data"),
+                             ("junk.aac", "corrupt", "cannot decode audio (FFmpeg)"),
+                             ("video.m4a", "empty", "no audio stream")]:  # fmt: skip
+        with pytest.raises(TokenizeError) as e:
+            tok.read(str(tmp_path / name))
+        assert (e.value.kind, e.value.source) == (kind, str(tmp_path / name)) and text in str(e.value)
+        assert str(tmp_path) not in e.value.reason  # FFmpeg's copy of the path is left out
+
+
+@pytest.mark.skipif("OPUS" not in sf.available_subtypes("OGG"), reason="libsndfile without Opus")
+def test_ogg_opus_read(tmp_path):
+    sf.write(str(tmp_path / "a.opus"), _sine(1.0, sr=48000, amp=0.3), 48000, format="OGG", subtype="OPUS")
+    raw = _tok(max_windows=0).read(str(tmp_path / "a.opus"))
+    assert raw.waveform.shape == (16000,) and abs(float(np.sqrt(np.mean(raw.waveform**2))) - 0.212) < 0.01
+
+
 def test_bad_inputs(tmp_path):
     tok = _tok()
     with pytest.raises(TokenizeError) as e:
