@@ -26,7 +26,14 @@ Frame sampling (``sample_indices(n)`` for a video of ``n`` frames, ``T = num_fra
 Pipeline:
 
 ``read(path)``
-    Opens the file with ``decord.VideoReader(path, ctx=cpu(0), num_threads=1)`` (one decoding
+    Looks at the file's header with PyAV (~1 ms): H.264, HEVC, VP8, VP9, MJPEG and FFV1 in MP4,
+    MOV, Matroska, WebM or FLV go to decord; everything else (MPEG-1/2, MPEG-4 Part 2, WMV, AV1,
+    and any codec in AVI or MPEG-TS/PS) is decoded with PyAV, sequentially from the start, the
+    frame count taken from the container or by counting packets: decord 0.6 returns *other*
+    frames than those asked for, silently, for many such files (:func:`_decord_reads_it` lists
+    what was measured), or cannot open them (AV1). Where decord is right both give the same
+    pixels, bit for bit.
+    Otherwise opens the file with ``decord.VideoReader(path, ctx=cpu(0), num_threads=1)`` (one decoding
     thread: the pipelines parallelise over files), decodes **only the sampled frames**
     (``get_batch``), and releases the reader before returning. Returns a :class:`Video`: frames
     (T, H, W, 3) uint8 RGB, fps, the source frame indices, and the video's frame count.
@@ -192,8 +199,15 @@ class VideoTokenizer(Tokenizer):
     """
 
     Config: ClassVar[type] = VideoConfig
-    version: ClassVar[str] = "2"  # 2: only the crop is resampled (smoothing filters: values +-1)
-    extensions: ClassVar[tuple[str, ...]] = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+    version: ClassVar[str] = "3"
+    """2: only the crop is resampled (smoothing filters: values +-1). 3: files decord 0.6 misreads
+    (MPEG-1/2, MPEG-4 Part 2, WMV, AV1; AVI and MPEG-TS/PS containers: :func:`_decord_reads_it`)
+    are decoded with PyAV, so their tables hold the frames asked for (decord's were others for
+    some); other files give the same tokens as in 2."""
+    extensions: ClassVar[tuple[str, ...]] = (
+        ".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
+        ".ogv", ".mts", ".m2ts",
+    )  # fmt: skip
 
     def spec(self) -> TableSpec:
         c = self.config
@@ -228,10 +242,15 @@ class VideoTokenizer(Tokenizer):
             )
         vr = None
         with utf8_path(source) as path:  # decord and PyAV (FFmpeg) take UTF-8 paths
+            if not _decord_reads_it(path):
+                return self._read_with_pyav(path, source)
             try:
                 try:
                     vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
                 except (RuntimeError, decord.DECORDError) as e:
+                    empty = _why_empty(path)
+                    if empty:
+                        raise TokenizeError(source, "empty", empty) from None
                     raise TokenizeError(
                         source, "corrupt", f"decord cannot open the video: {_short(e)}"
                     ) from None
@@ -258,6 +277,59 @@ class VideoTokenizer(Tokenizer):
             frame_indices=idx,
             num_source_frames=int(n),
         )
+
+    def _read_with_pyav(self, path: str, source: str) -> Video:
+        """:meth:`read` for the files decord does not decode reliably (:func:`_decord_reads_it`):
+        the frame count from the container (or by counting packets), then the sampled frames
+        decoded sequentially from the start, so that frame ``k`` is the ``k``-th the decoder
+        shows; clips (``max_clips``) are resized and cropped as they are decoded."""
+        import av
+
+        c = self.config
+        try:
+            with av.open(path) as container:
+                stream = container.streams.best("video")
+                if stream is None:
+                    raise TokenizeError(source, "empty", "no video stream")
+                n = int(stream.frames or 0)
+                if n <= 0:  # Matroska, MPEG-TS and others do not store it: one packet per frame
+                    n = sum(1 for p in container.demux(stream) if p.size)
+                rate = stream.average_rate or stream.guessed_rate
+                fps = float(rate) if rate else None
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise TokenizeError(
+                source, "corrupt", f"cannot open the video (FFmpeg): {_ffmpeg_reason(e)}"
+            ) from None
+        if n < 1:
+            raise TokenizeError(source, "empty", "the video has no frames")
+        if fps is not None and not (np.isfinite(fps) and fps > 0):
+            fps = None
+        for _ in range(2):  # a second pass when the decoder shows fewer frames than the packets
+            starts = clip_slots(n, c.num_frames, c.frame_stride, c.max_clips) if c.max_clips > 1 else []
+            step = c.frame_stride * np.arange(c.num_frames, dtype=np.int64)
+            idx = np.concatenate([s + step for s in starts]) if len(starts) > 1 else self.sample_indices(n)
+            prepare = None
+            if len(starts) > 1:
+
+                def prepare(f: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:  # noqa: E306
+                    return _resize_shorter_center_crop_view(f, c.image_size, c.interpolation)
+
+            got, shown = _pyav_frames(path, idx, source, prepare)
+            if got is not None:
+                break
+            n = shown
+            if n < 1:
+                raise TokenizeError(source, "empty", "the video stream has no frames")
+        else:  # pragma: no cover - the second pass samples from the frames the decoder showed
+            raise TokenizeError(source, "corrupt", "the decoder showed fewer frames on a second pass")
+        if len(starts) > 1:
+            first = got[int(idx[0])]
+            facts = {"original_size": list(first[2]), **first[1]}
+            frames = np.stack([np.ascontiguousarray(got[int(i)][0]) for i in idx])
+            return Video(frames=frames, fps=fps, frame_indices=idx, num_source_frames=int(n),
+                         extra={"clips": len(starts), "prepared": facts})  # fmt: skip
+        frames = np.stack([got[int(i)] for i in idx])
+        return Video(frames=frames, fps=fps, frame_indices=idx, num_source_frames=int(n))
 
     def _read_clips(
         self, vr: Any, path: str, source: str, n: int, fps: float | None, starts: list[int]
@@ -416,35 +488,116 @@ def _decode_frames(vr: Any, path: str, idx: np.ndarray, source: str) -> np.ndarr
 
 def _decode_with_pyav(path: str, indices: np.ndarray, *, error: str, source: str | None = None) -> np.ndarray:
     """Frames ``indices`` (T,) of the file at ``path`` (``source``, named in errors: the input it is
-    a link to, by default ``path``) decoded in presentation order with PyAV: (T, H, W, 3) uint8.
+    a link to, by default ``path``) decoded in presentation order with PyAV: (T, H, W, 3) uint8,
+    where decord (whose ``error`` the message carries) could not copy them out.
 
-    Decodes sequentially up to the last wanted frame (the fallback path; decord seeks instead).
+    Decodes sequentially up to the last wanted frame (:func:`_pyav_frames`; decord seeks instead).
     """
+    source = path if source is None else source
+    try:
+        got, shown = _pyav_frames(path, indices, source)
+    except TokenizeError as e:
+        raise TokenizeError(source, "corrupt", f"cannot decode frames: {error}; PyAV: {e.reason}") from None
+    if got is None:
+        missing = sorted({int(i) for i in indices if i >= shown})
+        raise TokenizeError(source, "corrupt", f"frames {missing[:5]} could not be decoded ({error})")
+    return np.stack([got[int(i)] for i in indices])
+
+
+DECORD_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "ffv1"})
+"""Codecs whose frames decord 0.6 returns at the right indices in :data:`DECORD_CONTAINERS`."""
+DECORD_CONTAINERS = frozenset({"mp4", "mov", "matroska", "webm", "flv"})
+"""Container formats (FFmpeg's names) where decord 0.6 finds frames by index reliably."""
+
+
+def _decord_reads_it(path: str) -> bool:
+    """Whether decord decodes this file's frames reliably (its video codec in
+    :data:`DECORD_CODECS` and container in :data:`DECORD_CONTAINERS`), by a look at the header
+    with PyAV (~1 ms). decord 0.6 seeks by timestamps it gets wrong for B-frames without
+    presentation times and for several codecs, and then returns *other* frames without an error:
+    MPEG-1/2 in every container tried (frame 0 for frames 4, 8 and 12), MPEG-4 Part 2 with
+    B-frames in AVI and MP4 (frames 0-2 or 6-13 for 4-12), H.264 in AVI (frame 3 for frame 750),
+    WMV (frame 0 for frame 4 of 300), and in MPEG-TS it fails or never returns. Those files are
+    decoded sequentially with PyAV instead (:meth:`VideoTokenizer._read_with_pyav`); where decord
+    is right, both give the same pixels (the real ``test.avi``, MPEG-4 with B-frames in AVI: equal
+    bit for bit). A file PyAV cannot open goes to decord, whose error the row then carries."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams.best("video")
+            if stream is None:
+                return True  # no video: decord's error, then _why_empty, name it
+            formats = set(container.format.name.split(","))
+            return stream.codec_context.name in DECORD_CODECS and bool(formats & DECORD_CONTAINERS)
+    except Exception:  # noqa: BLE001 - FFmpeg cannot read the header: decord reports the file
+        return True
+
+
+def _pyav_frames(
+    path: str, indices: np.ndarray, source: str, prepare: Any = None
+) -> tuple[dict[int, Any] | None, int]:
+    """Frames ``indices`` of the file at ``path``, decoded sequentially with PyAV up to the last one
+    (each passed through ``prepare`` when given, as it is decoded): ({index: frame}, frames shown),
+    or (None, frames shown) when the stream ends before the last index. Frames are upright (the
+    container's display rotation) and at the first decoded frame's size."""
     import av
 
     wanted = {int(i) for i in indices}
     last = max(wanted)
-    got: dict[int, np.ndarray] = {}
-    source = path if source is None else source
+    got: dict[int, Any] = {}
+    size: dict[str, int] = {}
+    k = -1
     try:
         with av.open(path) as container:
-            stream = container.streams.video[0]
+            stream = container.streams.best("video") or container.streams.video[0]
             stream.thread_count = 1
             for k, frame in enumerate(container.decode(stream)):
                 if k in wanted:
-                    rgb = frame.to_ndarray(format="rgb24")
-                    # the container's display rotation (phones record portrait video as landscape
-                    # frames plus a matrix), applied as decord applies it; degrees counterclockwise
+                    size = size or {"width": frame.width, "height": frame.height}
+                    rgb = frame.to_ndarray(format="rgb24", **size)
                     turns = round(getattr(frame, "rotation", 0) / 90) % 4
-                    got[k] = np.rot90(rgb, turns) if turns else rgb
+                    rgb = np.rot90(rgb, turns) if turns else rgb
+                    if prepare is None:
+                        got[k] = rgb
+                    else:
+                        crop, facts = prepare(rgb)
+                        got[k] = (np.array(crop), facts, (int(rgb.shape[0]), int(rgb.shape[1])))
                 if k >= last:
                     break
     except (av.FFmpegError, OSError, IndexError, ValueError) as e:
-        raise TokenizeError(source, "corrupt", f"cannot decode frames: {error}; PyAV: {e}") from None
-    missing = sorted(wanted - set(got))
-    if missing:
-        raise TokenizeError(source, "corrupt", f"frames {missing[:5]} could not be decoded ({error})")
-    return np.stack([got[int(i)] for i in indices])
+        raise TokenizeError(
+            source, "corrupt", f"cannot decode frames (FFmpeg): {_ffmpeg_reason(e)}"
+        ) from None
+    if len(got) < len(wanted):
+        return None, k + 1
+    return got, k + 1
+
+
+def _ffmpeg_reason(e: BaseException) -> str:
+    """A PyAV error without FFmpeg's copy of the (possibly linked) path."""
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _why_empty(path: str) -> str | None:
+    """For a file decord cannot open: why it holds no video, when FFmpeg (PyAV) can open it and
+    finds no video stream or a video stream without frames; None otherwise (the file is corrupt)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                # audio or subtitles only: a real file without video; nothing but data streams is
+                # what FFmpeg makes of an MP4 cut before its index (corrupt)
+                kinds = sorted({s.type for s in container.streams if s.type in ("audio", "subtitle")})
+                return f"no video stream ({' and '.join(kinds)} only)" if kinds else None
+            stream = container.streams.best("video") or container.streams.video[0]
+            stream.thread_count = 1
+            for _ in container.decode(stream):
+                return None  # it has frames: decord failed for another reason
+            return "the video stream has no frames"
+    except Exception:  # noqa: BLE001 - FFmpeg cannot read it either: corrupt, as decord said
+        return None
 
 
 def _short(e: BaseException) -> str:
@@ -453,4 +606,4 @@ def _short(e: BaseException) -> str:
     if not lines:
         return type(e).__name__
     # drop decord's "[hh:mm:ss] /path/file.cc:123: " prefix
-    return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", lines[0])[:300]
+    return re.sub(r"\[[\d:]+\]\s+\S+:\d+:\s*", "", lines[0])[:300]

@@ -16,7 +16,15 @@ from PIL import Image
 
 from maskloom import tables
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
-from maskloom.tokenizers.video import Video, VideoConfig, VideoTokenizer, _decode_with_pyav, sample_indices
+from maskloom.tokenizers.video import (
+    Video,
+    VideoConfig,
+    VideoTokenizer,
+    _decode_with_pyav,
+    _decord_reads_it,
+    _short,
+    sample_indices,
+)
 
 
 def _frames(n: int, h: int = 32, w: int = 32) -> np.ndarray:
@@ -349,6 +357,122 @@ def test_bad_inputs(tmp_path):
     assert _kind(tmp_path / "clip.gif") == "unsupported"
     (tmp_path / "dir.mp4").mkdir()
     assert _kind(tmp_path / "dir.mp4") == "unsupported"
+
+
+def test_a_file_without_video_is_empty(tmp_path):
+    with av.open(str(tmp_path / "speech.mp4"), "w") as out:  # audio only
+        s = out.add_stream("aac", rate=16000)
+        s.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        out.mux(s.encode(frame))
+        out.mux(s.encode(None))
+    with pytest.raises(TokenizeError) as e:
+        _tok(num_frames=2)(str(tmp_path / "speech.mp4"))
+    assert (e.value.kind, e.value.reason) == ("empty", "no video stream (audio only)")
+
+
+def test_pyav_fallback_reads_the_main_stream_not_a_cover_picture(tmp_path):
+    frames = _frames(8, 40, 16)  # 16 px wide: decord cannot copy these frames, PyAV decodes them
+    with av.open(str(tmp_path / "c.mkv"), "w") as out:
+        cover = out.add_stream("ffv1", rate=1)  # stream 0: one grey 32 x 32 picture
+        cover.width = cover.height = 32
+        cover.pix_fmt = "bgr0"
+        main = out.add_stream("ffv1", rate=10)
+        main.height, main.width, main.pix_fmt = 40, 16, "bgr0"
+        out.mux(cover.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")))
+        out.mux(cover.encode())
+        for f in frames:
+            out.mux(main.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(main.encode())
+    video = _tok(num_frames=2, frame_stride=2).read(str(tmp_path / "c.mkv"))
+    assert video.num_source_frames == 8 and video.frame_indices.tolist() == [2, 4]
+    np.testing.assert_array_equal(video.frames, frames[[2, 4]])
+
+
+def test_pyav_fallback_scales_frames_to_the_first_ones_size(tmp_path):
+    parts = []
+    for h, w in ((40, 16), (64, 64)):  # a stream whose resolution changes (MPEG-TS pieces joined)
+        with av.open(str(tmp_path / "p.ts"), "w", format="mpegts") as out:
+            s = out.add_stream("mpeg2video", rate=10)
+            s.height, s.width, s.pix_fmt = h, w, "yuv420p"
+            for f in _frames(6, h, w):
+                out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            out.mux(s.encode())
+        parts.append((tmp_path / "p.ts").read_bytes())
+    (tmp_path / "r.mkv").write_bytes(b"".join(parts))
+    got = _decode_with_pyav(str(tmp_path / "r.mkv"), np.array([1, 4, 7, 10]), error="decord's")
+    assert got.shape == (4, 40, 16, 3)
+    video = _tok(num_frames=4, frame_stride=3).read(str(tmp_path / "r.mkv"))  # decord's copy fails at 16 px
+    assert video.frames.shape == (4, 40, 16, 3)
+
+
+def _write_with(path, frames: np.ndarray, codec: str, fmt: str | None = None, **options) -> str:
+    with av.open(str(path), "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {k: str(v) for k, v in options.items()}
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    return str(path)
+
+
+def _all_frames(path: str) -> np.ndarray:
+    with av.open(path) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+# decord 0.6 returned other frames than asked for, without an error, for each of these
+# (e.g. frame 0 for frames 12-24 of the MPEG-2 .mpg, frames 14-26 for 12-24 of the MPEG-4 .mp4)
+MISREAD = [
+    ("mpeg2video", ".mpg", None, {}),
+    ("mpeg2video", ".mp4", None, {"bf": 2}),
+    ("mpeg2video", ".mkv", None, {"bf": 2}),
+    ("mpeg2video", ".m2ts", "mpegts", {}),
+    ("mpeg4", ".avi", None, {"bf": 2}),
+    ("mpeg4", ".mp4", None, {"bf": 2}),
+    ("libx264", ".avi", None, {}),
+]
+
+
+@pytest.mark.parametrize(("codec", "ext", "fmt", "options"), MISREAD)
+def test_files_decord_misreads_are_decoded_in_order_with_pyav(tmp_path, codec, ext, fmt, options):
+    path = _write_with(tmp_path / f"v{ext}", _frames(40), codec, fmt, **options)
+    assert not _decord_reads_it(path)
+    video = _tok(num_frames=4, frame_stride=4).read(path)
+    assert video.num_source_frames == 40 and video.frame_indices.tolist() == [12, 16, 20, 24]
+    np.testing.assert_array_equal(video.frames, _all_frames(path)[[12, 16, 20, 24]])
+    assert np.abs(np.array(_levels(video.frames)) - [12, 16, 20, 24]).max() <= 1  # lossy levels
+
+
+def test_decord_keeps_the_files_it_reads_right(tmp_path):
+    frames = _frames(40)
+    assert _decord_reads_it(_write_with(tmp_path / "a.mp4", frames, "libx264"))
+    assert _decord_reads_it(_write_with(tmp_path / "a.webm", frames, "libvpx-vp9"))
+    assert _decord_reads_it(_write(tmp_path / "a.mkv", frames))  # ffv1
+    assert not _decord_reads_it(_write(tmp_path / "b.avi", frames, "mpeg4", "yuv420p"))
+    (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 50)
+    assert _decord_reads_it(str(tmp_path / "junk.mp4"))  # FFmpeg cannot read it: decord's error names it
+
+
+def test_clips_of_a_pyav_read_video_are_cut_as_decoded(tmp_path):
+    frames = _frames(100, 40, 48)
+    path = _write_with(tmp_path / "c.mpg", frames, "mpeg2video")
+    video = _tok(num_frames=4, frame_stride=4, max_clips=3).read(path)  # 6 slots of 16 frames: 0, 2, 4
+    assert video.extra["clips"] == 3 and video.num_source_frames == 100
+    assert video.frame_indices.tolist() == [s + 4 * i for s in (0, 32, 64) for i in range(4)]
+    assert video.frames.shape == (12, 32, 32, 3)  # resized (shorter side 32) and centre-cropped
+    assert video.extra["prepared"]["original_size"] == [40, 48]
+    levels = np.array(_levels(video.frames))  # frame k's level is 5 k modulo 256
+    assert np.abs(levels - (5 * video.frame_indices % 256) // 5).max() <= 1
+
+
+def test_decord_messages_lose_their_source_prefixes():
+    e = RuntimeError("[14:25:37] /github/workspace/src/a.cc:218: [14:25:37] /github/workspace/src/b.cc:9: "
+                     "Check failed: x >= 0 (-1 vs. 0) Error sending packet.\nStack trace:\n  [bt] (0) lib.so")  # fmt: skip
+    assert _short(e) == "Check failed: x >= 0 (-1 vs. 0) Error sending packet."
 
 
 def test_truncated_mp4_is_corrupt(tmp_path):
