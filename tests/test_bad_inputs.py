@@ -186,10 +186,12 @@ def test_point_cloud_with_fewer_points_than_a_group_is_too_small(tmp_path):
     bad[::4, 1] = np.nan
     np.save(tmp_path / "nan.npy", bad)
     assert _error(tok, tmp_path / "nan.npy").kind == "too_small"
-    # exactly one group's worth is enough: padded by repetition to num_points
+    # exactly one group's worth is enough, not padded: every group is the whole cloud, each point once
     np.save(tmp_path / "sixteen.npy", pts[:16])
     (rec,) = tok(str(tmp_path / "sixteen.npy"))
     assert rec.tokens.shape == (8, 16 * 3) and rec.meta["num_valid_points"] == 16
+    for group in tok.detokenize(rec).reshape(8, 16, 3):
+        np.testing.assert_allclose(group[np.lexsort(group.T)], pts[:16][np.lexsort(pts[:16].T)], atol=1e-5)
 
 
 def test_all_nan_series_is_invalid(tmp_path):
@@ -272,7 +274,8 @@ def _audio_cases(tmp_path) -> list[tuple[str, str, str]]:
 
 def _point_cloud_cases(tmp_path) -> list[tuple[str, str, str]]:
     ply = _write_ply(tmp_path / "ok.ply")
-    np.save(tmp_path / "ok.npy", np.zeros((64, 3), np.float32))
+    # a real cloud: identical points (zero extent) are invalid
+    np.save(tmp_path / "ok.npy", np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32))
     (tmp_path / "garbage.ply").write_bytes(GARBAGE)
     (tmp_path / "mixed.xyz").write_text("0 0 0\n1 1\n")
     (tmp_path / "scan.las").write_bytes(b"LASF" + GARBAGE)

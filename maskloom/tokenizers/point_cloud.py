@@ -27,18 +27,35 @@ group sorted nearest first (the centre itself first, at offset 0). Positions: th
 normalised frame. ``meta`` keeps centroid and scale, so ``detokenize`` returns points in the
 original coordinates.
 
-Decisions: rows with a non-finite value in a kept channel are dropped (counted in meta); clouds
-with more than ``num_points`` points are reduced by FPS (or a seeded random subset); clouds with
-fewer are padded by repeating points in order (index ``i % N``); clouds with fewer than
-``group_size`` valid points are rejected (``too_small``) rather than padded, since a group would
-then be mostly copies.
+Decisions:
+
+* Rows with a non-finite value in a kept channel are dropped (counted in meta). So are rows with a
+  value beyond float32's range (possible in float64 ``.npy``/``.npz`` files and text): the raw form
+  is float32, where such a value is infinite. A cloud left with no point is ``invalid`` (its reason
+  says which of the two it was).
+* Clouds with more than ``num_points`` points are reduced by FPS (or a seeded random subset).
+* Clouds with fewer are used as they are, not padded: FPS and kNN run on their own points, so each
+  group holds ``group_size`` distinct points. (Version 1 padded them to ``num_points`` by
+  repeating points, which made every group of a 32-point cloud 32 copies of its centre.)
+* Clouds with fewer than ``group_size`` valid points are rejected (``too_small``) rather than
+  padded, since a group would then be mostly copies; ``group_size`` is the minimum valid size.
+  A ``(3, N)`` array gets a hint that it looks transposed.
+* Clouds with at least ``group_size`` but fewer than ``num_groups`` points still give a row of
+  ``num_groups`` tokens, keeping that minimum: every point is a centre (in FPS order) and the
+  centres then repeat in that order (centre ``i`` is FPS pick ``i % N``), so some tokens are
+  duplicates of others. Rejecting them instead would make the minimum size
+  ``max(group_size, num_groups)`` and fail clouds the docs promise to accept.
+* A cloud whose valid points are all the same (zero extent) is ``invalid``: it has no shape to
+  normalise, and every token would be zeros.
+* Files that disagree with their own header are ``corrupt``: a PLY with fewer vertices than its
+  ``element vertex`` line declares, a binary STL shorter than its triangle count, mesh faces that
+  index missing vertices, a ``.bin`` whose size is not a whole number of points.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,6 +69,16 @@ log = logging.getLogger(__name__)
 
 MESH_EXTENSIONS = (".ply", ".off", ".obj", ".stl")
 TEXT_EXTENSIONS = (".xyz", ".txt", ".pts")
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _beyond_float32(values: np.ndarray) -> str:
+    """The reason for a cloud whose every point has a value beyond float32's range (or non-finite)."""
+    finite = np.abs(np.asarray(values, np.float64)[np.isfinite(values)])
+    return (
+        f"values exceed float32's range (largest |value| {finite.max():.3g}, float32 max {F32_MAX:.3g}): "
+        "no point is finite as float32"
+    )
 
 
 @register_tokenizer("point_cloud")
@@ -61,7 +88,7 @@ class PointCloudTokenizer(Tokenizer):
     @dataclass(frozen=True, kw_only=True)
     class Config:
         num_points: int = 1024
-        """Points kept per cloud after normalisation (more: FPS/random subset; fewer: repeated)."""
+        """Points kept per cloud after normalisation (more: FPS/random subset; fewer: kept as they are)."""
         num_groups: int = 64
         """Tokens per cloud: FPS centres."""
         group_size: int = 32
@@ -79,22 +106,33 @@ class PointCloudTokenizer(Tokenizer):
         """Seed of the mesh surface sampler and of the random subset."""
 
         def __post_init__(self) -> None:
-            for name in ("num_points", "num_groups", "group_size", "sample_points"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            lowest = {
+                "num_points": 1,
+                "num_groups": 1,
+                "group_size": 1,
+                "sample_points": 1,
+                "extra_channels": 0,
+                "bin_columns": 3,
+                "seed": 0,
+            }
+            for name, lo in lowest.items():
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool):
+                    raise ValueError(f"{name} must be an integer, got {v!r}")
+                if v < lo:
+                    what = " (x, y, z)" if name == "bin_columns" else ""
+                    raise ValueError(f"{name} must be >= {lo}{what}, got {v}")
             if self.num_groups > self.num_points or self.group_size > self.num_points:
                 raise ValueError(
                     f"num_groups ({self.num_groups}) and group_size ({self.group_size}) must not exceed "
                     f"num_points ({self.num_points})"
                 )
-            if self.extra_channels < 0:
-                raise ValueError(f"extra_channels must be >= 0, got {self.extra_channels}")
-            if self.bin_columns < 3:
-                raise ValueError(f"bin_columns must be >= 3 (x, y, z), got {self.bin_columns}")
             if self.subsample not in ("fps", "random"):
                 raise ValueError(f"subsample must be 'fps' or 'random', got {self.subsample!r}")
 
-    version = "1"
+    version = "2"
+    """2: clouds with fewer than num_points points are no longer padded by repetition before FPS
+    and kNN (their tokens changed; clouds of >= num_points points give the same tokens as in 1)."""
     extensions = MESH_EXTENSIONS + (".npy", ".npz") + TEXT_EXTENSIONS + (".bin",)
 
     @property
@@ -137,7 +175,21 @@ class PointCloudTokenizer(Tokenizer):
             raise TokenizeError(source, "invalid", f"expected points of shape (N, >=3), got {arr.shape}")
         if arr.shape[0] == 0:
             raise TokenizeError(source, "empty", "no points")
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return self._to_float32(source, arr)
+
+    def _to_float32(self, source: str, arr: np.ndarray) -> np.ndarray:
+        """``arr`` as float32; a value beyond float32's range becomes inf (dropped by tokenize)
+        without a RuntimeWarning, and a file where that leaves no point is ``invalid``."""
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 4:
+            kept = slice(0, self.channels)
+            over = np.isfinite(arr[:, kept]) & ~np.isfinite(out[:, kept])
+            if over.any():
+                if not np.isfinite(out[:, kept]).all(axis=1).any():
+                    raise TokenizeError(source, "invalid", _beyond_float32(arr[:, kept]))
+                log.debug("%s: %d points have values beyond float32's range", source, over.any(1).sum())
+        return out
 
     def _read_trimesh(self, source: str) -> np.ndarray:
         import trimesh
@@ -149,10 +201,25 @@ class PointCloudTokenizer(Tokenizer):
                 source, "corrupt", f"trimesh could not load it: {type(e).__name__}: {e}"
             ) from None
         geoms = obj.dump() if isinstance(obj, trimesh.Scene) else [obj]
+        if source.lower().endswith(".ply"):
+            declared = self._ply_declared_vertices(source)
+            loaded = sum(len(getattr(g, "vertices", ())) for g in geoms)
+            if declared is not None and loaded != declared:
+                raise TokenizeError(
+                    source,
+                    "corrupt",
+                    f"header declares {declared} vertices, the file holds {loaded} (truncated?)",
+                )
         parts = []
         for g in geoms:
             faces = getattr(g, "faces", None)
             if isinstance(g, trimesh.Trimesh) and faces is not None and len(faces):
+                f, nv = np.asarray(faces), len(g.vertices)
+                if f.min() < 0 or f.max() >= nv:
+                    bad = int(f.min()) if f.min() < 0 else int(f.max())
+                    raise TokenizeError(
+                        source, "corrupt", f"face indices out of range: {bad} is not in [0, {nv})"
+                    )
                 if g.area <= 0 or not np.isfinite(g.area):
                     raise TokenizeError(source, "invalid", "mesh has zero or non-finite surface area")
                 pts, _ = trimesh.sample.sample_surface(g, self.config.sample_points, seed=self.config.seed)
@@ -166,9 +233,50 @@ class PointCloudTokenizer(Tokenizer):
                     v = np.concatenate([v, np.asarray(colors, np.float64)[:, :3]], axis=1)
                 parts.append(v)
         if not parts:
+            if source.lower().endswith(".stl"):
+                self._check_empty_stl(source)
             raise TokenizeError(source, "empty", "file holds no vertices")
         width = min(p.shape[1] for p in parts)
         return np.concatenate([p[:, :width] for p in parts])
+
+    @staticmethod
+    def _ply_declared_vertices(source: str) -> int | None:
+        """N of the header's ``element vertex N`` line (None when the header is unreadable)."""
+        with open(source, "rb") as f:
+            head = f.read(1 << 16)
+        end = head.find(b"end_header")
+        if not head.startswith(b"ply") or end < 0:
+            return None
+        for line in head[:end].splitlines():
+            words = line.split()
+            if len(words) == 3 and words[:2] == [b"element", b"vertex"]:
+                try:
+                    return int(words[2])
+                except ValueError:
+                    return None
+        return None
+
+    @staticmethod
+    def _check_empty_stl(source: str) -> None:
+        """Raise ``corrupt`` unless an STL trimesh read no triangles from is a valid empty STL:
+        a binary one whose header count (0) matches its size, or an ASCII ``solid ... endsolid``.
+        (trimesh reads a binary STL whose size disagrees with its header as ASCII, finding nothing.)"""
+        with open(source, "rb") as f:
+            data = f.read()
+        size = len(data)
+        count = int.from_bytes(data[80:84], "little") if size >= 84 else None
+        if count is not None and 84 + 50 * count == size:
+            return
+        if b"endsolid" in data.lower():
+            return
+        if count is None:
+            reason = f"{size} bytes: not an ASCII STL and shorter than a binary STL header (84 bytes)"
+        else:
+            reason = (
+                f"not an ASCII STL, and as a binary STL its header declares {count} triangles "
+                f"({84 + 50 * count} bytes) but the file has {size} bytes (truncated?)"
+            )
+        raise TokenizeError(source, "corrupt", reason)
 
     @staticmethod
     def _has_colours(g: Any) -> bool:
@@ -191,14 +299,22 @@ class PointCloudTokenizer(Tokenizer):
     @staticmethod
     def _read_npz(source: str) -> np.ndarray:
         try:
-            with np.load(source, allow_pickle=False) as z:
-                if not z.files:
-                    raise TokenizeError(source, "empty", ".npz archive holds no arrays")
-                key = next((k for k in ("points", "xyz") if k in z.files), z.files[0])
-                arr = z[key]
+            # our own handle: np.load leaks its file when the zip directory is unreadable
+            with open(source, "rb") as f:
+                loaded = np.load(f, allow_pickle=False)
+                if isinstance(loaded, np.ndarray):  # a plain .npy under a .npz name
+                    arr = loaded
+                else:
+                    with loaded as z:
+                        if not z.files:
+                            raise TokenizeError(source, "empty", ".npz archive holds no arrays")
+                        key = next((k for k in ("points", "xyz") if k in z.files), z.files[0])
+                        arr = z[key]
+                    if not isinstance(arr, np.ndarray):  # NpzFile returns a non-.npy member's bytes
+                        raise TokenizeError(source, "corrupt", f"member {key!r} is not a .npy array")
         except TokenizeError:
             raise
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        except Exception as e:  # zipfile, zlib and numpy's header parser raise many kinds
             raise TokenizeError(
                 source, "corrupt", f"not a readable .npz archive: {type(e).__name__}: {e}"
             ) from None
@@ -210,7 +326,7 @@ class PointCloudTokenizer(Tokenizer):
             raise TokenizeError(source, "invalid", f"expected a numeric array, got dtype {arr.dtype}")
         if arr.ndim != 2:
             raise TokenizeError(source, "invalid", f"expected a 2-D (N, 3+C) array, got shape {arr.shape}")
-        return arr.astype(np.float32)
+        return arr  # read() casts to float32
 
     @staticmethod
     def _read_text(source: str) -> np.ndarray:
@@ -230,20 +346,21 @@ class PointCloudTokenizer(Tokenizer):
                 source, "corrupt", f"lines have different numbers of values: {sorted(widths)}"
             )
         try:
-            return np.asarray(rows, dtype=np.float64).astype(np.float32)
+            return np.asarray(rows, dtype=np.float64)  # read() casts to float32
         except ValueError as e:
             raise TokenizeError(source, "corrupt", f"non-numeric value: {e}") from None
 
     def _read_bin(self, source: str) -> np.ndarray:
-        flat = np.fromfile(source, dtype=np.float32)
         cols = self.config.bin_columns
-        if flat.size % cols:
+        size = os.path.getsize(source)
+        if size % (4 * cols):
             raise TokenizeError(
                 source,
                 "corrupt",
-                f"{flat.size} float32 values is not a multiple of bin_columns={cols} (wrong column count?)",
+                f"{size} bytes is not a whole number of points of bin_columns={cols} float32 values "
+                f"({4 * cols} bytes each; wrong column count or truncated?)",
             )
-        return flat.reshape(-1, cols)
+        return np.fromfile(source, dtype=np.float32).reshape(-1, cols)
 
     # ---- tokenize -----------------------------------------------------------------------------
     def tokenize(self, raw: np.ndarray, *, source: str = "") -> list[Record]:
@@ -260,32 +377,38 @@ class PointCloudTokenizer(Tokenizer):
         n_input = int(arr.shape[0])
         pts = arr[:, : self.channels].astype(np.float64)  # a copy: the caller's array is untouched
         finite = np.isfinite(pts).all(axis=1)
+        if arr.dtype != np.float32:  # a float64 raw given directly: float32's range, as read()
+            finite &= (np.abs(np.where(np.isfinite(pts), pts, 0)) <= F32_MAX).all(axis=1)
         pts = pts[finite]
         dropped = n_input - int(pts.shape[0])
         if dropped:
             log.debug("%s: dropped %d points with non-finite values", source, dropped)
         n = pts.shape[0]
+        if n_input == 0:
+            raise TokenizeError(source, "empty", "no points")
         if n == 0:
-            raise TokenizeError(
-                source,
-                "empty" if n_input == 0 else "invalid",
-                "no points" if n_input == 0 else "every point has a non-finite value",
-            )
+            kept = arr[:, : self.channels]
+            beyond = arr.dtype != np.float32 and bool(np.isfinite(kept).all(axis=1).any())
+            reason = _beyond_float32(kept) if beyond else "every point has a non-finite value"
+            raise TokenizeError(source, "invalid", reason)
         if n < c.group_size:
-            raise TokenizeError(
-                source, "too_small", f"{n} valid points, fewer than group_size={c.group_size}"
-            )
+            reason = f"{n} valid points, fewer than group_size={c.group_size}"
+            if 3 <= arr.shape[0] < arr.shape[1] and arr.shape[1] >= c.group_size:
+                reason += f"; shape {tuple(arr.shape)} looks transposed (points must be rows: (N, 3+))"
+            raise TokenizeError(source, "too_small", reason)
+        if not (pts[:, :3].max(axis=0) > pts[:, :3].min(axis=0)).any():
+            raise TokenizeError(source, "invalid", "all points are the same (zero extent)")
 
         # pc_normalize: centre on the centroid, scale the farthest point to radius 1.
         centroid = pts[:, :3].mean(axis=0)
         xyz = pts[:, :3] - centroid
         scale = float(np.sqrt((xyz**2).sum(axis=1)).max())
-        if not scale > 0:
+        if not scale > 0:  # distinct points whose squared offsets underflow (a float64 raw)
             scale = 1.0
         pts = np.concatenate([xyz / scale, pts[:, 3:]], axis=1).astype(np.float32)
         cloud = torch.from_numpy(pts)  # (n, 3+C)
 
-        # bring to exactly num_points points
+        # bring to at most num_points points
         if n > c.num_points:
             if c.subsample == "fps":
                 keep = farthest_point_sample(cloud[None, :, :3], c.num_points, start=0)[0]
@@ -293,11 +416,13 @@ class PointCloudTokenizer(Tokenizer):
                 g = torch.Generator().manual_seed(c.seed)
                 keep = torch.randperm(n, generator=g)[: c.num_points].sort().values
             cloud = cloud[keep]
-        elif n < c.num_points:
-            cloud = cloud[torch.arange(c.num_points) % n]  # pad by repeating points in order
+        # fewer than num_points: not padded, so each group holds group_size distinct points
 
-        centre_idx = farthest_point_sample(cloud[None, :, :3], c.num_groups, start=0)  # (1, G)
-        centres = cloud[None, :, :3][0, centre_idx[0]][None]  # (1, G, 3)
+        g = min(c.num_groups, int(cloud.shape[0]))
+        centre_idx = farthest_point_sample(cloud[None, :, :3], g, start=0)[0]  # (g,)
+        if g < c.num_groups:  # fewer points than centres: every point, then repeated in FPS order
+            centre_idx = centre_idx[torch.arange(c.num_groups) % g]
+        centres = cloud[:, :3][centre_idx][None]  # (1, G, 3)
         groups, _ = knn_group(cloud[None], centres, c.group_size)  # (1, G, K, 3+C), xyz relative
         tokens = groups[0].reshape(c.num_groups, c.group_size * self.channels).numpy().astype(np.float32)
         meta = {

@@ -1,3 +1,7 @@
+import io
+import struct
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -80,17 +84,60 @@ def test_round_trip_points_come_from_the_input_default_config():
     assert np.linalg.norm(rec.positions, axis=1).max() <= 1 + 1e-6
 
 
-def test_padding_by_repetition_and_too_small():
+def test_version_is_2_since_small_clouds_are_no_longer_padded():
+    assert PointCloudTokenizer.version == "2"
+
+
+@pytest.mark.parametrize("n", [32, 40, 63])
+def test_small_clouds_are_not_padded_each_group_is_its_nearest_distinct_points(n):
+    """Fewer than num_points points: FPS + kNN on the cloud itself (version 1 padded it by
+    repetition, so a 32-point cloud gave 32 copies of the centre in every group: all-zero tokens)."""
     tok = PointCloudTokenizer({"num_points": 64, "num_groups": 4, "group_size": 32})
-    [rec] = tok.tokenize(cloud(40), source="p")
-    assert rec.meta["num_valid_points"] == 40 and rec.tokens.shape == (4, 96)
-    assert nearest_dist(tok.detokenize(rec), cloud(40)).max() < 1e-5
+    pts = cloud(n)
+    [rec] = tok.tokenize(pts, source="p")
+    assert rec.meta["num_valid_points"] == n and rec.tokens.shape == (4, 96)
+    groups = tok.detokenize(rec).reshape(4, 32, 3)
+    for centre, group in zip(rec.positions, groups, strict=True):
+        centre = centre * rec.meta["scale"] + np.asarray(rec.meta["centroid"])
+        nearest = pts[np.argsort(((pts - centre) ** 2).sum(1))[:32]]
+        # the group is exactly the centre's 32 nearest input points, each once
+        assert len(np.unique(np.round(group, 4), axis=0)) == 32
+        np.testing.assert_allclose(group, nearest, atol=1e-5)
+    assert len(np.unique(rec.positions, axis=0)) == 4
+
+
+def test_too_small_and_transposed_hint():
+    tok = PointCloudTokenizer({"num_points": 64, "num_groups": 4, "group_size": 32})
     with pytest.raises(TokenizeError) as e:
         tok.tokenize(cloud(31), source="s")
-    assert e.value.kind == "too_small" and e.value.source == "s"
+    assert (e.value.kind, e.value.source, e.value.reason) == (
+        "too_small",
+        "s",
+        "31 valid points, fewer than group_size=32",
+    )
     with pytest.raises(TokenizeError) as e:
         tok.tokenize(cloud(1), source="one")
-    assert e.value.kind == "too_small"
+    assert (e.value.kind, e.value.reason) == ("too_small", "1 valid points, fewer than group_size=32")
+    with pytest.raises(TokenizeError) as e:
+        PointCloudTokenizer().tokenize(cloud(500).T.copy(), source="t")
+    assert (e.value.kind, e.value.reason) == (
+        "too_small",
+        "3 valid points, fewer than group_size=32; shape (3, 500) looks transposed (points must be rows: (N, 3+))",
+    )
+
+
+def test_fewer_points_than_groups_repeat_the_centres_in_fps_order():
+    # an octahedron: centroid 0, scale 1; FPS from point 0 picks 0, 1 (opposite), then 2, 3, 4, 5
+    # (all tied, lowest index first), so centres 6 and 7 repeat picks 0 and 1
+    pts = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], np.float32)
+    tok = PointCloudTokenizer({"num_points": 16, "num_groups": 8, "group_size": 4})
+    [rec] = tok.tokenize(pts, source="o")
+    assert rec.tokens.shape == (8, 12) and rec.meta["scale"] == 1.0
+    np.testing.assert_array_equal(rec.positions, pts[[0, 1, 2, 3, 4, 5, 0, 1]])
+    np.testing.assert_array_equal(rec.tokens[6:], rec.tokens[:2])
+    groups = rec.tokens.reshape(8, 4, 3)
+    np.testing.assert_array_equal(groups[:, 0], 0)  # each centre first, at offset 0
+    assert (np.linalg.norm(groups[:, 1:], axis=-1) == np.float32(np.sqrt(2))).all()  # 3 nearest at sqrt 2
 
 
 def test_nan_points_are_dropped_all_nan_is_invalid():
@@ -108,11 +155,25 @@ def test_nan_points_are_dropped_all_nan_is_invalid():
     assert e.value.kind == "empty"
 
 
-def test_identical_points_have_unit_scale():
-    [rec] = small().tokenize(np.ones((16, 3), np.float32), source="same")
-    assert rec.meta["scale"] == 1.0
-    np.testing.assert_array_equal(rec.tokens, 0)
-    np.testing.assert_array_equal(small().detokenize(rec), 1.0)
+@pytest.mark.parametrize("n", [16, 2000])
+def test_identical_points_are_invalid(n):
+    pts = np.tile(np.array([[5.0, -3.0, 0.1]], np.float32), (n, 1))
+    with pytest.raises(TokenizeError) as e:
+        small().tokenize(pts, source="same")
+    assert (e.value.kind, e.value.reason) == ("invalid", "all points are the same (zero extent)")
+    # differing extra channels do not give the cloud a shape
+    with_intensity = np.concatenate([pts, np.arange(n, dtype=np.float32)[:, None]], axis=1)
+    with pytest.raises(TokenizeError) as e:
+        small(extra_channels=1).tokenize(with_intensity, source="same")
+    assert e.value.kind == "invalid"
+
+
+def test_points_on_a_line_are_valid():
+    pts = np.zeros((16, 3), np.float32)
+    pts[:, 2] = np.arange(16)
+    [rec] = small().tokenize(pts, source="line")
+    assert rec.meta["scale"] == pytest.approx(7.5) and np.isfinite(rec.tokens).all()
+    np.testing.assert_array_equal(rec.tokens.reshape(4, 4, 3)[..., :2], 0)
 
 
 def test_extra_channels_carried_and_checked():
@@ -145,7 +206,160 @@ def test_subsampling_fps_and_random_are_deterministic():
     assert not np.array_equal(a.positions, b.positions)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_groups", 64.0),
+        ("group_size", 16.5),
+        ("num_points", 2000.5),
+        ("num_points", "abc"),
+        ("bin_columns", 4.0),
+        ("seed", "abc"),
+        ("seed", 1.0),
+        ("extra_channels", True),
+        ("sample_points", None),
+    ],
+)
+def test_config_fields_must_be_integers(field, value):
+    with pytest.raises(ValueError) as e:
+        PointCloudTokenizer.Config(**{field: value})
+    assert str(e.value) == f"{field} must be an integer, got {value!r}"
+    with pytest.raises(ValueError, match=f"^point_cloud tokenizer config: {field} must be an integer"):
+        PointCloudTokenizer({field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_points", 0, "num_points must be >= 1, got 0"),
+        ("extra_channels", -1, "extra_channels must be >= 0, got -1"),
+        ("bin_columns", 2, "bin_columns must be >= 3 (x, y, z), got 2"),
+        ("seed", -1, "seed must be >= 0, got -1"),
+    ],
+)
+def test_config_ranges(field, value, message):
+    with pytest.raises(ValueError) as e:
+        PointCloudTokenizer.Config(**{field: value})
+    assert str(e.value) == message
+
+
 # ---- files --------------------------------------------------------------------------------------
+def write_ply(path, vertices, faces=(), declared=None) -> str:
+    """An ASCII PLY; ``declared`` overrides the header's vertex count (a truncated file)."""
+    n = len(vertices) if declared is None else declared
+    head = (
+        f"ply\nformat ascii 1.0\nelement vertex {n}\nproperty float x\nproperty float y\nproperty float z\n"
+    )
+    if len(faces):
+        head += f"element face {len(faces)}\nproperty list uchar int vertex_indices\n"
+    body = "".join(f"{x} {y} {z}\n" for x, y, z in vertices)
+    body += "".join(f"{len(f)} " + " ".join(map(str, f)) + "\n" for f in faces)
+    path.write_text(head + "end_header\n" + body)
+    return str(path)
+
+
+def read_error(tok, path) -> TokenizeError:
+    with pytest.raises(TokenizeError) as e:
+        tok.read(str(path))
+    assert e.value.source == str(path)
+    return e.value
+
+
+def test_npz_corrupt_member_and_non_npy_member_are_corrupt(tmp_path):
+    buf = io.BytesIO()
+    np.savez_compressed(buf, points=cloud(3000))
+    data = bytearray(buf.getvalue())
+    data[200:260] = b"\x00" * 60  # the deflate stream, not the zip directory
+    (tmp_path / "bad.npz").write_bytes(bytes(data))
+    e = read_error(PointCloudTokenizer(), tmp_path / "bad.npz")
+    assert e.kind == "corrupt" and e.reason.startswith("not a readable .npz archive: ")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "bytes.npz", "w") as z:
+        z.writestr("points.npy", b"not an npy file at all")
+    e = read_error(PointCloudTokenizer(), tmp_path / "bytes.npz")
+    assert (e.kind, e.reason) == ("corrupt", "member 'points' is not a .npy array")
+    # a plain .npy under a .npz name is read as numpy itself reads it
+    pts = cloud(40)
+    with open(tmp_path / "plain.npz", "wb") as f:
+        np.save(f, pts)
+    np.testing.assert_array_equal(PointCloudTokenizer().read(str(tmp_path / "plain.npz")), pts)
+
+
+def test_mesh_face_indices_out_of_range_are_corrupt(tmp_path):
+    verts = [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    path = write_ply(tmp_path / "oob.ply", verts, faces=[[0, 1, 2], [0, 1, 99]])
+    e = read_error(PointCloudTokenizer(), path)
+    assert (e.kind, e.reason) == ("corrupt", "face indices out of range: 99 is not in [0, 4)")
+    ok = write_ply(tmp_path / "ok.ply", verts, faces=[[0, 1, 2], [0, 1, 3]])
+    assert PointCloudTokenizer({"sample_points": 100}).read(ok).shape == (100, 3)
+
+
+def test_truncated_ascii_ply_is_corrupt(tmp_path):
+    pts = cloud(10)
+    path = write_ply(tmp_path / "cut.ply", pts[:6], declared=10)
+    e = read_error(PointCloudTokenizer(), path)
+    assert (e.kind, e.reason) == ("corrupt", "header declares 10 vertices, the file holds 6 (truncated?)")
+    whole = write_ply(tmp_path / "whole.ply", pts)
+    np.testing.assert_allclose(PointCloudTokenizer().read(whole), pts, rtol=1e-6)
+
+
+def test_bin_size_must_be_whole_points(tmp_path):
+    (tmp_path / "17.bin").write_bytes(b"\x01" * 17)
+    e = read_error(PointCloudTokenizer(), tmp_path / "17.bin")
+    assert (e.kind, e.reason) == (
+        "corrupt",
+        "17 bytes is not a whole number of points of bin_columns=4 float32 values "
+        "(16 bytes each; wrong column count or truncated?)",
+    )
+    (tmp_path / "stray.bin").write_bytes(cloud(50, channels=4).tobytes() + b"\x00\x01\x02")
+    e = read_error(PointCloudTokenizer(), tmp_path / "stray.bin")
+    assert e.kind == "corrupt" and e.reason.startswith("803 bytes is not a whole number of points")
+
+
+def test_values_beyond_float32_range(tmp_path):
+    pts = np.random.default_rng(0).uniform(-1, 1, (40, 3)) * 1e300
+    pts[0, 0] = -2e300  # the largest magnitude
+    np.save(tmp_path / "huge.npy", pts)
+    reason = "values exceed float32's range (largest |value| 2e+300, float32 max 3.4e+38): no point is finite as float32"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "overflow encountered in cast"
+        e = read_error(PointCloudTokenizer(), tmp_path / "huge.npy")
+        assert (e.kind, e.reason) == ("invalid", reason)
+        with pytest.raises(TokenizeError) as info:  # a float64 raw given to tokenize directly
+            PointCloudTokenizer().tokenize(pts, source="raw")
+        assert (info.value.kind, info.value.reason) == ("invalid", reason)
+        # one such point among normal ones is dropped like a non-finite one
+        one = cloud(40).astype(np.float64)
+        one[3] = [1e300, 0, 0]
+        np.save(tmp_path / "one.npy", one)
+        [rec] = PointCloudTokenizer()(str(tmp_path / "one.npy"))
+        assert rec.meta["dropped_nonfinite"] == 1 and rec.meta["num_valid_points"] == 39
+        [direct] = PointCloudTokenizer().tokenize(one, source="one")
+        assert direct.meta["dropped_nonfinite"] == 1 and np.isfinite(direct.tokens).all()
+
+
+def test_stl_truncated_binary_is_corrupt_empty_stl_is_empty(tmp_path):
+    (tmp_path / "cut.stl").write_bytes(b"\x00" * 80 + struct.pack("<I", 1000) + b"\x00" * 100)
+    e = read_error(PointCloudTokenizer(), tmp_path / "cut.stl")
+    assert (e.kind, e.reason) == (
+        "corrupt",
+        "not an ASCII STL, and as a binary STL its header declares 1000 triangles (50084 bytes) "
+        "but the file has 184 bytes (truncated?)",
+    )
+    (tmp_path / "short.stl").write_bytes(b"hello")
+    e = read_error(PointCloudTokenizer(), tmp_path / "short.stl")
+    assert (e.kind, e.reason) == (
+        "corrupt",
+        "5 bytes: not an ASCII STL and shorter than a binary STL header (84 bytes)",
+    )
+    (tmp_path / "ascii.stl").write_text("solid empty\nendsolid empty\n")
+    (tmp_path / "binary.stl").write_bytes(b"\x00" * 80 + struct.pack("<I", 0))
+    for name in ("ascii.stl", "binary.stl"):
+        e = read_error(PointCloudTokenizer(), tmp_path / name)
+        assert (e.kind, e.reason) == ("empty", "file holds no vertices"), name
+
+
 def test_read_npy_npz_xyz_bin(tmp_path):
     tok = PointCloudTokenizer()
     pts = cloud(50, channels=4)
