@@ -1011,7 +1011,13 @@ def preprocess(
             log.info("reusing the fitted artifacts in %s", artifacts_dir)
         else:
             log.info("fitting the %s tokenizer on %d inputs", modality, len(items))
-            tokenizer.fit([i.source for i in items])
+            try:
+                tokenizer.fit([i.source for i in items])
+            except TokenizeError as e:  # a tokenizer's fit should skip bad inputs; one that does not
+                raise PreprocessError(  # ends the job with one line, nothing written yet
+                    f"fitting the {modality} tokenizer on the inputs failed at {e}; nothing was tokenized "
+                    "(a fit should skip such inputs: please report it)"
+                ) from None
             shutil.rmtree(artifacts_dir, ignore_errors=True)
             tokenizer.save_artifacts(artifacts_dir)
     elif base is None:

@@ -1294,3 +1294,28 @@ def test_a_temp_folder_that_cannot_hold_the_lock_does_not_stop_the_job(tmp_path,
         r = preprocess(found, TOK, None, str(tmp_path / "t"), progress=False, num_workers=0)
     assert (r.inputs, r.rows) == (2, 2)
     assert "cannot take the one-job-per-table lock" in caplog.text
+
+
+class _FitFails(ppkit_tokenizer.NumbersTokenizer):
+    """A corpus-fitted tokenizer whose fit lets an input's TokenizeError out (a fit should skip it)."""
+
+    needs_fit = True
+
+    def fit(self, sources) -> None:
+        raise TokenizeError(sorted(sources)[0], "corrupt", "not numbers")
+
+
+def test_a_fit_that_lets_an_input_error_out_ends_the_job_with_one_line(tmp_path, capsys):
+    from maskloom.tokenizers.base import register_tokenizer
+
+    register_tokenizer("ppkit_fit_fails")(_FitFails)
+    found = make_data(tmp_path / "in", n_a=2, n_b=1)
+    with pytest.raises(PreprocessError, match=r"fitting the ppkit_fit_fails tokenizer on the inputs failed at "
+                       r".*a/f0\.txt: corrupt: not numbers; nothing was tokenized"):  # fmt: skip
+        preprocess(found, "ppkit_fit_fails", None, str(tmp_path / "t"), progress=False, num_workers=0)
+    rc = main(["preprocess", str(tmp_path / "in"), "-m", "ppkit_fit_fails", "-o", str(tmp_path / "t2"),
+               "--num-workers", "0", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith(
+        "maskloom preprocess: failed: fitting the ppkit_fit_fails tokenizer"
+    )
