@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cls = TOKENIZERS.get(args.modality)
         config = _load_config(args.config, args.set)
-        get_tokenizer(args.modality, config)  # validate the config before any work
+        tok = get_tokenizer(args.modality, config)  # validate the config before any work
         if args.num_workers is not None and args.num_workers < 0:
             raise ValueError(
                 f"--num-workers must be >= 0 (0: in this process, without Ray), got {args.num_workers}"
@@ -201,11 +201,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--input-timeout must be >= 0 seconds (0: no limit), got {args.input_timeout}")
         found = find_inputs(
             args.inputs, extensions=cls.extensions, labels=args.labels, label_regex=args.label_regex,
-            manifest=args.manifest, as_one_source=args.as_one_source,
+            manifest=args.manifest, as_one_source=args.as_one_source, companions=tok.companion_files,
         )  # fmt: skip
     except ImportError as e:  # the tokenizer needs a package that is not installed
         return _error(f"-m {args.modality}: {e}")
-    except (SourceError, RegistryError, ValueError, TypeError) as e:
+    except SourceError as e:
+        hint = ""
+        if args.modality == "graph" and not args.as_one_source and "no input files" in str(e):
+            hint = " (a TU dataset folder is one input: add --as-one-source)"
+        return _error(f"{e}{hint}")
+    except (RegistryError, ValueError, TypeError) as e:
         return _error(str(e))
     print(f"maskloom preprocess: {len(found)} inputs -> {args.out} ({args.modality})", file=sys.stderr)
     if found.skipped:

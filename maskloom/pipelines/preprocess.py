@@ -928,15 +928,15 @@ def preprocess(
     for m in imports:
         importlib.import_module(m)
     cls = TOKENIZERS.get(modality)  # unknown modality -> RegistryError before any work
+    tokenizer = build_tokenizer(modality, config)
     if isinstance(inputs, (str, os.PathLike)):  # one directory, file or glob, as on the command line
         from maskloom.pipelines.sources import find_inputs, skipped_note
 
         given = os.fspath(inputs)
-        inputs = find_inputs(given, extensions=cls.extensions)
+        inputs = find_inputs(given, extensions=cls.extensions, companions=tokenizer.companion_files)
         if inputs.skipped:
             log.warning("%s", skipped_note(inputs.skipped, given, cls.extensions))
     items, names = _as_inputs(inputs)
-    tokenizer = build_tokenizer(modality, config)
     fingerprint = tokenizer.fingerprint()
     if label_names is None:
         label_names = names

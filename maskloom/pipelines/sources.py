@@ -7,6 +7,10 @@ declares no extensions (``Tokenizer.extensions == ()``, e.g. a folder of TU-form
 takes the given path itself as its one source; ``as_one_source=True`` asks for the same with any
 tokenizer.
 
+A file found by walking a folder or matching a glob that is a side file of another input (the
+tokenizer's ``companion_files``, e.g. the ``g.features.csv`` of a graph edge list ``g.csv``, passed
+as ``companions``) is not an input of its own; a file named explicitly always is.
+
 Labels come from the parent folder name (``labels="folder"``, the ImageFolder convention), a
 regular expression with a named group ``label`` applied to the file name (``labels="regex"``), the
 manifest's ``label`` column, or nowhere (``labels="none"``: the dataset files themselves may carry
@@ -22,7 +26,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -202,6 +206,7 @@ def find_inputs(
     label_regex: str | None = None,
     manifest: bool = False,
     as_one_source: bool = False,
+    companions: Callable[[str], Iterable[str]] | None = None,
 ) -> InputSet:
     """Resolve user-given paths into a sorted :class:`InputSet`.
 
@@ -212,6 +217,8 @@ def find_inputs(
                     manifest's label column when it has one, else none), none, folder (parent directory name), regex (named group
                     ``label`` of ``label_regex`` searched in the file name), manifest (its column).
     as_one_source:  take every given path (a directory too) as one source, without walking it.
+    companions:     the tokenizer's ``companion_files``: a file found by walking a folder or by a
+                    glob that is a companion of another input is left out (it is read with that input).
 
     Raises SourceError for a missing path, a pattern matching nothing, an empty input set, a file
     whose label cannot be found, or a bad manifest.
@@ -240,6 +247,7 @@ def find_inputs(
             )
 
     named: dict[str, str | None] = {}  # absolute source -> label name
+    explicit: set[str] = set()  # sources named as they are (manifest entries, files), not found
     skipped: Counter[str] = Counter()
     for p in paths:
         if manifest:
@@ -255,6 +263,7 @@ def find_inputs(
                         f"{src}: listed twice with different labels ({named[src]!r}, {lab!r}; in {p})"
                     )
                 named[src] = lab
+                explicit.add(src)
             continue
         here: Counter[str] = Counter()
         found = _expand(p, extensions, as_one_source, here)
@@ -264,7 +273,12 @@ def find_inputs(
         skipped += here
         for src in found:
             named[os.path.abspath(src)] = None
+        if found == [p]:  # named explicitly, not found by a walk or a glob
+            explicit.add(os.path.abspath(p))
 
+    if companions is not None:
+        side = {os.path.normpath(os.path.abspath(c)) for s in named for c in companions(s)}
+        named = {s: lab for s, lab in named.items() if s in explicit or s not in side}
     if not named:
         raise SourceError("the input set is empty")
     if labels == "auto":

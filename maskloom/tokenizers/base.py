@@ -249,6 +249,13 @@ class Tokenizer(ABC):
         """Class names when the dataset files themselves carry labels (e.g. TU graphs); else None."""
         return None
 
+    def companion_files(self, source: str) -> tuple[str, ...]:
+        """Paths of the side files that ``read(source)`` may open besides ``source`` (every name it
+        would try, whether or not it exists), e.g. the node-features file of a graph edge list. A
+        folder walk or glob (``sources.find_inputs(..., companions=tok.companion_files)``) does not
+        take a file that is a companion of another input as an input of its own. Default: none."""
+        return ()
+
     def render(self, raw: Any, path: str) -> None:
         """Draw a raw sample to a PNG at ``path`` (used by ``maskloom inspect --render``)."""
         raise NotImplementedError(f"{self.name} tokenizer cannot render samples")

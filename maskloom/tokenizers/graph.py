@@ -9,7 +9,9 @@ symmetric normalised Laplacian ``L = I - D^-1/2 A D^-1/2`` with the smallest eig
 trivial one. Eigenvectors have no intrinsic sign; we flip each so that its largest-magnitude entry
 (first such entry on ties) is positive, which makes the output deterministic (eigenvalue
 multiplicities leave a rotation ambiguity that no sign rule removes; eigh is deterministic for a
-given input). Graphs with fewer than ``pe_dim + 1`` nodes get zero columns. The edges themselves
+given input). Graphs with fewer than ``pe_dim + 1`` nodes get zero columns. Graphs above
+``Config.pe_dense_max`` nodes use a sparse solver with a bounded number of Lanczos restarts and a
+shift-invert fallback (see :func:`laplacian_pe`): a 20,000-node ring takes ~4 s, not minutes. The edges themselves
 are kept as (E, 2) int32 token-index pairs, in both directions (graphs are treated as undirected;
 self loops and duplicate edges are dropped).
 
@@ -20,12 +22,17 @@ A *source* is a whole dataset and ``tokenize`` returns many records:
   ``<NAME>_node_labels.txt`` / ``<NAME>_node_attributes.txt`` (directly or in ``raw/``), read with
   numpy with the semantics of ``torch_geometric.io.read_tu_data`` (whose reader cannot read
   one-line or empty files). Every per-node file must have one row per line of the indicator and the
-  graph-labels file one row per graph, else the dataset is corrupt. One record per graph, labelled
+  graph-labels file one row per graph id up to the largest in the indicator (no more, no fewer),
+  else the dataset is corrupt. Graph ids need not be dense: an id without nodes gives no record
+  (logged), and record ids keep the dataset's numbering (``#<graph id - 1>``, also
+  ``meta["graph"]``). One record per graph, labelled
   with its graph label (classes are the sorted distinct values of the labels file; ``label_names``
   are those values as strings, e.g. ``("-1", "1")``). Node features (``Config.tu_features``): ``both`` = node
   attributes followed by the one-hot node labels, ``attributes`` or ``labels`` alone. The one-hot
   width is ``max - min + 1`` of the node-label values over the whole dataset, so it is the same for
-  every graph. A dataset with neither file gets one constant feature (1.0) per node.
+  every graph; a width above 10 x the number of distinct values + 1000 is refused (``invalid``:
+  relabel them to consecutive integers). A dataset with neither file gets one constant feature
+  (1.0) per node.
 * **Planetoid folder** (node classification, e.g. Cora): the ``ind.<name>.{x,tx,allx,y,ty,ally,
   graph,test.index}`` files (directly or in ``raw/``), read with
   ``torch_geometric.io.read_planetoid_data``. NB: those files are Python pickles; read only
@@ -34,8 +41,11 @@ A *source* is a whole dataset and ``tokenize`` returns many records:
   integer node ids; further columns ignored; a non-numeric first line is a header; ``#``/``%``
   comments). Node features come from the sibling file named by ``Config.node_features``
   (``{stem}.features`` + ``.npy`` or ``.csv``: row i = node i) and labels from
-  ``Config.node_labels`` (``{stem}.labels`` + ``.npy``, ``.csv`` or ``.txt``: one label per node,
-  or ``node,label`` rows; negative = unlabelled). Without a features file every node gets one
+  ``Config.node_labels`` (``{stem}.labels`` + ``.npy``, ``.csv`` or ``.txt``: one integer label
+  per node, or ``node,label`` rows; negative = unlabelled; anything else is ``invalid``). Such a
+  side file is no edge list itself: read as a source beside its edge list it is ``unsupported``,
+  and :meth:`GraphTokenizer.companion_files` names them so that a folder walk
+  (``find_inputs(companions=...)``) leaves them out. Without a features file every node gets one
   constant feature. Node ids are row indices: with a features file every id must be one of its
   rows; without one the graph has (largest id + 1) nodes, so an id above 10 x the number of distinct
   ids + 1000 is refused (``invalid``: relabel the nodes to 0..N-1). One large graph.
@@ -49,7 +59,9 @@ its meta holds ``center`` (token index, 0), ``center_node`` and ``nodes`` (datas
 The Laplacian PE is computed on each sample's own graph.
 
 The node-feature width (``token_dim``) depends on the dataset, so ``needs_fit`` is True: ``fit``
-reads the sources and records the width and the class names, ``save_artifacts`` writes them to
+reads the sources and records the width and the class names of the first readable one (a source
+that cannot be read, or disagrees, is skipped and later an error row: ``config`` for another width
+or other class names; with none readable the width is 1), ``save_artifacts`` writes them to
 ``graph_schema.json`` and ``load_artifacts`` restores them on workers. ``read`` also records them
 when nothing is recorded yet (interactive use), and ``Config.feature_dim`` can pin the width.
 """
@@ -60,6 +72,7 @@ import glob
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -74,6 +87,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_FILE = "graph_schema.json"
 PLANETOID_FILES = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
+FEATURE_EXTS = (".npy", ".csv")  # an edge list's node-features file, in order of preference
+LABEL_EXTS = (".npy", ".csv", ".txt")  # and its node-labels file
 
 
 @dataclass
@@ -84,7 +99,8 @@ class Graph:
     edge_index:  (2, E) int64, both directions, sorted by (source, target), no self loops.
     label:       graph class index (graph classification), or None.
     node_labels: (N,) int64 node class indices (node classification; -1 = unlabelled), or None.
-    meta:        where it came from (graph index; for subgraphs the centre and dataset node ids).
+    meta:        where it came from (``graph``: its 0-based id in a TU dataset, which record ids use;
+                 for subgraphs the centre and dataset node ids).
     """
 
     x: np.ndarray
@@ -162,6 +178,37 @@ def _fix_signs(vecs: np.ndarray) -> np.ndarray:
     return vecs * signs
 
 
+LANCZOS_WORK = 1e7
+"""Restart budget of the sparse PE's Lanczos solve, in restarts x nodes (2-4 s on one core)."""
+LANCZOS_MIN_RESTARTS = 100
+"""... and at least this many restarts (a well-connected graph needs fewer than 100)."""
+SHIFT = 1e-9
+"""Shift-invert fallback: eigenvalues of L nearest -SHIFT, from a sparse LU of L + SHIFT * I."""
+
+
+class PEConvergenceError(RuntimeError):
+    """The sparse eigensolver did not find the Laplacian PE of a graph."""
+
+
+def _shift_invert_eigsh(lap, k: int, v0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` smallest eigenpairs of the sparse symmetric PSD ``lap``: Lanczos on
+    ``(L + SHIFT I)^-1``, whose largest eigenvalues are L's smallest, spread far apart. Graphs with
+    a small spectral gap (long rings, paths, chains) have small separators, so the LU (minimum
+    degree ordering of A + A^T) stays sparse; expanders, whose LU fills in, converge without it."""
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, splu
+
+    n = lap.shape[0]
+    try:
+        lu = splu((lap + SHIFT * sp.identity(n, format="csr")).tocsc(), permc_spec="MMD_AT_PLUS_A")
+        inv = LinearOperator((n, n), matvec=lu.solve, dtype=np.float64)
+        return eigsh(lap, k=k, sigma=-SHIFT, which="LM", OPinv=inv, v0=v0, tol=1e-8)
+    except (ArpackNoConvergence, RuntimeError, MemoryError) as e:
+        raise PEConvergenceError(
+            f"the sparse eigensolver found no Laplacian positional encoding for this {n}-node graph "
+            f"({type(e).__name__}: {e})"
+        ) from None
+
+
 def laplacian_pe(
     edge_index: np.ndarray, num_nodes: int, k: int, *, dense_max: int = 2000, return_eigenvalues: bool = False
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -171,26 +218,42 @@ def laplacian_pe(
     normalised Laplacian of the undirected graph ``edge_index`` (2, E); sign-fixed so each column's
     largest-magnitude entry is positive; zero columns when the graph has fewer than k + 1 nodes.
     Dense ``eigh`` up to ``dense_max`` nodes, ``scipy.sparse.linalg.eigsh`` (deterministic start
-    vector) beyond. With ``return_eigenvalues`` also the (k,) eigenvalues (0 for padded columns).
+    vector) beyond: Lanczos for the largest eigenvalues of ``2I - L``, at most
+    ``max(LANCZOS_MIN_RESTARTS, LANCZOS_WORK / N)`` restarts (a few seconds at any N); a graph whose
+    small eigenvalues lie too close together for that (a long ring, path or chain) is
+    solved in shift-invert mode instead (a sparse LU of ``L + SHIFT I``, cheap for such graphs).
+    With ``return_eigenvalues`` also the (k,) eigenvalues (0 for padded columns). Raises
+    :class:`PEConvergenceError` when neither converges.
     """
     n = int(num_nodes)
     pe = np.zeros((n, k), np.float64)
     vals = np.zeros(k, np.float64)
     m = min(k, max(n - 1, 0))  # non-trivial eigenvectors available
     if m > 0:
-        if n <= dense_max:
+        if n <= dense_max or m + 1 >= n:  # (eigsh needs k < N)
             # scipy, asking only for the m + 1 smallest pairs: ~7x faster than the full spectrum and
             # much faster than numpy's threaded OpenBLAS on many small matrices
             w, v = scipy.linalg.eigh(normalized_laplacian(edge_index, n), subset_by_index=[0, m])
             w, v = w[1 : m + 1], v[:, 1 : m + 1]
         else:
-            from scipy.sparse.linalg import eigsh
+            from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
             lap = normalized_laplacian(edge_index, n, sparse=True)
             v0 = np.random.default_rng(0).uniform(0.5, 1.5, n)
             # smallest eigenvalues of L = largest of 2I - L (spectrum in [0, 2]); converges faster
-            w, v = eigsh(2.0 * sp.identity(n, format="csr") - lap, k=m + 1, which="LA", v0=v0, tol=1e-8)
-            w = 2.0 - w
+            restarts = max(LANCZOS_MIN_RESTARTS, int(LANCZOS_WORK // n))
+            try:
+                w, v = eigsh(
+                    2.0 * sp.identity(n, format="csr") - lap,
+                    k=m + 1,
+                    which="LA",
+                    v0=v0,
+                    tol=1e-8,
+                    maxiter=restarts,
+                )
+                w = 2.0 - w
+            except ArpackNoConvergence:
+                w, v = _shift_invert_eigsh(lap, m + 1, v0)
             order = np.argsort(w, kind="stable")
             w, v = w[order][1 : m + 1], v[:, order][:, 1 : m + 1]
         pe[:, :m] = _fix_signs(v)
@@ -243,6 +306,9 @@ def _read_numeric_rows(path: str) -> np.ndarray:
             rows = [ln.split("#", 1)[0].split("%", 1)[0].replace(",", " ").split() for ln in f]
     except UnicodeDecodeError as e:
         raise TokenizeError(path, "corrupt", f"not a text file ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a side file (features, labels) is not checked by check_file
+        kind = "missing" if isinstance(e, FileNotFoundError) else "unreadable"
+        raise TokenizeError(path, kind, f"cannot open ({e.strerror})") from None
     rows = [r for r in rows if r]
     if rows:
         try:
@@ -282,6 +348,13 @@ def _read_tu_file(path: str, dtype: type, source: str) -> np.ndarray:
     except (ValueError, OverflowError) as e:
         what = "integers" if np.issubdtype(dtype, np.integer) else "numbers"
         raise TokenizeError(source, "corrupt", f"{name}: expected comma-separated {what} ({e})") from None
+
+
+def _first_non_integer(a: np.ndarray) -> str:
+    """The first value of float array ``a`` that is not an exact integer below 2**53, as text."""
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(a) | (a != np.round(a)) | (np.abs(a) >= 2**53)
+    return f"{float(a[np.argmax(bad)]):g}"
 
 
 def _sibling(source: str, pattern: str, exts: tuple[str, ...]) -> str | None:
@@ -345,8 +418,14 @@ class GraphTokenizer(Tokenizer):
             for name in ("node_features", "node_labels"):
                 if "{stem}" not in getattr(self, name):
                     raise ValueError(f"{name} must contain '{{stem}}', got {getattr(self, name)!r}")
+                try:
+                    getattr(self, name).format(stem="x")
+                except (KeyError, IndexError, ValueError):
+                    raise ValueError(
+                        f"{name} may hold no other {{...}} field than {{stem}}, got {getattr(self, name)!r}"
+                    ) from None
 
-    version = "1"
+    version = "2"  # 2: PE of large graphs with clustered small eigenvalues by shift-invert
     extensions = (".csv", ".edges")
     needs_fit = True
 
@@ -380,28 +459,48 @@ class GraphTokenizer(Tokenizer):
         return self._label_names
 
     def fit(self, sources: Iterable[str]) -> None:
-        """Read every source and record the node-feature width and class names (must agree)."""
+        """Read every source and record the node-feature width and class names.
+
+        The first source that can be read (in the given order; the pipeline sorts them) sets them;
+        a later source that disagrees (another width, other class names) or cannot be read at all
+        is skipped with a warning, and the pipeline records its TokenizeError (``config`` for a
+        disagreement) as an error row when it reads it again. When no source can be read the width
+        is set to 1 (and no class names), so that the job can still run and record every source's
+        error; a width pinned by ``Config.feature_dim`` is kept."""
+        skipped: list[TokenizeError] = []
         for src in sources:
-            self._adopt(self.read(src), src)
+            try:
+                self.read(src)  # read() records the width and class names, or checks them
+            except TokenizeError as e:
+                skipped.append(e)
+        if skipped:
+            log.warning("graph fit skipped %d source(s), e.g. %s", len(skipped), skipped[0])
+        if self._feature_dim is None:
+            log.warning("graph fit: no source could be read; recording a node-feature width of 1")
+            self._feature_dim = 1
 
     def _adopt(self, ds: GraphDataset, source: str) -> None:
-        if self._feature_dim is None:
-            self._feature_dim = ds.feature_dim
-        elif ds.feature_dim != self._feature_dim:
+        """Record the dataset's width and class names when unknown, else check it agrees with them
+        (TokenizeError ``config``); nothing is recorded when it does not agree."""
+        if self._feature_dim is not None and ds.feature_dim != self._feature_dim:
             raise TokenizeError(
                 source,
                 "config",
-                f"node features are {ds.feature_dim} wide but this tokenizer was fitted for {self._feature_dim}",
+                f"node features are {ds.feature_dim} wide but this tokenizer was fitted for {self._feature_dim}"
+                " (a table holds one width: tokenize such datasets into tables of their own)",
             )
-        if ds.label_names is not None:
-            if self._label_names is None:
-                self._label_names = ds.label_names
-            elif self._label_names != ds.label_names:
-                raise TokenizeError(
-                    source,
-                    "config",
-                    f"class names {list(ds.label_names)} differ from the fitted {list(self._label_names)}",
-                )
+        names = ds.label_names
+        if names is not None and self._label_names is not None and self._label_names != names:
+            raise TokenizeError(
+                source,
+                "config",
+                f"class names {list(names)} differ from the fitted {list(self._label_names)}"
+                " (a table holds one set: tokenize such datasets into tables of their own)",
+            )
+        if self._feature_dim is None:
+            self._feature_dim = ds.feature_dim
+        if names is not None and self._label_names is None:
+            self._label_names = names
 
     def save_artifacts(self, directory: str) -> list[str]:
         os.makedirs(directory, exist_ok=True)
@@ -457,12 +556,65 @@ class GraphTokenizer(Tokenizer):
                 raise TokenizeError(
                     source, "unsupported", f"expected a dataset folder or an edge list {self.extensions}"
                 )
+            owner = self._companion_owner(source)
+            if owner is not None:
+                raise TokenizeError(
+                    source,
+                    "unsupported",
+                    f"is the node-{owner[1]} file of the edge list {owner[0]} (Config.node_{owner[1]}), "
+                    "read with it; it is not an edge list",
+                )
             ds = self._read_edge_list(source)
         if not any(g.num_nodes for g in ds.graphs):
             raise TokenizeError(source, "empty", "the dataset has no nodes")
         # record the width / class names when unknown; otherwise check this dataset agrees with them
         self._adopt(ds, source)
         return ds
+
+    def _side_files(self) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+        """(what, name pattern, extensions) of an edge list's node-features and node-labels files."""
+        return (
+            ("features", self.config.node_features, FEATURE_EXTS),
+            ("labels", self.config.node_labels, LABEL_EXTS),
+        )
+
+    def companion_files(self, source: str) -> tuple[str, ...]:
+        """Every name the node-features and node-labels files of edge list ``source`` may have
+        (``Config.node_features`` / ``node_labels`` with each extension), whether or not they
+        exist: a folder walk does not take them as edge lists of their own. () for other sources."""
+        if os.path.splitext(source)[1].lower() not in self.extensions:
+            return ()
+        directory, base = os.path.split(source)
+        stem = os.path.splitext(base)[0]
+        return tuple(
+            os.path.join(directory, pattern.format(stem=stem) + ext)
+            for _, pattern, exts in self._side_files()
+            for ext in exts
+        )
+
+    def _companion_owner(self, source: str) -> tuple[str, str] | None:
+        """(edge list, "features" or "labels") when file ``source`` is one of the
+        :meth:`companion_files` of an edge list that exists, else None. Patterns that climb
+        (``..``) or are absolute are not inverted."""
+        path = os.path.normpath(source)
+        for what, pattern, exts in self._side_files():
+            pat = os.path.normpath(pattern)
+            if os.path.isabs(pat) or ".." in pat.split(os.sep):
+                continue
+            head, *rest = pat.split("{stem}")
+            stem_rx = f"{re.escape(head)}(?P<stem>[^{re.escape(os.sep)}]+)"
+            body = stem_rx + re.escape(rest[0]) + "".join("(?P=stem)" + re.escape(r) for r in rest[1:])
+            for ext in exts:
+                m = re.search(f"(?:^|{re.escape(os.sep)}){body}{re.escape(ext)}$", path)
+                if m is None:
+                    continue
+                directory = path[: m.start()] or ("" if not path.startswith(os.sep) else os.sep)
+                for edge_ext in self.extensions:
+                    for e in dict.fromkeys((edge_ext, edge_ext.upper())):
+                        owner = os.path.join(directory, m.group("stem") + e)
+                        if os.path.isfile(owner) and os.path.normpath(owner) != path:
+                            return owner, what
+        return None
 
     def _read_tu(self, source: str, a_path: str) -> GraphDataset:
         folder = os.path.dirname(a_path)
@@ -504,7 +656,7 @@ class GraphTokenizer(Tokenizer):
             if raw_labels.shape[0] and raw_labels.shape[1] != 1:
                 raise fail("graph_labels", f"has {raw_labels.shape[1]} values per line; expected one label")
             raw_labels = raw_labels.reshape(-1)
-            if raw_labels.size < int(batch[-1]) + 1:
+            if raw_labels.size != int(batch[-1]) + 1:  # rows beyond the last graph belong to none
                 raise fail(
                     "graph_labels",
                     f"has {raw_labels.size} rows but {prefix}_graph_indicator.txt names "
@@ -517,35 +669,47 @@ class GraphTokenizer(Tokenizer):
             raise fail("A", f"names node {int(bad[0]) + 1}; the indicator lists nodes 1..{n}")
         if (batch[ei[0]] != batch[ei[1]]).any():
             raise fail("A", "has an edge between nodes of different graphs")
-        n_graphs = int(batch[-1]) + 1 if raw_labels is None else max(int(batch[-1]) + 1, raw_labels.size)
-        counts = np.bincount(batch, minlength=n_graphs)
-        node_slice = np.concatenate([[0], np.cumsum(counts)])
-        edge_graph = batch[ei[0]]
+        # only the graph ids that have nodes become graphs: ids are not necessarily dense
+        gids, starts, counts = np.unique(batch, return_index=True, return_counts=True)
+        if gids.size < int(batch[-1]) + 1:
+            log.warning(
+                "%s: TU dataset %s: %d of the graph ids 1..%d have no nodes in %s_graph_indicator.txt; "
+                "they give no records",
+                source,
+                prefix,
+                int(batch[-1]) + 1 - gids.size,
+                int(batch[-1]) + 1,
+                prefix,
+            )
+        node_graph = np.repeat(np.arange(gids.size), counts)  # (N,) position of each node's graph in gids
+        edge_graph = node_graph[ei[0]]
         order = np.argsort(edge_graph, kind="stable")
-        ei = ei[:, order] - node_slice[edge_graph[order]]  # (2, E) node ids local to their graph
-        edge_slice = np.searchsorted(edge_graph[order], np.arange(n_graphs + 1))
-        x_all = self._tu_features(source, per_node, n)
+        ei = ei[:, order] - starts[edge_graph[order]]  # (2, E) node ids local to their graph
+        edge_slice = np.searchsorted(edge_graph[order], np.arange(gids.size + 1))
+        x_all = self._tu_features(source, prefix, per_node, n)
         names = None
         y = None
         if raw_labels is not None:
             classes, y = np.unique(raw_labels, return_inverse=True)
             names = tuple(str(int(c)) for c in classes)
         graphs = []
-        for i in range(n_graphs):  # a loop over graphs, not tokens
-            x = x_all[node_slice[i] : node_slice[i + 1]]
+        for j, gid in enumerate(gids.tolist()):  # a loop over graphs, not tokens
+            a, b = int(starts[j]), int(starts[j] + counts[j])
             graphs.append(
                 Graph(
-                    x=x,
-                    edge_index=undirected(ei[:, edge_slice[i] : edge_slice[i + 1]], int(counts[i])),
-                    label=None if y is None else int(y[i]),
-                    meta={"graph": i},
+                    x=x_all[a:b],
+                    edge_index=undirected(ei[:, edge_slice[j] : edge_slice[j + 1]], b - a),
+                    label=None if y is None else int(y[gid]),
+                    meta={"graph": gid},
                 )
             )
         return GraphDataset(name=prefix, level="graph", graphs=graphs, label_names=names)
 
-    def _tu_features(self, source: str, per_node: dict[str, np.ndarray], n: int) -> np.ndarray:
+    def _tu_features(self, source: str, prefix: str, per_node: dict[str, np.ndarray], n: int) -> np.ndarray:
         """(N, F) float32 node features from the TU per-node files: the attributes, then each
-        node-label column one-hot over ``max - min + 1`` classes (as ``read_tu_data`` builds them)."""
+        node-label column one-hot over ``max - min + 1`` classes (as ``read_tu_data`` builds them).
+        A column whose span is more than 10 x its distinct values + 1000 is refused (``invalid``)
+        rather than one-hot encoded into mostly empty columns."""
         with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
             attrs = per_node.get("node_attributes", np.zeros((n, 0))).astype(np.float32)
         if not np.isfinite(attrs).all():
@@ -554,8 +718,20 @@ class GraphTokenizer(Tokenizer):
             )
         onehots = []
         for col in per_node.get("node_labels", np.zeros((n, 0), np.int64)).T:
-            col = col - col.min()
-            onehots.append(np.eye(int(col.max()) + 1, dtype=np.float32)[col])
+            lo, hi = int(col.min()), int(col.max())  # Python ints: the span may overflow int64
+            width = hi - lo + 1
+            distinct = int(np.unique(col).size)
+            if width > 10 * distinct + 1000:
+                raise TokenizeError(
+                    source,
+                    "invalid",
+                    f"TU dataset {prefix}: {prefix}_node_labels.txt has node labels from {lo} to {hi} "
+                    f"but only {distinct} distinct values: a one-hot over {width} classes; relabel "
+                    "them to consecutive integers",
+                )
+            onehot = np.zeros((n, width), np.float32)
+            onehot[np.arange(n), col - lo] = 1.0
+            onehots.append(onehot)
         labels = np.concatenate(onehots, axis=1) if onehots else np.zeros((n, 0), np.float32)
         if attrs.shape[1] + labels.shape[1] == 0:
             if self.config.tu_features != "both":
@@ -620,8 +796,8 @@ class GraphTokenizer(Tokenizer):
         if ei.size and ei.max() >= 2**53:  # beyond exact float64 integers (and near int64 overflow)
             raise TokenizeError(source, "invalid", f"node id {ei.max():.6g} is too large; relabel the nodes")
         ei = ei.astype(np.int64)
-        feat_path = _sibling(source, self.config.node_features, (".npy", ".csv"))
-        label_path = _sibling(source, self.config.node_labels, (".npy", ".csv", ".txt"))
+        feat_path = _sibling(source, self.config.node_features, FEATURE_EXTS)
+        label_path = _sibling(source, self.config.node_labels, LABEL_EXTS)
         x = None
         if feat_path is not None:
             if feat_path.endswith(".npy"):
@@ -659,6 +835,8 @@ class GraphTokenizer(Tokenizer):
                     ) from None
             else:
                 lab = _read_numeric_rows(label_path)
+            if lab.dtype.kind not in "biuf":
+                raise TokenizeError(label_path, "invalid", f"node labels must be integers, got {lab.dtype}")
             if lab.ndim == 2 and lab.shape[1] == 2:  # node, label rows
                 nodes = lab[:, 0]
                 if (
@@ -672,7 +850,15 @@ class GraphTokenizer(Tokenizer):
                     )
                 pairs = lab.astype(np.int64)
             else:
-                labels = lab.reshape(-1).astype(np.int64)
+                lab = lab.reshape(-1)
+                if not np.isfinite(lab).all() or (lab != np.round(lab)).any() or (np.abs(lab) >= 2**53).any():
+                    raise TokenizeError(
+                        label_path,
+                        "invalid",
+                        "node labels must be integers (one per node; negative = unlabelled), "
+                        f"got {_first_non_integer(lab)}",
+                    )
+                labels = lab.astype(np.int64)
         n = self._edge_list_size(source, ei, x, pairs, labels, label_path)
         if pairs is not None:
             labels = np.full(n, -1, np.int64)
@@ -737,8 +923,8 @@ class GraphTokenizer(Tokenizer):
 
     # ---- tokenize -----------------------------------------------------------------------------
     def tokenize(self, raw: GraphDataset | Graph, *, source: str = "") -> list[Record]:
-        """One record per graph of a graph-level dataset, one per centre node of a large graph,
-        or one for a single Graph. A Graph without nodes raises TokenizeError(empty); inside a
+        """One record per graph of a graph-level dataset (``#k`` for ``meta["graph"] == k``, else
+        for the k-th graph), one per centre node of a large graph, or one for a single Graph. A Graph without nodes raises TokenizeError(empty); inside a
         dataset, graphs without nodes are skipped (logged) and an all-empty dataset raises."""
         if isinstance(raw, Graph):
             if raw.num_nodes == 0:
@@ -760,7 +946,8 @@ class GraphTokenizer(Tokenizer):
                 skipped += 1
                 continue
             self._check_width(g, source)
-            records.append(self._record(g, f"{source}#{i}", source, g.label, {"graph": i}))
+            k = int(g.meta.get("graph", i))  # the graph's number in the dataset (ids may skip some)
+            records.append(self._record(g, f"{source}#{k}", source, g.label, {"graph": k}))
         if skipped:
             log.warning("%s: skipped %d graph(s) without nodes", source, skipped)
         return records
@@ -777,7 +964,10 @@ class GraphTokenizer(Tokenizer):
 
     def _record(self, g: Graph, rid: str, source: str, label: int | None, meta: dict[str, Any]) -> Record:
         n = g.num_nodes
-        pe = laplacian_pe(g.edge_index, n, self.config.pe_dim, dense_max=self.config.pe_dense_max)
+        try:
+            pe = laplacian_pe(g.edge_index, n, self.config.pe_dim, dense_max=self.config.pe_dense_max)
+        except PEConvergenceError as e:
+            raise TokenizeError(source, "invalid", f"{os.path.basename(rid)}: {e}") from None
         meta.update(num_nodes=n, num_edges=g.num_edges)
         return Record(
             id=rid,

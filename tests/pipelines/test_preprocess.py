@@ -1319,3 +1319,35 @@ def test_a_fit_that_lets_an_input_error_out_ends_the_job_with_one_line(tmp_path,
     assert rc == 1 and err[-1].startswith(
         "maskloom preprocess: failed: fitting the ppkit_fit_fails tokenizer"
     )
+
+
+def test_a_walk_leaves_out_the_side_files_of_graph_edge_lists(tmp_path, capsys):
+    """g.features.csv and g.labels.csv beside g.csv are read with it, not as edge lists of their own."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "g.csv").write_text("src,dst\n0,1\n1,2\n")
+    (d / "g.features.csv").write_text("3,1\n0,2\n1,1\n")
+    (d / "g.labels.csv").write_text("0\n1\n1\n")
+    (d / "h.edges").write_text("0 1\n1 2\n")
+    np.save(d / "h.features.npy", np.ones((3, 2), np.float32))  # one feature width per table
+    cfg = {"subgraph_centers": 1}
+    r = preprocess(str(d), "graph", cfg, str(tmp_path / "t"), progress=False, num_workers=0)
+    assert (r.inputs, r.errors) == (2, 0)  # g.csv and h.edges
+    t = tables.TokenTable(str(tmp_path / "t"))
+    assert sorted({os.path.basename(s) for s in t.read().column("source").to_pylist()}) == [
+        "g.csv",
+        "h.edges",
+    ]
+    rc = main(["preprocess", str(d), "-m", "graph", "-o", str(tmp_path / "t2"), "--set", "subgraph_centers=1",
+               "--num-workers", "0", "--no-progress"])  # fmt: skip
+    assert rc == 0 and "maskloom preprocess: 2 inputs ->" in capsys.readouterr().err
+
+
+def test_a_tu_folder_without_as_one_source_gets_a_hint(tmp_path, capsys):
+    raw = tmp_path / "MUTAG"
+    raw.mkdir()
+    for name in ("A", "graph_indicator", "graph_labels"):
+        (raw / f"MUTAG_{name}.txt").write_text("1\n")
+    assert main(["preprocess", str(raw), "-m", "graph", "-o", str(tmp_path / "t"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("(a TU dataset folder is one input: add --as-one-source)") and "\n" not in err

@@ -1,3 +1,4 @@
+import os
 import pickle
 from collections import defaultdict
 
@@ -409,3 +410,305 @@ def test_edge_list_huge_node_ids(tmp_path):
         GraphTokenizer()(src)
     assert e.value.kind == "invalid" and "node id 5" in e.value.reason
     assert e.value.source == str(tmp_path / "feat.labels.csv")
+
+
+# ---- fit over bad and disagreeing sources (QA B1) -----------------------------------------------
+def test_fit_skips_bad_and_disagreeing_sources_which_read_rejects_later(tmp_path, caplog):
+    bad = write_tu_files(tmp_path / "bad", A="1, 9\n", graph_indicator="1\n1\n", graph_labels="0\n")
+    toy = write_tu(tmp_path / "TOY")  # 4 features, classes -1, 1
+    bare = write_tu(tmp_path / "BARE", name="BARE", attrs=False, labels=False)  # 1 feature
+    tok = GraphTokenizer()
+    tok.fit([bad, toy, bare])  # the first readable source sets the schema; nothing raises
+    assert tok.spec().token_dim == 4 and tok.label_names() == ("-1", "1")
+    assert "graph fit skipped 2 source(s)" in caplog.text
+    with pytest.raises(TokenizeError) as e:
+        tok(bare)
+    assert e.value.kind == "config" and e.value.reason == (
+        "node features are 1 wide but this tokenizer was fitted for 4 "
+        "(a table holds one width: tokenize such datasets into tables of their own)"
+    )
+    assert tok.spec().token_dim == 4  # a rejected source changes nothing
+    with pytest.raises(TokenizeError) as e:
+        tok(bad)
+    assert e.value.kind == "corrupt"
+    # a source with the fitted width but other class names: rejected, and nothing is recorded
+    pinned = GraphTokenizer({"feature_dim": 4})
+    other = write_tu_files(
+        tmp_path / "other", A="", graph_indicator="1\n", graph_labels="3\n", node_attributes="1, 2, 3, 4\n"
+    )
+    pinned.fit([toy, other])
+    assert pinned.label_names() == ("-1", "1")
+    with pytest.raises(TokenizeError, match="class names") as e:
+        pinned(other)
+    assert e.value.kind == "config"
+
+
+def test_fit_with_no_readable_source_records_width_1(tmp_path):
+    bare = write_tu(tmp_path / "BARE", name="BARE", attrs=False, labels=False)
+    tok = GraphTokenizer({"tu_features": "attributes"})  # BARE has no node attributes
+    tok.fit([bare, str(tmp_path / "absent.csv")])
+    assert tok.spec().token_dim == 1 and tok.label_names() is None
+    tok.save_artifacts(str(tmp_path / "art"))
+    worker = GraphTokenizer({"tu_features": "attributes"})
+    worker.load_artifacts(str(tmp_path / "art"))
+    with pytest.raises(TokenizeError) as e:
+        worker(bare)
+    assert (e.value.kind, e.value.reason) == (
+        "config",
+        "tu_features='attributes' but the dataset has no node attributes",
+    )
+    pinned = GraphTokenizer({"feature_dim": 3})
+    pinned.fit([str(tmp_path / "absent.csv")])
+    assert pinned.spec().token_dim == 3
+
+
+def test_preprocess_job_with_bad_and_disagreeing_datasets_finishes_with_error_rows(tmp_path):
+    from maskloom.pipelines.preprocess import preprocess
+    from maskloom.tables import TokenTable
+
+    bad = write_tu_files(tmp_path / "a_bad", A="1, 9\n", graph_indicator="1\n1\n", graph_labels="0\n")
+    toy = write_tu(tmp_path / "b_toy", name="TOY")
+    bare = write_tu(tmp_path / "c_bare", name="BARE", attrs=False, labels=False)
+    out = str(tmp_path / "out")
+    res = preprocess([bad, toy, bare], "graph", {"pe_dim": 2}, out, num_workers=0, progress=False)
+    assert (res.inputs, res.rows, res.errors) == (3, 3, 2)
+    table = TokenTable(out)
+    assert {r.source for r in table.records()} == {toy}
+    errors = {os.path.basename(e["source"]): e["kind"] for e in table.errors().to_pylist()}
+    assert errors == {"a_bad": "corrupt", "c_bare": "config"}
+    # every source unusable with the config: the job still ends, with one error row each
+    out2 = str(tmp_path / "out2")
+    res = preprocess([bare], "graph", {"tu_features": "labels"}, out2, num_workers=0, progress=False)
+    assert (res.inputs, res.rows, res.errors) == (1, 0, 1)
+    assert [e["kind"] for e in TokenTable(out2).errors().to_pylist()] == ["config"]
+
+
+# ---- TU node labels, graph ids, graph labels (QA B2, B3) ----------------------------------------
+def test_tu_node_label_one_hot_width_and_absurd_spans(tmp_path):
+    base = {"A": "1, 2\n", "graph_indicator": "1\n1\n2\n", "graph_labels": "0\n1\n"}
+    # a span of up to 10 x the distinct values + 1000 is one-hot encoded: here 2 values, 1020 wide
+    ok = write_tu_files(tmp_path / "ok", **base, node_labels="5\n1024\n5\n")
+    tok = GraphTokenizer({"pe_dim": 1})
+    recs = tok(ok)
+    assert tok.spec().token_dim == 1020
+    tokens = np.concatenate([r.tokens for r in recs])
+    assert tokens.shape == (3, 1020) and tokens.sum() == 3
+    assert tokens[:, 0].tolist() == [1, 0, 1] and tokens[1, 1019] == 1
+    for labels, span in (
+        ("0\n1021\n0\n", "0 to 1021"),
+        (f"{-(2**62)}\n{2**62}\n0\n", f"{-(2**62)} to {2**62}"),
+    ):
+        far = write_tu_files(tmp_path / "far", **base, node_labels=labels)
+        with pytest.raises(TokenizeError) as e:
+            GraphTokenizer()(far)
+        assert e.value.kind == "invalid" and e.value.source == far
+        assert span in e.value.reason and "R_node_labels.txt" in e.value.reason
+        assert "relabel" in e.value.reason
+
+
+def test_tu_graph_ids_with_gaps_give_records_of_the_graphs_that_have_nodes(tmp_path, caplog):
+    # graph 2 has no nodes: records #0 and #2, labelled from rows 1 and 3 of the labels file; the
+    # classes are the distinct values of the whole file
+    src = write_tu_files(
+        tmp_path / "gap", A="1, 2\n3, 4\n", graph_indicator="1\n1\n3\n3\n", graph_labels="5\n6\n7\n"
+    )
+    tok = GraphTokenizer({"pe_dim": 1})
+    ds = tok.read(src)
+    assert [g.meta["graph"] for g in ds.graphs] == [0, 2]
+    recs = tok.tokenize(ds, source=src)
+    assert [r.id for r in recs] == [f"{src}#0", f"{src}#2"]
+    assert [r.meta["graph"] for r in recs] == [0, 2] and [r.label for r in recs] == [0, 2]
+    assert tok.label_names() == ("5", "6", "7")
+    assert all(r.edges.tolist() == [[0, 1], [1, 0]] for r in recs)
+    assert "1 of the graph ids 1..3 have no nodes" in caplog.text
+    # a gap of two million ids costs nothing
+    huge = write_tu_files(tmp_path / "huge", A="1, 2\n", graph_indicator="1\n1\n2000000\n")
+    recs = GraphTokenizer({"pe_dim": 1})(huge)
+    assert [r.id for r in recs] == [f"{huge}#0", f"{huge}#1999999"]
+    assert [r.meta["num_nodes"] for r in recs] == [2, 1]
+
+
+def test_tu_graph_labels_with_rows_beyond_the_last_graph_are_corrupt(tmp_path):
+    src = write_tu_files(tmp_path / "R", A="1, 2\n", graph_indicator="1\n1\n2\n", graph_labels="0\n1\n7\n7\n")
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(src)
+    assert (e.value.kind, e.value.reason) == (
+        "corrupt",
+        "TU dataset R: R_graph_labels.txt has 4 rows but R_graph_indicator.txt names 2 graphs",
+    )
+
+
+# ---- edge-list side files (QA B4, B5) -----------------------------------------------------------
+def write_side_files(folder):
+    """g.csv with its features and labels files (as CSV), and a second edge list h.edges."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "g.csv").write_text("src,dst\n0,1\n1,2\n")
+    (folder / "g.features.csv").write_text("3,1\n0,2\n1,1\n")
+    (folder / "g.labels.csv").write_text("0\n1\n1\n")
+    (folder / "h.edges").write_text("0 1\n")
+    return folder
+
+
+def test_companion_files_are_the_side_file_names_of_an_edge_list(tmp_path):
+    tok = GraphTokenizer()
+    d = str(tmp_path)
+    assert tok.companion_files(os.path.join(d, "g.csv")) == tuple(
+        os.path.join(d, n)
+        for n in ("g.features.npy", "g.features.csv", "g.labels.npy", "g.labels.csv", "g.labels.txt")
+    )
+    assert tok.companion_files(d) == () and tok.companion_files(os.path.join(d, "x.txt")) == ()
+    other = GraphTokenizer({"node_features": "feats/{stem}_x", "node_labels": "{stem}-y-{stem}"})
+    assert other.companion_files(os.path.join(d, "g.edges"))[:2] == (
+        os.path.join(d, "feats", "g_x.npy"),
+        os.path.join(d, "feats", "g_x.csv"),
+    )
+    assert os.path.join(d, "g-y-g.txt") in other.companion_files(os.path.join(d, "g.edges"))
+    with pytest.raises(ValueError, match="node_labels may hold no other"):
+        GraphTokenizer({"node_labels": "{stem}.{kind}"})
+
+
+def test_an_edge_lists_side_file_is_not_read_as_an_edge_list(tmp_path):
+    folder = write_side_files(tmp_path / "d")
+    tok = GraphTokenizer({"subgraph_centers": 1})
+    assert len(tok(str(folder / "g.csv"))) == 1
+    assert tok.spec().token_dim == 2 and tok.label_names() == ("0", "1")
+    for name, what in (("g.features.csv", "features"), ("g.labels.csv", "labels")):
+        with pytest.raises(TokenizeError) as e:
+            GraphTokenizer()(str(folder / name))
+        assert (e.value.kind, e.value.reason) == (
+            "unsupported",
+            f"is the node-{what} file of the edge list {folder / 'g.csv'} (Config.node_{what}), "
+            "read with it; it is not an edge list",
+        )
+    # without the edge list it belongs to, such a name is an edge list like any other
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "k.features.csv").write_text("0,1\n")
+    assert len(GraphTokenizer()(str(tmp_path / "lone" / "k.features.csv"))) == 2
+    # patterns with folders and repeated stems are inverted too
+    (folder / "feats").mkdir()
+    (folder / "feats" / "g_x.csv").write_text("1\n2\n3\n")
+    (folder / "g-y-g.csv").write_text("0\n0\n1\n")
+    other = GraphTokenizer(
+        {"node_features": "feats/{stem}_x", "node_labels": "{stem}-y-{stem}", "subgraph_hops": 1}
+    )
+    for name in ("feats/g_x.csv", "g-y-g.csv"):
+        with pytest.raises(TokenizeError, match="is the node-.* file of the edge list") as e:
+            other(str(folder / name))
+        assert e.value.kind == "unsupported"
+    assert [r.tokens.tolist() for r in other(str(folder / "g.csv"))][0] == [[1.0], [2.0]]
+
+
+def test_find_inputs_leaves_out_side_files_found_by_a_walk_or_a_glob(tmp_path):
+    from maskloom.pipelines.sources import find_inputs
+
+    folder = write_side_files(tmp_path / "d")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "k.features.csv").write_text("0,1\n")  # no k.csv beside it: an edge list
+    tok = GraphTokenizer()
+
+    def names(found):
+        return [os.path.relpath(i.source, folder) for i in found.inputs]
+
+    found = find_inputs(str(folder), extensions=tok.extensions, companions=tok.companion_files)
+    assert names(found) == ["g.csv", "h.edges", os.path.join("sub", "k.features.csv")]
+    found = find_inputs(str(folder / "*.csv"), extensions=tok.extensions, companions=tok.companion_files)
+    assert names(found) == ["g.csv"]
+    # named explicitly, a side file is an input (whose read says what it is)
+    found = find_inputs(
+        [str(folder), str(folder / "g.labels.csv")], extensions=tok.extensions, companions=tok.companion_files
+    )
+    assert names(found) == ["g.csv", "g.labels.csv", "h.edges", os.path.join("sub", "k.features.csv")]
+    # without companions (other tokenizers) the walk is as before
+    assert len(find_inputs(str(folder), extensions=tok.extensions)) == 5
+    # the tokenizer's config decides what a side file is
+    custom = GraphTokenizer({"node_features": "{stem}.attrs"})
+    (folder / "h.attrs.csv").write_text("1\n2\n")
+    found = find_inputs(str(folder), extensions=tok.extensions, companions=custom.companion_files)
+    assert names(found) == ["g.csv", "g.features.csv", "h.edges", os.path.join("sub", "k.features.csv")]
+
+
+@pytest.mark.parametrize(
+    ("labels", "bad"), [("0\n0.5\n1\n", "0.5"), ("0\nnan\n1\n", "nan"), ("1e300\n0\n1\n", "1e+300")]
+)
+def test_edge_list_labels_must_be_integers(tmp_path, labels, bad, recwarn):
+    src = write_edge_list(tmp_path, [(0, 1), (1, 2)], header=False)
+    (tmp_path / "g.labels.csv").write_text(labels)
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(src)
+    assert (e.value.kind, e.value.source) == ("invalid", str(tmp_path / "g.labels.csv"))
+    assert e.value.reason == f"node labels must be integers (one per node; negative = unlabelled), got {bad}"
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_edge_list_labels_npy_of_strings_is_invalid(tmp_path):
+    src = write_edge_list(tmp_path, [(0, 1)], header=False)
+    np.save(tmp_path / "g.labels.npy", np.array(["a", "b"]))
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(src)
+    assert e.value.kind == "invalid" and "must be integers" in e.value.reason
+
+
+# ---- the sparse PE's time bound --------------------------------------------------------------------
+def ring(n):
+    return undirected(np.stack([np.arange(n), (np.arange(n) + 1) % n]), n)
+
+
+def test_sparse_pe_falls_back_to_shift_invert_when_lanczos_runs_out(monkeypatch):
+    import maskloom.tokenizers.graph as graph
+
+    n = 400
+    path = undirected(np.stack([np.arange(n - 1), np.arange(1, n)]), n)
+    dense, wd = laplacian_pe(path, n, 4, return_eigenvalues=True)
+    monkeypatch.setattr(graph, "LANCZOS_WORK", 1)
+    monkeypatch.setattr(graph, "LANCZOS_MIN_RESTARTS", 1)
+    calls = []
+    real = graph._shift_invert_eigsh
+    monkeypatch.setattr(graph, "_shift_invert_eigsh", lambda *a: calls.append(1) or real(*a))
+    sparse, ws = laplacian_pe(path, n, 4, dense_max=1, return_eigenvalues=True)
+    assert calls == [1]  # Lanczos gave up after one restart
+    np.testing.assert_allclose(ws, wd, atol=1e-12)
+    np.testing.assert_allclose(sparse, dense, atol=1e-5)  # distinct eigenvalues: the same vectors
+    # a ring's eigenvalues come in pairs, and shift-invert finds both of each pair, as eigh does
+    pe, w = laplacian_pe(ring(n), n, 4, dense_max=1, return_eigenvalues=True)
+    _, wd = laplacian_pe(ring(n), n, 4, return_eigenvalues=True)
+    np.testing.assert_allclose(w, wd, atol=1e-12)
+    assert w[0] == pytest.approx(w[1]) and w[2] == pytest.approx(w[3])
+    lap = normalized_laplacian(ring(n), n)
+    np.testing.assert_allclose(lap @ pe, pe * w, atol=1e-6)
+
+
+def test_pe_of_a_20000_node_ring_takes_seconds():
+    import time
+
+    t = time.perf_counter()
+    _, w = laplacian_pe(ring(20_000), 20_000, 4, return_eigenvalues=True)
+    assert time.perf_counter() - t < 30  # was 160-270 s: Lanczos on eigenvalues 5e-8 apart
+    np.testing.assert_allclose(w, 1 - np.cos(2 * np.pi * np.array([1, 1, 2, 2]) / 20_000), rtol=1e-6)
+
+
+def test_pe_that_does_not_converge_is_an_invalid_input(monkeypatch, tmp_path):
+    import maskloom.tokenizers.graph as graph
+
+    def fail(*a, **kw):
+        raise graph.PEConvergenceError("the sparse eigensolver found no Laplacian positional encoding")
+
+    monkeypatch.setattr(graph, "laplacian_pe", fail)
+    src = write_tu(tmp_path / "TOY")
+    with pytest.raises(TokenizeError) as e:
+        GraphTokenizer()(src)
+    assert (e.value.kind, e.value.source) == ("invalid", src)
+    assert e.value.reason == "TOY#0: the sparse eigensolver found no Laplacian positional encoding"
+
+
+def test_tiny_graphs_use_eigh_whatever_pe_dense_max():
+    pe, w = laplacian_pe(
+        undirected(np.array([[0, 1], [1, 2]]), 3), 3, 4, dense_max=0, return_eigenvalues=True
+    )
+    np.testing.assert_allclose(w, [1, 2, 0, 0], atol=1e-12)
+
+
+def test_version_2_since_the_sparse_pe_changed():
+    # 2: graphs above pe_dense_max nodes whose Lanczos solve needs more than the restart budget (long
+    # rings, paths, chains) get their PE by shift-invert; it also finds both eigenvectors of each
+    # repeated eigenvalue, which Lanczos missed (a 10,000-node ring's positions changed)
+    assert GraphTokenizer.version == "2"
