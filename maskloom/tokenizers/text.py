@@ -14,10 +14,23 @@ Inputs (``read``):
   paragraph (``Config.split``);
 * ``.jsonl``: one JSON object per line (lines end at ``\n`` or ``\r\n`` only, so U+2028/U+2029/U+0085
   inside strings are fine), text in ``Config.text_field``, optional label in
-  ``Config.label_field``;
+  ``Config.label_field``. A label is a string, a number or a boolean: numbers are named by their
+  value (``1`` and ``1.0`` are the class ``"1"``, ``0.5`` is ``"0.5"``), booleans ``"true"`` /
+  ``"false"``; ``null`` or an absent key is no label; an array, an object, ``NaN`` or
+  ``Infinity`` makes the file ``invalid``. A ``\\ud83d``-style escape of half a UTF-16 surrogate
+  pair with no other half (an emoji cut by a truncating scraper) is valid JSON but not text: it is
+  replaced by U+FFFD, as most pipelines do, and a warning counts the lines;
 * ``.csv`` / ``.tsv``: a header row, text in ``Config.text_column``, optional label in
   ``Config.label_column`` (column names match case-insensitively, so the SMS Spam Collection's
-  ``Label<TAB>SMS`` works with ``text_column="sms"``).
+  ``Label<TAB>SMS`` works with ``text_column="sms"``). Fields may be of any size (Python's csv
+  module stops at 128 KiB by default).
+
+Training the vocabulary: the trainer's cost for one pre-tokenizer "word" (a run of letters, of
+digits, of other symbols or of whitespace) grows with the square of its length (400,000 letters
+without a break took 117 s, 5 MB hours), so a word longer than ``MAX_TRAIN_WORD`` characters (a DNA
+line, a minified or base64 blob; never a word of normal text) reaches the trainer in pieces of that
+length, and at most ``MAX_TRAIN_LONG_CHARS`` characters of such words per document (a warning counts
+them). Encoding is not affected: every byte of every document is tokenised.
 
 The raw form is a list of ``(document, label or None)``. Long documents are cut into chunks of at
 most ``Config.max_length`` tokens (with ``Config.overlap`` tokens shared by neighbours); each chunk
@@ -26,6 +39,7 @@ is one record with id ``<source>#<doc>-<chunk>``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -33,6 +47,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -50,6 +65,109 @@ LABELS_FILE = "labels.json"
 
 Raw = list[tuple[str, Any]]
 """The raw form: one ``(document, label or None)`` per document of a file."""
+
+MAX_TRAIN_WORD = 1024
+"""Longest pre-tokenizer word (characters) the BPE trainer sees whole; longer ones go in pieces."""
+MAX_TRAIN_LONG_CHARS = 1 << 20
+"""Characters of such long words per document that the trainer sees; the rest is not trained on."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONG_RUN = re.compile(rf"\S{{{MAX_TRAIN_WORD + 1},}}|\s{{{MAX_TRAIN_WORD + 1},}}")
+# UTF-8 bytes -> b" " for an ASCII whitespace character (as str.isspace), b"x" for any other byte: a
+# run of more than MAX_TRAIN_WORD characters of either kind is a run of as many equal bytes here.
+_SPACE_MASK = bytes(32 if b in b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f" else 120 for b in range(256))
+_MASK_RUNS = (b"x" * (MAX_TRAIN_WORD + 1), b" " * (MAX_TRAIN_WORD + 1))
+
+_CSV_LIMIT_LOCK = threading.Lock()
+_csv_limit_users = 0
+_csv_limit_saved = 0
+
+
+@contextlib.contextmanager
+def _csv_fields_unlimited() -> Iterator[None]:
+    """Lift the csv module's field size limit (a process-wide setting, 128 KiB by default) while
+    reading; the file is in memory already, so the limit protects nothing here. Readers in several
+    threads share one lift: the first sets it, the last restores the previous value."""
+    global _csv_limit_users, _csv_limit_saved
+    with _CSV_LIMIT_LOCK:
+        if _csv_limit_users == 0:
+            _csv_limit_saved = csv.field_size_limit(2**31 - 1)  # a C long on every platform
+        _csv_limit_users += 1
+    try:
+        yield
+    finally:
+        with _CSV_LIMIT_LOCK:
+            _csv_limit_users -= 1
+            if _csv_limit_users == 0:
+                csv.field_size_limit(_csv_limit_saved)
+
+
+def _replace_surrogates(text: str) -> tuple[str, int]:
+    """``text`` with each lone UTF-16 surrogate (from a JSON ``\\ud83d`` escape) replaced by U+FFFD,
+    and how many there were."""
+    return _SURROGATE.subn("\ufffd", text)
+
+
+def _json_label(value: Any) -> str | None:
+    """The class name of a JSON label value; ValueError (the reason) for one that names no class."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("is NaN" if math.isnan(value) else f"is {'-' if value < 0 else ''}Infinity")
+        # a number is a class by its value: 1 and 1.0 (pandas writes integer columns with a gap so)
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    kind = "an array" if isinstance(value, list) else "an object" if isinstance(value, dict) else "a value"
+    raise ValueError(f"is {kind} ({json.dumps(value)[:60]})")
+
+
+def _long_words(text: str, pretok: Any) -> list[tuple[int, int]]:
+    """(start, stop) of the byte-level pre-tokenizer's words in ``text`` longer than MAX_TRAIN_WORD
+    characters, in order. Normal text has none and costs one pass over its UTF-8 bytes."""
+    if len(text) <= MAX_TRAIN_WORD:
+        return []
+    mask = text.encode("utf-8", "surrogatepass").translate(_SPACE_MASK)
+    if not any(run in mask for run in _MASK_RUNS):
+        return []
+    spans: list[tuple[int, int]] = []
+    for m in _LONG_RUN.finditer(text):  # long runs of non-space or of space characters
+        a, b = m.span()
+        if text[a].isspace():
+            # the pre-tokenizer keeps a run's last space for the word that follows it
+            stop = b if b == len(text) else b - 1
+            if stop - a > MAX_TRAIN_WORD:
+                spans.append((a, stop))
+            continue
+        # a non-space run holds whole words (a CJK paragraph holds many) and the first may take the
+        # space before it: split the run as the pre-tokenizer does
+        w0 = a - 1 if a > 0 else 0
+        spans.extend(
+            (w0 + s, w0 + e) for _, (s, e) in pretok.pre_tokenize_str(text[w0:b]) if e - s > MAX_TRAIN_WORD
+        )
+    return spans
+
+
+def _training_texts(text: str, spans: list[tuple[int, int]]) -> Iterator[str]:
+    """``text`` as the trainer sees it: cut before and after each long word (word boundaries, so the
+    other words are unchanged), the long words in pieces of MAX_TRAIN_WORD characters, at most
+    MAX_TRAIN_LONG_CHARS of them."""
+    pos, budget = 0, MAX_TRAIN_LONG_CHARS
+    for s, e in spans:
+        if s > pos:
+            yield text[pos:s]
+        take = min(e - s, budget)
+        budget -= take
+        for i in range(s, s + take, MAX_TRAIN_WORD):
+            yield text[i : min(i + MAX_TRAIN_WORD, s + take)]
+        pos = e
+    if pos < len(text):
+        yield text[pos:]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +242,10 @@ class TextTokenizer(Tokenizer):
     """Byte-level BPE over text documents; one record per chunk of at most ``max_length`` ids."""
 
     Config: ClassVar[type] = TextConfig
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
+    # 2: words over MAX_TRAIN_WORD characters reach the BPE trainer in pieces (a vocabulary trained on
+    # documents that hold such words changes; others are unchanged); JSONL labels 1.0 and true are the
+    # classes "1" and "true", no longer "1.0" and "True"; arrays, objects and NaN as labels are invalid
     extensions: ClassVar[tuple[str, ...]] = (".txt", ".jsonl", ".csv", ".tsv")
     needs_fit: ClassVar[bool] = True
 
@@ -170,12 +291,17 @@ class TextTokenizer(Tokenizer):
     def fit(self, sources: Iterable[str]) -> None:
         """Collect the labels of ``sources`` and, unless ``vocab_path`` is set, train the BPE on them.
 
-        Unreadable sources are skipped with a warning (the pipeline records their errors later).
+        Unreadable sources are skipped with a warning (the pipeline records their errors later), and
+        so is a source whose reading fails in any other way: one input never stops the fit. Words
+        longer than MAX_TRAIN_WORD characters are trained on in pieces (see the module docstring).
         """
         from tokenizers import pre_tokenizers, trainers
 
         seen: set[str] = set()
         skipped: list[str] = []
+        long_docs: list[tuple[str, int]] = []  # (source, characters in long words) per such document
+        pretok = _new_bpe().pre_tokenizer
+        train = self.config.vocab_path is None
 
         def documents() -> Iterator[str]:
             for src in sources:
@@ -184,11 +310,20 @@ class TextTokenizer(Tokenizer):
                 except TokenizeError as e:
                     skipped.append(f"{e}")
                     continue
+                except Exception as e:  # noqa: BLE001 - a reader's bug must not stop the whole job
+                    skipped.append(f"{src}: {type(e).__name__}: {e}")
+                    continue
                 for text, label in raw:
                     if label is not None:
                         seen.add(str(label))
-                    if text.strip():
+                    if not text.strip():
+                        continue
+                    spans = _long_words(text, pretok) if train else []
+                    if not spans:
                         yield text
+                        continue
+                    long_docs.append((src, sum(e - s for s, e in spans)))
+                    yield from _training_texts(text, spans)
 
         if self.config.vocab_path is not None:
             for _ in documents():
@@ -206,6 +341,21 @@ class TextTokenizer(Tokenizer):
             self._bpe = bpe
         if skipped:
             log.warning("text fit skipped %d unreadable source(s), e.g. %s", len(skipped), skipped[0])
+        if long_docs:
+            src, n = max(long_docs, key=lambda d: d[1])
+            capped = sum(max(0, n - MAX_TRAIN_LONG_CHARS) for _, n in long_docs)
+            log.warning(
+                "text fit: %d document(s) hold words of over %d characters without a break (most: %d "
+                "characters in %s); the vocabulary was trained on them in pieces of %d characters%s",
+                len(long_docs),
+                MAX_TRAIN_WORD,
+                n,
+                src,
+                MAX_TRAIN_WORD,
+                f", and not on {capped} characters beyond {MAX_TRAIN_LONG_CHARS} per document"
+                if capped
+                else "",
+            )
         if self.config.labels is None:
             self._labels = _sort_labels(seen) if seen else None
         log.info(
@@ -289,6 +439,7 @@ class TextTokenizer(Tokenizer):
     def _read_jsonl(self, content: str, source: str) -> Raw:
         key, lkey = self.config.text_field, self.config.label_field
         out: Raw = []
+        fixed: list[int] = []  # lines whose lone surrogates were replaced
         # JSON Lines separates records by "\n" only (optionally "\r\n"): str.splitlines() would also cut
         # at U+2028, U+2029, U+0085, \x0b, \x0c, \x1c-\x1e, which json.dumps(ensure_ascii=False) leaves
         # unescaped inside strings.
@@ -317,15 +468,35 @@ class TextTokenizer(Tokenizer):
                     "invalid",
                     f"line {n}: field {key!r} is a {type(text).__name__}, expected a string",
                 )
-            label = obj.get(lkey) if lkey is not None else None
-            out.append((text, None if label is None else str(label)))
+            try:
+                label = _json_label(obj.get(lkey)) if lkey is not None else None
+            except ValueError as e:
+                raise TokenizeError(
+                    source,
+                    "invalid",
+                    f"line {n}: label field {lkey!r} {e}; a label must be a string, a number or a boolean",
+                ) from None
+            if "\\u" in line:  # only a JSON escape makes a lone surrogate: UTF-8 text has none
+                text, k = _replace_surrogates(text)
+                label, kl = _replace_surrogates(label) if label is not None else (None, 0)
+                if k or kl:
+                    fixed.append(n)
+            out.append((text, label))
+        if fixed:
+            log.warning(
+                "%s: replaced lone UTF-16 surrogate escape(s) (half an emoji) by U+FFFD on %d line(s), first line %d",
+                source,
+                len(fixed),
+                fixed[0],
+            )
         return out
 
     def _read_table(self, content: str, source: str, delimiter: str) -> Raw:
         # TSV files (e.g. the SMS Spam Collection) do not quote fields; CSV files may.
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         try:
-            rows = list(csv.reader(io.StringIO(content), delimiter=delimiter, quoting=quoting))
+            with _csv_fields_unlimited():  # a 200 KiB cell is a valid field
+                rows = list(csv.reader(io.StringIO(content), delimiter=delimiter, quoting=quoting))
         except csv.Error as e:
             raise TokenizeError(
                 source, "corrupt", f"not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file ({e})"
@@ -400,7 +571,11 @@ class TextTokenizer(Tokenizer):
     def _encoded(self, encode: Any, texts: list[str]) -> Iterator[np.ndarray]:
         """Each text's ids, (n,) int32, encoding ``ENCODE_BATCH`` texts per call."""
         for start in range(0, len(texts), self.ENCODE_BATCH):
-            batch = encode(texts[start : start + self.ENCODE_BATCH], add_special_tokens=False)
+            chunk = texts[start : start + self.ENCODE_BATCH]
+            try:
+                batch = encode(chunk, add_special_tokens=False)
+            except TypeError:  # a lone surrogate (a str given to tokenize(), not read()): not UTF-8
+                batch = encode([_replace_surrogates(t)[0] for t in chunk], add_special_tokens=False)
             yield from [np.asarray(e.ids, dtype=np.int32) for e in batch]
 
     def _label_index(self, label: Any, source: str) -> int | None:

@@ -10,9 +10,20 @@ them.
 
 Inputs and decisions (documented here once):
 
-* Tables: CSV, TSV (with a header row) and Parquet. Every numeric column is a channel; other columns
-  (a date/time column, text) are skipped, and so are columns without any value (with a warning).
-  ``Config.columns`` picks channels by name. One file is one series, cut into sliding windows of
+* Tables: CSV, TSV (with a header row) and Parquet. Every numeric column is a channel. A text column
+  in which more than half of the non-empty cells are numbers is a channel too, its other cells
+  (a typo such as ``1.2.3``, a marker such as ``-``) missing values, with a warning naming the
+  column and counting them. Other columns are skipped: quietly a column of dates or times (as Arrow
+  reads ``2016-07-01 00:00:00``) and the first column when it is not numeric (the time or index
+  column: ``date`` in ETT, Weather, Electricity); any other (a name, a status, booleans) with a
+  warning naming it. A column with no valid value (every cell empty, NaN or inf) is skipped with a
+  warning, unless every column is so (``invalid``). ``Config.columns`` picks channels by name (a
+  chosen column that is not numeric is a ``config`` error; one without a valid value makes the file
+  ``invalid``). A CSV/TSV whose first row is all numbers has no header: that row is data, and the
+  columns are named ``f0``, ``f1``, ... — unless the row is ``0,1,2,...`` or ``1,2,3,...``, the names
+  pandas gives unnamed columns (a lone ``0`` or ``1`` is kept as a name with a warning). A header
+  that is not UTF-8 (a Latin-1 ``température``) makes the file ``corrupt``, and so does UTF-16 text.
+  One file is one series, cut into sliding windows of
   ``Config.window`` steps every ``Config.stride`` steps (a tail shorter than a window is dropped; a
   series shorter than one window is rejected as ``too_small``; ``window=None`` makes the whole series
   one window).
@@ -20,7 +31,9 @@ Inputs and decisions (documented here once):
   dimensions are separated by ``:`` and their values by ``,``; ``?`` is missing; the class label is
   the last field; class names from ``@classLabel``) and UCR ``.tsv`` (no header; label in the first
   column; trailing NaNs mark the end of a shorter series and are trimmed). Each line is one labelled
-  series and, unless ``Config.window_labelled``, one window. A ``.tsv`` file is read as UCR when its
+  series and, unless ``Config.window_labelled``, one window. A line that gives no usable series
+  (only a label, too few steps, a channel without values) is skipped, with one warning per file
+  naming its lines, unless no line is usable (the file is then rejected with the first reason). A ``.tsv`` file is read as UCR when its
   first line is all numbers, else as a table. Label indices follow ``Config.class_labels``, else the
   names learned by :meth:`TimeSeriesTokenizer.fit` (cheap: it reads headers/label fields only; so
   ``needs_fit`` is True unless ``class_labels`` is given), else the file's own ``@classLabel`` order
@@ -34,13 +47,13 @@ Inputs and decisions (documented here once):
 * Column names of a table must be unique: a table with two columns of the same name raises
   ``TokenizeError(kind="invalid")`` naming them (rather than guessing which one ``columns=`` means or
   renaming them).
-* Missing values (NaN, empty cells, ``?``, inf) are filled per channel over the whole series by
+* Missing values (NaN, empty cells, ``?``, ``NA``, ``null`` and Arrow's other markers, inf) are filled per channel over the whole series by
   linear interpolation between the nearest valid steps, and by the nearest valid value at the ends.
   A window (channel-independent mode: a window of one channel; joint mode: a window in which any
   channel) with more than ``Config.max_missing`` of its steps missing is skipped with a logged
-  warning. A channel with no valid value makes its series invalid: a table file, or a UCR file whose
-  every series is invalid, raises ``TokenizeError(kind="invalid")``; an invalid UCR series among
-  valid ones is skipped with a warning. ``meta["missing"]`` counts the filled steps.
+  warning. A channel with no valid value makes its series invalid: a table file (all its columns
+  so, or one chosen in ``columns=``), or a UCR file whose every series is invalid, raises
+  ``TokenizeError(kind="invalid")``; an invalid UCR series among valid ones is skipped with a warning. ``meta["missing"]`` counts the filled steps.
 * Channel-independent mode (default, PatchTST): one record per (window, channel) with positions
   (0, patch) — channels share everything, the channel is in ``meta["channels"]``. Joint mode: one
   record per window with every channel's patches, channel-major, positions (channel, patch).
@@ -145,6 +158,8 @@ class TimeSeries:
     """Class names that the label indices refer to, or None."""
     labelled: bool = False
     """True for UCR-style files: each series is one sample (one window unless window_labelled)."""
+    lines: list[int] | None = None
+    """Line of the file each series was read from (UCR files), for messages; or None."""
 
     @property
     def values(self) -> np.ndarray:
@@ -210,6 +225,37 @@ def _sort_labels(names: Iterable[str]) -> tuple[str, ...]:
         return tuple(sorted(names))
 
 
+_NULL_VALUES = [*pacsv.ConvertOptions().null_values, "?"]
+"""Cells Arrow reads as missing in a CSV/TSV table: its defaults ("", "NA", "NaN", "null", ...) and "?"."""
+_NUMBER = r"^[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity|nan)$"
+"""A cell of a text column that counts as a number (as Arrow casts it to float64), after trimming."""
+
+
+def _coerce_numeric(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray, int, int, str | None]:
+    """A text column as float64 with its non-number cells null: (values, numbers, non-numbers,
+    the first non-number)."""
+    text = pc.utf8_trim_whitespace(column)
+    ok = pc.match_substring_regex(text, _NUMBER, ignore_case=True)  # null where the cell is null
+    n_num = int(pc.sum(ok).as_py() or 0)
+    n_bad = int(pc.sum(pc.invert(ok)).as_py() or 0)
+    first = None
+    if n_bad:
+        first = text.filter(pc.invert(ok))[0].as_py()
+    kept = pc.if_else(ok, text, pa.scalar(None, text.type))
+    try:
+        values = pc.cast(kept, pa.float64())
+    except pa.ArrowInvalid:  # a spelling the pattern takes and Arrow does not: Python decides
+        values = pa.chunked_array([pa.array([_float_or_none(v) for v in kept.to_pylist()], pa.float64())])
+    return values, n_num, n_bad, first
+
+
+def _float_or_none(v: str | None) -> float | None:
+    try:
+        return float(v) if v is not None else None
+    except ValueError:
+        return None
+
+
 def _is_number(s: str) -> bool:
     try:
         float(s)
@@ -223,7 +269,10 @@ class TimeSeriesTokenizer(Tokenizer):
     """Series -> windows -> RevIN per (window, channel) -> patches of patch_len steps (PatchTST)."""
 
     Config = TimeSeriesConfig
-    version = "1"
+    version = "2"
+    # 2: "?" is a missing value in CSV/TSV tables, and a text column mostly of numbers is a channel
+    # (both were skipped), so such tables give more records; a column with no finite value among
+    # valid ones is skipped (its file was invalid); a CSV whose first row is numbers keeps it as data
     extensions = (".csv", ".tsv", ".parquet", ".ts")
 
     def __init__(self, config: Any = None) -> None:
@@ -254,7 +303,7 @@ class TimeSeriesTokenizer(Tokenizer):
         self.check_file(source)
         fmt = self._format(source)
         if fmt == "ucr":
-            names, series, labels = self._read_ucr(source)
+            names, series, labels, lines = self._read_ucr(source)
             if not series:
                 raise TokenizeError(source, "empty", "no series in the file")
             names = self._label_list(source, names)
@@ -271,7 +320,9 @@ class TimeSeriesTokenizer(Tokenizer):
             )
             width = max(s.shape[1] for s in series)
             channels = tuple(f"dim_{i}" for i in range(width))
-            return TimeSeries(series=series, channels=channels, labels=ints, label_names=names, labelled=True)
+            return TimeSeries(
+                series=series, channels=channels, labels=ints, label_names=names, labelled=True, lines=lines
+            )
         values, channels = self._read_table(source)
         return TimeSeries(series=[values], channels=channels)
 
@@ -288,8 +339,16 @@ class TimeSeriesTokenizer(Tokenizer):
             except TokenizeError as e:
                 if len(raw.series) == 1:
                     raise
-                log.warning("%s: skipping series %d: %s: %s", src, si, e.kind, e.reason)
                 errors.append(e)
+        if errors and records:
+            log.warning(
+                "%s: skipped %d of %d series: %s%s",
+                src,
+                len(errors),
+                len(raw.series),
+                "; ".join(f"{e.kind}: {e.reason}" for e in errors[:3]),
+                f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "",
+            )
         if not records:
             if errors:
                 e = errors[0]
@@ -442,18 +501,21 @@ class TimeSeriesTokenizer(Tokenizer):
     ) -> list[Record]:
         c = self.config
         x = np.asarray(x)
+        name = f"series {si}" + (f" (line {raw.lines[si]})" if raw.lines is not None else "")
+        if x.ndim == 2 and x.shape[0] == 0 and x.shape[1] > 0:
+            raise TokenizeError(src, "empty", f"{name} has no values")
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-            raise TokenizeError(src, "empty", f"series {si} has shape {x.shape}; expected (T > 0, C > 0)")
+            raise TokenizeError(src, "empty", f"{name} has shape {x.shape}; expected (T > 0, C > 0)")
         filled, missing = fill_missing(x)  # (T, C)
         dead = np.nonzero(missing.all(axis=0))[0]
         if dead.size:
             names = [raw.channels[i] if i < len(raw.channels) else str(i) for i in dead]
-            raise TokenizeError(src, "invalid", f"series {si}: channel(s) {names} have no valid value")
+            raise TokenizeError(src, "invalid", f"{name}: channel(s) {names} have no valid value")
         n_t, n_c = x.shape
         window = c.window if (c.window is not None and (not raw.labelled or c.window_labelled)) else n_t
         if n_t < max(window, c.patch_len):
             raise TokenizeError(
-                src, "too_small", f"series {si} has {n_t} steps; a sample needs {max(window, c.patch_len)}"
+                src, "too_small", f"{name} has {n_t} steps; a sample needs {max(window, c.patch_len)}"
             )
         n_p = num_patches(window, c.patch_len, c.patch_stride)
         length = (n_p - 1) * c.patch_stride + c.patch_len
@@ -582,21 +644,27 @@ class TimeSeriesTokenizer(Tokenizer):
 
     def _read_table(self, source: str) -> tuple[np.ndarray, tuple[str, ...]]:
         ext = os.path.splitext(source)[1].lower()
-        try:
-            with utf8_path(source) as path:  # Arrow takes UTF-8 paths
-                if ext == ".parquet":
-                    with pq.ParquetFile(
-                        path
-                    ) as pf:  # unlike pq.read_table, keeps duplicate names (refused below)
-                        table = pf.read()
-                else:
-                    delim = "\t" if ext == ".tsv" else ","
-                    table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delim))
-        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
-            raise TokenizeError(source, "corrupt", f"cannot read table: {e}") from None
+        if ext != ".parquet":
+            with open(source, "rb") as f:
+                if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+                    raise TokenizeError(source, "corrupt", "UTF-16 text; save the table as UTF-8")
+        table, names_all = self._load_table(source, ext, header=True)
+        if ext != ".parquet" and all(_is_number(n) for n in names_all):
+            n = len(names_all)
+            if names_all not in ([str(i) for i in range(n)], [str(i + 1) for i in range(n)]):
+                # no header row: the first row is data
+                table, names_all = self._load_table(source, ext, header=False)
+                log.info("%s: the first row is all numbers, so data (no header): columns f0, f1, ...", source)
+            elif n == 1:  # pandas names an unnamed column "0"; a header-less file may start with 0 or 1
+                log.warning(
+                    "%s: read the first row %r as the column's name (as pandas writes); if the file "
+                    "has no header row, that value is not in the series",
+                    source,
+                    names_all[0],
+                )
         if table.num_rows == 0:
             raise TokenizeError(source, "empty", "table has no rows")
-        dups = sorted({n for n in table.column_names if table.column_names.count(n) > 1})
+        dups = sorted({n for n in names_all if names_all.count(n) > 1})
         if dups:
             raise TokenizeError(
                 source,
@@ -607,35 +675,55 @@ class TimeSeriesTokenizer(Tokenizer):
         def numeric(t: pa.DataType) -> bool:
             return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
 
-        if self.config.columns is not None:
-            absent = [n for n in self.config.columns if n not in table.column_names]
+        def temporal(t: pa.DataType) -> bool:
+            return pa.types.is_temporal(t)  # timestamp, date, time, duration
+
+        def as_float(n: str) -> pa.ChunkedArray | None:
+            """Column ``n`` as float64, or None when it is not numeric; a text column more than half
+            of whose non-empty cells are numbers is numeric, the rest missing (with a warning)."""
+            col, t = table.column(n), table.schema.field(n).type
+            if numeric(t) or pa.types.is_null(t):  # an all-empty column has Arrow type null
+                return pc.cast(col, pa.float64())
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+                return None
+            values, n_num, n_bad, first = _coerce_numeric(col)
+            if n_num <= n_bad:
+                return None
+            if n_bad:
+                log.warning(
+                    "%s: column %r: %d of %d cells are not numbers (e.g. %r): read as missing values",
+                    source,
+                    n,
+                    n_bad,
+                    n_num + n_bad,
+                    first,
+                )
+            return values
+
+        strict = self.config.columns is not None
+        if strict:
+            absent = [n for n in self.config.columns if n not in names_all]
             if absent:
                 raise TokenizeError(
-                    source, "config", f"column(s) {absent} not in the table; it has {table.column_names}"
+                    source, "config", f"column(s) {absent} not in the table; it has {names_all}"
                 )
-            # an all-empty column has Arrow type null: a chosen one is a channel with no valid value
-            wrong = [
-                n
-                for n in self.config.columns
-                if not (numeric(table.schema.field(n).type) or pa.types.is_null(table.schema.field(n).type))
-            ]
+            names = list(self.config.columns)
+            cols = {n: as_float(n) for n in names}
+            wrong = [n for n in names if cols[n] is None]
             if wrong:
                 raise TokenizeError(source, "config", f"column(s) {wrong} are not numeric")
-            names = list(self.config.columns)
         else:
-            names = [f.name for f in table.schema if numeric(f.type)]
-            skipped = [f.name for f in table.schema if not numeric(f.type) and not pa.types.is_null(f.type)]
-            if skipped:
-                log.debug("%s: skipping non-numeric column(s) %s", source, skipped)
-            blank = [f.name for f in table.schema if pa.types.is_null(f.type)]
-            if blank:
-                log.warning(
-                    "%s: skipping column(s) %s: no values at all (choose them in columns= to be strict)",
-                    source,
-                    blank,
-                )
+            cols = {n: as_float(n) for n in names_all}
+            names = [n for n in names_all if cols[n] is not None]
+            other = [
+                n
+                for i, n in enumerate(names_all)
+                if cols[n] is None and i > 0 and not temporal(table.schema.field(n).type)
+            ]
+            if other and names:
+                log.warning("%s: skipping non-numeric column(s) %s", source, other)
             if not names:
-                cols = table.column_names
+                cols = names_all
                 sep = next((c for c in ";|\t" if len(cols) == 1 and c in cols[0]), None)
                 hint = (
                     f"; the file looks {sep!r}-separated, and .csv is read as comma-separated (.tsv: tabs)"
@@ -643,12 +731,55 @@ class TimeSeriesTokenizer(Tokenizer):
                     else ""
                 )  # a spreadsheet's export in a locale whose decimal mark is the comma
                 raise TokenizeError(source, "invalid", f"no numeric columns (columns: {cols[:10]}){hint}")
-        cols = [pc.cast(table.column(n), pa.float64()).to_numpy(zero_copy_only=False) for n in names]
-        values = _to_float32(np.stack(cols, axis=1))  # (T, C); nulls became NaN, beyond float32 inf
+        values = _to_float32(
+            np.stack([cols[n].to_numpy(zero_copy_only=False) for n in names], axis=1)
+        )  # (T, C); nulls became NaN, beyond float32 inf
+        if not strict:
+            dead = ~np.isfinite(values).any(axis=0)
+            if dead.any() and not dead.all():  # all dead: the series is invalid (tokenize says so)
+                log.warning(
+                    "%s: skipping column(s) %s: no valid value at all (every cell empty, NaN or inf; "
+                    "choose them in columns= to be strict)",
+                    source,
+                    [n for n, d in zip(names, dead) if d],
+                )
+                names = [n for n, d in zip(names, dead) if not d]
+                values = values[:, ~dead]
         return values, tuple(names)
 
-    def _read_ucr(self, source: str) -> tuple[tuple[str, ...] | None, list[np.ndarray], list[str | None]]:
-        """(class names from the header or None, series (T_i, C) float32, raw label strings)."""
+    @staticmethod
+    def _load_table(source: str, ext: str, *, header: bool) -> tuple[pa.Table, list[str]]:
+        """The table of a Parquet, CSV or TSV file and its column names (``f0``, ``f1``, ... without a
+        header); TokenizeError(corrupt) when it cannot be read."""
+        try:
+            with utf8_path(source) as path:  # Arrow takes UTF-8 paths
+                if ext == ".parquet":
+                    with pq.ParquetFile(path) as pf:  # unlike pq.read_table, keeps duplicate names (refused)
+                        table = pf.read()
+                else:
+                    table = pacsv.read_csv(
+                        path,
+                        read_options=pacsv.ReadOptions(autogenerate_column_names=not header),
+                        parse_options=pacsv.ParseOptions(delimiter="\t" if ext == ".tsv" else ","),
+                        convert_options=pacsv.ConvertOptions(
+                            null_values=_NULL_VALUES, strings_can_be_null=True
+                        ),
+                    )
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise TokenizeError(source, "corrupt", f"cannot read table: {e}") from None
+        try:
+            names = table.column_names  # Arrow decodes the header's bytes here, not when reading
+        except UnicodeDecodeError as e:
+            raise TokenizeError(
+                source, "corrupt", f"header is not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x})"
+            ) from None
+        return table, names
+
+    def _read_ucr(
+        self, source: str
+    ) -> tuple[tuple[str, ...] | None, list[np.ndarray], list[str | None], list[int]]:
+        """(class names from the header or None, series (T_i, C) float32, raw label strings, the line
+        of each series)."""
         try:
             with open(source, encoding="utf-8-sig") as f:
                 text = f.read()
@@ -659,6 +790,7 @@ class TimeSeriesTokenizer(Tokenizer):
         delim = "\t" if source.lower().endswith(".tsv") else ","
         series: list[np.ndarray] = []
         labels: list[str | None] = []
+        lines: list[int] = []
         for ln, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -671,12 +803,13 @@ class TimeSeriesTokenizer(Tokenizer):
             v = v[: keep[-1] + 1] if keep.size else v[:0]  # trailing NaNs: end of a shorter series
             labels.append(fields[0].strip())
             series.append(v[:, None])
-        return _sort_labels(labels) if labels else None, series, labels
+            lines.append(ln)
+        return _sort_labels(labels) if labels else None, series, labels, lines
 
     @staticmethod
     def _parse_ts(
         source: str, text: str
-    ) -> tuple[tuple[str, ...] | None, list[np.ndarray], list[str | None]]:
+    ) -> tuple[tuple[str, ...] | None, list[np.ndarray], list[str | None], list[int]]:
         header: dict[str, str] = {}
         lines = text.splitlines()
         data_at = None
@@ -705,6 +838,7 @@ class TimeSeriesTokenizer(Tokenizer):
         has_target = header.get("targetlabel", "false").split()[:1] == ["true"]
         series: list[np.ndarray] = []
         labels: list[str | None] = []
+        lines_of: list[int] = []
         n_dims = None
         for ln, line in enumerate(lines[data_at:], data_at + 1):
             s = line.strip()
@@ -733,4 +867,5 @@ class TimeSeriesTokenizer(Tokenizer):
                 x[: d.shape[0], i] = d
             series.append(x)
             labels.append(label)
-        return names, series, labels
+            lines_of.append(ln)
+        return names, series, labels, lines_of

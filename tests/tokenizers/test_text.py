@@ -284,3 +284,178 @@ def test_documents_encoded_a_batch_at_a_time_give_the_same_records(corpus, monke
     for a, b in zip(batched, whole):
         assert (a.id, a.label, a.meta) == (b.id, b.label, b.meta)
         assert np.array_equal(a.tokens, b.tokens) and a.tokens.dtype == np.int32
+
+
+def test_a_lone_surrogate_escape_in_jsonl_becomes_u_fffd_with_a_warning(tmp_path, caplog):
+    """'\\ud83d' without its other half is valid JSON (scrapers cut emoji so) but no UTF-8 text: it
+    stopped the whole job in the driver's fit (UnicodeEncodeError in the BPE trainer)."""
+    p = tmp_path / "s.jsonl"
+    p.write_text(
+        '{"text": "fine"}\n'
+        '{"text": "truncated emoji \\ud83d here", "label": "x\\udc00"}\n'
+        '{"text": "a whole one \\ud83d\\ude00 and C:\\\\users"}\n'
+    )
+    tok = TextTokenizer(TextConfig(vocab_size=300, min_frequency=1))
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        raw = tok.read(str(p))
+    assert raw == [
+        ("fine", None),
+        ("truncated emoji \ufffd here", "x\ufffd"),
+        ("a whole one \U0001f600 and C:\\users", None),
+    ]
+    assert "by U+FFFD on 1 line(s), first line 2" in caplog.text
+    tok.fit([str(p)])
+    assert tok.label_names() == ("x\ufffd",)
+    recs = tok(str(p))
+    assert [tok.detokenize(r) for r in recs] == [d for d, _ in raw] and recs[1].label == 0
+    # a str given to tokenize() directly is encoded with the same replacement
+    (rec,) = tok.tokenize([("half \ud83d", None)], source="m")
+    assert tok.detokenize(rec) == "half \ufffd"
+
+
+def test_fit_skips_a_source_whose_reader_fails_in_any_way(corpus, monkeypatch, caplog):
+    tok = TextTokenizer(TextConfig(vocab_size=300, min_frequency=1))
+    read = TextTokenizer.read
+
+    def flaky(self, source):
+        if source == corpus["txt"]:
+            raise RuntimeError("boom")
+        return read(self, source)
+
+    monkeypatch.setattr(TextTokenizer, "read", flaky)
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        tok.fit([corpus["txt"], corpus["jsonl"]])
+    assert tok.fitted and tok.label_names() == ("a", "b")
+    assert f"skipped 1 unreadable source(s), e.g. {corpus['txt']}: RuntimeError: boom" in caplog.text
+
+
+def test_jsonl_label_values(tmp_path):
+    """A JSON label names its class by value: 1 and 1.0 are one class, booleans are spelled as in JSON."""
+    p = tmp_path / "l.jsonl"
+    labels = [1, "1", 1.0, 0.5, -2, True, False, None, "cat", 2.0**60]
+    p.write_text("".join(json.dumps({"text": "hi", "label": lab}) + "\n" for lab in labels))
+    raw = TextTokenizer().read(str(p))
+    assert [lab for _, lab in raw] == [
+        "1", "1", "1", "0.5", "-2", "true", "false", None, "cat", "1.152921504606847e+18"
+    ]  # fmt: skip
+    tok = _fitted([str(p)])
+    assert tok.label_names() == ("-2", "0.5", "1", "1.152921504606847e+18", "cat", "false", "true")
+
+    def reason(line: str) -> tuple[str, str]:
+        q = tmp_path / "bad.jsonl"
+        q.write_text('{"text": "ok", "label": "a"}\n' + line + "\n")
+        with pytest.raises(TokenizeError) as e:
+            TextTokenizer().read(str(q))
+        return e.value.kind, e.value.reason
+
+    tail = "; a label must be a string, a number or a boolean"
+    assert reason('{"text": "x", "label": [1, 2]}') == (
+        "invalid", "line 2: label field 'label' is an array ([1, 2])" + tail
+    )  # fmt: skip
+    assert reason('{"text": "x", "label": {"k": 1}}') == (
+        "invalid", "line 2: label field 'label' is an object ({\"k\": 1})" + tail
+    )  # fmt: skip
+    assert reason('{"text": "x", "label": NaN}') == ("invalid", "line 2: label field 'label' is NaN" + tail)
+    assert reason('{"text": "x", "label": -Infinity}') == (
+        "invalid", "line 2: label field 'label' is -Infinity" + tail
+    )  # fmt: skip
+    # label_field=None ignores whatever is there
+    (tmp_path / "any.jsonl").write_text('{"text": "x", "label": [1]}\n')
+    assert TextTokenizer(TextConfig(label_field=None)).read(str(tmp_path / "any.jsonl")) == [("x", None)]
+
+
+def test_csv_and_tsv_cells_over_128_kib(tmp_path):
+    """Python's csv module refuses a field over 128 KiB by default ("field larger than field limit")."""
+    import csv
+
+    big = "word " * (200 * 1024 // 5)  # 200 KiB
+    (tmp_path / "a.csv").write_text(f'text,label\n"{big}",a\nshort,b\n')
+    (tmp_path / "a.tsv").write_text(f"label\ttext\na\t{big}\n")
+    before = csv.field_size_limit()
+    assert TextTokenizer().read(str(tmp_path / "a.csv")) == [(big, "a"), ("short", "b")]
+    assert TextTokenizer().read(str(tmp_path / "a.tsv")) == [(big, "a")]
+    assert csv.field_size_limit() == before  # the process-wide limit is restored
+
+
+class _TrainSpy:
+    """A tokenizers pipeline made by _new_bpe that records what its trainer is fed."""
+
+    def __init__(self, tok, fed: list[str]) -> None:
+        self._tok, self._fed = tok, fed
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def train_from_iterator(self, it, trainer):
+        def spy():
+            for s in it:
+                self._fed.append(s)
+                yield s
+
+        self._tok.train_from_iterator(spy(), trainer=trainer)
+
+
+@pytest.fixture
+def train_spy(monkeypatch):
+    """The texts the BPE trainer of the next fit() is fed, in order."""
+    from maskloom.tokenizers import text
+
+    fed: list[str] = []
+    real = text._new_bpe
+    monkeypatch.setattr(text, "_new_bpe", lambda: _TrainSpy(real(), fed))
+    return fed
+
+
+def test_words_longer_than_max_train_word_reach_the_trainer_in_pieces(tmp_path, train_spy, caplog):
+    """A long run without a break (DNA, a minified blob) cost the BPE trainer the square of its length
+    (400,000 letters: 117 s; 5 MB: hours) in the driver's fit. Such words are cut at word boundaries,
+    the other words of the document are unchanged, and the text is still encoded whole."""
+    from maskloom.tokenizers.text import MAX_TRAIN_WORD
+
+    assert MAX_TRAIN_WORD == 1024
+    head = "hello world " * 10
+    doc = head + "x" * 3000 + "\n\n" + " " * 2000 + "tail, " + "7" * 1100 + "!"
+    (tmp_path / "d.txt").write_text(doc)
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        tok = _fitted([str(tmp_path / "d.txt")])
+    assert train_spy == [
+        head[:-1],  # the space before the long word goes with it, as the pre-tokenizer keeps it
+        " " + "x" * 1023, "x" * 1024, "x" * 953,
+        "\n\n" + " " * 1022, " " * 977,  # a whitespace run gives its last space to the next word
+        " tail,",
+        " " + "7" * 1023, "7" * 77,
+        "!",
+    ]  # fmt: skip
+    assert "".join(train_spy) == doc
+    assert (
+        "1 document(s) hold words of over 1024 characters without a break (most: 6103 characters"
+        in caplog.text
+    )
+    (rec,) = tok(str(tmp_path / "d.txt"))
+    assert tok.detokenize(rec) == doc
+
+
+def test_normal_text_reaches_the_trainer_whole(tmp_path, train_spy):
+    """Text without a word over MAX_TRAIN_WORD characters (here a CJK paragraph of 1,500 characters
+    without a space, whose words end at its punctuation) is fed to the trainer as it is."""
+    rng = np.random.default_rng(0)
+    cjk = "".join("".join(map(chr, rng.integers(0x4E00, 0x4E00 + 300, 29))) + "，" for _ in range(50))
+    docs = [cjk, " ".join(_sentences(300)), "short"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    _fitted([str(tmp_path / "d.jsonl")])
+    assert len(cjk) == 1500 and train_spy == docs
+
+
+def test_long_words_are_trained_on_up_to_a_cap_per_document(tmp_path, train_spy, monkeypatch, caplog):
+    from maskloom.tokenizers import text
+
+    monkeypatch.setattr(text, "MAX_TRAIN_LONG_CHARS", 2500)
+    doc = "a" * 2000 + " " + "b" * 2000 + " c"
+    (tmp_path / "d.txt").write_text(doc)
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        tok = _fitted([str(tmp_path / "d.txt")])
+    assert [len(s) for s in train_spy] == [1024, 976, 500, 2]  # 2,000 + 500 characters of long words
+    assert train_spy[-1] == " c"
+    assert "and not on 1501 characters beyond 2500 per document" in caplog.text
+    (rec,) = tok(str(tmp_path / "d.txt"))
+    assert tok.detokenize(rec) == doc  # encoding is not capped

@@ -249,7 +249,7 @@ def test_missing_value_policy(tmp_path, caplog):
     dead = _csv(tmp_path / "deadch.csv", y)
     with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
         assert tok.read(dead).channels == ("ch0",)
-    assert "no values at all" in caplog.text
+    assert "skipping column(s) ['ch1']: no valid value at all (every cell empty, NaN or inf;" in caplog.text
     with pytest.raises(TokenizeError) as e:
         _tok(window=48, stride=24, columns=("ch0", "ch1"))(dead)
     assert e.value.kind == "invalid" and "ch1" in e.value.reason
@@ -343,7 +343,11 @@ def test_ucr_series_too_short_is_skipped_among_good_ones(tmp_path, caplog):
     p.write_text("1\t" + "\t".join(["1"] * 24) + "\n2\t1\t2\t3\n")
     with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
         recs = _tok()(str(p))
-    assert [r.id.split("#")[1] for r in recs] == ["s0-w0-c0"] and "skipping series 1" in caplog.text
+    assert [r.id.split("#")[1] for r in recs] == ["s0-w0-c0"]
+    assert (
+        f"{p}: skipped 1 of 2 series: too_small: series 1 (line 2) has 3 steps; a sample needs 12"
+        in caplog.text
+    )
     p.write_text("2\t1\t2\t3\n")
     with pytest.raises(TokenizeError) as e:
         _tok()(str(p))
@@ -528,3 +532,143 @@ def test_a_semicolon_separated_csv_is_named_as_such_and_a_bom_is_ignored(tmp_pat
     bom = tmp_path / "bom.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + ("temp\n" + "".join(f"{i / 10}\n" for i in range(40))).encode())
     assert tok(str(bom))[0].meta["channel_names"] == ["temp"]
+
+
+def _table(path, header: str, rows: list[str]) -> str:
+    path.write_text(header + "\n" + "".join(r + "\n" for r in rows))
+    return str(path)
+
+
+def _dated(rows: list[str]) -> list[str]:
+    return [f"2020-01-01 {i % 24:02d}:00,{r}" for i, r in enumerate(rows)]
+
+
+def test_a_question_mark_is_a_missing_value_in_a_table(tmp_path):
+    """'?' (UCR's marker, as the docstring says) made Arrow read the whole column as text, and the
+    channel was dropped."""
+    rows = [f"{i},{2 * i}" for i in range(40)]
+    rows[5] = "?,10"
+    p = _table(tmp_path / "q.csv", "date,a,b", _dated(rows))
+    raw = _tok(window=None).read(p)
+    assert raw.channels == ("a", "b")
+    a = raw.values[:, 0]
+    assert np.isnan(a[5]) and np.isfinite(np.delete(a, 5)).all()
+    assert [r.meta["missing"] for r in _tok(window=None)(p)] == [[1], [0]]
+
+
+def test_a_mostly_numeric_column_with_stray_cells_is_a_channel(tmp_path, caplog):
+    """One typo ('1.2.3') made Arrow read column b as text and b was dropped, logged at debug only."""
+    rows = [f"{i},{2 * i}.5,{'on' if i % 2 else 'off'}" for i in range(40)]
+    rows[7] = "7,1.2.3,on"
+    rows[9] = "9, - ,off"
+    p = _table(tmp_path / "typo.csv", "date,a,b,status", _dated(rows))
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        raw = _tok(window=None).read(p)
+    assert raw.channels == ("a", "b")
+    b = raw.values[:, 1]
+    assert np.isnan(b[[7, 9]]).all() and b[8] == 16.5 and np.isfinite(np.delete(b, [7, 9])).all()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        f"{p}: column 'b': 2 of 40 cells are not numbers (e.g. '1.2.3'): read as missing values",
+        f"{p}: skipping non-numeric column(s) ['status']",  # named; the first column (date) is not
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        assert _tok(window=None, columns=("b",)).read(p).channels == ("b",)
+    assert "2 of 40 cells are not numbers" in caplog.text
+    with pytest.raises(TokenizeError) as e:
+        _tok(window=None, columns=("a", "status")).read(p)
+    assert (e.value.kind, e.value.reason) == ("config", "column(s) ['status'] are not numeric")
+    # a column that is half text is not numeric: skipped with a warning
+    half = _table(tmp_path / "half.csv", "a,b", [f"{i},{i if i % 2 else 'x'}" for i in range(40)])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        assert _tok(window=None).read(half).channels == ("a",)
+    assert [r.getMessage() for r in caplog.records] == [f"{half}: skipping non-numeric column(s) ['b']"]
+
+
+def test_date_columns_and_the_first_column_are_skipped_quietly(tmp_path, caplog):
+    rows = [f"s{i},{i},2020-01-{i % 28 + 1:02d}T00:00:00,{i * 3}" for i in range(40)]
+    p = _table(tmp_path / "d.csv", "id,a,when,b", rows)
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        assert _tok(window=None).read(p).channels == ("a", "b")
+    assert caplog.records == []
+
+
+def test_a_column_without_a_finite_value_is_skipped_like_an_empty_one(tmp_path, caplog):
+    """An all-inf column rejected the whole file while an all-empty one was skipped."""
+    rows = [f"{i},inf,,{-i}" for i in range(40)]
+    p = _table(tmp_path / "inf.csv", "a,inf,empty,b", rows)
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        raw = _tok(window=None).read(p)
+    assert raw.channels == ("a", "b") and np.isfinite(raw.values).all()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{p}: skipping column(s) ['inf', 'empty']: no valid value at all (every cell empty, NaN or inf; "
+        "choose them in columns= to be strict)"
+    ]
+    pq.write_table(
+        pa.table({"a": pa.array([None] * 40, pa.float64()), "b": np.arange(40.0)}), tmp_path / "n.parquet"
+    )
+    assert _tok(window=None).read(str(tmp_path / "n.parquet")).channels == ("b",)
+    with pytest.raises(TokenizeError) as e:  # chosen: strict
+        _tok(window=None, columns=("a", "inf"))(p)
+    assert (e.value.kind, e.value.reason) == ("invalid", "series 0: channel(s) ['inf'] have no valid value")
+    every = _table(tmp_path / "every.csv", "x,y", ["inf,"] * 40)
+    with pytest.raises(TokenizeError) as e:  # no column has a value: the file is invalid
+        _tok(window=None)(every)
+    assert (e.value.kind, e.value.reason) == (
+        "invalid",
+        "series 0: channel(s) ['x', 'y'] have no valid value",
+    )
+
+
+def test_a_table_without_a_header_row_keeps_its_first_row(tmp_path, caplog):
+    """A header-less CSV lost its first row to the column names ('0.0000', '0.1257')."""
+    x = _series(40, 2)
+    p = _csv(tmp_path / "nohead.csv", x, date=False)
+    p2 = tmp_path / "nohead2.csv"
+    p2.write_text(open(p).read().split("\n", 1)[1])
+    raw = _tok(window=None).read(str(p2))
+    assert raw.channels == ("f0", "f1")
+    np.testing.assert_array_equal(raw.values, x)
+    # 0,1,2,... is a header, as pandas writes unnamed columns; a lone 0 is one too, with a warning
+    named = _table(tmp_path / "pandas.csv", "0,1", [f"{i},{i * 2}" for i in range(40)])
+    raw = _tok(window=None).read(named)
+    assert raw.channels == ("0", "1") and raw.values.shape == (40, 2)
+    lone = _table(tmp_path / "lone.csv", "0", [str(i) for i in range(40)])
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        assert _tok(window=None).read(lone).values.shape == (40, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{lone}: read the first row '0' as the column's name (as pandas writes); if the file has no "
+        "header row, that value is not in the series"
+    ]
+
+
+def test_a_header_that_is_not_utf8_or_utf16_text_is_corrupt(tmp_path):
+    """A Latin-1 header gave an `internal` error row: Arrow decodes the column names lazily."""
+    p = tmp_path / "latin1.csv"
+    p.write_bytes(
+        "date,température,b\n".encode("latin-1") + b"".join(b"x,%d,%d\n" % (i, i) for i in range(40))
+    )
+    q = tmp_path / "utf16.csv"
+    q.write_bytes(("a,b\n" + "1,2\n" * 40).encode("utf-16"))
+    for path, reason in (
+        (p, "header is not UTF-8 text (invalid continuation byte: byte 0xe9)"),
+        (q, "UTF-16 text; save the table as UTF-8"),
+    ):
+        with pytest.raises(TokenizeError) as e:
+            _tok(window=None)(str(path))
+        assert (e.value.kind, e.value.reason, e.value.source) == ("corrupt", reason, str(path))
+
+
+def test_unusable_ucr_lines_are_named_in_one_warning(tmp_path, caplog):
+    good = "\t".join(["1"] + [str(i % 5) for i in range(30)])
+    p = tmp_path / "U.tsv"
+    p.write_text("\n".join([good, "2", good, "2\tNaN\tNaN", "1\t1\t2", good]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        recs = _tok()(str(p))
+    assert [r.id.split("#")[1] for r in recs] == ["s0-w0-c0", "s2-w0-c0", "s5-w0-c0"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{p}: skipped 3 of 6 series: empty: series 1 (line 2) has no values; empty: series 3 (line 4) "
+        "has no values; too_small: series 4 (line 5) has 2 steps; a sample needs 12"
+    ]
