@@ -194,6 +194,10 @@ def test_random_point_clouds_give_valid_tables(n, nan_fraction, lattice, fmt, se
         if valid < 16:  # documented: all-NaN is invalid, fewer valid points than a group too_small
             _must_fail(tok, path, {"invalid" if valid == 0 else "too_small"})
             return
+        kept = pts[np.isfinite(pts).all(axis=1)]
+        if (kept.max(axis=0) == kept.min(axis=0)).all():  # documented: identical points are invalid
+            _must_fail(tok, path, {"invalid"})
+            return
         (rec,) = _outcome(tok, path, None)
         assert rec.tokens.shape == (16, 16 * 3) and rec.meta["num_valid_points"] == valid
         finite = pts[np.isfinite(pts).all(axis=1)].astype(np.float64)
