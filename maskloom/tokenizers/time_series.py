@@ -19,9 +19,10 @@ Inputs and decisions (documented here once):
   warning naming it. A column with no valid value (every cell empty, NaN or inf) is skipped with a
   warning, unless every column is so (``invalid``). ``Config.columns`` picks channels by name (a
   chosen column that is not numeric is a ``config`` error; one without a valid value makes the file
-  ``invalid``). A CSV/TSV whose first row is all numbers has no header: that row is data, and the
-  columns are named ``f0``, ``f1``, ... — unless the row is ``0,1,2,...`` or ``1,2,3,...``, the names
-  pandas gives unnamed columns (a lone ``0`` or ``1`` is kept as a name with a warning). A header
+  ``invalid``). A CSV/TSV whose first row is all numbers, not all of them integers, has no header:
+  that row is data, and the columns are named ``f0``, ``f1``, ... A first row of integers is read as
+  column names (sensor ids such as METR-LA's ``773869``, years, pandas' unnamed ``0,1,2,...``),
+  with a warning unless it is ``0,1,2,...`` or ``1,2,3,...`` over several columns. A header
   that is not UTF-8 (a Latin-1 ``température``) makes the file ``corrupt``, and so does UTF-16 text.
   One file is one series, cut into sliding windows of
   ``Config.window`` steps every ``Config.stride`` steps (a tail shorter than a window is dropped; a
@@ -64,6 +65,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -254,6 +256,9 @@ def _float_or_none(v: str | None) -> float | None:
         return float(v) if v is not None else None
     except ValueError:
         return None
+
+
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
 def _is_number(s: str) -> bool:
@@ -651,16 +656,17 @@ class TimeSeriesTokenizer(Tokenizer):
         table, names_all = self._load_table(source, ext, header=True)
         if ext != ".parquet" and all(_is_number(n) for n in names_all):
             n = len(names_all)
-            if names_all not in ([str(i) for i in range(n)], [str(i + 1) for i in range(n)]):
-                # no header row: the first row is data
+            if not all(_INTEGER.fullmatch(x.strip()) for x in names_all):
+                # no header row: the first row is data (column names are not 0.5 or 1e3)
                 table, names_all = self._load_table(source, ext, header=False)
                 log.info("%s: the first row is all numbers, so data (no header): columns f0, f1, ...", source)
-            elif n == 1:  # pandas names an unnamed column "0"; a header-less file may start with 0 or 1
+            elif names_all not in ([str(i) for i in range(n)], [str(i + 1) for i in range(n)]) or n == 1:
+                # integers: names as often as data (sensor ids, years; pandas' unnamed 0, 1, ...)
                 log.warning(
-                    "%s: read the first row %r as the column's name (as pandas writes); if the file "
-                    "has no header row, that value is not in the series",
+                    "%s: read the first row (%s) as column names; if the file has no header row, "
+                    "those values are not in the series",
                     source,
-                    names_all[0],
+                    ", ".join(names_all[:4]) + (", ..." if n > 4 else ""),
                 )
         if table.num_rows == 0:
             raise TokenizeError(source, "empty", "table has no rows")

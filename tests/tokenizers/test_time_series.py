@@ -631,16 +631,22 @@ def test_a_table_without_a_header_row_keeps_its_first_row(tmp_path, caplog):
     raw = _tok(window=None).read(str(p2))
     assert raw.channels == ("f0", "f1")
     np.testing.assert_array_equal(raw.values, x)
-    # 0,1,2,... is a header, as pandas writes unnamed columns; a lone 0 is one too, with a warning
+    # integers are names: 0,1,2,... as pandas writes unnamed columns (quietly), sensor ids and a
+    # lone 0 with a warning
     named = _table(tmp_path / "pandas.csv", "0,1", [f"{i},{i * 2}" for i in range(40)])
-    raw = _tok(window=None).read(named)
-    assert raw.channels == ("0", "1") and raw.values.shape == (40, 2)
+    ids = _table(tmp_path / "ids.csv", "773869,767541,767542", [f"{i}.5,{i},{-i}" for i in range(40)])
     lone = _table(tmp_path / "lone.csv", "0", [str(i) for i in range(40)])
     with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+        raw = _tok(window=None).read(named)
+        assert raw.channels == ("0", "1") and raw.values.shape == (40, 2)
+        raw = _tok(window=None).read(ids)
+        assert raw.channels == ("773869", "767541", "767542") and raw.values.shape == (40, 3)
         assert _tok(window=None).read(lone).values.shape == (40, 1)
     assert [r.getMessage() for r in caplog.records] == [
-        f"{lone}: read the first row '0' as the column's name (as pandas writes); if the file has no "
-        "header row, that value is not in the series"
+        f"{ids}: read the first row (773869, 767541, 767542) as column names; if the file has no header "
+        "row, those values are not in the series",
+        f"{lone}: read the first row (0) as column names; if the file has no header row, those values "
+        "are not in the series",
     ]
 
 
