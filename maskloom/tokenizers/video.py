@@ -28,7 +28,8 @@ Pipeline:
 ``read(path)``
     Looks at the file's header with PyAV (~1 ms): H.264, HEVC, VP8, VP9, MJPEG and FFV1 in MP4,
     MOV, Matroska, WebM or FLV go to decord; everything else (MPEG-1/2, MPEG-4 Part 2, WMV, AV1,
-    and any codec in AVI or MPEG-TS/PS) is decoded with PyAV, sequentially from the start, the
+    and any codec in AVI or MPEG-TS/PS) is decoded with PyAV, sequentially from the start (or, for
+    frames far in, by seeking where the container's timestamps allow it: :func:`_seek_frames`), the
     frame count taken from the container or by counting packets: decord 0.6 returns *other*
     frames than those asked for, silently, for many such files (:func:`_decord_reads_it` lists
     what was measured), or cannot open them (AV1). Where decord is right both give the same
@@ -534,44 +535,140 @@ def _decord_reads_it(path: str) -> bool:
         return True
 
 
+SEEK_GAP = 300
+"""Frames before a wanted frame (from the start, or from the previous wanted one) beyond which
+:func:`_pyav_frames` seeks instead of decoding them (12 s at 25 fps)."""
+
+
 def _pyav_frames(
     path: str, indices: np.ndarray, source: str, prepare: Any = None
 ) -> tuple[dict[int, Any] | None, int]:
-    """Frames ``indices`` of the file at ``path``, decoded sequentially with PyAV up to the last one
-    (each passed through ``prepare`` when given, as it is decoded): ({index: frame}, frames shown),
-    or (None, frames shown) when the stream ends before the last index. Frames are upright (the
-    container's display rotation) and at the first decoded frame's size."""
+    """Frames ``indices`` of the file at ``path``, decoded with PyAV (each passed through
+    ``prepare`` when given, as it is decoded): ({index: frame}, frames shown), or (None, frames
+    shown) when the stream ends before the last index. Frames are upright (the container's display
+    rotation) and at the first decoded frame's size.
+
+    Frame ``k`` is the ``k``-th frame the decoder shows. Far into a video (:data:`SEEK_GAP`) the
+    frames are found by seeking (:func:`_seek_frames`) when the stream's timestamps are a regular
+    grid that says so; anything else is decoded sequentially from the start."""
     import av
 
-    wanted = {int(i) for i in indices}
-    last = max(wanted)
-    got: dict[int, Any] = {}
-    size: dict[str, int] = {}
-    k = -1
+    wanted = sorted({int(i) for i in indices})
+    grab = _FrameGrab(prepare)
     try:
-        with av.open(path) as container:
-            stream = container.streams.best("video") or container.streams.video[0]
-            stream.thread_count = 1
-            for k, frame in enumerate(container.decode(stream)):
-                if k in wanted:
-                    size = size or {"width": frame.width, "height": frame.height}
-                    rgb = frame.to_ndarray(format="rgb24", **size)
-                    turns = round(getattr(frame, "rotation", 0) / 90) % 4
-                    rgb = np.rot90(rgb, turns) if turns else rgb
-                    if prepare is None:
-                        got[k] = rgb
-                    else:
-                        crop, facts = prepare(rgb)
-                        got[k] = (np.array(crop), facts, (int(rgb.shape[0]), int(rgb.shape[1])))
-                if k >= last:
-                    break
+        if max(np.diff([-1, *wanted])) > SEEK_GAP:
+            got = _seek_frames(path, wanted, grab)
+            if got is not None:
+                return got, wanted[-1] + 1
+        grab.reset()
+        return _sequential_frames(path, wanted, grab)
     except (av.FFmpegError, OSError, IndexError, ValueError) as e:
         raise TokenizeError(
             source, "corrupt", f"cannot decode frames (FFmpeg): {_ffmpeg_reason(e)}"
         ) from None
-    if len(got) < len(wanted):
-        return None, k + 1
-    return got, k + 1
+
+
+class _FrameGrab:
+    """A decoded frame as :func:`_pyav_frames` keeps it: RGB at the first kept frame's size, upright,
+    through ``prepare`` (-> (crop, facts, (H, W))) when given."""
+
+    def __init__(self, prepare: Any) -> None:
+        self.prepare = prepare
+        self.size: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.size = {}
+
+    def __call__(self, frame: Any) -> Any:
+        self.size = self.size or {"width": frame.width, "height": frame.height}
+        rgb = frame.to_ndarray(format="rgb24", **self.size)
+        turns = round(getattr(frame, "rotation", 0) / 90) % 4
+        rgb = np.rot90(rgb, turns) if turns else rgb
+        if self.prepare is None:
+            return rgb
+        crop, facts = self.prepare(rgb)
+        return np.array(crop), facts, (int(rgb.shape[0]), int(rgb.shape[1]))
+
+
+def _sequential_frames(path: str, wanted: list[int], grab: _FrameGrab) -> tuple[dict[int, Any] | None, int]:
+    """:func:`_pyav_frames` by decoding every frame from the start up to the last wanted one."""
+    import av
+
+    want, last = set(wanted), wanted[-1]
+    got: dict[int, Any] = {}
+    k = -1
+    with av.open(path) as container:
+        stream = container.streams.best("video") or container.streams.video[0]
+        stream.thread_count = 1
+        for k, frame in enumerate(container.decode(stream)):
+            if k in want:
+                got[k] = grab(frame)
+            if k >= last:
+                break
+    return (got if len(got) == len(want) else None), k + 1
+
+
+SEEK_CONTAINERS = frozenset({"mpeg", "mpegts", "matroska", "webm", "mov", "mp4", "flv"})
+"""Containers that store presentation timestamps, where :func:`_seek_frames` may seek. AVI and ASF
+do not: FFmpeg numbers their frames in decode order, so after a seek into H.264 with B-frames in
+AVI every frame was a few frames off, consistently (frame 1480 shown as 1484, measured), which no
+check of the timestamps can see."""
+
+
+def _seek_frames(path: str, wanted: list[int], grab: _FrameGrab) -> dict[int, Any] | None:
+    """:func:`_pyav_frames` by seeking to each group of wanted frames (those within
+    :data:`SEEK_GAP` of each other), or None where that cannot be trusted to give the frames a
+    sequential decode shows: a container not in :data:`SEEK_CONTAINERS`; a stream without frame
+    rate, start or timestamps; a frame's timestamp off the grid ``start + k / fps``; frames from the
+    seek to the last wanted one not numbered ``k, k + 1, ...`` (a gap, a repeat, the reordered
+    frames of an open GOP); or the stream ending first. A seek that lands past the first wanted
+    frame (MPEG-TS seeks by byte position) is retried from further back."""
+    got: dict[int, Any] = {}
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.best("video")
+        if stream is None or not set(container.format.name.split(",")) & SEEK_CONTAINERS:
+            return None
+        stream.thread_count = 1
+        rate, tb, start = stream.average_rate, stream.time_base, stream.start_time
+        if not rate or not tb or start is None:
+            return None
+        per_frame = 1 / (rate * tb)  # timestamp units per frame (a Fraction)
+        groups: list[list[int]] = [[wanted[0]]]
+        for k in wanted[1:]:
+            if k - groups[-1][-1] > SEEK_GAP:
+                groups.append([k])
+            else:
+                groups[-1].append(k)
+        for group in groups:
+            first, last, want = group[0], group[-1], set(group)
+            for back in (0, 64, 256, 1024, first):  # frames to seek before the first wanted one
+                container.seek(int(start + max(first - back, 0) * per_frame), stream=stream,
+                               backward=True, any_frame=False)  # fmt: skip
+                prev = None
+                for frame in container.decode(stream):
+                    if frame.pts is None:
+                        return None
+                    at = (frame.pts - start) / per_frame
+                    k = round(at)
+                    if abs(at - k) > 0.01:
+                        return None
+                    if prev is None:
+                        if k > first:
+                            break  # landed past it: seek from further back
+                    elif k != prev + 1:
+                        return None
+                    prev = k
+                    if k in want:
+                        got[k] = grab(frame)
+                    if k >= last:
+                        break
+                if prev is not None:
+                    break
+            if prev is None or prev < last:
+                return None
+    return got
 
 
 def _ffmpeg_reason(e: BaseException) -> str:

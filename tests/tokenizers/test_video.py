@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import maskloom.tokenizers.video as video_mod
 from maskloom import tables
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
 from maskloom.tokenizers.video import (
@@ -467,6 +468,29 @@ def test_clips_of_a_pyav_read_video_are_cut_as_decoded(tmp_path):
     assert video.extra["prepared"]["original_size"] == [40, 48]
     levels = np.array(_levels(video.frames))  # frame k's level is 5 k modulo 256
     assert np.abs(levels - (5 * video.frame_indices % 256) // 5).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("codec", "ext", "fmt", "seeks"),
+    [("mpeg2video", ".mpg", None, True), ("mpeg2video", ".m2ts", "mpegts", True), ("mpeg4", ".mp4", None, True),
+     ("libx264", ".avi", None, False), ("mpeg4", ".avi", None, False)],
+)  # fmt: skip
+def test_far_frames_of_a_pyav_read_video_are_found_by_seeking_where_timestamps_allow(
+    tmp_path, monkeypatch, codec, ext, fmt, seeks
+):
+    n = 2 * video_mod.SEEK_GAP + 100
+    frames = np.zeros((n, 16, 32, 3), np.uint8)
+    frames[..., 1] = (5 * np.arange(n) % 250)[:, None, None]  # frame k: green 5 k mod 250
+    frames[..., 0] = (5 * (np.arange(n) // 50))[:, None, None]  # and red 5 (k // 50)
+    path = _write_with(tmp_path / f"long{ext}", frames, codec, fmt, bf=2) if codec == "mpeg4" else (
+        _write_with(tmp_path / f"long{ext}", frames, codec, fmt))  # fmt: skip
+    used = []
+    seek = video_mod._seek_frames
+    monkeypatch.setattr(video_mod, "_seek_frames", lambda *a: used.append(seek(*a)) or used[-1])
+    video = _tok(num_frames=4, frame_stride=4).read(path)  # the middle clip: frames 342..354
+    assert video.frame_indices.tolist() == [342, 346, 350, 354] and video.num_source_frames == n
+    np.testing.assert_array_equal(video.frames, _all_frames(path)[[342, 346, 350, 354]])
+    assert len(used) == 1 and (used[0] is not None) == seeks  # AVI: decode order, no seeking
 
 
 def test_decord_messages_lose_their_source_prefixes():
