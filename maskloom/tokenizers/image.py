@@ -10,7 +10,8 @@ Pipeline:
 ``read(path)``
     Decode JPEG / PNG / WebP / BMP / TIFF / GIF / AVIF / Netpbm (PBM, PGM, PPM) with Pillow into
     RGB ``uint8`` of shape (H, W, 3) (GIF, AVIF and Netpbm since 2026-12-04: a folder walk left
-    them out before).
+    them out before), and HEIC / HEIF (phone photos) with the optional ``pillow-heif``
+    (``maskloom[heif]``; without it each such file is an ``unsupported`` error row saying so).
     EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo stands upright.
     A JPEG whose shorter side is at least 4 x ``image_size`` is decoded at a DCT scale that keeps
     it at least 2 x ``image_size`` (``ImageConfig.jpeg_draft``, on by default: a 12-megapixel photo
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 """Names accepted for the resize filter (Pillow's ``Image.Resampling`` members, lower case)."""
 
-PIL_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "PPM")
+PIL_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "AVIF", "PPM", "HEIF")
 """Pillow format names ``read`` accepts (MPO is the multi-picture JPEG many cameras write; Pillow's
 ``PPM`` is the Netpbm family: PBM, PGM, PPM)."""
 
@@ -306,6 +307,21 @@ def pil_to_rgb(img, source: str = "") -> np.ndarray:
         ) from None
 
 
+HEIF_EXTENSIONS: tuple[str, ...] = (".heic", ".heif")
+"""What phones save photos as: read through the optional ``pillow-heif`` (``maskloom[heif]``)."""
+
+
+@functools.cache
+def _heif_opener() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with Pillow, once; False when it is not installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 @register_tokenizer("image")
 class ImageTokenizer(Tokenizer):
     """Square image -> grid of p x p x 3 uint8 pixel patches with (row, col) positions (ViT / MAE).
@@ -319,7 +335,7 @@ class ImageTokenizer(Tokenizer):
     version: ClassVar[str] = "2"  # 2: only the crop is resampled (smoothing filters: values +-1)
     extensions: ClassVar[tuple[str, ...]] = (
         ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif",
-        ".ppm", ".pgm", ".pbm", ".pnm",
+        ".ppm", ".pgm", ".pbm", ".pnm", *HEIF_EXTENSIONS,
     )  # fmt: skip
 
     def spec(self) -> TableSpec:
@@ -347,6 +363,10 @@ class ImageTokenizer(Tokenizer):
         if ext not in self.extensions:
             raise TokenizeError(
                 source, "unsupported", f"extension {ext or '(none)'!r} is not one of {self.extensions}"
+            )
+        if ext in HEIF_EXTENSIONS and not _heif_opener():
+            raise TokenizeError(
+                source, "unsupported", "HEIC/HEIF images need pillow-heif: pip install 'maskloom[heif]'"
             )
         try:
             with Image.open(source) as img:

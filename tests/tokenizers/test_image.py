@@ -357,6 +357,33 @@ def test_gif_avif_netpbm_and_jfif_are_read(tmp_path):
     assert {".gif", ".avif", ".jfif", ".jpe", ".pgm", ".ppm", ".pbm", ".pnm"} <= set(tok.extensions)
 
 
+def test_heic_photos_are_read_with_pillow_heif(tmp_path):
+    pytest.importorskip("pillow_heif")
+    from maskloom.tokenizers.image import _heif_opener
+
+    assert _heif_opener()
+    y, x = np.mgrid[0:40, 0:48]
+    smooth = np.stack([y * 6, x * 5, (x + y) * 2], axis=2).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "p.heic", quality=95)
+    got = _tok().read(str(tmp_path / "p.heic"))
+    assert got.shape == smooth.shape and np.abs(got.astype(int) - smooth).mean() < 3
+    (tmp_path / "cut.heic").write_bytes((tmp_path / "p.heic").read_bytes()[:200])
+    assert _kind(tmp_path, "cut.heic", None) == "corrupt"
+
+
+def test_heic_without_pillow_heif_is_an_unsupported_row_saying_so(tmp_path, monkeypatch):
+    import maskloom.tokenizers.image as image_mod
+
+    monkeypatch.setattr(image_mod, "_heif_opener", lambda: False)
+    (tmp_path / "p.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
+    with pytest.raises(TokenizeError) as e:
+        _tok()(str(tmp_path / "p.heic"))
+    assert (e.value.kind, e.value.reason) == (
+        "unsupported",
+        "HEIC/HEIF images need pillow-heif: pip install 'maskloom[heif]'",
+    )
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_truncated_file_is_corrupt(tmp_path, fmt):
     rng = np.random.default_rng(3)
