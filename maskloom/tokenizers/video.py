@@ -232,6 +232,7 @@ class VideoTokenizer(Tokenizer):
         """Decode the sampled frames of a video file with decord; bad files raise TokenizeError."""
         import decord
 
+        _quiet_ffmpeg(decord)
         source = os.fspath(source)
         self.check_file(source)
         if os.path.isdir(source):
@@ -674,6 +675,20 @@ def _seek_frames(path: str, wanted: list[int], grab: _FrameGrab) -> dict[int, An
 def _ffmpeg_reason(e: BaseException) -> str:
     """A PyAV error without FFmpeg's copy of the (possibly linked) path."""
     return getattr(e, "strerror", None) or str(e)
+
+
+_QUIET = False
+
+
+def _quiet_ffmpeg(decord: Any) -> None:
+    """Silence the FFmpeg inside decord, once per process: a damaged file made it print a line per
+    bad packet (``[matroska,webm @ 0x...] Read error``) into the job's output, while the file's
+    error row already says what went wrong. Kept at ``-vv`` (this module's log at DEBUG)."""
+    global _QUIET
+    if not _QUIET:
+        _QUIET = True
+        if not log.isEnabledFor(logging.DEBUG):
+            decord.logging.set_level(decord.logging.QUIET)
 
 
 def _why_empty(path: str) -> str | None:

@@ -493,6 +493,20 @@ def test_far_frames_of_a_pyav_read_video_are_found_by_seeking_where_timestamps_a
     assert len(used) == 1 and (used[0] is not None) == seeks  # AVI: decode order, no seeking
 
 
+def test_ffmpeg_inside_decord_does_not_print_a_line_per_bad_packet(tmp_path, monkeypatch, capfd):
+    import decord
+
+    data = open(_write_with(tmp_path / "full.mkv", _frames(40), "libx264"), "rb").read()
+    (tmp_path / "cut.mkv").write_bytes(data[: len(data) * 6 // 10])
+    decord.logging.set_level(decord.logging.INFO)  # FFmpeg's default: it prints "Read error" lines
+    monkeypatch.setattr(video_mod, "_QUIET", False)
+    try:
+        _tok(num_frames=4).read(str(tmp_path / "cut.mkv"))  # the frames that are there
+    except TokenizeError:
+        pass
+    assert "@ 0x" not in capfd.readouterr().err  # "[matroska,webm @ 0x...] Read error"
+
+
 def test_decord_messages_lose_their_source_prefixes():
     e = RuntimeError("[14:25:37] /github/workspace/src/a.cc:218: [14:25:37] /github/workspace/src/b.cc:9: "
                      "Check failed: x >= 0 (-1 vs. 0) Error sending packet.\nStack trace:\n  [bt] (0) lib.so")  # fmt: skip
