@@ -17,7 +17,9 @@ Inputs (``read``):
   ``Config.label_field``. A label is a string, a number or a boolean: numbers are named by their
   value (``1`` and ``1.0`` are the class ``"1"``, ``0.5`` is ``"0.5"``), booleans ``"true"`` /
   ``"false"``; ``null`` or an absent key is no label; an array, an object, ``NaN`` or
-  ``Infinity`` makes the file ``invalid``. A ``\\ud83d``-style escape of half a UTF-16 surrogate
+  ``Infinity`` makes its line unusable. A line that is no usable record (not JSON, not an object,
+  no string text field, such a label) is skipped with a warning naming it, unless most lines are
+  (then the first one's problem is the file's error row). A ``\\ud83d``-style escape of half a UTF-16 surrogate
   pair with no other half (an emoji cut by a truncating scraper) is valid JSON but not text: it is
   replaced by U+FFFD, as most pipelines do, and a warning counts the lines;
 * ``.csv`` / ``.tsv``: a header row, text in ``Config.text_column``, optional label in
@@ -437,8 +439,14 @@ class TextTokenizer(Tokenizer):
         return [(p, None) for p in re.split(r"\n[ \t\r]*\n", content)]
 
     def _read_jsonl(self, content: str, source: str) -> Raw:
+        """The (text, label) of each line. A line that is no usable record (not JSON, not an object,
+        without a string text field, with a label that names no class) is skipped with a warning
+        naming it, as long as most lines are usable: one damaged line of a 100,000-document shard
+        does not cost the other 99,999. A file whose lines are mostly (or all) unusable is not what
+        the config expects: the first line's problem is the file's error."""
         key, lkey = self.config.text_field, self.config.label_field
         out: Raw = []
+        bad: list[tuple[int, str, str]] = []  # (line, kind, reason) of the lines skipped
         fixed: list[int] = []  # lines whose lone surrogates were replaced
         # JSON Lines separates records by "\n" only (optionally "\r\n"): str.splitlines() would also cut
         # at U+2028, U+2029, U+0085, \x0b, \x0c, \x1c-\x1e, which json.dumps(ensure_ascii=False) leaves
@@ -450,38 +458,42 @@ class TextTokenizer(Tokenizer):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TokenizeError(source, "corrupt", f"line {n} is not JSON ({e.msg})") from None
+                bad.append((n, "corrupt", f"line {n} is not JSON ({e.msg})"))
+                continue
             if not isinstance(obj, dict):
-                raise TokenizeError(
-                    source, "invalid", f"line {n} is a JSON {type(obj).__name__}, expected an object"
-                )
+                bad.append((n, "invalid", f"line {n} is a JSON {type(obj).__name__}, expected an object"))
+                continue
             if key not in obj:
-                raise TokenizeError(
-                    source,
-                    "config",
-                    f"line {n} has no text field {key!r} (keys: {sorted(obj)}); set text_field",
+                bad.append(
+                    (n, "config", f"line {n} has no text field {key!r} (keys: {sorted(obj)}); set text_field")
                 )
+                continue
             text = obj[key]
             if not isinstance(text, str):
-                raise TokenizeError(
-                    source,
-                    "invalid",
-                    f"line {n}: field {key!r} is a {type(text).__name__}, expected a string",
+                bad.append(
+                    (n, "invalid", f"line {n}: field {key!r} is a {type(text).__name__}, expected a string")
                 )
+                continue
             try:
                 label = _json_label(obj.get(lkey)) if lkey is not None else None
             except ValueError as e:
-                raise TokenizeError(
-                    source,
-                    "invalid",
-                    f"line {n}: label field {lkey!r} {e}; a label must be a string, a number or a boolean",
-                ) from None
+                bad.append((n, "invalid", f"line {n}: label field {lkey!r} {e}; a label must be a string, a "
+                            "number or a boolean"))  # fmt: skip
+                continue
             if "\\u" in line:  # only a JSON escape makes a lone surrogate: UTF-8 text has none
                 text, k = _replace_surrogates(text)
                 label, kl = _replace_surrogates(label) if label is not None else (None, 0)
                 if k or kl:
                     fixed.append(n)
             out.append((text, label))
+        if bad:
+            _, kind, reason = bad[0]
+            if len(bad) >= len(out):  # mostly unusable: the file, not a few lines, is at fault
+                more = f" ({len(bad)} of {len(bad) + len(out)} lines are unusable)" if len(bad) > 1 else ""
+                raise TokenizeError(source, kind, reason + more)
+            log.warning("%s: skipped %d of %d lines that are no usable record: %s%s", source, len(bad),
+                        len(bad) + len(out), "; ".join(r for _, _, r in bad[:3]),
+                        f"; ... ({len(bad) - 3} more)" if len(bad) > 3 else "")  # fmt: skip
         if fixed:
             log.warning(
                 "%s: replaced lone UTF-16 surrogate escape(s) (half an emoji) by U+FFFD on %d line(s), first line %d",

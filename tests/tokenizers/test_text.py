@@ -225,6 +225,30 @@ def test_bad_inputs(corpus, tmp_path):
     assert kind(tmp_path / "unseen.jsonl") == "invalid"
 
 
+def test_a_few_unusable_jsonl_lines_are_skipped_not_the_whole_file(tmp_path, caplog):
+    """One damaged line of a big shard used to reject the file, and every good document with it."""
+    good = [json.dumps({"text": f"document {i}", "label": "a"}) for i in range(6)]
+    lines = [*good[:2], "{not json", *good[2:4], '{"text": 3}', '{"text": "x", "label": [1]}', *good[4:]]
+    (tmp_path / "shard.jsonl").write_text("\n".join(lines) + "\n")
+    tok = TextTokenizer(TextConfig())
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        raw = tok.read(str(tmp_path / "shard.jsonl"))
+    assert raw == [(f"document {i}", "a") for i in range(6)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'shard.jsonl'}: skipped 3 of 9 lines that are no usable record: line 3 is not JSON "
+        "(Expecting property name enclosed in double quotes); line 6: field 'text' is a int, expected a "
+        "string; line 7: label field 'label' is an array ([1]); a label must be a string, a number or a boolean"
+    ]
+    # mostly unusable: the file is not what the config expects, and says so with its first problem
+    (tmp_path / "other.jsonl").write_text('{"body": "a"}\n{"body": "b"}\n{"text": "c"}\n')
+    with pytest.raises(TokenizeError) as e:
+        tok.read(str(tmp_path / "other.jsonl"))
+    assert (e.value.kind, e.value.reason) == (
+        "config",
+        "line 1 has no text field 'text' (keys: ['body']); set text_field (2 of 3 lines are unusable)",
+    )
+
+
 def test_bad_config():
     for cfg in [
         {"max_length": 0},
