@@ -360,7 +360,16 @@ class PointCloudTokenizer(Tokenizer):
                 f"{size} bytes is not a whole number of points of bin_columns={cols} float32 values "
                 f"({4 * cols} bytes each; wrong column count or truncated?)",
             )
-        return np.fromfile(source, dtype=np.float32).reshape(-1, cols)
+        pts = np.fromfile(source, dtype=np.float32).reshape(-1, cols)
+        xyz = np.abs(pts[:, :3])
+        if xyz.size and (xyz[np.isfinite(xyz)] < np.finfo(np.float32).tiny).all():
+            # raw bytes have no dtype: integers (a label or mask file such as semantic_mask.bin, or
+            # SemanticKITTI's .label) read as float32 are subnormals and zeros, never a scan
+            raise TokenizeError(
+                source, "invalid", "every coordinate is zero or a float32 subnormal (< 1.2e-38): the "
+                "file holds no float32 points (integers such as labels or a mask?)"
+            )  # fmt: skip
+        return pts
 
     # ---- tokenize -----------------------------------------------------------------------------
     def tokenize(self, raw: np.ndarray, *, source: str = "") -> list[Record]:

@@ -455,3 +455,17 @@ def test_conformance(tmp_path):
 
     report = check_tokenizer(tok, sources, compare=compare)
     assert report == {"sources": 4, "records": 4, "tokens": 64}
+
+
+def test_a_bin_file_of_integers_is_not_a_cloud(tmp_path):
+    """ScanNet's and S3DIS's semantic_mask.bin (int64) read as float32 gave a cloud of subnormals."""
+    np.arange(100, dtype=np.int64).tofile(tmp_path / "semantic_mask.bin")
+    with pytest.raises(TokenizeError) as e:
+        PointCloudTokenizer()(str(tmp_path / "semantic_mask.bin"))
+    assert e.value.kind == "invalid" and "no float32 points (integers" in e.value.reason
+    np.zeros((64, 4), np.float32).tofile(tmp_path / "zeros.bin")  # all zeros: no points either
+    with pytest.raises(TokenizeError, match="float32 subnormal"):
+        PointCloudTokenizer()(str(tmp_path / "zeros.bin"))
+    scan = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    scan.tofile(tmp_path / "scan.bin")
+    assert len(PointCloudTokenizer()(str(tmp_path / "scan.bin"))) == 1
