@@ -469,3 +469,27 @@ def test_a_bin_file_of_integers_is_not_a_cloud(tmp_path):
     scan = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
     scan.tofile(tmp_path / "scan.bin")
     assert len(PointCloudTokenizer()(str(tmp_path / "scan.bin"))) == 1
+
+
+def test_a_lidar_ply_gives_its_intensity_as_the_extra_channel(tmp_path):
+    """An intensity-only PLY was a config error with extra_channels=1 ("the input has 3")."""
+    pts = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
+    pts[:, 3] = np.arange(64) / 64  # intensity
+    head = (
+        "ply\nformat binary_little_endian 1.0\nelement vertex 64\nproperty float x\nproperty float y\n"
+        "property float z\nproperty float intensity\nend_header\n"
+    )
+    (tmp_path / "scan.ply").write_bytes(head.encode() + pts.tobytes())
+    tok = PointCloudTokenizer({"num_points": 64, "num_groups": 8, "group_size": 8, "extra_channels": 1})
+    assert tok.read(str(tmp_path / "scan.ply")).tolist() == pts.astype(np.float64).tolist()
+    (rec,) = tok(str(tmp_path / "scan.ply"))
+    got = tok.detokenize(rec)  # (G * K, 4): xyz back in the file's frame, intensity as it was
+    assert set(np.round(got[:, 3], 6)) <= set(np.round(pts[:, 3], 6))
+    assert (
+        len(
+            PointCloudTokenizer({"num_points": 64, "num_groups": 8, "group_size": 8})(
+                str(tmp_path / "scan.ply")
+            )
+        )
+        == 1
+    )
