@@ -76,6 +76,14 @@ TEXT_EXTENSIONS = (".xyz", ".txt", ".pts")
 F32_MAX = float(np.finfo(np.float32).max)
 
 
+def _ply_vertex(g: Any) -> dict[str, Any]:
+    """trimesh's parse of a loaded PLY's vertex element: ``length`` as the header declares it,
+    ``data`` the properties by name (a dict, or a record array for binary files); {} otherwise."""
+    raw = getattr(g, "metadata", {}).get("_ply_raw")
+    vertex = raw.get("vertex") if isinstance(raw, dict) else None
+    return vertex if isinstance(vertex, dict) else {}
+
+
 def _beyond_float32(values: np.ndarray) -> str:
     """The reason for a cloud whose every point has a value beyond float32's range (or non-finite)."""
     finite = np.abs(np.asarray(values, np.float64)[np.isfinite(values)])
@@ -206,7 +214,8 @@ class PointCloudTokenizer(Tokenizer):
             ) from None
         geoms = obj.dump() if isinstance(obj, trimesh.Scene) else [obj]
         if source.lower().endswith(".ply"):
-            declared = self._ply_declared_vertices(source)
+            counts = [_ply_vertex(g).get("length") for g in geoms]  # as the header declares them
+            declared = None if None in counts else sum(counts)
             loaded = sum(len(getattr(g, "vertices", ())) for g in geoms)
             if declared is not None and loaded != declared:
                 raise TokenizeError(
@@ -236,7 +245,7 @@ class PointCloudTokenizer(Tokenizer):
                 if colors is not None and len(colors) == len(v) and self._has_colours(g):
                     v = np.concatenate([v, np.asarray(colors, np.float64)[:, :3]], axis=1)
                 else:  # a LiDAR PLY: its intensity is the extra channel
-                    raw = getattr(g, "metadata", {}).get("_ply_raw", {}).get("vertex", {}).get("data", {})
+                    raw = _ply_vertex(g).get("data", {})
                     names = (
                         (raw.dtype.names or ()) if hasattr(raw, "dtype") else raw
                     )  # binary: a record array
@@ -250,23 +259,6 @@ class PointCloudTokenizer(Tokenizer):
             raise TokenizeError(source, "empty", "file holds no vertices")
         width = min(p.shape[1] for p in parts)
         return np.concatenate([p[:, :width] for p in parts])
-
-    @staticmethod
-    def _ply_declared_vertices(source: str) -> int | None:
-        """N of the header's ``element vertex N`` line (None when the header is unreadable)."""
-        with open(source, "rb") as f:
-            head = f.read(1 << 16)
-        end = head.find(b"end_header")
-        if not head.startswith(b"ply") or end < 0:
-            return None
-        for line in head[:end].splitlines():
-            words = line.split()
-            if len(words) == 3 and words[:2] == [b"element", b"vertex"]:
-                try:
-                    return int(words[2])
-                except ValueError:
-                    return None
-        return None
 
     @staticmethod
     def _check_empty_stl(source: str) -> None:
