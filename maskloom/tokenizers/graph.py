@@ -350,6 +350,13 @@ def _read_tu_file(path: str, dtype: type, source: str) -> np.ndarray:
         raise TokenizeError(source, "corrupt", f"{name}: expected comma-separated {what} ({e})") from None
 
 
+def _too_sparse(needed: int, values: np.ndarray) -> int:
+    """The number of distinct ``values`` when the ``needed`` rows or classes they would index (a
+    one-hot's width, the node ids' range) exceed 10 x that + 1000, mostly empty; else 0."""
+    distinct = int(np.unique(values).size)
+    return distinct if needed > 10 * distinct + 1000 else 0
+
+
 def _first_non_integer(a: np.ndarray) -> str:
     """The first value of float array ``a`` that is not an exact integer below 2**53, as text."""
     with np.errstate(invalid="ignore"):
@@ -720,8 +727,8 @@ class GraphTokenizer(Tokenizer):
         for col in per_node.get("node_labels", np.zeros((n, 0), np.int64)).T:
             lo, hi = int(col.min()), int(col.max())  # Python ints: the span may overflow int64
             width = hi - lo + 1
-            distinct = int(np.unique(col).size)
-            if width > 10 * distinct + 1000:
+            distinct = _too_sparse(width, col)
+            if distinct:
                 raise TokenizeError(
                     source,
                     "invalid",
@@ -910,8 +917,8 @@ class GraphTokenizer(Tokenizer):
                     f"node id {int(pairs[:, 0].max())} but the features file has {n} rows",
                 )
             return n
-        distinct = int(np.unique(ids).size)
-        if top > 10 * distinct + 1000:
+        distinct = _too_sparse(top, ids)
+        if distinct:
             raise TokenizeError(
                 source,
                 "invalid",
