@@ -79,6 +79,7 @@ from maskloom.tokenizers.base import (
     TableSpec,
     TokenizeError,
     Tokenizer,
+    ffmpeg_reason,
     register_tokenizer,
     utf8_path,
 )
@@ -667,8 +668,9 @@ class AudioTokenizer(Tokenizer):
         except LookupError as e:
             raise TokenizeError(source, "empty", str(e)) from None
         except (av.FFmpegError, OSError, ValueError) as e:
-            why = getattr(e, "strerror", None) or str(e)  # without FFmpeg's copy of the (linked) path
-            raise TokenizeError(source, "corrupt", f"cannot decode audio (FFmpeg): {why}") from None
+            raise TokenizeError(
+                source, "corrupt", f"cannot decode audio (FFmpeg): {ffmpeg_reason(e)}"
+            ) from None
 
     def _window_samples(self, windows: int) -> int:
         """Samples at the target rate of ``windows`` consecutive windows of ``target_frames`` frames."""

@@ -306,6 +306,12 @@ def utf8_text(s: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def ffmpeg_reason(e: BaseException) -> str:
+    """A PyAV (FFmpeg) error's reason without FFmpeg's copy of the path, which may be the temporary
+    link :func:`utf8_path` made rather than the input."""
+    return getattr(e, "strerror", None) or str(e)
+
+
 def utf8_path(source: str) -> contextlib.AbstractContextManager[str]:
     """A path to ``source`` that C libraries taking UTF-8 paths can open (libsndfile, FFmpeg).
 

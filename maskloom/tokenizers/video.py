@@ -74,6 +74,7 @@ from maskloom.tokenizers.base import (
     TableSpec,
     TokenizeError,
     Tokenizer,
+    ffmpeg_reason,
     register_tokenizer,
     utf8_path,
 )
@@ -300,7 +301,7 @@ class VideoTokenizer(Tokenizer):
                 fps = float(rate) if rate else None
         except (av.FFmpegError, OSError, ValueError) as e:
             raise TokenizeError(
-                source, "corrupt", f"cannot open the video (FFmpeg): {_ffmpeg_reason(e)}"
+                source, "corrupt", f"cannot open the video (FFmpeg): {ffmpeg_reason(e)}"
             ) from None
         if n < 1:
             raise TokenizeError(source, "empty", "the video has no frames")
@@ -564,9 +565,7 @@ def _pyav_frames(
         grab.reset()
         return _sequential_frames(path, wanted, grab)
     except (av.FFmpegError, OSError, IndexError, ValueError) as e:
-        raise TokenizeError(
-            source, "corrupt", f"cannot decode frames (FFmpeg): {_ffmpeg_reason(e)}"
-        ) from None
+        raise TokenizeError(source, "corrupt", f"cannot decode frames (FFmpeg): {ffmpeg_reason(e)}") from None
 
 
 class _FrameGrab:
@@ -670,11 +669,6 @@ def _seek_frames(path: str, wanted: list[int], grab: _FrameGrab) -> dict[int, An
             if prev is None or prev < last:
                 return None
     return got
-
-
-def _ffmpeg_reason(e: BaseException) -> str:
-    """A PyAV error without FFmpeg's copy of the (possibly linked) path."""
-    return getattr(e, "strerror", None) or str(e)
 
 
 _QUIET = False
