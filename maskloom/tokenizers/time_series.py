@@ -262,11 +262,7 @@ _INTEGER = re.compile(r"[+-]?\d+")
 
 
 def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
+    return _float_or_none(s) is not None
 
 
 @register_tokenizer("time_series")
