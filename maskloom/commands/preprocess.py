@@ -207,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"-m {args.modality}: {e}")
     except SourceError as e:
         hint = ""
-        if args.modality == "graph" and not args.as_one_source and "no input files" in str(e):
-            hint = " (a TU dataset folder is one input: add --as-one-source)"
+        if cls.folder_source and not args.as_one_source and "no input files" in str(e):
+            hint = f" ({cls.folder_source} is one input: add --as-one-source)"
         return _error(f"{e}{hint}")
     except (RegistryError, ValueError, TypeError) as e:
         return _error(str(e))

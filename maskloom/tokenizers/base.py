@@ -204,6 +204,9 @@ class Tokenizer(ABC):
     """Lower-case file extensions (with dot) this tokenizer reads; used to discover inputs."""
     needs_fit: ClassVar[bool] = False
     """True when fit() must run on the corpus before tokenize() (e.g. a BPE vocabulary)."""
+    folder_source: ClassVar[str] = ""
+    """What a folder that is one source is, for a tokenizer that reads such folders (a TU graph
+    dataset): the command suggests ``--as-one-source`` when a walk of one finds no files."""
 
     def __init__(self, config: Any = None) -> None:
         if config is None:

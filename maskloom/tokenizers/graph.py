@@ -434,6 +434,7 @@ class GraphTokenizer(Tokenizer):
 
     version = "2"  # 2: PE of large graphs with clustered small eigenvalues by shift-invert
     extensions = (".csv", ".edges")
+    folder_source = "a TU dataset folder"
     needs_fit = True
 
     def __init__(self, config: Any = None) -> None:
