@@ -684,6 +684,21 @@ class ShardWriter:
         if self._pending_bytes >= self.row_group_bytes:
             self._flush()
 
+    def mark(self) -> tuple[int, int, int]:
+        """Where the records added so far end, for :meth:`rollback`."""
+        return (self.rows, len(self._pending), self._pending_bytes)
+
+    def rollback(self, mark: tuple[int, int, int]) -> bool:
+        """Drop the records added since ``mark`` (one input's, found bad part-way through its stream).
+        False, dropping nothing, when some of them are in the file already (a row group was written
+        since): the caller must then write the shard again without them."""
+        rows, pending, pending_bytes = mark
+        if self.rows != rows:
+            return False
+        del self._pending[pending:]
+        self._pending_bytes = pending_bytes
+        return True
+
     def _flush(self) -> None:
         if not self._pending:
             return

@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +100,10 @@ and its speed-up rose from 1.21-1.27x to 1.32-1.40x with two (1.65x after start-
 memory is one row group (``tables.ShardWriter``) whatever its size."""
 MAX_DEFAULT_SHARD_SIZE = 4096
 """Most inputs per shard by default (cheap inputs: a lost shard is redone in a few seconds)."""
+BIG_INPUT_BYTES = 16 << 20
+"""Inputs whose median size (of a few) reaches this are sized into shards by bytes, not timed."""
+TARGET_SHARD_BYTES = 64 << 20
+"""Input bytes per default shard of large inputs (at least one input)."""
 
 
 class PreprocessError(RuntimeError):
@@ -275,9 +279,31 @@ def _per_worker_share(num_inputs: int, num_workers: int) -> int:
     return -(-num_inputs // (SHARDS_PER_WORKER * max(1, num_workers)))
 
 
+def _sample(n: int, k: int) -> list[int]:
+    """Up to ``k`` evenly spaced indices of ``range(n)``, first and last included."""
+    return sorted(set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist())) if n else []
+
+
+def big_input_bytes(inputs: Sequence[Input], sample: int = 9) -> int:
+    """The median size of a few evenly spaced inputs when it is at least ``BIG_INPUT_BYTES``, else 0."""
+    sizes = [_size(inputs[i].source) for i in _sample(len(inputs), sample)]
+    median = int(np.median(sizes)) if sizes else 0
+    return median if median >= BIG_INPUT_BYTES else 0
+
+
 def measured_shard_size(tokenizer: Tokenizer, inputs: Sequence[Input], num_workers: int) -> int:
     """:func:`default_shard_size` with the cost of an input measured by :func:`seconds_per_input` on one
-    thread, as a 1-CPU worker runs (measured only when shards could hold more than the minimum)."""
+    thread, as a 1-CPU worker runs (measured only when shards could hold more than the minimum).
+
+    Large inputs (:func:`big_input_bytes`: a text corpus's JSONL shards, Parquet files, long videos)
+    are not timed (one could take minutes on the driver) and shards hold ``TARGET_SHARD_BYTES`` of
+    them, at least one, and no more than the default share of a worker (so that 40 files of 300 MB
+    on two workers are 40 shards, not one of 32 files and one of 8)."""
+    big = big_input_bytes(inputs)
+    if big:
+        size = max(1, min(TARGET_SHARD_BYTES // big, _per_worker_share(len(inputs), num_workers)))
+        log.info("inputs are large (~%.0f MB each): %d per shard", big / 1e6, size)
+        return size
     spi = None
     if _per_worker_share(len(inputs), num_workers) > MIN_DEFAULT_SHARD_SIZE:
         old_threads = limit_threads(1)
@@ -307,7 +333,7 @@ def seconds_per_input(
     n = len(inputs)
     if n < 2:
         return None
-    picks = sorted(set(np.linspace(0, n - 1, min(n, sample + 1)).round().astype(int).tolist()))
+    picks = _sample(n, sample + 1)
     times: list[float] = []
     end = math.inf
     for k, i in enumerate(picks):
@@ -347,26 +373,37 @@ def plan_shards(
 # ---------------------------------------------------------------------------------------------
 # the worker side: one shard
 # ---------------------------------------------------------------------------------------------
-def _tokenize_one(tokenizer: Tokenizer, item: Input, spec: tables.TableSpec) -> list[Record]:
-    """read + tokenize one input, labels applied, records validated; raise TokenizeError otherwise."""
+def _records(tokenizer: Tokenizer, item: Input, spec: tables.TableSpec) -> Iterator[Record]:
+    """read + tokenize one input as a stream (:meth:`Tokenizer.iter_records`), labels applied,
+    records validated; raise TokenizeError (or ``_Rejected``: a tokenizer's bug) otherwise, possibly
+    after some records. Only the tokenizer's own errors are turned into the input's: what the caller
+    does with a record (writing it) raises in the caller's frame, not here."""
+    stream = None
+    count = 0
     try:
-        records = tokenizer(item.source)
-    except TokenizeError:
+        stream = tokenizer.iter_records(item.source)
+        while True:
+            try:
+                r = next(stream)
+            except StopIteration:
+                break
+            if item.label is not None:
+                r = dataclasses.replace(r, label=item.label)
+            try:
+                tables.validate_record(r, spec)
+            except tables.TableError as e:
+                raise TokenizeError(item.source, "invalid", str(e)) from e
+            count += 1
+            yield r
+    except (TokenizeError, GeneratorExit):
         raise
     except Exception as e:  # a decoder crash or tokenizer bug on one input must not kill the job
         raise _Rejected(item.source, "internal", f"{type(e).__name__}: {e}") from e
-    if not records:
+    finally:
+        if stream is not None and hasattr(stream, "close"):
+            stream.close()  # a generator left part-way (an error, or the caller stopping) tidies up now
+    if not count:
         raise TokenizeError(item.source, "empty", "the tokenizer produced no samples")
-    out = []
-    for r in records:
-        if item.label is not None:
-            r = dataclasses.replace(r, label=item.label)
-        try:
-            tables.validate_record(r, spec)
-        except tables.TableError as e:
-            raise TokenizeError(item.source, "invalid", str(e)) from e
-        out.append(r)
-    return out
 
 
 class _Rejected(Exception):
@@ -565,58 +602,39 @@ def tokenize_shard(
     started = time.time()
     t0, c0 = time.perf_counter(), time.process_time()
     spec = tables.spec_from_meta(meta)
-    hung = _hung_inputs(out_dir)  # inputs that outlived the timeout in an earlier try of this shard
-    written: list[str] = []
-    errors: list[list[str]] = []
-    input_bytes = tokens = 0
-    # records go to the file a row group at a time (validated per input in _tokenize_one): a shard's
-    # memory is one row group, however many inputs it has
     path = os.path.join(out_dir, shard.name)
     attempts = ShardAttempts(out_dir, shard, run) if run else None
     try:
         crashed = attempts.begin() if attempts else {}
     except OSError as e:
         raise WriteError(f"{path}: cannot write the shard's bookkeeping ({e.strerror or e})") from None
+    # inputs rejected without reading them: those that outlived the timeout in an earlier try of this
+    # shard, those its workers died on, and those found bad after some of their records were written
+    skip: dict[int, tuple[str, str]] = {}
+    hung = _hung_inputs(out_dir)
+    for index, item in enumerate(shard.inputs):
+        if item.source in hung:
+            skip[index] = ("corrupt", f"decoding did not end within {hung[item.source]:g} s (--input-timeout); "
+                           "its worker was ended and restarted")  # fmt: skip
+        elif index in crashed:
+            skip[index] = ("crashed", f"the process decoding it died {crashed[index]} times (a crash in the "
+                           "decoder, or more memory than it had); the job went on without it")  # fmt: skip
     try:
-        with tables.ShardWriter(path, spec, meta) as writer:
-            for index, item in enumerate(shard.inputs):
-                try:
-                    input_bytes += _size(item.source)
-                    if item.source in hung:
-                        raise TokenizeError(item.source, "corrupt", f"decoding did not end within {hung[item.source]:g} "
-                                            "s (--input-timeout); its worker was ended and restarted")  # fmt: skip
-                    if index in crashed:
-                        raise _Rejected(item.source, "crashed", f"the process decoding it died {crashed[index]} "
-                                        "times (a crash in the decoder, or more memory than it had); the job went "
-                                        "on without it")  # fmt: skip
-                    if attempts is not None:
-                        attempts.at(index)  # until the next input: its records' writing counts as its own
-                    if watchdog is None:
-                        records = _tokenize_one(tokenizer, item, spec)
-                    else:
-                        watchdog.begin(out_dir, item.source)
-                        try:
-                            records = _tokenize_one(tokenizer, item, spec)
-                        finally:
-                            watchdog.end()
-                except (TokenizeError, _Rejected) as e:
-                    log.debug("rejected %s: %s: %s", e.source, e.kind, e.reason)
-                    errors.append([item.source, e.kind, e.reason])
-                    continue
-                writer.add(records)  # an OSError here is the disk's, not the input's
-                written.append(item.source)
-                tokens += sum(r.num_tokens for r in records)
-            if attempts is not None:
-                attempts.at(-1)
-            info = writer.close()
+        while True:
+            try:
+                out = _write_shard(tokenizer, shard, out_dir, spec, meta, skip, watchdog, attempts)
+                break
+            except _RedoShard as r:  # rare: its records are in the file already; write it again without them
+                skip[r.index] = (r.kind, r.reason)
+                log.info("%s: rejected after some of its records were written (%s: %s); writing shard %d again "
+                         "without it", shard.inputs[r.index].source, r.kind, r.reason, shard.index)  # fmt: skip
     except BaseException as e:
         if attempts is not None:  # ended in Python (an error, Ctrl-C), not by the process dying
             attempts.done()
         if isinstance(e, OSError):
             raise WriteError(f"{path}: cannot write the shard ({e.strerror or e})") from None
         raise
-    if info is not None:
-        info["inputs"] = len(written)
+    info, written, errors, tokens, input_bytes, write_seconds = out
     commit = {
         "shard_id": shard.shard_id,
         "index": shard.index,
@@ -627,7 +645,7 @@ def tokenize_shard(
         "tokens": int(tokens),
         "input_bytes": input_bytes,
         "seconds": time.perf_counter() - t0,
-        "write_seconds": writer.seconds,
+        "write_seconds": write_seconds,
         "cpu_seconds": time.process_time() - c0,
         "started": started,
     }
@@ -641,6 +659,77 @@ def tokenize_shard(
         if attempts is not None:
             attempts.done()
     return commit
+
+
+class _RedoShard(Exception):
+    """An input of the shard was found bad after some of its records were written (a row group
+    holding them is in the file): the shard must be written again without it."""
+
+    def __init__(self, index: int, kind: str, reason: str) -> None:
+        super().__init__(index, kind, reason)
+        self.index, self.kind, self.reason = index, kind, reason
+
+
+STREAM_BATCH = 256
+"""Records handed to the shard writer at a time while an input streams its records."""
+
+
+def _write_shard(
+    tokenizer: Tokenizer,
+    shard: ShardSpec,
+    out_dir: str,
+    spec: tables.TableSpec,
+    meta: dict[str, Any],
+    skip: dict[int, tuple[str, str]],
+    watchdog: InputWatchdog | None,
+    attempts: ShardAttempts | None,
+) -> tuple[dict[str, Any] | None, list[str], list[list[str]], int, int, float]:
+    """One pass of :func:`tokenize_shard` over the shard's inputs: (file info or None, sources written,
+    error rows, tokens, input bytes, write seconds). Records stream into the file a row group at a
+    time, so a shard's memory is one row group however many inputs (or records per input) it has.
+    An input that fails part-way loses the records it streamed; if some of them were written already
+    :class:`_RedoShard` asks for the pass to be made again with it in ``skip``."""
+    written: list[str] = []
+    errors: list[list[str]] = []
+    input_bytes = tokens = 0
+    with tables.ShardWriter(os.path.join(out_dir, shard.name), spec, meta) as writer:
+        for index, item in enumerate(shard.inputs):
+            mark = writer.mark()
+            n_tokens = 0
+            try:
+                input_bytes += _size(item.source)
+                if index in skip:
+                    raise _Rejected(item.source, *skip[index])
+                if attempts is not None:
+                    attempts.at(index)  # until the next input: its records' writing counts as its own
+                if watchdog is not None:
+                    watchdog.begin(out_dir, item.source)
+                try:
+                    batch: list[Record] = []
+                    for r in _records(tokenizer, item, spec):
+                        batch.append(r)
+                        n_tokens += r.num_tokens
+                        if len(batch) >= STREAM_BATCH:
+                            writer.add(batch)  # an OSError here is the disk's, not the input's
+                            batch = []
+                    writer.add(batch)
+                finally:
+                    if watchdog is not None:
+                        watchdog.end()
+            except (TokenizeError, _Rejected) as e:
+                if not writer.rollback(mark):
+                    raise _RedoShard(index, e.kind, e.reason) from None
+                log.debug("rejected %s: %s: %s", e.source, e.kind, e.reason)
+                errors.append([item.source, e.kind, e.reason])
+                continue
+            written.append(item.source)
+            tokens += n_tokens
+        if attempts is not None:
+            attempts.at(-1)
+        info = writer.close()
+    if info is not None:
+        info["inputs"] = len(written)
+    return info, written, errors, tokens, input_bytes, writer.seconds
 
 
 def _size(path: str) -> int:

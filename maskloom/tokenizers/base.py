@@ -268,6 +268,18 @@ class Tokenizer(ABC):
         """read + tokenize one file."""
         return self.tokenize(self.read(source), source=source)
 
+    def iter_records(self, source: str) -> Iterator[Record]:
+        """read + tokenize one file as a stream: the records :meth:`__call__` returns, in the same
+        order, without holding them all at once. Default: ``iter(self(source))``.
+
+        The preprocessing pipeline reads every input through this. A tokenizer whose inputs can be
+        too big for their records to fit in memory (a multi-gigabyte JSONL shard of a text corpus:
+        its records take ~20x its bytes as Python objects) yields them while it reads. It may raise
+        :class:`TokenizeError` after it has yielded records (a file found to be mostly unusable at
+        its end, a truncated compressed stream): the input is then an error row and none of its
+        records is kept (the pipeline writes its shard again without them)."""
+        return iter(self(source))
+
     def config_dict(self) -> dict[str, Any]:
         return config_to_dict(self.config)
 

@@ -44,7 +44,7 @@ from maskloom.pipelines.ray_utils import (
     restore_threads,
 )
 from maskloom.pipelines.sources import Input, find_inputs
-from maskloom.tokenizers.base import TokenizeError, get_tokenizer
+from maskloom.tokenizers.base import Record, TokenizeError, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOK = ppkit_tokenizer.NAME
@@ -147,6 +147,93 @@ def test_ray_data_bar_notice_is_dropped_and_other_warnings_kept():
     finally:
         logger.removeHandler(handler)
     assert seen == ["something else"]
+
+
+class _Streaming(ppkit_tokenizer.NumbersTokenizer):
+    """Streams one record per number; a file holding "-1" is found bad only at its end (after its
+    records), and one holding "-2" raises a tokenizer bug part-way (an internal error)."""
+
+    def iter_records(self, source):
+        v = self.read(source)
+        for k, x in enumerate(v):
+            if x == -2:
+                raise RuntimeError("bug part-way")
+            yield Record(id=f"{source}#{k}", source=source, tokens=np.array([[x, 2 * x]], np.float32),
+                         positions=np.array([[0.0]], np.float32))  # fmt: skip
+        if (v == -1).any():
+            raise TokenizeError(source, "invalid", "a -1 at the end")
+
+
+@pytest.mark.parametrize("row_group_bytes", [32 << 20, 1])
+def test_an_input_found_bad_after_streaming_records_keeps_none_of_them(tmp_path, caplog, monkeypatch,
+                                                                       row_group_bytes):  # fmt: skip
+    """Records stream from Tokenizer.iter_records into the shard; an input that fails after some of
+    its records loses them all: dropped from the pending row group, or (once a row group holding
+    them is written: 1-byte row groups here) the shard written again without the input."""
+    import functools
+    import logging
+
+    monkeypatch.setattr(
+        tables, "ShardWriter", functools.partial(tables.ShardWriter, row_group_bytes=row_group_bytes)
+    )
+    monkeypatch.setattr(pp, "STREAM_BATCH", 1 if row_group_bytes == 1 else pp.STREAM_BATCH)
+    (tmp_path / "in").mkdir()
+    for name, text in [("a.txt", "1 2 3"), ("b.txt", "4 5 -1"), ("c.txt", "6 -2 7"), ("d.txt", "8")]:
+        (tmp_path / "in" / name).write_text(text)
+    tok = _Streaming(None)
+    meta = tables.table_meta(tok.spec(), tokenizer=TOK, tokenizer_version="1", config=tok.config_dict(),
+                             fingerprint=tok.fingerprint())  # fmt: skip
+    (shard,) = plan_shards(find_inputs(str(tmp_path / "in"), extensions=(".txt",)).inputs, "k", 10)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="maskloom.pipelines.preprocess"):
+        c = tokenize_shard(tok, shard, str(out), meta)
+    assert [os.path.basename(s) for s in c["sources"]] == ["a.txt", "d.txt"]
+    assert [(os.path.basename(s), k, m) for s, k, m in c["errors"]] == [
+        ("b.txt", "invalid", "a -1 at the end"),
+        ("c.txt", "internal", "RuntimeError: bug part-way"),
+    ]
+    assert c["tokens"] == 4 and c["shard"]["rows"] == 4 and c["shard"]["inputs"] == 2
+    t = pq.read_table(out / shard.name)
+    assert [r.tokens.tolist() for r in tables.arrow_to_records(t)] == [
+        [[1, 2]],
+        [[2, 4]],
+        [[3, 6]],
+        [[8, 16]],
+    ]
+    assert [os.path.basename(i) for i in t.column("id").to_pylist()] == [
+        "a.txt#0",
+        "a.txt#1",
+        "a.txt#2",
+        "d.txt#0",
+    ]
+    redone = [r.getMessage() for r in caplog.records if "writing shard 0 again" in r.getMessage()]
+    if row_group_bytes == 1:  # each of the two bad inputs had a row group in the file: two passes more
+        assert (
+            len(redone) == 2
+            and "b.txt: rejected after some of its records were written (invalid" in redone[0]
+        )
+    else:
+        assert redone == []
+    assert sorted(os.listdir(out)) == sorted([COMMITS, shard.name])  # no temp file of a dropped pass left
+
+
+def test_shard_writer_rolls_back_pending_records_only(tmp_path):
+    tok = get_tokenizer(TOK, None)
+    spec = tok.spec()
+    recs = [r for i in range(3) for r in tok.tokenize(np.array([i], np.float32), source=f"s{i}")]
+    with tables.ShardWriter(str(tmp_path / "x.parquet"), spec, row_group_bytes=1 << 20) as w:
+        w.add(recs[:1])
+        m = w.mark()
+        w.add(recs[1:])
+        assert w.rollback(m) and w.mark() == m
+        w.add(recs[2:])
+        m2 = w.mark()
+        w.row_group_bytes = 1  # the next add writes a row group
+        w.add(recs[1:2])
+        assert w.rows == 3 and not w.rollback(m2) and w.rows == 3
+        info = w.close()
+    t = pq.read_table(tmp_path / "x.parquet")
+    assert info["rows"] == 3 and t.column("source").to_pylist() == ["s0", "s2", "s1"]
 
 
 def test_tokenize_shard_writes_shard_then_commit_with_error_rows(tmp_path):
@@ -263,6 +350,36 @@ def test_seconds_per_input_samples_evenly_after_one_untimed_input():
     tok = Clock(warm=0.2)  # the budget starts after the warm-up input, which here outlasts it alone
     spi = seconds_per_input(tok, inputs, sample=4, budget=0.1)
     assert tok.calls == ["s0", "s25", "s50", "s74", "s99"] and spi < 0.1
+
+
+def test_large_inputs_are_sized_into_shards_by_bytes_without_timing(tmp_path):
+    """40 files of 300 MB on two workers are 40 shards (the default would make one shard of 32 files
+    and one of 8), and none is tokenized on the driver to time it (one could take minutes)."""
+    from maskloom.pipelines.preprocess import BIG_INPUT_BYTES, big_input_bytes, measured_shard_size
+
+    def files(n, size):
+        out = []
+        for i in range(n):
+            p = tmp_path / f"{size}-{i:03d}.jsonl"
+            with open(p, "wb") as f:
+                f.truncate(size)  # sparse: no disk
+            out.append(Input(str(p)))
+        return out
+
+    class NotTimed:
+        def __call__(self, source):
+            raise AssertionError("a large input was tokenized on the driver")
+
+    big = files(40, 300 << 20)
+    assert big_input_bytes(big) == 300 << 20
+    assert measured_shard_size(NotTimed(), big, 2) == 1
+    mid = files(600, 20 << 20)  # 64 MB of 20 MB inputs: 3 per shard (the worker share, 38, is more)
+    assert measured_shard_size(NotTimed(), mid, 2) == 3
+    assert measured_shard_size(NotTimed(), mid[:40], 2) == 3  # share 3
+    assert measured_shard_size(NotTimed(), mid[:20], 2) == 2  # share 2
+    small = files(3, BIG_INPUT_BYTES - 1)
+    assert big_input_bytes(small) == 0 and big_input_bytes([]) == 0
+    assert big_input_bytes([Input(str(tmp_path / "missing"))]) == 0  # the driver may not see the files
 
 
 def test_max_tasks_in_flight_reaches_the_actor_pool():
