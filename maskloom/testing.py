@@ -62,7 +62,8 @@ def check_tokenizer(
       7. detokenize works on every record; ``compare(raw, detokenized, record)`` (when given)
          asserts the modality's round-trip tolerance;
       8. bad inputs (a missing path, an empty file and a garbage file per extension) raise
-         TokenizeError — never another exception.
+         TokenizeError — never another exception — from ``__call__`` and from ``iter_records``;
+      9. ``iter_records`` (the stream the pipeline reads) gives the records ``tokenize(read())`` does.
     """
     cls = type(tokenizer)
     assert isinstance(tokenizer, Tokenizer), f"{cls.__name__} is not a maskloom Tokenizer"
@@ -106,6 +107,10 @@ def check_tokenizer(
         assert len(again) == len(recs) and all(map(_same_record, recs, again)), (
             f"{src}: tokenize is not deterministic"
         )
+        streamed = list(tokenizer.iter_records(src))
+        assert len(streamed) == len(recs) and all(map(_same_record, recs, streamed)), (
+            f"{src}: iter_records gives other records than tokenize(read())"
+        )
         for name, other in (("a pickled copy", clone), ("a restored copy", restored)):
             recs2 = other(src)
             assert len(recs2) == len(recs) and all(map(_same_record, recs, recs2)), (
@@ -143,14 +148,17 @@ def check_tokenizer(
 
 
 def _expect_tokenize_error(tokenizer: Tokenizer, path: str, what: str) -> None:
-    try:
-        tokenizer(path)
-    except TokenizeError as e:
-        assert e.source, f"{what}: TokenizeError without a source"
-        return
-    except Exception as e:  # noqa: BLE001 - the point is to catch the wrong kind of error
-        raise AssertionError(f"{what} ({path}) raised {type(e).__name__}: {e}, not TokenizeError") from e
-    raise AssertionError(f"{what} ({path}) was accepted; expected TokenizeError")
+    for how, run in (("", tokenizer), (" by iter_records", lambda p: list(tokenizer.iter_records(p)))):
+        try:
+            run(path)
+        except TokenizeError as e:
+            assert e.source, f"{what}: TokenizeError{how} without a source"
+            continue
+        except Exception as e:  # noqa: BLE001 - the point is to catch the wrong kind of error
+            raise AssertionError(
+                f"{what} ({path}) raised{how} {type(e).__name__}: {e}, not TokenizeError"
+            ) from e
+        raise AssertionError(f"{what} ({path}) was accepted{how}; expected TokenizeError")
 
 
 def _check_bad_inputs(tokenizer: Tokenizer) -> None:

@@ -31,7 +31,15 @@ import pytest
 
 from maskloom.demo_data import write_demo_data
 from maskloom.testing import check_tokenizer
-from maskloom.tokenizers import TOKENIZERS, Record, get_tokenizer
+from maskloom.tokenizers import (
+    TOKENIZERS,
+    Record,
+    TableSpec,
+    TokenizeError,
+    Tokenizer,
+    get_tokenizer,
+    register_tokenizer,
+)
 
 BUILTINS = ("image", "video", "audio", "point_cloud", "graph", "time_series", "text")
 """The seven built-in modalities of issue 2; each must have a case below."""
@@ -215,3 +223,63 @@ def test_docstring_check_catches_a_missing_docstring():
         """documented"""
 
     assert _undocumented_fields(Cfg) == ["b"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _IntsConfig:
+    width: int = 1
+    """Unused."""
+
+
+class _Ints(Tokenizer):
+    """Whitespace-separated integers, one record per file (a minimal tokenizer for the kit's tests)."""
+
+    Config = _IntsConfig
+    extensions = (".ints",)
+
+    def spec(self):
+        return TableSpec(modality="kit_ints", token_kind="discrete", token_dim=1, token_dtype="int32",
+                         vocab_size=100, position_axes=("index",), position_kind="grid")  # fmt: skip
+
+    def read(self, source):
+        self.check_file(source)
+        try:
+            return np.array([int(x) for x in open(source, "rb").read().split()], np.int32)
+        except ValueError as e:
+            raise TokenizeError(source, "corrupt", str(e)) from None
+
+    def tokenize(self, raw, *, source=""):
+        return [Record(id=f"{source}#0", source=source, tokens=raw,
+                       positions=np.arange(len(raw), dtype=np.float32)[:, None])]  # fmt: skip
+
+    def detokenize(self, record):
+        return record.tokens
+
+
+if "kit_ints" not in TOKENIZERS.names():  # tables name their modality, which must be registered
+    register_tokenizer("kit_ints")(_Ints)
+
+
+class _ShortStream(_Ints):
+    def iter_records(self, source):
+        rec = self(source)[0]
+        yield dataclasses.replace(rec, tokens=rec.tokens[:1], positions=rec.positions[:1])
+
+
+class _LeakyStream(_Ints):
+    def iter_records(self, source):
+        yield from self.tokenize(np.array([int(x) for x in open(source, "rb").read().split()], np.int32),
+                                 source=source)  # fmt: skip
+
+
+def test_the_kit_checks_the_record_stream_against_tokenize(tmp_path):
+    """Rule 9: iter_records must give tokenize(read())'s records; rule 8 holds for the stream too."""
+    p = tmp_path / "a.ints"
+    p.write_text("1 2 3")
+    assert check_tokenizer(_Ints(), [str(p)]) == {"sources": 1, "records": 1, "tokens": 3}
+    with pytest.raises(AssertionError, match="iter_records gives other records than tokenize"):
+        check_tokenizer(_ShortStream(), [str(p)])
+    with pytest.raises(
+        AssertionError, match=r"a missing file \(.*\) raised by iter_records FileNotFoundError"
+    ):
+        check_tokenizer(_LeakyStream(), [str(p)])
