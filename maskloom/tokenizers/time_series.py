@@ -27,7 +27,10 @@ Inputs and decisions (documented here once):
   One file is one series, cut into sliding windows of
   ``Config.window`` steps every ``Config.stride`` steps (a tail shorter than a window is dropped; a
   series shorter than one window is rejected as ``too_small``; ``window=None`` makes the whole series
-  one window).
+  one window). The pipeline reads the windows as a stream (:meth:`TimeSeriesTokenizer.iter_records`),
+  ~16 MB of steps at a time: at PatchTST's ``stride=1`` a series makes a window per step, and
+  6,000 steps of 12 channels already hold 133 MB of patches, a year of 321 channels 17 GB (the
+  series itself is read whole).
 * UCR/UEA classification files: sktime ``.ts`` (``@`` header lines, then ``@data``; per line the
   dimensions are separated by ``:`` and their values by ``,``; ``?`` is missing; the class label is
   the last field; class names from ``@classLabel``) and UCR ``.tsv`` (no header; label in the first
@@ -66,7 +69,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -330,18 +333,28 @@ class TimeSeriesTokenizer(Tokenizer):
     def tokenize(self, raw: TimeSeries, *, source: str = "") -> list[Record]:
         """Records of (P, patch_len) float32 tokens (channel-independent) or (C * P, patch_len) (joint),
         positions (channel, patch). meta: series, window, start, length, channels, mean, std, missing."""
+        return list(self._records(raw, source))
+
+    def iter_records(self, source: str) -> Iterator[Record]:
+        """:meth:`tokenize`'s records as a stream, a chunk of windows at a time: a long series cut with
+        a small ``stride`` (PatchTST's 1) makes hundreds of windows per step, and its patches alone would
+        not fit in memory at once (a year of 321 channels at stride 1: 17 GB)."""
+        return self._records(self.read(source), source)
+
+    def _records(self, raw: TimeSeries, source: str) -> Iterator[Record]:
         src = source or "<memory>"
-        c = self.config
-        records: list[Record] = []
         errors: list[TokenizeError] = []
+        produced = 0
         for si, x in enumerate(raw.series):
             try:
-                records.extend(self._tokenize_series(raw, si, x, source, src))
+                for r in self._tokenize_series(raw, si, x, source, src):  # checks come before any record
+                    produced += 1
+                    yield r
             except TokenizeError as e:
                 if len(raw.series) == 1:
                     raise
                 errors.append(e)
-        if errors and records:
+        if errors and produced:
             log.warning(
                 "%s: skipped %d of %d series: %s%s",
                 src,
@@ -350,16 +363,15 @@ class TimeSeriesTokenizer(Tokenizer):
                 "; ".join(f"{e.kind}: {e.reason}" for e in errors[:3]),
                 f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "",
             )
-        if not records:
+        if not produced:
             if errors:
                 e = errors[0]
                 raise TokenizeError(
                     src, e.kind, f"no usable series ({len(errors)} rejected; first: {e.reason})"
                 )
             raise TokenizeError(
-                src, "invalid", f"every window has more than {c.max_missing:.0%} missing values"
+                src, "invalid", f"every window has more than {self.config.max_missing:.0%} missing values"
             )
-        return records
 
     def detokenize(self, record: Record) -> np.ndarray:
         """Undo patching and RevIN: (length, C) float32 values of the tokenised steps (C = 1 in
@@ -499,7 +511,8 @@ class TimeSeriesTokenizer(Tokenizer):
     # ---- internals ----------------------------------------------------------------------------
     def _tokenize_series(
         self, raw: TimeSeries, si: int, x: np.ndarray, source: str, src: str
-    ) -> list[Record]:
+    ) -> Iterator[Record]:
+        """The records of series ``si``, a chunk of windows at a time; its checks raise before any."""
         c = self.config
         x = np.asarray(x)
         name = f"series {si}" + (f" (line {raw.lines[si]})" if raw.lines is not None else "")
@@ -523,8 +536,16 @@ class TimeSeriesTokenizer(Tokenizer):
         starts = window_starts(n_t, window, c.stride) + (window - length)  # (W,) first tokenised step
         miss_cum = np.concatenate([np.zeros((1, n_c), np.int64), np.cumsum(missing, axis=0)])  # (T + 1, C)
         miss = miss_cum[starts + length] - miss_cum[starts]  # (W, C) filled steps per window and channel
-        mean, std, patches = self._revin_patches(filled, starts, length, n_p)
         ok = miss <= c.max_missing * length  # (W, C)
+        skipped = int((~ok).sum()) if c.channel_independent else int((~ok.all(axis=1)).sum())
+        if skipped:
+            log.warning(
+                "%s: series %d: skipped %d window(s) with more than %.0f%% missing values",
+                src,
+                si,
+                skipped,
+                100 * c.max_missing,
+            )
         label = raw.labels[si] if raw.labels is not None else None
         base = {
             "series": si,
@@ -535,88 +556,75 @@ class TimeSeriesTokenizer(Tokenizer):
             "window": window,
         }
         patch_pos = np.arange(n_p, dtype=np.float32)
-        records = []
         if c.channel_independent:
             pos = np.stack([np.zeros(n_p, np.float32), patch_pos], axis=1)  # (P, 2) channel 0: shared
-            mean_l, std_l, miss_l, starts_l = mean.tolist(), std.tolist(), miss.tolist(), starts.tolist()
-            ws, chs = np.nonzero(ok)
-            for w, ch in zip(ws.tolist(), chs.tolist()):
-                meta = {
-                    **base,
-                    "window_index": w,
-                    "start": starts_l[w],
-                    "channels": [ch],
-                    "channel_names": [raw.channels[ch]],
-                    "mean": [mean_l[w][ch]],
-                    "std": [std_l[w][ch]],
-                    "missing": [miss_l[w][ch]],
-                }
-                records.append(
-                    Record(
-                        id=f"{source}#s{si}-w{w}-c{ch}",
+        else:
+            cc, pp = np.meshgrid(np.arange(n_c, dtype=np.float32), patch_pos, indexing="ij")
+            pos = np.stack([cc.reshape(-1), pp.reshape(-1)], axis=1)  # (C * P, 2) channel-major
+        for first, mean, std, patches in self._revin_patches(filled, starts, length, n_p):
+            last = first + len(mean)
+            if c.channel_independent:
+                mean_l, std_l = mean.tolist(), std.tolist()
+                miss_l, starts_l = miss[first:last].tolist(), starts[first:last].tolist()
+                ws, chs = np.nonzero(ok[first:last])
+                for w, ch in zip(ws.tolist(), chs.tolist()):
+                    meta = {
+                        **base,
+                        "window_index": first + w,
+                        "start": starts_l[w],
+                        "channels": [ch],
+                        "channel_names": [raw.channels[ch]],
+                        "mean": [mean_l[w][ch]],
+                        "std": [std_l[w][ch]],
+                        "missing": [miss_l[w][ch]],
+                    }
+                    yield Record(
+                        id=f"{source}#s{si}-w{first + w}-c{ch}",
                         source=source,
                         tokens=patches[w, ch],
                         positions=pos.copy(),
                         label=label,
                         meta=meta,
                     )
-                )
-        else:
-            cc, pp = np.meshgrid(np.arange(n_c, dtype=np.float32), patch_pos, indexing="ij")
-            pos = np.stack([cc.reshape(-1), pp.reshape(-1)], axis=1)  # (C * P, 2) channel-major
-            for w in np.nonzero(ok.all(axis=1))[0]:
-                meta = {
-                    **base,
-                    "window_index": int(w),
-                    "start": int(starts[w]),
-                    "channels": list(range(n_c)),
-                    "channel_names": list(raw.channels),
-                    "mean": mean[w].tolist(),
-                    "std": std[w].tolist(),
-                    "missing": miss[w].tolist(),
-                }
-                records.append(
-                    Record(
-                        id=f"{source}#s{si}-w{w}",
+            else:
+                for w in np.nonzero(ok[first:last].all(axis=1))[0].tolist():
+                    meta = {
+                        **base,
+                        "window_index": first + w,
+                        "start": int(starts[first + w]),
+                        "channels": list(range(n_c)),
+                        "channel_names": list(raw.channels),
+                        "mean": mean[w].tolist(),
+                        "std": std[w].tolist(),
+                        "missing": miss[first + w].tolist(),
+                    }
+                    yield Record(
+                        id=f"{source}#s{si}-w{first + w}",
                         source=source,
                         tokens=patches[w].reshape(n_c * n_p, c.patch_len),
                         positions=pos.copy(),
                         label=label,
                         meta=meta,
                     )
-                )
-        skipped = int((~ok).sum()) if c.channel_independent else int((~ok.all(axis=1)).sum())
-        if skipped:
-            log.warning(
-                "%s: series %d: skipped %d window(s) with more than %.0f%% missing values",
-                src,
-                si,
-                skipped,
-                100 * c.max_missing,
-            )
-        return records
 
     def _revin_patches(
         self, filled: np.ndarray, starts: np.ndarray, length: int, n_p: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """RevIN per window and channel, then patches: filled (T, C), starts (W,) ->
-        mean (W, C), std (W, C) float64 and patches (W, C, P, patch_len) float32.
-        Windows are processed in chunks so that memory stays bounded for a stride of 1."""
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """RevIN per window and channel, then patches, a chunk of windows at a time: filled (T, C),
+        starts (W,) -> (first window, mean (w, C), std (w, C) float64, patches (w, C, P, patch_len)
+        float32) for about 16 MB of float64 steps per chunk, so that memory stays bounded for a
+        stride of 1."""
         c = self.config
         n_w, n_c = starts.shape[0], filled.shape[1]
-        mean = np.empty((n_w, n_c))
-        std = np.empty((n_w, n_c))
-        patches = np.empty((n_w, n_c, n_p, c.patch_len), np.float32)
         pidx = np.arange(n_p)[:, None] * c.patch_stride + np.arange(c.patch_len)  # (P, pl) step in window
-        chunk = max(1, (1 << 21) // (length * n_c))  # about 16 MB of float64 per chunk
+        chunk = max(1, (1 << 21) // (length * n_c))
         for a in range(0, n_w, chunk):
-            b = min(a + chunk, n_w)
-            seg = filled[starts[a:b, None] + np.arange(length)]  # (w, length, C)
-            mean[a:b] = seg.mean(axis=1)  # RevIN: per window and channel
-            std[a:b] = np.sqrt(seg.var(axis=1) + c.eps)  # biased variance, as RevIN
-            z = (seg - mean[a:b, None, :]) / std[a:b, None, :]  # (w, length, C)
-            patches[a:b] = rearrange(z[:, pidx, :], "w p l c -> w c p l")  # (w, C, P, pl)
-        return mean, std, patches
+            seg = filled[starts[a : a + chunk, None] + np.arange(length)]  # (w, length, C)
+            mean = seg.mean(axis=1)  # RevIN: per window and channel
+            std = np.sqrt(seg.var(axis=1) + c.eps)  # biased variance, as RevIN
+            z = (seg - mean[:, None, :]) / std[:, None, :]  # (w, length, C)
+            patches = rearrange(z[:, pidx, :], "w p l c -> w c p l").astype(np.float32)  # (w, C, P, pl)
+            yield a, mean, std, patches
 
     def _format(self, source: str) -> str:
         if self.config.format != "auto":

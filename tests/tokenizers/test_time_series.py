@@ -678,3 +678,52 @@ def test_unusable_ucr_lines_are_named_in_one_warning(tmp_path, caplog):
         f"{p}: skipped 3 of 6 series: empty: series 1 (line 2) has no values; empty: series 3 (line 4) "
         "has no values; too_small: series 4 (line 5) has 2 steps; a sample needs 12"
     ]
+
+
+def _same(a, b) -> bool:
+    return (a.id, a.source, a.label, a.meta) == (b.id, b.source, b.label, b.meta) and all(
+        np.array_equal(x, y) for x, y in ((a.tokens, b.tokens), (a.positions, b.positions))
+    )
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_the_record_stream_equals_tokenize_with_gaps_and_bad_series(tmp_path, joint):
+    x = _series(700, 3)
+    x[100:400, 1] = np.nan  # windows of channel 1 over this gap are skipped
+    table = _csv(tmp_path / "gappy.csv", x)
+    ucr = tmp_path / "mixed.tsv"
+    ucr.write_text(
+        "1\t" + "\t".join(map(str, range(30))) + "\n2\t1\t2\t3\n1\t" + "\t".join(["5"] * 30) + "\n"
+    )
+    tok = _tok(window=96, stride=5, max_missing=0.1, channel_independent=not joint)
+    tok.fit([table, str(ucr)])
+    for p in (table, str(ucr)):
+        recs, streamed = tok(p), list(tok.iter_records(p))
+        assert len(recs) == len(streamed) > 0 and all(map(_same, recs, streamed))
+    # 121 windows; 76 of them (starts 15 to 390) hold over 10 % of channel 1's gap
+    assert len(tok(table)) == (121 - 76 if joint else 3 * 121 - 76)
+    with pytest.raises(TokenizeError) as e:
+        list(tok.iter_records(_csv(tmp_path / "dead.csv", np.full((200, 1), np.nan, np.float32))))
+    assert e.value.kind in ("invalid", "empty")
+
+
+def test_a_long_series_at_stride_one_streams_in_bounded_memory(tmp_path):
+    """6,000 steps x 12 channels, windows of 512 every step: 65,868 records whose patches alone take
+    133 MB; the stream holds a chunk of windows at a time."""
+    import tracemalloc
+
+    path = tmp_path / "long.parquet"
+    x = _series(6000, 12)
+    pq.write_table(pa.table({f"c{i}": x[:, i] for i in range(12)}), path)
+    tok = _tok(stride=1)
+    tracemalloc.start()
+    try:
+        count = tokens = 0
+        for r in tok.iter_records(str(path)):
+            count += 1
+            tokens += r.tokens.nbytes
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 5489 * 12 and tokens == count * 42 * 12 * 4
+    assert peak < 80e6 < tokens, f"peak {peak / 1e6:.0f} MB"
