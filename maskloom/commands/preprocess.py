@@ -83,8 +83,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--max-error-rate", type=float, metavar="FRACTION",
                    help="fail (exit 1) when more than this fraction of inputs is rejected, e.g. 0.05")  # fmt: skip
     r.add_argument("--input-timeout", type=float, default=None, metavar="SECONDS",
-                   help="end a Ray worker whose input takes longer (a decoder hung on a damaged file); the "
-                        "input becomes an error row and the job goes on (default 300; 0: no limit)")  # fmt: skip
+                   help="end a Ray worker whose input gives no record for this long (a decoder hung on a damaged "
+                        "file); the input becomes an error row and the job goes on (default 300; 0: no limit)")  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

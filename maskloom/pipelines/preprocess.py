@@ -415,7 +415,8 @@ class _Rejected(Exception):
 
 
 INPUT_TIMEOUT_S = 300.0
-"""Default seconds one input may take in a Ray worker before the worker is ended (``--input-timeout``)."""
+"""Default seconds an input may go without giving a record in a Ray worker before the worker is ended
+(``--input-timeout``)."""
 
 HUNG = "_hung"
 """Folder under ``_commits`` with one record per input that outlived the timeout in a worker."""
@@ -442,7 +443,8 @@ def _hung_inputs(out_dir: str) -> dict[str, float]:
 
 
 class InputWatchdog:
-    """Ends its worker process when one input has taken longer than ``timeout`` seconds.
+    """Ends its worker process when one input has made no progress for ``timeout`` seconds: no record
+    since it began, or since its last record (:meth:`touch`).
 
     Decoders in C can hang for ever on a damaged file (decord's ``get_batch`` on some MP4s, for
     one); nothing inside the process can stop them, and one such file would stall the whole job.
@@ -465,6 +467,14 @@ class InputWatchdog:
         instead of ~1.5 us an input, against ~200 us for a spoken-digit clip."""
         self._current = (out_dir, source, time.monotonic())
 
+    def touch(self) -> None:
+        """The input made progress (it gave a record): its time counts from now. An input whose records
+        stream (a multi-gigabyte JSONL shard) may take longer than the timeout in all; only a stretch
+        without a record is a hang."""
+        cur = self._current
+        if cur is not None:
+            self._current = (cur[0], cur[1], time.monotonic())
+
     def end(self) -> None:
         self._current = None
 
@@ -479,7 +489,7 @@ class InputWatchdog:
                 tables.atomic_write_bytes(
                     path, json.dumps({"source": source, "seconds": self.timeout}).encode()
                 )
-                log.error("%s: still decoding after %g s; ending this worker (Ray restarts it and the job goes "
+                log.error("%s: no progress for %g s; ending this worker (Ray restarts it and the job goes "
                           "on without this input)", source, self.timeout)  # fmt: skip
                 logging.shutdown()
                 os._exit(HUNG_EXIT_CODE)
@@ -614,7 +624,7 @@ def tokenize_shard(
     hung = _hung_inputs(out_dir)
     for index, item in enumerate(shard.inputs):
         if item.source in hung:
-            skip[index] = ("corrupt", f"decoding did not end within {hung[item.source]:g} s (--input-timeout); "
+            skip[index] = ("corrupt", f"decoding made no progress for {hung[item.source]:g} s (--input-timeout); "
                            "its worker was ended and restarted")  # fmt: skip
         elif index in crashed:
             skip[index] = ("crashed", f"the process decoding it died {crashed[index]} times (a crash in the "
@@ -707,6 +717,8 @@ def _write_shard(
                 try:
                     batch: list[Record] = []
                     for r in _records(tokenizer, item, spec):
+                        if watchdog is not None:
+                            watchdog.touch()
                         batch.append(r)
                         n_tokens += r.num_tokens
                         if len(batch) >= STREAM_BATCH:
@@ -991,8 +1003,8 @@ def preprocess(
     ones (:func:`_append_base`), for a collection that grows; the old shards are not touched.
     ``retry_errors`` (implies ``append``): the inputs the finished table holds as error rows are
     tokenized again too (files fixed since, a decoder upgraded); its written rows stay.
-    ``input_timeout``: seconds one input may take in a Ray worker before the worker is ended and
-    the input becomes an error row (:class:`InputWatchdog`; None or 0: no limit). In Ray workers an
+    ``input_timeout``: seconds one input may go without giving a record in a Ray worker before the
+    worker is ended and the input becomes an error row (:class:`InputWatchdog`; None or 0: no limit). In Ray workers an
     input that kills its worker twice becomes an error row too (:class:`ShardAttempts`). Raises
     TableConflictError (another config/input set in ``out_dir`` and not ``overwrite``), OutDirError
     (``out_dir`` is a file or cannot be made),

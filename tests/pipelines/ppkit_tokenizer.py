@@ -41,6 +41,9 @@ class NumbersConfig:
     """Never return (a decoder hung in C) for sources containing this string."""
     segfault_on: str = ""
     """Kill this process with SIGSEGV (a decoder crashing in C) for sources containing this string."""
+    stream_delay: float = 0.0
+    """If set: ``iter_records`` streams one record per number, this many seconds apart (a big input
+    whose records keep coming)."""
 
 
 class NumbersTokenizer(Tokenizer):
@@ -85,6 +88,15 @@ class NumbersTokenizer(Tokenizer):
                 positions=np.arange(len(v), dtype=np.float32)[:, None],
             )
         ]
+
+    def iter_records(self, source: str):
+        if not self.config.stream_delay:
+            yield from super().iter_records(source)
+            return
+        for k, x in enumerate(self.read(source) * self.config.scale):
+            time.sleep(self.config.stream_delay)
+            yield Record(id=f"{source}#{k}", source=source, tokens=np.array([[x, 2 * x]], np.float32),
+                         positions=np.zeros((1, 1), np.float32))  # fmt: skip
 
     def detokenize(self, record: Record):
         return record.tokens[:, 0] / self.config.scale

@@ -1305,19 +1305,34 @@ def test_an_input_that_never_finishes_ends_its_worker_and_becomes_an_error_row(t
     hung = str(tmp_path / "in" / "a" / "f1.txt")
     assert t.errors().to_pylist() == [{
         "source": hung, "kind": "corrupt",
-        "message": "decoding did not end within 1 s (--input-timeout); its worker was ended and restarted",
+        "message": "decoding made no progress for 1 s (--input-timeout); its worker was ended and restarted",
     }]  # fmt: skip
     ids = t.read().column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 5 and f"{hung}#0" not in ids
     assert not os.path.exists(os.path.join(out, COMMITS))  # the hung record went with the commit records
 
 
+def test_an_input_whose_records_keep_coming_may_outlast_the_timeout(tmp_path, local_ray):
+    """--input-timeout is a hang detector, not a limit on big inputs: 4 records 0.4 s apart (1.6 s in
+    all) pass a 1 s timeout in a Ray worker."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.txt").write_text("1 2 3 4")
+    out = str(tmp_path / "t")
+    r = preprocess([str(tmp_path / "in" / "big.txt")], TOK, {"stream_delay": 0.4}, out, imports=IMPORTS,
+                   progress=False, num_workers=1, input_timeout=1.0)  # fmt: skip
+    assert (r.inputs, r.rows, r.errors) == (1, 4, 0)
+
+
 def test_input_watchdog_records_the_input_and_ends_the_process(tmp_path):
-    """The watchdog in a child process: past the timeout, the record, then exit status 75."""
+    """The watchdog in a child process: past the timeout without progress, the record, then exit status
+    75; an input that keeps giving records (touch) runs as long as it needs."""
     code = (
         "import sys, time; from maskloom.pipelines.preprocess import InputWatchdog\n"
         "w = InputWatchdog(0.2, tick=0.05)\n"
         "w.begin(sys.argv[1], 'fast.txt'); time.sleep(0.1); w.end()\n"
+        "w.begin(sys.argv[1], 'streaming.txt')\n"
+        "for _ in range(8): time.sleep(0.1); w.touch()  # 0.8 s in all, never 0.2 s without a record\n"
+        "w.end()\n"
         "w.begin(sys.argv[1], 'slow.txt'); time.sleep(30)\n"
     )
     done = subprocess.run(
