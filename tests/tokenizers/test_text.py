@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -339,14 +340,14 @@ def test_a_lone_surrogate_escape_in_jsonl_becomes_u_fffd_with_a_warning(tmp_path
 
 def test_fit_skips_a_source_whose_reader_fails_in_any_way(corpus, monkeypatch, caplog):
     tok = TextTokenizer(TextConfig(vocab_size=300, min_frequency=1))
-    read = TextTokenizer.read
+    documents = TextTokenizer._documents
 
-    def flaky(self, source):
+    def flaky(self, source, notes=None):
         if source == corpus["txt"]:
             raise RuntimeError("boom")
-        return read(self, source)
+        return documents(self, source, notes)
 
-    monkeypatch.setattr(TextTokenizer, "read", flaky)
+    monkeypatch.setattr(TextTokenizer, "_documents", flaky)
     with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
         tok.fit([corpus["txt"], corpus["jsonl"]])
     assert tok.fitted and tok.label_names() == ("a", "b")
@@ -483,3 +484,507 @@ def test_long_words_are_trained_on_up_to_a_cap_per_document(tmp_path, train_spy,
     assert "and not on 1501 characters beyond 2500 per document" in caplog.text
     (rec,) = tok(str(tmp_path / "d.txt"))
     assert tok.detokenize(rec) == doc  # encoding is not capped
+
+
+# ---- streaming, compressed files, Parquet, a bounded fit ----------------------------------------
+
+
+def _chunked_text(tmp_path, monkeypatch, content: str, read_bytes: int) -> list[str]:
+    """The chunks _text_chunks makes of ``content`` (written as UTF-8) reading ``read_bytes`` at a time."""
+    from maskloom.tokenizers import text
+
+    p = tmp_path / f"c{read_bytes}.txt"
+    p.write_bytes(content.encode("utf-8"))
+    monkeypatch.setattr(text, "READ_BYTES", read_bytes)
+    return list(text._text_chunks(str(p), None))
+
+
+@pytest.mark.parametrize("read_bytes", [1, 2, 3, 5, 8, 1 << 20])
+def test_incremental_splits_match_the_whole_string_ones(tmp_path, monkeypatch, read_bytes):
+    """Documents are cut from chunks of the file as they are read; wherever a chunk ends (inside a
+    "\\r\\n", a 4-byte character or a blank-line break), they are those the whole string gives."""
+    import io
+
+    from maskloom.tokenizers import text
+
+    content = (
+        "one\r\ntwo\rthree\n\nfour \u2028five\x0bsix\x85\n \t\r\n\nseven 東京 🚀\r\n\r\n"
+        '"a,b",c\n\n  \n\nend\u2029tail\n\n\n'
+    )
+    chunks = _chunked_text(tmp_path, monkeypatch, "\ufeff" + content, read_bytes)
+    assert "".join(chunks) == content  # the byte order mark dropped
+    assert all(not c.endswith("\r") for c in chunks[:-1])
+    assert list(text._split_newlines(chunks)) == content.split("\n")
+    assert list(text._split_newlines(chunks, keepends=True)) == list(io.StringIO(content))
+    assert list(text._split_lines(chunks)) == content.splitlines()
+    assert list(text._split_paragraphs(chunks)) == re.split(r"\n[ \t\r]*\n", content)
+    for cut in ("a\n", "a", "a\n\n", "\n", "a\r"):  # no last line, an empty last paragraph
+        assert list(text._split_newlines([cut])) == cut.split("\n")
+        assert list(text._split_lines([cut])) == cut.splitlines()
+        assert list(text._split_paragraphs([cut])) == re.split(r"\n[ \t\r]*\n", cut)
+
+
+def test_not_utf8_and_nul_bytes_are_found_wherever_they_are(tmp_path, monkeypatch):
+    from maskloom.tokenizers import text
+
+    monkeypatch.setattr(text, "READ_BYTES", 4)
+    tok = TextTokenizer()
+
+    def reason(name: str, data: bytes) -> tuple[str, str]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TokenizeError) as e:
+            tok.read(str(tmp_path / name))
+        return e.value.kind, e.value.reason
+
+    assert reason("a.txt", b"hello w\xc3orld") == (
+        "corrupt",
+        "not UTF-8 text (invalid continuation byte at byte 7)",
+    )
+    assert reason("b.txt", b"\xef\xbb\xbfhello \xff") == (
+        "corrupt",
+        "not UTF-8 text (invalid start byte at byte 9)",
+    )
+    assert reason("c.txt", "caf\u00e9".encode()[:-1]) == (
+        "corrupt",
+        "not UTF-8 text (unexpected end of data at byte 3)",
+    )
+    assert reason("d.jsonl", b'{"text": "a"}\n\x00\n') == ("corrupt", "contains NUL bytes; not a text file")
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Files exercising every rule that numbers documents: skipped and blank JSONL lines, empty
+    documents, labels, CSV/TSV rows, and the three .txt split modes."""
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(60):
+        if i % 17 == 5:
+            lines.append("{broken")
+        elif i % 13 == 4:
+            lines.append("")
+        elif i % 11 == 3:
+            lines.append(json.dumps({"text": ""}))
+        else:
+            words = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 40))))
+            lines.append(json.dumps({"text": words, "label": ["a", "b", None][i % 3]}))
+    (tmp_path / "m.jsonl").write_text("\r\n".join(lines) + "\n")
+    sents = _sentences(30, seed=2)
+    (tmp_path / "m.csv").write_text(
+        "id,Text,label\n"
+        + "".join(f'{i},"{s}\nmore, {i}",{"ab"[i % 2]}\n' for i, s in enumerate(sents))
+        + "\n"
+    )
+    (tmp_path / "m.tsv").write_text("label\ttext\n" + "".join(f"b\t{s}\n" for s in sents[:9]))
+    (tmp_path / "m.txt").write_text(
+        "\n\n".join(" ".join(sents[i : i + 3]) for i in range(0, 30, 3)) + "\n \n\n"
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize("split", ["document", "lines", "paragraphs"])
+def test_iter_records_gives_the_records_of_call_record_for_record(mixed, monkeypatch, split, caplog):
+    from maskloom.tokenizers import text
+
+    paths = [str(mixed / n) for n in ("m.jsonl", "m.csv", "m.tsv", "m.txt")]
+    tok = _fitted(paths, max_length=6, overlap=2, split=split)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        whole = {p: tok(p) for p in paths}
+    warnings = [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    monkeypatch.setattr(text, "READ_BYTES", 7)  # documents cut across many reads
+    monkeypatch.setattr(TextTokenizer, "ENCODE_BATCH", 4)
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        for p in paths:
+            streamed = list(tok.iter_records(p))
+            assert len(streamed) == len(whole[p]) > 20
+            for a, b in zip(streamed, whole[p]):
+                assert (a.id, a.source, a.label, a.meta) == (b.id, b.source, b.label, b.meta)
+                assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.positions, b.positions)
+    assert [r.getMessage() for r in caplog.records] == warnings
+    # documents are numbered as before: a skipped or blank JSONL line is no document, an empty one is
+    jl = paths[0]
+    docs = sorted({r.meta["doc"] for r in whole[jl]})
+    assert docs == [i for i in range(52) if i not in (3, 12, 21, 31, 40, 50)]
+    broken = "is not JSON (Expecting property name enclosed in double quotes)"
+    assert warnings[:2] == [
+        f"{jl}: skipped 4 of 56 lines that are no usable record: line 6 {broken}; line 23 {broken}; "
+        f"line 40 {broken}; ... (1 more)",
+        f"{jl}: skipped 6 empty document(s) of 52",
+    ]
+
+
+def test_streaming_memory_is_bounded_by_a_batch(tmp_path):
+    """A file is read, encoded and yielded a batch at a time: streaming ~19 MB of JSONL holds 5.3 MB
+    of Python objects at its peak (tracemalloc), where its list of documents alone holds 25 MB, and
+    the old path (the whole file read into one string, then every document and record listed) 60 MB."""
+    import tracemalloc
+
+    word = "abcdefghij" * 10
+    p = tmp_path / "big.jsonl"
+    with open(p, "w") as f:
+        for i in range(20_000):
+            f.write(json.dumps({"text": f"doc {i} " + " ".join([word] * 9), "label": "ab"[i % 2]}) + "\n")
+    assert p.stat().st_size > 18_000_000
+    (tmp_path / "fit.jsonl").write_text(
+        "".join(json.dumps({"text": f"{word} doc {i}", "label": "ab"[i % 2]}) + "\n" for i in range(50))
+    )
+    tok = _fitted([str(tmp_path / "fit.jsonl")])
+    bound = 10_000_000
+    tracemalloc.start()
+    try:
+        n = sum(1 for _ in tok.iter_records(str(p)))
+        streamed = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        docs = len(tok.read(str(p)))
+        listed = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == docs == 20_000
+    assert streamed < bound < 2 * bound < listed
+
+
+def test_an_error_found_at_the_end_comes_after_the_records(tmp_path, monkeypatch):
+    """The records of a file that turns out mostly unusable were yielded before its error."""
+    monkeypatch.setattr(TextTokenizer, "ENCODE_BATCH", 1)
+    p = tmp_path / "late.jsonl"
+    p.write_text('{"text": "alpha"}\n{"text": "beta"}\n' + '{"body": "x"}\n' * 3)
+    tok = _fitted([str(p)])
+    got = []
+    with pytest.raises(TokenizeError) as e:
+        for r in tok.iter_records(str(p)):
+            got.append(r.id)
+    assert got == [f"{p}#0-0", f"{p}#1-0"]
+    assert (e.value.kind, e.value.reason) == (
+        "config",
+        "line 3 has no text field 'text' (keys: ['body']); set text_field (3 of 5 lines are unusable)",
+    )
+    with pytest.raises(TokenizeError, match="3 of 5 lines"):
+        tok(str(p))  # the list path raises it before any record, as before
+
+
+def _compress(path, codec: str) -> str:
+    """``path`` compressed with ``codec`` beside it (``<path>.<ext>``)."""
+    import bz2
+    import gzip
+    import lzma
+
+    import pyarrow as pa
+
+    from maskloom.tokenizers.text import COMPRESSIONS
+
+    ext = next(e for e, c in COMPRESSIONS.items() if c == codec)
+    data = open(path, "rb").read()
+    out = f"{path}{ext}"
+    if codec in ("gzip", "bz2", "xz"):
+        opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[codec]
+        with opener(out, "wb", **({"compresslevel": 1} if codec == "bz2" else {})) as f:  # 100 kB blocks
+            f.write(data)
+    else:
+        with pa.output_stream(out, compression=codec) as f:
+            f.write(data)
+    return out
+
+
+@pytest.mark.parametrize("codec", ["gzip", "bz2", "xz", "zstd", "lz4"])
+def test_compressed_files_read_as_their_plain_text(mixed, codec, monkeypatch):
+    from maskloom.tokenizers import text
+
+    monkeypatch.setattr(text, "READ_BYTES", 64)
+    tok = _fitted([str(mixed / "m.jsonl")], max_length=6, overlap=2, text_column="text")
+    (mixed / "c4.json").write_text((mixed / "m.jsonl").read_text())  # C4: JSON Lines named .json(.gz)
+    for name in ("m.jsonl", "c4.json", "m.csv", "m.tsv", "m.txt"):
+        plain = str(mixed / name)
+        packed = _compress(plain, codec)
+        assert packed.lower().endswith(TextTokenizer.extensions)
+        assert tok.read(packed) == tok.read(plain)
+        a, b = list(tok.iter_records(packed)), tok(plain)
+        assert [r.id for r in a] == [r.id.replace(plain, packed) for r in b]
+        assert all(np.array_equal(x.tokens, y.tokens) and x.label == y.label for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("codec", ["gzip", "bz2", "xz", "zstd", "lz4"])
+def test_a_truncated_compressed_file_is_corrupt_even_after_records(tmp_path, codec, monkeypatch):
+    from maskloom.tokenizers import text
+
+    monkeypatch.setattr(text, "READ_BYTES", 4096)
+    monkeypatch.setattr(TextTokenizer, "ENCODE_BATCH", 8)
+    rng = np.random.default_rng(0)
+    p = tmp_path / "t.jsonl"
+    p.write_text(
+        "".join(json.dumps({"text": " ".join(rng.choice(WORDS, size=12))}) + "\n" for _ in range(4000))
+    )
+    packed = _compress(p, codec)
+    data = open(packed, "rb").read()
+    open(packed, "wb").write(data[: len(data) * 3 // 4])
+    tok = _fitted([str(p)])
+    got = 0
+    with pytest.raises(TokenizeError) as e:
+        for _ in tok.iter_records(packed):
+            got += 1
+    assert e.value.kind == "corrupt" and got > 100
+    assert re.fullmatch(
+        rf"damaged or truncated {codec} stream after [\d,]+ bytes of text \(.+\)", e.value.reason
+    )
+    # a file that is not compressed at all
+    (tmp_path / "plain.txt.gz").write_text("hello\n")
+    with pytest.raises(TokenizeError) as e:
+        tok.read(str(tmp_path / "plain.txt.gz"))
+    assert (e.value.kind, e.value.reason) == (
+        "corrupt",
+        "not a readable gzip stream (zlib inflate failed: incorrect header check)",
+    )
+
+
+def test_names_text_does_not_read(tmp_path):
+    tok = TextTokenizer()
+    for name in ("a.gz", "a.parquet.gz", "a.pdf.zst"):
+        (tmp_path / name).write_text("x")
+        with pytest.raises(TokenizeError) as e:
+            tok.read(str(tmp_path / name))
+        assert e.value.kind == "unsupported"
+    assert e.value.reason == (
+        "extension '.pdf.zst'; text reads .txt, .jsonl, .json, .csv, .tsv "
+        "(also compressed: .gz, .bz2, .xz, .zst, .lz4) and .parquet"
+    )
+    assert len(TextTokenizer.extensions) == 6 + 5 * 5 and ".jsonl.zst" in TextTokenizer.extensions
+
+
+def test_a_json_document_is_not_json_lines(tmp_path):
+    tok = TextTokenizer()
+
+    def reason(content: str) -> tuple[str, str]:
+        (tmp_path / "d.json").write_text(content)
+        with pytest.raises(TokenizeError) as e:
+            tok.read(str(tmp_path / "d.json"))
+        return e.value.kind, e.value.reason
+
+    tail = ": the file is one JSON document, not JSON Lines; text reads JSON Lines only (one object per line)"
+    docs = [{"text": f"doc {i}"} for i in range(500)]
+    assert reason(json.dumps(docs, indent=2)) == ("unsupported", "line 1 starts a JSON array" + tail)
+    assert reason("\n" + json.dumps(docs)) == ("unsupported", "line 2 starts a JSON array" + tail)
+    assert reason(json.dumps({"data": docs}, indent=1)) == (
+        "unsupported", "line 1 starts a JSON object written over several lines" + tail
+    )  # fmt: skip
+    # one object on one line is a one-line JSON Lines file: its own problem is the error
+    assert reason(json.dumps({"data": docs})) == (
+        "config",
+        "line 1 has no text field 'text' (keys: ['data']); set text_field",
+    )
+
+
+def _parquet(path, columns: dict, **kw) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path, **kw)
+    return str(path)
+
+
+def test_parquet_text_and_labels(tmp_path, monkeypatch, caplog):
+    """A Hugging Face dataset shard: columns matched case-insensitively, null texts are empty
+    documents, labels named by value as in JSONL, read a bounded batch of rows at a time."""
+    texts = [f"row {i} " + " ".join(WORDS[i % 5 : i % 5 + 4]) for i in range(10)]
+    texts[3], texts[6] = None, "  "
+    labels = [1, 2, None, 3, 10, 1, 2, 2, None, 10]
+    p = _parquet(
+        tmp_path / "train-00000-of-00001.parquet",
+        {"id": list(range(10)), "Text": texts, "LABEL": labels},
+        row_group_size=3,
+    )
+    tok = TextTokenizer(TextConfig(vocab_size=300, min_frequency=1))
+    assert tok.read(p) == [(t or "", None if v is None else str(v)) for t, v in zip(texts, labels)]
+    tok.fit([p])
+    assert tok.label_names() == ("1", "2", "3", "10")
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        recs = tok(p)
+    assert [(r.meta["doc"], r.label) for r in recs] == [
+        (0, 0),
+        (1, 1),
+        (2, None),
+        (4, 3),
+        (5, 0),
+        (7, 1),
+        (8, None),
+        (9, 3),
+    ]
+    assert f"{p}: skipped 2 empty document(s) of 10" in caplog.text
+    monkeypatch.setattr(TextTokenizer, "ENCODE_BATCH", 2)  # batches of 2 rows over row groups of 3
+    streamed = list(tok.iter_records(p))
+    assert [(r.id, r.label, r.meta) for r in streamed] == [(r.id, r.label, r.meta) for r in recs]
+    assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(streamed, recs))
+    # floats and booleans are labels by value, strings as they are
+    q = _parquet(tmp_path / "n.parquet", {"text": ["a", "b", "c"], "label": [1.0, 0.5, None]})
+    assert TextTokenizer().read(q) == [("a", "1"), ("b", "0.5"), ("c", None)]
+    q = _parquet(tmp_path / "b.parquet", {"text": ["a", "b"], "label": [True, False]})
+    assert TextTokenizer().read(q) == [("a", "true"), ("b", "false")]
+    q = _parquet(tmp_path / "s.parquet", {"text": ["a", "b"], "label": ["spam", None]})
+    assert TextTokenizer(TextConfig(label_column=None)).read(q) == [("a", None), ("b", None)]
+    assert TextTokenizer().read(q) == [("a", "spam"), ("b", None)]
+
+
+def test_bad_parquet_files(tmp_path):
+    tok = TextTokenizer()
+
+    def error(path) -> tuple[str, str]:
+        with pytest.raises(TokenizeError) as e:
+            tok.read(str(path))
+        return e.value.kind, e.value.reason
+
+    assert error(_parquet(tmp_path / "a.parquet", {"body": ["x"], "label": ["y"]})) == (
+        "config", "no text column 'text' in columns ['body', 'label']; set text_column"
+    )  # fmt: skip
+    assert error(_parquet(tmp_path / "b.parquet", {"text": [1, 2]})) == (
+        "invalid", "text column 'text' holds int64, not strings"
+    )  # fmt: skip
+    assert error(_parquet(tmp_path / "c.parquet", {"text": ["a", "b"], "label": [1.0, float("nan")]})) == (
+        "invalid", "row 2: label column 'label' is NaN; a label must be a string, a number or a boolean"
+    )  # fmt: skip
+    assert tok.read(_parquet(tmp_path / "d.parquet", {"text": [None, None]})) == [("", None), ("", None)]
+    (tmp_path / "e.parquet").write_bytes(b"PAR1 not really")
+    kind, reason = error(tmp_path / "e.parquet")
+    assert kind == "corrupt" and reason.startswith("not a readable Parquet file (")
+    good = open(_parquet(tmp_path / "f.parquet", {"text": ["a b c"] * 100}), "rb").read()
+    (tmp_path / "g.parquet").write_bytes(good[:40] + good[-200:])
+    assert error(tmp_path / "g.parquet")[0] == "corrupt"
+
+
+def test_spread_order():
+    from maskloom.tokenizers.text import _spread
+
+    assert _spread(8) == [0, 4, 2, 6, 1, 5, 3, 7]
+    assert _spread(5) == [0, 4, 2, 1, 3]
+    assert _spread(1) == [0] and _spread(0) == []
+    assert sorted(_spread(1000)) == list(range(1000)) and _spread(1000)[:4] == [0, 512, 256, 768]
+
+
+def test_fit_budget_leaves_the_vocabulary_of_a_smaller_corpus_unchanged(corpus, caplog):
+    from tokenizers import pre_tokenizers, trainers
+
+    from maskloom.tokenizers.text import _new_bpe
+
+    paths = [corpus["jsonl"], corpus["txt"], corpus["tsv"]]
+    cfg = {"vocab_size": 400, "min_frequency": 1, "text_column": "sms"}
+    with caplog.at_level(logging.INFO, logger="maskloom.tokenizers.text"):
+        budgeted = TextTokenizer(TextConfig(**cfg))
+        budgeted.fit(paths)
+    unlimited = TextTokenizer(TextConfig(**cfg, fit_max_bytes=0))
+    unlimited.fit(paths)
+    assert budgeted.config.fit_max_bytes == 256 << 20 and budgeted.label_names() == ("a", "b", "ham", "spam")
+    assert budgeted._bpe.to_str() == unlimited._bpe.to_str()
+    # what fit did before it had a budget: every document, in the order given, to the trainer
+    reference = _new_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    reference.train_from_iterator(
+        [t for p in paths for t, _ in budgeted.read(p) if t.strip()], trainer=trainer
+    )
+    assert budgeted._bpe.to_str() == reference.to_str()
+    assert (
+        "text fit: trained the vocabulary on all 2.6 kB of text in 3 source(s) (3.8 kB on disk)"
+        in caplog.text
+    )
+
+
+def _fixed_docs(path, name: str, n: int, labels=None) -> str:
+    """A JSONL file of ``n`` documents of exactly 100 bytes of text ("<name> 0007 zzz...")."""
+    with open(path, "w") as f:
+        for i in range(n):
+            row = {"text": f"{name} {i:04d} ".ljust(100, "z")}
+            if labels is not None:
+                row["label"] = labels(i)
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def _doc(name: str, i: int) -> str:
+    return f"{name} {i:04d} ".ljust(100, "z")
+
+
+def test_fit_budget_is_shared_by_the_sources_in_turns(tmp_path, train_spy, monkeypatch, caplog):
+    from maskloom.tokenizers import text
+
+    monkeypatch.setattr(text, "MIN_FIT_SHARE", 1)
+    paths = [_fixed_docs(tmp_path / f"s{k}.jsonl", f"s{k}", 100) for k in range(4)]
+    with caplog.at_level(logging.INFO, logger="maskloom.tokenizers.text"):
+        _fitted(paths, fit_max_bytes=8000)
+    # visited 0, 2, 1, 3; a share of 8000 / 4 bytes each: their first 20 documents
+    assert train_spy == [_doc(f"s{k}", i) for k in (0, 2, 1, 3) for i in range(20)]
+    assert (
+        "text fit: trained the vocabulary on 8.0 kB of text (fit_max_bytes) from 4 of 4 source(s) (45.2 kB on disk)"
+        in caplog.text
+    )
+    # a source smaller than its share leaves the rest to the others in the next turn; the document
+    # that meets the end of the budget is cut
+    train_spy.clear()
+    small = _fixed_docs(tmp_path / "a.jsonl", "a", 5)
+    _fitted([small, paths[0]], fit_max_bytes=3950)
+    head = [_doc("a", i) for i in range(5)] + [_doc("s0", i) for i in range(34)]
+    assert train_spy == [*head, _doc("s0", 34)[:50]]
+
+
+def _count_documents(monkeypatch) -> list[int]:
+    """How many documents fit() takes from the readers, as a one-item list."""
+    documents = TextTokenizer._documents
+    pulled = [0]
+
+    def counting(self, source, notes=None):
+        for doc in documents(self, source, notes):
+            pulled[0] += 1
+            yield doc
+
+    monkeypatch.setattr(TextTokenizer, "_documents", counting)
+    return pulled
+
+
+def test_fit_learns_every_label_but_reads_an_unlabelled_corpus_only_to_the_budget(
+    tmp_path, monkeypatch, train_spy
+):
+    pulled = _count_documents(monkeypatch)
+    late = _fixed_docs(tmp_path / "late.jsonl", "d", 200, labels=lambda i: "late" if i == 199 else "a")
+    tok = _fitted([late], fit_max_bytes=1000)
+    assert tok.label_names() == ("a", "late") and sum(map(len, train_spy)) == 1000
+    assert pulled[0] == 10 + 200  # 10 trained on; then the file again for its labels
+    # a label field that is there but null in the sample is a labelled corpus too
+    pulled[0] = 0
+    nulls = _fixed_docs(tmp_path / "nulls.jsonl", "d", 200, labels=lambda i: "late" if i == 199 else None)
+    assert _fitted([nulls], fit_max_bytes=1000).label_names() == ("late",) and pulled[0] == 210
+    # no label field, or the labels given: nothing is read beyond the budget
+    pulled[0] = 0
+    plain = _fixed_docs(tmp_path / "plain.jsonl", "d", 200)
+    assert _fitted([plain], fit_max_bytes=1000).label_names() is None and pulled[0] == 10
+    pulled[0] = 0
+    assert _fitted([late], fit_max_bytes=1000, labels=("a", "late", "b")).label_names() == ("a", "late", "b")
+    assert pulled[0] == 10
+
+
+def test_fit_max_bytes_must_not_be_negative():
+    with pytest.raises(ValueError, match="fit_max_bytes must be >= 0"):
+        TextConfig(fit_max_bytes=-1)
+    assert TextTokenizer({"fit_max_bytes": 0}).fingerprint() != TextTokenizer().fingerprint()
+
+
+def test_fit_skips_a_source_that_fails_after_documents(tmp_path, corpus, caplog, monkeypatch):
+    """A truncated stream is found after its first documents were read: the fit goes on without it."""
+    import gzip
+
+    from maskloom.tokenizers import text
+
+    monkeypatch.setattr(text, "READ_BYTES", 4096)
+    rng = np.random.default_rng(0)
+    lines = [json.dumps({"text": " ".join(rng.choice(WORDS, size=20)), "label": "z"}) for _ in range(1000)]
+    blob = gzip.compress("\n".join(lines).encode())
+    p = tmp_path / "t.jsonl.gz"
+    p.write_bytes(blob[: len(blob) // 2])
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+        tok = _fitted([corpus["jsonl"], str(p)])
+    assert tok.fitted and tok.label_names() == ("a", "b", "z")  # "z" was read before the damage
+    assert (
+        f"skipped 1 unreadable source(s), e.g. {p}: corrupt: damaged or truncated gzip stream after"
+        in caplog.text
+    )
