@@ -236,6 +236,30 @@ def test_shard_writer_rolls_back_pending_records_only(tmp_path):
     assert info["rows"] == 3 and t.column("source").to_pylist() == ["s0", "s2", "s1"]
 
 
+def test_shard_writer_packs_small_records_and_rolls_back_across_packs(tmp_path):
+    """Records are packed into Arrow every pack_records while a row group fills (one row group in the
+    file all the same); a rollback keeps exactly the records before the mark, packed or not."""
+    tok = get_tokenizer(TOK, None)
+    recs = [r for i in range(9) for r in tok.tokenize(np.array([i], np.float32), source=f"s{i}")]
+    path = tmp_path / "x.parquet"
+    with tables.ShardWriter(str(path), tok.spec(), pack_records=2) as w:
+        w.add(recs[0:3])  # 3 pending: packed
+        w.add(recs[3:4])
+        assert (w._packed_rows, len(w._pending)) == (3, 1)
+        w.add(recs[4:5])  # 2 pending: packed
+        m = w.mark()  # 5 records: packs of 3 and 2
+        w.add(recs[5:6])
+        w.add(recs[6:7])  # a pack of 2 more
+        assert (w._packed_rows, len(w._pending)) == (7, 0)
+        assert w.rollback(m) and w.mark() == m and (w._packed_rows, len(w._pending)) == (5, 0)
+        assert w.rollback((w.rows, 2, 0)) and (w._packed_rows, len(w._pending)) == (2, 0)  # inside a pack
+        w.add(recs[7:9])
+        info = w.close()
+    pf = pq.ParquetFile(path)
+    assert info["rows"] == 4 and pf.metadata.num_row_groups == 1
+    assert pf.read().column("source").to_pylist() == ["s0", "s1", "s7", "s8"]
+
+
 def test_tokenize_shard_writes_shard_then_commit_with_error_rows(tmp_path):
     found = make_data(tmp_path / "in", n_a=2, n_b=1)
     tok = get_tokenizer(TOK, {"crash_on": "g0"})
