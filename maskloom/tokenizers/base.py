@@ -27,13 +27,16 @@ import dataclasses
 import hashlib
 import json
 import logging
+import lzma
 import os
+import tarfile
 import tempfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
@@ -351,6 +354,150 @@ def _utf8_link(source: str) -> Iterator[str]:
         link = os.path.join(d, "input" + ext)
         os.symlink(os.path.abspath(source), link)
         yield link
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset-style tar shards
+# ---------------------------------------------------------------------------------------------
+TAR_EXTENSIONS: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+"""Names of tar shards (matched at the end of the lower-case path: ``x.tar.gz`` is a tar, not a gz)."""
+
+TAR_MEMBER_MAX_BYTES = 1 << 30
+"""A tar member larger than this (1 GiB) is not read into memory (:attr:`TarSample.too_large`)."""
+
+
+def is_tar_path(source: str) -> bool:
+    """True when ``source`` is named as a tar shard (one of :data:`TAR_EXTENSIONS`)."""
+    return os.fspath(source).lower().endswith(TAR_EXTENSIONS)
+
+
+class TarSample(NamedTuple):
+    """One sample of a WebDataset-style tar: the consecutive members that share a key.
+
+    The key of member ``n01440764/abc.JPEG`` is ``n01440764/abc`` (its path up to the first ``.`` of
+    its base name, directories included, a leading ``./`` dropped) and its extension ``jpeg`` (the rest,
+    lower case: ``abc.seg.png`` has extension ``seg.png``; a base name without a dot, extension ``""``)."""
+
+    key: str
+    members: dict[str, bytes]
+    """extension -> content of each member read."""
+    names: dict[str, str]
+    """extension -> the member's name as stored in the tar (every member, read or too large)."""
+    too_large: dict[str, int]
+    """extension -> size in bytes of each member larger than the bound, skipped unread."""
+
+
+class _TarFile(tarfile.TarFile):
+    """A TarFile that remembers why its last header could not be read (see :class:`_TarInfo`)."""
+
+    stop: str | None = None
+
+
+class _TarInfo(tarfile.TarInfo):
+    """tarfile takes an archive that ends, or holds garbage, where a member's header should be for a
+    complete one (only an all-zero block, the end-of-archive marker, is a proper end): this records
+    such a header's problem on the :class:`_TarFile`, which raises it at the end."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as e:
+            if isinstance(tarfile_, _TarFile):
+                where = "ends" if isinstance(e, tarfile.EmptyHeaderError) else "ends inside a header"
+                tarfile_.stop = (
+                    f"the archive {where} at byte {tarfile_.offset:,} without its end-of-archive marker"
+                )
+            raise
+        except tarfile.InvalidHeaderError as e:
+            if isinstance(tarfile_, _TarFile):
+                tarfile_.stop = f"invalid member header at byte {tarfile_.offset:,} ({e})"
+            raise
+
+
+_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+"""What reading a damaged or truncated (possibly compressed) tar stream raises."""
+
+
+def _tar_error_text(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    cause = e.__cause__
+    return f"{text}: {cause}" if cause is not None and str(cause) else text
+
+
+def _tar_junk(name: str) -> bool:
+    """A hidden file or folder (``.DS_Store``, macOS's ``._x`` resource forks) or under ``__MACOSX/``."""
+    return any((p.startswith(".") and p not in (".", "..")) or p == "__MACOSX" for p in name.split("/"))
+
+
+def iter_tar_samples(source: str, *, max_member_bytes: int | None = None) -> Iterator[TarSample]:
+    """The samples of a WebDataset-style tar shard (``.tar``, ``.tar.gz``, ``.tgz``), in archive order.
+
+    A sample is a run of consecutive members with the same key (see :class:`TarSample`); a member
+    whose extension the current sample already has starts a new sample with the same key, so keys
+    can repeat (a name stored twice, or a sample whose members are not consecutive): a consumer that
+    makes ids of keys must check. Only regular files are members: directories, links and devices are
+    skipped, and so are hidden files and folders (``.DS_Store``, ``._x``) and ``__MACOSX/``.
+
+    The archive is read as a stream (``tarfile`` mode ``r|*``: gzip, bzip2 and xz detected from the
+    bytes, never a seek, no listing of the archive first) and one sample is held at a time (the
+    headers read are dropped: a stream's ``TarFile`` would keep them all); a member
+    larger than ``max_member_bytes`` (default :data:`TAR_MEMBER_MAX_BYTES`) is skipped unread and
+    listed in :attr:`TarSample.too_large`.
+
+    Raises TokenizeError: ``missing`` / ``unreadable`` / ``empty`` (no bytes) as
+    :meth:`Tokenizer.check_file`, ``corrupt`` "not a tar archive (...)" when the first header cannot
+    be read, and ``corrupt`` "truncated or damaged tar archive: ... (after N samples)" when the
+    archive (or its compressed stream) breaks later, after the samples before were yielded. An
+    archive that ends where a header should be, without the end-of-archive marker, is such a
+    truncated one.
+    """
+    source = os.fspath(source)
+    Tokenizer.check_file(source)
+    if os.path.isdir(source):
+        raise TokenizeError(source, "unsupported", "is a directory, not a tar archive")
+    limit = TAR_MEMBER_MAX_BYTES if max_member_bytes is None else int(max_member_bytes)
+    try:
+        tf = _TarFile.open(source, mode="r|*", tarinfo=_TarInfo)
+    except _TAR_ERRORS as e:
+        raise TokenizeError(source, "corrupt", f"not a tar archive ({_tar_error_text(e)})") from None
+    done = 0  # samples yielded
+    with tf:
+        try:
+            sample: TarSample | None = None
+            while (info := tf.next()) is not None:
+                tf.members.clear()  # a stream's TarFile keeps every header it read: not here
+                name = info.name
+                while name.startswith("./"):
+                    name = name[2:]
+                name = name.lstrip("/")
+                if not info.isreg() or not name or name.endswith("/") or _tar_junk(name):
+                    continue  # (a regular file named "x/" is an old-style folder)
+                base = name.rsplit("/", 1)[-1]
+                dot = base.find(".")
+                key, ext = (
+                    (name, "") if dot < 0 else (name[: len(name) - len(base) + dot], base[dot + 1 :].lower())
+                )
+                if sample is not None and (key != sample.key or ext in sample.names):
+                    yield sample
+                    done += 1
+                    sample = None
+                if sample is None:
+                    sample = TarSample(key, {}, {}, {})
+                sample.names[ext] = info.name
+                if info.size > limit:
+                    sample.too_large[ext] = info.size  # next() reads past it, a block at a time
+                else:
+                    sample.members[ext] = tf.extractfile(info).read()
+            if tf.stop is not None:
+                raise tarfile.ReadError(tf.stop)
+            if sample is not None:
+                yield sample
+        except _TAR_ERRORS as e:
+            after = f"after {done:,} sample{'' if done == 1 else 's'}"
+            raise TokenizeError(
+                source, "corrupt", f"truncated or damaged tar archive: {_tar_error_text(e)} ({after})"
+            ) from None
 
 
 BUILTIN_MODALITIES = ("image", "video", "audio", "point_cloud", "graph", "time_series", "text")

@@ -353,12 +353,12 @@ def test_seconds_per_input_samples_evenly_after_one_untimed_input():
         def __init__(self, fail=(), warm=0.02):
             self.calls, self.fail, self.warm = [], set(fail), warm
 
-        def __call__(self, source):
+        def iter_records(self, source):  # what the workers read (a tar of images: a stream)
             self.calls.append(source)
             if source in self.fail:
                 raise TokenizeError(source, "corrupt", "bad")
             time.sleep(self.warm if source == "s0" else 0.002)  # the first (warm-up) input is slow
-            return []
+            return iter([])
 
     inputs = [Input(f"s{i}") for i in range(100)]
     tok = Clock()

@@ -1,7 +1,12 @@
 """Image tokenizer: exact patches and positions, round trip, decoding of every Pillow mode, bad inputs."""
 
 import dataclasses
+import gzip
+import io
+import itertools
+import logging
 import pickle
+import tarfile
 
 import numpy as np
 import pytest
@@ -9,10 +14,13 @@ from einops import rearrange
 from PIL import Image
 
 from maskloom import tables
+from maskloom.testing import _same_record
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
 from maskloom.tokenizers.image import (
     ImageConfig,
     ImageTokenizer,
+    TarImage,
+    TarImages,
     grid_positions,
     patchify,
     resize_shorter_center_crop,
@@ -472,3 +480,286 @@ def test_only_the_crop_is_resampled_and_matches_the_whole_resize():
                 assert diff.max() <= 1 and diff.mean() < 0.3, (h, w, interp)
             else:
                 np.testing.assert_array_equal(crop, expected)
+
+
+# ---- WebDataset tar shards -----------------------------------------------------------------------
+def _encoded(img: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _write_tar(path, members: list[tuple[str, bytes]], mode: str = "w") -> str:
+    with tarfile.open(path, mode) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _image_members(n: int, seed: int = 0, folder: str = "n01") -> list[tuple[str, bytes]]:
+    """n samples ``<folder>/s<i>``: a PNG (40 x 50 + i) and a ``cls`` holding i."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = rng.integers(0, 256, (40, 50 + i, 3), dtype=np.uint8)
+        out += [(f"{folder}/s{i}.png", _encoded(img, "PNG")), (f"{folder}/s{i}.cls", f"{i}\n".encode())]
+    return out
+
+
+def test_tar_shards_are_inputs():
+    tok = _tok()
+    assert {".tar", ".tar.gz", ".tgz"} <= set(tok.extensions)
+    from maskloom.tokenizers.image import IMAGE_EXTENSIONS
+
+    assert tok.extensions == (*IMAGE_EXTENSIONS, ".tar", ".tar.gz", ".tgz")
+
+
+def test_tar_samples_give_the_records_of_the_same_files(tmp_path):
+    """A sample's record is the record of its image as a file (pixel for pixel, meta), with the id
+    ``<tar>#<key>``, the ``cls`` label and the member's name; JPEG draft and EXIF apply as to files."""
+    photo = _photo(300, 400)
+    rot = Image.fromarray(_photo(60, 80, seed=1))
+    exif = rot.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    rot.save(buf, format="JPEG", exif=exif, quality=90)
+    files = {
+        "a.png": _encoded(_ramp(40, 57), "PNG"),
+        "b.jpg": _encoded(photo, "JPEG", quality=92),  # >= 4 S: decoded at a DCT scale
+        "c.jpeg": buf.getvalue(),  # EXIF-rotated
+        "d.webp": _encoded(_ramp(33, 20), "WEBP", lossless=True),
+    }
+    members = []
+    for i, (name, data) in enumerate(files.items()):
+        (tmp_path / name).write_bytes(data)
+        key = f"./train/{name.split('.')[0]}"
+        members += [(f"{key}.{name.split('.')[1].upper()}", data), (f"{key}.cls", b" %d\n" % (7 - i))]
+        members.append((f"{key}.json", b"{}"))
+    tar = _write_tar(tmp_path / "shard-000.tar", members)
+    tok = _tok(image_size=32)
+    recs = tok(tar)
+    assert [r.id for r in recs] == [f"{tar}#train/a", f"{tar}#train/b", f"{tar}#train/c", f"{tar}#train/d"]
+    assert [r.label for r in recs] == [7, 6, 5, 4]
+    assert [r.meta["member"] for r in recs] == [
+        "./train/a.PNG",
+        "./train/b.JPG",
+        "./train/c.JPEG",
+        "./train/d.WEBP",
+    ]
+    assert all(r.source == tar for r in recs)
+    for rec, name in zip(recs, files, strict=True):
+        (want,) = tok(str(tmp_path / name))
+        np.testing.assert_array_equal(rec.tokens, want.tokens)
+        np.testing.assert_array_equal(rec.positions, want.positions)
+        assert rec.meta == {**want.meta, "member": rec.meta["member"]}
+    assert recs[1].meta["decoded_size"] == [75, 100] and recs[2].meta["original_size"] == [80, 60]
+    # read() gives the samples decoded; tokenize() of it the same records; iter_records streams them
+    raw = tok.read(tar)
+    assert isinstance(raw, TarImages) and [s.key for s in raw] == ["train/a", "train/b", "train/c", "train/d"]
+    assert raw[0] == TarImage("train/a", raw[0].image, 7, "./train/a.PNG")
+    np.testing.assert_array_equal(raw[0].image, tok.read(str(tmp_path / "a.png")))
+    streamed = tok.iter_records(tar)
+    assert not isinstance(streamed, list)
+    assert all(map(_same_record, recs, list(streamed))) and len(recs) == 4
+    assert all(map(_same_record, recs, tok.tokenize(raw, source=tar)))
+    # gzipped: the same samples
+    (tmp_path / "shard-000.tar.gz").write_bytes(gzip.compress(open(tar, "rb").read()))
+    gz = str(tmp_path / "shard-000.tar.gz")
+    assert [(r.id, r.label) for r in tok(gz)] == [(r.id.replace(tar, gz), r.label) for r in recs]
+
+
+def test_cls_labels(tmp_path):
+    png = _encoded(_ramp(20, 20), "PNG")
+    members = [("a.png", png), ("a.cls", b"12"), ("b.png", png), ("b.cls", b"\t3 \r\n"),
+               ("c.png", png), ("d.png", png), ("d.cls", b"-1\n")]  # fmt: skip
+    tar = _write_tar(tmp_path / "l.tar", members)
+    assert [(r.id.split("#")[1], r.label) for r in _tok(image_size=16)(tar)] == [
+        ("a", 12), ("b", 3), ("c", None), ("d", None)  # no cls, or a negative one: no label
+    ]  # fmt: skip
+
+
+def test_bad_samples_are_skipped_with_one_warning(tmp_path, caplog):
+    good = _image_members(6)
+    bad = [
+        ("n01/b0.jpg", b"not a jpeg at all"),
+        ("n01/b1.png", _encoded(_ramp(20, 20), "PNG")), ("n01/b1.cls", b"dog"),
+        ("n01/b2.json", b"{}"), ("n01/b2.txt", b"a caption"),
+        ("n01/b3.png", b"\x89PNG\r\n\x1a\n" + bytes(100)),
+    ]  # fmt: skip
+    members = good[:4] + bad[:3] + good[4:8] + bad[3:] + good[8:]
+    tar = _write_tar(tmp_path / "some-bad.tar", members)
+    tok = _tok(image_size=32)
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.image"):
+        recs = tok(tar)
+    assert [r.id.split("#")[1] for r in recs] == [f"n01/s{i}" for i in range(6)]
+    assert [r.label for r in recs] == list(range(6))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{tar}: skipped 4 of 10 samples: "
+        "n01/b0 (corrupt: not a decodable image (Pillow cannot identify it)); "
+        "n01/b1 (invalid: cls member n01/b1.cls holds b'dog', not an integer class index); "
+        "n01/b2 (unsupported: no image member (n01/b2.json, n01/b2.txt)); ... (1 more)"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.image"):
+        streamed = list(tok.iter_records(tar))
+    assert all(map(_same_record, recs, streamed)) and len(streamed) == 6
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_a_mostly_bad_tar_is_the_error(tmp_path):
+    members = _image_members(2) + [("x/b0.jpg", b"garbage"), ("x/b1.jpg", b"garbage")]
+    tar = _write_tar(tmp_path / "bad.tar", members)
+    tok = _tok(image_size=32)
+    for run in (tok, lambda p: list(tok.iter_records(p))):
+        with pytest.raises(TokenizeError) as e:
+            run(tar)
+        assert (e.value.source, e.value.kind) == (tar, "corrupt")
+        assert e.value.reason == (
+            "sample x/b0: not a decodable image (Pillow cannot identify it) (2 of 4 samples are unusable)"
+        )
+    stream = tok.iter_records(tar)  # the records come first, the error at the end
+    assert [r.id for r in itertools.islice(stream, 2)] == [f"{tar}#n01/s0", f"{tar}#n01/s1"]
+    with pytest.raises(TokenizeError):
+        next(stream)
+    # no image member at all: an audio shard given to the image tokenizer
+    audio = _write_tar(tmp_path / "audio.tar", [("a.flac", b"fLaC"), ("a.json", b"{}"), ("b.flac", b"fLaC")])
+    with pytest.raises(TokenizeError) as e:
+        tok(audio)
+    assert (e.value.kind, e.value.reason) == (
+        "unsupported",
+        "sample a: no image member (a.flac, a.json) (2 of 2 samples are unusable)",
+    )
+
+
+def test_empty_and_damaged_tars(tmp_path):
+    tok = _tok(image_size=32)
+    path = tmp_path / "junk.tar"
+    with tarfile.open(path, "w") as tf:
+        tf.addfile(tarfile.TarInfo("folder/"))  # size 0, a regular file named like a folder: no name
+        info = tarfile.TarInfo("folder")
+        info.type = tarfile.DIRTYPE
+        tf.addfile(info)
+        for name in (".DS_Store", "__MACOSX/._a.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"x"))
+    for run in (tok, lambda p: list(tok.iter_records(p))):
+        with pytest.raises(TokenizeError) as e:
+            run(str(path))
+        assert (e.value.kind, e.value.reason) == ("empty", "the tar archive holds no samples")
+    full = open(_write_tar(tmp_path / "full.tar", _image_members(4)), "rb").read()
+    (tmp_path / "cut.tar").write_bytes(full[: len(full) // 2])
+    with pytest.raises(TokenizeError) as e:
+        tok(str(tmp_path / "cut.tar"))
+    assert e.value.kind == "corrupt" and e.value.reason.startswith("truncated or damaged tar archive: ")
+    (tmp_path / "photo.tar").write_bytes(_encoded(_ramp(20, 20), "JPEG"))  # a JPEG named .tar
+    with pytest.raises(TokenizeError) as e:
+        tok(str(tmp_path / "photo.tar"))
+    assert (e.value.kind, e.value.reason) == ("corrupt", "not a tar archive (bad checksum)")
+
+
+def test_repeated_keys_and_members_too_large(tmp_path, monkeypatch):
+    import maskloom.tokenizers.image as image_mod
+
+    png = _encoded(_ramp(20, 20), "PNG")
+    big = _encoded(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "PNG")
+    members = [("a.png", png), ("b.png", png), ("a.png", png), ("c.png", big), ("d.png", png), ("e.png", png)]
+    tar = _write_tar(tmp_path / "r.tar", members)
+    monkeypatch.setattr(image_mod, "TAR_MEMBER_MAX_BYTES", 4096)
+    tok = _tok(image_size=16)
+    assert [r.id.split("#")[1] for r in tok(tar)] == ["a", "b", "d", "e"]
+    with pytest.raises(TokenizeError) as e:
+        tok(_write_tar(tmp_path / "big.tar", members[3:4]))
+    assert (e.value.kind, e.value.reason) == (
+        "invalid",
+        f"sample c: member c.png has {len(big):,} bytes, more than the 4,096 a tar member may have: not read "
+        "(1 of 1 samples are unusable)",
+    )
+    with pytest.raises(TokenizeError) as e:
+        tok(_write_tar(tmp_path / "twice.tar", members[:1] * 2))
+    assert e.value.reason == (
+        "sample a: its key was seen before in the tar (a member name stored twice, or members of one "
+        "sample not consecutive): ids must be unique (1 of 2 samples are unusable)"
+    )
+
+
+def test_heic_members_follow_the_pillow_heif_rule(tmp_path, monkeypatch):
+    import maskloom.tokenizers.image as image_mod
+
+    pytest.importorskip("pillow_heif")
+    y, x = np.mgrid[0:40, 0:48]
+    smooth = np.stack([y * 6, x * 5, (x + y) * 2], axis=2).astype(np.uint8)
+    (tmp_path / "p.heic").write_bytes(_encoded(smooth, "HEIF", quality=95))
+    tar = _write_tar(tmp_path / "h.tar", [("p.heic", (tmp_path / "p.heic").read_bytes())])
+    tok = _tok(image_size=32)
+    (rec,), (want,) = tok(tar), tok(str(tmp_path / "p.heic"))
+    np.testing.assert_array_equal(rec.tokens, want.tokens)
+    monkeypatch.setattr(image_mod, "_heif_opener", lambda: False)
+    with pytest.raises(TokenizeError) as e:
+        tok(tar)
+    assert (e.value.kind, e.value.reason) == (
+        "unsupported",
+        "sample p: HEIC/HEIF images need pillow-heif: pip install 'maskloom[heif]' (1 of 1 samples are unusable)",
+    )
+
+
+def test_render_of_a_tar_draws_its_first_image(tmp_path):
+    tar = _write_tar(
+        tmp_path / "r.tar",
+        [("a.png", _encoded(_ramp(20, 30), "PNG")), ("b.png", _encoded(_ramp(8, 8), "PNG"))],
+    )
+    tok = _tok()
+    tok.render(tok.read(tar), str(tmp_path / "r.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "r.png")), _ramp(20, 30))
+
+
+def test_conformance_kit_with_a_tar(tmp_path):
+    testing = pytest.importorskip("maskloom.testing")
+    tar = _write_tar(tmp_path / "shard.tar", _image_members(3) + _image_members(2, seed=1, folder="n02"))
+    Image.fromarray(_ramp(40, 32)).save(tmp_path / "plain.png")
+    tok = _tok(image_size=32)
+
+    def compare(raw, out, rec):
+        if isinstance(raw, TarImages):
+            (raw,) = [s.image for s in raw if rec.id.endswith("#" + s.key)]
+        np.testing.assert_array_equal(out, tok.preprocess(raw)[0])
+
+    report = testing.check_tokenizer(tok, [tar, str(tmp_path / "plain.png")], compare=compare)
+    assert report == {"sources": 2, "records": 6, "tokens": 24}
+
+
+def test_preprocess_a_folder_of_tars_and_images(tmp_path):
+    """End to end: a tar with one bad sample gives its good ones (with their ``cls`` labels), a
+    truncated tar is one error row and none of its records, a plain JPEG beside them one record."""
+    from maskloom.pipelines.preprocess import preprocess
+    from maskloom.tables import TokenTable
+
+    data = tmp_path / "data"
+    data.mkdir()
+    members = _image_members(4)
+    good = _write_tar(data / "good-000.tar", members[:4] + [("n01/bad.jpg", b"no jpeg")] + members[4:])
+    full = open(_write_tar(tmp_path / "full.tar", _image_members(4, seed=2, folder="n02")), "rb").read()
+    (data / "cut-001.tar").write_bytes(full[: len(full) * 3 // 4])  # the first samples decode, then EOF
+    cut = str(data / "cut-001.tar")
+    other = str(data / "other.jpg")
+    Image.fromarray(_photo(40, 60)).save(other, quality=90)
+    out = str(tmp_path / "table")
+    result = preprocess([good, cut, other], "image", None, out, num_workers=0, progress=False)
+    assert (result.rows, result.errors, result.inputs) == (5, 1, 3)
+    table = TokenTable(out)
+    t = table.read(columns=["id", "source", "label"]).to_pylist()
+    assert sorted((r["id"], r["label"]) for r in t) == [
+        (f"{good}#n01/s0", 0), (f"{good}#n01/s1", 1), (f"{good}#n01/s2", 2), (f"{good}#n01/s3", 3),
+        (f"{other}#0", None),
+    ]  # fmt: skip
+    assert not any(r["source"] == cut for r in t)
+    assert table.label_names is None
+    errors = table.errors().to_pylist()
+    assert len(errors) == 1 and (errors[0]["source"], errors[0]["kind"]) == (cut, "corrupt")
+    assert errors[0]["message"].startswith("truncated or damaged tar archive: ")
+    (rec,) = [r for r in table.records() if r.id == f"{good}#n01/s2"]
+    assert rec.meta["member"] == "n01/s2.png"
+    np.testing.assert_array_equal(rec.tokens, _tok()(good)[2].tokens)

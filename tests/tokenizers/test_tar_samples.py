@@ -1,0 +1,184 @@
+"""The WebDataset-style tar reader of ``maskloom.tokenizers.base``: grouping by key, junk skipped,
+gzip, truncated and damaged archives, members too large to read, a stream that cannot seek."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import threading
+
+import pytest
+
+from maskloom.tokenizers.base import TarSample, TokenizeError, is_tar_path, iter_tar_samples
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "elsewhere.jpg"
+    if kind == tarfile.REGTYPE:
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    else:
+        tf.addfile(info)
+
+
+def _tar(path, members: list[tuple[str, bytes]], mode: str = "w") -> str:
+    with tarfile.open(path, mode) as tf:
+        for name, data in members:
+            _add(tf, name, data)
+    return str(path)
+
+
+def _samples(path, **kw) -> list[tuple[str, dict[str, bytes], dict[str, str], dict[str, int]]]:
+    return [tuple(s) for s in iter_tar_samples(str(path), **kw)]
+
+
+def _shard(n: int, size: int = 1000) -> list[tuple[str, bytes]]:
+    """Samples s0..s{n-1}: a ``bin`` of ``size`` bytes and a ``cls`` each."""
+    return [m for i in range(n) for m in ((f"s{i}.bin", bytes([i]) * size), (f"s{i}.cls", b"%d" % i))]
+
+
+def test_members_are_grouped_by_key_with_directories_and_junk_is_skipped(tmp_path):
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w") as tf:
+        _add(tf, "n01", kind=tarfile.DIRTYPE)
+        _add(tf, "./n01/abc.JPEG", b"jpeg")  # a leading ./ is not part of the key
+        _add(tf, "n01/abc.cls", b"3\n")
+        _add(tf, "n01/._abc.JPEG", b"resource fork")  # macOS junk, hidden files, __MACOSX
+        _add(tf, ".DS_Store", b"junk")
+        _add(tf, "__MACOSX/n01/._abd.jpg", b"junk")
+        _add(tf, "n01/.hidden/x.jpg", b"junk")
+        _add(tf, "n01/abd.jpg", b"jpg")
+        _add(tf, "n01/abd.seg.png", b"mask")  # extension: everything after the first dot
+        _add(tf, "n01/link.jpg", kind=tarfile.SYMTYPE)  # not a regular file
+        _add(tf, "n02/abc.jpg", b"other folder")  # same base name, other key
+        _add(tf, "LICENSE", b"text")  # no dot: extension ""
+        _add(tf, "n02/x.jpg", b"one")
+        _add(tf, "n02/x.jpg", b"two")  # the same name again: a new sample with the same key
+    assert _samples(path) == [
+        ("n01/abc", {"jpeg": b"jpeg", "cls": b"3\n"}, {"jpeg": "./n01/abc.JPEG", "cls": "n01/abc.cls"}, {}),
+        ("n01/abd", {"jpg": b"jpg", "seg.png": b"mask"}, {"jpg": "n01/abd.jpg", "seg.png": "n01/abd.seg.png"}, {}),
+        ("n02/abc", {"jpg": b"other folder"}, {"jpg": "n02/abc.jpg"}, {}),
+        ("LICENSE", {"": b"text"}, {"": "LICENSE"}, {}),
+        ("n02/x", {"jpg": b"one"}, {"jpg": "n02/x.jpg"}, {}),
+        ("n02/x", {"jpg": b"two"}, {"jpg": "n02/x.jpg"}, {}),
+    ]  # fmt: skip
+    assert all(isinstance(s, TarSample) for s in iter_tar_samples(str(path)))
+
+
+def test_names_of_tar_shards():
+    assert all(map(is_tar_path, ["a.tar", "B.TAR.GZ", "c.tgz", "d/imagenet-train-000123.tar"]))
+    assert not any(map(is_tar_path, ["a.gz", "a.tar.bz2", "a.jpg", "tar"]))
+
+
+def test_gzipped_tar_gives_the_same_samples(tmp_path):
+    plain = _tar(tmp_path / "a.tar", _shard(4))
+    for name in ("a.tar.gz", "a.tgz"):
+        (tmp_path / name).write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
+        assert _samples(tmp_path / name) == _samples(plain)
+    assert [s[0] for s in _samples(plain)] == ["s0", "s1", "s2", "s3"]
+    assert _samples(plain)[2][1] == {"bin": b"\x02" * 1000, "cls": b"2"}
+
+
+def _consume(path) -> tuple[list[str], TokenizeError]:
+    keys = []
+    with pytest.raises(TokenizeError) as info:
+        for s in iter_tar_samples(str(path)):
+            keys.append(s.key)
+    return keys, info.value
+
+
+def test_truncated_tar_is_corrupt_after_the_samples_before(tmp_path):
+    data = open(_tar(tmp_path / "full.tar", _shard(5)), "rb").read()
+    # 512-byte headers, data padded to 512 bytes: sample i at 2560 i (s{i}.bin, then s{i}.cls at + 1536)
+    (tmp_path / "cut.tar").write_bytes(data[: 3 * 2560 + 700])  # inside s3.bin's data
+    keys, e = _consume(tmp_path / "cut.tar")
+    assert keys == ["s0", "s1", "s2"]  # s2 ended where s3.bin's header began
+    assert (e.source, e.kind) == (str(tmp_path / "cut.tar"), "corrupt")
+    assert e.reason == "truncated or damaged tar archive: unexpected end of data (after 3 samples)"
+    # cut where a header should be: tarfile alone would take that for the end of the archive
+    (tmp_path / "cut.tar").write_bytes(data[: 2 * 2560])
+    keys, e = _consume(tmp_path / "cut.tar")
+    assert keys == ["s0"] and e.kind == "corrupt"
+    assert e.reason == (
+        "truncated or damaged tar archive: the archive ends at byte 5,120 without its end-of-archive "
+        "marker (after 1 sample)"
+    )
+    (tmp_path / "cut.tar").write_bytes(data[: 2 * 2560 + 100])  # inside a header
+    assert _consume(tmp_path / "cut.tar")[1].reason == (
+        "truncated or damaged tar archive: the archive ends inside a header at byte 5,120 without its "
+        "end-of-archive marker (after 1 sample)"
+    )
+    damaged = bytearray(data)
+    damaged[2560 + 20] ^= 0xFF  # s1.bin's header: bad checksum
+    (tmp_path / "bad.tar").write_bytes(bytes(damaged))
+    keys, e = _consume(tmp_path / "bad.tar")
+    assert keys == [] and e.kind == "corrupt"  # s0 was not yet known to be complete
+    assert e.reason == (
+        "truncated or damaged tar archive: invalid member header at byte 2,560 (bad checksum) (after 0 samples)"
+    )
+    # a gzipped tar cut short: the stream ends inside s3.bin
+    gz = gzip.compress(data, mtime=0)
+    (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(data[: 3 * 2560 + 700], mtime=0)[:-8])
+    keys, e = _consume(tmp_path / "cut.tar.gz")
+    assert keys == ["s0", "s1", "s2"] and e.kind == "corrupt"
+    assert e.reason == "truncated or damaged tar archive: unexpected end of data (after 3 samples)"
+    (tmp_path / "half.tar.gz").write_bytes(gz[: len(gz) // 2])
+    assert _consume(tmp_path / "half.tar.gz")[1].kind == "corrupt"
+
+
+def test_files_that_are_not_tar_archives(tmp_path):
+    cases = {
+        "text.tar": b"hello, this is not a tar archive\n" * 40,
+        "short.tar": b"tiny",
+        "json.tar.gz": gzip.compress(b'{"a": 1}\n' * 200),
+        "garbled.tgz": b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4,
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        keys, e = _consume(tmp_path / name)
+        assert keys == [] and (e.source, e.kind) == (str(tmp_path / name), "corrupt")
+        assert e.reason.startswith("not a tar archive ("), e.reason
+    assert _consume(tmp_path / "text.tar")[1].reason == "not a tar archive (invalid header)"
+    assert _consume(tmp_path / "short.tar")[1].reason == "not a tar archive (truncated header)"
+    (tmp_path / "zero.tar").write_bytes(b"")
+    assert (_consume(tmp_path / "zero.tar")[1].kind, _consume(tmp_path / "missing.tar")[1].kind) == (
+        "empty",
+        "missing",
+    )
+    (tmp_path / "dir.tar").mkdir()
+    assert _consume(tmp_path / "dir.tar")[1].kind == "unsupported"
+    with tarfile.open(tmp_path / "none.tar", "w"):
+        pass  # an archive with no member: no sample, no error (the consumer decides)
+    assert _samples(tmp_path / "none.tar") == []
+
+
+def test_members_over_the_bound_are_not_read(tmp_path):
+    path = _tar(tmp_path / "a.tar", [("a.jpg", b"x" * 5000), ("a.cls", b"1"), ("b.jpg", b"y" * 100)])
+    assert _samples(path, max_member_bytes=1000) == [
+        ("a", {"cls": b"1"}, {"jpg": "a.jpg", "cls": "a.cls"}, {"jpg": 5000}),
+        ("b", {"jpg": b"y" * 100}, {"jpg": "b.jpg"}, {}),
+    ]
+
+
+def test_the_archive_is_read_as_a_stream(tmp_path):
+    """A named pipe cannot seek: the reader takes its samples as they come."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    _tar(tmp_path / "a.tar", _shard(3, size=70_000))
+    fifo = str(tmp_path / "pipe.tar")
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "wb") as f:
+            f.write((tmp_path / "a.tar").read_bytes())
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    got = _samples(fifo)
+    writer.join(10)
+    assert got == _samples(tmp_path / "a.tar") and len(got) == 3
