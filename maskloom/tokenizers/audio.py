@@ -30,6 +30,17 @@ Decisions (documented here once):
   ``max_windows`` (0: all) cuts it instead into consecutive windows of ``target_frames`` frames,
   one record each (``<source>#k``), each the tokens that stretch of audio alone gives; a tail
   window is kept when at least half of it is real frames.
+* Tar shards (WebDataset layout: AudioSet, VGGSound, LAION-Audio ship ``key.flac`` + ``key.cls`` /
+  ``key.json``): a ``.tar``, ``.tar.gz`` or ``.tgz`` is one input of many samples, read by the rules
+  the image tokenizer's docstring sets out ("Tar shards": keys, ``cls`` labels, samples skipped with
+  one warning, a mostly unusable tar as the error, streaming), which are
+  :func:`maskloom.tokenizers.base.iter_tar_items`'s. What differs: a sample's audio member is the
+  first of the audio extensions above (``wav``, ``flac``, ``ogg``, ... ``mka``, a whole extension)
+  it has; it is decoded from memory exactly as a file is (libsndfile or FFmpeg, the partial decode,
+  the truncated-WAV check), so it gives the file's record(s), ids ``<tar>#<key>`` and, with
+  ``max_windows``, ``<tar>#<key>#k`` for window k >= 1, ``meta["member"]`` its name; no audio member
+  is ``unsupported``. ``read(tar)`` gives a :class:`TarAudios` of (key, Audio, label, member);
+  ``fit`` reads the first ``fit_max_files // sources`` (at least one) clips of a tar.
 * Audio shorter than one analysis window (25 ms, 400 samples at 16 kHz) is zero-padded to one window
   after mean removal, which gives exactly one real frame. Zero-length audio is rejected (``empty``).
 * ``Config.normalize_with = "config"`` (default) normalises with ``norm_mean``/``norm_std`` (AudioSet
@@ -62,25 +73,34 @@ Decisions (documented here once):
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import soundfile as sf
 
 from maskloom import _kernels, _mkl_fft
 from maskloom.tokenizers.base import (
+    TAR_EXTENSIONS,
     Record,
     TableSpec,
+    TarSample,
     TokenizeError,
     Tokenizer,
     ffmpeg_reason,
+    is_tar_path,
+    iter_tar_items,
     register_tokenizer,
+    tar_label,
+    tar_member,
     utf8_path,
 )
 
@@ -513,8 +533,9 @@ FFMPEG_EXTENSIONS: tuple[str, ...] = (".m4a", ".aac", ".wma", ".mka")
 decoded with FFmpeg through PyAV (:func:`decode_with_pyav`)."""
 
 
-def decode_with_pyav(path: str, samples_at: Any) -> tuple[np.ndarray, int, int]:
-    """The first audio stream of the file at ``path``: (data (N, C) float32, sample rate, frames of
+def decode_with_pyav(path: str | IO[bytes], samples_at: Any) -> tuple[np.ndarray, int, int]:
+    """The first audio stream of the file at ``path`` (or in a binary file object, e.g. a tar member's
+    ``io.BytesIO``): (data (N, C) float32, sample rate, frames of
     the whole stream). ``samples_at(rate)`` says how many frames are wanted from the start (-1: all);
     decoding stops once they are there, and the whole stream's length is then the container's
     duration (the decoded count when that is unknown or shorter). Samples are as the decoder gives
@@ -560,29 +581,68 @@ def decode_with_pyav(path: str, samples_at: Any) -> tuple[np.ndarray, int, int]:
     return np.ascontiguousarray(data), rate, have
 
 
-def riff_truncation(path: str) -> str | None:
-    """For a RIFF/WAVE file: a message when its ``data`` chunk declares more bytes than the file holds
-    (a file cut short while copying), else None. libsndfile silently returns the shorter clip."""
-    import struct
-
+def riff_truncation(file: str | IO[bytes]) -> str | None:
+    """For a RIFF/WAVE file (a path, or a seekable binary file object such as a tar member's
+    ``io.BytesIO``): a message when its ``data`` chunk declares more bytes than the file holds (a file
+    cut short while copying), else None. libsndfile silently returns the shorter clip."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(12)
-            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-                return None
-            size = os.fstat(f.fileno()).st_size
-            pos = 12
-            while pos + 8 <= size:
-                f.seek(pos)
-                cid, n = struct.unpack("<4sI", f.read(8))
-                if cid == b"data":
-                    if n != 0xFFFFFFFF and pos + 8 + n > size:  # 0xFFFFFFFF: streamed, size unknown
-                        return f"data chunk declares {n} bytes but the file holds {size - pos - 8}"
-                    return None
-                pos += 8 + n + (n & 1)  # chunks are word-aligned
+        if isinstance(file, (str, bytes, os.PathLike)):
+            with open(file, "rb") as f:
+                return _riff_truncation(f)
+        return _riff_truncation(file)
     except OSError:
         return None
+
+
+def _riff_truncation(f: IO[bytes]) -> str | None:
+    import struct
+
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    size = f.seek(0, os.SEEK_END)
+    pos = 12
+    while pos + 8 <= size:
+        f.seek(pos)
+        cid, n = struct.unpack("<4sI", f.read(8))
+        if cid == b"data":
+            if n != 0xFFFFFFFF and pos + 8 + n > size:  # 0xFFFFFFFF: streamed, size unknown
+                return f"data chunk declares {n} bytes but the file holds {size - pos - 8}"
+            return None
+        pos += 8 + n + (n & 1)  # chunks are word-aligned
     return None
+
+
+AUDIO_EXTENSIONS: tuple[str, ...] = (
+    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", *FFMPEG_EXTENSIONS,
+)  # fmt: skip
+"""Extensions of audio files; in a tar sample, the first of them present (in this order) is its audio."""
+
+_MEMBER_AUDIO_EXTENSIONS = tuple(e[1:] for e in AUDIO_EXTENSIONS)
+
+
+def _path_or_file(file: str | IO[bytes]) -> contextlib.AbstractContextManager[Any]:
+    """A path as :func:`utf8_path` gives it (C libraries take UTF-8 paths); a file object as it is."""
+    return utf8_path(file) if isinstance(file, str) else contextlib.nullcontext(file)
+
+
+class TarAudio(NamedTuple):
+    """One usable sample of a tar shard, decoded (an element of :class:`TarAudios`)."""
+
+    key: str
+    """The sample's key: its members' path up to the first dot of the base name."""
+    audio: Audio
+    """As :meth:`AudioTokenizer.read` decodes the same audio as a file."""
+    label: int | None
+    """The class index in the sample's ``cls`` member, or None."""
+    member: str
+    """The audio member's name in the tar."""
+
+
+class TarAudios(list):
+    """What :meth:`AudioTokenizer.read` returns for a tar shard: the :class:`TarAudio` of each usable
+    sample, in archive order (every clip decoded and held: the pipeline streams instead)."""
 
 
 @register_tokenizer("audio")
@@ -591,7 +651,7 @@ class AudioTokenizer(Tokenizer):
 
     Config = AudioConfig
     version = "1"
-    extensions = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif") + FFMPEG_EXTENSIONS
+    extensions = (*AUDIO_EXTENSIONS, *TAR_EXTENSIONS)
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -618,31 +678,42 @@ class AudioTokenizer(Tokenizer):
             token_shape=(p, p),
         )
 
-    def read(self, source: str) -> Audio:
+    def read(self, source: str) -> Audio | TarAudios:
         """Decode an audio file to a mono float32 waveform at ``Config.sample_rate``: its beginning
         only, as much as the ``target_frames`` kept need (plus the resampler's reach), with the
         whole recording's length in ``total_samples``. An hour of 44.1 kHz stereo took 8.7 s and
-        3.4 GB of memory to decode whole, for the 10 s that are tokenized; now 16 ms, the same tokens."""
+        3.4 GB of memory to decode whole, for the 10 s that are tokenized; now 16 ms, the same tokens.
+        A tar shard: the :class:`TarAudios` of its usable samples."""
+        if is_tar_path(source):
+            return TarAudios(self._tar_audios(os.fspath(source)))
         self.check_file(source)
-        ext = os.path.splitext(source)[1].lower()
+        return self._decode(source, source, os.path.splitext(source)[1].lower())
+
+    def _decode(self, file: str | IO[bytes], source: str, ext: str) -> Audio:
+        """Decode the audio in ``file`` (a path, or a seekable binary file object) as :meth:`read`
+        documents; ``source`` names it in errors, ``ext`` is the lower-case extension (with its dot)
+        it was named with (which picks libsndfile or FFmpeg)."""
         if ext in FFMPEG_EXTENSIONS:
-            data, sr, length = self._read_with_pyav(source)
+            data, sr, length = self._read_with_pyav(file, source)
         else:
             try:
-                with utf8_path(source) as path, sf.SoundFile(path) as f:  # libsndfile takes UTF-8 paths
+                with _path_or_file(file) as path, sf.SoundFile(path) as f:  # libsndfile takes UTF-8 paths
                     sr, length = f.samplerate, f.frames
                     frames = self._input_samples(sr)
                     frames = frames if 0 <= frames < length else -1  # -1: all
                     data = f.read(frames=frames, dtype="float32", always_2d=True)  # (N, C)
             except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+                why: Any = e  # a file object's error names its repr (a memory address): not that
+                if not isinstance(file, str) and isinstance(e, sf.LibsndfileError):
+                    why = e.error_string
                 if ext in self.extensions:
-                    raise TokenizeError(source, "corrupt", f"cannot decode audio: {e}") from None
+                    raise TokenizeError(source, "corrupt", f"cannot decode audio: {why}") from None
                 raise TokenizeError(
-                    source, "unsupported", f"not an audio format libsndfile reads ({e})"
+                    source, "unsupported", f"not an audio format libsndfile reads ({why})"
                 ) from None
         if data.shape[0] == 0 or data.shape[1] == 0:
             raise TokenizeError(source, "empty", "audio has no samples")
-        short = riff_truncation(source)
+        short = riff_truncation(file)
         if short:
             raise TokenizeError(source, "corrupt", f"truncated WAV: {short}")
         if not np.isfinite(data).all():
@@ -657,13 +728,13 @@ class AudioTokenizer(Tokenizer):
         wav = np.ascontiguousarray(wav, dtype=np.float32)
         return Audio(waveform=wav, sample_rate=target, total_samples=total)
 
-    def _read_with_pyav(self, source: str) -> tuple[np.ndarray, int, int]:
-        """:func:`decode_with_pyav` of ``source`` (the formats libsndfile lacks), its errors as
-        TokenizeErrors naming the file."""
+    def _read_with_pyav(self, file: str | IO[bytes], source: str) -> tuple[np.ndarray, int, int]:
+        """:func:`decode_with_pyav` of ``file`` (the formats libsndfile lacks), its errors as
+        TokenizeErrors naming ``source``."""
         import av
 
         try:
-            with utf8_path(source) as path:  # FFmpeg takes UTF-8 paths
+            with _path_or_file(file) as path:  # FFmpeg takes UTF-8 paths
                 return decode_with_pyav(path, self._input_samples)
         except LookupError as e:
             raise TokenizeError(source, "empty", str(e)) from None
@@ -691,11 +762,53 @@ class AudioTokenizer(Tokenizer):
         r = self._resampler(sr)
         return -(-out * r.orig // r.new) + r.orig + 2 * r.width + 1
 
-    def tokenize(self, raw: Audio, *, source: str = "") -> list[Record]:
-        """One record per input: (L, patch_size**2) float16 tokens, (L, 2) (time, freq) grid positions.
+    # ---- tar shards -----------------------------------------------------------------------------
+    def _tar_audios(self, source: str) -> Iterator[TarAudio]:
+        """The usable samples of tar shard ``source``, decoded, as they are read, under the shared
+        tar policy (:func:`~maskloom.tokenizers.base.iter_tar_items`)."""
+        return iter_tar_items(source, lambda sample: self._tar_audio(sample, source), logger=log)
+
+    def _tar_audio(self, sample: TarSample, source: str) -> TarAudio:
+        """Decode one tar sample; TokenizeError(kind, reason) when it is not usable."""
+        members, names = sample.members, sample.names
+        ext = tar_member(sample, _MEMBER_AUDIO_EXTENSIONS)
+        if ext is None:
+            raise TokenizeError(source, "unsupported", f"no audio member ({', '.join(names.values())})")
+        label = tar_label(sample)
+        audio = self._decode(io.BytesIO(members[ext]), f"{source}#{names[ext]}", "." + ext)
+        return TarAudio(sample.key, audio, label, names[ext])
+
+    def iter_records(self, source: str) -> Iterator[Record]:
+        """The records of :meth:`__call__`; a tar shard's one sample at a time, as it is read."""
+        if is_tar_path(source):
+            return self._iter_tar_records(os.fspath(source))
+        return iter(self(source))
+
+    def _iter_tar_records(self, source: str) -> Iterator[Record]:
+        for s in self._tar_audios(source):
+            yield from self._records(s.audio, source, f"{source}#{s.key}", s.label, s.member)
+
+    # ---- tokenize -------------------------------------------------------------------------------
+    def tokenize(self, raw: Audio | TarAudios, *, source: str = "") -> list[Record]:
+        """One record per input (per window with ``max_windows``): (L, patch_size**2) float16 tokens,
+        (L, 2) (time, freq) grid positions, ids ``<source>#0``, ``<source>#k``. A tar shard's
+        :class:`TarAudios`: those of each sample, ids ``<source>#<key>``, ``<source>#<key>#k``.
 
         L = (target_frames / patch_size) * (num_mel_bins / patch_size), time-major.
         """
+        if isinstance(raw, TarAudios):
+            if not raw:
+                raise TokenizeError(source or "<tar>", "empty", "no samples")
+            return [
+                r for s in raw for r in self._records(s.audio, source, f"{source}#{s.key}", s.label, s.member)
+            ]
+        return self._records(raw, source, None)
+
+    def _records(
+        self, raw: Audio, source: str, key_id: str | None, label: int | None = None, member: str | None = None
+    ) -> list[Record]:
+        """The records of one recording: ids ``<source>#0`` and ``<source>#k`` (``key_id`` None, a
+        file), or ``<key_id>`` and ``<key_id>#k`` (a tar sample, with its label and member)."""
         c = self.config
         src = source or "<memory>"
         if raw.sample_rate != c.sample_rate:
@@ -721,8 +834,10 @@ class AudioTokenizer(Tokenizer):
             "norm_mean": mean,
             "norm_std": std,
         }
-        first = Record(id=f"{source}#0", source=source, tokens=tokens, positions=self._grid_positions().copy(),
-                       meta=meta, finite=finite)  # fmt: skip
+        if member is not None:
+            meta["member"] = member
+        first = Record(id=f"{source}#0" if key_id is None else key_id, source=source, tokens=tokens,
+                       positions=self._grid_positions().copy(), label=label, meta=meta, finite=finite)  # fmt: skip
         if c.max_windows == 1:
             return [first]
         first.meta.update(window=0, offset=0.0)
@@ -738,8 +853,9 @@ class AudioTokenizer(Tokenizer):
                 break
             tokens, frames, _, finite = self._window_tokens(piece, 0, consts)
             meta = {**first.meta, "frames": frames, "window": k, "offset": k * hop / c.sample_rate}
-            records.append(Record(id=f"{source}#{k}", source=source, tokens=tokens,
-                                  positions=self._grid_positions().copy(), meta=meta, finite=finite))  # fmt: skip
+            records.append(Record(id=f"{source if key_id is None else key_id}#{k}", source=source, tokens=tokens,
+                                  positions=self._grid_positions().copy(), label=label, meta=meta,
+                                  finite=finite))  # fmt: skip
             k += 1
         return records
 
@@ -836,17 +952,23 @@ class AudioTokenizer(Tokenizer):
             srcs = [srcs[i] for i in np.unique(idx)]
         s1 = s2 = 0.0
         n = used = 0
+        per_tar = max(1, self.config.fit_max_files // len(srcs))  # clips read from a tar shard
         for s in srcs:
             try:
+                if is_tar_path(s):  # its first samples
+                    clips = [a.audio for a in itertools.islice(self._tar_audios(s), per_tar)]
+                else:
+                    clips = [self.read(s)]
                 # (T, F), the frames a record keeps only (a long file's others are not computed)
-                fb = self._fbank_numpy(self.read(s).waveform, self.config.target_frames)
+                fbs = [self._fbank_numpy(a.waveform, self.config.target_frames) for a in clips]
             except TokenizeError as e:
                 log.warning("audio fit(): skipping %s", e)
                 continue
-            fb = fb.astype(np.float64)
-            s1 += float(fb.sum())
-            s2 += float((fb * fb).sum())
-            n += fb.size
+            for fb in fbs:
+                fb = fb.astype(np.float64)
+                s1 += float(fb.sum())
+                s2 += float((fb * fb).sum())
+                n += fb.size
             used += 1
         if n == 0:
             raise ValueError(f"audio fit(): none of the {len(srcs)} sampled sources could be read")
@@ -961,9 +1083,14 @@ class AudioTokenizer(Tokenizer):
             self._positions = np.stack([tt.reshape(-1), ff.reshape(-1)], axis=1).astype(np.float32)
         return self._positions
 
-    def render(self, raw: Audio | np.ndarray, path: str) -> None:
-        """Draw a spectrogram PNG: ``raw`` is an :class:`Audio` (its filterbank is computed) or a
-        (frames, mel) filterbank such as detokenize() returns."""
+    def render(self, raw: Audio | TarAudios | np.ndarray, path: str) -> None:
+        """Draw a spectrogram PNG: ``raw`` is an :class:`Audio` (its filterbank is computed), a tar
+        shard's :class:`TarAudios` (its first clip) or a (frames, mel) filterbank such as detokenize()
+        returns."""
+        if isinstance(raw, TarAudios):
+            if not raw:
+                raise TokenizeError(str(path), "empty", "no samples to render")
+            raw = raw[0].audio
         import matplotlib
 
         matplotlib.use("Agg")

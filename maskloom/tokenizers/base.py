@@ -33,10 +33,10 @@ import tarfile
 import tempfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -498,6 +498,88 @@ def iter_tar_samples(source: str, *, max_member_bytes: int | None = None) -> Ite
             raise TokenizeError(
                 source, "corrupt", f"truncated or damaged tar archive: {_tar_error_text(e)} ({after})"
             ) from None
+
+
+_Item = TypeVar("_Item")
+
+
+def iter_tar_items(
+    source: str,
+    make: Callable[[TarSample], _Item],
+    *,
+    max_member_bytes: int | None = None,
+    logger: logging.Logger | None = None,
+) -> Iterator[_Item]:
+    """``make(sample)`` of each usable sample of tar shard ``source`` (:func:`iter_tar_samples`), as
+    they are read: the policy every modality that reads WebDataset shards shares.
+
+    A sample is not usable when its key was seen before in the tar (``invalid``: ids are made of keys
+    and must be unique), when a member is larger than ``max_member_bytes`` (default
+    :data:`TAR_MEMBER_MAX_BYTES`; ``invalid``, not read), or when ``make`` raises TokenizeError (its
+    kind and reason: no member of the modality, a member that does not decode, a bad ``cls``). Such a
+    sample is skipped, and one warning on ``logger`` (default base's) at the end of the tar counts them
+    and names the first three. When they are at least as many as the usable ones, the tar is the error:
+    the first one's kind, its reason ending "(N of M samples are unusable)", raised at the end. A tar
+    with no sample is ``empty``; the errors of :func:`iter_tar_samples` pass through."""
+    limit = TAR_MEMBER_MAX_BYTES if max_member_bytes is None else int(max_member_bytes)
+    good = bad = 0
+    first_bad: list[tuple[str, str, str]] = []  # (key, kind, reason) of the first samples skipped
+    seen: set[str] = set()
+    for sample in iter_tar_samples(source, max_member_bytes=limit):
+        try:
+            if sample.key in seen:
+                raise TokenizeError(source, "invalid", "its key was seen before in the tar (a member name stored "
+                                    "twice, or members of one sample not consecutive): ids must be unique")  # fmt: skip
+            seen.add(sample.key)
+            if sample.too_large:
+                ext, size = next(iter(sample.too_large.items()))
+                raise TokenizeError(source, "invalid", f"member {sample.names[ext]} has {size:,} bytes, more "
+                                    f"than the {limit:,} a tar member may have: not read")  # fmt: skip
+            item = make(sample)
+        except TokenizeError as e:
+            bad += 1
+            if len(first_bad) < 3:
+                first_bad.append((sample.key, e.kind, e.reason))
+            continue
+        good += 1
+        yield item
+    if not good + bad:
+        raise TokenizeError(source, "empty", "the tar archive holds no samples")
+    if bad:
+        key, kind, reason = first_bad[0]
+        if bad >= good:  # mostly unusable: the tar, not a few samples, is at fault
+            raise TokenizeError(
+                source, kind, f"sample {key}: {reason} ({bad} of {good + bad} samples are unusable)"
+            )
+        (logger or log).warning("%s: skipped %d of %d samples: %s%s", source, bad, good + bad,
+                                "; ".join(f"{k} ({kd}: {r})" for k, kd, r in first_bad),
+                                f"; ... ({bad - 3} more)" if bad > 3 else "")  # fmt: skip
+
+
+def tar_member(sample: TarSample, extensions: Iterable[str]) -> str | None:
+    """The first of ``extensions`` (lower case, without the dot, in their order) that ``sample`` has
+    as a whole member extension (``png`` is not ``seg.png``), or None."""
+    return next((e for e in extensions if e in sample.members), None)
+
+
+def cls_label(data: bytes, name: str) -> int | None:
+    """The class index a WebDataset ``.cls`` member holds (ASCII digits, whitespace around allowed);
+    None for a negative one (unlabelled). TokenizeError(invalid) when it holds no integer."""
+    try:
+        value = int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        shown = data[:40] + (b"..." if len(data) > 40 else b"")
+        raise TokenizeError(
+            name, "invalid", f"cls member {name} holds {shown!r}, not an integer class index"
+        ) from None
+    if value >= 2**63:
+        raise TokenizeError(name, "invalid", f"cls member {name} holds {value}, beyond a 64-bit class index")
+    return value if value >= 0 else None
+
+
+def tar_label(sample: TarSample) -> int | None:
+    """The label of a tar sample: its ``cls`` member's class index (:func:`cls_label`), or None."""
+    return cls_label(sample.members["cls"], sample.names["cls"]) if "cls" in sample.members else None
 
 
 BUILTIN_MODALITIES = ("image", "video", "audio", "point_cloud", "graph", "time_series", "text")

@@ -32,7 +32,8 @@ Pipeline:
     * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's conversion to RGB.
 
 Tar shards (WebDataset layout: ImageNet-1k, CC3M, LAION ship ``imagenet-train-000123.tar``)
-    A ``.tar``, ``.tar.gz`` or ``.tgz`` file is one input holding many samples. A sample is the
+    A ``.tar``, ``.tar.gz`` or ``.tgz`` file is one input holding many samples (the rules below but
+    for which member is the image are ``base.iter_tar_items``'s, which the audio tokenizer shares). A sample is the
     consecutive members sharing a key, the member path up to the first ``.`` of its base name, folder
     included (``n01440764/abc.jpg`` and ``n01440764/abc.cls`` are sample ``n01440764/abc``; the rest
     of the name, lower case, is the member's extension: ``jpg``, ``cls``, ``seg.png``). Directories,
@@ -109,8 +110,10 @@ from maskloom.tokenizers.base import (
     TokenizeError,
     Tokenizer,
     is_tar_path,
-    iter_tar_samples,
+    iter_tar_items,
     register_tokenizer,
+    tar_label,
+    tar_member,
 )
 
 log = logging.getLogger(__name__)
@@ -399,21 +402,6 @@ class TarImages(list):
     sample, in archive order (every image decoded and held: the pipeline streams instead)."""
 
 
-def _cls_label(data: bytes, name: str) -> int | None:
-    """The class index a WebDataset ``.cls`` member holds (ASCII digits, whitespace around allowed);
-    None for a negative one (unlabelled). TokenizeError(invalid) when it holds no integer."""
-    try:
-        value = int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        shown = data[:40] + (b"..." if len(data) > 40 else b"")
-        raise TokenizeError(
-            name, "invalid", f"cls member {name} holds {shown!r}, not an integer class index"
-        ) from None
-    if value >= 2**63:
-        raise TokenizeError(name, "invalid", f"cls member {name} holds {value}, beyond a 64-bit class index")
-    return value if value >= 0 else None
-
-
 @register_tokenizer("image")
 class ImageTokenizer(Tokenizer):
     """Square image -> grid of p x p x 3 uint8 pixel patches with (row, col) positions (ViT / MAE).
@@ -502,52 +490,25 @@ class ImageTokenizer(Tokenizer):
 
     # ---- tar shards -----------------------------------------------------------------------------
     def _tar_images(self, source: str) -> Iterator[TarImage]:
-        """The usable samples of tar shard ``source``, decoded, as they are read. A sample that is not
-        (no image member, an image that does not decode, a bad ``cls``, a repeated key, a member over
-        TAR_MEMBER_MAX_BYTES) is skipped, and one warning at the end names the first three; when they
-        are at least as many as the usable ones, the first one's problem is the tar's, raised at the end."""
-        good = bad = 0
-        first_bad: list[tuple[str, str, str]] = []  # (key, kind, reason) of the first samples skipped
-        seen: set[str] = set()
-        for sample in iter_tar_samples(source, max_member_bytes=TAR_MEMBER_MAX_BYTES):
-            try:
-                item = self._tar_image(sample, source, seen)
-            except TokenizeError as e:
-                bad += 1
-                if len(first_bad) < 3:
-                    first_bad.append((sample.key, e.kind, e.reason))
-                continue
-            good += 1
-            yield item
-        if not good + bad:
-            raise TokenizeError(source, "empty", "the tar archive holds no samples")
-        if bad:
-            key, kind, reason = first_bad[0]
-            if bad >= good:  # mostly unusable: the tar, not a few samples, is at fault
-                raise TokenizeError(
-                    source, kind, f"sample {key}: {reason} ({bad} of {good + bad} samples are unusable)"
-                )
-            log.warning("%s: skipped %d of %d samples: %s%s", source, bad, good + bad,
-                        "; ".join(f"{k} ({kd}: {r})" for k, kd, r in first_bad),
-                        f"; ... ({bad - 3} more)" if bad > 3 else "")  # fmt: skip
+        """The usable samples of tar shard ``source``, decoded, as they are read, under the shared
+        tar policy (:func:`~maskloom.tokenizers.base.iter_tar_items`: repeated keys, members over
+        TAR_MEMBER_MAX_BYTES, one warning, a mostly unusable tar is the error)."""
+        return iter_tar_items(
+            source,
+            lambda sample: self._tar_image(sample, source),
+            max_member_bytes=TAR_MEMBER_MAX_BYTES,
+            logger=log,
+        )
 
-    def _tar_image(self, sample: TarSample, source: str, seen: set[str]) -> TarImage:
+    def _tar_image(self, sample: TarSample, source: str) -> TarImage:
         """Decode one tar sample; TokenizeError(kind, reason) when it is not usable."""
-        key, members, names = sample.key, sample.members, sample.names
-        if key in seen:
-            raise TokenizeError(source, "invalid", "its key was seen before in the tar (a member name stored "
-                                "twice, or members of one sample not consecutive): ids must be unique")  # fmt: skip
-        seen.add(key)
-        if sample.too_large:
-            ext, size = next(iter(sample.too_large.items()))
-            raise TokenizeError(source, "invalid", f"member {names[ext]} has {size:,} bytes, more than the "
-                                f"{TAR_MEMBER_MAX_BYTES:,} a tar member may have: not read")  # fmt: skip
-        ext = next((e for e in _MEMBER_IMAGE_EXTENSIONS if e in members), None)
+        members, names = sample.members, sample.names
+        ext = tar_member(sample, _MEMBER_IMAGE_EXTENSIONS)
         if ext is None:
             raise TokenizeError(source, "unsupported", f"no image member ({', '.join(names.values())})")
-        label = _cls_label(members["cls"], names["cls"]) if "cls" in members else None
+        label = tar_label(sample)
         image = self._decode(io.BytesIO(members[ext]), f"{source}#{names[ext]}", "." + ext)
-        return TarImage(key, image, label, names[ext])
+        return TarImage(sample.key, image, label, names[ext])
 
     # ---- tokenize -------------------------------------------------------------------------------
     def _check_raw(self, raw: Any, source: str) -> np.ndarray:

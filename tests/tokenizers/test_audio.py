@@ -773,3 +773,171 @@ def test_tokenize_gives_the_same_record_for_any_layout_of_the_waveform(frames):
             (r.positions == recs[0].positions).all() and r.meta == recs[0].meta and r.finite == recs[0].finite
         )
     assert recs[0].meta["frames"] == 1 + (len(wav) - 400) // 160 == recs[0].meta["total_frames"]
+
+
+# ---- WebDataset tar shards -----------------------------------------------------------------------
+def _write_tar(path, members: list[tuple[str, bytes]]) -> str:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _same(a, b) -> bool:
+    return (a.id, a.source, a.label, a.meta) == (b.id, b.source, b.label, b.meta) and np.array_equal(
+        a.tokens.view(np.uint16), b.tokens.view(np.uint16)
+    ) and np.array_equal(a.positions, b.positions)  # fmt: skip
+
+
+def _long_clip() -> np.ndarray:
+    """3 windows of 32 frames and 21 frames at 16 kHz: 4 windows with max_windows=0."""
+    return np.random.default_rng(1).uniform(-0.5, 0.5, 3 * 32 * 160 + 20 * 160 + 400).astype(np.float32)
+
+
+@pytest.mark.parametrize("max_windows", [1, 0])
+def test_tar_samples_give_the_records_of_the_same_files(tmp_path, max_windows):
+    """A sample's records are those of its audio as a file (tokens bit for bit, meta), with ids
+    ``<tar>#<key>`` (``#<key>#k`` for window k), the ``cls`` label and the member's name."""
+    from maskloom.tokenizers.audio import TarAudio, TarAudios
+
+    files = {
+        "a.wav": _wav(tmp_path / "a.wav", _sine(0.6, freq=300.0)),
+        "b.flac": _wav(
+            tmp_path / "b.flac", np.stack([_sine(0.5), _sine(0.5, freq=90.0)], 1), 22050, "PCM_16"
+        ),
+        "c.wav": _wav(tmp_path / "c.wav", _long_clip()),  # decoded only as far as its tokens need
+    }
+    members = [("./train/a.WAV", open(files["a.wav"], "rb").read()), ("./train/a.cls", b"7\n"),
+               ("./train/a.json", b"{}"),
+               ("train/b.json", b"{}"), ("train/b.flac", open(files["b.flac"], "rb").read()),
+               ("train/c.wav", open(files["c.wav"], "rb").read()), ("train/c.cls", b"2")]  # fmt: skip
+    tar = _write_tar(tmp_path / "shard-000.tar", members)
+    tok = _tok(target_frames=32, max_windows=max_windows)
+    recs = tok(tar)
+    windows = {1: [1, 1, 1], 0: [2, 1, 4]}[max_windows]  # 58, 35 and 117 frames
+    ids, want = [], []
+    for key, name, n in zip(("train/a", "train/b", "train/c"), files, windows, strict=True):
+        ids += [f"{tar}#{key}"] + [f"{tar}#{key}#{k}" for k in range(1, n)]
+        want += tok(files[name])
+        assert [r.id for r in tok(files[name])] == [f"{files[name]}#{k}" for k in range(n)]
+    assert [r.id for r in recs] == ids
+    assert [r.label for r in recs] == [7] * windows[0] + [None] * windows[1] + [2] * windows[2]
+    assert [r.meta["member"] for r in recs] == (
+        ["./train/a.WAV"] * windows[0] + ["train/b.flac"] * windows[1] + ["train/c.wav"] * windows[2]
+    )
+    assert all(r.source == tar for r in recs)
+    for rec, ref in zip(recs, want, strict=True):
+        assert np.array_equal(rec.tokens.view(np.uint16), ref.tokens.view(np.uint16)), rec.id
+        np.testing.assert_array_equal(rec.positions, ref.positions)
+        assert rec.meta == {**ref.meta, "member": rec.meta["member"]}
+    # read(): the samples decoded, the partial decode as for files; tokenize(read()) == the stream
+    raw = tok.read(tar)
+    assert isinstance(raw, TarAudios) and [s.key for s in raw] == ["train/a", "train/b", "train/c"]
+    assert raw[0] == TarAudio("train/a", raw[0].audio, 7, "./train/a.WAV")
+    c_file = tok.read(files["c.wav"])
+    np.testing.assert_array_equal(raw[2].audio.waveform, c_file.waveform)
+    assert (
+        raw[2].audio.total_samples == c_file.total_samples == (_long_clip().shape[0] if max_windows else None)
+    )
+    assert raw[2].audio.waveform.shape[0] == (5360 if max_windows else _long_clip().shape[0])
+    streamed = tok.iter_records(tar)
+    assert not isinstance(streamed, list)
+    streamed = list(streamed)
+    assert len(streamed) == len(recs) and all(map(_same, recs, streamed))
+    assert all(map(_same, recs, tok.tokenize(raw, source=tar)))
+    tok.render(raw, str(tmp_path / "r.png"))  # the first clip's spectrogram
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tar_members_libsndfile_lacks_are_decoded_with_ffmpeg(tmp_path):
+    m4a = _encode(tmp_path / "s.m4a", "aac", _sine(1.0, sr=44100, amp=0.3), 44100)
+    tar = _write_tar(tmp_path / "m.tar", [("s.m4a", open(m4a, "rb").read()), ("s.cls", b"1")])
+    tok = _tok()
+    (rec,), (ref,) = tok(tar), tok(m4a)
+    assert (rec.id, rec.label, rec.meta["member"]) == (f"{tar}#s", 1, "s.m4a")
+    assert np.array_equal(rec.tokens.view(np.uint16), ref.tokens.view(np.uint16))
+
+
+def test_tar_cls_labels(tmp_path):
+    clip = open(_wav(tmp_path / "x.wav", _sine(0.1)), "rb").read()
+    members = [("a.wav", clip), ("a.cls", b"12"), ("b.wav", clip), ("b.cls", b"\t3 \r\n"),
+               ("c.wav", clip), ("d.wav", clip), ("d.cls", b"-1\n")]  # fmt: skip
+    tar = _write_tar(tmp_path / "l.tar", members)
+    assert [(r.id.split("#")[1], r.label) for r in _tok()(tar)] == [
+        ("a", 12),
+        ("b", 3),
+        ("c", None),
+        ("d", None),
+    ]
+
+
+def test_bad_tar_samples_are_skipped_with_one_warning(tmp_path, caplog):
+    import logging
+
+    good = []
+    for i in range(4):
+        flac = _wav(tmp_path / f"s{i}.flac", _sine(0.2 + 0.1 * i), subtype="PCM_16")
+        good.append((f"s{i}.flac", open(flac, "rb").read()))
+    pcm = open(_wav(tmp_path / "t.wav", _sine(0.3), subtype="PCM_16"), "rb").read()  # 9,600 bytes of data
+    bad = [("b0.wav", b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" * 4), ("b1.wav", pcm[:-1000])]
+    tar = _write_tar(tmp_path / "some-bad.tar", good[:2] + bad + good[2:])
+    tok = _tok()
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.audio"):
+        recs = tok(tar)
+    assert [r.id.split("#")[1] for r in recs] == ["s0", "s1", "s2", "s3"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{tar}: skipped 2 of 6 samples: b0 (corrupt: cannot decode audio: Error in WAV file. No 'data' chunk marker.); "
+        "b1 (corrupt: truncated WAV: data chunk declares 9600 bytes but the file holds 8600)"
+    ]
+    # alone, the truncated member is the tar's error; so is a tar of images (no audio member)
+    with pytest.raises(TokenizeError) as e:
+        tok(_write_tar(tmp_path / "cut.tar", bad[1:]))
+    assert (e.value.kind, e.value.reason) == (
+        "corrupt",
+        "sample b1: truncated WAV: data chunk declares 9600 bytes but the file holds 8600 (1 of 1 samples are unusable)",
+    )
+    images = _write_tar(
+        tmp_path / "images.tar", [("a.png", b"\x89PNG"), ("a.cls", b"1"), ("b.jpg", b"\xff\xd8")]
+    )
+    for run in (tok, lambda p: list(tok.iter_records(p))):
+        with pytest.raises(TokenizeError) as e:
+            run(images)
+        assert (e.value.source, e.value.kind, e.value.reason) == (
+            images,
+            "unsupported",
+            "sample a: no audio member (a.png, a.cls) (2 of 2 samples are unusable)",
+        )
+    assert {".tar", ".tar.gz", ".tgz"} <= set(AudioTokenizer.extensions)
+
+
+def test_conformance_kit_with_a_tar(tmp_path):
+    clips = [_sine(0.2 + 0.3 * i, freq=250.0 * (i + 1)) for i in range(3)]
+    members = []
+    for i, clip in enumerate(clips):
+        members += [
+            (f"k/{i}.wav", open(_wav(tmp_path / f"{i}.wav", clip), "rb").read()),
+            (f"k/{i}.cls", b"%d" % i),
+        ]
+    tar = _write_tar(tmp_path / "shard.tar", members)
+    plain = _wav(tmp_path / "plain.wav", _sine(0.4))
+    tok = _tok()
+
+    def compare(raw, out, rec):
+        from maskloom.tokenizers.audio import TarAudios
+
+        if isinstance(raw, TarAudios):
+            (raw,) = [s.audio for s in raw if rec.id.endswith("#" + s.key)]
+        fb = tok.fbank(raw.waveform).numpy()[: rec.meta["frames"]]
+        np.testing.assert_allclose(out, fb, atol=0.03)
+
+    assert check_tokenizer(tok, [tar, plain], compare=compare) == {
+        "sources": 2,
+        "records": 4,
+        "tokens": 4 * 64,
+    }

@@ -11,7 +11,16 @@ import threading
 
 import pytest
 
-from maskloom.tokenizers.base import TarSample, TokenizeError, is_tar_path, iter_tar_samples
+from maskloom.tokenizers.base import (
+    TarSample,
+    TokenizeError,
+    cls_label,
+    is_tar_path,
+    iter_tar_items,
+    iter_tar_samples,
+    tar_label,
+    tar_member,
+)
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE) -> None:
@@ -182,3 +191,36 @@ def test_the_archive_is_read_as_a_stream(tmp_path):
     got = _samples(fifo)
     writer.join(10)
     assert got == _samples(tmp_path / "a.tar") and len(got) == 3
+
+
+def test_iter_tar_items_is_the_shared_policy(tmp_path, caplog):
+    """``make``'s TokenizeErrors, repeated keys and members too large skip a sample; one warning on
+    the logger given; a mostly unusable tar is the error, at its end."""
+    import logging
+
+    def make(sample: TarSample) -> tuple[str, int | None]:
+        ext = tar_member(sample, ("bin", "dat"))
+        if ext is None:
+            raise TokenizeError("t", "unsupported", "no bin member")
+        return sample.key, tar_label(sample)
+
+    members = _shard(3, size=10) + [("x.txt", b"t"), ("s0.bin", b"again"), ("big.bin", bytes(50))]
+    members += [("s9.seg.bin", b""), ("s5.dat", b"d"), ("s5.cls", b"-1")] + _shard(5, size=10)[6:]
+    path = _tar(tmp_path / "p.tar", members)
+    logger = logging.getLogger("maskloom.test.tar")
+    with caplog.at_level(logging.WARNING, logger="maskloom.test.tar"):
+        items = list(iter_tar_items(path, make, max_member_bytes=40, logger=logger))
+    assert items == [("s0", 0), ("s1", 1), ("s2", 2), ("s5", None), ("s3", 3), ("s4", 4)]
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("maskloom.test.tar", f"{path}: skipped 4 of 10 samples: x (unsupported: no bin member); "
+         "s0 (invalid: its key was seen before in the tar (a member name stored twice, or members of one "
+         "sample not consecutive): ids must be unique); big (invalid: member big.bin has 50 bytes, more "
+         "than the 40 a tar member may have: not read); ... (1 more)")
+    ]  # fmt: skip
+    with pytest.raises(TokenizeError) as e:
+        list(iter_tar_items(_tar(tmp_path / "q.tar", [("a.txt", b"")]), make))
+    assert (e.value.kind, e.value.reason) == (
+        "unsupported",
+        "sample a: no bin member (1 of 1 samples are unusable)",
+    )
+    assert cls_label(b" 4\n", "a.cls") == 4 and cls_label(b"-3", "a.cls") is None
