@@ -244,18 +244,23 @@ def default_shard_size(num_inputs: int, num_workers: int, seconds_per_input: flo
     ``seconds_per_input`` (rounded down to a power of two, so that close estimates give the same
     plan; within ``MIN_DEFAULT_SHARD_SIZE``..``MAX_DEFAULT_SHARD_SIZE``) or ``DEFAULT_SHARD_SIZE``
     when it is unknown, at least ``MIN_DEFAULT_SHARD_SIZE`` (per-shard costs) unless the job is
-    smaller; then, with several workers, evened out so that the shards are a multiple of the
-    workers in number and of one size give or take their count (each worker gets the same work: no
-    worker idles through the last round while another finishes) unless that would take it below
-    ``MIN_DEFAULT_SHARD_SIZE``."""
+    smaller or its inputs are heavy (then at least ``TARGET_SHARD_SECONDS`` of them: 4 inputs of a
+    second each on 2 workers are 4 shards, not one); then, with several workers, evened out so that
+    the shards are a multiple of the workers in number and of one size give or take their count
+    (each worker gets the same work: no worker idles through the last round while another
+    finishes) unless that would take it below that minimum."""
     per = _per_worker_share(num_inputs, num_workers)
     cap = DEFAULT_SHARD_SIZE
+    floor = MIN_DEFAULT_SHARD_SIZE
     if seconds_per_input is not None and seconds_per_input > 0:
         fit = min(
             MAX_DEFAULT_SHARD_SIZE, max(MIN_DEFAULT_SHARD_SIZE, TARGET_SHARD_SECONDS / seconds_per_input)
         )
         cap = 1 << (int(fit).bit_length() - 1)  # a power of two
-    size = max(1, min(cap, max(per, min(MIN_DEFAULT_SHARD_SIZE, num_inputs))))
+        # heavy inputs (a tar of 1,000 images, a video: a second each) need no minimum of 32 for the
+        # per-shard costs to be small: 4 such inputs on 2 workers are 4 shards, not one on one worker
+        floor = max(1, min(MIN_DEFAULT_SHARD_SIZE, math.ceil(TARGET_SHARD_SECONDS / seconds_per_input)))
+    size = max(1, min(cap, max(per, min(floor, num_inputs))))
     # as many shards as a multiple of the workers, all of one size: with 21 shards on 2 workers one
     # worker would idle through the last shard (a second of a 13 s job); with 22 slightly smaller
     # ones neither does. A count that is a multiple already is evened out too: 42,000 clips in
@@ -267,7 +272,7 @@ def default_shard_size(num_inputs: int, num_workers: int, seconds_per_input: flo
         target = count + (-count) % w
         for c in range(target, target + 4 * w, w):  # equal sizes cannot make every count
             even = -(-num_inputs // c)
-            if even < min(MIN_DEFAULT_SHARD_SIZE, size):
+            if even < min(floor, size):
                 break
             if -(-num_inputs // even) % w == 0:
                 return even
@@ -305,7 +310,11 @@ def measured_shard_size(tokenizer: Tokenizer, inputs: Sequence[Input], num_worke
         log.info("inputs are large (~%.0f MB each): %d per shard", big / 1e6, size)
         return size
     spi = None
-    if _per_worker_share(len(inputs), num_workers) > MIN_DEFAULT_SHARD_SIZE:
+    # timed when shards could hold more than the minimum, or when several workers share a job that
+    # the minimum would put in fewer shards than workers (heavy inputs, see default_shard_size)
+    if _per_worker_share(len(inputs), num_workers) > MIN_DEFAULT_SHARD_SIZE or (
+        num_workers > 1 and len(inputs) > num_workers and len(inputs) < MIN_DEFAULT_SHARD_SIZE * num_workers
+    ):
         old_threads = limit_threads(1)
         try:
             spi = seconds_per_input(tokenizer, inputs)

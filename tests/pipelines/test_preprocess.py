@@ -322,6 +322,11 @@ def test_default_shard_size_holds_half_a_second_of_measured_work():
     assert default_shard_size(big, 1, 1e-6) == 4096 and default_shard_size(big, 1, 0.5) == 32
     assert default_shard_size(3000, 2, 0.00025) == 188  # small jobs: still 8 shards per worker
     assert default_shard_size(big, 1, None) == 256 and default_shard_size(big, 1, 0.0) == 256
+    # heavy inputs (a tar of images, a video: ~1 s each): no minimum of 32 in a small job, so that
+    # its workers share it (4 tars on 2 workers were one shard on one worker)
+    assert default_shard_size(4, 2, 1.0) == 1 and default_shard_size(40, 2, 1.0) == 3
+    assert default_shard_size(4, 2, 0.3) == 2 and default_shard_size(40, 2, 0.05) == 10
+    assert default_shard_size(100, 2, 0.001) == 32 == default_shard_size(100, 2)  # light ones keep it
 
 
 def test_default_shards_are_a_multiple_of_the_workers():
@@ -404,6 +409,23 @@ def test_large_inputs_are_sized_into_shards_by_bytes_without_timing(tmp_path):
     small = files(3, BIG_INPUT_BYTES - 1)
     assert big_input_bytes(small) == 0 and big_input_bytes([]) == 0
     assert big_input_bytes([Input(str(tmp_path / "missing"))]) == 0  # the driver may not see the files
+
+
+def test_a_small_parallel_job_is_timed_so_heavy_inputs_spread_over_the_workers():
+    from maskloom.pipelines.preprocess import measured_shard_size
+
+    class Slow:  # 0.3 s an input, as a tar of a few hundred images
+        calls = 0
+
+        def iter_records(self, source):
+            Slow.calls += 1
+            time.sleep(0.3)
+            return iter([])
+
+    inputs = [Input(f"t{i}.tar") for i in range(4)]
+    assert measured_shard_size(Slow(), inputs, 2) == 2 and Slow.calls >= 2  # 2 shards, one per worker
+    Slow.calls = 0
+    assert measured_shard_size(Slow(), inputs, 1) == 4 and Slow.calls == 0  # one worker: not timed
 
 
 def test_max_tasks_in_flight_reaches_the_actor_pool():
