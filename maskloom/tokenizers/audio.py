@@ -74,7 +74,6 @@ Decisions (documented here once):
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import json
 import logging
@@ -95,12 +94,11 @@ from maskloom.tokenizers.base import (
     TarSample,
     TokenizeError,
     Tokenizer,
+    decode_tar_member,
     ffmpeg_reason,
     is_tar_path,
     iter_tar_items,
     register_tokenizer,
-    tar_label,
-    tar_member,
     utf8_path,
 )
 
@@ -770,13 +768,10 @@ class AudioTokenizer(Tokenizer):
 
     def _tar_audio(self, sample: TarSample, source: str) -> TarAudio:
         """Decode one tar sample; TokenizeError(kind, reason) when it is not usable."""
-        members, names = sample.members, sample.names
-        ext = tar_member(sample, _MEMBER_AUDIO_EXTENSIONS)
-        if ext is None:
-            raise TokenizeError(source, "unsupported", f"no audio member ({', '.join(names.values())})")
-        label = tar_label(sample)
-        audio = self._decode(io.BytesIO(members[ext]), f"{source}#{names[ext]}", "." + ext)
-        return TarAudio(sample.key, audio, label, names[ext])
+        audio, label, member = decode_tar_member(
+            sample, source, _MEMBER_AUDIO_EXTENSIONS, "audio", self._decode
+        )
+        return TarAudio(sample.key, audio, label, member)
 
     def iter_records(self, source: str) -> Iterator[Record]:
         """The records of :meth:`__call__`; a tar shard's one sample at a time, as it is read."""

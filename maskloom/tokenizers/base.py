@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import lzma
@@ -575,6 +576,25 @@ def cls_label(data: bytes, name: str) -> int | None:
     if value >= 2**63:
         raise TokenizeError(name, "invalid", f"cls member {name} holds {value}, beyond a 64-bit class index")
     return value if value >= 0 else None
+
+
+def decode_tar_member(
+    sample: TarSample,
+    source: str,
+    extensions: Iterable[str],
+    what: str,
+    decode: Callable[[Any, str, str], _Item],
+) -> tuple[_Item, int | None, str]:
+    """(``decode(file, name, ext)`` of the sample's member, its label, the member's name) for the first
+    of ``extensions`` the sample has (:func:`tar_member`), decoded from memory (``io.BytesIO``;
+    ``name`` is ``<tar>#<member>``, ``ext`` with its dot); TokenizeError(unsupported) "no ``what``
+    member" when it has none, and the ``cls`` member's error (:func:`tar_label`) before decoding."""
+    ext = tar_member(sample, extensions)
+    if ext is None:
+        raise TokenizeError(source, "unsupported", f"no {what} member ({', '.join(sample.names.values())})")
+    label = tar_label(sample)
+    name = sample.names[ext]
+    return decode(io.BytesIO(sample.members[ext]), f"{source}#{name}", "." + ext), label, name
 
 
 def tar_label(sample: TarSample) -> int | None:

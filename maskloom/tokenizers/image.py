@@ -91,7 +91,6 @@ asked for.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 from collections.abc import Iterator
@@ -109,11 +108,10 @@ from maskloom.tokenizers.base import (
     TarSample,
     TokenizeError,
     Tokenizer,
+    decode_tar_member,
     is_tar_path,
     iter_tar_items,
     register_tokenizer,
-    tar_label,
-    tar_member,
 )
 
 log = logging.getLogger(__name__)
@@ -502,13 +500,10 @@ class ImageTokenizer(Tokenizer):
 
     def _tar_image(self, sample: TarSample, source: str) -> TarImage:
         """Decode one tar sample; TokenizeError(kind, reason) when it is not usable."""
-        members, names = sample.members, sample.names
-        ext = tar_member(sample, _MEMBER_IMAGE_EXTENSIONS)
-        if ext is None:
-            raise TokenizeError(source, "unsupported", f"no image member ({', '.join(names.values())})")
-        label = tar_label(sample)
-        image = self._decode(io.BytesIO(members[ext]), f"{source}#{names[ext]}", "." + ext)
-        return TarImage(sample.key, image, label, names[ext])
+        image, label, member = decode_tar_member(
+            sample, source, _MEMBER_IMAGE_EXTENSIONS, "image", self._decode
+        )
+        return TarImage(sample.key, image, label, member)
 
     # ---- tokenize -------------------------------------------------------------------------------
     def _check_raw(self, raw: Any, source: str) -> np.ndarray:
