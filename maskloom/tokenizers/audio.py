@@ -91,13 +91,11 @@ from maskloom.tokenizers.base import (
     TAR_EXTENSIONS,
     Record,
     TableSpec,
-    TarSample,
     TokenizeError,
     Tokenizer,
-    decode_tar_member,
+    decode_tar_items,
     ffmpeg_reason,
     is_tar_path,
-    iter_tar_items,
     register_tokenizer,
     utf8_path,
 )
@@ -764,14 +762,7 @@ class AudioTokenizer(Tokenizer):
     def _tar_audios(self, source: str) -> Iterator[TarAudio]:
         """The usable samples of tar shard ``source``, decoded, as they are read, under the shared
         tar policy (:func:`~maskloom.tokenizers.base.iter_tar_items`)."""
-        return iter_tar_items(source, lambda sample: self._tar_audio(sample, source), logger=log)
-
-    def _tar_audio(self, sample: TarSample, source: str) -> TarAudio:
-        """Decode one tar sample; TokenizeError(kind, reason) when it is not usable."""
-        audio, label, member = decode_tar_member(
-            sample, source, _MEMBER_AUDIO_EXTENSIONS, "audio", self._decode
-        )
-        return TarAudio(sample.key, audio, label, member)
+        return decode_tar_items(source, _MEMBER_AUDIO_EXTENSIONS, "audio", self._decode, TarAudio, logger=log)
 
     def iter_records(self, source: str) -> Iterator[Record]:
         """The records of :meth:`__call__`; a tar shard's one sample at a time, as it is read."""

@@ -578,23 +578,35 @@ def cls_label(data: bytes, name: str) -> int | None:
     return value if value >= 0 else None
 
 
-def decode_tar_member(
-    sample: TarSample,
+def decode_tar_items(
     source: str,
     extensions: Iterable[str],
     what: str,
-    decode: Callable[[Any, str, str], _Item],
-) -> tuple[_Item, int | None, str]:
-    """(``decode(file, name, ext)`` of the sample's member, its label, the member's name) for the first
-    of ``extensions`` the sample has (:func:`tar_member`), decoded from memory (``io.BytesIO``;
-    ``name`` is ``<tar>#<member>``, ``ext`` with its dot); TokenizeError(unsupported) "no ``what``
-    member" when it has none, and the ``cls`` member's error (:func:`tar_label`) before decoding."""
-    ext = tar_member(sample, extensions)
-    if ext is None:
-        raise TokenizeError(source, "unsupported", f"no {what} member ({', '.join(sample.names.values())})")
-    label = tar_label(sample)
-    name = sample.names[ext]
-    return decode(io.BytesIO(sample.members[ext]), f"{source}#{name}", "." + ext), label, name
+    decode: Callable[[Any, str, str], Any],
+    make: Callable[[str, Any, int | None, str], _Item],
+    *,
+    max_member_bytes: int | None = None,
+    logger: logging.Logger | None = None,
+) -> Iterator[_Item]:
+    """The usable samples of tar shard ``source`` under :func:`iter_tar_items`' policy, each
+    ``make(key, decoded, label, member name)``: its member of the first of ``extensions`` it has
+    (:func:`tar_member`), ``decode(file, name, ext)`` from memory (``io.BytesIO``; ``name`` is
+    ``<tar>#<member>``, ``ext`` with its dot), its ``cls`` label (:func:`tar_label`, checked before
+    decoding). A sample without such a member is TokenizeError(unsupported) "no ``what`` member"."""
+
+    def item(sample: TarSample) -> _Item:
+        ext = tar_member(sample, extensions)
+        if ext is None:
+            raise TokenizeError(
+                source, "unsupported", f"no {what} member ({', '.join(sample.names.values())})"
+            )
+        label = tar_label(sample)
+        name = sample.names[ext]
+        return make(
+            sample.key, decode(io.BytesIO(sample.members[ext]), f"{source}#{name}", "." + ext), label, name
+        )
+
+    return iter_tar_items(source, item, max_member_bytes=max_member_bytes, logger=logger)
 
 
 def tar_label(sample: TarSample) -> int | None:

@@ -105,12 +105,10 @@ from maskloom.tokenizers.base import (
     TAR_MEMBER_MAX_BYTES,
     Record,
     TableSpec,
-    TarSample,
     TokenizeError,
     Tokenizer,
-    decode_tar_member,
+    decode_tar_items,
     is_tar_path,
-    iter_tar_items,
     register_tokenizer,
 )
 
@@ -491,19 +489,8 @@ class ImageTokenizer(Tokenizer):
         """The usable samples of tar shard ``source``, decoded, as they are read, under the shared
         tar policy (:func:`~maskloom.tokenizers.base.iter_tar_items`: repeated keys, members over
         TAR_MEMBER_MAX_BYTES, one warning, a mostly unusable tar is the error)."""
-        return iter_tar_items(
-            source,
-            lambda sample: self._tar_image(sample, source),
-            max_member_bytes=TAR_MEMBER_MAX_BYTES,
-            logger=log,
-        )
-
-    def _tar_image(self, sample: TarSample, source: str) -> TarImage:
-        """Decode one tar sample; TokenizeError(kind, reason) when it is not usable."""
-        image, label, member = decode_tar_member(
-            sample, source, _MEMBER_IMAGE_EXTENSIONS, "image", self._decode
-        )
-        return TarImage(sample.key, image, label, member)
+        return decode_tar_items(source, _MEMBER_IMAGE_EXTENSIONS, "image", self._decode, TarImage,
+                                max_member_bytes=TAR_MEMBER_MAX_BYTES, logger=log)  # fmt: skip
 
     # ---- tokenize -------------------------------------------------------------------------------
     def _check_raw(self, raw: Any, source: str) -> np.ndarray:
