@@ -392,11 +392,7 @@ def _records(tokenizer: Tokenizer, item: Input, spec: tables.TableSpec) -> Itera
     count = 0
     try:
         stream = tokenizer.iter_records(item.source)
-        while True:
-            try:
-                r = next(stream)
-            except StopIteration:
-                break
+        for r in stream:
             if item.label is not None:
                 r = dataclasses.replace(r, label=item.label)
             try:
@@ -1014,8 +1010,9 @@ def preprocess(
     ``retry_errors`` (implies ``append``): the inputs the finished table holds as error rows are
     tokenized again too (files fixed since, a decoder upgraded); its written rows stay.
     ``input_timeout``: seconds one input may go without giving a record in a Ray worker before the
-    worker is ended and the input becomes an error row (:class:`InputWatchdog`; None or 0: no limit). In Ray workers an
-    input that kills its worker twice becomes an error row too (:class:`ShardAttempts`). Raises
+    worker is ended and the input becomes an error row (:class:`InputWatchdog`; None or 0: no
+    limit). In Ray workers an input that kills its worker twice becomes an error row too
+    (:class:`ShardAttempts`). Raises
     TableConflictError (another config/input set in ``out_dir`` and not ``overwrite``), OutDirError
     (``out_dir`` is a file or cannot be made),
     PreprocessError (error rate above ``max_error_rate``, WriteError, WorkerDeathsError; committed
