@@ -65,6 +65,16 @@ class Progress:
         elif self._lines and self._clock() - self._last >= self._interval:
             self._line()
 
+    def moveto(self, n: int) -> None:
+        """Set the count to ``n`` (it may go back: work counted while in flight was redone)."""
+        if n >= self.n:
+            self.update(n - self.n)
+            return
+        self.n = n
+        if self._bar is not None:
+            self._bar.n = n
+            self._bar.refresh()
+
     def set_postfix(self, **kw: Any) -> None:
         self.postfix = kw
         if self._bar is not None:

@@ -702,6 +702,11 @@ class ShardWriter:
     def _pack(self, records: list[Record], scratch: dict[str, np.ndarray] | None) -> pa.Table:
         return to_storage(records_to_arrow(records, self.spec, self.meta, validate=False, scratch=scratch))
 
+    @property
+    def records(self) -> int:
+        """Records added and kept so far: written, packed or pending (a rollback takes its own off)."""
+        return self.rows + self._packed_rows + len(self._pending)
+
     def mark(self) -> tuple[int, int, int]:
         """Where the records added so far end, for :meth:`rollback`."""
         return (self.rows, self._packed_rows + len(self._pending), self._pending_bytes)

@@ -41,3 +41,30 @@ def test_disabled_writes_nothing_and_a_terminal_gets_tqdms_bar():
     with Progress(4, desc="train", unit="step", stream=tty) as p:
         p.update(4)
     assert "\r" in tty.getvalue() and "train: 100%" in tty.getvalue() and "4/4" in tty.getvalue()
+
+
+def test_moveto_sets_the_count_forward_and_back():
+    """moveto: forward counts as an update (a line when due); back (a shard in flight redone) sets it."""
+    out, clock = io.StringIO(), Clock()
+    with Progress(10, desc="preprocess", unit="input", stream=out, interval=0, clock=clock) as p:
+        clock.t += 1
+        p.moveto(4)
+        p.moveto(3)
+        assert p.n == 3
+        clock.t += 1
+        p.moveto(6)
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    with Progress(10, desc="x", unit="input", stream=tty) as p:
+        p.moveto(5)
+        p.moveto(2)
+        assert p._bar.n == 2
+    assert out.getvalue().splitlines() == [
+        "preprocess: 4/10 inputs (40%), 4 inputs/s",
+        "preprocess: 6/10 inputs (60%), 3 inputs/s",
+        "preprocess: 6/10 inputs (60%), 3 inputs/s",  # on close
+    ]

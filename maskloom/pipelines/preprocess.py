@@ -17,7 +17,9 @@ The job reads top to bottom (the Ray Data pattern: items -> ``map_batches(Actor)
                tokenizes every input (a bad input becomes an error row, never a dead job), writes
                the shard a row group at a time under a temporary name and renames it atomically
                to its deterministic name, then writes a commit record
-               ``_commits/<shard_id>.json`` (atomically, after the shard). With ``num_workers=0``
+               ``_commits/<shard_id>.json`` (atomically, after the shard); a shard that runs
+               for more than a second reports how far it got (``ShardProgress``) for the driver's
+               bar, which counts inputs. With ``num_workers=0``
                the driver runs the same ``tokenize_shard`` over the shards itself, without Ray
                (small jobs, which Ray's start-up of seconds would dominate; debugging a tokenizer).
 4. **commit**  the driver checks the accounting (inputs = distinct sources written + error rows),
@@ -55,7 +57,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -597,6 +599,66 @@ class ShardAttempts:
                 os.unlink(p)
 
 
+PROGRESS = "_progress"
+"""Folder under ``_commits`` where a long shard tells the driver how far it got (:class:`ShardProgress`)."""
+PROGRESS_INTERVAL_S = 1.0
+"""Seconds between two progress reports of a shard (none for a shard that takes less)."""
+
+
+class ShardProgress:
+    """How far a shard being tokenized got, for the driver's progress bar while it runs.
+
+    A shard is the unit of commit, and the driver learns of one when it is done: a shard of a text
+    corpus or of long videos can take minutes, through which a bar counting shards stands still.
+    So the worker writes ``_commits/_progress/<shard_id>.json`` ({"run", "inputs": inputs done in
+    the shard, "records": records kept}) at most every ``interval`` seconds, the first after
+    ``interval`` (a shard of short inputs, ~0.5 s by default, writes none), and removes it once
+    the shard is committed; the driver reads them (:class:`_LiveProgress`). It lives beside the
+    shards, which the driver reads too, so it works on a cluster as on a laptop. Best effort: a
+    failed write is ignored (the shard's own writes report a full disk)."""
+
+    def __init__(
+        self, out_dir: str, shard: ShardSpec, run: str, *, interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.path = os.path.join(out_dir, COMMITS, PROGRESS, shard.shard_id + ".json")
+        self.run, self.clock = run, clock
+        self.interval = PROGRESS_INTERVAL_S if interval is None else interval
+        self.due = clock() + self.interval
+        self.written = False
+
+    def report(self, inputs: int, records: int) -> None:
+        """``inputs`` of the shard are done and ``records`` kept: written to the file when one is due."""
+        now = self.clock()
+        if now < self.due:
+            return
+        self.due = now + self.interval
+        try:
+            tables.atomic_write_bytes(self.path, json.dumps({"run": self.run, "inputs": inputs,
+                                                             "records": records}).encode(), durable=False)  # fmt: skip
+            self.written = True
+        except OSError:
+            pass
+
+    def done(self) -> None:
+        if self.written:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+def read_progress(out_dir: str, run: str) -> dict[str, tuple[int, int]]:
+    """{shard id: (inputs done, records kept)} of the shards of job ``run`` that reported progress
+    (:class:`ShardProgress`) and have not removed it yet."""
+    folder = os.path.join(out_dir, COMMITS, PROGRESS)
+    out = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.endswith(".json") and not name.startswith("."):
+            rec = _read_json(os.path.join(folder, name))
+            if rec is not None and rec.get("run") == run:
+                out[name[:-5]] = (int(rec["inputs"]), int(rec["records"]))
+    return out
+
+
 def tokenize_shard(
     tokenizer: Tokenizer,
     shard: ShardSpec,
@@ -604,11 +666,13 @@ def tokenize_shard(
     meta: dict[str, Any],
     watchdog: InputWatchdog | None = None,
     run: str | None = None,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize every input of ``shard``, write the shard file atomically, then its commit record.
 
     ``run`` (a job's id, in Ray workers): keep :class:`ShardAttempts` so that an input that kills
-    its worker again and again becomes an error row.
+    its worker again and again becomes an error row. ``progress`` (a job's id): report how far the
+    shard got while it runs (:class:`ShardProgress`).
 
     Returns the commit record: {shard_id, index, fingerprint, shard ({name, rows, bytes, sha256,
     inputs}) or None when every input failed, sources (inputs written), errors ([source, kind,
@@ -635,10 +699,11 @@ def tokenize_shard(
         elif index in crashed:
             skip[index] = ("crashed", f"the process decoding it died {crashed[index]} times (a crash in the "
                            "decoder, or more memory than it had); the job went on without it")  # fmt: skip
+    live = ShardProgress(out_dir, shard, progress) if progress else None
     try:
         while True:
             try:
-                out = _write_shard(tokenizer, shard, out_dir, spec, meta, skip, watchdog, attempts)
+                out = _write_shard(tokenizer, shard, out_dir, spec, meta, skip, watchdog, attempts, live)
                 break
             except _RedoShard as r:  # rare: its records are in the file already; write it again without them
                 skip[r.index] = (r.kind, r.reason)
@@ -674,6 +739,8 @@ def tokenize_shard(
     finally:
         if attempts is not None:
             attempts.done()
+        if live is not None:
+            live.done()
     return commit
 
 
@@ -699,6 +766,7 @@ def _write_shard(
     skip: dict[int, tuple[str, str]],
     watchdog: InputWatchdog | None,
     attempts: ShardAttempts | None,
+    live: ShardProgress | None = None,
 ) -> tuple[dict[str, Any] | None, list[str], list[list[str]], int, int, float]:
     """One pass of :func:`tokenize_shard` over the shard's inputs: (file info or None, sources written,
     error rows, tokens, input bytes, write seconds). Records stream into the file a row group at a
@@ -730,6 +798,8 @@ def _write_shard(
                         if len(batch) >= STREAM_BATCH:
                             writer.add(batch)  # an OSError here is the disk's, not the input's
                             batch = []
+                            if live is not None:
+                                live.report(index, writer.records)
                     writer.add(batch)
                 finally:
                     if watchdog is not None:
@@ -742,6 +812,8 @@ def _write_shard(
                 continue
             written.append(item.source)
             tokens += n_tokens
+            if live is not None:
+                live.report(index + 1, writer.records)
         if attempts is not None:
             attempts.at(-1)
         info = writer.close()
@@ -796,6 +868,7 @@ class TokenizeShardActor:
         threads: int = 1,
         input_timeout: float | None = None,
         run: str | None = None,
+        progress: str | None = None,
     ) -> None:
         limit_threads(threads)  # env vars first: OpenMP reads them when torch is first imported
         self.tokenizer = build_tokenizer(modality, config, imports, artifacts_dir)
@@ -804,6 +877,7 @@ class TokenizeShardActor:
         self.meta = meta
         self.watchdog = InputWatchdog(input_timeout) if input_timeout else None
         self.run = run
+        self.progress = progress
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         commits = []
@@ -818,6 +892,7 @@ class TokenizeShardActor:
                             self.meta,
                             self.watchdog,
                             self.run,
+                            self.progress,
                         )
                     )
                 )
@@ -1169,33 +1244,35 @@ def preprocess(
     # ---- map: Ray Data actor pool over the missing shards (or this process) ---------------------
     tally = _Tally(t0, sum(len(c["errors"]) for c in done.values()))
     limit = None if max_error_rate is None else max_error_rate * len(items)
+    run = uuid.uuid4().hex
+    live_id = run if progress else None  # shards report how far they got only when a bar shows it
     if todo:
         if num_workers == 0:  # here, without Ray: the same shards, records and table
             log.info("tokenizing %d shards of %d inputs in this process", len(todo), shard_size)
             commits: Generator[dict[str, Any], None, None] = (
-                tokenize_shard(tokenizer, sh, out_dir, meta, run=IN_PROCESS_RUN) for sh in todo
+                tokenize_shard(tokenizer, sh, out_dir, meta, run=IN_PROCESS_RUN, progress=live_id)
+                for sh in todo
             )
         else:
             actor = {"modality": modality, "config": tokenizer.config_dict(), "imports": list(imports),
                      "artifacts_dir": artifacts_dir if os.path.isdir(artifacts_dir) else None,
                      "out_dir": out_dir, "meta": meta, "input_timeout": input_timeout,
-                     "run": uuid.uuid4().hex}  # fmt: skip
+                     "run": run, "progress": live_id}  # fmt: skip
             commits = _commits_on_ray(
                 todo, actor, tally, address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                 gpus_per_worker=gpus_per_worker, object_store_memory=object_store_memory,
             )  # fmt: skip
         try:
-            with Progress(len(plan), initial=skipped, unit="shard", desc="preprocess", enabled=progress) as bar, \
+            resumed = len(items) - sum(len(sh.inputs) for sh in todo)
+            with Progress(len(items), initial=resumed, unit="input", desc="preprocess", enabled=progress) as bar, \
+                    _LiveProgress(bar, out_dir, live_id, tally, done) as live, \
                     contextlib.closing(commits), _sigterm_as_exit(num_workers == 0):  # fmt: skip
                 for c in commits:
                     if "write_error" in c:  # from a worker: the disk, not an input; every shard would fail
                         raise WriteError(c["write_error"])
                     if "worker_deaths" in c:
                         raise WorkerDeathsError(f"{c['worker_deaths']}; {len(done)} committed shards kept")
-                    done[c["shard_id"]] = c
-                    tally.add(c)
-                    bar.set_postfix(errors=tally.errors)
-                    bar.update(1)
+                    live.commit(c)
                     if limit is not None and tally.errors > limit:
                         break  # the rate can only grow: stop early, keep what is committed
         except WriteError as e:
@@ -1385,6 +1462,63 @@ def _last_error(text: str) -> str:
         if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", ln):
             return ln
     return lines[-1] if lines else text
+
+
+PROGRESS_POLL_S = 1.0
+"""Seconds between two reads of the shards' progress reports by the driver."""
+
+
+class _LiveProgress:
+    """The driver's bar over inputs: those of committed shards, plus what the shards still running
+    report (:class:`ShardProgress`), read by a thread every ``poll`` seconds while the main thread
+    waits for the next commit record. Postfix: records kept and error rows."""
+
+    def __init__(
+        self, bar: Progress, out_dir: str, run: str | None, tally: _Tally, done: dict[str, dict[str, Any]],
+        *, poll: float | None = None,
+    ) -> None:  # fmt: skip
+        self.bar, self.out_dir, self.run = bar, out_dir, run
+        self.poll = PROGRESS_POLL_S if poll is None else poll
+        self.tally, self.done = tally, done
+        self.inputs = bar.n  # of committed shards
+        self.records = sum(c["shard"]["rows"] for c in done.values() if c["shard"])
+        self.flight: dict[str, tuple[int, int]] = {}  # shard id -> (inputs, records) of running shards
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _LiveProgress:
+        if self.run is not None:
+            self._thread = threading.Thread(target=self._watch, name="maskloom-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def commit(self, c: dict[str, Any]) -> None:
+        """Shard ``c`` (its commit record) is done: count it whole instead of what it reported."""
+        with self._lock:
+            self.done[c["shard_id"]] = c
+            self.tally.add(c)
+            self.flight.pop(c["shard_id"], None)
+            self.inputs += len(c["sources"]) + len(c["errors"])
+            self.records += c["shard"]["rows"] if c["shard"] else 0
+            self._show()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            reports = read_progress(self.out_dir, self.run)  # type: ignore[arg-type]
+            with self._lock:
+                self.flight = {k: v for k, v in reports.items() if k not in self.done}
+                self._show()
+
+    def _show(self) -> None:
+        running = self.flight.values()
+        self.bar.set_postfix(records=self.records + sum(r for _, r in running), errors=self.tally.errors)
+        self.bar.moveto(self.inputs + sum(i for i, _ in running))
 
 
 class _Tally:

@@ -291,6 +291,56 @@ def test_tokenize_shard_writes_shard_then_commit_with_error_rows(tmp_path):
     )
 
 
+def test_a_long_shard_reports_its_progress_at_most_every_interval(tmp_path):
+    """ShardProgress writes _commits/_progress/<shard id>.json only once an interval has passed (a
+    short shard writes none), then at most once per interval; read_progress keeps the job's own
+    reports; done() removes the file."""
+    (shard,) = plan_shards([Input(f"/d/{c}.txt") for c in "abc"], "k", 10)
+    clock = [0.0]
+    live = pp.ShardProgress(str(tmp_path), shard, "job1", interval=1.0, clock=lambda: clock[0])
+    folder = tmp_path / COMMITS / pp.PROGRESS
+    live.report(1, 10)
+    assert not folder.exists()  # not due yet
+    clock[0] = 1.0
+    live.report(2, 20)
+    clock[0] = 1.5
+    live.report(3, 30)  # due again at 2.0: not written
+    assert json.loads((folder / f"{shard.shard_id}.json").read_text()) == {
+        "run": "job1",
+        "inputs": 2,
+        "records": 20,
+    }
+    other = pp.ShardProgress(str(tmp_path), plan_shards([Input("/d/z.txt")], "k", 1)[0], "job0", interval=0.0)
+    other.report(1, 5)  # an earlier job's report, left behind
+    assert pp.read_progress(str(tmp_path), "job1") == {shard.shard_id: (2, 20)}
+    live.done()
+    assert pp.read_progress(str(tmp_path), "job1") == {}
+
+
+def test_the_bar_counts_inputs_inside_a_running_shard(tmp_path, monkeypatch, capsys):
+    """One shard of 6 slow inputs: the driver's bar (a log line per update here) moves through the
+    shard as it reports, not from 0 to 6 at its commit; the progress files go with the job."""
+    import functools
+
+    from maskloom._progress import Progress
+
+    make_data(tmp_path / "in", n_a=6, n_b=0, bad=())
+    monkeypatch.setattr(pp, "Progress", functools.partial(Progress, interval=0.0))
+    monkeypatch.setattr(pp, "PROGRESS_INTERVAL_S", 0.05)
+    monkeypatch.setattr(pp, "PROGRESS_POLL_S", 0.05)
+    r = preprocess(
+        str(tmp_path / "in"), TOK, {"delay": 0.2}, str(tmp_path / "out"), num_workers=0, shard_size=6
+    )
+    assert r.rows == 6 and r.shards == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("preprocess: ")]
+    counts = [int(re.match(r"preprocess: (\d+)/6 inputs", ln).group(1)) for ln in lines]
+    assert counts == sorted(counts) and counts[-1] == 6 and len(set(counts) - {0, 6}) >= 3, lines
+    assert lines[-1].startswith("preprocess: 6/6 inputs (100%)") and lines[-1].endswith("records=6, errors=0")
+    k = counts.index(next(c for c in counts if 0 < c < 6))
+    assert f"records={counts[k]}," in lines[k]  # one record per input, counted as the shard writes it
+    assert not (tmp_path / "out" / COMMITS).exists()
+
+
 def test_resources_defaults_and_validation():
     r = resources(max_workers=1)
     assert r.num_workers == 1 and r.cpus_per_worker == 1.0 and r.gpus_per_worker == 0.0 and r.batch_size == 1
