@@ -1517,7 +1517,9 @@ class _LiveProgress:
 
     def _show(self) -> None:
         running = self.flight.values()
-        self.bar.set_postfix(records=self.records + sum(r for _, r in running), errors=self.tally.errors)
+        self.bar.set_postfix(
+            records=f"{self.records + sum(r for _, r in running):,}", errors=f"{self.tally.errors:,}"
+        )
         self.bar.moveto(self.inputs + sum(i for i, _ in running))
 
 
