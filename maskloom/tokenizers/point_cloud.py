@@ -19,8 +19,10 @@ Inputs:
 
 Extra channels: ``Config.extra_channels`` (int, default 0 = xyz only as Point-MAE) keeps that many
 channels after x, y, z; further channels are dropped and a file with fewer is a ``config`` error.
-A PLY point cloud's channels after x, y, z are its colours (red, green, blue) or, without colours,
-its intensity (a vertex property named as in :data:`INTENSITY_NAMES`), as LiDAR scans store it.
+A PLY point cloud's channels after x, y, z are its colours (red, green, blue), then its intensity
+(a vertex property named as in :data:`INTENSITY_NAMES`, as LiDAR scans store it): r, g, b,
+intensity for a coloured scan with intensity (``extra_channels=4`` keeps all four, 3 the colours),
+intensity alone for an uncoloured one.
 A fixed count (rather than "keep whatever the file has") is what lets ``spec()`` state the token
 width before any file is read. Extra channels are carried through unnormalised.
 
@@ -244,14 +246,13 @@ class PointCloudTokenizer(Tokenizer):
                     colors = getattr(getattr(g, "visual", None), "vertex_colors", None)
                 if colors is not None and len(colors) == len(v) and self._has_colours(g):
                     v = np.concatenate([v, np.asarray(colors, np.float64)[:, :3]], axis=1)
-                else:  # a LiDAR PLY: its intensity is the extra channel
-                    raw = _ply_vertex(g).get("data", {})
-                    names = (
-                        (raw.dtype.names or ()) if hasattr(raw, "dtype") else raw
-                    )  # binary: a record array
-                    key = next((k for k in INTENSITY_NAMES if k in names), None)
-                    if key is not None and len(raw[key]) == len(v):
-                        v = np.concatenate([v, np.asarray(raw[key], np.float64).reshape(-1, 1)], axis=1)
+                # a LiDAR PLY's intensity: the extra channel after x, y, z, or after r, g, b (a
+                # coloured scan that also stores it, as terrestrial scanners' exports do)
+                raw = _ply_vertex(g).get("data", {})
+                names = (raw.dtype.names or ()) if hasattr(raw, "dtype") else raw  # binary: a record array
+                key = next((k for k in INTENSITY_NAMES if k in names), None)
+                if key is not None and len(raw[key]) == len(v):
+                    v = np.concatenate([v, np.asarray(raw[key], np.float64).reshape(-1, 1)], axis=1)
                 parts.append(v)
         if not parts:
             if source.lower().endswith(".stl"):

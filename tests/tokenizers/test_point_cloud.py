@@ -493,3 +493,36 @@ def test_a_lidar_ply_gives_its_intensity_as_the_extra_channel(tmp_path):
         )
         == 1
     )
+
+
+def test_a_coloured_ply_with_intensity_gives_colours_then_intensity(tmp_path):
+    """r, g, b, intensity: extra_channels=4 keeps all four (was a config error: "the input has 6"),
+    3 the colours, as before."""
+    rng = np.random.default_rng(2)
+    xyz = rng.normal(size=(64, 3)).astype(np.float32)
+    rgb = rng.integers(0, 256, (64, 3)).astype(np.uint8)
+    inten = (np.arange(64) / 64).astype(np.float32)
+    rows = np.zeros(64, [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"),
+                         ("blue", "u1"), ("intensity", "<f4")])  # fmt: skip
+    for k, name in enumerate("xyz"):
+        rows[name] = xyz[:, k]
+    for k, name in enumerate(("red", "green", "blue")):
+        rows[name] = rgb[:, k]
+    rows["intensity"] = inten
+    head = (
+        "ply\nformat binary_little_endian 1.0\nelement vertex 64\nproperty float x\nproperty float y\n"
+        "property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\n"
+        "property float intensity\nend_header\n"
+    )
+    (tmp_path / "scan.ply").write_bytes(head.encode() + rows.tobytes())
+    small = {"num_points": 64, "num_groups": 8, "group_size": 8}
+    raw = PointCloudTokenizer({**small, "extra_channels": 4}).read(str(tmp_path / "scan.ply"))
+    assert raw.shape == (64, 7)
+    np.testing.assert_array_equal(raw[:, :3], xyz)
+    np.testing.assert_array_equal(raw[:, 3:6], rgb.astype(np.float32))
+    np.testing.assert_array_equal(raw[:, 6], inten)
+    (rec4,) = PointCloudTokenizer({**small, "extra_channels": 4})(str(tmp_path / "scan.ply"))
+    (rec3,) = PointCloudTokenizer({**small, "extra_channels": 3})(str(tmp_path / "scan.ply"))
+    t4, t3 = rec4.tokens.reshape(8, 8, 7), rec3.tokens.reshape(8, 8, 6)
+    np.testing.assert_array_equal(t4[..., :6], t3)  # the same groups; the intensity after the colours
+    assert set(np.round(t4[..., 6].ravel(), 6)) <= set(np.round(inten, 6))
