@@ -74,6 +74,7 @@ Decisions (documented here once):
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -91,12 +92,16 @@ from maskloom.tokenizers.base import (
     TAR_EXTENSIONS,
     Record,
     TableSpec,
+    TarItems,
     TokenizeError,
     Tokenizer,
     decode_tar_items,
     ffmpeg_reason,
     is_tar_path,
+    iter_tar_records,
+    read_tar,
     register_tokenizer,
+    tokenize_tar,
     utf8_path,
 )
 
@@ -636,7 +641,7 @@ class TarAudio(NamedTuple):
     """The audio member's name in the tar."""
 
 
-class TarAudios(list):
+class TarAudios(TarItems):
     """What :meth:`AudioTokenizer.read` returns for a tar shard: the :class:`TarAudio` of each usable
     sample, in archive order (every clip decoded and held: the pipeline streams instead)."""
 
@@ -681,7 +686,9 @@ class AudioTokenizer(Tokenizer):
         3.4 GB of memory to decode whole, for the 10 s that are tokenized; now 16 ms, the same tokens.
         A tar shard: the :class:`TarAudios` of its usable samples."""
         if is_tar_path(source):
-            return TarAudios(self._tar_audios(os.fspath(source)))
+            return read_tar(
+                TarAudios, os.fspath(source), _MEMBER_AUDIO_EXTENSIONS, "audio", self._decode, TarAudio
+            )
         self.check_file(source)
         return self._decode(source, source, os.path.splitext(source)[1].lower())
 
@@ -766,13 +773,14 @@ class AudioTokenizer(Tokenizer):
 
     def iter_records(self, source: str) -> Iterator[Record]:
         """The records of :meth:`__call__`; a tar shard's one sample at a time, as it is read."""
-        if is_tar_path(source):
-            return self._iter_tar_records(os.fspath(source))
+        if is_tar_path(source):  # the shared tar policy (base.iter_tar_items): a bad sample is skipped
+            source = os.fspath(source)
+            return iter_tar_records(source, _MEMBER_AUDIO_EXTENSIONS, "audio", self._decode, TarAudio,
+                                    functools.partial(self._sample_records, source), logger=log)  # fmt: skip
         return iter(self(source))
 
-    def _iter_tar_records(self, source: str) -> Iterator[Record]:
-        for s in self._tar_audios(source):
-            yield from self._records(s.audio, source, f"{source}#{s.key}", s.label, s.member)
+    def _sample_records(self, source: str, s: TarAudio) -> list[Record]:
+        return self._records(s.audio, source, f"{source}#{s.key}", s.label, s.member)
 
     # ---- tokenize -------------------------------------------------------------------------------
     def tokenize(self, raw: Audio | TarAudios, *, source: str = "") -> list[Record]:
@@ -783,11 +791,7 @@ class AudioTokenizer(Tokenizer):
         L = (target_frames / patch_size) * (num_mel_bins / patch_size), time-major.
         """
         if isinstance(raw, TarAudios):
-            if not raw:
-                raise TokenizeError(source or "<tar>", "empty", "no samples")
-            return [
-                r for s in raw for r in self._records(s.audio, source, f"{source}#{s.key}", s.label, s.member)
-            ]
+            return tokenize_tar(source, raw, functools.partial(self._sample_records, source), logger=log)
         return self._records(raw, source, None)
 
     def _records(

@@ -504,12 +504,64 @@ def iter_tar_samples(source: str, *, max_member_bytes: int | None = None) -> Ite
 _Item = TypeVar("_Item")
 
 
+class TarSkips:
+    """The samples of one tar shard found unusable so far, and where the usable ones are: the
+    counts behind :func:`iter_tar_items`' policy, kept across its stages (decoding a sample, then
+    tokenizing it) so that one tar gives the same records, warning and error whichever way it is
+    read: streamed (:func:`iter_tar_records`) or read whole then tokenized (:func:`read_tar`,
+    :func:`tokenize_tar`)."""
+
+    def __init__(self) -> None:
+        self.good = self.bad = 0
+        self.first: list[tuple[int, str, str, str]] = []
+        """(index in the tar, key, kind, reason) of the first three unusable samples, in tar order."""
+        self.indices: list[int] = []
+        """Index in the tar of each sample found usable, in order."""
+
+    def usable(self, index: int) -> None:
+        self.good += 1
+        self.indices.append(index)
+
+    def skip(self, index: int, key: str, e: TokenizeError) -> None:
+        self.bad += 1
+        self.first.append((index, key, e.kind, e.reason))
+        self.first.sort()
+        del self.first[3:]
+
+    def demote(self, position: int, key: str, e: TokenizeError) -> None:
+        """The ``position``-th usable sample turned out unusable (it did not tokenize)."""
+        self.good -= 1
+        self.skip(self.indices[position], key, e)
+
+    def check(self, source: str) -> None:
+        """TokenizeError when the tar held no sample (``empty``), or when its unusable samples are at
+        least as many as the usable ones: the tar, not a few samples, is at fault (the first one's
+        kind, its reason ending "(N of M samples are unusable)")."""
+        if not self.good + self.bad:
+            raise TokenizeError(source, "empty", "the tar archive holds no samples")
+        if self.bad and self.bad >= self.good:
+            _, key, kind, reason = self.first[0]
+            total = self.good + self.bad
+            raise TokenizeError(
+                source, kind, f"sample {key}: {reason} ({self.bad} of {total} samples are unusable)"
+            )
+
+    def finish(self, source: str, logger: logging.Logger | None = None) -> None:
+        """:meth:`check`, then one warning counting the samples skipped and naming the first three."""
+        self.check(source)
+        if self.bad:
+            (logger or log).warning("%s: skipped %d of %d samples: %s%s", source, self.bad, self.good + self.bad,
+                                    "; ".join(f"{k} ({kd}: {r})" for _, k, kd, r in self.first),
+                                    f"; ... ({self.bad - 3} more)" if self.bad > 3 else "")  # fmt: skip
+
+
 def iter_tar_items(
     source: str,
     make: Callable[[TarSample], _Item],
     *,
     max_member_bytes: int | None = None,
     logger: logging.Logger | None = None,
+    skips: TarSkips | None = None,
 ) -> Iterator[_Item]:
     """``make(sample)`` of each usable sample of tar shard ``source`` (:func:`iter_tar_samples`), as
     they are read: the policy every modality that reads WebDataset shards shares.
@@ -517,16 +569,18 @@ def iter_tar_items(
     A sample is not usable when its key was seen before in the tar (``invalid``: ids are made of keys
     and must be unique), when a member is larger than ``max_member_bytes`` (default
     :data:`TAR_MEMBER_MAX_BYTES`; ``invalid``, not read), or when ``make`` raises TokenizeError (its
-    kind and reason: no member of the modality, a member that does not decode, a bad ``cls``). Such a
-    sample is skipped, and one warning on ``logger`` (default base's) at the end of the tar counts them
-    and names the first three. When they are at least as many as the usable ones, the tar is the error:
-    the first one's kind, its reason ending "(N of M samples are unusable)", raised at the end. A tar
-    with no sample is ``empty``; the errors of :func:`iter_tar_samples` pass through."""
+    kind and reason: no member of the modality, a member that does not decode, a bad ``cls``, a
+    cloud too small to tokenize). Such a sample is skipped, and one warning on ``logger`` (default
+    base's) at the end of the tar counts them and names the first three. When they are at least as
+    many as the usable ones, the tar is the error: the first one's kind, its reason ending "(N of M
+    samples are unusable)", raised at the end (:meth:`TarSkips.finish`). A tar with no sample is
+    ``empty``; the errors of :func:`iter_tar_samples` pass through. With ``skips`` the counts go there
+    and the caller finishes them (nothing is warned or raised at the end here)."""
     limit = TAR_MEMBER_MAX_BYTES if max_member_bytes is None else int(max_member_bytes)
-    good = bad = 0
-    first_bad: list[tuple[str, str, str]] = []  # (key, kind, reason) of the first samples skipped
+    own = skips is None
+    skips = TarSkips() if skips is None else skips
     seen: set[str] = set()
-    for sample in iter_tar_samples(source, max_member_bytes=limit):
+    for index, sample in enumerate(iter_tar_samples(source, max_member_bytes=limit)):
         try:
             if sample.key in seen:
                 raise TokenizeError(source, "invalid", "its key was seen before in the tar (a member name stored "
@@ -538,23 +592,12 @@ def iter_tar_items(
                                     f"than the {limit:,} a tar member may have: not read")  # fmt: skip
             item = make(sample)
         except TokenizeError as e:
-            bad += 1
-            if len(first_bad) < 3:
-                first_bad.append((sample.key, e.kind, e.reason))
+            skips.skip(index, sample.key, e)
             continue
-        good += 1
+        skips.usable(index)
         yield item
-    if not good + bad:
-        raise TokenizeError(source, "empty", "the tar archive holds no samples")
-    if bad:
-        key, kind, reason = first_bad[0]
-        if bad >= good:  # mostly unusable: the tar, not a few samples, is at fault
-            raise TokenizeError(
-                source, kind, f"sample {key}: {reason} ({bad} of {good + bad} samples are unusable)"
-            )
-        (logger or log).warning("%s: skipped %d of %d samples: %s%s", source, bad, good + bad,
-                                "; ".join(f"{k} ({kd}: {r})" for k, kd, r in first_bad),
-                                f"; ... ({bad - 3} more)" if bad > 3 else "")  # fmt: skip
+    if own:
+        skips.finish(source, logger)
 
 
 def tar_member(sample: TarSample, extensions: Iterable[str]) -> str | None:
@@ -587,12 +630,14 @@ def decode_tar_items(
     *,
     max_member_bytes: int | None = None,
     logger: logging.Logger | None = None,
+    skips: TarSkips | None = None,
 ) -> Iterator[_Item]:
     """The usable samples of tar shard ``source`` under :func:`iter_tar_items`' policy, each
     ``make(key, decoded, label, member name)``: its member of the first of ``extensions`` it has
     (:func:`tar_member`), ``decode(file, name, ext)`` from memory (``io.BytesIO``; ``name`` is
     ``<tar>#<member>``, ``ext`` with its dot), its ``cls`` label (:func:`tar_label`, checked before
-    decoding). A sample without such a member is TokenizeError(unsupported) "no ``what`` member"."""
+    decoding). A sample without such a member is TokenizeError(unsupported) "no ``what`` member".
+    ``skips``: as :func:`iter_tar_items`'."""
 
     def item(sample: TarSample) -> _Item:
         ext = tar_member(sample, extensions)
@@ -606,7 +651,87 @@ def decode_tar_items(
             sample.key, decode(io.BytesIO(sample.members[ext]), f"{source}#{name}", "." + ext), label, name
         )
 
-    return iter_tar_items(source, item, max_member_bytes=max_member_bytes, logger=logger)
+    return iter_tar_items(source, item, max_member_bytes=max_member_bytes, logger=logger, skips=skips)
+
+
+class TarItems(list):
+    """A tar shard's usable samples, decoded, as a tokenizer's ``read`` returns them (each modality
+    subclasses it: ``TarImages``, ``TarAudios``, ...), with the samples skipped while reading them
+    (``skips``), which tokenizing the list counts on (:func:`tokenize_tar`)."""
+
+    skips: TarSkips | None = None
+
+
+_Items = TypeVar("_Items", bound=TarItems)
+
+
+def read_tar(
+    kind: type[_Items],
+    source: str,
+    extensions: Iterable[str],
+    what: str,
+    decode: Callable[[Any, str, str], Any],
+    make: Callable[[str, Any, int | None, str], Any],
+    *,
+    max_member_bytes: int | None = None,
+) -> _Items:
+    """``kind`` (a :class:`TarItems` class) of the usable samples of tar shard ``source``, decoded as
+    :func:`decode_tar_items` does. Raises as :meth:`TarSkips.check` when the tar is empty or mostly
+    undecodable; otherwise warns of nothing yet: :func:`tokenize_tar` does, once it knows which
+    samples tokenize too."""
+    skips = TarSkips()
+    items = kind(decode_tar_items(source, extensions, what, decode, make, max_member_bytes=max_member_bytes,
+                                  skips=skips))  # fmt: skip
+    skips.check(source)
+    items.skips = skips
+    return items
+
+
+def tokenize_tar(
+    source: str, items: TarItems, records: Callable[[Any], list[Any]], logger: logging.Logger | None = None
+) -> list[Any]:
+    """The records of a tar shard read whole (:func:`read_tar`): ``records(item)`` of each sample
+    (each has a ``key``); a sample whose records raise TokenizeError is skipped under the tar's policy,
+    counted with the samples skipped while reading (:meth:`TarSkips.finish`: one warning, or the tar's
+    error when most are unusable), exactly as :func:`iter_tar_records` streams the same tar."""
+    base = items.skips
+    skips = TarSkips()
+    if base is None:  # a list made by hand: every item usable, in order
+        skips.good, skips.indices = len(items), list(range(len(items)))
+    else:
+        skips.good, skips.bad, skips.first, skips.indices = (
+            base.good,
+            base.bad,
+            list(base.first),
+            list(base.indices),
+        )
+    out: list[Any] = []
+    for position, item in enumerate(items):
+        try:
+            out.extend(records(item))
+        except TokenizeError as e:
+            skips.demote(position, item.key, e)
+    skips.finish(source, logger)
+    return out
+
+
+def iter_tar_records(
+    source: str,
+    extensions: Iterable[str],
+    what: str,
+    decode: Callable[[Any, str, str], Any],
+    make: Callable[[str, Any, int | None, str], Any],
+    records: Callable[[Any], list[Any]],
+    *,
+    max_member_bytes: int | None = None,
+    logger: logging.Logger | None = None,
+) -> Iterator[Any]:
+    """The records of tar shard ``source`` as it is read, one sample at a time: ``records(make(...))``
+    of each usable sample (:func:`decode_tar_items`); a sample that does not decode *or* does not
+    tokenize is skipped under the tar's policy (:func:`iter_tar_items`)."""
+    for recs in decode_tar_items(source, extensions, what, decode, lambda *a: records(make(*a)),
+                                 max_member_bytes=max_member_bytes, logger=logger):  # fmt: skip
+        yield from recs
 
 
 def tar_label(sample: TarSample) -> int | None:

@@ -105,11 +105,14 @@ from maskloom.tokenizers.base import (
     TAR_MEMBER_MAX_BYTES,
     Record,
     TableSpec,
+    TarItems,
     TokenizeError,
     Tokenizer,
-    decode_tar_items,
     is_tar_path,
+    iter_tar_records,
+    read_tar,
     register_tokenizer,
+    tokenize_tar,
 )
 
 log = logging.getLogger(__name__)
@@ -393,7 +396,7 @@ class TarImage(NamedTuple):
     """The image member's name in the tar."""
 
 
-class TarImages(list):
+class TarImages(TarItems):
     """What :meth:`ImageTokenizer.read` returns for a tar shard: the :class:`TarImage` of each usable
     sample, in archive order (every image decoded and held: the pipeline streams instead)."""
 
@@ -430,7 +433,8 @@ class ImageTokenizer(Tokenizer):
         a tar shard to the :class:`TarImages` of its usable samples."""
         source = os.fspath(source)
         if is_tar_path(source):
-            return TarImages(self._tar_images(source))
+            return read_tar(TarImages, source, _MEMBER_IMAGE_EXTENSIONS, "image", self._decode, TarImage,
+                            max_member_bytes=TAR_MEMBER_MAX_BYTES)  # fmt: skip
         self.check_file(source)
         if os.path.isdir(source):
             raise TokenizeError(source, "unsupported", "is a directory, not an image file")
@@ -484,14 +488,6 @@ class ImageTokenizer(Tokenizer):
         except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated / damaged data
             raise TokenizeError(name, "corrupt", f"cannot decode image: {e}") from None
 
-    # ---- tar shards -----------------------------------------------------------------------------
-    def _tar_images(self, source: str) -> Iterator[TarImage]:
-        """The usable samples of tar shard ``source``, decoded, as they are read, under the shared
-        tar policy (:func:`~maskloom.tokenizers.base.iter_tar_items`: repeated keys, members over
-        TAR_MEMBER_MAX_BYTES, one warning, a mostly unusable tar is the error)."""
-        return decode_tar_items(source, _MEMBER_IMAGE_EXTENSIONS, "image", self._decode, TarImage,
-                                max_member_bytes=TAR_MEMBER_MAX_BYTES, logger=log)  # fmt: skip
-
     # ---- tokenize -------------------------------------------------------------------------------
     def _check_raw(self, raw: Any, source: str) -> np.ndarray:
         if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 3 or raw.shape[2] != 3:
@@ -512,21 +508,20 @@ class ImageTokenizer(Tokenizer):
         """(H, W, 3) uint8 -> one record: tokens (L, p*p*3) uint8, positions (L, 2) float32 (row, col).
         A tar shard's :class:`TarImages` -> one record per sample, id ``<source>#<key>``."""
         if isinstance(raw, TarImages):
-            if not raw:
-                raise TokenizeError(source or "<tar>", "empty", "no samples")
-            return [self._record(s.image, source, f"{source}#{s.key}", s.label, s.member) for s in raw]
+            return tokenize_tar(source, raw, functools.partial(self._sample_records, source), logger=log)
         return [self._record(raw, source, f"{source}#0")]
 
     def iter_records(self, source: str) -> Iterator[Record]:
         """The records of :meth:`__call__`; a tar shard's one sample at a time, as it is read."""
         source = os.fspath(source)
-        if is_tar_path(source):
-            return self._iter_tar_records(source)
+        if is_tar_path(source):  # the shared tar policy (base.iter_tar_items): a bad sample is skipped
+            return iter_tar_records(source, _MEMBER_IMAGE_EXTENSIONS, "image", self._decode, TarImage,
+                                    functools.partial(self._sample_records, source),
+                                    max_member_bytes=TAR_MEMBER_MAX_BYTES, logger=log)  # fmt: skip
         return iter(self(source))
 
-    def _iter_tar_records(self, source: str) -> Iterator[Record]:
-        for s in self._tar_images(source):
-            yield self._record(s.image, source, f"{source}#{s.key}", s.label, s.member)
+    def _sample_records(self, source: str, s: TarImage) -> list[Record]:
+        return [self._record(s.image, source, f"{source}#{s.key}", s.label, s.member)]
 
     def _record(
         self, raw: np.ndarray, source: str, rid: str, label: int | None = None, member: str | None = None

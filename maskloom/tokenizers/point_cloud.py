@@ -58,16 +58,31 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import IO, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from maskloom.geometry import farthest_point_sample, knn_group
-from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+from maskloom.tokenizers.base import (
+    TAR_EXTENSIONS,
+    Record,
+    TableSpec,
+    TarItems,
+    TokenizeError,
+    Tokenizer,
+    is_tar_path,
+    iter_tar_records,
+    read_tar,
+    register_tokenizer,
+    tokenize_tar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +91,34 @@ INTENSITY_NAMES = ("intensity", "scalar_intensity", "reflectance", "remission")
 """PLY vertex properties taken as a point's intensity (the extra channel of an uncoloured cloud)."""
 TEXT_EXTENSIONS = (".xyz", ".txt", ".pts")
 F32_MAX = float(np.finfo(np.float32).max)
+
+
+_MEMBER_FORMATS = (*MESH_EXTENSIONS, ".npy", ".npz", *TEXT_EXTENSIONS, ".bin")
+"""Extensions of the files (and tar members) read as clouds, in the order a tar sample's member is picked."""
+_TAR_MEMBERS = tuple(e[1:] for e in _MEMBER_FORMATS)
+
+
+def _file_bytes(file: str | IO[bytes]) -> bytes:
+    """All bytes of a path or of a (seekable) binary file object, from its start."""
+    if isinstance(file, str):
+        with open(file, "rb") as f:
+            return f.read()
+    file.seek(0)
+    return file.read()
+
+
+class _unclosed:
+    """``with _unclosed(f) as f``: the file object itself, left open (its owner closes it)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+
+    def __enter__(self) -> IO[bytes]:
+        self.f.seek(0)
+        return self.f
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def _ply_vertex(g: Any) -> dict[str, Any]:
@@ -93,6 +136,24 @@ def _beyond_float32(values: np.ndarray) -> str:
         f"values exceed float32's range (largest |value| {finite.max():.3g}, float32 max {F32_MAX:.3g}): "
         "no point is finite as float32"
     )
+
+
+class TarCloud(NamedTuple):
+    """One usable sample of a tar shard, decoded (an element of :class:`TarClouds`)."""
+
+    key: str
+    """The sample's key: its members' path up to the first dot of the base name."""
+    points: np.ndarray
+    """float32 (N, 3 + C_file), as :meth:`PointCloudTokenizer.read` decodes the same file."""
+    label: int | None
+    """The class index in the sample's ``cls`` member, or None."""
+    member: str
+    """The point-cloud member's name in the tar."""
+
+
+class TarClouds(TarItems):
+    """What :meth:`PointCloudTokenizer.read` returns for a tar shard: the :class:`TarCloud` of each
+    usable sample, in archive order (every cloud held: the pipeline streams instead)."""
 
 
 @register_tokenizer("point_cloud")
@@ -147,7 +208,7 @@ class PointCloudTokenizer(Tokenizer):
     version = "2"
     """2: clouds with fewer than num_points points are no longer padded by repetition before FPS
     and kNN (their tokens changed; clouds of >= num_points points give the same tokens as in 1)."""
-    extensions = MESH_EXTENSIONS + (".npy", ".npz") + TEXT_EXTENSIONS + (".bin",)
+    extensions = MESH_EXTENSIONS + (".npy", ".npz") + TEXT_EXTENSIONS + (".bin",) + TAR_EXTENSIONS
 
     @property
     def channels(self) -> int:
@@ -167,24 +228,34 @@ class PointCloudTokenizer(Tokenizer):
         )
 
     # ---- read ---------------------------------------------------------------------------------
-    def read(self, source: str) -> np.ndarray:
-        """Decode a point-cloud or mesh file to float32 (N, 3 + C_file)."""
+    def read(self, source: str) -> np.ndarray | TarClouds:
+        """Decode a point-cloud or mesh file to float32 (N, 3 + C_file); a tar shard to the
+        :class:`TarClouds` of its usable samples."""
+        source = os.fspath(source)
+        if is_tar_path(source):
+            return read_tar(TarClouds, source, _TAR_MEMBERS, "point-cloud", self._decode, TarCloud)
         self.check_file(source)
         if os.path.isdir(source):
             raise TokenizeError(source, "unsupported", "is a directory, expected a point-cloud file")
         ext = os.path.splitext(source)[1].lower()
-        if ext in MESH_EXTENSIONS:
-            arr = self._read_trimesh(source)
-        elif ext == ".npy":
-            arr = self._read_npy(source)
-        elif ext == ".npz":
-            arr = self._read_npz(source)
-        elif ext in TEXT_EXTENSIONS:
-            arr = self._read_text(source)
-        elif ext == ".bin":
-            arr = self._read_bin(source)
-        else:
+        if ext not in _MEMBER_FORMATS:
             raise TokenizeError(source, "unsupported", f"extension {ext!r} not in {self.extensions}")
+        return self._decode(source, source, ext)
+
+    def _decode(self, file: str | IO[bytes], source: str, ext: str) -> np.ndarray:
+        """Decode the cloud in ``file`` (a path, or a seekable binary file object) as :meth:`read`
+        documents; ``source`` names it in errors, ``ext`` is the lower-case extension (with its dot)
+        it was named with, which picks the reader."""
+        if ext in MESH_EXTENSIONS:
+            arr = self._read_trimesh(file, source, ext)
+        elif ext == ".npy":
+            arr = self._read_npy(file, source)
+        elif ext == ".npz":
+            arr = self._read_npz(file, source)
+        elif ext in TEXT_EXTENSIONS:
+            arr = self._read_text(file, source)
+        else:
+            arr = self._read_bin(file, source)
         if arr.ndim != 2 or arr.shape[1] < 3:
             raise TokenizeError(source, "invalid", f"expected points of shape (N, >=3), got {arr.shape}")
         if arr.shape[0] == 0:
@@ -205,17 +276,20 @@ class PointCloudTokenizer(Tokenizer):
                 log.debug("%s: %d points have values beyond float32's range", source, over.any(1).sum())
         return out
 
-    def _read_trimesh(self, source: str) -> np.ndarray:
+    def _read_trimesh(self, file: str | IO[bytes], source: str, ext: str) -> np.ndarray:
         import trimesh
 
         try:
-            obj = trimesh.load(source, process=False)
+            if isinstance(file, str):
+                obj = trimesh.load(file, process=False)
+            else:  # from memory: the format from the member's name
+                obj = trimesh.load(file, file_type=ext[1:], process=False)
         except Exception as e:  # trimesh raises many kinds on bad files
             raise TokenizeError(
                 source, "corrupt", f"trimesh could not load it: {type(e).__name__}: {e}"
             ) from None
         geoms = obj.dump() if isinstance(obj, trimesh.Scene) else [obj]
-        if source.lower().endswith(".ply"):
+        if ext == ".ply":
             counts = [_ply_vertex(g).get("length") for g in geoms]  # as the header declares them
             declared = None if None in counts else sum(counts)
             loaded = sum(len(getattr(g, "vertices", ())) for g in geoms)
@@ -255,19 +329,18 @@ class PointCloudTokenizer(Tokenizer):
                     v = np.concatenate([v, np.asarray(raw[key], np.float64).reshape(-1, 1)], axis=1)
                 parts.append(v)
         if not parts:
-            if source.lower().endswith(".stl"):
-                self._check_empty_stl(source)
+            if ext == ".stl":
+                self._check_empty_stl(file, source)
             raise TokenizeError(source, "empty", "file holds no vertices")
         width = min(p.shape[1] for p in parts)
         return np.concatenate([p[:, :width] for p in parts])
 
     @staticmethod
-    def _check_empty_stl(source: str) -> None:
+    def _check_empty_stl(file: str | IO[bytes], source: str) -> None:
         """Raise ``corrupt`` unless an STL trimesh read no triangles from is a valid empty STL:
         a binary one whose header count (0) matches its size, or an ASCII ``solid ... endsolid``.
         (trimesh reads a binary STL whose size disagrees with its header as ASCII, finding nothing.)"""
-        with open(source, "rb") as f:
-            data = f.read()
+        data = _file_bytes(file)
         size = len(data)
         count = int.from_bytes(data[80:84], "little") if size >= 84 else None
         if count is not None and 84 + 50 * count == size:
@@ -292,9 +365,11 @@ class PointCloudTokenizer(Tokenizer):
         return getattr(g, "colors", None) is not None and len(g.colors) > 0
 
     @staticmethod
-    def _read_npy(source: str) -> np.ndarray:
+    def _read_npy(file: str | IO[bytes], source: str) -> np.ndarray:
+        if not isinstance(file, str):
+            file.seek(0)
         try:
-            arr = np.load(source, allow_pickle=False)
+            arr = np.load(file, allow_pickle=False)
         except Exception as e:
             raise TokenizeError(
                 source, "corrupt", f"not a readable .npy array: {type(e).__name__}: {e}"
@@ -302,10 +377,10 @@ class PointCloudTokenizer(Tokenizer):
         return PointCloudTokenizer._as_points(source, arr)
 
     @staticmethod
-    def _read_npz(source: str) -> np.ndarray:
+    def _read_npz(file: str | IO[bytes], source: str) -> np.ndarray:
         try:
             # our own handle: np.load leaks its file when the zip directory is unreadable
-            with open(source, "rb") as f:
+            with open(file, "rb") if isinstance(file, str) else _unclosed(file) as f:
                 loaded = np.load(f, allow_pickle=False)
                 if isinstance(loaded, np.ndarray):  # a plain .npy under a .npz name
                     arr = loaded
@@ -334,9 +409,14 @@ class PointCloudTokenizer(Tokenizer):
         return arr  # read() casts to float32
 
     @staticmethod
-    def _read_text(source: str) -> np.ndarray:
+    def _read_text(file: str | IO[bytes], source: str) -> np.ndarray:
         try:
-            with open(source, encoding="utf-8-sig") as f:
+            text = (
+                io.TextIOWrapper(io.BytesIO(_file_bytes(file)), encoding="utf-8-sig")
+                if not isinstance(file, str)
+                else None
+            )
+            with open(file, encoding="utf-8-sig") if text is None else text as f:
                 lines = [ln.split("#", 1)[0].replace(",", " ").split() for ln in f]
         except UnicodeDecodeError as e:
             raise TokenizeError(
@@ -355,9 +435,10 @@ class PointCloudTokenizer(Tokenizer):
         except ValueError as e:
             raise TokenizeError(source, "corrupt", f"non-numeric value: {e}") from None
 
-    def _read_bin(self, source: str) -> np.ndarray:
+    def _read_bin(self, file: str | IO[bytes], source: str) -> np.ndarray:
         cols = self.config.bin_columns
-        size = os.path.getsize(source)
+        data = None if isinstance(file, str) else _file_bytes(file)
+        size = os.path.getsize(file) if data is None else len(data)
         if size % (4 * cols):
             raise TokenizeError(
                 source,
@@ -365,7 +446,9 @@ class PointCloudTokenizer(Tokenizer):
                 f"{size} bytes is not a whole number of points of bin_columns={cols} float32 values "
                 f"({4 * cols} bytes each; wrong column count or truncated?)",
             )
-        pts = np.fromfile(source, dtype=np.float32).reshape(-1, cols)
+        pts = (
+            np.fromfile(file, dtype=np.float32) if data is None else np.frombuffer(data, np.float32).copy()
+        ).reshape(-1, cols)
         xyz = np.abs(pts[:, :3])
         if xyz.size and (xyz[np.isfinite(xyz)] < np.finfo(np.float32).tiny).all():
             # raw bytes have no dtype: integers (a label or mask file such as semantic_mask.bin, or
@@ -376,8 +459,30 @@ class PointCloudTokenizer(Tokenizer):
             )  # fmt: skip
         return pts
 
+    # ---- tar shards ---------------------------------------------------------------------------
+    def iter_records(self, source: str) -> Iterator[Record]:
+        """The records of :meth:`__call__`; a tar shard's one sample at a time, as it is read (a sample
+        that does not decode or tokenize, e.g. too few points, is skipped: base.iter_tar_items)."""
+        source = os.fspath(source)
+        if is_tar_path(source):
+            return iter_tar_records(source, _TAR_MEMBERS, "point-cloud", self._decode, TarCloud,
+                                    functools.partial(self._sample_records, source), logger=log)  # fmt: skip
+        return iter(self(source))
+
+    def _sample_records(self, source: str, s: TarCloud) -> list[Record]:
+        return [self._record(s.points, source, f"{source}#{s.key}", s.label, s.member)]
+
     # ---- tokenize -----------------------------------------------------------------------------
-    def tokenize(self, raw: np.ndarray, *, source: str = "") -> list[Record]:
+    def tokenize(self, raw: np.ndarray | TarClouds, *, source: str = "") -> list[Record]:
+        """(N, 3 + C) points -> one record, id ``<source>#0``. A tar shard's :class:`TarClouds` -> one
+        record per sample, id ``<source>#<key>``, its ``cls`` label, ``meta["member"]``."""
+        if isinstance(raw, TarClouds):
+            return tokenize_tar(source, raw, functools.partial(self._sample_records, source), logger=log)
+        return [self._record(raw, source, f"{source}#0")]
+
+    def _record(
+        self, raw: np.ndarray, source: str, rid: str, label: int | None = None, member: str | None = None
+    ) -> Record:
         c = self.config
         arr = np.asarray(raw)
         if arr.ndim != 2 or arr.shape[1] < 3:
@@ -447,15 +552,16 @@ class PointCloudTokenizer(Tokenizer):
             "dropped_nonfinite": dropped,
             "channels": self.channels,
         }
-        return [
-            Record(
-                id=f"{source}#0",
-                source=source,
-                tokens=tokens,
-                positions=centres[0].numpy().astype(np.float32),
-                meta=meta,
-            )
-        ]
+        if member is not None:
+            meta["member"] = member
+        return Record(
+            id=rid,
+            source=source,
+            tokens=tokens,
+            positions=centres[0].numpy().astype(np.float32),
+            label=label,
+            meta=meta,
+        )
 
     def detokenize(self, record: Record) -> np.ndarray:
         """All group points in the original frame: float32 (num_groups * group_size, 3 + C).

@@ -526,3 +526,67 @@ def test_a_coloured_ply_with_intensity_gives_colours_then_intensity(tmp_path):
     t4, t3 = rec4.tokens.reshape(8, 8, 7), rec3.tokens.reshape(8, 8, 6)
     np.testing.assert_array_equal(t4[..., :6], t3)  # the same groups; the intensity after the colours
     assert set(np.round(t4[..., 6].ravel(), 6)) <= set(np.round(inten, 6))
+
+
+# ---- WebDataset tar shards -----------------------------------------------------------------------
+def test_tar_samples_give_the_records_of_the_same_files(tmp_path, caplog):
+    """A tar of .npy / .ply / .off / .bin / .xyz members (ShapeNet- or LiDAR-style shards): each sample
+    gives the record its file gives alone, id <tar>#<key>, its cls label, meta["member"]; a sample
+    too small to tokenize is skipped with one warning, not the whole tar; read + tokenize agree."""
+    import logging
+    import tarfile
+
+    rng = np.random.default_rng(3)
+    files = tmp_path / "files"
+    files.mkdir()
+    np.save(files / "a.npy", rng.normal(size=(300, 4)).astype(np.float32))
+    pts = rng.normal(size=(200, 3)).astype(np.float32)
+    head = "ply\nformat binary_little_endian 1.0\nelement vertex 200\nproperty float x\nproperty float y\n"
+    (files / "b.ply").write_bytes((head + "property float z\nend_header\n").encode() + pts.tobytes())
+    trimesh.creation.icosphere().export(files / "c.off")
+    rng.normal(size=(150, 4)).astype(np.float32).tofile(files / "d.bin")
+    (files / "e.xyz").write_text("\n".join(f"{x},{y},{z}" for x, y, z in rng.normal(size=(100, 3))))
+    np.save(files / "f.npy", rng.normal(size=(5, 3)).astype(np.float32))  # fewer points than a group
+    labels = {"a": 2, "b": 0, "c": None, "d": 1, "e": 7, "f": 3}
+    tar = tmp_path / "shard-000.tar"
+    with tarfile.open(tar, "w") as tf:
+        for f in sorted(files.iterdir()):
+            key = f"objs/{f.stem}"
+            tf.add(f, arcname=f"{key}{f.suffix}")
+            if labels[f.stem] is not None:
+                data = str(labels[f.stem]).encode()
+                info = tarfile.TarInfo(f"{key}.cls")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    tok = PointCloudTokenizer({"num_points": 64, "num_groups": 8, "group_size": 16})
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.point_cloud"):
+        recs = list(tok.iter_records(str(tar)))
+    assert [r.id for r in recs] == [f"{tar}#objs/{k}" for k in "abcde"]
+    assert [r.label for r in recs] == [2, 0, None, 1, 7]
+    assert [r.meta["member"] for r in recs] == [
+        "objs/a.npy",
+        "objs/b.ply",
+        "objs/c.off",
+        "objs/d.bin",
+        "objs/e.xyz",
+    ]
+    for r, f in zip(recs, sorted(files.iterdir())):
+        (alone,) = tok(str(f))
+        np.testing.assert_array_equal(r.tokens, alone.tokens)
+        np.testing.assert_array_equal(r.positions, alone.positions)
+        assert {k: v for k, v in r.meta.items() if k != "member"} == alone.meta and r.source == str(tar)
+    assert [m.getMessage() for m in caplog.records] == [
+        f"{tar}: skipped 1 of 6 samples: objs/f (too_small: 5 valid points, fewer than group_size=16)"
+    ]
+    whole = tok.tokenize(tok.read(str(tar)), source=str(tar))
+    assert [r.id for r in whole] == [r.id for r in recs]
+    assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(whole, recs))
+    # a tar of clouds all too small is one error row, not an empty success
+    with tarfile.open(tmp_path / "tiny.tar", "w") as tf:
+        tf.add(files / "f.npy", arcname="f.npy")
+    with pytest.raises(TokenizeError) as e:
+        list(tok.iter_records(str(tmp_path / "tiny.tar")))
+    assert (e.value.kind, e.value.reason) == (
+        "too_small",
+        "sample f: 5 valid points, fewer than group_size=16 (1 of 1 samples are unusable)",
+    )

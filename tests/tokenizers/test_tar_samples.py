@@ -8,6 +8,7 @@ import io
 import os
 import tarfile
 import threading
+from typing import NamedTuple
 
 import pytest
 
@@ -224,3 +225,68 @@ def test_iter_tar_items_is_the_shared_policy(tmp_path, caplog):
         "sample a: no bin member (1 of 1 samples are unusable)",
     )
     assert cls_label(b" 4\n", "a.cls") == 4 and cls_label(b"-3", "a.cls") is None
+
+
+def test_a_tar_read_whole_skips_what_it_streams_with_one_warning(tmp_path, caplog):
+    """Samples that do not decode and samples that decode but do not tokenize count together,
+    whether the tar streams (iter_tar_records) or is read whole then tokenized (read_tar +
+    tokenize_tar): the same records, one identical warning, the same error when most are bad."""
+    import logging
+
+    from maskloom.tokenizers.base import TarItems, iter_tar_records, read_tar, tokenize_tar
+
+    class Items(TarItems):
+        pass
+
+    class Item(NamedTuple):
+        key: str
+        data: bytes
+        label: int | None
+        member: str
+
+    def decode(f, name: str, ext: str) -> bytes:
+        data = f.read()
+        if data.startswith(b"bad"):
+            raise TokenizeError(name, "corrupt", "does not decode")
+        return data
+
+    def records(item: Item) -> list[str]:
+        key, data = item.key, item.data
+        if data.startswith(b"small"):
+            raise TokenizeError("t", "too_small", "too few values")
+        return [f"{key}:{data.decode()}"]
+
+    def both(path):
+        logger = logging.getLogger("maskloom.test.tar2")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="maskloom.test.tar2"):
+            try:
+                streamed = list(iter_tar_records(path, ("bin",), "x", decode, Item, records, logger=logger))
+            except TokenizeError as e:
+                streamed = (e.kind, e.reason)
+            warned = [r.getMessage() for r in caplog.records]
+            caplog.clear()
+            try:
+                whole = tokenize_tar(
+                    path, read_tar(Items, path, ("bin",), "x", decode, Item), records, logger
+                )
+            except TokenizeError as e:
+                whole = (e.kind, e.reason)
+            assert [r.getMessage() for r in caplog.records] == warned
+        assert whole == streamed
+        return streamed, warned
+
+    # s1 tokenizes badly, s3 decodes badly: 2 of 5 skipped, named in tar order
+    path = _tar(tmp_path / "a.tar", [("s0.bin", b"a"), ("s1.bin", b"small"), ("s2.bin", b"b"), ("s3.bin", b"bad"),
+                                     ("s4.bin", b"c")])  # fmt: skip
+    got, warned = both(path)
+    assert got == ["s0:a", "s2:b", "s4:c"]
+    assert warned == [
+        f"{path}: skipped 2 of 5 samples: s1 (too_small: too few values); s3 (corrupt: does not decode)"
+    ]
+    # 2 decode, 1 tokenizes: neither stage alone is most of the 4, together they are
+    path = _tar(
+        tmp_path / "b.tar", [("s0.bin", b"small"), ("s1.bin", b"a"), ("s2.bin", b"small"), ("s3.bin", b"bad")]
+    )
+    got, warned = both(path)
+    assert got == ("too_small", "sample s0: too few values (3 of 4 samples are unusable)") and warned == []
