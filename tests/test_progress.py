@@ -11,6 +11,13 @@ class Clock:
         return self.t
 
 
+class Tty(io.StringIO):
+    """A stream that says it is a terminal (tqdm draws its bar there)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 def test_in_a_log_a_line_every_interval_and_one_at_the_end():
     out, clock = io.StringIO(), Clock()  # StringIO is no terminal
     with Progress(10, desc="preprocess", unit="shard", initial=2, stream=out, interval=30, clock=clock) as p:
@@ -33,10 +40,6 @@ def test_disabled_writes_nothing_and_a_terminal_gets_tqdms_bar():
         p.update(4)
     assert out.getvalue() == ""
 
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
     tty = Tty()
     with Progress(4, desc="train", unit="step", stream=tty) as p:
         p.update(4)
@@ -53,10 +56,6 @@ def test_moveto_sets_the_count_forward_and_back():
         assert p.n == 3
         clock.t += 1
         p.moveto(6)
-
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
 
     tty = Tty()
     with Progress(10, desc="x", unit="input", stream=tty) as p:
