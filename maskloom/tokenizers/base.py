@@ -739,6 +739,91 @@ def tar_label(sample: TarSample) -> int | None:
     return cls_label(sample.members["cls"], sample.names["cls"]) if "cls" in sample.members else None
 
 
+# ---------------------------------------------------------------------------------------------
+# compressed streams (.gz, .bz2, .xz, .zst, .lz4)
+# ---------------------------------------------------------------------------------------------
+COMPRESSIONS: dict[str, str] = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".lz4": "lz4"}
+"""Compressed-stream suffixes by codec (xz is read by ``lzma``, the others by pyarrow)."""
+
+STREAM_BLOCK_BYTES = 1 << 16
+"""Bytes of a (decompressed) stream that :func:`iter_stream_blocks` reads per step: a read that meets
+a damaged or truncated part loses what it decompressed, so small reads place the error closely (and
+cost nothing measurable: 2.6 MB of gzip'd CSV in 5.6 ms, 5.8 ms a MiB at a time)."""
+
+STREAM_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, lzma.LZMAError)
+"""What reading a damaged or truncated compressed stream raises (pyarrow: OSError, ArrowInvalid)."""
+
+
+def split_compression(source: str) -> tuple[str, str | None]:
+    """(``source`` without its compression suffix, the codec): ``("a/x.csv", "gzip")`` for
+    ``a/x.csv.gz`` (suffixes of :data:`COMPRESSIONS`, any case); ``(source, None)`` for any other name.
+    The caller decides which inner formats it reads compressed."""
+    root, ext = os.path.splitext(source)
+    codec = COMPRESSIONS.get(ext.lower())
+    return (root, codec) if codec is not None else (source, None)
+
+
+@contextlib.contextmanager
+def open_compressed(source: str, codec: str | None) -> Iterator[Any]:
+    """``source`` opened for reading bytes, decompressed as it is read when ``codec`` (a
+    :data:`COMPRESSIONS` value) is set: concatenated gzip members and zstd frames are one stream.
+    A file that cannot be opened is TokenizeError(missing); read it with :func:`read_stream_block`."""
+    try:
+        f = open(source, "rb")  # noqa: SIM115 - closed below, or by the stream that wraps it
+    except OSError as e:
+        raise TokenizeError(source, "missing", f"cannot open ({e.strerror})") from None
+    with f:
+        if codec is None:
+            yield f
+        elif codec == "xz":
+            with lzma.open(f) as stream:
+                yield stream
+        else:
+            import pyarrow as pa
+
+            with pa.input_stream(f, compression=codec) as stream:  # a file object: any file name works
+                yield stream
+
+
+def stream_error(source: str, codec: str | None, offset: int, error: BaseException) -> TokenizeError:
+    """The TokenizeError for a read of ``source`` that raised ``error`` after ``offset`` bytes
+    (decompressed) were read: ``corrupt`` "damaged or truncated gzip stream after 1,234 bytes of text
+    (...)", or "not a readable gzip stream (...)" when nothing could be read; for a file that is not
+    compressed (``codec`` None) ``unreadable`` "read failed at byte N (...)"."""
+    if codec is None:
+        return TokenizeError(source, "unreadable", f"read failed at byte {offset:,} ({error})")
+    where = (
+        f"damaged or truncated {codec} stream after {offset:,} bytes of text"
+        if offset
+        else f"not a readable {codec} stream"
+    )
+    return TokenizeError(source, "corrupt", f"{where} ({error})")
+
+
+def read_stream_block(f: Any, source: str, codec: str | None, offset: int, size: int) -> bytes:
+    """The next ``size`` bytes of stream ``f`` (:func:`open_compressed`; b"" at its end); a damaged or
+    truncated stream raises :func:`stream_error` (``offset``: the bytes read before this block)."""
+    try:
+        return f.read(size)
+    except STREAM_ERRORS as e:
+        raise stream_error(source, codec, offset, e) from None
+
+
+def iter_stream_blocks(source: str, codec: str | None, size: int = STREAM_BLOCK_BYTES) -> Iterator[bytes]:
+    """The (decompressed) bytes of ``source``, ``size`` at a time (never an empty block); the errors
+    of :func:`open_compressed` and :func:`read_stream_block`."""
+    with open_compressed(source, codec) as f:
+        offset = 0
+        while block := read_stream_block(f, source, codec, offset, size):
+            offset += len(block)
+            yield block
+
+
+def read_compressed(source: str, codec: str | None) -> bytes:
+    """All the (decompressed) bytes of ``source``: :func:`iter_stream_blocks` joined."""
+    return b"".join(iter_stream_blocks(source, codec))
+
+
 BUILTIN_MODALITIES = ("image", "video", "audio", "point_cloud", "graph", "time_series", "text")
 """The modalities maskloom ships; each is the module ``maskloom.tokenizers.<name>``, imported on first use."""
 

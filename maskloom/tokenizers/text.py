@@ -96,7 +96,6 @@ import csv
 import itertools
 import json
 import logging
-import lzma
 import math
 import os
 import re
@@ -107,7 +106,16 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+from maskloom.tokenizers.base import (
+    COMPRESSIONS,
+    Record,
+    TableSpec,
+    TokenizeError,
+    Tokenizer,
+    open_compressed,
+    read_stream_block,
+    register_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +135,6 @@ FORMATS: dict[str, str] = {
     ".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"
 }  # fmt: skip
 """Text formats by extension (``.json`` is read as JSON Lines, as C4 ships it)."""
-COMPRESSIONS: dict[str, str] = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd", ".lz4": "lz4"}
-"""Compressed-stream suffixes of every format but Parquet, by codec (xz by ``lzma``, others by pyarrow)."""
 MIN_FIT_SHARE = 1 << 20
 """Fewest bytes of text a source gives the BPE trainer per turn (unless the budget ends first)."""
 
@@ -254,51 +260,15 @@ def _source_format(source: str) -> tuple[str, str | None]:
     return fmt, codec
 
 
-@contextlib.contextmanager
-def _open_binary(source: str, codec: str | None) -> Iterator[Any]:
-    """``source`` opened for reading bytes, decompressed as it is read when ``codec`` is set."""
-    try:
-        f = open(source, "rb")  # noqa: SIM115 - closed below, or by the stream that wraps it
-    except OSError as e:
-        raise TokenizeError(source, "missing", f"cannot open ({e.strerror})") from None
-    with f:
-        if codec is None:
-            yield f
-        elif codec == "xz":
-            with lzma.open(f) as stream:
-                yield stream
-        else:
-            import pyarrow as pa
-
-            with pa.input_stream(f, compression=codec) as stream:  # a file object: any file name works
-                yield stream
-
-
-def _read_block(f: Any, source: str, codec: str | None, offset: int) -> bytes:
-    """The next READ_BYTES of ``f`` (b"" at its end); a damaged or truncated compressed stream is
-    TokenizeError(corrupt) naming the codec's error and ``offset``, the bytes read before it."""
-    try:
-        return f.read(READ_BYTES)
-    except (OSError, EOFError, ValueError, lzma.LZMAError) as e:  # pyarrow: OSError, ArrowInvalid
-        if codec is None:
-            raise TokenizeError(source, "unreadable", f"read failed at byte {offset:,} ({e})") from None
-        where = (
-            f"damaged or truncated {codec} stream after {offset:,} bytes of text"
-            if offset
-            else f"not a readable {codec} stream"
-        )
-        raise TokenizeError(source, "corrupt", f"{where} ({e})") from None
-
-
 def _text_chunks(source: str, codec: str | None) -> Iterator[str]:
     """The UTF-8 text of ``source`` (decompressed), about READ_BYTES at a time, as ``open(source,
     encoding="utf-8-sig", newline="")`` reads it: a leading byte order mark dropped, line ends kept.
     A chunk never ends in "\\r" unless it is the last (so "\\r\\n" is never cut). Bytes that are not
     UTF-8 or NUL bytes are TokenizeError(corrupt)."""
-    with _open_binary(source, codec) as f:
+    with open_compressed(source, codec) as f:
         offset, data, carry, at_start = 0, b"", "", True  # offset: bytes of the stream before `data`
         while True:
-            block = _read_block(f, source, codec, offset + len(data))
+            block = read_stream_block(f, source, codec, offset + len(data), READ_BYTES)
             final = not block
             data += block
             if at_start:
@@ -925,7 +895,7 @@ class TextTokenizer(Tokenizer):
         import pyarrow.parquet as pq
 
         try:
-            with _open_binary(source, None) as f:
+            with open_compressed(source, None) as f:
                 pf = pq.ParquetFile(f)
                 schema = pf.schema_arrow
                 ti = _column_index(schema.names, self.config.text_column)

@@ -3,7 +3,9 @@
 import dataclasses
 import json
 import logging
+import os
 import pickle
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -400,12 +402,14 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "header.csv").write_text("date,v\n")
     (tmp_path / "text.csv").write_text("a,b\nx,y\n")
     (tmp_path / "bin.parquet").write_bytes(b"PAR1 not really parquet")
-    (tmp_path / "x.arff").write_text("@relation x\n")
+    (tmp_path / "x.arff").write_text("@relation x\n")  # read since .arff is supported: no @data
+    (tmp_path / "x.xlsx").write_text("@relation x\n")
     for name, kind in (
         ("header.csv", "empty"),
         ("text.csv", "invalid"),
         ("bin.parquet", "corrupt"),
-        ("x.arff", "unsupported"),
+        ("x.arff", "corrupt"),
+        ("x.xlsx", "unsupported"),
     ):
         with pytest.raises(TokenizeError) as e:
             tok.read(str(tmp_path / name))
@@ -727,3 +731,356 @@ def test_a_long_series_at_stride_one_streams_in_bounded_memory(tmp_path):
         tracemalloc.stop()
     assert count == 5489 * 12 and tokens == count * 42 * 12 * 4
     assert peak < 80e6 < tokens, f"peak {peak / 1e6:.0f} MB"
+
+
+# ---- compressed files (.gz, .bz2, .xz, .zst, .lz4) and UCR/UEA .arff ----------------------------
+CODECS = {"gzip": ".gz", "bz2": ".bz2", "xz": ".xz", "zstd": ".zst", "lz4": ".lz4"}
+
+
+def _compress(path, codec: str, keep: float = 1.0) -> str:
+    """``path`` compressed with ``codec`` beside it (``<path>.<ext>``); ``keep`` < 1 cuts the
+    compressed bytes to that fraction (a truncated download)."""
+    import bz2
+    import gzip
+    import io
+    import lzma
+
+    data = open(path, "rb").read()
+    if codec in ("gzip", "bz2", "xz"):
+        buf = io.BytesIO()
+        opener = {"gzip": gzip.open, "bz2": bz2.open, "xz": lzma.open}[codec]
+        with opener(buf, "wb", **({"compresslevel": 1} if codec == "bz2" else {})) as f:  # 100 kB blocks
+            f.write(data)
+        packed = buf.getvalue()
+    else:
+        sink = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(sink, codec) as f:
+            f.write(data)
+        packed = sink.getvalue().to_pybytes()
+    out = f"{path}{CODECS[codec]}"
+    with open(out, "wb") as f:
+        f.write(packed[: int(len(packed) * keep)])
+    return out
+
+
+def _same_records(a: list, b: list, a_src: str, b_src: str) -> None:
+    """Records equal in every field but the source (and the source inside the id)."""
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert (x.source, y.source) == (a_src, b_src)
+        assert x.id.replace(a_src, "", 1) == y.id.replace(b_src, "", 1)
+        assert x.tokens.dtype == y.tokens.dtype and x.tokens.tobytes() == y.tokens.tobytes()
+        assert x.positions.tobytes() == y.positions.tobytes()
+        assert (x.label, x.meta) == (y.label, y.meta)
+
+
+def _same_raw(a: TimeSeries, b: TimeSeries) -> None:
+    assert (a.channels, a.labels, a.label_names, a.labelled) == (
+        b.channels,
+        b.labels,
+        b.label_names,
+        b.labelled,
+    )
+    assert len(a.series) == len(b.series)
+    for x, y in zip(a.series, b.series):
+        assert x.dtype == y.dtype == np.float32 and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+TOY_TS = """@problemName Toy
+@missing true
+@classLabel true b a
+@data
+1,2,3,4,5,6,7,8:a
+2,?,4,6,8,10,12,14:b
+0.5,0.25,0.125,0,0,0,0,1:a
+"""
+TOY_ARFF = """% the data of TOY_TS, as Weka writes it
+@relation Toy
+
+@attribute att0 numeric
+@ATTRIBUTE att1 NUMERIC
+@attribute 'att 2' real
+@attribute att3 integer
+@attribute att4 numeric
+@attribute att5 numeric
+@attribute att6 numeric
+@attribute att7 numeric
+@attribute target {b,a}
+
+@data
+1,2,3,4,5,6,7,8,a
+2,?,4,6,8,10,12,14,'b'
+% a comment between series
+0.5, 0.25, 0.125, 0, 0, 0, 0, 1, a
+"""
+MV_TS = """@problemName MV
+@univariate false
+@dimensions 2
+@classLabel true standing running
+@data
+1,2,3,4,5,6:10,20,30,?,50,60:running
+6,5,4,3,2,1:-1,-2,-3,-4,-5,-6:standing
+"""
+MV_ARFF = """@relation MV
+@attribute activity relational
+  @attribute t0 numeric
+  @attribute t1 numeric
+  @attribute t2 numeric
+  @attribute t3 numeric
+  @attribute t4 numeric
+  @attribute t5 numeric
+@end activity
+@attribute class {standing,running}
+@data
+'1,2,3,4,5,6\\n10,20,30,?,50,60',running
+"6,5,4,3,2,1\\n-1,-2,-3,-4,-5,-6",'standing'
+"""
+
+
+def _files(tmp_path) -> dict[str, str]:
+    """One small file of every format that is read compressed: tables (CSV, TSV) and labelled (UCR
+    .tsv, .ts, .arff univariate and multivariate)."""
+    x = _series(80, 2)
+    x[[3, 40], [0, 1]] = np.nan
+    (tmp_path / "table.tsv").write_text(
+        "a\tb\n" + "".join(f"{u!r}\t{v!r}\n" for u, v in x.astype(float).tolist()).replace("nan", "")
+    )
+    (tmp_path / "UCR_TRAIN.tsv").write_text("2\t1\t2\t3\t4\tNaN\n1\t4\t?\t6\t7\t8\n10\t0\t1\t0\t1\t0\n")
+    (tmp_path / "toy.ts").write_text(TOY_TS)
+    (tmp_path / "toy.arff").write_text(TOY_ARFF)
+    (tmp_path / "mv.arff").write_text(MV_ARFF)
+    return {
+        "table.csv": _csv(tmp_path / "table.csv", x),
+        **{n: str(tmp_path / n) for n in ("table.tsv", "UCR_TRAIN.tsv", "toy.ts", "toy.arff", "mv.arff")},
+    }
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_compressed_files_read_as_their_plain_form(tmp_path, codec):
+    files = _files(tmp_path)
+    tok = _tok(window=32, stride=16, patch_len=4, patch_stride=4)
+    for plain in files.values():
+        packed = _compress(plain, codec)
+        assert packed.lower().endswith(TimeSeriesTokenizer.extensions)
+        _same_raw(tok.read(packed), tok.read(plain))
+        _same_records(list(tok.iter_records(packed)), tok(plain), packed, plain)
+    assert (
+        tok.read(files["table.tsv"] + CODECS[codec]).labelled is False
+    )  # a TSV table, sniffed in the stream
+    assert tok.read(files["UCR_TRAIN.tsv"] + CODECS[codec]).label_names == ("1", "2", "10")
+    # fit reads labels (headers, label fields) from compressed files as from plain ones
+    fitted = [_tok(), _tok()]
+    fitted[0].fit(files.values())
+    fitted[1].fit(p + CODECS[codec] for p in files.values())
+    assert (
+        fitted[0].fitted_labels
+        == fitted[1].fitted_labels
+        == ("standing", "running", "b", "a", "1", "2", "10")  # sorted sources: mv.arff first
+    )
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_a_truncated_compressed_file_is_corrupt_naming_it(tmp_path, codec):
+    """A cut download is a clean TokenizeError naming the file, the codec and how far it got, for a
+    table (read whole) and for a .ts (whose header fit() reads lazily: intact, so its labels are learned)."""
+    x = np.round(_series(4000, 3), 3)
+    table = _compress(_csv(tmp_path / "long.csv", x), codec, keep=0.75)  # ~190 kB of text
+    rows = "".join(",".join(map(repr, r.tolist())) + ":a\n" for r in x.reshape(-1, 120))
+    (tmp_path / "long.ts").write_text("@classLabel true a b\n@data\n" + rows)
+    ts = _compress(tmp_path / "long.ts", codec, keep=0.75)
+    tok = _tok()
+    for path in (table, ts):
+        with pytest.raises(TokenizeError) as e:
+            list(tok.iter_records(path))
+        assert e.value.kind == "corrupt" and e.value.source == path and path in str(e.value)
+        assert re.fullmatch(
+            rf"damaged or truncated {codec} stream after [\d,]+ bytes of text \(.+\)", e.value.reason
+        ), e.value.reason
+    tok.fit([ts])
+    assert tok.fitted_labels == ("a", "b")
+
+
+def test_compressed_names_garbage_and_empty_streams(tmp_path):
+    import gzip
+
+    tok = _tok()
+    assert len(TimeSeriesTokenizer.extensions) == 5 + 4 * 5
+    assert {".csv.gz", ".tsv.bz2", ".ts.xz", ".arff.zst", ".csv.lz4"} <= set(TimeSeriesTokenizer.extensions)
+    assert ".parquet.gz" not in TimeSeriesTokenizer.extensions
+
+    def err(name: str, data: bytes) -> TokenizeError:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TokenizeError) as e:
+            tok.read(str(tmp_path / name))
+        assert str(tmp_path / name) in str(e.value)
+        return e.value
+
+    e = err("a.parquet.gz", gzip.compress(b"PAR1"))
+    assert (e.kind, e.reason) == (
+        "unsupported",
+        "a compressed Parquet file: Parquet compresses inside; decompress it",
+    )
+    for name, shown in (
+        ("a.gz", "'.gz'"),
+        ("a.txt.zst", "'.txt.zst'"),
+        ("a.xlsx", "'.xlsx'"),
+        ("noext", "'(none)'"),
+    ):
+        e = err(name, b"x")
+        assert (e.kind, e.reason) == (
+            "unsupported",
+            f"extension {shown}; time_series reads .csv, .tsv, .ts, .arff "
+            "(also compressed: .gz, .bz2, .xz, .zst, .lz4) and .parquet",
+        )
+    e = err("plain.csv.gz", b"date,a\n2020-01-01,1\n")  # not compressed at all
+    assert (e.kind, e.reason) == (
+        "corrupt",
+        "not a readable gzip stream (zlib inflate failed: incorrect header check)",
+    )
+    e = err("nothing.ts.gz", gzip.compress(b""))
+    assert (e.kind, e.reason) == ("empty", "the gzip stream holds no data")
+    e = err("latin1.ts.gz", gzip.compress("@problemName température\n".encode("latin-1")))
+    assert e.kind == "corrupt" and e.reason.startswith("not UTF-8 text")
+    e = err("utf16.csv.gz", gzip.compress("a,b\n1,2\n".encode("utf-16")))
+    assert (e.kind, e.reason) == ("corrupt", "UTF-16 text; save the table as UTF-8")
+
+
+def test_input_discovery_finds_compressed_and_arff_files(tmp_path):
+    from maskloom.pipelines.sources import find_inputs
+
+    for name in (
+        "a.csv.gz",
+        "b.TSV.ZST",
+        "c.ts.xz",
+        "d.arff",
+        "e.arff.bz2",
+        "f.parquet",
+        "g.csv",
+        "h.txt.gz",
+    ):
+        (tmp_path / name).write_bytes(b"x")
+    found = find_inputs(str(tmp_path), extensions=TimeSeriesTokenizer.extensions)
+    names = sorted(os.path.basename(i.source) for i in found.inputs)
+    assert found.skipped == {".gz": 1}
+    assert names == ["a.csv.gz", "b.TSV.ZST", "c.ts.xz", "d.arff", "e.arff.bz2", "f.parquet", "g.csv"]
+
+
+def test_arff_univariate_equals_the_ts_of_the_same_data(tmp_path):
+    ts, arff = tmp_path / "toy.ts", tmp_path / "toy.arff"
+    ts.write_text(TOY_TS)
+    arff.write_text(TOY_ARFF)
+    tok = _tok(patch_len=4, patch_stride=2)
+    raw = tok.read(str(arff))
+    _same_raw(raw, tok.read(str(ts)))
+    # the nominal attribute's declared order {b,a} gives the indices, as @classLabel does
+    assert raw.label_names == ("b", "a") and raw.labels == [1, 0, 1] and raw.lines == [15, 16, 18]
+    assert raw.series[0][:, 0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    _same_records(tok(str(arff)), tok(str(ts)), str(arff), str(ts))
+    # labels learned by fit() from the header only, and kept as the label artifact
+    fitted = _tok()
+    fitted.fit([str(arff)])
+    assert fitted.fitted_labels == ("b", "a") and fitted.save_artifacts(str(tmp_path / "art"))
+    loaded = _tok()
+    loaded.load_artifacts(str(tmp_path / "art"))
+    assert loaded.label_names() == ("b", "a")
+    # an .arff without a nominal class attribute: unlabelled series
+    arff.write_text("@relation u\n@attribute a numeric\n@attribute b numeric\n@data\n1,2\n3,4\n")
+    raw = tok.read(str(arff))
+    assert raw.labelled and raw.labels is None and raw.label_names is None
+    assert [s[:, 0].tolist() for s in raw.series] == [[1, 2], [3, 4]]
+
+
+def test_arff_multivariate_relational_equals_the_ts_of_the_same_data(tmp_path):
+    ts, arff = tmp_path / "mv.ts", tmp_path / "mv.arff"
+    ts.write_text(MV_TS)
+    arff.write_text(MV_ARFF)
+    raw = _tok().read(str(arff))
+    _same_raw(raw, _tok().read(str(ts)))
+    assert raw.channels == ("dim_0", "dim_1") and raw.labels == [1, 0]
+    assert raw.label_names == ("standing", "running")
+    assert raw.series[1].tolist() == [[6, -1], [5, -2], [4, -3], [3, -4], [2, -5], [1, -6]]
+    for joint in (False, True):
+        tok = _tok(patch_len=2, patch_stride=2, channel_independent=not joint)
+        _same_records(tok(str(arff)), tok(str(ts)), str(arff), str(ts))
+
+
+def test_arff_missing_values_are_filled_as_in_ts(tmp_path):
+    p = tmp_path / "miss.arff"
+    head = "@relation m\n" + "".join(f"@attribute t{i} numeric\n" for i in range(6)) + "@attribute c {x,y}\n"
+    p.write_text(head + "@data\n1,?,3,?,?,6,x\n?,?,?,?,?,?,y\n2,4,6,8,10,12,y\n")
+    tok = _tok(patch_len=3, patch_stride=3)
+    raw = tok.read(str(p))
+    assert np.isnan(raw.series[0][:, 0]).tolist() == [False, True, False, True, True, False]
+    assert np.isnan(raw.series[1]).all() and raw.lines == [10, 11, 12]
+    recs = tok(str(p))  # the all-missing series 1 (line 11) is skipped with a warning
+    assert [(r.id.split("#")[1], r.label) for r in recs] == [("s0-w0-c0", 0), ("s2-w0-c0", 1)]
+    assert recs[0].meta["missing"] == [3]
+    np.testing.assert_allclose(tok.detokenize(recs[0])[:, 0], [1, 2, 3, 4, 5, 6], rtol=1e-5)  # interpolated
+    ts = tmp_path / "miss.ts"
+    ts.write_text("@classLabel true x y\n@data\n1,?,3,?,?,6:x\n?,?,?,?,?,?:y\n2,4,6,8,10,12:y\n")
+    _same_records(recs, tok(str(ts)), str(p), str(ts))
+    # a missing class value is no class name, as a '?' label in a .ts
+    p.write_text(head + "@data\n2,4,6,8,10,12,?\n")
+    with pytest.raises(TokenizeError) as e:
+        tok(str(p))
+    assert (e.value.kind, e.value.reason) == (
+        "invalid",
+        "class label(s) ['?'] not among the class names ['x', 'y']",
+    )
+
+
+def test_arff_unsupported_and_malformed_variants(tmp_path):
+    attrs = "@relation r\n@attribute a numeric\n@attribute b numeric\n@attribute c {x,y}\n"
+
+    def err(text: str, kind: str) -> str:
+        p = tmp_path / "bad.arff"
+        p.write_text(text)
+        with pytest.raises(TokenizeError) as e:
+            _tok().read(str(p))
+        assert e.value.kind == kind and str(p) in str(e.value)
+        return e.value.reason
+
+    assert err(attrs + "@data\n{0 1.5, 2 x}\n", "unsupported") == (
+        "line 6: sparse ARFF data ({index value, ...}); save it dense"
+    )
+    assert (
+        err(attrs + "@data\n1,2,x,{0.5}\n", "unsupported")
+        == "line 6: instance weights ({w} after the values)"
+    )
+    reads = "time_series reads numeric attributes (a series' steps), a relational attribute of numeric ones (UEA multivariate) and a nominal class"  # fmt: skip
+    assert (
+        err("@relation r\n@attribute s string\n@data\n'a'\n", "unsupported")
+        == f"line 2: string attribute 's': {reads}"
+    )
+    assert err("@relation r\n@attribute 'when' date 'yyyy-MM-dd'\n@data\n", "unsupported") == (
+        f"line 2: date attribute 'when': {reads}"
+    )
+    assert err(
+        "@relation r\n@attribute k {p,q}\n@attribute a numeric\n@attribute c {x,y}\n@data\n", "unsupported"
+    ) == ("line 2: nominal attribute 'k' is not the last: only the class (the last attribute) may be nominal")
+    rel = "@relation r\n@attribute s relational\n@attribute t0 numeric\n"
+    assert (
+        err(rel + "@attribute t1 string\n@end s\n@data\n", "unsupported")
+        == f"line 4: string attribute 't1': {reads}"
+    )
+    assert err(rel + "@attribute t1 {u,v}\n@end s\n@data\n", "unsupported") == (
+        "line 4: attribute 't1' inside relational attribute 's' is nominal: only numeric ones (the steps of a channel) are read"
+    )
+    assert "beside the relational one" in err(rel + "@end s\n@attribute a numeric\n@data\n", "unsupported")
+    # malformed: corrupt, naming the line
+    assert err(attrs + "@data\n1,2,3,x\n", "corrupt") == "line 6: 4 values, the header declares 3 attributes"
+    assert err(attrs + "@data\n1,zwei,x\n", "corrupt") == "line 6: non-numeric value"
+    assert err(attrs + "@data\n1,2,'x\n", "corrupt") == "line 6: malformed quoted value at character 5"
+    assert err(attrs, "corrupt") == "no @data line: not an ARFF file"
+    assert (
+        err("1,2,3\n", "corrupt") == "line 1: expected an @relation, @attribute or @data line before the data"
+    )
+    assert (
+        err("@relation r\n@attribute a numerc\n@data\n", "corrupt")
+        == "line 2: attribute 'a' has no known type ('numerc')"
+    )
+    assert err(rel + "@data\n", "corrupt") == "relational attribute 's' has no @end line"
+    assert err(rel + "@end s\n@attribute c {x}\n@data\n'1\\n2,3',x\n", "corrupt") == (
+        "line 7: channel 1 has 2 values, the relational attribute declares 1"
+    )
+    assert err(attrs + "@data\n", "empty") == "no series in the file"
