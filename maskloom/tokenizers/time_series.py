@@ -563,6 +563,17 @@ class TimeSeriesTokenizer(Tokenizer):
         """Class names learned by fit() / load_artifacts() from labelled files, or None."""
 
     # ---- contract -----------------------------------------------------------------------------
+    def companion_files(self, source: str) -> tuple[str, ...]:
+        """The same UCR/UEA data in the archive's other formats, beside a ``.ts`` (its ``.arff`` and
+        ``.tsv``) or an ``.arff`` (its ``.tsv``), plain or compressed: the archive ships
+        ``X_TRAIN.ts``, ``X_TRAIN.arff`` and ``X_TRAIN.tsv`` side by side, and a folder walk took all
+        three, so each series was tokenized three times. Named explicitly, such a file is read all the
+        same (``find_inputs``' rule for companions)."""
+        root, _ = split_compression(source)
+        stem, ext = os.path.splitext(root)
+        others = {".ts": (".arff", ".tsv"), ".arff": (".tsv",)}.get(ext.lower(), ())
+        return tuple(stem + o + c for o in others for c in ("", *COMPRESSIONS))
+
     def spec(self) -> TableSpec:
         return TableSpec(
             modality=self.name,

@@ -1084,3 +1084,22 @@ def test_arff_unsupported_and_malformed_variants(tmp_path):
         "line 7: channel 1 has 2 values, the relational attribute declares 1"
     )
     assert err(attrs + "@data\n", "empty") == "no series in the file"
+
+
+def test_a_folder_of_the_ucr_archive_gives_each_series_once(tmp_path):
+    """X_TRAIN.ts, .arff and .tsv side by side (as the archive ships them) are one dataset: a folder
+    walk takes the .ts, or the .arff where there is no .ts; a file named explicitly is still read."""
+    from maskloom.pipelines.sources import find_inputs
+
+    for name in ("A_TRAIN.ts", "A_TRAIN.arff", "A_TRAIN.tsv", "B_TRAIN.arff.gz", "B_TRAIN.tsv", "C_TRAIN.tsv",
+                 "D.ts.xz", "D.tsv.gz", "E.csv"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"x")
+    tok = TimeSeriesTokenizer()
+    found = find_inputs(str(tmp_path), extensions=tok.extensions, companions=tok.companion_files)
+    assert sorted(os.path.basename(i.source) for i in found.inputs) == [
+        "A_TRAIN.ts", "B_TRAIN.arff.gz", "C_TRAIN.tsv", "D.ts.xz", "E.csv"
+    ]  # fmt: skip
+    named = find_inputs(
+        str(tmp_path / "A_TRAIN.arff"), extensions=tok.extensions, companions=tok.companion_files
+    )
+    assert [os.path.basename(i.source) for i in named.inputs] == ["A_TRAIN.arff"]
