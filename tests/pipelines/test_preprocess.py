@@ -217,6 +217,25 @@ def test_an_input_found_bad_after_streaming_records_keeps_none_of_them(tmp_path,
     assert sorted(os.listdir(out)) == sorted([COMMITS, shard.name])  # no temp file of a dropped pass left
 
 
+def test_streamed_records_reach_the_writer_in_batches_bounded_by_bytes(tmp_path, monkeypatch):
+    """A stream of big records (a tar of videos: 2.4 MB each) goes to the writer every
+    STREAM_BATCH_BYTES of tokens, not every STREAM_BATCH records (0.6 GB)."""
+    monkeypatch.setattr(pp, "STREAM_BATCH_BYTES", 24)  # 3 records of 8 bytes of tokens
+    sizes: list[int] = []
+    add = tables.ShardWriter.add
+    monkeypatch.setattr(
+        tables.ShardWriter, "add", lambda self, recs: (sizes.append(len(recs)), add(self, recs))[1]
+    )
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(" ".join(str(i) for i in range(8)))
+    tok = get_tokenizer(TOK, {"stream_delay": 1e-6})
+    meta = tables.table_meta(tok.spec(), tokenizer=TOK, tokenizer_version="1", config=tok.config_dict(),
+                             fingerprint=tok.fingerprint())  # fmt: skip
+    (shard,) = plan_shards(find_inputs(str(tmp_path / "in"), extensions=(".txt",)).inputs, "k", 10)
+    c = tokenize_shard(tok, shard, str(tmp_path / "out"), meta)
+    assert sizes == [3, 3, 2] and c["shard"]["rows"] == 8
+
+
 def test_shard_writer_rolls_back_pending_records_only(tmp_path):
     tok = get_tokenizer(TOK, None)
     spec = tok.spec()
