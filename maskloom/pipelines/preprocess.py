@@ -53,6 +53,7 @@ import re
 import shutil
 import stat
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -1199,6 +1200,10 @@ def preprocess(
             log.info("reusing the fitted artifacts in %s", artifacts_dir)
         else:
             log.info("fitting the %s tokenizer on %d inputs", modality, len(items))
+            if progress:  # a corpus's vocabulary can take a minute: say what the job is doing
+                print(f"preprocess: fitting the {modality} tokenizer on {_count(len(items), 'input')}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            t_fit = time.perf_counter()
             try:
                 tokenizer.fit([i.source for i in items])
             except TokenizeError as e:  # a tokenizer's fit should skip bad inputs; one that does not
@@ -1208,6 +1213,10 @@ def preprocess(
                 ) from None
             shutil.rmtree(artifacts_dir, ignore_errors=True)
             tokenizer.save_artifacts(artifacts_dir)
+            if progress:
+                print(
+                    f"preprocess: fitted in {time.perf_counter() - t_fit:.1f} s", file=sys.stderr, flush=True
+                )
     elif base is None:
         tokenizer.save_artifacts(artifacts_dir)
     art_digest = artifacts_digest(artifacts_dir)

@@ -360,6 +360,20 @@ def test_the_bar_counts_inputs_inside_a_running_shard(tmp_path, monkeypatch, cap
     assert not (tmp_path / "out" / COMMITS).exists()
 
 
+def test_a_fit_says_what_the_job_is_doing(tmp_path, capsys):
+    """With a bar, the fit stage (a corpus's vocabulary: a minute) is announced, then timed."""
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        (tmp_path / "in" / f"{k}.txt").write_text(f"document {k} with some words\n")
+    preprocess(str(tmp_path / "in"), "text", {"vocab_size": 300}, str(tmp_path / "out"), num_workers=0)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "preprocess: fitting the text tokenizer on 3 inputs"
+    assert re.fullmatch(r"preprocess: fitted in \d+\.\d s", err[1])
+    preprocess(str(tmp_path / "in"), "text", {"vocab_size": 300}, str(tmp_path / "out2"), num_workers=0,
+               progress=False)  # fmt: skip
+    assert "fitting" not in capsys.readouterr().err
+
+
 def test_resources_defaults_and_validation():
     r = resources(max_workers=1)
     assert r.num_workers == 1 and r.cpus_per_worker == 1.0 and r.gpus_per_worker == 0.0 and r.batch_size == 1
