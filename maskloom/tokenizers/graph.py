@@ -8,12 +8,14 @@ Laplacian eigenvector positional encoding of Dwivedi et al. ("Benchmarking Graph
 symmetric normalised Laplacian ``L = I - D^-1/2 A D^-1/2`` with the smallest eigenvalues after the
 trivial one. Eigenvectors have no intrinsic sign; we flip each so that its largest-magnitude entry
 (first such entry on ties) is positive, which makes the output deterministic (eigenvalue
-multiplicities leave a rotation ambiguity that no sign rule removes; eigh is deterministic for a
-given input). Graphs with fewer than ``pe_dim + 1`` nodes get zero columns. Graphs above
-``Config.pe_dense_max`` nodes use a sparse solver with a bounded number of Lanczos restarts and a
-shift-invert fallback (see :func:`laplacian_pe`): a 20,000-node ring takes ~4 s, not minutes. The edges themselves
-are kept as (E, 2) int32 token-index pairs, in both directions (graphs are treated as undirected;
-self loops and duplicate edges are dropped).
+multiplicities leave a rotation ambiguity that no sign rule removes; both solvers are deterministic
+for a given input). Graphs with fewer than ``pe_dim + 1`` nodes get zero columns. Graphs above
+``Config.pe_dense_max`` nodes are solved one connected component at a time, large components by
+Lanczos with a bounded number of restarts, a shift-invert fallback and deflated re-runs that find
+every copy of a repeated eigenvalue: the same eigenvalues as dense eigh, vectors spanning the same
+eigenspaces, each zero outside its component (see :func:`laplacian_pe`); a 20,000-node ring takes
+~4 s, not minutes. The edges themselves are kept as (E, 2) int32 token-index pairs, in both
+directions (graphs are treated as undirected; self loops and duplicate edges are dropped).
 
 A *source* is a whole dataset and ``tokenize`` returns many records:
 
@@ -179,34 +181,207 @@ def _fix_signs(vecs: np.ndarray) -> np.ndarray:
 
 
 LANCZOS_WORK = 1e7
-"""Restart budget of the sparse PE's Lanczos solve, in restarts x nodes (2-4 s on one core)."""
+"""Restart budget of one sparse Lanczos run, in restarts x nodes (2-4 s on one core)."""
 LANCZOS_MIN_RESTARTS = 100
 """... and at least this many restarts (a well-connected graph needs fewer than 100)."""
 SHIFT = 1e-9
-"""Shift-invert fallback: eigenvalues of L nearest -SHIFT, from a sparse LU of L + SHIFT * I."""
+"""Shift-invert fallback: Lanczos on ``(L + SHIFT I)^-1``, from a sparse LU of ``L + SHIFT I``."""
+EIG_TOL = 1e-10
+"""Eigenvalues this close count as equal: ties across components (up to this much above the
+smallest of a tie group), and the check that a verification run found nothing below the
+eigenvalues already found."""
+RESIDUAL_TOL = 1e-6
+"""Largest accepted residual ``||L v - lambda v||`` of a sparse eigenpair (it bounds the eigenvalue
+error)."""
+SPARSE_MIN_NODES = 100
+"""A component this small (or below 6 x the eigenpairs it must give) is solved dense whatever
+``dense_max``: an iterative solve needs room beyond the pairs it is asked for."""
 
 
 class PEConvergenceError(RuntimeError):
     """The sparse eigensolver did not find the Laplacian PE of a graph."""
 
 
-def _shift_invert_eigsh(lap, k: int, v0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` smallest eigenpairs of the sparse symmetric PSD ``lap``: Lanczos on
-    ``(L + SHIFT I)^-1``, whose largest eigenvalues are L's smallest, spread far apart. Graphs with
-    a small spectral gap (long rings, paths, chains) have small separators, so the LU (minimum
-    degree ordering of A + A^T) stays sparse; expanders, whose LU fills in, converge without it."""
-    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, splu
+def _shift_invert_solver(lap):
+    """``b -> (L + SHIFT I)^-1 b`` for the sparse symmetric PSD ``lap`` of a connected component.
+    Graphs with a small spectral gap (long rings, paths, chains) have small separators, so the LU
+    (minimum degree ordering of A + A^T) stays sparse; expanders, whose LU fills in, converge without
+    it. Raises :class:`PEConvergenceError` when the factorisation fails."""
+    from scipy.sparse.linalg import splu
 
     n = lap.shape[0]
     try:
         lu = splu((lap + SHIFT * sp.identity(n, format="csr")).tocsc(), permc_spec="MMD_AT_PLUS_A")
-        inv = LinearOperator((n, n), matvec=lu.solve, dtype=np.float64)
-        return eigsh(lap, k=k, sigma=-SHIFT, which="LM", OPinv=inv, v0=v0, tol=1e-8)
-    except (ArpackNoConvergence, RuntimeError, MemoryError) as e:
+    except (RuntimeError, MemoryError) as e:
         raise PEConvergenceError(
             f"the sparse eigensolver found no Laplacian positional encoding for this {n}-node graph "
-            f"({type(e).__name__}: {e})"
+            f"(shift-invert LU: {type(e).__name__}: {e})"
         ) from None
+    return lu.solve
+
+
+def _component_eigenpairs(lap, null: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``q`` smallest eigenpairs of the Laplacian ``lap`` (sparse, s x s) of a connected graph
+    besides its null vector ``null`` (``D^1/2 1``, normalised): ascending (q,) eigenvalues and
+    (s, q) orthonormal eigenvectors, eigenvalue multiplicities included.
+
+    Lanczos (``eigsh``) with one start vector finds one vector per eigenspace: in exact arithmetic
+    its Krylov space holds only the start vector's projection on each. So it is run again, on the
+    operator deflated of every eigenvector found so far (``P A P``, ``P = I - F F^T``), from a fresh
+    deterministic start: the deflated operator's smallest eigenvalues are exactly those not found yet,
+    including further copies of repeated ones. A run that finds nothing below the q-th smallest
+    eigenvalue found (within ``EIG_TOL``) proves the set complete; at most ``q + 2`` runs. Each run is
+    Lanczos on ``2I - L`` within the restart budget, or, once that runs out (tiny spectral gaps),
+    Lanczos on ``(L + SHIFT I)^-1`` from one sparse LU. A final Rayleigh-Ritz on all vectors found
+    orders them, and every residual is checked (``RESIDUAL_TOL``). Raises :class:`PEConvergenceError`.
+    """
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
+
+    s = lap.shape[0]
+    restarts = max(LANCZOS_MIN_RESTARTS, int(LANCZOS_WORK // s))
+    basis = null.reshape(s, 1)  # orthonormal: every direction deflated so far
+    vecs = np.zeros((s, 0))  # eigenvectors found (besides the null vector)
+    vals = np.zeros(0)
+    solve = None  # (L + SHIFT I)^-1, once Lanczos on 2I - L has run out of restarts
+    complete = False
+
+    def fail(why: str) -> PEConvergenceError:
+        return PEConvergenceError(
+            f"the sparse eigensolver found no Laplacian positional encoding for this {s}-node graph ({why})"
+        )
+
+    def deflated(apply, f: np.ndarray) -> LinearOperator:
+        """``P A P`` for ``P = I - f f^T``, as ``P A``: ARPACK applies it to vectors of P's range
+        only (v0 and its outputs); the P also wipes what rounding adds along f."""
+
+        def matvec(v):
+            out = apply(v)
+            return out - f @ (f.T @ out)
+
+        return LinearOperator((s, s), matvec=matvec, dtype=np.float64)
+
+    for run in range(q + 2):
+        want = min(q, s - basis.shape[1] - 1)
+        if want <= 0:  # every direction is found
+            complete = True
+            break
+        v0 = np.random.default_rng([0, run]).uniform(0.5, 1.5, s)
+        v0 -= basis @ (basis.T @ v0)
+        while True:
+            # smallest eigenvalues of L: the largest of 2I - L (spectrum in [0, 2]) or of the inverse
+            op = deflated(lambda v: 2.0 * v - lap @ v, basis) if solve is None else deflated(solve, basis)
+            try:
+                _, v = eigsh(op, k=want, which="LA", v0=v0, tol=1e-8, maxiter=restarts)
+                break
+            except ArpackNoConvergence:
+                if solve is not None:
+                    raise fail(f"shift-invert Lanczos did not converge in {restarts} restarts") from None
+                solve = _shift_invert_solver(lap)
+            except ArpackError as e:
+                raise fail(f"{type(e).__name__}: {e}") from None
+        v -= basis @ (basis.T @ v)  # clean off rounding along the deflated directions
+        w = np.einsum("ij,ij->j", v, lap @ v) / np.einsum("ij,ij->j", v, v)  # Rayleigh quotients
+        if run > 0 and vals.size >= q:
+            bound = np.sort(vals)[q - 1]
+            if w.min() >= bound - EIG_TOL:  # nothing below what was found: the set is complete
+                complete = True
+                break
+        vecs = np.concatenate([vecs, v], axis=1)
+        vals = np.concatenate([vals, w])
+        basis, _ = np.linalg.qr(np.concatenate([basis, v], axis=1))
+    if not complete:
+        raise fail(f"more repeated eigenvalues than {q + 2} Lanczos runs resolve")
+    # Rayleigh-Ritz on everything found: orthonormal, ascending, and the residuals to check
+    f, _ = np.linalg.qr(vecs - null[:, None] @ (null[None, :] @ vecs))
+    theta, y = scipy.linalg.eigh(f.T @ (lap @ f))
+    x = f @ y[:, :q]
+    theta = theta[:q]
+    res = np.linalg.norm(lap @ x - x * theta, axis=0).max(initial=0.0)
+    if not res <= RESIDUAL_TOL:
+        raise fail(f"residual {res:.1e} above {RESIDUAL_TOL:g}")
+    return theta, x
+
+
+def _sparse_pe(edge_index: np.ndarray, n: int, m: int, dense_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs 1..m (0 skipped) of the normalised Laplacian of an ``n``-node graph, component by
+    component: (m,) eigenvalues and (n, m) eigenvectors, each vector zero outside its component.
+
+    A graph's spectrum is the union of its connected components'. Every component with an edge has
+    the eigenvalue 0 once, vector ``D^1/2 1`` (normalised) on its nodes, taken exactly; an isolated
+    node has 1, vector e_i; a component's other eigenpairs come from dense ``eigh`` (up to
+    ``dense_max`` nodes, and below ``SPARSE_MIN_NODES`` or 6 x the pairs it must give) or from
+    :func:`_component_eigenpairs`. Only pairs that can be among the graph's m + 1 smallest are
+    computed (the nulls come first: with m + 1 components with edges nothing else is).
+
+    Merged order (deterministic): the nulls first, in component order; then ascending eigenvalue,
+    where eigenvalues up to ``EIG_TOL`` above the smallest of their group count as tied and a tie is
+    ordered by component, then as within it. Components are ordered by their smallest node id. The
+    first pair is skipped as the dense path skips the trivial one: the null of the first component
+    with an edge (the one holding node 0 unless node 0 is isolated), or the first isolated node's
+    when there is no edge.
+    """
+    from scipy.sparse.csgraph import connected_components
+
+    ei = np.asarray(edge_index, np.int64).reshape(2, -1)
+    adj = sp.csr_matrix((np.ones(ei.shape[1]), (ei[0], ei[1])), shape=(n, n))
+    adj.data[:] = 1.0  # as normalized_laplacian: duplicate edges count once
+    deg = np.asarray(adj.sum(axis=1)).ravel()
+    lap = normalized_laplacian(ei, n, sparse=True)
+    ncomp, labels = connected_components(adj, directed=False)
+    by_comp = np.argsort(labels, kind="stable")  # nodes grouped by component, ascending inside
+    starts = np.searchsorted(labels[by_comp], np.arange(ncomp + 1))
+    first = by_comp[starts[:-1]]  # smallest node id of each component
+    sizes = np.diff(starts)
+    ranked = np.argsort(first, kind="stable")  # components in order of their smallest node
+    edged = ranked[sizes[ranked] > 1]
+    need = m + 1  # pairs wanted, the skipped one included
+    q_max = max(need - edged.size, 0)  # pairs above its null a component can contribute at most
+    # only the first m + 1 components with edges (their nulls rank first) and the first m + 1
+    # isolated nodes (eigenvalue 1, tied with each other) can be among the m + 1 smallest
+    keep = np.concatenate([edged[:need], ranked[sizes[ranked] == 1][:need]])
+    keep = keep[np.argsort(first[keep], kind="stable")]
+    vals: list[float] = []  # candidate pairs: eigenvalue,
+    rank: list[int] = []  # the component's smallest node id,
+    within: list[int] = []  # the pair's number in its component (0 = null or isolated node),
+    null: list[bool] = []  # whether it is an exact null,
+    nodes: list[np.ndarray] = []  # the component's nodes
+    vecs: list[np.ndarray] = []  # and the eigenvector on them
+    for c in keep.tolist():
+        on = by_comp[starts[c] : starts[c + 1]]
+        size = int(sizes[c])
+        w, v = np.ones(1), np.ones((1, 1))  # an isolated node
+        if size > 1:
+            y = np.sqrt(deg[on])
+            w, v = np.zeros(1), (y / np.linalg.norm(y))[:, None]
+            q = min(q_max, size - 1)
+            if q > 0:
+                sub = lap[on][:, on]
+                if size <= max(dense_max, SPARSE_MIN_NODES, 6 * (q + 1)):
+                    wq, vq = scipy.linalg.eigh(sub.toarray(), subset_by_index=[0, q])
+                    wq, vq = wq[1:], vq[:, 1:]
+                else:
+                    wq, vq = _component_eigenpairs(sub.tocsr(), v[:, 0], q)
+                w, v = np.concatenate([w, wq]), np.concatenate([v, vq], axis=1)
+        for j in range(w.size):
+            vals.append(float(w[j]))
+            rank.append(int(first[c]))
+            within.append(j)
+            null.append(size > 1 and j == 0)
+            nodes.append(on)
+            vecs.append(v[:, j])
+    # tie groups, not chained: a group holds the eigenvalues up to EIG_TOL above its smallest
+    tie = np.full(len(vals), -1, np.int64)  # the nulls: group -1
+    group, start = -1, -np.inf
+    for i in np.lexsort((within, rank, vals)).tolist():
+        if not null[i]:
+            if vals[i] > start + EIG_TOL:
+                group, start = group + 1, vals[i]
+            tie[i] = group
+    chosen = np.lexsort((within, rank, tie))[1 : m + 1].tolist()
+    v = np.zeros((n, m))
+    for j, i in enumerate(chosen):
+        v[nodes[i], j] = vecs[i]
+    return np.array([vals[i] for i in chosen]), v
 
 
 def laplacian_pe(
@@ -217,13 +392,20 @@ def laplacian_pe(
     Eigenvectors 1..k (ascending eigenvalue; number 0, the trivial one, skipped) of the symmetric
     normalised Laplacian of the undirected graph ``edge_index`` (2, E); sign-fixed so each column's
     largest-magnitude entry is positive; zero columns when the graph has fewer than k + 1 nodes.
-    Dense ``eigh`` up to ``dense_max`` nodes, ``scipy.sparse.linalg.eigsh`` (deterministic start
-    vector) beyond: Lanczos for the largest eigenvalues of ``2I - L``, at most
-    ``max(LANCZOS_MIN_RESTARTS, LANCZOS_WORK / N)`` restarts (a few seconds at any N); a graph whose
-    small eigenvalues lie too close together for that (a long ring, path or chain) is
-    solved in shift-invert mode instead (a sparse LU of ``L + SHIFT I``, cheap for such graphs).
+    Dense ``eigh`` up to ``dense_max`` nodes (and when k + 1 >= N). Beyond, :func:`_sparse_pe`
+    takes the graph's connected components one by one: exact null vectors (``D^1/2 1`` on a
+    component) and isolated nodes (eigenvalue 1), ``eigh`` for small components and
+    :func:`_component_eigenpairs` for large ones: Lanczos (``eigsh``, deterministic starts) within a
+    restart budget of ``max(LANCZOS_MIN_RESTARTS, LANCZOS_WORK / component size)``, shift-invert
+    from a sparse LU when that runs out (long rings, paths, chains), re-run deflated of the vectors
+    found until a run finds nothing missed (2 or 3 runs, at most k + 2), residuals checked. So the eigenvalues are dense ``eigh``'s, a repeated one
+    (grids, symmetric graphs, the 0 of each component) with all its eigenvectors, and the vectors
+    span the same eigenspaces. Within a repeated eigenvalue's eigenspace the basis differs from
+    ``eigh``'s (which is arbitrary too): each sparse vector lies in one component, ties across
+    components are ordered by component (smallest node id first), and the skipped trivial vector is
+    the null of the first component with an edge.
     With ``return_eigenvalues`` also the (k,) eigenvalues (0 for padded columns). Raises
-    :class:`PEConvergenceError` when neither converges.
+    :class:`PEConvergenceError` when the sparse solver does not converge.
     """
     n = int(num_nodes)
     pe = np.zeros((n, k), np.float64)
@@ -236,26 +418,7 @@ def laplacian_pe(
             w, v = scipy.linalg.eigh(normalized_laplacian(edge_index, n), subset_by_index=[0, m])
             w, v = w[1 : m + 1], v[:, 1 : m + 1]
         else:
-            from scipy.sparse.linalg import ArpackNoConvergence, eigsh
-
-            lap = normalized_laplacian(edge_index, n, sparse=True)
-            v0 = np.random.default_rng(0).uniform(0.5, 1.5, n)
-            # smallest eigenvalues of L = largest of 2I - L (spectrum in [0, 2]); converges faster
-            restarts = max(LANCZOS_MIN_RESTARTS, int(LANCZOS_WORK // n))
-            try:
-                w, v = eigsh(
-                    2.0 * sp.identity(n, format="csr") - lap,
-                    k=m + 1,
-                    which="LA",
-                    v0=v0,
-                    tol=1e-8,
-                    maxiter=restarts,
-                )
-                w = 2.0 - w
-            except ArpackNoConvergence:
-                w, v = _shift_invert_eigsh(lap, m + 1, v0)
-            order = np.argsort(w, kind="stable")
-            w, v = w[order][1 : m + 1], v[:, order][:, 1 : m + 1]
+            w, v = _sparse_pe(edge_index, n, m, dense_max)
         pe[:, :m] = _fix_signs(v)
         vals[:m] = w
     pe32 = pe.astype(np.float32)
@@ -407,7 +570,8 @@ class GraphTokenizer(Tokenizer):
         feature_dim: int | None = None
         """Pin the node-feature width; None = learned by fit() (or the first read())."""
         pe_dense_max: int = 2000
-        """Graphs up to this many nodes use dense eigh for the PE, larger ones sparse eigsh."""
+        """Graphs up to this many nodes use dense eigh for the PE; larger ones are split into their
+        connected components, each solved dense up to this many nodes, else sparse (eigsh)."""
         seed: int = 0
         """Seed of the subgraph budget subsampling."""
 
@@ -432,7 +596,10 @@ class GraphTokenizer(Tokenizer):
                         f"{name} may hold no other {{...}} field than {{stem}}, got {getattr(self, name)!r}"
                     ) from None
 
-    version = "2"  # 2: PE of large graphs with clustered small eigenvalues by shift-invert
+    # 2: PE of large graphs with clustered small eigenvalues by shift-invert
+    # 3: PE of graphs above pe_dense_max per connected component, with every copy of a repeated
+    #    eigenvalue (grids, disconnected graphs' 0): their positions changed
+    version = "3"
     extensions = (".csv", ".edges")
     folder_source = "a TU dataset folder"
     needs_fit = True

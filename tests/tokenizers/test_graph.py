@@ -84,13 +84,19 @@ def test_pe_sign_convention_and_tiny_graphs():
     np.testing.assert_allclose(vals, [1, 2], atol=1e-12)
 
 
-def test_sparse_eigsh_agrees_with_dense():
-    n = 30
+def test_sparse_eigsh_agrees_with_dense(monkeypatch):
+    import maskloom.tokenizers.graph as graph
+
+    calls = []
+    real = graph._component_eigenpairs
+    monkeypatch.setattr(graph, "_component_eigenpairs", lambda *a: calls.append(a[0].shape) or real(*a))
+    n = 300  # (a component below graph.SPARSE_MIN_NODES is solved dense whatever dense_max)
     path = undirected(np.stack([np.arange(n - 1), np.arange(1, n)]), n)
     dense, wd = laplacian_pe(path, n, 4, return_eigenvalues=True)
     sparse, ws = laplacian_pe(path, n, 4, dense_max=1, return_eigenvalues=True)
+    assert calls == [(n, n)]
     np.testing.assert_allclose(ws, wd, atol=1e-8)
-    np.testing.assert_allclose(sparse, dense, atol=1e-5)
+    np.testing.assert_allclose(sparse, dense, atol=1e-5)  # distinct eigenvalues: the same vectors
 
 
 # ---- TU datasets ----------------------------------------------------------------------------------
@@ -662,13 +668,13 @@ def test_sparse_pe_falls_back_to_shift_invert_when_lanczos_runs_out(monkeypatch)
     monkeypatch.setattr(graph, "LANCZOS_WORK", 1)
     monkeypatch.setattr(graph, "LANCZOS_MIN_RESTARTS", 1)
     calls = []
-    real = graph._shift_invert_eigsh
-    monkeypatch.setattr(graph, "_shift_invert_eigsh", lambda *a: calls.append(1) or real(*a))
+    real = graph._shift_invert_solver
+    monkeypatch.setattr(graph, "_shift_invert_solver", lambda *a: calls.append(1) or real(*a))
     sparse, ws = laplacian_pe(path, n, 4, dense_max=1, return_eigenvalues=True)
-    assert calls == [1]  # Lanczos gave up after one restart
+    assert calls == [1]  # Lanczos gave up after one restart; one LU serves every later run
     np.testing.assert_allclose(ws, wd, atol=1e-12)
     np.testing.assert_allclose(sparse, dense, atol=1e-5)  # distinct eigenvalues: the same vectors
-    # a ring's eigenvalues come in pairs, and shift-invert finds both of each pair, as eigh does
+    # a ring's eigenvalues come in pairs, and the sparse path finds both of each pair, as eigh does
     pe, w = laplacian_pe(ring(n), n, 4, dense_max=1, return_eigenvalues=True)
     _, wd = laplacian_pe(ring(n), n, 4, return_eigenvalues=True)
     np.testing.assert_allclose(w, wd, atol=1e-12)
@@ -707,8 +713,127 @@ def test_tiny_graphs_use_eigh_whatever_pe_dense_max():
     np.testing.assert_allclose(w, [1, 2, 0, 0], atol=1e-12)
 
 
-def test_version_2_since_the_sparse_pe_changed():
+def test_version_3_since_the_sparse_pe_changed():
     # 2: graphs above pe_dense_max nodes whose Lanczos solve needs more than the restart budget (long
     # rings, paths, chains) get their PE by shift-invert; it also finds both eigenvectors of each
     # repeated eigenvalue, which Lanczos missed (a 10,000-node ring's positions changed)
-    assert GraphTokenizer.version == "2"
+    # 3: graphs above pe_dense_max nodes: per connected component, with every copy of a repeated
+    # eigenvalue (a grid's doubled ones, the 0 of each component), which Lanczos missed (positions of
+    # such graphs changed; graphs up to pe_dense_max nodes keep theirs bit for bit)
+    assert GraphTokenizer.version == "3"
+
+
+# ---- the sparse PE: repeated eigenvalues and components --------------------------------------------
+def grid(a, b):
+    idx = np.arange(a * b).reshape(a, b)
+    right = np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()])
+    down = np.stack([idx[:-1, :].ravel(), idx[1:, :].ravel()])
+    return undirected(np.concatenate([right, down], axis=1), a * b)
+
+
+def rings(count, size):
+    return undirected(np.concatenate([ring(size) + j * size for j in range(count)], axis=1), count * size)
+
+
+def assert_same_eigenspaces(edge_index, n, pe, w, k):
+    """``w`` are dense eigh's eigenvalues 1..k and the columns of ``pe`` are orthonormal eigenvectors
+    of them, inside the span of eigh's eigenvectors up to w[-1] (with equal eigenvalues, also the
+    same eigenspaces: for an eigenvalue of multiplicity c among 1..k, c orthonormal eigenvectors)."""
+    import scipy.linalg
+
+    lap = normalized_laplacian(edge_index, n)
+    wd, ud = scipy.linalg.eigh(lap, subset_by_index=[0, k + 8])
+    np.testing.assert_allclose(w, wd[1 : k + 1], atol=1e-8)
+    v = pe.astype(np.float64)
+    np.testing.assert_allclose(v.T @ v, np.eye(k), atol=1e-6)
+    np.testing.assert_allclose(lap @ v, v * w, atol=1e-6)
+    assert scipy.linalg.subspace_angles(v, ud[:, wd <= w[-1] + 1e-8]).max() < 1e-5
+
+
+def spy(monkeypatch, name):
+    import maskloom.tokenizers.graph as graph
+
+    calls = []
+    real = getattr(graph, name)
+    monkeypatch.setattr(graph, name, lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    return calls
+
+
+def test_sparse_pe_of_a_grid_has_every_copy_of_its_doubled_eigenvalues(monkeypatch):
+    # a square grid's symmetry doubles eigenvalues; Lanczos from one start vector found each once
+    solves = spy(monkeypatch, "_component_eigenpairs")
+    n, k = 900, 8
+    pe, w = laplacian_pe(grid(30, 30), n, k, dense_max=100, return_eigenvalues=True)
+    assert solves == [n]  # the sparse solver, not eigh
+    assert w[0] == pytest.approx(w[1], abs=1e-10) and w[3] == pytest.approx(w[4], abs=1e-10)
+    assert_same_eigenspaces(grid(30, 30), n, pe, w, k)
+    pe2, w2 = laplacian_pe(grid(30, 30), n, k, dense_max=100, return_eigenvalues=True)
+    np.testing.assert_array_equal(pe2, pe)  # deterministic
+    np.testing.assert_array_equal(w2, w)
+
+
+@pytest.mark.parametrize("dense_max", [100, 250])  # components solved sparse, or dense (200 nodes)
+def test_sparse_pe_of_disconnected_rings_merges_the_components(monkeypatch, dense_max):
+    solves = spy(monkeypatch, "_component_eigenpairs")
+    n, k = 600, 8
+    ei = rings(3, 200)
+    pe, w = laplacian_pe(ei, n, k, dense_max=dense_max, return_eigenvalues=True)
+    assert solves == ([200] * 3 if dense_max < 200 else [])
+    # 0 three times (one per ring; the first skipped), then a ring's lowest pair, three times over
+    np.testing.assert_allclose(w, [0, 0] + [1 - np.cos(2 * np.pi / 200)] * 6, atol=1e-10)
+    assert_same_eigenspaces(ei, n, pe, w, k)
+    # each vector lies in one ring; ties ordered by ring (smallest node id first)
+    comp = [np.unique(np.flatnonzero(np.abs(pe[:, j]) > 1e-6) // 200) for j in range(k)]
+    assert [c.tolist() for c in comp] == [[1], [2], [0], [0], [1], [1], [2], [2]]
+    # a ring's null vector is constant on it (D^1/2 1 normalised), zero elsewhere
+    np.testing.assert_allclose(pe[200:400, 0], 200**-0.5, atol=1e-7)
+    np.testing.assert_array_equal(pe[:200, 0], 0)
+    pe2 = laplacian_pe(ei, n, k, dense_max=dense_max)
+    np.testing.assert_array_equal(pe2, pe)
+
+
+def test_sparse_pe_with_isolated_nodes_and_components_smaller_than_k(monkeypatch):
+    # a 150-node path (solved sparse), then a triangle, an edge and 3 isolated nodes
+    tail = np.array([[150, 151, 152, 153], [151, 152, 150, 154]])
+    ei = undirected(np.concatenate([np.stack([np.arange(149), np.arange(1, 150)]), tail], axis=1), 158)
+    solves = spy(monkeypatch, "_component_eigenpairs")
+    pe, w = laplacian_pe(ei, 158, 8, dense_max=10, return_eigenvalues=True)
+    assert solves == [150]
+    assert w[:2].tolist() == [0.0, 0.0]  # the triangle's and the edge's null; the path's is skipped
+    assert_same_eigenspaces(ei, 158, pe, w, 8)
+    # k larger than the small components: a triangle (0, 1.5, 1.5), an edge (0, 2), isolated nodes (1)
+    small = undirected(np.array([[0, 1, 2, 3], [1, 2, 0, 4]]), 8)
+    pe, w = laplacian_pe(small, 8, 4, dense_max=5, return_eigenvalues=True)
+    np.testing.assert_allclose(w, [0, 1, 1, 1], atol=1e-12)
+    np.testing.assert_allclose(pe[:, 0], [0, 0, 0, 2**-0.5, 2**-0.5, 0, 0, 0], atol=1e-7)  # the edge's null
+    np.testing.assert_array_equal(pe[5:, 1:], np.eye(3))  # e_5, e_6, e_7: ties by node id
+    np.testing.assert_array_equal(pe[:5, 1:], 0)
+    # no edge at all: every eigenvalue is 1; the first isolated node's is the one skipped
+    pe, w = laplacian_pe(np.zeros((2, 0), np.int64), 10, 3, dense_max=5, return_eigenvalues=True)
+    np.testing.assert_array_equal(w, [1, 1, 1])
+    np.testing.assert_array_equal(pe, np.eye(10, 3, k=-1))
+    # more components with edges than k: only null vectors, one per component after the first
+    many = rings(12, 5)
+    pe, w = laplacian_pe(many, 60, 8, dense_max=10, return_eigenvalues=True)
+    np.testing.assert_array_equal(w, np.zeros(8))
+    np.testing.assert_allclose(pe[5:45], np.kron(np.eye(8), np.full((5, 1), 5**-0.5)), atol=1e-7)
+
+
+def test_sparse_pe_that_does_not_converge_raises(monkeypatch):
+    import maskloom.tokenizers.graph as graph
+
+    monkeypatch.setattr(graph, "RESIDUAL_TOL", -1.0)  # no residual passes
+    with pytest.raises(graph.PEConvergenceError, match="residual"):
+        laplacian_pe(grid(30, 30), 900, 8, dense_max=100)
+
+
+def test_pe_of_graphs_up_to_pe_dense_max_is_eigh_bit_for_bit():
+    import scipy.linalg
+
+    import maskloom.tokenizers.graph as graph
+
+    for ei, n in ((grid(12, 12), 144), (rings(3, 40), 120)):
+        w, v = scipy.linalg.eigh(normalized_laplacian(ei, n), subset_by_index=[0, 8])
+        pe, vals = laplacian_pe(ei, n, 8, dense_max=n, return_eigenvalues=True)
+        np.testing.assert_array_equal(pe, graph._fix_signs(v[:, 1:]).astype(np.float32))
+        np.testing.assert_array_equal(vals, w[1:])
