@@ -88,6 +88,7 @@ import numpy as np
 import soundfile as sf
 
 from maskloom import _kernels, _mkl_fft
+from maskloom.tables import all_finite
 from maskloom.tokenizers.base import (
     TAR_EXTENSIONS,
     Record,
@@ -274,6 +275,13 @@ class AudioConfig:
     """Filterbank standard deviation used when normalize_with="config" (AudioSet value from AudioMAE)."""
     fit_max_files: int = 500
     """fit() reads at most this many files, evenly spaced over the sorted source list."""
+    pad_tokens: bool = True
+    """Keep a short clip's padding as tokens, as AudioMAE does: every record is the whole
+    ``target_frames`` grid (512 tokens at the defaults, 262 kB), a 0.5 s spoken digit's 95 % padding.
+    False: a record holds only the time rows of patches that hold real frames (the last one padded
+    as before), so that clip is 32 tokens: rows of varied length, which the loader's length
+    bucketing batches tightly and the backbone attends over without the padding. Long clips give
+    the same records either way."""
     max_windows: int = 1
     """Records per recording: it is cut into consecutive windows of ``target_frames`` frames and up to
     this many become records, ids ``<source>#0``, ``#1``, ... (0: every window). 1 keeps AudioMAE's
@@ -826,8 +834,9 @@ class AudioTokenizer(Tokenizer):
         }
         if member is not None:
             meta["member"] = member
+        tokens, positions, finite = self._kept(tokens, frames, finite)
         first = Record(id=f"{source}#0" if key_id is None else key_id, source=source, tokens=tokens,
-                       positions=self._grid_positions().copy(), label=label, meta=meta, finite=finite)  # fmt: skip
+                       positions=positions, label=label, meta=meta, finite=finite)  # fmt: skip
         if c.max_windows == 1:
             return [first]
         first.meta.update(window=0, offset=0.0)
@@ -842,12 +851,26 @@ class AudioTokenizer(Tokenizer):
             if kaldi.num_frames(piece.shape[0]) * 2 < c.target_frames:  # under half a window left
                 break
             tokens, frames, _, finite = self._window_tokens(piece, 0, consts)
+            tokens, positions, finite = self._kept(tokens, frames, finite)
             meta = {**first.meta, "frames": frames, "window": k, "offset": k * hop / c.sample_rate}
             records.append(Record(id=f"{source if key_id is None else key_id}#{k}", source=source, tokens=tokens,
-                                  positions=self._grid_positions().copy(), label=label, meta=meta,
-                                  finite=finite))  # fmt: skip
+                                  positions=positions, label=label, meta=meta, finite=finite))  # fmt: skip
             k += 1
         return records
+
+    def _kept(self, tokens: np.ndarray, frames: int, finite: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(tokens, positions, finite) of a window's record: the whole grid, or with ``pad_tokens``
+        off its first ceil(frames / patch_size) time rows (copied: the record does not hold on to the
+        whole grid's buffer), whose finiteness is then their own (the padding's is not theirs)."""
+        c = self.config
+        if c.pad_tokens:
+            return tokens, self._grid_positions().copy(), finite
+        nf = c.num_mel_bins // c.patch_size
+        keep = max(1, -(-frames // c.patch_size)) * nf
+        if keep == tokens.shape[0]:
+            return tokens, self._grid_positions().copy(), finite
+        kept = tokens[:keep].copy()
+        return kept, self._grid_positions()[:keep].copy(), all_finite(kept)
 
     def _window_tokens(self, wav: np.ndarray, total_samples: int, consts: tuple[Any, ...]) -> tuple[Any, ...]:
         """(tokens (L, p*p) float16, real frames, frames of the whole recording, finite?) of the first

@@ -941,3 +941,28 @@ def test_conformance_kit_with_a_tar(tmp_path):
         "records": 4,
         "tokens": 4 * 64,
     }
+
+
+def test_without_padding_tokens_a_record_holds_its_real_rows_only(tmp_path):
+    """pad_tokens=False: a 0.3 s clip keeps ceil(frames / 16) time rows of the grid (the last one
+    padded as before), exactly the first rows of the padded record; a clip as long as the grid, and
+    every window with max_windows, are the same records; detokenize gives the same filterbank."""
+    from maskloom.testing import check_tokenizer
+
+    short = _wav(tmp_path / "short.wav", _sine(0.3, amp=0.2))
+    long = _wav(tmp_path / "long.wav", _sine(1.5, amp=0.2))
+    for kw in ({}, {"max_windows": 0}):
+        padded, compact = _tok(**kw), _tok(pad_tokens=False, **kw)
+        for src in (short, long):
+            full, kept = padded(src), compact(src)
+            assert [r.id for r in kept] == [r.id for r in full]
+            for a, b in zip(full, kept):
+                rows = -(-b.meta["frames"] // 16)
+                assert b.tokens.shape == (min(rows, 8) * 8, 256) and b.meta == a.meta
+                np.testing.assert_array_equal(b.tokens, a.tokens[: len(b.tokens)])
+                np.testing.assert_array_equal(b.positions, a.positions[: len(b.tokens)])
+                np.testing.assert_array_equal(compact.detokenize(b), padded.detokenize(a))
+    (r,) = _tok(pad_tokens=False)(short)
+    assert r.meta["frames"] == 28 and r.num_tokens == 2 * 8  # 28 frames: two rows of 16, not 8 rows
+    assert _tok(pad_tokens=False).fingerprint() != _tok().fingerprint()
+    check_tokenizer(_tok(pad_tokens=False), [short, long])
