@@ -14,8 +14,10 @@ report (records and tokens seen) when every rule holds.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
+import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,6 +26,18 @@ import numpy as np
 
 from maskloom import tables
 from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer
+
+
+def write_tar(path: str | os.PathLike[str], members: Sequence[tuple[str, bytes]], mode: str = "w") -> str:
+    """Write a tar at ``path`` holding ``members`` ((name, bytes), in order: a WebDataset shard is
+    ``[("k0.jpg", ...), ("k0.cls", b"3"), ("k1.jpg", ...), ...]``); ``mode`` ``"w:gz"`` gzips it.
+    For tests of tokenizers that read tar shards. Returns the path as a string."""
+    with tarfile.open(path, mode) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
 
 
 def _same_record(a: Record, b: Record) -> bool:

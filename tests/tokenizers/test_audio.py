@@ -14,7 +14,7 @@ import torch
 from torchaudio.compliance import kaldi
 
 from maskloom import _kernels, _mkl_fft
-from maskloom.testing import check_tokenizer
+from maskloom.testing import check_tokenizer, write_tar
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
 from maskloom.tokenizers.audio import Audio, AudioConfig, AudioTokenizer, KaldiFbank
 
@@ -776,16 +776,6 @@ def test_tokenize_gives_the_same_record_for_any_layout_of_the_waveform(frames):
 
 
 # ---- WebDataset tar shards -----------------------------------------------------------------------
-def _write_tar(path, members: list[tuple[str, bytes]]) -> str:
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _same(a, b) -> bool:
@@ -816,7 +806,7 @@ def test_tar_samples_give_the_records_of_the_same_files(tmp_path, max_windows):
                ("./train/a.json", b"{}"),
                ("train/b.json", b"{}"), ("train/b.flac", open(files["b.flac"], "rb").read()),
                ("train/c.wav", open(files["c.wav"], "rb").read()), ("train/c.cls", b"2")]  # fmt: skip
-    tar = _write_tar(tmp_path / "shard-000.tar", members)
+    tar = write_tar(tmp_path / "shard-000.tar", members)
     tok = _tok(target_frames=32, max_windows=max_windows)
     recs = tok(tar)
     windows = {1: [1, 1, 1], 0: [2, 1, 4]}[max_windows]  # 58, 35 and 117 frames
@@ -856,7 +846,7 @@ def test_tar_samples_give_the_records_of_the_same_files(tmp_path, max_windows):
 
 def test_tar_members_libsndfile_lacks_are_decoded_with_ffmpeg(tmp_path):
     m4a = _encode(tmp_path / "s.m4a", "aac", _sine(1.0, sr=44100, amp=0.3), 44100)
-    tar = _write_tar(tmp_path / "m.tar", [("s.m4a", open(m4a, "rb").read()), ("s.cls", b"1")])
+    tar = write_tar(tmp_path / "m.tar", [("s.m4a", open(m4a, "rb").read()), ("s.cls", b"1")])
     tok = _tok()
     (rec,), (ref,) = tok(tar), tok(m4a)
     assert (rec.id, rec.label, rec.meta["member"]) == (f"{tar}#s", 1, "s.m4a")
@@ -867,7 +857,7 @@ def test_tar_cls_labels(tmp_path):
     clip = open(_wav(tmp_path / "x.wav", _sine(0.1)), "rb").read()
     members = [("a.wav", clip), ("a.cls", b"12"), ("b.wav", clip), ("b.cls", b"\t3 \r\n"),
                ("c.wav", clip), ("d.wav", clip), ("d.cls", b"-1\n")]  # fmt: skip
-    tar = _write_tar(tmp_path / "l.tar", members)
+    tar = write_tar(tmp_path / "l.tar", members)
     assert [(r.id.split("#")[1], r.label) for r in _tok()(tar)] == [
         ("a", 12),
         ("b", 3),
@@ -885,7 +875,7 @@ def test_bad_tar_samples_are_skipped_with_one_warning(tmp_path, caplog):
         good.append((f"s{i}.flac", open(flac, "rb").read()))
     pcm = open(_wav(tmp_path / "t.wav", _sine(0.3), subtype="PCM_16"), "rb").read()  # 9,600 bytes of data
     bad = [("b0.wav", b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk" * 4), ("b1.wav", pcm[:-1000])]
-    tar = _write_tar(tmp_path / "some-bad.tar", good[:2] + bad + good[2:])
+    tar = write_tar(tmp_path / "some-bad.tar", good[:2] + bad + good[2:])
     tok = _tok()
     with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.audio"):
         recs = tok(tar)
@@ -897,12 +887,12 @@ def test_bad_tar_samples_are_skipped_with_one_warning(tmp_path, caplog):
     ]
     # alone, the truncated member is the tar's error; so is a tar of images (no audio member)
     with pytest.raises(TokenizeError) as e:
-        tok(_write_tar(tmp_path / "cut.tar", bad[1:]))
+        tok(write_tar(tmp_path / "cut.tar", bad[1:]))
     assert (e.value.kind, e.value.reason) == (
         "corrupt",
         "sample b1: truncated WAV: data chunk declares 9600 bytes but the file holds 8600 (1 of 1 samples are unusable)",
     )
-    images = _write_tar(
+    images = write_tar(
         tmp_path / "images.tar", [("a.png", b"\x89PNG"), ("a.cls", b"1"), ("b.jpg", b"\xff\xd8")]
     )
     for run in (tok, lambda p: list(tok.iter_records(p))):
@@ -924,7 +914,7 @@ def test_conformance_kit_with_a_tar(tmp_path):
             (f"k/{i}.wav", open(_wav(tmp_path / f"{i}.wav", clip), "rb").read()),
             (f"k/{i}.cls", b"%d" % i),
         ]
-    tar = _write_tar(tmp_path / "shard.tar", members)
+    tar = write_tar(tmp_path / "shard.tar", members)
     plain = _wav(tmp_path / "plain.wav", _sine(0.4))
     tok = _tok()
 

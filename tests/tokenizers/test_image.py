@@ -14,7 +14,7 @@ from einops import rearrange
 from PIL import Image
 
 from maskloom import tables
-from maskloom.testing import _same_record
+from maskloom.testing import _same_record, write_tar
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
 from maskloom.tokenizers.image import (
     ImageConfig,
@@ -489,15 +489,6 @@ def _encoded(img: np.ndarray, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _write_tar(path, members: list[tuple[str, bytes]], mode: str = "w") -> str:
-    with tarfile.open(path, mode) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def _image_members(n: int, seed: int = 0, folder: str = "n01") -> list[tuple[str, bytes]]:
     """n samples ``<folder>/s<i>``: a PNG (40 x 50 + i) and a ``cls`` holding i."""
     rng = np.random.default_rng(seed)
@@ -537,7 +528,7 @@ def test_tar_samples_give_the_records_of_the_same_files(tmp_path):
         key = f"./train/{name.split('.')[0]}"
         members += [(f"{key}.{name.split('.')[1].upper()}", data), (f"{key}.cls", b" %d\n" % (7 - i))]
         members.append((f"{key}.json", b"{}"))
-    tar = _write_tar(tmp_path / "shard-000.tar", members)
+    tar = write_tar(tmp_path / "shard-000.tar", members)
     tok = _tok(image_size=32)
     recs = tok(tar)
     assert [r.id for r in recs] == [f"{tar}#train/a", f"{tar}#train/b", f"{tar}#train/c", f"{tar}#train/d"]
@@ -574,7 +565,7 @@ def test_cls_labels(tmp_path):
     png = _encoded(_ramp(20, 20), "PNG")
     members = [("a.png", png), ("a.cls", b"12"), ("b.png", png), ("b.cls", b"\t3 \r\n"),
                ("c.png", png), ("d.png", png), ("d.cls", b"-1\n")]  # fmt: skip
-    tar = _write_tar(tmp_path / "l.tar", members)
+    tar = write_tar(tmp_path / "l.tar", members)
     assert [(r.id.split("#")[1], r.label) for r in _tok(image_size=16)(tar)] == [
         ("a", 12), ("b", 3), ("c", None), ("d", None)  # no cls, or a negative one: no label
     ]  # fmt: skip
@@ -589,7 +580,7 @@ def test_bad_samples_are_skipped_with_one_warning(tmp_path, caplog):
         ("n01/b3.png", b"\x89PNG\r\n\x1a\n" + bytes(100)),
     ]  # fmt: skip
     members = good[:4] + bad[:3] + good[4:8] + bad[3:] + good[8:]
-    tar = _write_tar(tmp_path / "some-bad.tar", members)
+    tar = write_tar(tmp_path / "some-bad.tar", members)
     tok = _tok(image_size=32)
     with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.image"):
         recs = tok(tar)
@@ -611,7 +602,7 @@ def test_bad_samples_are_skipped_with_one_warning(tmp_path, caplog):
 
 def test_a_mostly_bad_tar_is_the_error(tmp_path):
     members = _image_members(2) + [("x/b0.jpg", b"garbage"), ("x/b1.jpg", b"garbage")]
-    tar = _write_tar(tmp_path / "bad.tar", members)
+    tar = write_tar(tmp_path / "bad.tar", members)
     tok = _tok(image_size=32)
     for run in (tok, lambda p: list(tok.iter_records(p))):
         with pytest.raises(TokenizeError) as e:
@@ -625,7 +616,7 @@ def test_a_mostly_bad_tar_is_the_error(tmp_path):
     with pytest.raises(TokenizeError):
         next(stream)
     # no image member at all: an audio shard given to the image tokenizer
-    audio = _write_tar(tmp_path / "audio.tar", [("a.flac", b"fLaC"), ("a.json", b"{}"), ("b.flac", b"fLaC")])
+    audio = write_tar(tmp_path / "audio.tar", [("a.flac", b"fLaC"), ("a.json", b"{}"), ("b.flac", b"fLaC")])
     with pytest.raises(TokenizeError) as e:
         tok(audio)
     assert (e.value.kind, e.value.reason) == (
@@ -650,7 +641,7 @@ def test_empty_and_damaged_tars(tmp_path):
         with pytest.raises(TokenizeError) as e:
             run(str(path))
         assert (e.value.kind, e.value.reason) == ("empty", "the tar archive holds no samples")
-    full = open(_write_tar(tmp_path / "full.tar", _image_members(4)), "rb").read()
+    full = open(write_tar(tmp_path / "full.tar", _image_members(4)), "rb").read()
     (tmp_path / "cut.tar").write_bytes(full[: len(full) // 2])
     with pytest.raises(TokenizeError) as e:
         tok(str(tmp_path / "cut.tar"))
@@ -667,19 +658,19 @@ def test_repeated_keys_and_members_too_large(tmp_path, monkeypatch):
     png = _encoded(_ramp(20, 20), "PNG")
     big = _encoded(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8), "PNG")
     members = [("a.png", png), ("b.png", png), ("a.png", png), ("c.png", big), ("d.png", png), ("e.png", png)]
-    tar = _write_tar(tmp_path / "r.tar", members)
+    tar = write_tar(tmp_path / "r.tar", members)
     monkeypatch.setattr(image_mod, "TAR_MEMBER_MAX_BYTES", 4096)
     tok = _tok(image_size=16)
     assert [r.id.split("#")[1] for r in tok(tar)] == ["a", "b", "d", "e"]
     with pytest.raises(TokenizeError) as e:
-        tok(_write_tar(tmp_path / "big.tar", members[3:4]))
+        tok(write_tar(tmp_path / "big.tar", members[3:4]))
     assert (e.value.kind, e.value.reason) == (
         "invalid",
         f"sample c: member c.png has {len(big):,} bytes, more than the 4,096 a tar member may have: not read "
         "(1 of 1 samples are unusable)",
     )
     with pytest.raises(TokenizeError) as e:
-        tok(_write_tar(tmp_path / "twice.tar", members[:1] * 2))
+        tok(write_tar(tmp_path / "twice.tar", members[:1] * 2))
     assert e.value.reason == (
         "sample a: its key was seen before in the tar (a member name stored twice, or members of one "
         "sample not consecutive): ids must be unique (1 of 2 samples are unusable)"
@@ -693,7 +684,7 @@ def test_heic_members_follow_the_pillow_heif_rule(tmp_path, monkeypatch):
     y, x = np.mgrid[0:40, 0:48]
     smooth = np.stack([y * 6, x * 5, (x + y) * 2], axis=2).astype(np.uint8)
     (tmp_path / "p.heic").write_bytes(_encoded(smooth, "HEIF", quality=95))
-    tar = _write_tar(tmp_path / "h.tar", [("p.heic", (tmp_path / "p.heic").read_bytes())])
+    tar = write_tar(tmp_path / "h.tar", [("p.heic", (tmp_path / "p.heic").read_bytes())])
     tok = _tok(image_size=32)
     (rec,), (want,) = tok(tar), tok(str(tmp_path / "p.heic"))
     np.testing.assert_array_equal(rec.tokens, want.tokens)
@@ -707,7 +698,7 @@ def test_heic_members_follow_the_pillow_heif_rule(tmp_path, monkeypatch):
 
 
 def test_render_of_a_tar_draws_its_first_image(tmp_path):
-    tar = _write_tar(
+    tar = write_tar(
         tmp_path / "r.tar",
         [("a.png", _encoded(_ramp(20, 30), "PNG")), ("b.png", _encoded(_ramp(8, 8), "PNG"))],
     )
@@ -718,7 +709,7 @@ def test_render_of_a_tar_draws_its_first_image(tmp_path):
 
 def test_conformance_kit_with_a_tar(tmp_path):
     testing = pytest.importorskip("maskloom.testing")
-    tar = _write_tar(tmp_path / "shard.tar", _image_members(3) + _image_members(2, seed=1, folder="n02"))
+    tar = write_tar(tmp_path / "shard.tar", _image_members(3) + _image_members(2, seed=1, folder="n02"))
     Image.fromarray(_ramp(40, 32)).save(tmp_path / "plain.png")
     tok = _tok(image_size=32)
 
@@ -740,8 +731,8 @@ def test_preprocess_a_folder_of_tars_and_images(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     members = _image_members(4)
-    good = _write_tar(data / "good-000.tar", members[:4] + [("n01/bad.jpg", b"no jpeg")] + members[4:])
-    full = open(_write_tar(tmp_path / "full.tar", _image_members(4, seed=2, folder="n02")), "rb").read()
+    good = write_tar(data / "good-000.tar", members[:4] + [("n01/bad.jpg", b"no jpeg")] + members[4:])
+    full = open(write_tar(tmp_path / "full.tar", _image_members(4, seed=2, folder="n02")), "rb").read()
     (data / "cut-001.tar").write_bytes(full[: len(full) * 3 // 4])  # the first samples decode, then EOF
     cut = str(data / "cut-001.tar")
     other = str(data / "other.jpg")

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import pytest
 
+from maskloom.testing import write_tar
 from maskloom.tokenizers.base import (
     TarSample,
     TokenizeError,
@@ -34,13 +35,6 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfil
         tf.addfile(info, io.BytesIO(data))
     else:
         tf.addfile(info)
-
-
-def _tar(path, members: list[tuple[str, bytes]], mode: str = "w") -> str:
-    with tarfile.open(path, mode) as tf:
-        for name, data in members:
-            _add(tf, name, data)
-    return str(path)
 
 
 def _samples(path, **kw) -> list[tuple[str, dict[str, bytes], dict[str, str], dict[str, int]]]:
@@ -86,7 +80,7 @@ def test_names_of_tar_shards():
 
 
 def test_gzipped_tar_gives_the_same_samples(tmp_path):
-    plain = _tar(tmp_path / "a.tar", _shard(4))
+    plain = write_tar(tmp_path / "a.tar", _shard(4))
     for name in ("a.tar.gz", "a.tgz"):
         (tmp_path / name).write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
         assert _samples(tmp_path / name) == _samples(plain)
@@ -103,7 +97,7 @@ def _consume(path) -> tuple[list[str], TokenizeError]:
 
 
 def test_truncated_tar_is_corrupt_after_the_samples_before(tmp_path):
-    data = open(_tar(tmp_path / "full.tar", _shard(5)), "rb").read()
+    data = open(write_tar(tmp_path / "full.tar", _shard(5)), "rb").read()
     # 512-byte headers, data padded to 512 bytes: sample i at 2560 i (s{i}.bin, then s{i}.cls at + 1536)
     (tmp_path / "cut.tar").write_bytes(data[: 3 * 2560 + 700])  # inside s3.bin's data
     keys, e = _consume(tmp_path / "cut.tar")
@@ -168,7 +162,7 @@ def test_files_that_are_not_tar_archives(tmp_path):
 
 
 def test_members_over_the_bound_are_not_read(tmp_path):
-    path = _tar(tmp_path / "a.tar", [("a.jpg", b"x" * 5000), ("a.cls", b"1"), ("b.jpg", b"y" * 100)])
+    path = write_tar(tmp_path / "a.tar", [("a.jpg", b"x" * 5000), ("a.cls", b"1"), ("b.jpg", b"y" * 100)])
     assert _samples(path, max_member_bytes=1000) == [
         ("a", {"cls": b"1"}, {"jpg": "a.jpg", "cls": "a.cls"}, {"jpg": 5000}),
         ("b", {"jpg": b"y" * 100}, {"jpg": "b.jpg"}, {}),
@@ -179,7 +173,7 @@ def test_the_archive_is_read_as_a_stream(tmp_path):
     """A named pipe cannot seek: the reader takes its samples as they come."""
     if not hasattr(os, "mkfifo"):
         pytest.skip("no named pipes here")
-    _tar(tmp_path / "a.tar", _shard(3, size=70_000))
+    write_tar(tmp_path / "a.tar", _shard(3, size=70_000))
     fifo = str(tmp_path / "pipe.tar")
     os.mkfifo(fifo)
 
@@ -207,7 +201,7 @@ def test_iter_tar_items_is_the_shared_policy(tmp_path, caplog):
 
     members = _shard(3, size=10) + [("x.txt", b"t"), ("s0.bin", b"again"), ("big.bin", bytes(50))]
     members += [("s9.seg.bin", b""), ("s5.dat", b"d"), ("s5.cls", b"-1")] + _shard(5, size=10)[6:]
-    path = _tar(tmp_path / "p.tar", members)
+    path = write_tar(tmp_path / "p.tar", members)
     logger = logging.getLogger("maskloom.test.tar")
     with caplog.at_level(logging.WARNING, logger="maskloom.test.tar"):
         items = list(iter_tar_items(path, make, max_member_bytes=40, logger=logger))
@@ -219,7 +213,7 @@ def test_iter_tar_items_is_the_shared_policy(tmp_path, caplog):
          "than the 40 a tar member may have: not read); ... (1 more)")
     ]  # fmt: skip
     with pytest.raises(TokenizeError) as e:
-        list(iter_tar_items(_tar(tmp_path / "q.tar", [("a.txt", b"")]), make))
+        list(iter_tar_items(write_tar(tmp_path / "q.tar", [("a.txt", b"")]), make))
     assert (e.value.kind, e.value.reason) == (
         "unsupported",
         "sample a: no bin member (1 of 1 samples are unusable)",
@@ -277,7 +271,7 @@ def test_a_tar_read_whole_skips_what_it_streams_with_one_warning(tmp_path, caplo
         return streamed, warned
 
     # s1 tokenizes badly, s3 decodes badly: 2 of 5 skipped, named in tar order
-    path = _tar(tmp_path / "a.tar", [("s0.bin", b"a"), ("s1.bin", b"small"), ("s2.bin", b"b"), ("s3.bin", b"bad"),
+    path = write_tar(tmp_path / "a.tar", [("s0.bin", b"a"), ("s1.bin", b"small"), ("s2.bin", b"b"), ("s3.bin", b"bad"),
                                      ("s4.bin", b"c")])  # fmt: skip
     got, warned = both(path)
     assert got == ["s0:a", "s2:b", "s4:c"]
@@ -285,7 +279,7 @@ def test_a_tar_read_whole_skips_what_it_streams_with_one_warning(tmp_path, caplo
         f"{path}: skipped 2 of 5 samples: s1 (too_small: too few values); s3 (corrupt: does not decode)"
     ]
     # 2 decode, 1 tokenizes: neither stage alone is most of the 4, together they are
-    path = _tar(
+    path = write_tar(
         tmp_path / "b.tar", [("s0.bin", b"small"), ("s1.bin", b"a"), ("s2.bin", b"small"), ("s3.bin", b"bad")]
     )
     got, warned = both(path)

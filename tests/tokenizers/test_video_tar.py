@@ -22,7 +22,7 @@ import pytest
 
 import maskloom.tokenizers.base as base_mod
 import maskloom.tokenizers.video as video_mod
-from maskloom.testing import check_tokenizer
+from maskloom.testing import check_tokenizer, write_tar
 from maskloom.tokenizers import TokenizeError
 from maskloom.tokenizers.video import (
     VIDEO_EXTENSIONS,
@@ -59,15 +59,6 @@ def _video(frames: np.ndarray, ext: str = "mkv") -> bytes:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         out.mux(stream.encode())
     return buf.getvalue()
-
-
-def _write_tar(path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _cut_tar(path, out) -> str:
@@ -119,7 +110,7 @@ def test_tar_samples_give_the_records_of_the_same_files(tmp_path, max_clips):
                ("train/b.json", b"{}"), ("train/b.mp4", files["b.mp4"]), ("train/b.txt", b"a caption"),
                ("train/c.avi", files["c.avi"]), ("train/c.cls", b"2"),
                ("train/d.mkv", files["d.mkv"]), ("train/d.cls", b"-1\n")]  # fmt: skip
-    tar = _write_tar(tmp_path / "shard-000.tar", members)
+    tar = write_tar(tmp_path / "shard-000.tar", members)
     tok = _tok(max_clips=max_clips)  # a slot: 8 frames; a: 5 slots, b: 3, c: 2, d: none
     recs = tok(tar)
     clips = {1: [1, 1, 1, 1], 3: [3, 3, 2, 1]}[max_clips]
@@ -170,7 +161,7 @@ def test_pyav_fallbacks_decode_from_memory(tmp_path, monkeypatch):
     wide, avi = _video(frames), _video(_frames(24), "avi")
     (tmp_path / "w.mkv").write_bytes(wide)
     (tmp_path / "m.avi").write_bytes(avi)
-    tar = _write_tar(tmp_path / "f.tar", [("w.mkv", wide), ("w.cls", b"1"), ("m.avi", avi), ("m.cls", b"0")])
+    tar = write_tar(tmp_path / "f.tar", [("w.mkv", wide), ("w.cls", b"1"), ("m.avi", avi), ("m.cls", b"0")])
     seen = []
     pyav_frames = video_mod._pyav_frames
 
@@ -227,7 +218,7 @@ def test_bad_samples_are_skipped_with_one_warning(tmp_path, caplog):
     good = _members(4)
     bad = [("b/0.mp4", b"<html>404</html>"), ("b/1.mkv", _video(_frames(8))), ("b/1.cls", b"cat"),
            ("b/2.json", b"{}"), ("b/2.txt", b"a caption")]  # fmt: skip
-    tar = _write_tar(tmp_path / "some-bad.tar", good[:4] + bad + good[4:])
+    tar = write_tar(tmp_path / "some-bad.tar", good[:4] + bad + good[4:])
     tok = _tok()
     with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.video"):
         recs = tok(tar)
@@ -248,7 +239,7 @@ def test_bad_samples_are_skipped_with_one_warning(tmp_path, caplog):
 
 def test_a_mostly_bad_tar_is_the_error(tmp_path):
     members = _members(2) + [("x/b0.mp4", b"garbage" * 40), ("x/b1.avi", b"RIFF" + bytes(200))]
-    tar = _write_tar(tmp_path / "bad.tar", members)
+    tar = write_tar(tmp_path / "bad.tar", members)
     tok = _tok()
     for run in (tok, lambda p: list(tok.iter_records(p))):
         with pytest.raises(TokenizeError) as e:
@@ -264,7 +255,7 @@ def test_a_mostly_bad_tar_is_the_error(tmp_path):
     with pytest.raises(TokenizeError):
         next(stream)
     # no video member at all: an image shard given to the video tokenizer
-    images = _write_tar(
+    images = write_tar(
         tmp_path / "images.tar", [("a.jpg", b"\xff\xd8"), ("a.cls", b"1"), ("b.png", b"\x89PNG")]
     )
     with pytest.raises(TokenizeError) as e:
@@ -278,7 +269,7 @@ def test_a_mostly_bad_tar_is_the_error(tmp_path):
 def test_truncated_and_empty_tars(tmp_path):
     tok = _tok()
     members = _members(4)
-    cut = _cut_tar(_write_tar(tmp_path / "full.tar", members[:-1]), tmp_path / "cut.tar")  # inside s3.mkv
+    cut = _cut_tar(write_tar(tmp_path / "full.tar", members[:-1]), tmp_path / "cut.tar")  # inside s3.mkv
     for run in (tok, lambda p: list(tok.iter_records(p))):
         with pytest.raises(TokenizeError) as e:
             run(cut)
@@ -299,7 +290,7 @@ def test_truncated_and_empty_tars(tmp_path):
 def test_iter_records_decodes_one_sample_at_a_time(tmp_path, monkeypatch):
     """The stream yields a sample's records once that sample is read and decoded, before the tar's
     later samples are read: a shard of 1,000 clips is never held decoded."""
-    tar = _write_tar(tmp_path / "s.tar", _members(5, frames=16))
+    tar = write_tar(tmp_path / "s.tar", _members(5, frames=16))
     tok = _tok(max_clips=2)  # 2 slots of 8 frames: 2 records a sample
     read, decoded = [], []
     samples, decode = base_mod.iter_tar_samples, tok._decode
@@ -325,7 +316,7 @@ def test_iter_records_decodes_one_sample_at_a_time(tmp_path, monkeypatch):
 
 
 def test_conformance_kit_with_a_tar(tmp_path):
-    tar = _write_tar(tmp_path / "shard.tar", _members(3) + _members(2, folder="j"))
+    tar = write_tar(tmp_path / "shard.tar", _members(3) + _members(2, folder="j"))
     plain = tmp_path / "plain.mkv"
     plain.write_bytes(_video(_frames(9, 24, 40)))
     tok = _tok()
@@ -352,8 +343,8 @@ def test_preprocess_a_folder_of_video_tars(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     members = _members(3)
-    good = _write_tar(data / "good-000.tar", members[:2] + [("k/bad.mp4", b"no video")] + members[2:])
-    cut = _cut_tar(_write_tar(tmp_path / "full.tar", _members(3, folder="j")), data / "cut-001.tar")
+    good = write_tar(data / "good-000.tar", members[:2] + [("k/bad.mp4", b"no video")] + members[2:])
+    cut = _cut_tar(write_tar(tmp_path / "full.tar", _members(3, folder="j")), data / "cut-001.tar")
     other = str(data / "other.mkv")
     (data / "other.mkv").write_bytes(_video(_frames(12)))
     out = str(tmp_path / "table")
