@@ -518,6 +518,11 @@ class TarSkips:
         self.indices: list[int] = []
         """Index in the tar of each sample found usable, in order."""
 
+    def copy(self) -> TarSkips:
+        out = TarSkips()
+        out.good, out.bad, out.first, out.indices = self.good, self.bad, list(self.first), list(self.indices)
+        return out
+
     def usable(self, index: int) -> None:
         self.good += 1
         self.indices.append(index)
@@ -694,17 +699,12 @@ def tokenize_tar(
     (each has a ``key``); a sample whose records raise TokenizeError is skipped under the tar's policy,
     counted with the samples skipped while reading (:meth:`TarSkips.finish`: one warning, or the tar's
     error when most are unusable), exactly as :func:`iter_tar_records` streams the same tar."""
-    base = items.skips
-    skips = TarSkips()
-    if base is None:  # a list made by hand: every item usable, in order
-        skips.good, skips.indices = len(items), list(range(len(items)))
+    if items.skips is None:  # a list made by hand: every item usable, in order
+        skips = TarSkips()
+        for index in range(len(items)):
+            skips.usable(index)
     else:
-        skips.good, skips.bad, skips.first, skips.indices = (
-            base.good,
-            base.bad,
-            list(base.first),
-            list(base.indices),
-        )
+        skips = items.skips.copy()
     out: list[Any] = []
     for position, item in enumerate(items):
         try:

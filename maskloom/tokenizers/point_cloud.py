@@ -58,6 +58,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -103,22 +104,13 @@ def _file_bytes(file: str | IO[bytes]) -> bytes:
     if isinstance(file, str):
         with open(file, "rb") as f:
             return f.read()
+    return _rewound(file).read()
+
+
+def _rewound(file: IO[bytes]) -> IO[bytes]:
+    """A (seekable) binary file object back at its start."""
     file.seek(0)
-    return file.read()
-
-
-class _unclosed:
-    """``with _unclosed(f) as f``: the file object itself, left open (its owner closes it)."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f = f
-
-    def __enter__(self) -> IO[bytes]:
-        self.f.seek(0)
-        return self.f
-
-    def __exit__(self, *exc: object) -> None:
-        pass
+    return file
 
 
 def _ply_vertex(g: Any) -> dict[str, Any]:
@@ -366,10 +358,8 @@ class PointCloudTokenizer(Tokenizer):
 
     @staticmethod
     def _read_npy(file: str | IO[bytes], source: str) -> np.ndarray:
-        if not isinstance(file, str):
-            file.seek(0)
         try:
-            arr = np.load(file, allow_pickle=False)
+            arr = np.load(file if isinstance(file, str) else _rewound(file), allow_pickle=False)
         except Exception as e:
             raise TokenizeError(
                 source, "corrupt", f"not a readable .npy array: {type(e).__name__}: {e}"
@@ -380,7 +370,7 @@ class PointCloudTokenizer(Tokenizer):
     def _read_npz(file: str | IO[bytes], source: str) -> np.ndarray:
         try:
             # our own handle: np.load leaks its file when the zip directory is unreadable
-            with open(file, "rb") if isinstance(file, str) else _unclosed(file) as f:
+            with open(file, "rb") if isinstance(file, str) else contextlib.nullcontext(_rewound(file)) as f:
                 loaded = np.load(f, allow_pickle=False)
                 if isinstance(loaded, np.ndarray):  # a plain .npy under a .npz name
                     arr = loaded
@@ -411,12 +401,12 @@ class PointCloudTokenizer(Tokenizer):
     @staticmethod
     def _read_text(file: str | IO[bytes], source: str) -> np.ndarray:
         try:
-            text = (
-                io.TextIOWrapper(io.BytesIO(_file_bytes(file)), encoding="utf-8-sig")
-                if not isinstance(file, str)
-                else None
+            f = (
+                open(file, encoding="utf-8-sig")  # noqa: SIM115 - closed by the with below
+                if isinstance(file, str)
+                else io.TextIOWrapper(io.BytesIO(_file_bytes(file)), encoding="utf-8-sig")
             )
-            with open(file, encoding="utf-8-sig") if text is None else text as f:
+            with f:
                 lines = [ln.split("#", 1)[0].replace(",", " ").split() for ln in f]
         except UnicodeDecodeError as e:
             raise TokenizeError(
