@@ -715,6 +715,9 @@ def _pyav_frames(
     try:
         if max(np.diff([-1, *wanted])) > SEEK_GAP:
             got = _seek_frames(path, wanted, grab)
+            if got is None:
+                grab.reset()
+                got = _keyframe_frames(path, wanted, grab)
             if got is not None:
                 return got, wanted[-1] + 1
         grab.reset()
@@ -822,6 +825,252 @@ def _seek_frames(path: VideoFile, wanted: list[int], grab: _FrameGrab) -> dict[i
             if prev is None or prev < last:
                 return None
     return got
+
+
+KEYFRAME_CONTAINERS = frozenset({"avi"})
+"""Containers where :func:`_keyframe_frames` may start decoding at a keyframe (those that do not store
+presentation timestamps, where :func:`_seek_frames` may not seek)."""
+KEYFRAME_CODECS = frozenset({"mpeg4", "mjpeg"})
+"""Codecs whose packets :func:`_keyframe_frames` can check: MPEG-4 Part 2 (its VOP headers say which
+packets hold a frame and which frames start a group that needs nothing before it) and MJPEG (every
+frame stands alone)."""
+
+
+def _keyframe_frames(path: VideoFile, wanted: list[int], grab: _FrameGrab) -> dict[int, Any] | None:
+    """:func:`_pyav_frames` for MPEG-4 Part 2 and MJPEG in AVI (:data:`KEYFRAME_CODECS`,
+    :data:`KEYFRAME_CONTAINERS`) by reading every packet but decoding only from the last *clean
+    start* before each wanted frame; or None (the caller then decodes sequentially) where that is
+    not shown to give the frames a sequential decode shows.
+
+    A clean start is a packet holding one coded I-VOP (MPEG-4) or a JPEG (MJPEG) before which the
+    coded VOPs equal the non-empty packets (one frame each: a DivX/Xvid packed P+B pair is
+    balanced by its placeholder N-VOP packet), so that the count of those packets is the number
+    of the frames before it. MPEG-4 Part 2 reorders only B-VOPs, each shown before the next anchor
+    in decoding order, so no frame before the start is shown after it, and the only frames after
+    it shown before it are the B-VOPs between it and the next anchor (an open GOP): a fresh decoder
+    drops those (it has no frame before the start to predict them from), and the I-VOP is frame
+    ``start + dropped``. The fresh decoder (first shown the file's first packet and flushed, so that
+    it knows the stream headers and the encoder quirks that packet names) must then output exactly
+    one frame per packet fed, ``has_b_frames`` (0 or 1) behind, after every packet: it must drop
+    each of those B-VOPs and nothing else, or the file falls back. Packets before the start must
+    carry the same stream headers as the first (a new VOL, or new MJPEG tables, would change how
+    later frames decode), the file must not begin with a B-VOP (the sequential decoder drops those),
+    and an empty packet (PyAV sends it as a flush) or the stream's end before the last wanted
+    frame falls back too."""
+    got: dict[int, Any] = {}
+    with _av_open(path) as container:
+        stream = container.streams.best("video")
+        if stream is None or not set(container.format.name.split(",")) & KEYFRAME_CONTAINERS:
+            return None
+        ctx = stream.codec_context
+        if ctx.name not in KEYFRAME_CODECS:
+            return None
+        stream.thread_count = 1
+        scan = _Mpeg4Scan(ctx.extradata) if ctx.name == "mpeg4" else _MjpegScan()
+        want = set(wanted)
+        pending: list[tuple[Any, bool]] = []  # (packet, lone B-VOP) from the last clean start, not fed
+        pending_at = 0  # the frame number of that start
+        first_packet = None
+        active = contiguous = False  # feeding every packet; the decoder has seen all before `pending`
+        fed = out = base = delay = dropped = 0
+        leading = False  # fed only the start's I-VOP and B-VOPs since (a fresh decoder drops those)
+        for packet in container.demux(stream):
+            if not packet.size:
+                return None  # the stream's end (or an empty packet, a flush): the caller decodes
+            at = scan.frames
+            kind = scan.feed(bytes(packet))
+            if kind is None:
+                return None
+            first_packet = first_packet or packet
+            need = min(k for k in want if k not in got)
+            if kind != "frame" and at <= need:  # a clean start before the next wanted frame
+                contiguous, active = active, False
+                pending, pending_at = [(packet, False)], at
+                if at < need:
+                    continue
+            elif not active:
+                if not pending:
+                    continue  # no clean start yet
+                pending.append((packet, kind == "frame" and scan.lone_b))
+                if at < need:
+                    continue
+            else:
+                pending = [(packet, scan.lone_b)]
+            if not active:  # the packet of the next wanted frame: decode from the pending start
+                if contiguous:
+                    if base + fed != pending_at:
+                        return None  # pragma: no cover - every packet fed is one frame (checked below)
+                else:
+                    ctx.flush_buffers()
+                    if pending_at:
+                        first_packet.decode()  # stream headers and encoder quirks, then forgotten
+                        ctx.flush_buffers()
+                    fed = out = dropped = 0
+                    base, leading = pending_at, True
+                    delay = -1
+                active = True
+            for p, lone_b in pending:
+                frames = p.decode()
+                fed += 1
+                if delay < 0:
+                    delay = int(ctx.has_b_frames)
+                    if delay not in (0, 1):
+                        return None
+                elif leading and lone_b:
+                    dropped += 1  # shown before the start: the fresh decoder must drop it
+                else:
+                    leading = False
+                for frame in frames:
+                    k = base + dropped + out
+                    out += 1
+                    if k in want:
+                        got[k] = grab(frame)
+                if fed - out != delay + dropped:
+                    return None  # a frame dropped (or one too many): not the sequential numbering
+                if len(got) == len(want):
+                    return got
+            pending = []
+    return None
+
+
+_VOP = b"\x00\x00\x01\xb6"
+_GOV = b"\x00\x00\x01\xb3"
+
+
+class _Mpeg4Scan:
+    """The packets of an MPEG-4 Part 2 stream as :func:`_keyframe_frames` checks them, read from their
+    VOP headers (ISO/IEC 14496-2 6.2.5): ``feed(packet bytes)`` -> ``"start"`` (a clean start),
+    ``"frame"``, or None where the stream is not one the check covers. ``frames``: the non-empty
+    packets fed (a frame each)."""
+
+    def __init__(self, extradata: bytes | None) -> None:
+        self.time_bits = _vol_time_bits(extradata or b"")
+        self.header: bytes | None = None
+        self.frames = self.coded = 0
+        self.lone_b = False
+        """The last packet fed held one B-VOP and nothing else."""
+
+    def feed(self, data: bytes) -> str | None:
+        vop = data.find(_VOP)
+        if vop < 0:
+            return None
+        header = _without_gov(data[:vop])
+        if header:
+            if self.header is None:
+                self.header = header
+                self.time_bits = _vol_time_bits(header) or self.time_bits
+            elif header != self.header:
+                return None  # new stream headers: a fresh decoder would not know them
+        if self.time_bits is None:
+            return None
+        vops = _vops(data, vop, self.time_bits)
+        if vops is None or not (
+            (len(vops) == 1 and vops[0][0] in (0, 1, 2, 3))
+            or (len(vops) == 2 and vops[0] in ((1, 1), (3, 1)) and vops[1] == (2, 1))
+        ):
+            return None
+        if self.frames == 0 and vops != [(0, 1)]:
+            return None  # not an I-VOP first
+        if self.frames == 1 and vops[0][0] == 2:
+            return None  # B-VOPs before the first P: the sequential decoder drops them
+        self.lone_b = vops == [(2, 1)]
+        start = vops == [(0, 1)] and self.coded == self.frames
+        self.coded += sum(coded for _, coded in vops)
+        self.frames += 1
+        return "start" if start else "frame"
+
+
+def _without_gov(header: bytes) -> bytes:
+    """Stream headers before a VOP without the group-of-VOP header (a time code that changes)."""
+    i = header.find(_GOV)
+    if i < 0:
+        return header
+    j = header.find(b"\x00\x00\x01", i + 4)
+    return header[:i] + (header[j:] if j >= 0 else b"")
+
+
+class _Bits:
+    """Big-endian bit reader (raises IndexError past the end)."""
+
+    def __init__(self, data: bytes, at: int) -> None:
+        self.data, self.pos = data, 8 * at
+
+    def __call__(self, n: int) -> int:
+        v = 0
+        for _ in range(n):
+            v = (v << 1) | ((self.data[self.pos >> 3] >> (7 - (self.pos & 7))) & 1)
+            self.pos += 1
+        return v
+
+
+def _vol_time_bits(data: bytes) -> int | None:
+    """Bits of ``vop_time_increment`` set by the first video object layer header in ``data``
+    (rectangular shape only), or None."""
+    i = 0
+    while (i := data.find(b"\x00\x00\x01", i)) >= 0 and i + 3 < len(data) and not 0x20 <= data[i + 3] <= 0x2F:
+        i += 3
+    if i < 0 or i + 3 >= len(data):
+        return None
+    b = _Bits(data, i + 4)
+    try:
+        b(9)  # random_accessible_vol, video_object_type_indication
+        if b(1):  # is_object_layer_identifier
+            b(7)
+        if b(4) == 15:  # aspect_ratio_info: extended PAR
+            b(16)
+        if b(1) and (b(3), b(1))[1]:  # vol_control_parameters; vbv_parameters
+            b(79)
+        if b(2) != 0 or not b(1):  # video_object_layer_shape rectangular, marker
+            return None
+        resolution = b(16)
+        if not b(1) or resolution < 1:
+            return None
+    except IndexError:
+        return None
+    return max(1, (resolution - 1).bit_length())
+
+
+def _vops(data: bytes, at: int, time_bits: int) -> list[tuple[int, int]] | None:
+    """(vop_coding_type, vop_coded) of each VOP in a packet from ``at``, or None where a header does
+    not parse (its marker bits)."""
+    out = []
+    while at >= 0:
+        b = _Bits(data, at + 4)
+        try:
+            kind = b(2)
+            while b(1):  # modulo_time_base
+                pass
+            if not b(1):
+                return None
+            b(time_bits)
+            if not b(1):
+                return None
+            out.append((kind, b(1)))
+        except IndexError:
+            return None
+        at = data.find(_VOP, at + 4)
+    return out
+
+
+class _MjpegScan:
+    """:class:`_Mpeg4Scan` for MJPEG: every packet a JPEG with the same headers (tables) as the first,
+    each a clean start."""
+
+    def __init__(self) -> None:
+        self.header: bytes | None = None
+        self.frames = 0
+        self.lone_b = False
+
+    def feed(self, data: bytes) -> str | None:
+        sos = data.find(b"\xff\xda")
+        if not data.startswith(b"\xff\xd8") or sos < 0:
+            return None
+        if self.header is None:
+            self.header = data[:sos]
+        elif data[:sos] != self.header:
+            return None
+        self.frames += 1
+        return "start"
 
 
 _QUIET = False
