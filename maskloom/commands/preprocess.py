@@ -19,7 +19,11 @@ HELP = "raw files -> a sharded token table (Ray; resumable, exactly-once; --addr
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "inputs", nargs="+", help="input directories, files or glob patterns (or manifests with --manifest)"
+        "inputs",
+        nargs="+",
+        help="input directories, files or glob patterns (or manifests with --manifest); WebDataset tar "
+        "shards (.tar, .tar.gz, .tgz) of images, video, audio or point clouds are inputs of many samples; "
+        "text and time series read .gz/.bz2/.xz/.zst/.lz4 files as they are",
     )
     parser.add_argument(
         "-m", "--modality", required=True, help="registered tokenizer name (image, audio, ...)"
