@@ -4,7 +4,7 @@ tqdm redraws its bar with carriage returns, which a log file (``ray job logs``, 
 output, ``2> job.log``) keeps as one ever-growing line; without a terminal, :class:`Progress`
 writes a whole line instead, at most every ``interval`` seconds and once at the end::
 
-    preprocess: 12/32 shards (38%), 2.4 shards/s, errors=0
+    preprocess: 1200/3200 inputs (38%), 240 inputs/s, records=1,200, errors=0
 """
 
 from __future__ import annotations

@@ -1446,7 +1446,7 @@ def _commits_on_ray(
 
         res = resources(min(num_workers, len(todo)) if num_workers else None, cpus_per_worker,
                         gpus_per_worker, 1, object_store_memory, max_workers=len(todo))  # fmt: skip
-        quiet_ray_data_bars()  # ours counts shards
+        quiet_ray_data_bars()  # ours counts inputs
         with gc_paused():
             specs = [{"spec": sh.to_json()} for sh in todo]
         ds = ray.data.from_items(specs, override_num_blocks=len(todo)).map_batches(
