@@ -40,8 +40,9 @@ Inputs and decisions (documented here once):
   value holds a row of steps per channel, the rows separated by ``\n``; then optionally a nominal class
   attribute (the last) whose declared values are the class names, as ``@classLabel``'s. An ``.arff``
   gives exactly the series, labels and records (but for source and id) of the ``.ts`` of the same data;
-  ``?`` is missing as there (a series padded with ``?`` to the attribute count, as unequal-length
-  problems are written, is so filled, not cut). Sparse data (``{index value, ...}``), instance weights,
+  ``?`` is missing as there, but steps missing (in every channel) at the end of a series are the
+  padding of a shorter series to the attribute count, as unequal-length problems are written, and
+  are cut, as UCR ``.tsv``'s trailing NaNs are (the archive's ``.ts`` holds such a series shorter). Sparse data (``{index value, ...}``), instance weights,
   ``string`` and ``date`` attributes, a nominal attribute that is not the last, and anything beside a
   relational attribute but the class are ``unsupported``; a line with another number of values than the
   header declares is ``corrupt``. Each line is one labelled
@@ -1258,6 +1259,10 @@ class TimeSeriesTokenizer(Tokenizer):
                 except ValueError:
                     raise TokenizeError(source, "corrupt", f"line {ln}: non-numeric value") from None
                 x = np.stack(dims, axis=1)  # (T, C)
+                # steps missing in every channel at the end: the padding of a shorter series to the
+                # attribute count (unequal-length problems), cut as UCR .tsv's trailing NaNs are
+                keep = np.nonzero(np.isfinite(x).any(axis=1))[0]
+                x = x[: keep[-1] + 1] if keep.size else x[:0]
             series.append(x)
             labels.append(label)
             lines_of.append(ln)

@@ -1011,7 +1011,7 @@ def test_arff_missing_values_are_filled_as_in_ts(tmp_path):
     tok = _tok(patch_len=3, patch_stride=3)
     raw = tok.read(str(p))
     assert np.isnan(raw.series[0][:, 0]).tolist() == [False, True, False, True, True, False]
-    assert np.isnan(raw.series[1]).all() and raw.lines == [10, 11, 12]
+    assert raw.series[1].shape == (0, 1) and raw.lines == [10, 11, 12]  # all missing: nothing left
     recs = tok(str(p))  # the all-missing series 1 (line 11) is skipped with a warning
     assert [(r.id.split("#")[1], r.label) for r in recs] == [("s0-w0-c0", 0), ("s2-w0-c0", 1)]
     assert recs[0].meta["missing"] == [3]
@@ -1019,6 +1019,11 @@ def test_arff_missing_values_are_filled_as_in_ts(tmp_path):
     ts = tmp_path / "miss.ts"
     ts.write_text("@classLabel true x y\n@data\n1,?,3,?,?,6:x\n?,?,?,?,?,?:y\n2,4,6,8,10,12:y\n")
     _same_records(recs, tok(str(ts)), str(p), str(ts))
+    # unequal lengths: a series padded with '?' to the attribute count is the .ts's shorter series
+    p.write_text(head + "@data\n1,2,3,4,?,?,x\n1,?,3,5,7,9,y\n")
+    ts.write_text("@classLabel true x y\n@data\n1,2,3,4:x\n1,?,3,5,7,9:y\n")
+    assert [len(x) for x in tok.read(str(p)).series] == [4, 6]
+    _same_records(tok(str(p)), tok(str(ts)), str(p), str(ts))
     # a missing class value is no class name, as a '?' label in a .ts
     p.write_text(head + "@data\n2,4,6,8,10,12,?\n")
     with pytest.raises(TokenizeError) as e:
