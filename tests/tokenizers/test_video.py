@@ -8,6 +8,7 @@ left edge is at column k (a moving square); lossy codecs are checked with tolera
 import dataclasses
 import pickle
 import struct
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -545,3 +546,138 @@ def test_conformance_kit(tmp_path):
 
     report = testing.check_tokenizer(tok, paths, compare=compare)
     assert report == {"sources": 3, "records": 3, "tokens": 24}
+
+
+def _long_avi(path, codec: str, n: int = 2 * video_mod.SEEK_GAP + 100, **options) -> str:
+    """An AVI of ``n`` 32x48 frames: green 5 k mod 250, red 5 (k // 50), a square moving 2 px a frame
+    (so that every frame differs and P/B-frames have motion to code)."""
+    frames = np.zeros((n, 32, 48, 3), np.uint8)
+    frames[..., 1] = (5 * np.arange(n) % 250)[:, None, None]
+    frames[..., 0] = (5 * (np.arange(n) // 50))[:, None, None]
+    for k in range(n):  # test data
+        x = 2 * k % 40
+        frames[k, 8:16, x : x + 8] = [255, 255, 255]
+    with av.open(str(path), "w", format="avi") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.options = {k: str(v) for k, v in options.items()}
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    return str(path)
+
+
+def _pack_divx(src: str, dst: str) -> str:
+    """``src`` (MPEG-4 with single B-frames) as DivX 5 writes it, a packed bitstream: each P-VOP and
+    the B-VOP after it in one packet followed by a placeholder N-VOP, user data ``DivX503b1393p``."""
+    with av.open(src) as c:
+        s = c.streams.video[0]
+        extradata, (h, w) = s.codec_context.extradata, (s.height, s.width)
+        packets = [(bytes(p), p.is_keyframe) for p in c.demux(s) if p.size]
+    bits = video_mod._vol_time_bits(extradata or packets[0][0])
+    kinds = [video_mod._vops(d, d.find(video_mod._VOP), bits)[0][0] for d, _ in packets]
+    nvop = "01" + "0" + "1" + "0" * bits + "1" + "0"  # P, time 0, not coded; then stuffing 0111..
+    nvop += "0" + "1" * ((7 - len(nvop)) % 8)
+    nvop_bytes = video_mod._VOP + int(nvop, 2).to_bytes(len(nvop) // 8, "big")
+    packed, i = [], 0
+    while i < len(packets):
+        (d, key), i = packets[i], i + 1
+        if kinds[i - 1] == 1 and i < len(packets) and kinds[i] == 2:
+            packed += [(d + packets[i][0], key), (nvop_bytes, False)]
+            i += 1
+        else:
+            packed.append((d, key))
+    user_data = b"\x00\x00\x01\xb2DivX503b1393p"
+    with av.open(dst, "w", format="avi") as out:
+        stream = out.add_stream("mpeg4", rate=25)
+        stream.height, stream.width = h, w
+        for t, (d, key) in enumerate(packed):
+            at = d.find(video_mod._VOP)
+            p = av.Packet(d[:at] + user_data + d[at:] if key and at > 0 else d)
+            p.stream, p.time_base, p.is_keyframe = stream, Fraction(1, 25), key
+            p.dts = p.pts = t
+            out.mux(p)
+    return dst
+
+
+KEYFRAME_AVIS = {
+    "mpeg4 closed GOP": ("mpeg4", {"g": 12, "bf": 2, "flags": "+cgop", "sc_threshold": 10**9}),
+    "mpeg4 open GOP": ("mpeg4", {"g": 12, "bf": 2, "sc_threshold": 10**9}),
+    "mpeg4 no B": ("mpeg4", {"g": 25, "bf": 0, "sc_threshold": 10**9}),
+    "mjpeg": ("mjpeg", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(KEYFRAME_AVIS))
+def test_far_frames_of_mpeg4_and_mjpeg_avi_are_decoded_from_a_keyframe(tmp_path, monkeypatch, case):
+    codec, options = KEYFRAME_AVIS[case]
+    path = _long_avi(tmp_path / "k.avi", codec, **options)
+    used = []
+    fast = video_mod._keyframe_frames
+    monkeypatch.setattr(video_mod, "_keyframe_frames", lambda *a: used.append(fast(*a)) or used[-1])
+    every = _all_frames(path)  # the sequential decode: frame k is the k-th the decoder shows
+    video = _tok(num_frames=4, frame_stride=4).read(path)  # the middle clip: frames 342..354
+    assert video.frame_indices.tolist() == [342, 346, 350, 354] and video.num_source_frames == 700
+    np.testing.assert_array_equal(video.frames, every[[342, 346, 350, 354]])
+    clips = _tok(num_frames=2, frame_stride=4, max_clips=2).read(path)  # slots 0 and 43 of 8 frames
+    assert clips.frame_indices.tolist() == [0, 4, 344, 348]
+    seq, _ = video_mod._sequential_frames(
+        path, sorted(set(clips.frame_indices.tolist())), video_mod._FrameGrab(None)
+    )
+    crops = [
+        video_mod._resize_shorter_center_crop_view(seq[int(k)], 32, "bilinear")[0]
+        for k in clips.frame_indices
+    ]
+    np.testing.assert_array_equal(clips.frames, np.stack(crops))
+    assert len(used) == 2 and all(got is not None for got in used)  # both took the fast path
+
+
+def test_an_open_gop_start_numbers_the_b_frames_the_fresh_decoder_drops(tmp_path):
+    # FFmpeg's MPEG-4 default is an open GOP: the two B-VOPs after each I-VOP are shown before it,
+    # predicted from the GOP before; decoding from the I-VOP drops them, and the numbering counts them
+    path = _long_avi(tmp_path / "o.avi", "mpeg4", n=120, g=12, bf=2, sc_threshold=10**9)
+    every = _all_frames(path)
+    for k in range(40, 80):  # every phase of three GOPs, each frame on its own
+        got = video_mod._keyframe_frames(path, [k, k + 3], video_mod._FrameGrab(None))
+        assert got is not None and sorted(got) == [k, k + 3]
+        np.testing.assert_array_equal(got[k], every[k])
+        np.testing.assert_array_equal(got[k + 3], every[k + 3])
+    # the packets before an I-VOP's are not its frame number there: a count of them is 2 frames off
+    starts = [i for i, p in enumerate(av.open(path).demux(video=0)) if p.is_keyframe and i]
+    assert starts[:3] == [10, 22, 34]  # the I-VOPs shown as frames 12, 24, 36
+
+
+def test_packed_divx_avi_is_decoded_from_a_keyframe(tmp_path, monkeypatch):
+    src = _long_avi(tmp_path / "b1.avi", "mpeg4", g=30, bf=1, sc_threshold=10**9)
+    path = _pack_divx(src, str(tmp_path / "packed.avi"))
+    sizes = [p.size for p in av.open(path).demux(video=0)]
+    assert sizes.count(7) > 300 or sizes.count(6) > 300  # the placeholder N-VOPs
+    every = _all_frames(path)
+    assert len(every) == 700
+    np.testing.assert_array_equal(every, _all_frames(src))  # the same frames as unpacked
+    for wanted in ([342, 346, 350, 354], [0, 31, 400, 699], [121, 122, 600]):
+        got = video_mod._keyframe_frames(path, wanted, video_mod._FrameGrab(None))
+        assert got is not None and sorted(got) == wanted
+        for k in wanted:
+            np.testing.assert_array_equal(got[k], every[k])
+
+
+def test_keyframe_decoding_is_refused_where_it_is_not_shown_exact(tmp_path):
+    grab = video_mod._FrameGrab(None)
+    h264 = _long_avi(tmp_path / "h.avi", "libx264", n=100)  # H.264: frame order it cannot check
+    assert video_mod._keyframe_frames(h264, [50], grab) is None
+    mp4 = _write_with(tmp_path / "m.mp4", _frames(100), "mpeg4")  # not AVI: _seek_frames's
+    assert video_mod._keyframe_frames(mp4, [50], grab) is None
+    # headers that change after the first packet's, then again: a start could miss one
+    src = _long_avi(tmp_path / "s.avi", "mpeg4", n=100, g=10, sc_threshold=10**9)
+    with av.open(src) as c:
+        packets = [bytes(p) for p in c.demux(video=0) if p.size]
+    scan = video_mod._Mpeg4Scan(None)
+    kinds = [scan.feed(d) for d in packets]
+    assert kinds[0] == "start" and kinds.count("start") == 10 and None not in kinds
+    scan = video_mod._Mpeg4Scan(None)
+    at = packets[20].find(video_mod._VOP)
+    changed = packets[20][:at] + b"\x00\x00\x01\xb2other" + packets[20][at:]
+    assert [scan.feed(d) for d in [*packets[:20], changed]][-1] is None
+    assert video_mod._MjpegScan().feed(b"\xff\xd8\xff\xd9") is None  # no scan: not a frame
