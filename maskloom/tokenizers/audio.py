@@ -73,7 +73,6 @@ Decisions (documented here once):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
@@ -100,10 +99,10 @@ from maskloom.tokenizers.base import (
     ffmpeg_reason,
     is_tar_path,
     iter_tar_records,
+    path_or_file,
     read_tar,
     register_tokenizer,
     tokenize_tar,
-    utf8_path,
 )
 
 if TYPE_CHECKING:
@@ -631,11 +630,6 @@ AUDIO_EXTENSIONS: tuple[str, ...] = (
 _MEMBER_AUDIO_EXTENSIONS = tuple(e[1:] for e in AUDIO_EXTENSIONS)
 
 
-def _path_or_file(file: str | IO[bytes]) -> contextlib.AbstractContextManager[Any]:
-    """A path as :func:`utf8_path` gives it (C libraries take UTF-8 paths); a file object as it is."""
-    return utf8_path(file) if isinstance(file, str) else contextlib.nullcontext(file)
-
-
 class TarAudio(NamedTuple):
     """One usable sample of a tar shard, decoded (an element of :class:`TarAudios`)."""
 
@@ -708,7 +702,7 @@ class AudioTokenizer(Tokenizer):
             data, sr, length = self._read_with_pyav(file, source)
         else:
             try:
-                with _path_or_file(file) as path, sf.SoundFile(path) as f:  # libsndfile takes UTF-8 paths
+                with path_or_file(file) as path, sf.SoundFile(path) as f:  # libsndfile takes UTF-8 paths
                     sr, length = f.samplerate, f.frames
                     frames = self._input_samples(sr)
                     frames = frames if 0 <= frames < length else -1  # -1: all
@@ -745,7 +739,7 @@ class AudioTokenizer(Tokenizer):
         import av
 
         try:
-            with _path_or_file(file) as path:  # FFmpeg takes UTF-8 paths
+            with path_or_file(file) as path:  # FFmpeg takes UTF-8 paths
                 return decode_with_pyav(path, self._input_samples)
         except LookupError as e:
             raise TokenizeError(source, "empty", str(e)) from None

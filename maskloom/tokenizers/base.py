@@ -37,7 +37,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import IO, Any, ClassVar, Literal, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -345,6 +345,21 @@ def utf8_path(source: str) -> contextlib.AbstractContextManager[str]:
     if utf8_text(source) is source:
         return contextlib.nullcontext(source)
     return _utf8_link(source)
+
+
+def path_or_file(file: str | IO[bytes]) -> contextlib.AbstractContextManager[Any]:
+    """For decoders that take a path or a file object (a tar member's ``io.BytesIO``): a path as
+    :func:`utf8_path` gives it, a file object as it is."""
+    return utf8_path(file) if isinstance(file, str) else contextlib.nullcontext(file)
+
+
+def rewound(file: Any) -> Any:
+    """``file`` ready to be opened: a (seekable) file object back at its start (decoders read a file
+    object from where it is, and some open it more than once: a header look, then the decode); a
+    path as it is."""
+    if not isinstance(file, (str, os.PathLike)):
+        file.seek(0)
+    return file
 
 
 @contextlib.contextmanager

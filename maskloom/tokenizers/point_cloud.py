@@ -82,6 +82,7 @@ from maskloom.tokenizers.base import (
     iter_tar_records,
     read_tar,
     register_tokenizer,
+    rewound,
     tokenize_tar,
 )
 
@@ -104,13 +105,7 @@ def _file_bytes(file: str | IO[bytes]) -> bytes:
     if isinstance(file, str):
         with open(file, "rb") as f:
             return f.read()
-    return _rewound(file).read()
-
-
-def _rewound(file: IO[bytes]) -> IO[bytes]:
-    """A (seekable) binary file object back at its start."""
-    file.seek(0)
-    return file
+    return rewound(file).read()
 
 
 def _ply_vertex(g: Any) -> dict[str, Any]:
@@ -359,7 +354,7 @@ class PointCloudTokenizer(Tokenizer):
     @staticmethod
     def _read_npy(file: str | IO[bytes], source: str) -> np.ndarray:
         try:
-            arr = np.load(file if isinstance(file, str) else _rewound(file), allow_pickle=False)
+            arr = np.load(rewound(file), allow_pickle=False)
         except Exception as e:
             raise TokenizeError(
                 source, "corrupt", f"not a readable .npy array: {type(e).__name__}: {e}"
@@ -370,7 +365,7 @@ class PointCloudTokenizer(Tokenizer):
     def _read_npz(file: str | IO[bytes], source: str) -> np.ndarray:
         try:
             # our own handle: np.load leaks its file when the zip directory is unreadable
-            with open(file, "rb") if isinstance(file, str) else contextlib.nullcontext(_rewound(file)) as f:
+            with open(file, "rb") if isinstance(file, str) else contextlib.nullcontext(rewound(file)) as f:
                 loaded = np.load(f, allow_pickle=False)
                 if isinstance(loaded, np.ndarray):  # a plain .npy under a .npz name
                     arr = loaded

@@ -85,7 +85,6 @@ Tar shards (WebDataset layout: Kinetics, WebVid, Panda-70M ship ``key.mp4`` + ``
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -108,10 +107,11 @@ from maskloom.tokenizers.base import (
     ffmpeg_reason,
     is_tar_path,
     iter_tar_records,
+    path_or_file,
     read_tar,
     register_tokenizer,
+    rewound,
     tokenize_tar,
-    utf8_path,
 )
 from maskloom.tokenizers.image import (
     INTERPOLATIONS,
@@ -236,21 +236,7 @@ _MEMBER_VIDEO_EXTENSIONS = tuple(e[1:] for e in VIDEO_EXTENSIONS)
 
 VideoFile = str | IO[bytes]
 """What the decoders take: a path (UTF-8, see :func:`utf8_path`) or a seekable binary file object
-(a tar member's ``io.BytesIO``), which every opening rewinds (:func:`_rewound`)."""
-
-
-def _path_or_file(file: VideoFile) -> contextlib.AbstractContextManager[VideoFile]:
-    """A path as :func:`utf8_path` gives it (decord and FFmpeg take UTF-8 paths); a file object as it is."""
-    return utf8_path(file) if isinstance(file, str) else contextlib.nullcontext(file)
-
-
-def _rewound(file: VideoFile) -> VideoFile:
-    """``file`` ready to be opened: a file object back at its start (PyAV and decord read a file
-    object from where it is, and each decoder opens the video anew: the header look, the frame
-    count, the decode); a path as it is."""
-    if not isinstance(file, str):
-        file.seek(0)
-    return file
+(a tar member's ``io.BytesIO``), which every opening rewinds (:func:`~maskloom.tokenizers.base.rewound`)."""
 
 
 def _av_open(file: VideoFile) -> Any:
@@ -258,7 +244,7 @@ def _av_open(file: VideoFile) -> Any:
     file object open)."""
     import av
 
-    return av.open(_rewound(file))
+    return av.open(rewound(file))
 
 
 class TarVideo(NamedTuple):
@@ -342,7 +328,7 @@ class VideoTokenizer(Tokenizer):
                 source, "unsupported", f"extension {ext or '(none)'!r} is not one of {self.extensions}"
             )
         vr = None
-        with _path_or_file(file) as path:  # decord and PyAV (FFmpeg) take UTF-8 paths
+        with path_or_file(file) as path:  # decord and PyAV (FFmpeg) take UTF-8 paths
             if not isinstance(path, str) and not path.seek(0, os.SEEK_END):
                 raise TokenizeError(source, "empty", "file is empty (0 bytes)")  # as check_file says
             decord_reads_it, cannot_open = _probe(path)
@@ -354,7 +340,7 @@ class VideoTokenizer(Tokenizer):
                 return self._read_with_pyav(path, source)
             try:
                 try:
-                    vr = decord.VideoReader(_rewound(path), ctx=decord.cpu(0), num_threads=1)
+                    vr = decord.VideoReader(rewound(path), ctx=decord.cpu(0), num_threads=1)
                 except (RuntimeError, decord.DECORDError) as e:
                     empty = _why_empty(path)
                     if empty:
