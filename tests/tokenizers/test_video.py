@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+from video_frames import frames as _frames
 
 import maskloom.tokenizers.video as video_mod
 from maskloom import tables
@@ -27,15 +28,6 @@ from maskloom.tokenizers.video import (
     _short,
     sample_indices,
 )
-
-
-def _frames(n: int, h: int = 32, w: int = 32) -> np.ndarray:
-    """(n, h, w, 3) uint8: background level 5*k in frame k, red 8x8 square at rows 4..11, cols k..k+7."""
-    f = np.repeat((5 * np.arange(n, dtype=np.uint8))[:, None, None, None], 3, axis=-1)
-    f = np.broadcast_to(f, (n, h, w, 3)).copy()
-    for k in range(n):  # test data
-        f[k, 4:12, k : k + 8] = [255, 0, 0]
-    return f
 
 
 def _write(path, frames: np.ndarray, codec: str = "ffv1", pix_fmt: str = "bgr0", fps: int = 10) -> str:

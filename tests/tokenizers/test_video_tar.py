@@ -19,6 +19,7 @@ import tarfile
 import av
 import numpy as np
 import pytest
+from video_frames import frames as _frames
 
 import maskloom.tokenizers.base as base_mod
 import maskloom.tokenizers.video as video_mod
@@ -32,16 +33,6 @@ from maskloom.tokenizers.video import (
     VideoConfig,
     VideoTokenizer,
 )
-
-
-def _frames(n: int, h: int = 32, w: int = 32) -> np.ndarray:
-    """(n, h, w, 3) uint8: background level 5*k in frame k, red 8x8 square at rows 4..11, cols k..k+7."""
-    f = np.repeat((5 * np.arange(n, dtype=np.uint8))[:, None, None, None], 3, axis=-1)
-    f = np.broadcast_to(f, (n, h, w, 3)).copy()
-    for k in range(n):  # test data
-        f[k, 4:12, k : k + 8] = [255, 0, 0]
-    return f
-
 
 _FORMATS = {"mkv": ("matroska", "ffv1", "bgr0"), "mp4": ("mp4", "libx264", "yuv420p"),
             "avi": ("avi", "mpeg4", "yuv420p")}  # fmt: skip
