@@ -205,8 +205,9 @@ class PreprocessResult:
         """One line: inputs, rows, tokens, errors, bytes, throughput."""
         if self.already_done:
             return (
-                f"{self.out_dir}: already finished with this config ({self.inputs} inputs, {self.rows} rows, "
-                f"{self.tokens} tokens, {_count(self.errors, 'error')}, {_mb(self.bytes)}); nothing to do"
+                f"{self.out_dir}: already finished with this config ({_count(self.inputs, 'input')}, "
+                f"{_count(self.rows, 'row')}, {_count(self.tokens, 'token')}, {_count(self.errors, 'error')}, "
+                f"{_mb(self.bytes)}); nothing to do"
             )
         skipped = f", {self.skipped_shards}/{self.shards} shards resumed" if self.skipped_shards else ""
         if self.appended_shards:
@@ -217,8 +218,9 @@ class PreprocessResult:
                 + (f", {resumed} resumed" if resumed else "")
             )
         return (
-            f"{self.inputs} inputs = {self.inputs - self.errors} written + {_count(self.errors, 'error')}; "
-            f"{self.rows} rows, {self.tokens} tokens, {_mb(self.bytes)} written, {self.throughput:.1f} inputs/s "
+            f"{_count(self.inputs, 'input')} = {self.inputs - self.errors} written + {_count(self.errors, 'error')}; "
+            f"{_count(self.rows, 'row')}, {_count(self.tokens, 'token')}, {_mb(self.bytes)} written, "
+            f"{self.throughput:.1f} inputs/s "
             f"({_mb(self.input_bytes)} read, {self.seconds:.1f} s{skipped})"
         )
 
