@@ -1179,7 +1179,7 @@ def test_small_job_hint_only_when_an_embedded_ray_start_up_dominates(tmp_path):
     assert small_job_hint(done, embedded=True) is None
 
 
-def test_summary_counts_errors_in_the_singular_and_plural(tmp_path):
+def test_summary_counts_in_the_singular_and_plural(tmp_path):
     base = dict(out_dir=str(tmp_path), inputs=10, tokens=90, bytes=2_500_000, input_bytes=1_000_000, shards=2,
                 skipped_shards=0, seconds=2.0, throughput=5.0)  # fmt: skip
     one = PreprocessResult(**base, rows=9, errors=1)
@@ -1196,6 +1196,9 @@ def test_summary_counts_errors_in_the_singular_and_plural(tmp_path):
         f"{tmp_path}: already finished with this config (10 inputs, 8 rows, 90 tokens, 2 errors, 2.5 MB); "
         "nothing to do"
     )
+    single = {**base, "inputs": 1, "tokens": 1, "rows": 1, "errors": 0}
+    assert PreprocessResult(**single).summary().startswith("1 input = 1 written + 0 errors; 1 row, 1 token, ")
+    assert "(1 input, 1 row, 1 token, 0 errors, " in PreprocessResult(**single, already_done=True).summary()
 
 
 def _non_utf8_name(directory, name: str) -> str | None:
