@@ -77,7 +77,14 @@ from maskloom.pipelines.ray_utils import (
     shutdown_ray,
 )
 from maskloom.pipelines.sources import Input, InputSet
-from maskloom.tokenizers.base import TOKENIZERS, Record, TokenizeError, Tokenizer, get_tokenizer
+from maskloom.tokenizers.base import (
+    TOKENIZERS,
+    Record,
+    TokenizeError,
+    Tokenizer,
+    get_tokenizer,
+    guarded_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -433,23 +440,33 @@ HUNG = "_hung"
 """Folder under ``_commits`` with one record per input that outlived the timeout in a worker."""
 
 
-def _hung_path(out_dir: str, source: str) -> str:
+def _hung_path(out_dir: str, source: str, sample: int = -1) -> str:
+    key = source if sample < 0 else f"{source}#{sample}"
     return os.path.join(
         out_dir,
         COMMITS,
         HUNG,
-        hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".json",
+        hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32] + ".json",
     )
+
+
+def _hung_records(out_dir: str) -> list[dict[str, Any]]:
+    folder = os.path.join(out_dir, COMMITS, HUNG)
+    names = os.listdir(folder) if os.path.isdir(folder) else ()
+    return [r for r in (_read_json(os.path.join(folder, n)) for n in names) if r is not None]
 
 
 def _hung_inputs(out_dir: str) -> dict[str, float]:
     """{source: timeout in seconds} of the inputs recorded as hung in ``out_dir``."""
-    folder = os.path.join(out_dir, COMMITS, HUNG)
-    out = {}
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        rec = _read_json(os.path.join(folder, name))
-        if rec is not None:
-            out[rec["source"]] = float(rec["seconds"])
+    return {r["source"]: float(r["seconds"]) for r in _hung_records(out_dir) if r.get("sample", -1) < 0}
+
+
+def _hung_samples(out_dir: str) -> dict[str, dict[int, float]]:
+    """{source: {sample: timeout in seconds}} of the samples of tar shards recorded as hung."""
+    out: dict[str, dict[int, float]] = {}
+    for r in _hung_records(out_dir):
+        if r.get("sample", -1) >= 0:
+            out.setdefault(r["source"], {})[int(r["sample"])] = float(r["seconds"])
     return out
 
 
@@ -463,12 +480,14 @@ class InputWatchdog:
     ``_commits/_hung/`` and ends the process (``os._exit``). Ray restarts the actor and reruns the
     shard, and :func:`tokenize_shard` turns the recorded input into an error row (kind
     ``corrupt``) instead of decoding it again: the shard is written once, exactly as if the file
-    had failed to decode. Only for worker processes: ending the calling process
-    (``num_workers=0``) would end the user's program."""
+    had failed to decode. In a tar shard each sample is watched on its own (:meth:`at_sample`): the
+    one that hangs is recorded and skipped, as a sample that does not decode is, and the rest of the
+    tar is written. Only for worker processes: ending the calling process (``num_workers=0``) would
+    end the user's program."""
 
     def __init__(self, timeout: float, *, tick: float = 1.0) -> None:
         self.timeout = float(timeout)
-        self._current: tuple[str, str, float] | None = None  # (out_dir, source, started)
+        self._current: tuple[str, str, float, int] | None = None  # (out_dir, source, started, sample)
         self._thread = threading.Thread(target=self._watch, args=(min(tick, self.timeout / 4),),
                                         name="maskloom-input-watchdog", daemon=True)  # fmt: skip
         self._thread.start()
@@ -476,7 +495,7 @@ class InputWatchdog:
     def begin(self, out_dir: str, source: str) -> None:
         """Watch ``source`` from now (until :meth:`end`); plain assignments, no context manager: ~0.2
         instead of ~1.5 us an input, against ~200 us for a spoken-digit clip."""
-        self._current = (out_dir, source, time.monotonic())
+        self._current = (out_dir, source, time.monotonic(), -1)
 
     def touch(self) -> None:
         """The input made progress (it gave a record): its time counts from now. An input whose records
@@ -484,7 +503,14 @@ class InputWatchdog:
         without a record is a hang."""
         cur = self._current
         if cur is not None:
-            self._current = (cur[0], cur[1], time.monotonic())
+            self._current = (cur[0], cur[1], time.monotonic(), cur[3])
+
+    def at_sample(self, sample: int) -> None:
+        """The input moved on to its sample ``sample`` (a tar shard's; -1: none): progress, and the
+        sample a hang from now is recorded against."""
+        cur = self._current
+        if cur is not None:
+            self._current = (cur[0], cur[1], time.monotonic(), sample)
 
     def end(self) -> None:
         self._current = None
@@ -494,14 +520,19 @@ class InputWatchdog:
             time.sleep(tick)
             cur = self._current
             if cur is not None and time.monotonic() - cur[2] > self.timeout:
-                out_dir, source, _ = cur
-                path = _hung_path(out_dir, source)
+                out_dir, source, _, sample = cur
+                path = _hung_path(out_dir, source, sample)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                tables.atomic_write_bytes(
-                    path, json.dumps({"source": source, "seconds": self.timeout}).encode()
-                )
-                log.error("%s: no progress for %g s; ending this worker (Ray restarts it and the job goes "
-                          "on without this input)", source, self.timeout)  # fmt: skip
+                rec = {
+                    "source": source,
+                    "seconds": self.timeout,
+                    **({"sample": sample} if sample >= 0 else {}),
+                }
+                tables.atomic_write_bytes(path, json.dumps(rec).encode())
+                what = "input" if sample < 0 else "sample"
+                log.error("%s%s: no progress for %g s; ending this worker (Ray restarts it and the job goes "
+                          "on without this %s)", source, "" if sample < 0 else f": sample {sample}", self.timeout,
+                          what)  # fmt: skip
                 logging.shutdown()
                 os._exit(HUNG_EXIT_CODE)
 
@@ -515,6 +546,10 @@ CRASH_LIMIT = 2
 """Deaths of a worker on one input, in one job, after which that input becomes an error row."""
 SHARD_DEATH_LIMIT = 3
 """Deaths of a shard's workers outside any input, in one job, after which the job stops."""
+SAMPLE_DEATH_LIMIT = 8
+"""Deaths of workers on the samples of one input (a tar shard), in one job, after which the whole
+input becomes an error row (each sample that killed its worker ``CRASH_LIMIT`` times is skipped
+before that: a decoder that crashes on every sample must not cost a restart per sample for ever)."""
 
 
 IN_PROCESS_RUN = "in-process"
@@ -532,19 +567,25 @@ class ShardAttempts:
     A decoder that kills its process (a segfault in C, the kernel's OOM killer on a huge input) has
     no chance to raise: Ray restarts the actor and retries the shard, which dies again, for ever (Ray
     Data retries without limit). So before each input the worker writes the input's index to
-    ``_commits/_crashes/<shard_id>.pos`` (one 8-byte ``pwrite``, ~0.6 us; the page cache keeps it
+    ``_commits/_crashes/<shard_id>.pos`` (one 16-byte ``pwrite``, ~0.6 us; the page cache keeps it
     when the process dies), and every try of the shard begins by reading what the try before left:
     an index means that try died on that input. An input on which workers died ``CRASH_LIMIT``
     times in this job becomes an error row (kind ``crashed``) and the shard goes on without it; a
     single death is retried as before, since a worker can be killed for reasons that are not its
-    input's. Deaths are counted per job (``run``): a rerun after the driver ended starts afresh.
-    ``SHARD_DEATH_LIMIT`` deaths outside any input (writing the shard) stop the job
-    (:class:`WorkerDeathsError`) instead of retrying for ever. A try that ends in Python (an error,
-    Ctrl-C, SIGTERM) is no death: it removes its files. With ``num_workers=0`` a crash ends the
-    calling process itself; its runs share one ``run`` (:data:`IN_PROCESS_RUN`), so each rerun of the
-    command counts the death, names the input, and the third skips it as an error row."""
+    input's. An input of many samples (a tar shard) also notes which sample it is on (the second
+    8 bytes, :meth:`at_sample`): a death there counts against that sample, which after
+    ``CRASH_LIMIT`` deaths is skipped as a sample that does not decode is (kind ``crashed``, in the
+    tar's warning) while the rest of the tar is written; ``SAMPLE_DEATH_LIMIT`` deaths on one
+    input's samples make the whole input the error row. Deaths are counted per job (``run``): a
+    rerun after the driver ended starts afresh. ``SHARD_DEATH_LIMIT`` deaths outside any input
+    (writing the shard) stop the job (:class:`WorkerDeathsError`) instead of retrying for ever. A try
+    that ends in Python (an error, Ctrl-C, SIGTERM) is no death: it removes its files. With
+    ``num_workers=0`` a crash ends the calling process itself; its runs share one ``run``
+    (:data:`IN_PROCESS_RUN`), so each rerun of the command counts the death, names the input (or
+    its sample), and the third skips it."""
 
-    _POS = struct.Struct("<q")
+    _POS = struct.Struct("<qq")  # (input index, sample index within it); -1: on none
+    _SAMPLE = struct.Struct("<q")
 
     def __init__(self, out_dir: str, shard: ShardSpec, run: str) -> None:
         folder = os.path.join(out_dir, COMMITS, CRASHES)
@@ -553,6 +594,8 @@ class ShardAttempts:
         self.shard = shard
         self.run = run
         self._fd = -1
+        self.sample_skips: dict[int, dict[int, int]] = {}
+        """{input index: {sample index: deaths}}: the samples not to read again (set by :meth:`begin`)."""
 
     def begin(self) -> dict[int, int]:
         """Count the death of the try before (if any) and start this one: {input index: deaths} of
@@ -563,11 +606,19 @@ class ShardAttempts:
         else:  # a try of this job began and did not finish (done() removes the files)
             try:
                 with open(self.pos_path, "rb") as f:
-                    raw = f.read(8)
+                    raw = f.read(self._POS.size)
             except FileNotFoundError:
                 raw = b""
-            k = self._POS.unpack(raw)[0] if len(raw) == 8 else -1
-            if 0 <= k < len(self.shard.inputs):
+            k, sample = self._POS.unpack(raw) if len(raw) == self._POS.size else (-1, -1)
+            if 0 <= k < len(self.shard.inputs) and sample >= 0:  # on a sample of a tar: that sample's death
+                mine = state.setdefault("sample_deaths", {}).setdefault(str(k), {})
+                n = mine[str(sample)] = mine.get(str(sample), 0) + 1
+                if sum(mine.values()) >= SAMPLE_DEATH_LIMIT:  # the whole input now
+                    state["deaths"][str(k)] = sum(mine.values())
+                log.warning("%s: the process decoding its sample %d died (%d of the %d deaths after which the "
+                            "sample is skipped); trying its shard again", self.shard.inputs[k].source, sample, n,
+                            CRASH_LIMIT)  # fmt: skip
+            elif 0 <= k < len(self.shard.inputs):
                 n = state["deaths"][str(k)] = state["deaths"].get(str(k), 0) + 1
                 log.warning("%s: the process decoding it died (%d of the %d deaths after which it becomes an "
                             "error row); trying its shard again", self.shard.inputs[k].source, n, CRASH_LIMIT)  # fmt: skip
@@ -583,11 +634,20 @@ class ShardAttempts:
         tables.atomic_write_bytes(self.state_path, json.dumps(state).encode(), durable=False)
         self._fd = os.open(self.pos_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.at(-1)
+        self.sample_skips = {}
+        for k, per in state.get("sample_deaths", {}).items():
+            skip = {int(i): n for i, n in per.items() if n >= CRASH_LIMIT}
+            if skip:
+                self.sample_skips[int(k)] = skip
         return {int(k): n for k, n in state["deaths"].items() if n >= CRASH_LIMIT}
 
     def at(self, index: int) -> None:
-        """The worker is on input ``index`` of the shard from now (-1: on none)."""
-        os.pwrite(self._fd, self._POS.pack(index), 0)
+        """The worker is on input ``index`` of the shard from now (-1: on none), on none of its samples."""
+        os.pwrite(self._fd, self._POS.pack(index, -1), 0)
+
+    def at_sample(self, sample: int) -> None:
+        """... and on sample ``sample`` of that input from now (-1: on none of them)."""
+        os.pwrite(self._fd, self._SAMPLE.pack(sample), self._SAMPLE.size)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -600,6 +660,34 @@ class ShardAttempts:
         for p in (self.pos_path, self.state_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
+
+
+class _SampleGuard:
+    """The :class:`maskloom.tokenizers.base.SampleGuard` of one input of a shard: its position goes to
+    the shard's :class:`ShardAttempts` (deaths) and :class:`InputWatchdog` (hangs), either may be None."""
+
+    __slots__ = ("attempts", "watchdog", "skip")
+
+    def __init__(
+        self, attempts: ShardAttempts | None, watchdog: InputWatchdog | None, skip: dict[int, tuple[str, str]]
+    ) -> None:
+        self.attempts, self.watchdog, self.skip = attempts, watchdog, skip
+
+    def at(self, sample: int) -> None:
+        if self.attempts is not None:
+            self.attempts.at_sample(sample)
+        if self.watchdog is not None:
+            self.watchdog.at_sample(sample)
+
+
+def _died(deaths: int) -> str:
+    return f"the process decoding it died {deaths} times (a crash in the decoder, or more memory than it had)"
+
+
+def _no_progress(seconds: float) -> str:
+    return (
+        f"decoding made no progress for {seconds:g} s (--input-timeout); its worker was ended and restarted"
+    )
 
 
 PROGRESS = "_progress"
@@ -694,19 +782,27 @@ def tokenize_shard(
     # inputs rejected without reading them: those that outlived the timeout in an earlier try of this
     # shard, those its workers died on, and those found bad after some of their records were written
     skip: dict[int, tuple[str, str]] = {}
-    hung = _hung_inputs(out_dir)
+    # ... and the samples of tar shards skipped likewise (the rest of their tar is read)
+    sample_skip: dict[int, dict[int, tuple[str, str]]] = {}
+    hung, hung_samples = _hung_inputs(out_dir), _hung_samples(out_dir)
     for index, item in enumerate(shard.inputs):
         if item.source in hung:
-            skip[index] = ("corrupt", f"decoding made no progress for {hung[item.source]:g} s (--input-timeout); "
-                           "its worker was ended and restarted")  # fmt: skip
+            skip[index] = ("corrupt", _no_progress(hung[item.source]))
         elif index in crashed:
-            skip[index] = ("crashed", f"the process decoding it died {crashed[index]} times (a crash in the "
-                           "decoder, or more memory than it had); the job went on without it")  # fmt: skip
+            skip[index] = ("crashed", _died(crashed[index]) + "; the job went on without it")
+        samples = {s: ("corrupt", _no_progress(t)) for s, t in hung_samples.get(item.source, {}).items()}
+        if attempts is not None:
+            samples.update(
+                {s: ("crashed", _died(n)) for s, n in attempts.sample_skips.get(index, {}).items()}
+            )
+        if samples:
+            sample_skip[index] = samples
     live = ShardProgress(out_dir, shard, progress) if progress else None
     try:
         while True:
             try:
-                out = _write_shard(tokenizer, shard, out_dir, spec, meta, skip, watchdog, attempts, live)
+                out = _write_shard(tokenizer, shard, out_dir, spec, meta, skip, watchdog, attempts, live,
+                                   sample_skip)  # fmt: skip
                 break
             except _RedoShard as r:  # rare: its records are in the file already; write it again without them
                 skip[r.index] = (r.kind, r.reason)
@@ -773,12 +869,16 @@ def _write_shard(
     watchdog: InputWatchdog | None,
     attempts: ShardAttempts | None,
     live: ShardProgress | None = None,
+    sample_skip: dict[int, dict[int, tuple[str, str]]] | None = None,
 ) -> tuple[dict[str, Any] | None, list[str], list[list[str]], int, int, float]:
     """One pass of :func:`tokenize_shard` over the shard's inputs: (file info or None, sources written,
     error rows, tokens, input bytes, write seconds). Records stream into the file a row group at a
     time, so a shard's memory is one row group however many inputs (or records per input) it has.
     An input that fails part-way loses the records it streamed; if some of them were written already
-    :class:`_RedoShard` asks for the pass to be made again with it in ``skip``."""
+    :class:`_RedoShard` asks for the pass to be made again with it in ``skip``. ``sample_skip``:
+    {input index: {sample: (kind, reason)}}, the samples of tar shards not to read (a
+    :class:`_SampleGuard` per input tells the tar readers, and keeps where the worker is)."""
+    guarded = attempts is not None or watchdog is not None
     written: list[str] = []
     errors: list[list[str]] = []
     input_bytes = tokens = 0
@@ -795,20 +895,24 @@ def _write_shard(
                 if watchdog is not None:
                     watchdog.begin(out_dir, item.source)
                 try:
-                    batch: list[Record] = []
-                    held = 0  # bytes of tokens in batch
-                    for r in _records(tokenizer, item, spec):
-                        if watchdog is not None:
-                            watchdog.touch()
-                        batch.append(r)
-                        n_tokens += r.num_tokens
-                        held += r.tokens.nbytes
-                        if len(batch) >= STREAM_BATCH or held >= STREAM_BATCH_BYTES:
-                            writer.add(batch)  # an OSError here is the disk's, not the input's
-                            batch, held = [], 0
-                            if live is not None:
-                                live.report(index, writer.records)
-                    writer.add(batch)
+                    guard = None
+                    if guarded:
+                        guard = _SampleGuard(attempts, watchdog, (sample_skip or {}).get(index, {}))
+                    with guarded_samples(guard):
+                        batch: list[Record] = []
+                        held = 0  # bytes of tokens in batch
+                        for r in _records(tokenizer, item, spec):
+                            if watchdog is not None:
+                                watchdog.touch()
+                            batch.append(r)
+                            n_tokens += r.num_tokens
+                            held += r.tokens.nbytes
+                            if len(batch) >= STREAM_BATCH or held >= STREAM_BATCH_BYTES:
+                                writer.add(batch)  # an OSError here is the disk's, not the input's
+                                batch, held = [], 0
+                                if live is not None:
+                                    live.report(index, writer.records)
+                        writer.add(batch)
                 finally:
                     if watchdog is not None:
                         watchdog.end()

@@ -23,6 +23,7 @@ maskloom through the ``maskloom.tokenizers`` entry-point group (value: ``module:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import io
@@ -37,7 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import IO, Any, ClassVar, Literal, NamedTuple, TypeVar
+from typing import IO, Any, ClassVar, Literal, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -58,10 +59,13 @@ class TokenizeError(ValueError):
     (format/extension not handled), ``corrupt`` (decoder failed), ``empty`` (no content:
     zero-length audio, empty text, no nodes),
     ``too_small`` (fewer elements than one token needs), ``invalid`` (content violates the config,
-    e.g. all-NaN series), ``config`` (the tokenizer config is wrong for this input).
+    e.g. all-NaN series), ``config`` (the tokenizer config is wrong for this input), ``crashed``
+    (a sample of a tar shard on which decoding killed the process twice: set by the pipeline,
+    :class:`SampleGuard`).
     """
 
-    KINDS = ("missing", "unreadable", "unsupported", "corrupt", "empty", "too_small", "invalid", "config")
+    KINDS = ("missing", "unreadable", "unsupported", "corrupt", "empty", "too_small", "invalid", "config",
+             "crashed")  # fmt: skip
 
     def __init__(self, source: str, kind: str, reason: str) -> None:
         if kind not in self.KINDS:
@@ -519,6 +523,54 @@ def iter_tar_samples(source: str, *, max_member_bytes: int | None = None) -> Ite
 _Item = TypeVar("_Item")
 
 
+class SampleGuard(Protocol):
+    """What the pipeline keeps about the samples of one input that holds many (a tar shard), so that
+    a decoder that kills its process (a segfault in C, the OOM killer) costs one sample, not the
+    whole input (:class:`maskloom.pipelines.preprocess.ShardAttempts` implements it).
+
+    ``at(k)``: the process is now on sample ``k`` of the input (-1: on none), kept where the next try
+    of the shard can read it if the process dies or hangs. ``skip``: {sample: (kind, reason)} of the
+    samples not to read again (processes died on them, or they made no progress), each skipped as a
+    sample that does not decode is."""
+
+    skip: Mapping[int, tuple[str, str]]
+
+    def at(self, sample: int) -> None: ...
+
+
+_SAMPLE_GUARD: contextvars.ContextVar[SampleGuard | None] = contextvars.ContextVar("maskloom_sample_guard",
+                                                                                 default=None)  # fmt: skip
+
+
+@contextlib.contextmanager
+def guarded_samples(guard: SampleGuard | None) -> Iterator[None]:
+    """Tar readers (:func:`iter_tar_items`, :func:`tokenize_tar`) tell ``guard`` which sample they are
+    on, and skip its ``skip`` samples, inside this block (in this thread or task)."""
+    token = _SAMPLE_GUARD.set(guard)
+    try:
+        yield
+    finally:
+        _SAMPLE_GUARD.reset(token)
+
+
+def _enter_sample(source: str, index: int) -> None:
+    """Sample ``index`` of ``source`` is next: TokenizeError with the guard's kind and reason when it is
+    one of its ``skip`` samples (:class:`SampleGuard`), else it is the guard's position from now."""
+    guard = _SAMPLE_GUARD.get()
+    if guard is None:
+        return
+    bad = guard.skip.get(index)
+    if bad is not None:
+        raise TokenizeError(source, *bad)
+    guard.at(index)
+
+
+def _leave_samples() -> None:
+    guard = _SAMPLE_GUARD.get()
+    if guard is not None:
+        guard.at(-1)
+
+
 class TarSkips:
     """The samples of one tar shard found unusable so far, and where the usable ones are: the
     counts behind :func:`iter_tar_items`' policy, kept across its stages (decoding a sample, then
@@ -606,6 +658,7 @@ def iter_tar_items(
                 raise TokenizeError(source, "invalid", "its key was seen before in the tar (a member name stored "
                                     "twice, or members of one sample not consecutive): ids must be unique")  # fmt: skip
             seen.add(sample.key)
+            _enter_sample(source, index)  # before its members are decoded (a crash there is the sample's)
             if sample.too_large:
                 ext, size = next(iter(sample.too_large.items()))
                 raise TokenizeError(source, "invalid", f"member {sample.names[ext]} has {size:,} bytes, more "
@@ -616,6 +669,7 @@ def iter_tar_items(
             continue
         skips.usable(index)
         yield item
+    _leave_samples()
     if own:
         skips.finish(source, logger)
 
@@ -723,9 +777,11 @@ def tokenize_tar(
     out: list[Any] = []
     for position, item in enumerate(items):
         try:
+            _enter_sample(source, skips.indices[position])
             out.extend(records(item))
         except TokenizeError as e:
             skips.demote(position, item.key, e)
+    _leave_samples()
     skips.finish(source, logger)
     return out
 

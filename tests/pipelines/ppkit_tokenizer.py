@@ -1,15 +1,19 @@
 """A tiny tokenizer for the preprocessing tests (imported by tests, subprocesses and Ray workers).
 
 Inputs are text files of whitespace-separated numbers; each number becomes one 2-wide token
-(value, 2 * value) at position (index). Hooks make it slow, fail, or kill its own process.
+(value, 2 * value) at position (index). A tar shard of such ``.txt`` members gives one record per
+sample, id ``<tar>#<key>`` (base's tar policy). Hooks make it slow, fail, or kill its own process.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,9 +21,14 @@ from maskloom.tokenizers.base import (
     TOKENIZERS,
     Record,
     TableSpec,
+    TarItems,
     TokenizeError,
     Tokenizer,
+    is_tar_path,
+    iter_tar_records,
+    read_tar,
     register_tokenizer,
+    tokenize_tar,
 )
 
 NAME = "ppkit_numbers"
@@ -38,12 +47,24 @@ class NumbersConfig:
     crash_on: str = ""
     """Raise a plain RuntimeError (a tokenizer bug) for sources containing this string."""
     hang_on: str = ""
-    """Never return (a decoder hung in C) for sources containing this string."""
+    """Never return (a decoder hung in C) for sources (and tar members) containing this string."""
     segfault_on: str = ""
-    """Kill this process with SIGSEGV (a decoder crashing in C) for sources containing this string."""
+    """Kill this process with SIGSEGV (a decoder crashing in C) for sources (and tar members, named
+    ``<tar>#<member>``) containing this string."""
     stream_delay: float = 0.0
     """If set: ``iter_records`` streams one record per number, this many seconds apart (a big input
     whose records keep coming)."""
+
+
+class TarNumber(NamedTuple):
+    key: str
+    values: np.ndarray
+    label: int | None
+    member: str
+
+
+class TarNumbers(TarItems):
+    """``read`` of a tar shard: its usable samples."""
 
 
 class NumbersTokenizer(Tokenizer):
@@ -62,6 +83,8 @@ class NumbersTokenizer(Tokenizer):
 
     def read(self, source: str):
         self.check_file(source)
+        if is_tar_path(source):
+            return read_tar(TarNumbers, source, ("txt",), "numbers", self._decode, TarNumber)
         if self.config.delay:
             time.sleep(self.config.delay)
         if self.config.die_marker and not os.path.exists(self.config.die_marker):
@@ -69,16 +92,29 @@ class NumbersTokenizer(Tokenizer):
             os._exit(1)
         if self.config.crash_on and self.config.crash_on in source:
             raise RuntimeError("boom")
-        if self.config.hang_on and self.config.hang_on in source:
+        with open(source, "rb") as f:
+            return self._decode(f, source, ".txt")
+
+    def _decode(self, file, name: str, ext: str) -> np.ndarray:
+        if self.config.hang_on and self.config.hang_on in name:
             time.sleep(3600)
-        if self.config.segfault_on and self.config.segfault_on in source:
+        if self.config.segfault_on and self.config.segfault_on in name:
             ctypes.string_at(0)  # a real SIGSEGV, in this thread (os.kill would signal any thread)
         try:
-            return np.array([float(x) for x in open(source).read().split()], np.float32)
-        except ValueError as e:
-            raise TokenizeError(source, "corrupt", f"not numbers ({e})") from None
+            return np.array([float(x) for x in file.read().decode().split()], np.float32)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TokenizeError(name, "corrupt", f"not numbers ({e})") from None
+
+    def _sample_records(self, source: str, s: TarNumber) -> list[Record]:
+        return [
+            dataclasses.replace(
+                self.tokenize(s.values, source=source)[0], id=f"{source}#{s.key}", label=s.label
+            )
+        ]
 
     def tokenize(self, raw, *, source: str = "") -> list[Record]:
+        if isinstance(raw, TarNumbers):
+            return tokenize_tar(source, raw, functools.partial(self._sample_records, source))
         v = raw * self.config.scale
         return [
             Record(
@@ -90,6 +126,10 @@ class NumbersTokenizer(Tokenizer):
         ]
 
     def iter_records(self, source: str):
+        if is_tar_path(source):
+            yield from iter_tar_records(source, ("txt",), "numbers", self._decode, TarNumber,
+                                        functools.partial(self._sample_records, source))  # fmt: skip
+            return
         if not self.config.stream_delay:
             yield from super().iter_records(source)
             return
@@ -102,5 +142,14 @@ class NumbersTokenizer(Tokenizer):
         return record.tokens[:, 0] / self.config.scale
 
 
+class NumbersTarTokenizer(NumbersTokenizer):
+    """The same, with tar shards found in folders too."""
+
+    extensions = (".txt", ".tar")
+
+
+TAR_NAME = "ppkit_numbers_tar"
+
 if NAME not in TOKENIZERS:
     register_tokenizer(NAME)(NumbersTokenizer)
+    register_tokenizer(TAR_NAME)(NumbersTarTokenizer)

@@ -44,10 +44,12 @@ from maskloom.pipelines.ray_utils import (
     restore_threads,
 )
 from maskloom.pipelines.sources import Input, find_inputs
+from maskloom.testing import write_tar
 from maskloom.tokenizers.base import Record, TokenizeError, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOK = ppkit_tokenizer.NAME
+TAR_TOK = ppkit_tokenizer.TAR_NAME  # the same, reading tar shards in folders too
 IMPORTS = ["ppkit_tokenizer"]
 
 
@@ -907,6 +909,95 @@ def test_shard_attempts_count_deaths_per_input_within_one_job(tmp_path, caplog):
     )
 
 
+def test_shard_attempts_count_deaths_per_sample_of_a_tar(tmp_path, caplog):
+    """A death on a sample of a tar counts against that sample, not the tar: the sample is skipped
+    after two, and the whole tar only after SAMPLE_DEATH_LIMIT deaths on its samples."""
+    shard = plan_shards([Input(f"/d/{c}.tar") for c in "ab"], "k", 2)[0]
+
+    def died_at(index, sample, run="job1"):
+        a = ShardAttempts(str(tmp_path), shard, run)
+        skip = a.begin()
+        a.at(index)
+        a.at_sample(sample)
+        a.close()  # the process ends here: no done()
+        return skip, a.sample_skips
+
+    assert died_at(1, 5) == ({}, {})
+    assert died_at(1, 7) == ({}, {})  # sample 5 died once: read again
+    assert "/d/b.tar: the process decoding its sample 5 died (1 of the 2 deaths after which the sample is " \
+           "skipped); trying its shard again" in caplog.text  # fmt: skip
+    assert died_at(1, 5) == ({}, {})  # sample 7 died once
+    a = ShardAttempts(str(tmp_path), shard, "job1")
+    assert a.begin() == {} and a.sample_skips == {1: {5: 2}}
+    a.at(1)
+    a.at_sample(3)
+    a.at(0)  # on the next input: a death now is that input's, not sample 3's
+    a.close()
+    b = ShardAttempts(str(tmp_path), shard, "job1")
+    assert b.begin() == {}
+    with open(b.state_path) as f:
+        state = json.load(f)
+    assert (state["deaths"], state["sample_deaths"]) == ({"0": 1}, {"1": {"5": 2, "7": 1}})
+    b.done()
+    # a decoder that crashes on every sample: the tar becomes the error row after SAMPLE_DEATH_LIMIT
+    assert [died_at(1, s, "job2")[0] for s in range(pp.SAMPLE_DEATH_LIMIT)] == [{}] * pp.SAMPLE_DEATH_LIMIT
+    assert ShardAttempts(str(tmp_path), shard, "job2").begin() == {1: pp.SAMPLE_DEATH_LIMIT}
+
+
+def _numbers_tar(folder) -> str:
+    """folder/t.tar: samples s0..s4 whose ``txt`` member holds "i i+1"."""
+    os.makedirs(folder, exist_ok=True)
+    return write_tar(os.path.join(folder, "t.tar"), [(f"s{i}.txt", b"%d %d" % (i, i + 1)) for i in range(5)])
+
+
+@pytest.mark.timeout(120)
+def test_a_tar_sample_that_kills_its_worker_costs_that_sample_not_the_tar(tmp_path, local_ray):
+    """A decoder that crashes its process on one sample of a tar shard: after two deaths that sample
+    is skipped (as one that does not decode is) and the tar's other samples are written, once."""
+    tar = _numbers_tar(tmp_path / "in")
+    (tmp_path / "in" / "u.txt").write_text("7")
+    out = str(tmp_path / "t")
+    r = preprocess(str(tmp_path / "in"), TAR_TOK, {"segfault_on": "t.tar#s2.txt"}, out, shard_size=2, imports=IMPORTS,
+                   progress=False, num_workers=1)  # fmt: skip
+    assert (r.inputs, r.rows, r.errors) == (2, 5, 0)
+    ids = tables.TokenTable(out).read().column("id").to_pylist()
+    assert sorted(ids) == [f"{tar}#s{i}" for i in (0, 1, 3, 4)] + [str(tmp_path / "in" / "u.txt") + "#0"]
+    assert not os.path.exists(os.path.join(out, COMMITS))
+
+
+@pytest.mark.timeout(120)
+def test_a_tar_sample_that_hangs_costs_that_sample_not_the_tar(tmp_path, local_ray):
+    """A sample whose decoder never returns: the watchdog ends the worker, and the next try skips
+    that sample (kind ``corrupt``, as a whole input that hangs) and writes the rest of the tar."""
+    tar = _numbers_tar(tmp_path / "in")
+    out = str(tmp_path / "t")
+    r = preprocess([tar], TAR_TOK, {"hang_on": "t.tar#s3.txt"}, out, imports=IMPORTS, progress=False,
+                   num_workers=1, input_timeout=1.0)  # fmt: skip
+    assert (r.inputs, r.rows, r.errors) == (1, 4, 0)
+    assert tables.TokenTable(out).read().column("id").to_pylist() == [f"{tar}#s{i}" for i in (0, 1, 2, 4)]
+
+
+@pytest.mark.timeout(120)
+def test_a_tar_sample_that_kills_the_in_process_job_is_named_and_skipped_on_the_third_run(tmp_path):
+    """--num-workers 0: each run that crashes names the sample; the third skips it with the tar's
+    warning and writes the rest of the tar."""
+    tar = _numbers_tar(tmp_path / "in")
+    argv, env = _preprocess_argv(tmp_path / "in", tmp_path / "t", "--num-workers", "0",
+                                 "--set", "segfault_on=t.tar#s2.txt")  # fmt: skip
+    argv[argv.index(TOK)] = TAR_TOK
+    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == -signal.SIGSEGV
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == -signal.SIGSEGV
+    assert f"{tar}: the process decoding its sample 2 died (1 of the 2 deaths" in second.stderr
+    third = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert third.returncode == 0, third.stderr
+    assert f"{tar}: skipped 1 of 5 samples: s2 (crashed: the process decoding it died 2 times" in third.stderr
+    assert third.stdout.startswith("1 input = 1 written + 0 errors; 4 rows"), third.stdout
+    ids = tables.TokenTable(str(tmp_path / "t")).read().column("id").to_pylist()
+    assert ids == [f"{tar}#s{i}" for i in (0, 1, 3, 4)]
+
+
 def test_resume_skips_committed_shards(tmp_path, local_ray):
     found = make_data(tmp_path / "in", n_a=4, n_b=4, bad=())
     out = tmp_path / "t"
@@ -1472,6 +1563,21 @@ def test_input_watchdog_records_the_input_and_ends_the_process(tmp_path):
     )
     assert done.returncode == pp.HUNG_EXIT_CODE, done.stderr
     assert pp._hung_inputs(str(tmp_path)) == {"slow.txt": 0.2}
+    # a tar's sample: moving on to a sample is progress, and the hang is that sample's
+    code = (
+        "import sys, time; from maskloom.pipelines.preprocess import InputWatchdog\n"
+        "w = InputWatchdog(0.3, tick=0.05)\n"
+        "w.begin(sys.argv[1], 'x.tar')\n"
+        "for k in range(6): w.at_sample(k); time.sleep(0.1)  # 0.6 s in all\n"
+        "w.at_sample(6); time.sleep(30)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "tar")], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == pp.HUNG_EXIT_CODE, done.stderr
+    assert "x.tar: sample 6: no progress for 0.3 s; ending this worker" in done.stderr
+    assert pp._hung_samples(str(tmp_path / "tar")) == {"x.tar": {6: 0.3}}
+    assert pp._hung_inputs(str(tmp_path / "tar")) == {}
     with pytest.raises(ValueError, match="input_timeout must be >= 0 seconds"):
         preprocess(
             [str(tmp_path / "x.txt")], TOK, None, str(tmp_path / "t"), input_timeout=-1, progress=False

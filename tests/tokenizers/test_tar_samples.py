@@ -284,3 +284,106 @@ def test_a_tar_read_whole_skips_what_it_streams_with_one_warning(tmp_path, caplo
     )
     got, warned = both(path)
     assert got == ("too_small", "sample s0: too few values (3 of 4 samples are unusable)") and warned == []
+
+
+def test_tar_readers_tell_the_sample_guard_where_they_are_and_skip_its_samples(tmp_path, caplog):
+    """Inside ``guarded_samples`` both ways of reading a tar report each sample's index before it is
+    decoded (and before it is tokenized when read whole), -1 at the end, and skip the guard's samples
+    as ``crashed`` under the tar's policy: the same records and warning either way."""
+    import logging
+
+    from maskloom.tokenizers.base import TarItems, guarded_samples, iter_tar_records, read_tar, tokenize_tar
+
+    class Items(TarItems):
+        pass
+
+    class Item(NamedTuple):
+        key: str
+        data: bytes
+        label: int | None
+        member: str
+
+    class Guard:
+        def __init__(self, skip: dict[int, tuple[str, str]]) -> None:
+            self.skip, self.seen = skip, []
+
+        def at(self, sample: int) -> None:
+            self.seen.append(sample)
+
+    def decode(f, name: str, ext: str) -> bytes:
+        return f.read()
+
+    def records(item: Item) -> list[str]:
+        return [f"{item.key}:{item.data.decode()}"]
+
+    path = write_tar(tmp_path / "a.tar", [(f"s{i}.bin", b"%d" % i) for i in range(5)])
+    logger = logging.getLogger("maskloom.test.tar3")
+    died = ("crashed", "the process decoding it died 2 times")
+    warning = f"{path}: skipped 1 of 5 samples: s2 (crashed: the process decoding it died 2 times)"
+    with caplog.at_level(logging.WARNING, logger="maskloom.test.tar3"):
+        streamed = Guard({2: died})
+        with guarded_samples(streamed):
+            got = list(iter_tar_records(path, ("bin",), "x", decode, Item, records, logger=logger))
+        assert got == ["s0:0", "s1:1", "s3:3", "s4:4"]
+        assert streamed.seen == [0, 1, 3, 4, -1]
+        assert [r.getMessage() for r in caplog.records] == [warning]
+        caplog.clear()
+        whole = Guard({2: died})
+        with guarded_samples(whole):
+            got = tokenize_tar(path, read_tar(Items, path, ("bin",), "x", decode, Item), records, logger)
+        assert got == ["s0:0", "s1:1", "s3:3", "s4:4"]
+        assert whole.seen == [0, 1, 3, 4, -1, 0, 1, 3, 4, -1]  # decoding, then tokenizing
+        assert [r.getMessage() for r in caplog.records] == [warning]
+    unguarded = Guard({0: died})
+    with guarded_samples(unguarded), guarded_samples(None):  # an inner block without a guard: none
+        assert len(list(iter_tar_records(path, ("bin",), "x", decode, Item, records))) == 5
+    assert unguarded.seen == []
+
+
+def _members(modality: str, n: int) -> list[tuple[str, bytes]]:
+    """n samples s0..s{n-1} of ``modality`` (a member its tokenizer decodes, and a ``cls``)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        if modality == "image":
+            from PIL import Image
+
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+            name = f"s{i}.png"
+        elif modality == "audio":
+            import soundfile as sf
+
+            sf.write(buf, rng.standard_normal(3200).astype(np.float32) * 0.1, 16000, format="WAV")
+            name = f"s{i}.wav"
+        else:
+            np.save(buf, rng.standard_normal((256, 3)).astype(np.float32))
+            name = f"s{i}.npy"
+        out += [(name, buf.getvalue()), (f"s{i}.cls", b"%d" % i)]
+    return out
+
+
+@pytest.mark.parametrize("modality", ["image", "audio", "point_cloud"])
+def test_built_in_tar_readers_skip_the_guards_samples(tmp_path, modality):
+    """The image, audio and point-cloud tokenizers read tars through the shared readers: inside
+    ``guarded_samples`` their streamed and whole-tar records both skip the guard's samples."""
+    from maskloom.tokenizers.base import get_tokenizer, guarded_samples
+
+    class Guard:
+        skip = {1: ("crashed", "the process decoding it died 2 times")}
+
+        def at(self, sample: int) -> None:
+            pass
+
+    config = {"num_groups": 8, "group_size": 16} if modality == "point_cloud" else {}
+    tok = get_tokenizer(modality, config)
+    tar = write_tar(tmp_path / "s.tar", _members(modality, 3))
+    every = tok(tar)
+    assert [r.id for r in every] == [f"{tar}#s{i}" for i in range(3)]
+    with guarded_samples(Guard()):
+        streamed = list(tok.iter_records(tar))
+        whole = tok(tar)
+    assert [r.id for r in streamed] == [r.id for r in whole] == [f"{tar}#s0", f"{tar}#s2"]
+    assert [r.label for r in whole] == [0, 2]

@@ -306,6 +306,31 @@ def test_iter_records_decodes_one_sample_at_a_time(tmp_path, monkeypatch):
     assert len(list(stream)) == 7 and len(read) == len(decoded) == 5
 
 
+def test_the_guards_samples_are_not_decoded(tmp_path, monkeypatch):
+    """Inside ``guarded_samples`` (the pipeline's, after a sample killed its worker) the guard hears of
+    each sample before it is decoded, and its skipped samples are never handed to the decoder."""
+    tar = write_tar(tmp_path / "s.tar", _members(3))
+    tok = _tok()
+    decoded, decode = [], tok._decode
+
+    def decoding(file, name, ext):
+        decoded.append(name)
+        return decode(file, name, ext)
+
+    class Guard:
+        skip = {1: ("crashed", "the process decoding it died 2 times")}
+        seen: list[int] = []
+
+        def at(self, sample: int) -> None:
+            self.seen.append(sample)
+
+    monkeypatch.setattr(tok, "_decode", decoding)
+    with base_mod.guarded_samples(Guard()):
+        ids = [r.id for r in tok.iter_records(tar)]
+    assert ids == [f"{tar}#k/s0", f"{tar}#k/s2"]
+    assert decoded == [f"{tar}#k/s0.mkv", f"{tar}#k/s2.mkv"] and Guard.seen == [0, 2, -1]
+
+
 def test_conformance_kit_with_a_tar(tmp_path):
     tar = write_tar(tmp_path / "shard.tar", _members(3) + _members(2, folder="j"))
     plain = tmp_path / "plain.mkv"
