@@ -858,6 +858,16 @@ def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(tmp_path
     assert not os.path.exists(os.path.join(out, COMMITS))
 
 
+def _third_run_after_two_crashes(argv, env, named: str) -> subprocess.CompletedProcess:
+    """Run the command three times: the first two end in SIGSEGV, the second naming what killed the
+    first (``named`` in its stderr); the third succeeds, and is returned."""
+    runs = [subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60) for _ in range(3)]
+    assert [r.returncode for r in runs[:2]] == [-signal.SIGSEGV] * 2, runs[1].stderr
+    assert named in runs[1].stderr
+    assert runs[2].returncode == 0, runs[2].stderr
+    return runs[2]
+
+
 @pytest.mark.timeout(120)
 def test_an_input_that_kills_the_in_process_job_is_named_and_skipped_on_the_third_run(tmp_path):
     """--num-workers 0: a decoder's crash ends the command itself. Each rerun counts the death and
@@ -867,13 +877,7 @@ def test_an_input_that_kills_the_in_process_job_is_named_and_skipped_on_the_thir
     argv, env = _preprocess_argv(tmp_path / "in", out, "--shard-size", "3", "--num-workers", "0",
                                  "--set", "segfault_on=a/f1.txt")  # fmt: skip
     bad = str(tmp_path / "in" / "a" / "f1.txt")
-    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
-    assert first.returncode == -signal.SIGSEGV
-    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
-    assert second.returncode == -signal.SIGSEGV
-    assert f"{bad}: the process decoding it died (1 of the 2 deaths" in second.stderr
-    third = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
-    assert third.returncode == 0, third.stderr
+    third = _third_run_after_two_crashes(argv, env, f"{bad}: the process decoding it died (1 of the 2 deaths")
     assert third.stdout.startswith("6 inputs = 5 written + 1 error; 5 rows")
     assert [e["kind"] for e in tables.TokenTable(str(out)).errors().to_pylist()] == ["crashed"]
 
@@ -985,13 +989,9 @@ def test_a_tar_sample_that_kills_the_in_process_job_is_named_and_skipped_on_the_
     argv, env = _preprocess_argv(tmp_path / "in", tmp_path / "t", "--num-workers", "0",
                                  "--set", "segfault_on=t.tar#s2.txt")  # fmt: skip
     argv[argv.index(TOK)] = TAR_TOK
-    first = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
-    assert first.returncode == -signal.SIGSEGV
-    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
-    assert second.returncode == -signal.SIGSEGV
-    assert f"{tar}: the process decoding its sample 2 died (1 of the 2 deaths" in second.stderr
-    third = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
-    assert third.returncode == 0, third.stderr
+    third = _third_run_after_two_crashes(
+        argv, env, f"{tar}: the process decoding its sample 2 died (1 of the 2 deaths"
+    )
     assert f"{tar}: skipped 1 of 5 samples: s2 (crashed: the process decoding it died 2 times" in third.stderr
     assert third.stdout.startswith("1 input = 1 written + 0 errors; 4 rows"), third.stdout
     ids = tables.TokenTable(str(tmp_path / "t")).read().column("id").to_pylist()

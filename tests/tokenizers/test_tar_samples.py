@@ -14,6 +14,7 @@ import pytest
 
 from maskloom.testing import write_tar
 from maskloom.tokenizers.base import (
+    TarItems,
     TarSample,
     TokenizeError,
     cls_label,
@@ -39,6 +40,19 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfil
 
 def _samples(path, **kw) -> list[tuple[str, dict[str, bytes], dict[str, str], dict[str, int]]]:
     return [tuple(s) for s in iter_tar_samples(str(path), **kw)]
+
+
+class Items(TarItems):
+    """A test tar's decoded samples (what a tokenizer's ``read`` returns for a tar)."""
+
+
+class Item(NamedTuple):
+    """One decoded sample of a test tar: its member's bytes."""
+
+    key: str
+    data: bytes
+    label: int | None
+    member: str
 
 
 def _shard(n: int, size: int = 1000) -> list[tuple[str, bytes]]:
@@ -227,16 +241,7 @@ def test_a_tar_read_whole_skips_what_it_streams_with_one_warning(tmp_path, caplo
     tokenize_tar): the same records, one identical warning, the same error when most are bad."""
     import logging
 
-    from maskloom.tokenizers.base import TarItems, iter_tar_records, read_tar, tokenize_tar
-
-    class Items(TarItems):
-        pass
-
-    class Item(NamedTuple):
-        key: str
-        data: bytes
-        label: int | None
-        member: str
+    from maskloom.tokenizers.base import iter_tar_records, read_tar, tokenize_tar
 
     def decode(f, name: str, ext: str) -> bytes:
         data = f.read()
@@ -292,16 +297,7 @@ def test_tar_readers_tell_the_sample_guard_where_they_are_and_skip_its_samples(t
     as ``crashed`` under the tar's policy: the same records and warning either way."""
     import logging
 
-    from maskloom.tokenizers.base import TarItems, guarded_samples, iter_tar_records, read_tar, tokenize_tar
-
-    class Items(TarItems):
-        pass
-
-    class Item(NamedTuple):
-        key: str
-        data: bytes
-        label: int | None
-        member: str
+    from maskloom.tokenizers.base import guarded_samples, iter_tar_records, read_tar, tokenize_tar
 
     class Guard:
         def __init__(self, skip: dict[int, tuple[str, str]]) -> None:
