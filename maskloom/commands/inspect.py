@@ -107,6 +107,8 @@ def table_summary(table: TokenTable, lengths: np.ndarray | None = None) -> dict[
             "max": int(lengths.max()) if lengths.size else 0,
         },
         "labels": label_counts,
+        # parts of written inputs their tokenizer skipped (tar samples, JSONL lines): see preprocess
+        "skipped_parts": man.extra.get("skipped_parts", {"inputs": 0, "counts": {}, "examples": []}),
     }
 
 
@@ -202,6 +204,13 @@ def format_summary(s: dict[str, Any], hist: list[tuple[int, int, int]], errors: 
         )
         for e in errors["examples"]:
             lines.append(f"  {e['kind']}: {e['source']}: {e['message']}")
+    parts = s.get("skipped_parts") or {}
+    if parts.get("inputs"):
+        from maskloom.pipelines.preprocess import count_parts
+
+        counts = ", ".join(count_parts(n, what) for what, n in parts["counts"].items())
+        lines.append(f"skipped inside {parts['inputs']} written input(s): {counts}")
+        lines.extend(f"  {e}" for e in parts["examples"])
     return lines
 
 

@@ -59,7 +59,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,10 +80,12 @@ from maskloom.pipelines.sources import Input, InputSet
 from maskloom.tokenizers.base import (
     TOKENIZERS,
     Record,
+    SkipReport,
     TokenizeError,
     Tokenizer,
     get_tokenizer,
     guarded_samples,
+    reporting_skips,
 )
 
 log = logging.getLogger(__name__)
@@ -207,6 +209,11 @@ class PreprocessResult:
     them, ``retried_inputs`` were its error rows (``retry_errors``)."""
     appended_shards: int = 0
     retried_inputs: int = 0
+    skipped_parts: dict[str, int] = field(default_factory=dict)
+    """Parts of written inputs that their tokenizer skipped ({"samples": 3, "lines": 40}: samples of tar
+    shards, lines of JSON Lines files, ...; :class:`maskloom.tokenizers.base.SkipReport`), in
+    ``inputs_with_skipped_parts`` inputs. The inputs are written; these parts are not."""
+    inputs_with_skipped_parts: int = 0
 
     def summary(self) -> str:
         """One line: inputs, rows, tokens, errors, bytes, throughput."""
@@ -224,12 +231,23 @@ class PreprocessResult:
                 + (f" ({self.retried_inputs} retried errors)" if self.retried_inputs else "")
                 + (f", {resumed} resumed" if resumed else "")
             )
+        parts = ""
+        if self.skipped_parts:
+            parts = f"; skipped inside {_count(self.inputs_with_skipped_parts, 'input')}: " + ", ".join(
+                count_parts(n, what) for what, n in self.skipped_parts.items()
+            )
         return (
             f"{_count(self.inputs, 'input')} = {self.inputs - self.errors} written + {_count(self.errors, 'error')}; "
             f"{_count(self.rows, 'row')}, {_count(self.tokens, 'token')}, {_mb(self.bytes)} written, "
             f"{self.throughput:.1f} inputs/s "
-            f"({_mb(self.input_bytes)} read, {self.seconds:.1f} s{skipped})"
+            f"({_mb(self.input_bytes)} read, {self.seconds:.1f} s{skipped}){parts}"
         )
+
+
+def count_parts(n: int, what: str) -> str:
+    """``3 samples``, ``1 sample``, ``1 series`` (``what``, a :class:`SkipReport`'s, is plural)."""
+    one = n == 1 and what.endswith("s") and not what.endswith("series")
+    return f"{n:,} {what[:-1] if one else what}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -814,7 +832,7 @@ def tokenize_shard(
         if isinstance(e, OSError):
             raise WriteError(f"{path}: cannot write the shard ({e.strerror or e})") from None
         raise
-    info, written, errors, tokens, input_bytes, write_seconds = out
+    info, written, errors, tokens, input_bytes, write_seconds, skipped_parts = out
     commit = {
         "shard_id": shard.shard_id,
         "index": shard.index,
@@ -826,6 +844,7 @@ def tokenize_shard(
         "input_bytes": input_bytes,
         "seconds": time.perf_counter() - t0,
         "write_seconds": write_seconds,
+        "skipped_parts": skipped_parts,
         "cpu_seconds": time.process_time() - c0,
         "started": started,
     }
@@ -870,15 +889,17 @@ def _write_shard(
     attempts: ShardAttempts | None,
     live: ShardProgress | None = None,
     sample_skip: dict[int, dict[int, tuple[str, str]]] | None = None,
-) -> tuple[dict[str, Any] | None, list[str], list[list[str]], int, int, float]:
+) -> tuple[dict[str, Any] | None, list[str], list[list[str]], int, int, float, list[list[Any]]]:
     """One pass of :func:`tokenize_shard` over the shard's inputs: (file info or None, sources written,
-    error rows, tokens, input bytes, write seconds). Records stream into the file a row group at a
+    error rows, tokens, input bytes, write seconds, parts skipped inside written inputs as [source,
+    what, skipped, total, example] (:class:`maskloom.tokenizers.base.SkipReport`)). Records stream into the file a row group at a
     time, so a shard's memory is one row group however many inputs (or records per input) it has.
     An input that fails part-way loses the records it streamed; if some of them were written already
     :class:`_RedoShard` asks for the pass to be made again with it in ``skip``. ``sample_skip``:
     {input index: {sample: (kind, reason)}}, the samples of tar shards not to read (a
     :class:`_SampleGuard` per input tells the tar readers, and keeps where the worker is)."""
     guarded = attempts is not None or watchdog is not None
+    skipped_parts: list[list[Any]] = []
     written: list[str] = []
     errors: list[list[str]] = []
     input_bytes = tokens = 0
@@ -886,6 +907,7 @@ def _write_shard(
         for index, item in enumerate(shard.inputs):
             mark = writer.mark()
             n_tokens = 0
+            reports: list[SkipReport] = []  # kept only if the input is written
             try:
                 input_bytes += _size(item.source)
                 if index in skip:
@@ -898,7 +920,7 @@ def _write_shard(
                     guard = None
                     if guarded:
                         guard = _SampleGuard(attempts, watchdog, (sample_skip or {}).get(index, {}))
-                    with guarded_samples(guard):
+                    with guarded_samples(guard), reporting_skips(reports.append):
                         batch: list[Record] = []
                         held = 0  # bytes of tokens in batch
                         for r in _records(tokenizer, item, spec):
@@ -923,6 +945,7 @@ def _write_shard(
                 errors.append([item.source, e.kind, e.reason])
                 continue
             written.append(item.source)
+            skipped_parts += [[item.source, r.what, r.skipped, r.total, r.example] for r in reports]
             tokens += n_tokens
             if live is not None:
                 live.report(index + 1, writer.records)
@@ -931,7 +954,7 @@ def _write_shard(
         info = writer.close()
     if info is not None:
         info["inputs"] = len(written)
-    return info, written, errors, tokens, input_bytes, writer.seconds
+    return info, written, errors, tokens, input_bytes, writer.seconds, skipped_parts
 
 
 def _size(path: str) -> int:
@@ -1282,6 +1305,8 @@ def preprocess(
             input_bytes=manifest.extra.get("input_bytes", 0), shards=manifest.extra.get("planned_shards", 0),
             skipped_shards=manifest.extra.get("planned_shards", 0), seconds=time.perf_counter() - t0,
             throughput=0.0, already_done=True, shard_size=manifest.extra.get("shard_size", 0),
+            skipped_parts=manifest.extra.get("skipped_parts", {}).get("counts", {}),
+            inputs_with_skipped_parts=manifest.extra.get("skipped_parts", {}).get("inputs", 0),
         )  # fmt: skip
     state = _read_json(os.path.join(commits_dir, RUN_STATE))
     if state is not None and state.get("fingerprint") != fingerprint:
@@ -1410,6 +1435,10 @@ def preprocess(
     done = _read_commits(plan, out_dir, every=True)
     commits = [done[sh.shard_id] for sh in plan]
     _check_accounting(plan, commits, out_dir)
+    parts = _skipped_parts(
+        [p for c in commits for p in c.get("skipped_parts", ())],
+        None if base is None else base.manifest.extra.get("skipped_parts"),
+    )
     rows = sum(c["shard"]["rows"] for c in commits if c["shard"])
     tokens = sum(c["tokens"] for c in commits)
     shard_infos = [c["shard"] for c in commits if c["shard"]]
@@ -1431,7 +1460,8 @@ def preprocess(
         shards=shard_infos,
         totals={"inputs": len(whole), "rows": rows, "errors": len(errors)},
         extra={"inputs_digest": inputs_digest, "artifacts_digest": art_digest, "tokens": tokens,
-               "input_bytes": input_bytes, "planned_shards": planned, "shard_size": shard_size},
+               "input_bytes": input_bytes, "planned_shards": planned, "shard_size": shard_size,
+               **({"skipped_parts": parts} if parts["inputs"] else {})},
     )  # fmt: skip
     try:
         _write_errors(os.path.join(out_dir, tables.ERRORS), errors)
@@ -1447,10 +1477,31 @@ def preprocess(
         first_shard_seconds=tally.first, startup_seconds=max(0.0, tally.first_start), workers=tally.workers,
         shard_size=shard_size, worker_seconds=tally.seconds, worker_cpu_seconds=tally.cpu_seconds,
         appended_inputs=0 if base is None else len(items), appended_shards=0 if base is None else len(plan),
-        retried_inputs=0 if base is None else base.retried,
+        retried_inputs=0 if base is None else base.retried, skipped_parts=parts["counts"],
+        inputs_with_skipped_parts=parts["inputs"],
     )  # fmt: skip
     log.info("%s", result.summary())
     return result
+
+
+SKIPPED_EXAMPLES = 5
+"""Inputs with skipped parts named in the manifest (``extra["skipped_parts"]["examples"]``)."""
+
+
+def _skipped_parts(parts: Sequence[Sequence[Any]], earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{"inputs": written inputs with skipped parts, "counts": {what: parts skipped}, "examples": up to
+    ``SKIPPED_EXAMPLES`` lines} of the commit records' ``skipped_parts`` ([source, what, skipped,
+    total, example] each), added to ``earlier`` (a finished table's, when appending)."""
+    earlier = earlier or {"inputs": 0, "counts": {}, "examples": []}
+    counts = dict(earlier["counts"])
+    examples = list(earlier["examples"])
+    sources = set()
+    for source, what, skipped, total, example in parts:
+        counts[what] = counts.get(what, 0) + int(skipped)
+        sources.add(source)
+        if len(examples) < SKIPPED_EXAMPLES:
+            examples.append(f"{source}: {skipped:,} of {total:,} {what} skipped, the first: {example}")
+    return {"inputs": earlier["inputs"] + len(sources), "counts": counts, "examples": examples}
 
 
 @dataclass(frozen=True)

@@ -571,6 +571,47 @@ def _leave_samples() -> None:
         guard.at(-1)
 
 
+class SkipReport(NamedTuple):
+    """Parts of one input that a tokenizer skipped while the input itself was written: samples of a
+    tar shard, lines of a JSON Lines file, series of a time-series file. The input is accounted for
+    (written), but these parts are not; the pipeline counts them in the summary line and the
+    manifest (:func:`reporting_skips`)."""
+
+    source: str
+    what: str
+    """What was skipped, plural: ``"samples"``, ``"lines"``, ``"series"``, ``"empty documents"``."""
+    skipped: int
+    total: int
+    """How many such parts the input has, the skipped ones included."""
+    example: str
+    """The first one skipped and why (e.g. ``s2 (corrupt: not a PNG)``)."""
+
+
+_SKIP_SINK: contextvars.ContextVar[Callable[[SkipReport], None] | None] = contextvars.ContextVar(
+    "maskloom_skip_sink", default=None
+)
+
+
+@contextlib.contextmanager
+def reporting_skips(sink: Callable[[SkipReport], None] | None) -> Iterator[None]:
+    """Inside this block (in this thread or task) tokenizers hand ``sink`` a :class:`SkipReport` for each
+    input of which they skipped parts (:func:`report_skipped`), besides their warning."""
+    token = _SKIP_SINK.set(sink)
+    try:
+        yield
+    finally:
+        _SKIP_SINK.reset(token)
+
+
+def report_skipped(source: str, what: str, skipped: int, total: int, example: str) -> None:
+    """Tell the pipeline (if it listens: :func:`reporting_skips`) that ``skipped`` of the ``total``
+    ``what`` of ``source`` were skipped, the first as ``example``. Call it once per input, when the
+    input is done and its own checks have passed (a tokenizer's warning names the same parts)."""
+    sink = _SKIP_SINK.get()
+    if sink is not None and skipped:
+        sink(SkipReport(source, what, int(skipped), int(total), example))
+
+
 class TarSkips:
     """The samples of one tar shard found unusable so far, and where the usable ones are: the
     counts behind :func:`iter_tar_items`' policy, kept across its stages (decoding a sample, then
@@ -625,6 +666,8 @@ class TarSkips:
             (logger or log).warning("%s: skipped %d of %d samples: %s%s", source, self.bad, self.good + self.bad,
                                     "; ".join(f"{k} ({kd}: {r})" for _, k, kd, r in self.first),
                                     f"; ... ({self.bad - 3} more)" if self.bad > 3 else "")  # fmt: skip
+            _, key, kind, reason = self.first[0]
+            report_skipped(source, "samples", self.bad, self.good + self.bad, f"{key} ({kind}: {reason})")
 
 
 def iter_tar_items(

@@ -83,7 +83,14 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from maskloom.tokenizers.base import Record, TableSpec, TokenizeError, Tokenizer, register_tokenizer
+from maskloom.tokenizers.base import (
+    Record,
+    TableSpec,
+    TokenizeError,
+    Tokenizer,
+    register_tokenizer,
+    report_skipped,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1131,6 +1138,7 @@ class GraphTokenizer(Tokenizer):
             records.append(self._record(g, f"{source}#{k}", source, g.label, {"graph": k}))
         if skipped:
             log.warning("%s: skipped %d graph(s) without nodes", source, skipped)
+            report_skipped(source, "graphs", skipped, len(raw.graphs), "a graph without nodes")
         return records
 
     def _check_width(self, g: Graph, source: str) -> None:

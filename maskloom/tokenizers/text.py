@@ -115,6 +115,7 @@ from maskloom.tokenizers.base import (
     open_compressed,
     read_stream_block,
     register_tokenizer,
+    report_skipped,
 )
 
 log = logging.getLogger(__name__)
@@ -820,6 +821,7 @@ class TextTokenizer(Tokenizer):
                 raise TokenizeError(source, kind, reason + more)
             log.warning("%s: skipped %d of %d lines that are no usable record: %s%s", source, bad, bad + good,
                         "; ".join(r for _, r in first_bad), f"; ... ({bad - 3} more)" if bad > 3 else "")  # fmt: skip
+            report_skipped(source, "lines", bad, bad + good, f"{reason} ({kind})")
         if fixed:
             log.warning(
                 "%s: replaced lone UTF-16 surrogate escape(s) (half an emoji) by U+FFFD on %d line(s), first line %d",
@@ -976,6 +978,7 @@ class TextTokenizer(Tokenizer):
             )
         if n_empty:
             log.warning("%s: skipped %d empty document(s) of %d", source, n_empty, n_docs)
+            report_skipped(source, "empty documents", n_empty, n_docs, "an empty document")
 
     def _batch_records(
         self, encode: Any, batch: list[tuple[int, str, int | None]], source: str

@@ -111,6 +111,7 @@ from maskloom.tokenizers.base import (
     read_compressed,
     read_stream_block,
     register_tokenizer,
+    report_skipped,
     split_compression,
     utf8_path,
 )
@@ -650,6 +651,9 @@ class TimeSeriesTokenizer(Tokenizer):
                 len(raw.series),
                 "; ".join(f"{e.kind}: {e.reason}" for e in errors[:3]),
                 f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "",
+            )
+            report_skipped(
+                src, "series", len(errors), len(raw.series), f"{errors[0].reason} ({errors[0].kind})"
             )
         if not produced:
             if errors:

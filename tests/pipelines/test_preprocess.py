@@ -858,6 +858,44 @@ def test_an_input_that_kills_its_worker_every_time_becomes_an_error_row(tmp_path
     assert not os.path.exists(os.path.join(out, COMMITS))
 
 
+def test_parts_skipped_inside_written_inputs_are_counted(tmp_path, capsys):
+    """A tar written without its bad sample is accounted for as written; the sample is counted in the
+    summary line, the manifest and ``maskloom inspect``, across an append, and a rerun reports it."""
+
+    def tar(name, bad):
+        members = [(f"s{i}.txt", b"not numbers" if i == bad else b"%d" % i) for i in range(5)]
+        return write_tar(tmp_path / "in" / name, members)
+
+    os.makedirs(tmp_path / "in")
+    first, second = tar("a.tar", 1), tar("b.tar", 3)
+    out = str(tmp_path / "t")
+    r = preprocess([first], TAR_TOK, None, out, num_workers=0, progress=False)
+    assert (r.inputs, r.rows, r.errors) == (1, 4, 0)
+    assert (r.skipped_parts, r.inputs_with_skipped_parts) == ({"samples": 1}, 1)
+    assert r.summary().endswith("; skipped inside 1 input: 1 sample")
+    why = "s1 (corrupt: not numbers (could not convert string to float: 'not'))"
+    assert tables.TokenTable(out).manifest.extra["skipped_parts"] == {
+        "inputs": 1, "counts": {"samples": 1}, "examples": [f"{first}: 1 of 5 samples skipped, the first: {why}"]
+    }  # fmt: skip
+    again = preprocess([first], TAR_TOK, None, out, num_workers=0, progress=False)
+    assert again.already_done and again.skipped_parts == {"samples": 1}
+    more = preprocess([first, second], TAR_TOK, None, out, num_workers=0, progress=False, append=True)
+    assert (more.inputs, more.rows, more.skipped_parts, more.inputs_with_skipped_parts) == (
+        2,
+        8,
+        {"samples": 2},
+        2,
+    )
+    assert main(["inspect", out]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped inside 2 written input(s): 2 samples\n" in printed
+    assert f"  {second}: 1 of 5 samples skipped, the first: s3 (corrupt:" in printed
+    # a table without skipped parts says nothing of them
+    plain = preprocess([tar("c.tar", -1)], TAR_TOK, None, str(tmp_path / "u"), num_workers=0, progress=False)
+    assert plain.skipped_parts == {} and "skipped inside" not in plain.summary()
+    assert "skipped_parts" not in tables.TokenTable(str(tmp_path / "u")).manifest.extra
+
+
 def _third_run_after_two_crashes(argv, env, named: str) -> subprocess.CompletedProcess:
     """Run the command three times: the first two end in SIGSEGV, the second naming what killed the
     first (``named`` in its stderr); the third succeeds, and is returned."""
@@ -964,6 +1002,7 @@ def test_a_tar_sample_that_kills_its_worker_costs_that_sample_not_the_tar(tmp_pa
     r = preprocess(str(tmp_path / "in"), TAR_TOK, {"segfault_on": "t.tar#s2.txt"}, out, shard_size=2, imports=IMPORTS,
                    progress=False, num_workers=1)  # fmt: skip
     assert (r.inputs, r.rows, r.errors) == (2, 5, 0)
+    assert (r.skipped_parts, r.inputs_with_skipped_parts) == ({"samples": 1}, 1)  # counted through Ray too
     ids = tables.TokenTable(out).read().column("id").to_pylist()
     assert sorted(ids) == [f"{tar}#s{i}" for i in (0, 1, 3, 4)] + [str(tmp_path / "in" / "u.txt") + "#0"]
     assert not os.path.exists(os.path.join(out, COMMITS))

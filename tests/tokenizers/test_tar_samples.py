@@ -383,3 +383,38 @@ def test_built_in_tar_readers_skip_the_guards_samples(tmp_path, modality):
         whole = tok(tar)
     assert [r.id for r in streamed] == [r.id for r in whole] == [f"{tar}#s0", f"{tar}#s2"]
     assert [r.label for r in whole] == [0, 2]
+
+
+def test_tar_readers_report_the_skipped_samples_once(tmp_path):
+    """Streamed or read whole, a tar whose samples were partly skipped hands one SkipReport to
+    ``reporting_skips`` (the pipeline's count); a tar that is the error reports nothing."""
+    from maskloom.tokenizers.base import SkipReport, iter_tar_records, read_tar, reporting_skips, tokenize_tar
+
+    def decode(f, name: str, ext: str) -> bytes:
+        data = f.read()
+        if data == b"bad":
+            raise TokenizeError(name, "corrupt", "does not decode")
+        return data
+
+    def records(item: Item) -> list[str]:
+        if item.data == b"small":
+            raise TokenizeError("t", "too_small", "too few values")
+        return [item.key]
+
+    def streamed(path):
+        return list(iter_tar_records(path, ("bin",), "x", decode, Item, records))
+
+    def whole(path):
+        return tokenize_tar(path, read_tar(Items, path, ("bin",), "x", decode, Item), records)
+
+    parts = [b"a", b"small", b"bad", b"b", b"c"]
+    path = write_tar(tmp_path / "a.tar", [(f"s{i}.bin", d) for i, d in enumerate(parts)])
+    bad = write_tar(tmp_path / "b.tar", [("s0.bin", b"bad"), ("s1.bin", b"a")])
+    for read in (streamed, whole):
+        reports = []
+        with reporting_skips(reports.append):
+            assert read(path) == ["s0", "s3", "s4"]
+            with pytest.raises(TokenizeError):
+                read(bad)
+        assert reports == [SkipReport(path, "samples", 2, 5, "s1 (too_small: too few values)")]
+    assert streamed(path) == ["s0", "s3", "s4"]  # nobody listening: nothing to hand over

@@ -12,6 +12,7 @@ import pytest
 
 from maskloom import tables
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
+from maskloom.tokenizers.base import SkipReport, reporting_skips
 from maskloom.tokenizers.text import SPECIAL_TOKENS, TextConfig, TextTokenizer
 
 WORDS = (
@@ -232,9 +233,14 @@ def test_a_few_unusable_jsonl_lines_are_skipped_not_the_whole_file(tmp_path, cap
     lines = [*good[:2], "{not json", *good[2:4], '{"text": 3}', '{"text": "x", "label": [1]}', *good[4:]]
     (tmp_path / "shard.jsonl").write_text("\n".join(lines) + "\n")
     tok = TextTokenizer(TextConfig())
-    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"):
+    reports = []
+    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.text"), reporting_skips(reports.append):
         raw = tok.read(str(tmp_path / "shard.jsonl"))
     assert raw == [(f"document {i}", "a") for i in range(6)]
+    assert reports == [  # what the pipeline counts in its summary and manifest
+        SkipReport(str(tmp_path / "shard.jsonl"), "lines", 3, 9, "line 3 is not JSON (Expecting property name "
+                   "enclosed in double quotes) (corrupt)")
+    ]  # fmt: skip
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'shard.jsonl'}: skipped 3 of 9 lines that are no usable record: line 3 is not JSON "
         "(Expecting property name enclosed in double quotes); line 6: field 'text' is a int, expected a "

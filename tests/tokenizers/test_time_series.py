@@ -14,6 +14,7 @@ import pytest
 
 from maskloom.testing import check_tokenizer
 from maskloom.tokenizers import TOKENIZERS, TokenizeError, get_tokenizer
+from maskloom.tokenizers.base import SkipReport, reporting_skips
 from maskloom.tokenizers.time_series import (
     TimeSeries,
     TimeSeriesConfig,
@@ -343,8 +344,15 @@ def test_ucr_tsv_labels_and_trailing_nan(tmp_path):
 def test_ucr_series_too_short_is_skipped_among_good_ones(tmp_path, caplog):
     p = tmp_path / "short.tsv"
     p.write_text("1\t" + "\t".join(["1"] * 24) + "\n2\t1\t2\t3\n")
-    with caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"):
+    reports = []
+    with (
+        caplog.at_level(logging.WARNING, logger="maskloom.tokenizers.time_series"),
+        reporting_skips(reports.append),
+    ):
         recs = _tok()(str(p))
+    assert reports == [
+        SkipReport(str(p), "series", 1, 2, "series 1 (line 2) has 3 steps; a sample needs 12 (too_small)")
+    ]
     assert [r.id.split("#")[1] for r in recs] == ["s0-w0-c0"]
     assert (
         f"{p}: skipped 1 of 2 series: too_small: series 1 (line 2) has 3 steps; a sample needs 12"
