@@ -526,7 +526,9 @@ _Item = TypeVar("_Item")
 class SampleGuard(Protocol):
     """What the pipeline keeps about the samples of one input that holds many (a tar shard), so that
     a decoder that kills its process (a segfault in C, the OOM killer) costs one sample, not the
-    whole input (:class:`maskloom.pipelines.preprocess.ShardAttempts` implements it).
+    whole input (the pipeline's implementation keeps the position in its
+    :class:`~maskloom.pipelines.preprocess.ShardAttempts` and
+    :class:`~maskloom.pipelines.preprocess.InputWatchdog`).
 
     ``at(k)``: the process is now on sample ``k`` of the input (-1: on none), kept where the next try
     of the shard can read it if the process dies or hangs. ``skip``: {sample: (kind, reason)} of the
