@@ -75,3 +75,22 @@ def test_entry_point_plugins(tmp_path, monkeypatch):
     assert cls.__name__ == "Spectra" and cls.name == "spectra" and cls().config.width == 4
     assert reg.names() == ["image", "spectra"]  # the broken and wrong plug-ins are skipped with a warning
     assert "image" not in reg._items  # a plug-in cannot take a built-in's name (the built-in loads lazily)
+
+
+def test_parts_of_a_file_are_named_and_parsed_back():
+    """An input that is part of a file (Tokenizer.split_input): ``path#part:a:b/n``, parsed back
+    exactly; any other name, even one holding the separator, is a whole file."""
+    import pytest
+
+    from maskloom.tokenizers.base import Tokenizer, make_part, split_part
+
+    assert make_part("/d/train.parquet", 8, 16, 40) == "/d/train.parquet#part:8:16/40"
+    assert split_part("/d/train.parquet#part:8:16/40") == ("/d/train.parquet", (8, 16, 40))
+    assert split_part("/d/a#part:1:2/3#part:0:1/2") == ("/d/a#part:1:2/3", (0, 1, 2))
+    for whole in ("/d/train.parquet", "/d/x#part:", "/d/x#part:2:1/3", "/d/x#part:0:4/3", "/d/x#part:a:b/c",
+                  "/d/x#part:01:2/3", "/d/x#part:0:1/2/3"):  # fmt: skip
+        assert split_part(whole) == (whole, None)
+    for bad in ((2, 2, 3), (-1, 1, 3), (0, 4, 3)):
+        with pytest.raises(ValueError):
+            make_part("/d/x", *bad)
+    assert Tokenizer.split_input(None, "/d/x.parquet") is None  # type: ignore[arg-type]  # the default: whole

@@ -86,6 +86,7 @@ from maskloom.tokenizers.base import (
     get_tokenizer,
     guarded_samples,
     reporting_skips,
+    split_part,
 )
 
 log = logging.getLogger(__name__)
@@ -958,14 +959,31 @@ def _write_shard(
 
 
 def _size(path: str) -> int:
-    """Bytes of a file, or of the files under a directory (a dataset folder source); 0 if missing."""
+    """Bytes of a file, or of the files under a directory (a dataset folder source); 0 if missing.
+    A part of a file (:func:`split_inputs`): its share of the file's bytes by its units."""
     try:
         st = os.stat(path)  # one stat for a file (the common case), not isdir + getsize
         if not stat.S_ISDIR(st.st_mode):
             return st.st_size
         return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
     except OSError:
-        return 0
+        whole, part = split_part(path)
+        return 0 if part is None else _size(whole) * (part[1] - part[0]) // part[2]
+
+
+def split_inputs(tokenizer: Tokenizer, items: Sequence[Input]) -> list[Input]:
+    """``items`` with each one the tokenizer reads in parts (:meth:`Tokenizer.split_input`: a big
+    Parquet file of text) replaced by its parts, each an input of its own with the file's label."""
+    out: list[Input] = []
+    for item in items:
+        parts = tokenizer.split_input(item.source)
+        if parts:
+            log.info("%s: read as %d parts (%s)", item.source, len(parts), ", ".join(p.rsplit("#", 1)[1] for p in parts[:3])
+                     + (", ..." if len(parts) > 3 else ""))  # fmt: skip
+            out += [Input(p, item.label) for p in parts]
+        else:
+            out.append(item)
+    return out
 
 
 def _commit_path(out_dir: str, shard_id: str) -> str:
@@ -1255,6 +1273,7 @@ def preprocess(
         if inputs.skipped:
             log.warning("%s", skipped_note(inputs.skipped, given, cls.extensions))
     items, names = _as_inputs(inputs)
+    items = split_inputs(tokenizer, items)
     fingerprint = tokenizer.fingerprint()
     if label_names is None:
         label_names = names

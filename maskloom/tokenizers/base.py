@@ -267,6 +267,19 @@ class Tokenizer(ABC):
         take a file that is a companion of another input as an input of its own. Default: none."""
         return ()
 
+    def split_input(self, source: str) -> list[str] | None:
+        """Parts of ``source`` that workers may tokenize apart, or None to read it whole (the default).
+
+        A big file that is one input runs on one worker whatever the cluster: a text corpus shipped as
+        one 5 GB Parquet file. A tokenizer that can read a file in parts returns their names,
+        ``make_part(source, a, b, n)`` each (units ``a`` to ``b`` of the file's ``n``, in the
+        tokenizer's own units: row groups for Parquet), and reads such a name as that part alone;
+        every part then is an input of its own (a shard, an error row) while its records keep the
+        ids and ``source`` of the whole file, so that the table holds the same records either way.
+        The driver calls it on every input when it plans a job: it must be cheap for a file it
+        does not split (no reading)."""
+        return None
+
     def render(self, raw: Any, path: str) -> None:
         """Draw a raw sample to a PNG at ``path`` (used by ``maskloom inspect --render``)."""
         raise NotImplementedError(f"{self.name} tokenizer cannot render samples")
@@ -309,6 +322,38 @@ class Tokenizer(ABC):
             raise TokenizeError(source, "unreadable", "permission denied: this user may not read it")
         if os.path.isfile(source) and os.path.getsize(source) == 0:
             raise TokenizeError(source, "empty", "file is empty (0 bytes)")
+
+
+PART_SEPARATOR = "#part:"
+"""Between a file's path and the units of it an input covers: ``train.parquet#part:8:16/40`` is row
+groups 8 to 15 of the file's 40 (:meth:`Tokenizer.split_input`)."""
+
+
+def make_part(source: str, a: int, b: int, n: int) -> str:
+    """The name of the input that covers units ``a`` (included) to ``b`` (excluded) of the ``n`` of
+    file ``source``: ``source#part:a:b/n``."""
+    if not 0 <= a < b <= n:
+        raise ValueError(f"a part needs 0 <= a < b <= n, got {a}, {b}, {n}")
+    return f"{source}{PART_SEPARATOR}{a}:{b}/{n}"
+
+
+def split_part(source: str) -> tuple[str, tuple[int, int, int] | None]:
+    """(the file's path, (a, b, n)) of an input made by :func:`make_part`; (``source``, None) for any
+    other (a whole file, or a name that merely contains the separator)."""
+    path, sep, spec = source.rpartition(PART_SEPARATOR)
+    if not sep:
+        return source, None
+    try:
+        span, n = spec.split("/")
+        a, b = span.split(":")
+        part = int(a), int(b), int(n)
+    except ValueError:
+        return source, None
+    return (
+        (path, part)
+        if 0 <= part[0] < part[1] <= part[2] and make_part(path, *part) == source
+        else (source, None)
+    )
 
 
 def utf8_text(s: str) -> str:

@@ -34,7 +34,10 @@ Inputs (``read``, ``iter_records``):
   ``ENCODE_BATCH`` rows at a time. A missing text column is a ``config`` error listing the columns, a
   text column that does not hold strings ``invalid``; a null text is an empty document; labels are
   named as JSON label values, a null is no label, a value that names no class makes the file
-  ``invalid``;
+  ``invalid``. A file of at least twice ``TextTokenizer.PART_BYTES`` (64 MiB) in several row groups
+  is read in parts of whole row groups (:meth:`TextTokenizer.split_input`), each an input of the
+  pipeline, with the records (and ids) of the whole file; the vocabulary is fitted on the parts as
+  on separate sources;
 * compressed: every format but Parquet (which compresses inside) also as ``.gz``, ``.bz2``, ``.xz``,
   ``.zst`` or ``.lz4`` (``pile_00.jsonl.zst``, ``notes.txt.gz``, ``sms.tsv.xz``), decompressed as it is
   read (pyarrow; ``lzma`` for xz; concatenated gzip members and zstd frames are one stream). A
@@ -112,10 +115,12 @@ from maskloom.tokenizers.base import (
     TableSpec,
     TokenizeError,
     Tokenizer,
+    make_part,
     open_compressed,
     read_stream_block,
     register_tokenizer,
     report_skipped,
+    split_part,
 )
 
 log = logging.getLogger(__name__)
@@ -578,7 +583,8 @@ class _FitReader:
 
     def summary(self, sources: list[str]) -> str:
         """One line: how much text trained the vocabulary, of what."""
-        disk = sum(os.path.getsize(s) for s in sources if os.path.isfile(s))
+        files = {split_part(s)[0] for s in sources}  # a big Parquet file's parts are one file
+        disk = sum(os.path.getsize(s) for s in files if os.path.isfile(s))
         of = f"{len(sources):,} source(s) ({_size(disk)} on disk)"
         if self.taken < self.budget:
             return f"text fit: trained the vocabulary on all {_size(self.taken)} of text in {of}"
@@ -749,17 +755,85 @@ class TextTokenizer(Tokenizer):
         holds one batch of documents, whatever the file's size. What is only known at the end of the
         file (most JSONL lines unusable, a truncated stream, no text) raises there."""
         self._require_bpe()
-        return self._records(self._documents(source), source)
+        path, first = self._first_document(source)
+        return self._records(self._documents(source), path, first)
+
+    PART_BYTES: ClassVar[int] = 64 << 20
+    """A Parquet file of at least twice this many bytes, in several row groups, is read in parts of
+    whole row groups, about this many compressed bytes each (:meth:`split_input`), so that several
+    workers share it. The pipeline's shards of big inputs hold 64 MB of them too."""
+
+    def split_input(self, source: str) -> list[str] | None:
+        """A big Parquet file's parts (``train.parquet#part:8:16/40``: row groups 8 to 15 of 40), of
+        ``PART_BYTES`` or more each (a last part under half of it joins the one before); None for any
+        other file, a small one, one of a single row group, or one whose footer does not read (its
+        reading reports that). A part's records are the file's: ids ``<file>#<row>-<chunk>`` with the
+        row counted in the whole file, ``source`` the file. One difference from reading the file
+        whole: a part whose every document is empty is an error row (``empty``)."""
+        if split_part(source)[1] is not None or not source.lower().endswith(".parquet"):
+            return None
+        try:
+            if os.path.getsize(source) < 2 * self.PART_BYTES:
+                return None
+            import pyarrow.parquet as pq
+
+            md = pq.read_metadata(source)
+        except Exception:  # noqa: BLE001 - a file that does not read is the workers' error row
+            return None
+        n = md.num_row_groups
+        sizes = [
+            sum(md.row_group(g).column(c).total_compressed_size for c in range(md.num_columns))
+            for g in range(n)
+        ]
+        parts: list[tuple[int, int]] = []
+        start = acc = 0
+        for g, size in enumerate(sizes):
+            acc += size
+            if acc >= self.PART_BYTES and g + 1 < n:
+                parts.append((start, g + 1))
+                start, acc = g + 1, 0
+        if start < n:
+            if parts and acc < self.PART_BYTES // 2:
+                parts[-1] = (parts[-1][0], n)
+            else:
+                parts.append((start, n))
+        return [make_part(source, a, b, n) for a, b in parts] if len(parts) > 1 else None
+
+    def _first_document(self, source: str) -> tuple[str, int]:
+        """(the file, the number of its first document) of an input: (``source``, 0) for a whole file,
+        (the file, the rows of the row groups before it) for a part of a Parquet file."""
+        path, part = split_part(source)
+        if part is None:
+            return source, 0
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            md = pq.read_metadata(path)
+        except (pa.ArrowException, OSError) as e:
+            raise TokenizeError(source, "corrupt", f"not a readable Parquet file ({e})") from None
+        self._check_part(source, md.num_row_groups, part[2])
+        return path, sum(md.row_group(g).num_rows for g in range(part[0]))
+
+    @staticmethod
+    def _check_part(source: str, groups: int, planned: int) -> None:
+        if groups != planned:
+            raise TokenizeError(source, "invalid", f"the file has {groups} row groups, not the {planned} it was "
+                                "split into when the job was planned: it changed since")  # fmt: skip
 
     def _documents(self, source: str, notes: _ReadNotes | None = None) -> Iterator[Doc]:
         """The ``(text, label or None)`` of each document of ``source``, read incrementally: the one
         reader of every format. The file's name is checked now, its content as it is read. ``notes``
-        learns whether the file has a label field."""
-        self.check_file(source)
-        fmt, codec = _source_format(source)
+        learns whether the file has a label field. A part of a Parquet file (:meth:`split_input`)
+        gives the documents of its row groups."""
+        path, part = split_part(source)
+        self.check_file(path)
+        fmt, codec = _source_format(path)
         notes = notes if notes is not None else _ReadNotes()
+        if part is not None and fmt != "parquet":
+            raise TokenizeError(source, "unsupported", "only Parquet files are read in parts")
         if fmt == "parquet":
-            return self._parquet_documents(source, notes)
+            return self._parquet_documents(path, notes, part, source)
         chunks = _text_chunks(source, codec)
         if fmt == "txt":
             return self._txt_documents(chunks)
@@ -891,13 +965,17 @@ class TextTokenizer(Tokenizer):
                 source, "corrupt", f"not a valid {'TSV' if delimiter == chr(9) else 'CSV'} file ({e})"
             ) from None
 
-    def _parquet_documents(self, source: str, notes: _ReadNotes) -> Iterator[Doc]:
-        """The text (and label) column of a Parquet file, ENCODE_BATCH rows at a time."""
+    def _parquet_documents(
+        self, path: str, notes: _ReadNotes, part: tuple[int, int, int] | None = None, name: str = ""
+    ) -> Iterator[Doc]:
+        """The text (and label) column of a Parquet file (``part``: of its row groups a to b, of n),
+        ENCODE_BATCH rows at a time. ``name``: the input's (the part's) in errors."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        source = name or path
         try:
-            with open_compressed(source, None) as f:
+            with open_compressed(path, None) as f:
                 pf = pq.ParquetFile(f)
                 schema = pf.schema_arrow
                 ti = _column_index(schema.names, self.config.text_column)
@@ -918,7 +996,12 @@ class TextTokenizer(Tokenizer):
                 notes.label_field = notes.label_field or li is not None
                 names = [schema.names[i] for i in (ti, li) if i is not None]
                 row = 0
-                for batch in pf.iter_batches(batch_size=self.ENCODE_BATCH, columns=names):
+                groups = None
+                if part is not None:
+                    self._check_part(source, pf.num_row_groups, part[2])
+                    groups = list(range(part[0], part[1]))
+                    row = sum(pf.metadata.row_group(g).num_rows for g in range(part[0]))
+                for batch in pf.iter_batches(batch_size=self.ENCODE_BATCH, columns=names, row_groups=groups):
                     texts = batch.column(0).to_pylist()
                     values = batch.column(1).to_pylist() if li is not None else [None] * len(texts)
                     for text, value in zip(texts, values):
@@ -942,7 +1025,8 @@ class TextTokenizer(Tokenizer):
         tokens: (L,) int32 ids with L <= max_length; positions: (L, 1) float32 index in the chunk.
         Empty documents are skipped (with a warning); a file with no text at all raises.
         """
-        return list(self._records([(raw, None)] if isinstance(raw, str) else raw, source))
+        path, first = self._first_document(source) if source else (source, 0)
+        return list(self._records([(raw, None)] if isinstance(raw, str) else raw, path, first))
 
     ENCODE_BATCH: ClassVar[int] = 1024
     """Documents encoded per call: a tokenizers ``Encoding`` holds each token's string as well as
@@ -953,15 +1037,16 @@ class TextTokenizer(Tokenizer):
     ends with the document that reaches it, so a longer document is encoded alone): long documents
     make big Encodings too."""
 
-    def _records(self, docs: Iterable[Doc], source: str) -> Iterator[Record]:
+    def _records(self, docs: Iterable[Doc], source: str, first: int = 0) -> Iterator[Record]:
         """The records of ``docs``, a batch of documents (ENCODE_BATCH, ENCODE_BATCH_CHARS) encoded at a
-        time; empty documents are skipped (they keep their number in the ids), with a warning at the end."""
+        time; empty documents are skipped (they keep their number in the ids), with a warning at the end.
+        ``first``: the number of the first document in its file (a part of a Parquet file's)."""
         bpe = self._require_bpe()
         # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which records do not keep
         encode = getattr(bpe, "encode_batch_fast", bpe.encode_batch)
         batch: list[tuple[int, str, int | None]] = []  # (doc, text, label index)
         chars = n_docs = n_empty = 0
-        for doc, (text, label) in enumerate(docs):
+        for doc, (text, label) in enumerate(docs, first):
             n_docs += 1
             if not (isinstance(text, str) and text.strip()):
                 n_empty += 1

@@ -896,6 +896,42 @@ def test_parts_skipped_inside_written_inputs_are_counted(tmp_path, capsys):
     assert "skipped_parts" not in tables.TokenTable(str(tmp_path / "u")).manifest.extra
 
 
+def test_a_big_parquet_file_is_shared_by_workers_in_parts(tmp_path, local_ray, monkeypatch):
+    """One Parquet file of text, split at row groups on the driver: every part is an input (its own
+    shard, on either worker), and the table holds the records of the file read whole."""
+    import pyarrow as pa
+
+    from maskloom.tokenizers.text import TextTokenizer
+
+    words = "the quick brown fox jumps over a lazy dog while seven tired cats sleep".split()
+    texts = [f"row {i} " + " ".join(words[i % 9 : i % 9 + 4]) for i in range(60)]
+    labels = ["x" if i % 4 else "y" for i in range(60)]
+    path = str(tmp_path / "train.parquet")
+    pq.write_table(pa.table({"text": texts, "label": labels}), path, row_group_size=10)  # 6 row groups
+    config = {"vocab_size": 300, "min_frequency": 1, "max_length": 64}
+
+    def table(out, **kw):
+        r = preprocess([path], "text", config, str(tmp_path / out), progress=False, **kw)
+        t = tables.TokenTable(str(tmp_path / out))
+        recs = sorted(t.records(), key=lambda rec: rec.id)
+        return (
+            r,
+            t,
+            [(rec.id, rec.source, rec.label, rec.meta["doc"], t.tokenizer().detokenize(rec)) for rec in recs],
+        )
+
+    whole, _, expected = table("whole", num_workers=0)
+    assert (whole.inputs, whole.rows) == (1, 60)
+    md = pq.read_metadata(path)
+    group = sum(md.row_group(0).column(c).total_compressed_size for c in range(md.num_columns))
+    monkeypatch.setattr(TextTokenizer, "PART_BYTES", int(1.5 * group))  # a part: 2 row groups
+    r, t, got = table("parts", num_workers=2, shard_size=1)
+    assert (r.inputs, r.rows, r.errors, r.shards) == (3, 60, 0, 3)
+    assert got == expected  # ids, source (the file), labels, documents and their text
+    assert r.input_bytes == 3 * (os.path.getsize(path) * 2 // 6)  # each part its share of the file
+    assert t.manifest.totals == {"inputs": 3, "rows": 60, "errors": 0}
+
+
 def _third_run_after_two_crashes(argv, env, named: str) -> subprocess.CompletedProcess:
     """Run the command three times: the first two end in SIGSEGV, the second naming what killed the
     first (``named`` in its stderr); the third succeeds, and is returned."""

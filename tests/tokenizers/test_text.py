@@ -829,6 +829,67 @@ def test_parquet_text_and_labels(tmp_path, monkeypatch, caplog):
     assert TextTokenizer().read(q) == [("a", "spam"), ("b", None)]
 
 
+def _row_group_bytes(path) -> int:
+    """Compressed bytes of all the row groups of a Parquet file (its footer not included)."""
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(path)
+    return sum(md.row_group(g).column(c).total_compressed_size for g in range(md.num_row_groups)
+               for c in range(md.num_columns))  # fmt: skip
+
+
+def test_a_big_parquet_file_is_read_in_parts_with_the_records_of_the_whole(tmp_path, monkeypatch, caplog):
+    """split_input cuts a big Parquet file at row groups; each part gives exactly the records the
+    whole file gives for its rows (ids, labels, tokens, meta), streamed or read whole, and a label
+    error names the row in the whole file."""
+    from maskloom.tokenizers.base import split_part
+
+    texts = [f"row {i} " + " ".join(WORDS[i % 7 : i % 7 + 5]) for i in range(40)]
+    texts[13] = None  # an empty document keeps its number
+    labels = ["a" if i % 3 else "b" for i in range(40)]
+    p = _parquet(tmp_path / "big.parquet", {"text": texts, "label": labels}, row_group_size=5)  # 8 groups
+    tok = TextTokenizer(TextConfig(vocab_size=300, min_frequency=1))
+    tok.fit([p])
+    whole = tok(p)
+    assert tok.split_input(p) is None  # far below twice PART_BYTES
+    mean = _row_group_bytes(p) / 8
+    monkeypatch.setattr(TextTokenizer, "PART_BYTES", int(1.5 * mean))  # a part: 2 row groups
+    parts = tok.split_input(p)
+    assert [split_part(q) for q in parts] == [(p, (0, 2, 8)), (p, (2, 4, 8)), (p, (4, 6, 8)), (p, (6, 8, 8))]
+    assert parts[1] == f"{p}#part:2:4/8"
+    assert tok.split_input(parts[0]) is None  # a part is not split again
+    streamed = [r for q in parts for r in tok.iter_records(q)]
+    held = [r for q in parts for r in tok.tokenize(tok.read(q), source=q)]
+    for got in (streamed, held):
+        assert [(r.id, r.source, r.label, r.meta) for r in got] == [
+            (r.id, r.source, r.label, r.meta) for r in whole
+        ]
+        assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(got, whole))
+    assert [r.meta["doc"] for r in tok.iter_records(parts[1])] == list(range(10, 13)) + list(range(14, 20))
+    # the last part joins the one before when it is under half of PART_BYTES: 9 groups in parts of 4
+    nine = _parquet(tmp_path / "nine.parquet", {"text": texts[:36] + texts[:9]}, row_group_size=5)
+    monkeypatch.setattr(TextTokenizer, "PART_BYTES", int(3.5 * _row_group_bytes(nine) / 9))
+    assert [split_part(q)[1] for q in tok.split_input(nine)] == [(0, 4, 9), (4, 9, 9)]
+    # a label error names its row in the whole file; a file that changed since it was split
+    bad = _parquet(tmp_path / "bad.parquet", {"text": ["x"] * 8, "label": [1.0] * 7 + [float("nan")]},
+                   row_group_size=2)  # fmt: skip
+    with pytest.raises(TokenizeError) as e:
+        tok.read(f"{bad}#part:2:4/4")
+    assert e.value.reason.startswith("row 8: label column 'label' is NaN")
+    with pytest.raises(TokenizeError) as e:
+        list(tok.iter_records(f"{bad}#part:2:4/5"))
+    assert (e.value.kind, e.value.source) == ("invalid", f"{bad}#part:2:4/5")
+    assert "the file has 4 row groups, not the 5 it was split into" in e.value.reason
+    with pytest.raises(TokenizeError) as e:
+        tok.read(str(tmp_path / "x.jsonl") + "#part:0:1/2")
+    assert e.value.kind == "missing"  # the file named before the part
+    (tmp_path / "x.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(TokenizeError) as e:
+        tok.read(str(tmp_path / "x.jsonl") + "#part:0:1/2")
+    assert (e.value.kind, e.value.reason) == ("unsupported", "only Parquet files are read in parts")
+    assert tok.split_input(str(tmp_path / "x.jsonl")) is None
+
+
 def test_bad_parquet_files(tmp_path):
     tok = TextTokenizer()
 
