@@ -1425,6 +1425,7 @@ def preprocess(
             commits = _commits_on_ray(
                 todo, actor, tally, address=address, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                 gpus_per_worker=gpus_per_worker, object_store_memory=object_store_memory,
+                long_shards=big_input_bytes(items) > 0,
             )  # fmt: skip
         try:
             resumed = len(items) - sum(len(sh.inputs) for sh in todo)
@@ -1601,6 +1602,15 @@ def _append_base(
                        first_index=int(manifest.extra.get("planned_shards", len(manifest.shards))))  # fmt: skip
 
 
+FEW_SHARDS_PER_WORKER = 2
+"""With at most this many shards per worker, or shards of large inputs (``long_shards``: untimed,
+64 MB of a text corpus each), an actor is handed one shard at a time (``max_tasks_in_flight=1``),
+not two: Ray Data gives its tasks to the actors that are ready, and the first actor up took both
+shards of a 136 MB Parquet file split in two while the second idled, so two workers took the
+130 s of one. One shard at a time costs a scheduling round trip per shard (~0.2 s), nothing next
+to such shards."""
+
+
 def _commits_on_ray(
     todo: Sequence[ShardSpec],
     actor: dict[str, Any],
@@ -1611,6 +1621,7 @@ def _commits_on_ray(
     cpus_per_worker: float | None,
     gpus_per_worker: float | None,
     object_store_memory: int | None,
+    long_shards: bool = False,
 ) -> Generator[dict[str, Any], None, None]:
     """Tokenize ``todo`` on a Ray Data pool of :class:`TokenizeShardActor` (``actor``: its constructor
     arguments but the threads) and yield the commit records as they arrive; records the pool's size
@@ -1622,6 +1633,8 @@ def _commits_on_ray(
 
         res = resources(min(num_workers, len(todo)) if num_workers else None, cpus_per_worker,
                         gpus_per_worker, 1, object_store_memory, max_workers=len(todo))  # fmt: skip
+        if long_shards or len(todo) <= FEW_SHARDS_PER_WORKER * res.num_workers:
+            res = dataclasses.replace(res, max_tasks_in_flight=1)  # see FEW_SHARDS_PER_WORKER
         quiet_ray_data_bars()  # ours counts inputs
         with gc_paused():
             specs = [{"spec": sh.to_json()} for sh in todo]

@@ -37,6 +37,7 @@ from maskloom.pipelines.ray_utils import (
     RAY_DATA_PROGRESS_LOGGER,
     THREAD_ENV_VARS,
     WORKER_NICENESS_ENV,
+    RayResources,
     init_ray,
     limit_threads,
     quiet_ray_data_bars,
@@ -930,6 +931,29 @@ def test_a_big_parquet_file_is_shared_by_workers_in_parts(tmp_path, local_ray, m
     assert got == expected  # ids, source (the file), labels, documents and their text
     assert r.input_bytes == 3 * (os.path.getsize(path) * 2 // 6)  # each part its share of the file
     assert t.manifest.totals == {"inputs": 3, "rows": 60, "errors": 0}
+
+
+def test_few_or_long_shards_go_to_the_actors_one_at_a_time(tmp_path, local_ray, monkeypatch):
+    """Two shards in flight per actor let the first actor up take both shards of a 2-shard job while
+    the other idled: with few shards per worker, or shards of large inputs, one at a time."""
+    seen = []
+    kwargs = RayResources.map_batches_kwargs
+
+    def spy(self):
+        seen.append(self.max_tasks_in_flight)
+        return kwargs(self)
+
+    monkeypatch.setattr(RayResources, "map_batches_kwargs", spy)
+    found = make_data(tmp_path / "in", n_a=4, n_b=4, bad=())
+    for out, size in (("few", 4), ("many", 1)):  # 2 shards on 2 workers; 8 shards
+        r = preprocess(found, TOK, None, str(tmp_path / out), shard_size=size, num_workers=2, imports=IMPORTS,
+                       progress=False)  # fmt: skip
+        assert (r.rows, r.workers) == (8, 2)
+    monkeypatch.setattr(pp, "BIG_INPUT_BYTES", 1)  # every input "large": shards of big files
+    preprocess(
+        found, TOK, None, str(tmp_path / "big"), shard_size=1, num_workers=2, imports=IMPORTS, progress=False
+    )
+    assert seen == [1, 2, 1]
 
 
 def _third_run_after_two_crashes(argv, env, named: str) -> subprocess.CompletedProcess:
