@@ -60,7 +60,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -879,6 +879,23 @@ STREAM_BATCH_BYTES = 4 << 20
 1,536 bytes), and 256 of them held 0.6 GB before the writer, whose row group is 32 MB, saw any."""
 
 
+class _ShardPass(NamedTuple):
+    """What one pass of :func:`_write_shard` over a shard gives."""
+
+    info: dict[str, Any] | None
+    """The shard file's {name, rows, bytes, sha256, inputs}, or None when no input was written."""
+    written: list[str]
+    """Sources written."""
+    errors: list[list[str]]
+    """Error rows: [source, kind, message]."""
+    tokens: int
+    input_bytes: int
+    write_seconds: float
+    skipped_parts: list[list[Any]]
+    """Parts skipped inside written inputs: [source, what, skipped, total, example] each
+    (:class:`maskloom.tokenizers.base.SkipReport`)."""
+
+
 def _write_shard(
     tokenizer: Tokenizer,
     shard: ShardSpec,
@@ -890,11 +907,10 @@ def _write_shard(
     attempts: ShardAttempts | None,
     live: ShardProgress | None = None,
     sample_skip: dict[int, dict[int, tuple[str, str]]] | None = None,
-) -> tuple[dict[str, Any] | None, list[str], list[list[str]], int, int, float, list[list[Any]]]:
-    """One pass of :func:`tokenize_shard` over the shard's inputs: (file info or None, sources written,
-    error rows, tokens, input bytes, write seconds, parts skipped inside written inputs as [source,
-    what, skipped, total, example] (:class:`maskloom.tokenizers.base.SkipReport`)). Records stream into the file a row group at a
-    time, so a shard's memory is one row group however many inputs (or records per input) it has.
+) -> _ShardPass:
+    """One pass of :func:`tokenize_shard` over the shard's inputs. Records stream into the file a row
+    group at a time, so a shard's memory is one row group however many inputs (or records per input)
+    it has.
     An input that fails part-way loses the records it streamed; if some of them were written already
     :class:`_RedoShard` asks for the pass to be made again with it in ``skip``. ``sample_skip``:
     {input index: {sample: (kind, reason)}}, the samples of tar shards not to read (a
@@ -955,7 +971,7 @@ def _write_shard(
         info = writer.close()
     if info is not None:
         info["inputs"] = len(written)
-    return info, written, errors, tokens, input_bytes, writer.seconds, skipped_parts
+    return _ShardPass(info, written, errors, tokens, input_bytes, writer.seconds, skipped_parts)
 
 
 def _size(path: str) -> int:
