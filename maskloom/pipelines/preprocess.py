@@ -238,7 +238,7 @@ class PreprocessResult:
                 count_parts(n, what) for what, n in self.skipped_parts.items()
             )
         return (
-            f"{_count(self.inputs, 'input')} = {self.inputs - self.errors} written + {_count(self.errors, 'error')}; "
+            f"{_count(self.inputs, 'input')} = {self.inputs - self.errors:,} written + {_count(self.errors, 'error')}; "
             f"{_count(self.rows, 'row')}, {_count(self.tokens, 'token')}, {_mb(self.bytes)} written, "
             f"{self.throughput:.1f} inputs/s "
             f"({_mb(self.input_bytes)} read, {self.seconds:.1f} s{skipped}){parts}"
@@ -252,8 +252,8 @@ def count_parts(n: int, what: str) -> str:
 
 
 def _count(n: int, noun: str) -> str:
-    """``1 error``, ``2 errors``, ``0 errors``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    """``1 error``, ``2 errors``, ``0 errors``, ``12,288 tokens``."""
+    return f"{n} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def _mb(n: int) -> str:

@@ -1389,6 +1389,12 @@ def test_summary_counts_in_the_singular_and_plural(tmp_path):
     single = {**base, "inputs": 1, "tokens": 1, "rows": 1, "errors": 0}
     assert PreprocessResult(**single).summary().startswith("1 input = 1 written + 0 errors; 1 row, 1 token, ")
     assert "(1 input, 1 row, 1 token, 0 errors, " in PreprocessResult(**single, already_done=True).summary()
+    big = {**base, "inputs": 1200, "tokens": 12288, "rows": 1199, "errors": 1}
+    assert (
+        PreprocessResult(**big)
+        .summary()
+        .startswith("1,200 inputs = 1,199 written + 1 error; 1,199 rows, 12,288 tokens")
+    )
 
 
 def _non_utf8_name(directory, name: str) -> str | None:
