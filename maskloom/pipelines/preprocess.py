@@ -237,10 +237,15 @@ class PreprocessResult:
             parts = f"; skipped inside {_count(self.inputs_with_skipped_parts, 'input')}: " + ", ".join(
                 count_parts(n, what) for what, n in self.skipped_parts.items()
             )
+        rate = (  # a job of a few big files runs at 0.015 inputs/s, not "0.0"
+            f"{self.throughput:.1f}"
+            if self.throughput >= 1 or not self.throughput
+            else f"{self.throughput:.2g}"
+        )
         return (
             f"{_count(self.inputs, 'input')} = {self.inputs - self.errors:,} written + {_count(self.errors, 'error')}; "
             f"{_count(self.rows, 'row')}, {_count(self.tokens, 'token')}, {_mb(self.bytes)} written, "
-            f"{self.throughput:.1f} inputs/s "
+            f"{rate} inputs/s "
             f"({_mb(self.input_bytes)} read, {self.seconds:.1f} s{skipped}){parts}"
         )
 

@@ -1389,6 +1389,8 @@ def test_summary_counts_in_the_singular_and_plural(tmp_path):
     single = {**base, "inputs": 1, "tokens": 1, "rows": 1, "errors": 0}
     assert PreprocessResult(**single).summary().startswith("1 input = 1 written + 0 errors; 1 row, 1 token, ")
     assert "(1 input, 1 row, 1 token, 0 errors, " in PreprocessResult(**single, already_done=True).summary()
+    slow = {**base, "inputs": 2, "rows": 2, "errors": 0, "throughput": 2 / 130.8}  # two big files
+    assert " 0.015 inputs/s (1.0 MB read, 2.0 s)" in PreprocessResult(**slow).summary()
     big = {**base, "inputs": 1200, "tokens": 12288, "rows": 1199, "errors": 1}
     assert (
         PreprocessResult(**big)
