@@ -474,24 +474,31 @@ def _hung_path(out_dir: str, source: str, sample: int = -1) -> str:
     )
 
 
-def _hung_records(out_dir: str) -> list[dict[str, Any]]:
+def _hung(out_dir: str) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+    """The inputs and samples recorded as hung in ``out_dir`` (one read of the folder):
+    ({source: timeout in seconds}, {source of a tar shard: {sample: timeout in seconds}})."""
     folder = os.path.join(out_dir, COMMITS, HUNG)
-    names = os.listdir(folder) if os.path.isdir(folder) else ()
-    return [r for r in (_read_json(os.path.join(folder, n)) for n in names) if r is not None]
+    inputs: dict[str, float] = {}
+    samples: dict[str, dict[int, float]] = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        r = _read_json(os.path.join(folder, name))
+        if r is None:
+            continue
+        if r.get("sample", -1) >= 0:
+            samples.setdefault(r["source"], {})[int(r["sample"])] = float(r["seconds"])
+        else:
+            inputs[r["source"]] = float(r["seconds"])
+    return inputs, samples
 
 
 def _hung_inputs(out_dir: str) -> dict[str, float]:
     """{source: timeout in seconds} of the inputs recorded as hung in ``out_dir``."""
-    return {r["source"]: float(r["seconds"]) for r in _hung_records(out_dir) if r.get("sample", -1) < 0}
+    return _hung(out_dir)[0]
 
 
 def _hung_samples(out_dir: str) -> dict[str, dict[int, float]]:
     """{source: {sample: timeout in seconds}} of the samples of tar shards recorded as hung."""
-    out: dict[str, dict[int, float]] = {}
-    for r in _hung_records(out_dir):
-        if r.get("sample", -1) >= 0:
-            out.setdefault(r["source"], {})[int(r["sample"])] = float(r["seconds"])
-    return out
+    return _hung(out_dir)[1]
 
 
 class InputWatchdog:
@@ -637,8 +644,9 @@ class ShardAttempts:
             if 0 <= k < len(self.shard.inputs) and sample >= 0:  # on a sample of a tar: that sample's death
                 mine = state.setdefault("sample_deaths", {}).setdefault(str(k), {})
                 n = mine[str(sample)] = mine.get(str(sample), 0) + 1
-                if sum(mine.values()) >= SAMPLE_DEATH_LIMIT:  # the whole input now
-                    state["deaths"][str(k)] = sum(mine.values())
+                total = sum(mine.values())
+                if total >= SAMPLE_DEATH_LIMIT:  # the whole input now
+                    state["deaths"][str(k)] = total
                 log.warning("%s: the process decoding its sample %d died (%d of the %d deaths after which the "
                             "sample is skipped); trying its shard again", self.shard.inputs[k].source, sample, n,
                             CRASH_LIMIT)  # fmt: skip
@@ -808,7 +816,7 @@ def tokenize_shard(
     skip: dict[int, tuple[str, str]] = {}
     # ... and the samples of tar shards skipped likewise (the rest of their tar is read)
     sample_skip: dict[int, dict[int, tuple[str, str]]] = {}
-    hung, hung_samples = _hung_inputs(out_dir), _hung_samples(out_dir)
+    hung, hung_samples = _hung(out_dir)  # one read of the folder, for both
     for index, item in enumerate(shard.inputs):
         if item.source in hung:
             skip[index] = ("corrupt", _no_progress(hung[item.source]))
