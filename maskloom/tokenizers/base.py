@@ -590,14 +590,19 @@ _SAMPLE_GUARD: contextvars.ContextVar[SampleGuard | None] = contextvars.ContextV
 
 
 @contextlib.contextmanager
-def guarded_samples(guard: SampleGuard | None) -> Iterator[None]:
-    """Tar readers (:func:`iter_tar_items`, :func:`tokenize_tar`) tell ``guard`` which sample they are
-    on, and skip its ``skip`` samples, inside this block (in this thread or task)."""
-    token = _SAMPLE_GUARD.set(guard)
+def _context(var: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
+    """``var`` is ``value`` inside this block (in this thread or task), what it was after."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _SAMPLE_GUARD.reset(token)
+        var.reset(token)
+
+
+def guarded_samples(guard: SampleGuard | None) -> contextlib.AbstractContextManager[None]:
+    """Tar readers (:func:`iter_tar_items`, :func:`tokenize_tar`) tell ``guard`` which sample they are
+    on, and skip its ``skip`` samples, inside this block (in this thread or task)."""
+    return _context(_SAMPLE_GUARD, guard)
 
 
 def _enter_sample(source: str, index: int) -> None:
@@ -639,15 +644,10 @@ _SKIP_SINK: contextvars.ContextVar[Callable[[SkipReport], None] | None] = contex
 )
 
 
-@contextlib.contextmanager
-def reporting_skips(sink: Callable[[SkipReport], None] | None) -> Iterator[None]:
+def reporting_skips(sink: Callable[[SkipReport], None] | None) -> contextlib.AbstractContextManager[None]:
     """Inside this block (in this thread or task) tokenizers hand ``sink`` a :class:`SkipReport` for each
     input of which they skipped parts (:func:`report_skipped`), besides their warning."""
-    token = _SKIP_SINK.set(sink)
-    try:
-        yield
-    finally:
-        _SKIP_SINK.reset(token)
+    return _context(_SKIP_SINK, sink)
 
 
 def report_skipped(source: str, what: str, skipped: int, total: int, example: str) -> None:
