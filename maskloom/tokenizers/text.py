@@ -812,14 +812,17 @@ class TextTokenizer(Tokenizer):
             md = pq.read_metadata(path)
         except (pa.ArrowException, OSError) as e:
             raise TokenizeError(source, "corrupt", f"not a readable Parquet file ({e})") from None
-        self._check_part(source, md.num_row_groups, part[2])
-        return path, sum(md.row_group(g).num_rows for g in range(part[0]))
+        return path, self._part_start(source, md, part)
 
     @staticmethod
-    def _check_part(source: str, groups: int, planned: int) -> None:
-        if groups != planned:
-            raise TokenizeError(source, "invalid", f"the file has {groups} row groups, not the {planned} it was "
-                                "split into when the job was planned: it changed since")  # fmt: skip
+    def _part_start(source: str, md: Any, part: tuple[int, int, int]) -> int:
+        """Rows of the row groups before part ``part`` of a Parquet file (``md``: its metadata); the
+        part's input ``source`` is TokenizeError(invalid) when the file's row groups are not those it
+        was split into."""
+        if md.num_row_groups != part[2]:
+            raise TokenizeError(source, "invalid", f"the file has {md.num_row_groups} row groups, not the "
+                                f"{part[2]} it was split into when the job was planned: it changed since")  # fmt: skip
+        return sum(md.row_group(g).num_rows for g in range(part[0]))
 
     def _documents(self, source: str, notes: _ReadNotes | None = None) -> Iterator[Doc]:
         """The ``(text, label or None)`` of each document of ``source``, read incrementally: the one
@@ -998,9 +1001,8 @@ class TextTokenizer(Tokenizer):
                 row = 0
                 groups = None
                 if part is not None:
-                    self._check_part(source, pf.num_row_groups, part[2])
+                    row = self._part_start(source, pf.metadata, part)
                     groups = list(range(part[0], part[1]))
-                    row = sum(pf.metadata.row_group(g).num_rows for g in range(part[0]))
                 for batch in pf.iter_batches(batch_size=self.ENCODE_BATCH, columns=names, row_groups=groups):
                     texts = batch.column(0).to_pylist()
                     values = batch.column(1).to_pylist() if li is not None else [None] * len(texts)
