@@ -33,7 +33,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -406,6 +406,28 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+TEMP_PREFIX = ".tmp-"
+"""Start of the names of files being written (readers and the table's tidying skip or remove them)."""
+
+
+def new_temp_file(directory: str, suffix: str = "") -> tuple[int, str]:
+    """A new file ``<directory>/.tmp-<random><suffix>`` opened for writing: (its descriptor, its path).
+
+    Made with the permissions ``open()`` gives a new file (0o666 less the umask: 0o644 under the usual
+    umask 022), not ``tempfile.mkstemp``'s 0o600: the file is renamed into the table as a shard, a
+    manifest or a commit record, and a table of 0o600 files could be read only by the user who wrote
+    it, not by a training job that runs as another user or by a team sharing a dataset folder on a
+    cluster's storage."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = os.path.join(directory, f"{TEMP_PREFIX}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:  # pragma: no cover - 64 random bits
+            continue
+    raise FileExistsError(f"{directory}: no free temporary file name after 100 tries")  # pragma: no cover
+
+
 def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary file + fsync + rename: readers never see a partial file.
 
@@ -414,7 +436,7 @@ def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
     bookkeeping that guards against the process dying, where an fsync is most of the cost."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = new_temp_file(d, os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -609,7 +631,7 @@ def _temp_beside(path: str) -> str:
     """A new empty temp file in ``path``'s directory (created), named ``.tmp-*`` (readers skip those)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".parquet")
+    fd, tmp = new_temp_file(d, ".parquet")
     os.close(fd)
     return tmp
 

@@ -184,6 +184,31 @@ def test_atomic_shard_write_leaves_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_published_files_get_the_permissions_of_the_umask(tmp_path, umask, mode):
+    """Shards, manifests and records are made as temp files and renamed: they get 0o666 less the
+    umask, as open() gives, not tempfile.mkstemp's 0o600 (a table only its writer could read)."""
+    tok = ToyTokenizer()
+    spec = tok.spec()
+    meta = tables.table_meta(spec, tokenizer="tables_toy", tokenizer_version="1", config={}, fingerprint="f")
+    old = os.umask(umask)
+    try:
+        tables.write_shard(str(tmp_path / "a.parquet"), tables.records_to_arrow([rec(0)], spec))
+        with tables.ShardWriter(str(tmp_path / "b.parquet"), spec, meta) as w:
+            w.add([rec(1)])
+            w.close()
+        tables.atomic_write_bytes(str(tmp_path / "c.json"), b"{}")
+        tables.atomic_write_bytes(str(tmp_path / "d.json"), b"{}", durable=False)
+        fd, tmp = tables.new_temp_file(str(tmp_path), ".x")
+        os.close(fd)
+    finally:
+        os.umask(old)
+    assert os.path.basename(tmp).startswith(tables.TEMP_PREFIX) and tmp.endswith(".x")
+    names = ["a.parquet", "b.parquet", "c.json", "d.json", os.path.basename(tmp)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    assert {n: oct((tmp_path / n).stat().st_mode & 0o777) for n in names} == {n: oct(mode) for n in names}
+
+
 def test_shard_writer_streams_row_groups_and_equals_write_shard(tmp_path):
     import hashlib
 

@@ -636,6 +636,26 @@ def test_preprocess_kept_ids_unique_and_plain_list_inputs(tmp_path, local_ray):
     assert t.label_names is None and t.read().column("label").null_count == 4
 
 
+def test_a_table_is_readable_by_others_as_the_umask_allows(tmp_path):
+    """Every file of a finished table (shards, _errors.parquet, _manifest.json, artifacts) has the
+    permissions of a file made with open() under the user's umask: under 022, 0o644, so that a
+    training job of another user, or a team sharing the folder, can read it (tempfile's 0o600 made
+    such a table readable by its writer alone)."""
+    found = make_data(tmp_path / "in", n_a=3, n_b=2)
+    old = os.umask(0o022)
+    try:
+        r = preprocess(found, TOK, None, str(tmp_path / "t"), shard_size=2, progress=False, num_workers=0)
+    finally:
+        os.umask(old)
+    assert (r.inputs, r.shards) == (6, 3)
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "t") for f in fs]
+    names = {os.path.basename(f) for f in files}
+    assert {"_manifest.json", "_errors.parquet"} <= names and sum(n.startswith("part-") for n in names) == 3
+    assert {os.path.relpath(f, tmp_path / "t"): oct(os.stat(f).st_mode & 0o777) for f in files} == {
+        os.path.relpath(f, tmp_path / "t"): "0o644" for f in files
+    }
+
+
 def test_append_adds_the_new_inputs_as_new_shards_and_leaves_the_old_ones(tmp_path):
     """A collection that grew: --append tokenizes only the inputs the table lacks into shards after
     its own, keeps its shards (not rewritten), error rows and classes, and accounts for everything."""
