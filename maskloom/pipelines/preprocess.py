@@ -1149,6 +1149,17 @@ def artifacts_digest(directory: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _shared_folder(folder: str) -> None:
+    """Make ``folder`` if it is missing, writable by every user and sticky (mode 1777, as ``/tmp``):
+    the lock folder in the system's temporary folder is shared by the users of a machine, and one
+    made by the first user's umask (0755) would leave every other user's jobs without a lock."""
+    try:
+        os.mkdir(folder)
+    except FileExistsError:
+        return
+    os.chmod(folder, 0o1777)
+
+
 @contextlib.contextmanager
 def _job_lock(out_dir: str) -> Generator[None, None, None]:
     """Hold this machine's lock on table ``out_dir`` for one job, or raise TableConflictError.
@@ -1166,7 +1177,7 @@ def _job_lock(out_dir: str) -> Generator[None, None, None]:
     folder = os.path.join(tempfile.gettempdir(), "maskloom-locks")
     key = hashlib.sha256(os.path.abspath(out_dir).encode("utf-8", "surrogateescape")).hexdigest()[:24]
     try:
-        os.makedirs(folder, exist_ok=True)
+        _shared_folder(folder)
         f = open(os.path.join(folder, key + ".lock"), "a+")  # noqa: SIM115 - closed below
     except OSError as e:  # a temporary folder this user cannot write: run unguarded rather than not at all
         log.warning("cannot take the one-job-per-table lock in %s (%s); running without it", folder, e)

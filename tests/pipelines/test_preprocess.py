@@ -1737,6 +1737,25 @@ def test_a_second_job_on_a_table_being_written_is_refused(tmp_path):
     assert (r.inputs, r.rows) == (2, 2)
 
 
+def test_the_lock_folder_is_shared_by_the_users_of_the_machine(tmp_path, monkeypatch):
+    """The first job on a machine makes the lock folder mode 1777 (as /tmp) whatever its umask, so the
+    jobs of other users can take their locks in it; an existing folder is left as it is."""
+    monkeypatch.setattr(pp.tempfile, "tempdir", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        with pp._job_lock(str(tmp_path / "t")):
+            pass
+    finally:
+        os.umask(old)
+    folder = tmp_path / "maskloom-locks"
+    assert oct(folder.stat().st_mode & 0o7777) == "0o1777"
+    assert [p.suffix for p in folder.iterdir()] == [".lock"]
+    os.chmod(folder, 0o755)
+    with pp._job_lock(str(tmp_path / "t")):
+        pass
+    assert oct(folder.stat().st_mode & 0o7777) == "0o755"
+
+
 def test_a_plug_in_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "plug_syntax.py").write_text("def f(:\n")
     (tmp_path / "plug_raises.py").write_text("raise RuntimeError('no licence file')\n")
