@@ -28,9 +28,11 @@ read unchanged.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import secrets
@@ -45,6 +47,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from maskloom.tokenizers.base import TOKENIZERS, Record, TableSpec, utf8_text
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -395,13 +399,30 @@ def arrow_to_records(table: pa.Table) -> list[Record]:
 # ---------------------------------------------------------------------------------------------
 # files: shards, errors, manifest
 # ---------------------------------------------------------------------------------------------
+DIR_SYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+"""Errors of ``fsync`` on a directory that mean the filesystem does not sync directories (some network
+and FUSE filesystems), not that a write failed."""
+_unsynced_dirs: set[str] = set()
+
+
 def _fsync_dir(path: str) -> None:
+    """Make a rename in directory ``path`` durable. On a filesystem that cannot sync a directory (an
+    error in :data:`DIR_SYNC_UNSUPPORTED`) the rename is as durable as that filesystem makes it: one
+    warning per directory and process, and the write goes on, where failing would fail every shard of
+    a job whose table lives there. Any other error (EIO: the disk) is raised."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
         return
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in DIR_SYNC_UNSUPPORTED:
+            raise
+        if path not in _unsynced_dirs:
+            _unsynced_dirs.add(path)
+            log.warning("%s: its filesystem cannot sync a directory (%s); renames there are as durable as "
+                        "that filesystem makes them", path, e.strerror or e)  # fmt: skip
     finally:
         os.close(fd)
 

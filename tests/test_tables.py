@@ -209,6 +209,38 @@ def test_published_files_get_the_permissions_of_the_umask(tmp_path, umask, mode)
     assert {n: oct((tmp_path / n).stat().st_mode & 0o777) for n in names} == {n: oct(mode) for n in names}
 
 
+def test_a_filesystem_that_cannot_sync_directories_does_not_fail_the_writes(tmp_path, monkeypatch, caplog):
+    """Some network and FUSE filesystems answer fsync on a directory with EINVAL: the renamed file is
+    there, so the write goes on with one warning per directory; another error (EIO) still fails."""
+    import errno
+    import stat
+
+    real = os.fsync
+    err = {"no": errno.EINVAL}
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(err["no"], os.strerror(err["no"]))
+        real(fd)
+
+    monkeypatch.setattr(tables.os, "fsync", fsync)
+    monkeypatch.setattr(tables, "_unsynced_dirs", set())
+    spec = ToyTokenizer().spec()
+    with caplog.at_level("WARNING", logger="maskloom.tables"):
+        tables.atomic_write_bytes(str(tmp_path / "a.json"), b"{}")
+        tables.write_shard(str(tmp_path / "b.parquet"), tables.records_to_arrow([rec(0)], spec))
+    assert (tmp_path / "a.json").read_bytes() == b"{}"
+    assert pq.ParquetFile(tmp_path / "b.parquet").metadata.num_rows == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: its filesystem cannot sync a directory (Invalid argument); renames there are as durable "
+        "as that filesystem makes them"
+    ]
+    err["no"] = errno.EIO
+    with pytest.raises(OSError) as e:
+        tables.atomic_write_bytes(str(tmp_path / "c.json"), b"{}")
+    assert e.value.errno == errno.EIO
+
+
 def test_shard_writer_streams_row_groups_and_equals_write_shard(tmp_path):
     import hashlib
 
