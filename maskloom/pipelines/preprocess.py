@@ -51,6 +51,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import stat
 import struct
 import sys
@@ -861,6 +862,7 @@ def tokenize_shard(
         "skipped_parts": skipped_parts,
         "cpu_seconds": time.process_time() - c0,
         "started": started,
+        "host": socket.gethostname(),
     }
     try:
         tables.atomic_write_bytes(_commit_path(out_dir, shard.shard_id), json.dumps(commit).encode())
@@ -1477,6 +1479,8 @@ def preprocess(
                         raise WriteError(c["write_error"])
                     if "worker_deaths" in c:
                         raise WorkerDeathsError(f"{c['worker_deaths']}; {len(done)} committed shards kept")
+                    if num_workers != 0:
+                        _check_visible(out_dir, c)
                     live.commit(c)
                     if limit is not None and tally.errors > limit:
                         break  # the rate can only grow: stop early, keep what is committed
@@ -1808,6 +1812,33 @@ def _read_commits(
         elif every:
             raise PreprocessError(f"{out_dir}: shard {sh.index} ({sh.shard_id}) has no valid commit record")
     return done
+
+
+VISIBLE_WAIT_S = 10.0
+"""Seconds the driver waits for a shard a worker committed to show in its own view of the table's
+folder (a network filesystem may show another machine's new files late) before it stops the job."""
+
+
+def _check_visible(out_dir: str, commit: dict[str, Any], wait: float | None = None) -> None:
+    """Raise PreprocessError, naming both machines, when the driver does not see the commit record and
+    shard that a worker reported (within ``wait`` seconds, default :data:`VISIBLE_WAIT_S`): on a
+    cluster, an output folder on each node's local disk (``-o /tmp/out``) gets the shards on the
+    workers' disks, and the job would only fail at its end, every input tokenized, when the driver
+    finds no commit records."""
+    record = _commit_path(out_dir, commit["shard_id"])
+    deadline = time.monotonic() + (VISIBLE_WAIT_S if wait is None else wait)
+    while not (os.path.isfile(record) and _shard_intact(out_dir, commit)):
+        if time.monotonic() >= deadline:
+            info = commit.get("shard")
+            what = (
+                os.path.join(out_dir, info["name"]) if info is not None and os.path.isfile(record) else record
+            )
+            raise PreprocessError(
+                f"{out_dir}: shard {commit['index']} was written by a worker on {commit.get('host', '?')}, but "
+                f"this driver on {socket.gethostname()} does not see {what}: on a cluster, --out must be a folder "
+                "on storage that every node sees (a shared filesystem), not a node's local disk"
+            )
+        time.sleep(0.2)
 
 
 def _shard_intact(out_dir: str, commit: dict[str, Any]) -> bool:

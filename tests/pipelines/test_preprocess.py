@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -621,6 +622,57 @@ def test_preprocess_table_accounting_rerun_and_conflicts(tmp_path, local_ray):
     )
     assert r2.rows == 9 and tables.TokenTable(out).meta["config"]["scale"] == 2.0
     assert tables.TokenTable(out).records()[1].tokens.tolist() == [[2, 4], [4, 8]]
+
+
+def test_check_visible_names_the_file_the_driver_does_not_see(tmp_path, monkeypatch):
+    """On a cluster whose --out is each node's local disk, the driver stops at the first shard it does
+    not see, naming both machines and the file, not at the end of the job."""
+    monkeypatch.setattr(pp.socket, "gethostname", lambda: "head")
+    out = tmp_path / "t"
+    (out / COMMITS).mkdir(parents=True)
+    commit = {
+        "shard_id": "abc",
+        "index": 3,
+        "host": "worker-7",
+        "shard": {"name": "part-00003-abc.parquet", "bytes": 4},
+    }
+    record = out / COMMITS / "abc.json"
+    with pytest.raises(PreprocessError) as e:
+        pp._check_visible(str(out), commit, wait=0)
+    assert str(e.value) == (
+        f"{out}: shard 3 was written by a worker on worker-7, but this driver on head does not see {record}: on a "
+        "cluster, --out must be a folder on storage that every node sees (a shared filesystem), not a node's "
+        "local disk"
+    )
+    record.write_text("{}")
+    with pytest.raises(
+        PreprocessError, match=f"does not see {re.escape(str(out / 'part-00003-abc.parquet'))}: "
+    ):
+        pp._check_visible(str(out), commit, wait=0)
+    (out / "part-00003-abc.parquet").write_bytes(b"1234")
+    pp._check_visible(str(out), commit, wait=0)  # both seen: nothing to say
+    pp._check_visible(str(out), {**commit, "shard": None}, wait=0)  # every input failed: no shard file
+    (out / "part-00003-abc.parquet").unlink()
+    t0 = time.monotonic()  # a file that shows late (a network filesystem's cache) is waited for
+    threading.Timer(0.3, lambda: (out / "part-00003-abc.parquet").write_bytes(b"1234")).start()
+    pp._check_visible(str(out), commit, wait=5)
+    assert 0.25 < time.monotonic() - t0 < 2
+
+
+def test_a_driver_that_does_not_see_the_workers_shards_stops_at_the_first(tmp_path, local_ray, monkeypatch):
+    """Through Ray: the driver that does not see a committed shard (here: told so) stops the job with
+    that message; nothing is lost, and the same command, where the driver sees the folder, finishes."""
+    found = make_data(tmp_path / "in")
+    out = str(tmp_path / "t")
+    monkeypatch.setattr(pp, "VISIBLE_WAIT_S", 0.2)
+    monkeypatch.setattr(pp, "_shard_intact", lambda out_dir, commit: False)  # the driver's view only
+    with pytest.raises(PreprocessError, match=r"was written by a worker on .*, but this driver on .* does not see "
+                       r".*part-000\d\d-\w+\.parquet: on a cluster, --out must be a folder"):  # fmt: skip
+        preprocess(found, TOK, None, out, shard_size=3, imports=IMPORTS, progress=False, num_workers=2)
+    monkeypatch.undo()
+    r = preprocess(found, TOK, None, out, shard_size=3, imports=IMPORTS, progress=False, num_workers=2)
+    assert (r.inputs, r.rows, r.errors, r.shards) == (10, 9, 1, 4)
+    assert r.skipped_shards >= 1  # the shard(s) committed before the stop were kept
 
 
 def test_preprocess_kept_ids_unique_and_plain_list_inputs(tmp_path, local_ray):
