@@ -1481,6 +1481,7 @@ def preprocess(
                         raise WorkerDeathsError(f"{c['worker_deaths']}; {len(done)} committed shards kept")
                     if num_workers != 0:
                         _check_visible(out_dir, c)
+                        _check_inputs_seen(out_dir, c)
                     live.commit(c)
                     if limit is not None and tally.errors > limit:
                         break  # the rate can only grow: stop early, keep what is committed
@@ -1839,6 +1840,38 @@ def _check_visible(out_dir: str, commit: dict[str, Any], wait: float | None = No
                 "on storage that every node sees (a shared filesystem), not a node's local disk"
             )
         time.sleep(0.2)
+
+
+def _driver_sees(source: str) -> bool:
+    """Whether this process sees input ``source`` (the file of a part)."""
+    return os.path.exists(split_part(source)[0])
+
+
+def _check_inputs_seen(out_dir: str, commit: dict[str, Any]) -> None:
+    """Raise PreprocessError when a worker on another machine found inputs missing that this driver
+    sees: inputs on the driver's own disk, which the cluster's nodes do not share. Every input would
+    become an error row ``missing``, so the job stops at the first such shard, and that shard's commit
+    record and file are removed: its error rows are the node's view, not the inputs', and the same
+    command (with the inputs on shared storage) tokenizes it again."""
+    host = commit.get("host")
+    if host is None or host == socket.gethostname():
+        return
+    seen = [e[0] for e in commit["errors"] if e[1] == "missing" and _driver_sees(e[0])]
+    if not seen:
+        return
+    info = commit.get("shard")
+    for p in (
+        _commit_path(out_dir, commit["shard_id"]),
+        os.path.join(out_dir, info["name"]) if info else None,
+    ):
+        if p is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+    raise PreprocessError(
+        f"{seen[0]}: missing for the worker on {host}, but this driver on {socket.gethostname()} sees it "
+        f"({_count(len(seen), 'such input')} in shard {commit['index']}): on a cluster, inputs must be on storage that every "
+        "node sees (a shared filesystem); the shard is left to do again"
+    )
 
 
 def _shard_intact(out_dir: str, commit: dict[str, Any]) -> bool:

@@ -675,6 +675,42 @@ def test_a_driver_that_does_not_see_the_workers_shards_stops_at_the_first(tmp_pa
     assert r.skipped_shards >= 1  # the shard(s) committed before the stop were kept
 
 
+def test_inputs_the_driver_sees_but_a_worker_elsewhere_does_not_stop_the_job(
+    tmp_path, local_ray, monkeypatch
+):
+    """Inputs on the driver's own disk: a worker on another machine finds them missing. The job stops at
+    the first such shard, whose commit record and file are removed (its error rows are the node's view),
+    so the same command with the inputs shared redoes it; a file missing for everyone is an error row."""
+    (tmp_path / "in").mkdir()
+    srcs = []
+    for i in range(5):
+        (tmp_path / "in" / f"f{i}.txt").write_text(f"{i}")
+        srcs.append(str(tmp_path / "in" / f"f{i}.txt"))
+    gone = str(tmp_path / "in" / "gone.txt")  # shard 1: f3, f4, gone
+    srcs.append(gone)
+    out = tmp_path / "t"
+    monkeypatch.setattr(pp.socket, "gethostname", lambda: "head")  # the workers are elsewhere
+    monkeypatch.setattr(pp, "_driver_sees", lambda source: True)  # ... and the driver sees gone.txt
+    with pytest.raises(PreprocessError) as e:
+        preprocess(srcs, TOK, None, str(out), shard_size=3, imports=IMPORTS, progress=False, num_workers=2)
+    assert re.fullmatch(
+        f"{re.escape(gone)}: missing for the worker on (?!head).+, but this driver on head sees it \\(1 such input "
+        "in shard 1\\): on a cluster, inputs must be on storage that every node sees \\(a shared filesystem\\); "
+        "the shard is left to do again",
+        str(e.value),
+    ), str(e.value)
+    records = [json.loads(p.read_text()) for p in (out / COMMITS).glob("*.json")]
+    assert [c["index"] for c in records if c.get("index") == 1] == []  # shard 1's record is removed ...
+    assert not list(out.glob("part-00001-*.parquet"))  # ... and so is its file
+    assert {c["index"] for c in records if "index" in c} <= {0}  # shard 0 may have committed meanwhile
+    monkeypatch.undo()  # one machine: gone.txt is missing for the driver too, an error row
+    r = preprocess(srcs, TOK, None, str(out), shard_size=3, imports=IMPORTS, progress=False, num_workers=2)
+    assert (r.inputs, r.rows, r.errors, r.shards) == (6, 5, 1, 2)
+    assert [(x["source"], x["kind"]) for x in tables.TokenTable(str(out)).errors().to_pylist()] == [
+        (gone, "missing")
+    ]
+
+
 def test_preprocess_kept_ids_unique_and_plain_list_inputs(tmp_path, local_ray):
     srcs = []
     for i in range(4):
