@@ -306,6 +306,34 @@ def _all_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _sees_run_dir(out: str) -> bool:
+    """Whether this process sees the run directory rank 0 made (its recipe file)."""
+    return os.path.isfile(os.path.join(out, RECIPE_FILE))
+
+
+def _check_shared_run_dir(out: str) -> None:
+    """With several processes, every rank must see the run directory rank 0 made: all ranks write
+    their part of each checkpoint into it. Checked once, together (every rank raises the same
+    TrainError, naming the ranks and machines that do not see it), before the first step: a ``--out``
+    on each node's local disk would otherwise fail one rank at the first checkpoint, after a
+    checkpoint interval of training, while the others wait for it."""
+    dist = _dist()
+    if dist is None:
+        return
+    import socket
+
+    dist.barrier()  # rank 0 has written the recipe file
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (_sees_run_dir(out), socket.gethostname()))
+    blind = [f"rank {r} on {host}" for r, (sees, host) in enumerate(seen) if not sees]
+    if blind:
+        raise TrainError(
+            f"{out}: {', '.join(blind)} {'does' if len(blind) == 1 else 'do'} not see the run directory that rank 0 "
+            f"on {seen[0][1]} made: with workers on several machines, --out must be a folder on storage that every "
+            "worker sees (a shared filesystem), not a node's local disk"
+        )
+
+
 def _barrier() -> None:
     dist = _dist()
     if dist is not None:
@@ -607,6 +635,7 @@ def _train(
         with open(os.path.join(out, RECIPE_FILE), "w", encoding="utf-8") as f:
             f.write(recipe_text)
         _write_json(os.path.join(out, TABLES_FILE), [_table_identity(t) for t in tables])
+    _check_shared_run_dir(out)
     if options.resume and not ckpts:
         log.warning("%s: no checkpoint to resume from; starting from step 0", out)
 

@@ -425,6 +425,41 @@ def test_ddp_two_processes_with_torchrun(tmp_path, toy):
     MaskedModel.load(str(out / "model"))
 
 
+def test_ddp_ranks_that_do_not_see_the_run_directory_stop_every_rank_at_once(tmp_path, toy):
+    """--out on each node's local disk: the ranks that do not see the directory rank 0 made are named
+    by every rank, before the first step (not at the first checkpoint, with the others waiting)."""
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "import test_train  # registers train_toy\n"
+        "import maskloom.recipes.train as T\n"
+        "if os.environ['RANK'] == '1':  # rank 1 is on a machine without rank 0's disk\n"
+        "    T._sees_run_dir = lambda out: False\n"
+        "from maskloom.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(launcher),
+           "train", _toy_recipe_file(tmp_path), "--tables", toy, "--out", str(out), "--no-progress"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode != 0
+    host = socket.gethostname()
+    msg = (
+        f"{out}: rank 1 on {host} does not see the run directory that rank 0 on {host} made: with workers on "
+        "several machines, --out must be a folder on storage that every worker sees (a shared filesystem), not "
+        "a node's local disk"
+    )
+    assert proc.stderr.count(msg) == 2, proc.stderr[-3000:]  # both ranks say it
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_ray_train_two_cpu_workers(tmp_path):
     """Ray Train TorchTrainer with two CPU workers (gloo) for a few steps, on a real image table
