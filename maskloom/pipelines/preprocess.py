@@ -1815,9 +1815,11 @@ def _read_commits(
     return done
 
 
-VISIBLE_WAIT_S = 10.0
+VISIBLE_WAIT_S = 75.0
 """Seconds the driver waits for a shard a worker committed to show in its own view of the table's
-folder (a network filesystem may show another machine's new files late) before it stops the job."""
+folder before it stops the job: an NFS client may keep a folder's listing for up to ``acdirmax``
+(60 s by default) and so answer "no such file" for another machine's new file that long (the
+driver looked the commit records up when it planned the job)."""
 
 
 def _check_visible(out_dir: str, commit: dict[str, Any], wait: float | None = None) -> None:
@@ -1829,6 +1831,11 @@ def _check_visible(out_dir: str, commit: dict[str, Any], wait: float | None = No
     record = _commit_path(out_dir, commit["shard_id"])
     deadline = time.monotonic() + (VISIBLE_WAIT_S if wait is None else wait)
     while not (os.path.isfile(record) and _shard_intact(out_dir, commit)):
+        for folder in (os.path.dirname(record), out_dir):  # opening a folder makes NFS check it anew
+            with contextlib.suppress(OSError), os.scandir(folder) as entries:
+                next(entries, None)
+        if os.path.isfile(record) and _shard_intact(out_dir, commit):
+            break
         if time.monotonic() >= deadline:
             info = commit.get("shard")
             what = (
@@ -1870,7 +1877,8 @@ def _check_inputs_seen(out_dir: str, commit: dict[str, Any]) -> None:
     raise PreprocessError(
         f"{seen[0]}: missing for the worker on {host}, but this driver on {socket.gethostname()} sees it "
         f"({_count(len(seen), 'such input')} in shard {commit['index']}): on a cluster, inputs must be on storage that every "
-        "node sees (a shared filesystem); the shard is left to do again"
+        "node sees (a shared filesystem); the shard is left to do again (a network filesystem can also show a "
+        "machine's new files to the others late: then run the same command again)"
     )
 
 

@@ -696,7 +696,8 @@ def test_inputs_the_driver_sees_but_a_worker_elsewhere_does_not_stop_the_job(
     assert re.fullmatch(
         f"{re.escape(gone)}: missing for the worker on (?!head).+, but this driver on head sees it \\(1 such input "
         "in shard 1\\): on a cluster, inputs must be on storage that every node sees \\(a shared filesystem\\); "
-        "the shard is left to do again",
+        "the shard is left to do again \\(a network filesystem can also show a machine's new files to the others "
+        "late: then run the same command again\\)",
         str(e.value),
     ), str(e.value)
     records = [json.loads(p.read_text()) for p in (out / COMMITS).glob("*.json")]
