@@ -311,26 +311,30 @@ def _sees_run_dir(out: str) -> bool:
     return os.path.isfile(os.path.join(out, RECIPE_FILE))
 
 
-def _check_shared_run_dir(out: str) -> None:
+def _check_shared_run_dir(out: str, device: torch.device) -> None:
     """With several processes, every rank must see the run directory rank 0 made: all ranks write
-    their part of each checkpoint into it. Checked once, together (every rank raises the same
-    TrainError, naming the ranks and machines that do not see it), before the first step: a ``--out``
-    on each node's local disk would otherwise fail one rank at the first checkpoint, after a
-    checkpoint interval of training, while the others wait for it."""
+    their part of each checkpoint into it. Checked once, together (every rank raises TrainError naming
+    the ranks that do not see it, and its own rank and machine), before the first step: a ``--out`` on
+    each node's local disk would otherwise fail one rank at the first checkpoint, after a checkpoint
+    interval of training, while the others wait for it. A tensor all-reduce on the training device, as
+    the losses' (no object collective: NCCL would want each rank's CUDA device set for that)."""
     dist = _dist()
     if dist is None:
         return
     import socket
 
-    dist.barrier()  # rank 0 has written the recipe file
-    seen: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (_sees_run_dir(out), socket.gethostname()))
-    blind = [f"rank {r} on {host}" for r, (sees, host) in enumerate(seen) if not sees]
-    if blind:
+    _barrier()  # rank 0 has written the recipe file
+    rank = dist.get_rank()
+    blind = torch.zeros(dist.get_world_size(), device=device)
+    blind[rank] = 0.0 if _sees_run_dir(out) else 1.0
+    dist.all_reduce(blind)
+    ranks = [r for r, b in enumerate(blind.tolist()) if b]
+    if ranks:
+        who = f"rank {ranks[0]} does" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))} do"
         raise TrainError(
-            f"{out}: {', '.join(blind)} {'does' if len(blind) == 1 else 'do'} not see the run directory that rank 0 "
-            f"on {seen[0][1]} made: with workers on several machines, --out must be a folder on storage that every "
-            "worker sees (a shared filesystem), not a node's local disk"
+            f"{out}: {who} not see the run directory that rank 0 made (this is rank {rank} on {socket.gethostname()}): "
+            "with workers on several machines, --out must be a folder on storage that every worker sees (a shared "
+            "filesystem), not a node's local disk"
         )
 
 
@@ -635,7 +639,7 @@ def _train(
         with open(os.path.join(out, RECIPE_FILE), "w", encoding="utf-8") as f:
             f.write(recipe_text)
         _write_json(os.path.join(out, TABLES_FILE), [_table_identity(t) for t in tables])
-    _check_shared_run_dir(out)
+    _check_shared_run_dir(out, device)
     if options.resume and not ckpts:
         log.warning("%s: no checkpoint to resume from; starting from step 0", out)
 
