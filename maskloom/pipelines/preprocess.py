@@ -1133,7 +1133,9 @@ def _clear(out_dir: str) -> None:
             os.unlink(p)
     for name in (COMMITS, tables.ARTIFACTS):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    for p in glob.glob(os.path.join(out_dir, "part-*.parquet")) + glob.glob(os.path.join(out_dir, ".tmp-*")):
+    for p in glob.glob(os.path.join(out_dir, "part-*.parquet")) + glob.glob(
+        os.path.join(out_dir, tables.TEMP_PREFIX + "*")
+    ):
         os.unlink(p)
 
 
@@ -1921,7 +1923,7 @@ def _check_accounting(plan: Sequence[ShardSpec], commits: Sequence[dict[str, Any
 def _tidy(out_dir: str, keep: set[str]) -> None:
     """After the manifest: drop commit records, temp files and shard files the manifest does not list."""
     shutil.rmtree(os.path.join(out_dir, COMMITS), ignore_errors=True)
-    for p in glob.glob(os.path.join(out_dir, ".tmp-*")):
+    for p in glob.glob(os.path.join(out_dir, tables.TEMP_PREFIX + "*")):
         os.unlink(p)
     for p in glob.glob(os.path.join(out_dir, "part-*.parquet")):
         if os.path.basename(p) not in keep:
