@@ -440,6 +440,32 @@ def test_a_file_this_user_may_not_read_is_unreadable_not_corrupt(name, tmp_path,
     assert (e.kind, e.reason) == ("unreadable", "permission denied: this user may not read it")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_named_pipe_or_a_device_is_unsupported_not_a_hang(name, tmp_path):
+    """A ``*.wav`` that is a named pipe (left by a crashed recorder) blocked the reader for ever, and
+    one that links to /dev/zero never ended: each is an error row, ``unsupported``, read no further."""
+    tok = _text_tok(tmp_path) if name == "text" else _tok(name)
+    ext = tok.extensions[0]
+    os.mkfifo(tmp_path / f"pipe{ext}")
+    os.symlink("/dev/zero", tmp_path / f"zero{ext}")
+    got = {p: (e.kind, e.reason) for p in ("pipe", "zero") for e in [_error(tok, tmp_path / f"{p}{ext}")]}
+    assert got == {
+        "pipe": ("unsupported", "not a regular file: a named pipe"),
+        "zero": ("unsupported", "not a regular file: a character device"),
+    }
+
+
+def test_special_file_names_what_is_not_a_file_or_a_folder(tmp_path):
+    from maskloom.tokenizers.base import special_file
+
+    os.mkfifo(tmp_path / "p")
+    (tmp_path / "f").write_text("x")
+    assert [special_file(str(tmp_path / n)) for n in ("p", "f")] == ["a named pipe", None]
+    assert special_file(str(tmp_path)) is None and special_file(str(tmp_path / "absent")) is None
+    assert special_file("/dev/null") == "a character device"
+
+
 def test_a_byte_order_mark_changes_nothing(tmp_path):
     """Text files saved by spreadsheets and Windows editors start with a UTF-8 BOM. It broke the text
     tokenizer's CSV header ("no text column 'text' in header ['\\ufefftext', ...]") and its JSONL

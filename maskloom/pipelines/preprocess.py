@@ -87,6 +87,7 @@ from maskloom.tokenizers.base import (
     get_tokenizer,
     guarded_samples,
     reporting_skips,
+    special_file,
     split_part,
 )
 
@@ -385,6 +386,8 @@ def seconds_per_input(
     for k, i in enumerate(picks):
         if k > 1 and time.perf_counter() > end:  # at least one timed input
             break
+        if special_file(split_part(inputs[i].source)[0]):
+            continue  # a named pipe: a plug-in's reader could block on it for ever
         t0 = time.perf_counter()
         try:
             for _ in tokenizer.iter_records(inputs[i].source):  # as the workers read it, records not kept
@@ -944,6 +947,8 @@ def _write_shard(
                 input_bytes += _size(item.source)
                 if index in skip:
                     raise _Rejected(item.source, *skip[index])
+                if what := special_file(split_part(item.source)[0]):  # for plug-ins that do not check_file
+                    raise _Rejected(item.source, "unsupported", f"not a regular file: {what}")
                 if attempts is not None:
                     attempts.at(index)  # until the next input: its records' writing counts as its own
                 if watchdog is not None:

@@ -31,6 +31,7 @@ import json
 import logging
 import lzma
 import os
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -313,15 +314,39 @@ class Tokenizer(ABC):
 
     @staticmethod
     def check_file(source: str) -> None:
-        """Raise TokenizeError(missing/unreadable/empty) for a path that does not exist, that this
-        user may not read (a file owned by someone else on shared storage: not "corrupt", which
-        the decoder's failure would say), or that has no bytes."""
+        """Raise TokenizeError(missing/unsupported/unreadable/empty) for a path that does not exist,
+        that is neither a file nor a folder (:func:`special_file`: a named pipe would block the read
+        for ever), that this user may not read (a file owned by someone else on shared storage: not
+        "corrupt", which the decoder's failure would say), or that has no bytes."""
         if not os.path.exists(source):
             raise TokenizeError(source, "missing", "no such file or directory")
+        if what := special_file(source):
+            raise TokenizeError(source, "unsupported", f"not a regular file: {what}")
         if not os.access(source, os.R_OK):
             raise TokenizeError(source, "unreadable", "permission denied: this user may not read it")
         if os.path.isfile(source) and os.path.getsize(source) == 0:
             raise TokenizeError(source, "empty", "file is empty (0 bytes)")
+
+
+_SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def special_file(path: str) -> str | None:
+    """What ``path`` (symbolic links followed) is when it is neither a regular file nor a folder ("a
+    named pipe", "a character device", "a block device", "a socket"), else None (a file, a folder, or
+    nothing there). Reading one can block for ever (a pipe that no process writes to: a ``*.wav``
+    left by a crashed recorder) or never end (a link to ``/dev/zero``); an input that is one is an
+    error row (``unsupported``), not a hung job."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((what for test, what in _SPECIAL_FILES if test(mode)), None)
 
 
 PART_SEPARATOR = "#part:"

@@ -745,6 +745,27 @@ def test_a_table_is_readable_by_others_as_the_umask_allows(tmp_path):
     }
 
 
+@pytest.mark.timeout(60)
+def test_a_named_pipe_is_an_error_row_even_for_a_plug_in_that_does_not_check_files(tmp_path, monkeypatch):
+    """A plug-in reader that opens its input without Tokenizer.check_file would block for ever on a named
+    pipe: the pipeline rejects special files itself (an error row, ``unsupported``), and the driver's
+    estimate of an input's cost does not time them."""
+    monkeypatch.setattr(pp.Tokenizer, "check_file", staticmethod(lambda source: None))
+    (tmp_path / "in").mkdir()
+    srcs = []
+    for i in range(6):
+        (tmp_path / "in" / f"f{i}.txt").write_text(f"{i} {i}")
+        srcs.append(str(tmp_path / "in" / f"f{i}.txt"))
+    os.mkfifo(tmp_path / "in" / "pipe.txt")
+    srcs.insert(0, str(tmp_path / "in" / "pipe.txt"))
+    r = preprocess(srcs, TOK, None, str(tmp_path / "t"), progress=False, num_workers=0)
+    assert (r.inputs, r.rows, r.errors) == (7, 6, 1)
+    assert tables.TokenTable(str(tmp_path / "t")).errors().to_pylist() == [
+        {"source": srcs[0], "kind": "unsupported", "message": "not a regular file: a named pipe"}
+    ]
+    assert pp.seconds_per_input(get_tokenizer(TOK), [Input(s) for s in srcs]) > 0
+
+
 def test_append_adds_the_new_inputs_as_new_shards_and_leaves_the_old_ones(tmp_path):
     """A collection that grew: --append tokenizes only the inputs the table lacks into shards after
     its own, keeps its shards (not rewritten), error rows and classes, and accounts for everything."""
