@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     from maskloom.pipelines.preprocess import PreprocessError, TableConflictError, preprocess
     from maskloom.pipelines.ray_utils import RayConnectError, resolve_address
-    from maskloom.pipelines.sources import SourceError, find_inputs, skipped_note
+    from maskloom.pipelines.sources import SourceError, find_inputs, missing_note, skipped_note
     from maskloom.registry import RegistryError
     from maskloom.tokenizers.base import TOKENIZERS, get_tokenizer
 
@@ -220,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     if found.skipped:
         note = skipped_note(found.skipped, "the input folders", cls.extensions)
         print(f"maskloom preprocess: note: {note}", file=sys.stderr)
+    if found.missing:
+        print(f"maskloom preprocess: note: {missing_note(found.missing)}", file=sys.stderr)
     try:
         result = preprocess(
             found, args.modality, config, args.out, address=args.address, num_workers=args.num_workers,

@@ -65,6 +65,10 @@ class InputSet:
     tokenizer's: count per lower-case extension (``"(none)"`` for a name without one), so that a
     command can say what it left out (a folder of ``.heic`` among ``.jpg``, ``.flac`` for a ``.wav``
     tokenizer). Hidden files, token tables and inputs given by glob or manifest are not counted."""
+    missing: tuple[str, ...] = ()
+    """Manifest entries that name no file on this machine, kept as inputs: each becomes an error row
+    (``missing``) unless the workers see it (a catalogue lists files deleted since; a driver on a
+    laptop may not see a cluster's storage). A manifest none of whose entries exists is refused."""
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -247,6 +251,7 @@ def find_inputs(
             )
 
     named: dict[str, str | None] = {}  # absolute source -> label name
+    absent: list[str] = []  # manifest entries that name no file here
     explicit: set[str] = set()  # sources named as they are (manifest entries, files), not found
     skipped: Counter[str] = Counter()
     for p in paths:
@@ -254,9 +259,16 @@ def find_inputs(
             entries = _read_manifest(p)
             if not entries:
                 raise SourceError(f"{p}: the manifest lists no inputs")
+            gone = [src for src, _ in entries if not os.path.exists(src)]
+            if len(gone) == len(entries):  # a wrong base folder, not files deleted since
+                every = (
+                    f", as is every other of its {len(entries):,} entries: are its paths right?"
+                    if len(gone) > 1
+                    else ""
+                )
+                raise SourceError(f"{gone[0]}: no such file or directory (listed in {p}{every})")
+            absent += [os.path.abspath(g) for g in gone]
             for src, lab in entries:
-                if not os.path.exists(src):
-                    raise SourceError(f"{src}: no such file or directory (listed in {p})")
                 src = os.path.abspath(src)
                 if src in named and named[src] != lab:
                     raise SourceError(
@@ -305,4 +317,17 @@ def find_inputs(
     label_names = _sort_names(names) if names else None
     index = {n: i for i, n in enumerate(label_names or ())}
     inputs = tuple(Input(s, None if named[s] is None else index[named[s]]) for s in sorted(named))
-    return InputSet(inputs=inputs, label_names=label_names, skipped=dict(skipped))
+    return InputSet(
+        inputs=inputs,
+        label_names=label_names,
+        skipped=dict(skipped),
+        missing=tuple(sorted(set(absent) & set(named))),
+    )
+
+
+def missing_note(missing: Sequence[str]) -> str:
+    """``3 manifest entries name no file here (first: /data/gone.wav); each becomes an error row
+    'missing' unless the workers see it``."""
+    n = len(missing)
+    what = "1 manifest entry names" if n == 1 else f"{n:,} manifest entries name"
+    return f"{what} no file here (first: {missing[0]}); each becomes an error row 'missing' unless the workers see it"

@@ -876,6 +876,37 @@ def test_cli_append(tmp_path, capsys):
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
+def test_cli_manifest_entries_deleted_since_are_error_rows_and_the_job_goes_on(tmp_path, capsys):
+    """A manifest of a collection that lost a file since it was written: the job says so, makes that
+    entry an error row ('missing') and writes the rest; a manifest whose every entry is gone is refused."""
+    make_data(tmp_path / "in", n_a=2, n_b=1, bad=())
+    (tmp_path / "m.csv").write_text(
+        "path,label\nin/a/f0.txt,a\nin/a/f1.txt,a\nin/b/gone.txt,b\nin/b/g0.txt,b\n"
+    )
+    args = ["preprocess", str(tmp_path / "m.csv"), "--manifest", "-m", TOK, "-o", str(tmp_path / "t"),
+            "--num-workers", "0", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    io = capsys.readouterr()
+    gone = str(tmp_path / "in" / "b" / "gone.txt")
+    assert (
+        f"maskloom preprocess: note: 1 manifest entry names no file here (first: {gone}); each becomes an error "
+        "row 'missing' unless the workers see it\n"
+    ) in io.err
+    assert io.out.startswith("4 inputs = 3 written + 1 error; 3 rows")
+    table = tables.TokenTable(str(tmp_path / "t"))
+    assert [(e["source"], e["kind"]) for e in table.errors().to_pylist()] == [(gone, "missing")]
+    assert table.label_names == ["a", "b"]
+    (tmp_path / "w.csv").write_text("path\nnope/a.txt\nnope/b.txt\n")
+    assert (
+        main(["preprocess", str(tmp_path / "w.csv"), "--manifest", "-m", TOK, "-o", str(tmp_path / "t2")])
+        == 2
+    )
+    assert (
+        f"maskloom preprocess: error: {tmp_path / 'nope/a.txt'}: no such file or directory (listed in "
+        f"{tmp_path / 'w.csv'}, as is every other of its 2 entries: are its paths right?)"
+    ) in capsys.readouterr().err
+
+
 def test_append_refuses_what_would_change_the_table(tmp_path):
     """Removed inputs, new classes, changed labels and another config are refused, each in one line."""
     found = make_data(tmp_path / "in", n_a=2, n_b=2, bad=())

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from maskloom.pipelines.sources import Input, SourceError, find_inputs, skipped_text
+from maskloom.pipelines.sources import Input, SourceError, find_inputs, missing_note, skipped_text
 
 
 def touch(path, text="1"):
@@ -97,6 +97,32 @@ def test_csv_and_jsonl_manifests(tmp_path):
         find_inputs(str(tmp_path / "m.jsonl"), manifest=True, labels="manifest")
     s = find_inputs(str(tmp_path / "m.csv"), manifest=True, labels="none")
     assert s.label_names is None and s.inputs == (Input(a), Input(b))
+
+
+def test_manifest_entries_that_name_no_file_are_kept_as_inputs_unless_every_one_does(tmp_path):
+    """A catalogue lists files deleted since: those entries stay inputs (error rows 'missing' in the
+    table, or read by workers that see them) and are named in ``missing``; a manifest none of whose
+    entries exists has wrong paths, and is refused with the first."""
+    touch(tmp_path / "a.txt")
+    touch(tmp_path / "c.txt")
+    (tmp_path / "m.csv").write_text("path,label\na.txt,x\ngone.txt,y\nc.txt,x\nsub/lost.txt,y\n")
+    s = find_inputs(str(tmp_path / "m.csv"), manifest=True)
+    want = [str(tmp_path / n) for n in ("a.txt", "c.txt", "gone.txt", "sub/lost.txt")]
+    assert [i.source for i in s.inputs] == want and [i.label for i in s.inputs] == [0, 0, 1, 1]
+    assert s.missing == (str(tmp_path / "gone.txt"), str(tmp_path / "sub/lost.txt"))
+    assert missing_note(s.missing) == (
+        f"2 manifest entries name no file here (first: {tmp_path / 'gone.txt'}); each becomes an error row "
+        "'missing' unless the workers see it"
+    )
+    assert missing_note(s.missing[:1]).startswith("1 manifest entry names no file here")
+    assert find_inputs(str(tmp_path / "a.txt")).missing == ()
+    (tmp_path / "wrong.csv").write_text("path\nx/a.txt\nx/c.txt\nx/d.txt\n")
+    with pytest.raises(SourceError) as e:
+        find_inputs(str(tmp_path / "wrong.csv"), manifest=True)
+    assert str(e.value) == (
+        f"{tmp_path / 'x/a.txt'}: no such file or directory (listed in {tmp_path / 'wrong.csv'}, as is every "
+        "other of its 3 entries: are its paths right?)"
+    )
 
 
 def test_bad_manifests(tmp_path):
