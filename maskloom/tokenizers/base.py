@@ -313,14 +313,17 @@ class Tokenizer(ABC):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @staticmethod
-    def check_file(source: str) -> None:
+    def check_file(source: str, *, pipes: bool = False) -> None:
         """Raise TokenizeError(missing/unsupported/unreadable/empty) for a path that does not exist,
         that is neither a file nor a folder (:func:`special_file`: a named pipe would block the read
         for ever), that this user may not read (a file owned by someone else on shared storage: not
-        "corrupt", which the decoder's failure would say), or that has no bytes."""
+        "corrupt", which the decoder's failure would say), or that has no bytes. ``pipes``: a named
+        pipe is let through, for a reader that takes its input as a stream and never seeks (a tar
+        archive, :func:`iter_tar_items`: a process may be writing one into the pipe). The
+        preprocessing pipeline rejects pipes itself: it must be able to read an input again."""
         if not os.path.exists(source):
             raise TokenizeError(source, "missing", "no such file or directory")
-        if what := special_file(source):
+        if (what := special_file(source)) and not (pipes and what == PIPE):
             raise TokenizeError(source, "unsupported", f"not a regular file: {what}")
         if not os.access(source, os.R_OK):
             raise TokenizeError(source, "unreadable", "permission denied: this user may not read it")
@@ -328,8 +331,10 @@ class Tokenizer(ABC):
             raise TokenizeError(source, "empty", "file is empty (0 bytes)")
 
 
+PIPE = "a named pipe"
+""":func:`special_file`'s name for a named pipe (FIFO)."""
 _SPECIAL_FILES = (
-    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISFIFO, PIPE),
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
@@ -543,7 +548,7 @@ def iter_tar_samples(source: str, *, max_member_bytes: int | None = None) -> Ite
     truncated one.
     """
     source = os.fspath(source)
-    Tokenizer.check_file(source)
+    Tokenizer.check_file(source, pipes=True)  # read as a stream: a pipe that a process writes to works
     if os.path.isdir(source):
         raise TokenizeError(source, "unsupported", "is a directory, not a tar archive")
     limit = TAR_MEMBER_MAX_BYTES if max_member_bytes is None else int(max_member_bytes)
