@@ -6,7 +6,8 @@ bits, and the reference runs when numba is missing (it is a dependency, but a pl
 wheels still works) or when ``MASKLOOM_JIT=0`` is set.
 
 Kernels are compiled on first use for the argument types they meet (about 0.3-1 s each) and cached on
-disk by numba (``cache=True``: next to this file in ``__pycache__``, or under ``NUMBA_CACHE_DIR``), so
+disk by numba (``cache=True``: next to this file in ``__pycache__``, under ``NUMBA_CACHE_DIR``, in the
+user's cache folder, or else in the temporary folder: :func:`_cached_njit`), so
 later processes — DataLoader and Ray workers included — load them instead, in about 0.4 s for the
 first kernel of a process (``import numba`` and numba's registries, which import ``scipy.linalg``).
 
@@ -47,6 +48,51 @@ ENABLED = numba is not None
 """Whether the compiled kernels are used (numba importable and ``MASKLOOM_JIT`` not ``0``)."""
 
 
+NO_CACHE_LOCATOR = "no locator available"
+"""Part of numba's RuntimeError when it finds no folder it can write its cache to."""
+
+
+def _temp_cache_dir() -> str | None:
+    """This user's folder for numba's cache in the system's temporary folder (made 0700), or None
+    when it cannot be made or written."""
+    import tempfile
+
+    folder = os.path.join(
+        tempfile.gettempdir(), f"maskloom-numba-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    )
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
+def _cached_njit(fn: Any, **options: Any) -> Any:
+    """``numba.njit(cache=True, **options)(fn)``, wherever maskloom is installed.
+
+    numba keeps its cache next to this file (``__pycache__``), under ``NUMBA_CACHE_DIR``, or in the
+    user's cache folder (``~/.cache/numba``), and raises RuntimeError ("no locator available") at
+    import when it can write to none of them: maskloom installed read-only (a container image, a
+    cluster's shared software folder) for a user whose home is not writable (containers run as an
+    arbitrary user with ``HOME=/``) could not even be imported. Then the cache goes to this user's
+    folder in the system's temporary folder (``numba.config.CACHE_DIR``, read when a function is
+    decorated), and where even that fails each process compiles its kernels anew (``cache=False``)."""
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError as e:
+        if NO_CACHE_LOCATOR not in str(e):
+            raise
+    folder = _temp_cache_dir()
+    if folder is not None and not numba.config.CACHE_DIR:
+        numba.config.CACHE_DIR = folder
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError as e:
+            if NO_CACHE_LOCATOR not in str(e):
+                raise
+    return numba.njit(cache=False, **options)(fn)
+
+
 def _jit(fn: Any, reassociate: bool = False) -> Any:
     """Compile ``fn`` (None without numba). ``reassociate``: let LLVM reorder float sums (the
     ``reassoc``/``contract`` fast-math flags only: no assumption about NaN or inf), which vectorises
@@ -54,7 +100,7 @@ def _jit(fn: Any, reassociate: bool = False) -> Any:
     if numba is None:
         return None
     flags = {"reassoc", "contract"} if reassociate else False
-    return numba.njit(cache=True, nogil=True, fastmath=flags)(fn)
+    return _cached_njit(fn, nogil=True, fastmath=flags)
 
 
 def _jit_callee(fn: Any) -> Any:
@@ -75,7 +121,7 @@ def _copy_pad_py(seg: np.ndarray, row: np.ndarray, fill: Any) -> None:
         rest[j] = fill
 
 
-_copy_pad = numba.njit(cache=True, nogil=True, inline="always")(_copy_pad_py) if numba is not None else None
+_copy_pad = _cached_njit(_copy_pad_py, nogil=True, inline="always") if numba is not None else None
 
 
 def _gather_pad_py(
@@ -1021,7 +1067,7 @@ if numba is not None:
             return _types.int32(x), codegen
         return None
 
-    @numba.njit(cache=True, nogil=True, inline="always")
+    @functools.partial(_cached_njit, nogil=True, inline="always")
     def _to_half(v: Any) -> Any:
         """float32 -> the bits of the nearest float16 (round to nearest even), as an int32 in
         0..65535: IEEE conversion, the same bits as torch's and numpy's for every non-NaN input

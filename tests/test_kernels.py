@@ -285,3 +285,47 @@ def test_fbank_tokens_refuses_filters_past_the_fft_bins():
     wide = _kernels.mel_tables(np.eye(16, 17, k=1, dtype=np.float32))  # reads 17 bins: 48 floats > 34
     with pytest.raises(ValueError, match="filters reading 17 bins need an FFT of more than 32 points"):
         _kernels.FbankTokens(window, 8, 0.97, fft, wide, 1e-7)
+
+
+def test_a_read_only_install_with_no_writable_home_caches_its_kernels_in_the_temporary_folder(tmp_path):
+    """maskloom installed read-only (a container image, a shared software folder) for a user whose
+    home is not writable either (containers run as an arbitrary user with HOME=/): numba found no
+    folder for its cache and `import maskloom._kernels` raised "no locator available". The cache now
+    goes to this user's folder in the temporary folder, and a second process loads it from there."""
+    import shutil
+
+    if not _kernels.ENABLED:
+        pytest.skip("numba is off here")
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(_kernels.__file__)))
+    copy = tmp_path / "site"
+    shutil.copytree(
+        os.path.join(pkg, "maskloom"), copy / "maskloom", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (copy / "maskloom" / "__pycache__").write_text("a file: numba cannot make its folder here")
+    (tmp_path / "tmp").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(
+        PYTHONPATH=str(copy),
+        HOME="/proc/no-home",
+        XDG_CACHE_HOME="/proc/no-home",
+        TMPDIR=str(tmp_path / "tmp"),
+    )
+    code = (
+        "import numpy as np, numba\n"
+        "from maskloom import _kernels\n"
+        "print(_kernels.__file__)\n"
+        "bases, starts = _kernels.row_bases(np.array([0, 0, 1], np.int64), np.array([2, 3, 4]), 2)\n"
+        "print(bases.tolist(), starts.tolist())\n"
+        "print(numba.config.CACHE_DIR)\n"
+    )
+    want_dir = str(tmp_path / "tmp" / f"maskloom-numba-{os.getuid()}")
+    for _ in range(2):  # compiled and cached, then loaded from the cache
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        where, result, cache = proc.stdout.splitlines()
+        assert where == str(copy / "maskloom" / "_kernels.py") and cache == want_dir
+        ref = _kernels.row_bases(np.array([0, 0, 1], np.int64), np.array([2, 3, 4]), 2)
+        assert result == f"{ref[0].tolist()} {ref[1].tolist()}"
+    assert any(name.endswith(".nbi") for _, _, files in os.walk(want_dir) for name in files)
