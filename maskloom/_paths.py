@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+
+MOUNT_HINT = "mount the bucket, with s3fs, gcsfuse or blobfuse2 for example, and give its path"
+
+
+def url_note(path: str, what: str = "a local or mounted folder") -> str | None:
+    """``"s3://b/t: a URL, not ...; mount ..."`` when ``path`` is a URL (``scheme://...``), else None:
+    maskloom reads and writes files through the operating system, and ``os.makedirs("s3://b/t")``
+    would make a local folder named ``s3:`` without a word."""
+    if not _URL.match(os.fspath(path)):
+        return None
+    return f"{path}: a URL, not {what}: maskloom reads and writes files on local or mounted storage ({MOUNT_HINT})"
 
 
 class OutDirError(ValueError):
@@ -10,8 +24,10 @@ class OutDirError(ValueError):
 
 
 def check_out_dir(path: str) -> None:
-    """Raise OutDirError when a file (not a directory) has the name ``path``: checked before a
-    command's work, where the directory itself is made later."""
+    """Raise OutDirError when a file (not a directory) has the name ``path``, or when ``path`` is a
+    URL (:func:`url_note`): checked before a command's work, where the directory itself is made later."""
+    if note := url_note(path):
+        raise OutDirError(note)
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutDirError(f"{path}: exists and is not a directory; choose another --out")
 

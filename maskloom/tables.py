@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from maskloom._paths import url_note
 from maskloom.tokenizers.base import TOKENIZERS, Record, TableSpec, utf8_text
 
 log = logging.getLogger(__name__)
@@ -875,7 +876,9 @@ def write_manifest(directory: str, manifest: Manifest) -> None:
 def read_manifest(directory: str) -> Manifest:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
-        raise TableError(f"{directory}: no such token table directory")
+        raise TableError(
+            url_note(directory, "a token table directory") or f"{directory}: no such token table directory"
+        )
     if not os.path.exists(path):
         raise TableError(f"{directory}: no {MANIFEST}; not a finished token table")
     try:

@@ -171,6 +171,7 @@ def _error(msg: str) -> int:
 def run(args: argparse.Namespace) -> int:
     import importlib
 
+    from maskloom._paths import check_out_dir
     from maskloom.pipelines.preprocess import PreprocessError, TableConflictError, preprocess
     from maskloom.pipelines.ray_utils import RayConnectError, resolve_address
     from maskloom.pipelines.sources import SourceError, find_inputs, missing_note, skipped_note
@@ -203,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-error-rate must lie in [0, 1], got {args.max_error_rate}")
         if args.input_timeout is not None and args.input_timeout < 0:
             raise ValueError(f"--input-timeout must be >= 0 seconds (0: no limit), got {args.input_timeout}")
+        check_out_dir(args.out)  # a URL, or a file of that name: before the inputs are listed
         found = find_inputs(
             args.inputs, extensions=cls.extensions, labels=args.labels, label_regex=args.label_regex,
             manifest=args.manifest, as_one_source=args.as_one_source, companions=tok.companion_files,
@@ -216,7 +218,11 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"{e}{hint}")
     except (RegistryError, ValueError, TypeError) as e:
         return _error(str(e))
-    print(f"maskloom preprocess: {len(found)} inputs -> {args.out} ({args.modality})", file=sys.stderr)
+    n = len(found)
+    print(
+        f"maskloom preprocess: {n:,} input{'' if n == 1 else 's'} -> {args.out} ({args.modality})",
+        file=sys.stderr,
+    )
     if found.skipped:
         note = skipped_note(found.skipped, "the input folders", cls.extensions)
         print(f"maskloom preprocess: note: {note}", file=sys.stderr)

@@ -1299,6 +1299,7 @@ def preprocess(
     t0 = time.perf_counter()
     if not out_dir:
         raise ValueError("out_dir is required")
+    check_out_dir(out_dir)  # a URL: before it becomes a local folder named "s3:"
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 (0: in this process, without Ray), got {num_workers}")
     if max_error_rate is not None and not 0.0 <= max_error_rate <= 1.0:

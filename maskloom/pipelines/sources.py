@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from maskloom._paths import url_note
 from maskloom.pipelines._gc import gc_paused
 from maskloom.tokenizers.base import utf8_text
 
@@ -147,6 +148,8 @@ def _walk(directory: str, extensions: Sequence[str], skipped: Counter[str]) -> l
 def _expand(path: str, extensions: Sequence[str], as_one_source: bool, skipped: Counter[str]) -> list[str]:
     """One user-given path or glob -> source paths (a walked folder's other files counted into ``skipped``)."""
     takes_dirs = as_one_source or not extensions
+    if note := url_note(path, "a local path"):
+        raise SourceError(note)
     if glob.has_magic(path):
         matches = glob.glob(path, recursive=True)
         found = [m for m in matches if os.path.isfile(m) or (takes_dirs and os.path.isdir(m))]
@@ -191,6 +194,8 @@ def _read_manifest(path: str) -> list[tuple[str, str | None]]:
             raise SourceError(f"{path}: entry {n} has no 'path' (columns: {sorted(row)})")
         if not isinstance(p, str):
             raise SourceError(f"{path}: entry {n}: 'path' must be a string, got {type(p).__name__} {p!r}")
+        if note := url_note(p, "a local path"):
+            raise SourceError(f"{path}: entry {n}: {note}")
         label = row.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int, float))):
             raise SourceError(
