@@ -58,6 +58,10 @@ META_KEY = b"maskloom"
 MANIFEST = "_manifest.json"
 ERRORS = "_errors.parquet"
 ARTIFACTS = "artifacts"
+COMMITS = "_commits"
+"""Folder of a preprocessing job's commit records while it runs (removed once the manifest is written)."""
+RUN_STATE = "_run.json"
+"""The job's plan in :data:`COMMITS` ({fingerprint, inputs_digest, modality, shards, inputs, shard_size, ...})."""
 
 _ARROW_DTYPES = {"uint8": pa.uint8(), "float16": pa.float16(), "float32": pa.float32(), "int32": pa.int32()}
 
@@ -873,6 +877,28 @@ def write_manifest(directory: str, manifest: Manifest) -> None:
     atomic_write_bytes(os.path.join(directory, MANIFEST), json.dumps(manifest.to_json(), indent=1).encode())
 
 
+def partial_job_note(directory: str) -> str | None:
+    """What a folder holding a preprocessing job that has not finished (a plan in ``_commits/``, no
+    manifest yet: the job is running, or was cut short) has done so far, and how to finish it; None
+    for any other folder. A table is only readable once its manifest is written."""
+    try:
+        with open(os.path.join(directory, COMMITS, RUN_STATE), encoding="utf-8") as f:
+            state = json.load(f)
+        done = sum(
+            1
+            for n in os.listdir(os.path.join(directory, COMMITS))
+            if n.endswith(".json") and not n.startswith("_")
+        )
+        shards, inputs, modality = int(state["shards"]), int(state["inputs"]), state["modality"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return (
+        f"{directory}: a preprocessing job ({modality}, {inputs:,} inputs) that has not finished: {done:,} of its "
+        f"{shards:,} shards committed; run the same `maskloom preprocess` command again to finish it (a table "
+        "is readable once its manifest is written)"
+    )
+
+
 def read_manifest(directory: str) -> Manifest:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
@@ -880,7 +906,9 @@ def read_manifest(directory: str) -> Manifest:
             url_note(directory, "a token table directory") or f"{directory}: no such token table directory"
         )
     if not os.path.exists(path):
-        raise TableError(f"{directory}: no {MANIFEST}; not a finished token table")
+        raise TableError(
+            partial_job_note(directory) or f"{directory}: no {MANIFEST}; not a finished token table"
+        )
     try:
         d = json.loads(open(path, encoding="utf-8").read())
     except json.JSONDecodeError as e:

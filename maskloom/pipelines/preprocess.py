@@ -93,8 +93,8 @@ from maskloom.tokenizers.base import (
 
 log = logging.getLogger(__name__)
 
-COMMITS = "_commits"
-RUN_STATE = "_run.json"
+COMMITS = tables.COMMITS
+RUN_STATE = tables.RUN_STATE
 DEFAULT_SHARD_SIZE = 256
 """Most inputs per shard by default when the cost of an input is not known (see
 ``TARGET_SHARD_SECONDS``)."""

@@ -831,6 +831,30 @@ def test_retry_errors_tokenizes_the_error_rows_inputs_again(tmp_path):
     assert preprocess(grown, TOK, None, out, shard_size=2, progress=False, num_workers=0).already_done
 
 
+def test_reading_a_job_that_has_not_finished_says_how_far_it_got_and_how_to_finish(tmp_path, capsys):
+    """A job cut short (here by --max-error-rate; a crash or Ctrl-C alike) leaves committed shards and
+    no manifest: reading it (inspect, train, the loader) says so, not "not a finished token table"."""
+    found = make_data(tmp_path / "in", n_a=5, n_b=4, bad=("a/bad.txt",))  # a/bad.txt is in the first shard
+    out = tmp_path / "t"
+    with pytest.raises(PreprocessError, match="above --max-error-rate"):
+        preprocess(
+            found, TOK, None, str(out), shard_size=3, progress=False, num_workers=0, max_error_rate=0.0
+        )
+    note = (
+        f"{out}: a preprocessing job ({TOK}, 10 inputs) that has not finished: 1 of its 4 shards committed; run "
+        "the same `maskloom preprocess` command again to finish it (a table is readable once its manifest is written)"
+    )
+    assert tables.partial_job_note(str(out)) == note
+    with pytest.raises(tables.TableError) as e:
+        tables.TokenTable(str(out))
+    assert str(e.value) == note
+    assert main(["inspect", str(out)]) == 2
+    assert capsys.readouterr().err == f"maskloom inspect: error: {note}\n"
+    assert tables.partial_job_note(str(tmp_path / "in")) is None  # not a job's folder
+    r = preprocess(found, TOK, None, str(out), shard_size=3, progress=False, num_workers=0)
+    assert (r.inputs, r.skipped_shards) == (10, 1) and tables.partial_job_note(str(out)) is None
+
+
 def test_an_interrupted_append_resumes_its_committed_shards(tmp_path):
     found = make_data(tmp_path / "in", n_a=2, n_b=2, bad=())
     out = tmp_path / "t"
