@@ -602,11 +602,21 @@ def vector_values(arr: pa.Array, dtype: Any, width: int | None) -> np.ndarray:
 DAMAGED_HINT = "`maskloom inspect TABLE --verify` checks every shard against the manifest"
 
 
+def permission_hint(table: str) -> str:
+    """What to do about a table file this user may not read."""
+    return (
+        "this user may not read it (a table written before 2026-12-05 is readable by its writer only: "
+        f"`chmod -R a+rX {table}`, run by its writer)"
+    )
+
+
 def shard_error(path: str, e: BaseException, where: str = "") -> TableError:
     """The TableError of a shard that cannot be read: names the file (and ``where`` in it) and how
     to check the table, instead of Arrow's bare message ("Parquet magic bytes not found ...")."""
     if isinstance(e, FileNotFoundError) or not os.path.exists(path):
         return TableError(f"{path}: shard listed in the manifest is missing; {DAMAGED_HINT}")
+    if isinstance(e, PermissionError):
+        return TableError(f"{path}: permission denied: {permission_hint(os.path.dirname(path))}")
     reason = " ".join(str(e).split())  # Arrow's messages span lines; ours is one
     return TableError(f"{path}: cannot read shard{where} ({reason}); {DAMAGED_HINT}")
 
@@ -910,9 +920,14 @@ def read_manifest(directory: str) -> Manifest:
             partial_job_note(directory) or f"{directory}: no {MANIFEST}; not a finished token table"
         )
     try:
-        d = json.loads(open(path, encoding="utf-8").read())
+        with open(path, encoding="utf-8") as f:
+            d = json.loads(f.read())
     except json.JSONDecodeError as e:
         raise TableError(f"{path}: manifest is not valid JSON ({e})") from None
+    except PermissionError:
+        raise TableError(f"{path}: permission denied: {permission_hint(directory)}") from None
+    except OSError as e:
+        raise TableError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
     if d.get("schema_version") not in READABLE_VERSIONS:
         raise TableError(
             f"{path}: schema version {d.get('schema_version')!r}, this maskloom reads versions "

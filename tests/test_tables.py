@@ -175,6 +175,41 @@ def test_missing_and_unfinished_tables(tmp_path):
         tables.TokenTable(str(tmp_path / "half"))
 
 
+def test_a_table_this_user_may_not_read_says_so_and_how_to_fix_it(tmp_path, monkeypatch):
+    """Permission denied on the manifest or a shard (a table another user wrote with 0600 files, as
+    before 2026-12-05) is one line saying what to do, not a traceback or a "damaged shard" hint. The
+    denial is patched in: the tests may run as root, whom no mode bit stops."""
+    table = tables.write_table(str(tmp_path / "t"), [rec(0), rec(1)], ToyTokenizer(), rows_per_shard=1)
+    d = str(tmp_path / "t")
+    hint = (
+        "this user may not read it (a table written before 2026-12-05 is readable by its writer only: "
+        f"`chmod -R a+rX {d}`, run by its writer)"
+    )
+    real_open, real_pf = open, pq.ParquetFile
+
+    def denied(path, *a, **kw):
+        if str(path).endswith(tables.MANIFEST):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(tables, "open", denied, raising=False)
+    with pytest.raises(tables.TableError) as e:
+        tables.TokenTable(d)
+    assert str(e.value) == f"{d}/_manifest.json: permission denied: {hint}"
+    monkeypatch.undo()
+    shard = table.shard_paths()[1]
+
+    def denied_shard(path, *a, **kw):
+        if str(path) == shard:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_pf(path, *a, **kw)
+
+    monkeypatch.setattr(tables.pq, "ParquetFile", denied_shard)
+    with pytest.raises(tables.TableError) as e:
+        tables.open_shard(shard)
+    assert str(e.value) == f"{shard}: permission denied: {hint}"
+
+
 def test_atomic_shard_write_leaves_no_temp(tmp_path):
     tok = ToyTokenizer()
     info = tables.write_shard(
