@@ -904,7 +904,7 @@ def partial_job_note(directory: str) -> str | None:
         return None
     return (
         f"{directory}: a preprocessing job ({modality}, {inputs:,} inputs) that has not finished: {done:,} of its "
-        f"{shards:,} shards committed; run the same `maskloom preprocess` command again to finish it (a table "
+        f"{shards:,} shards committed; run `maskloom preprocess` again on the same inputs and config to finish it (a table "
         "is readable once its manifest is written)"
     )
 

@@ -842,7 +842,8 @@ def test_reading_a_job_that_has_not_finished_says_how_far_it_got_and_how_to_fini
         )
     note = (
         f"{out}: a preprocessing job ({TOK}, 10 inputs) that has not finished: 1 of its 4 shards committed; run "
-        "the same `maskloom preprocess` command again to finish it (a table is readable once its manifest is written)"
+        "`maskloom preprocess` again on the same inputs and config to finish it (a table is readable once its "
+        "manifest is written)"
     )
     assert tables.partial_job_note(str(out)) == note
     with pytest.raises(tables.TableError) as e:
@@ -1348,7 +1349,7 @@ def test_cli_max_error_rate_fails_cleanly_and_keeps_commits(tmp_path, capsys, lo
     err = capsys.readouterr().err
     assert "2 of 5 inputs rejected (40.0%), above --max-error-rate 30.0%" in err
     assert not (out / "_manifest.json").exists()
-    with pytest.raises(tables.TableError, match="not a finished token table"):
+    with pytest.raises(tables.TableError, match=r"that has not finished: \d of its 3 shards committed"):
         tables.TokenTable(str(out))  # committed shards are invisible to readers
     assert len([f for f in os.listdir(out / COMMITS) if not f.startswith("_")]) >= 1
     assert main([*argv, "--max-error-rate", "0.5"]) == 0
