@@ -321,13 +321,15 @@ class Tokenizer(ABC):
         pipe is let through, for a reader that takes its input as a stream and never seeks (a tar
         archive, :func:`iter_tar_items`: a process may be writing one into the pipe). The
         preprocessing pipeline rejects pipes itself: it must be able to read an input again."""
-        if not os.path.exists(source):
-            raise TokenizeError(source, "missing", "no such file or directory")
-        if (what := special_file(source)) and not (pipes and what == PIPE):
+        try:
+            st = os.stat(source)  # one stat for all the checks below (symbolic links followed)
+        except (OSError, ValueError):
+            raise TokenizeError(source, "missing", "no such file or directory") from None
+        if (what := _special_kind(st.st_mode)) and not (pipes and what == PIPE):
             raise TokenizeError(source, "unsupported", f"not a regular file: {what}")
         if not os.access(source, os.R_OK):
             raise TokenizeError(source, "unreadable", "permission denied: this user may not read it")
-        if os.path.isfile(source) and os.path.getsize(source) == 0:
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
             raise TokenizeError(source, "empty", "file is empty (0 bytes)")
 
 
@@ -348,9 +350,13 @@ def special_file(path: str) -> str | None:
     left by a crashed recorder) or never end (a link to ``/dev/zero``); an input that is one is an
     error row (``unsupported``), not a hung job."""
     try:
-        mode = os.stat(path).st_mode
+        return _special_kind(os.stat(path).st_mode)
     except (OSError, ValueError):
         return None
+
+
+def _special_kind(mode: int) -> str | None:
+    """:func:`special_file` of a file's ``st_mode``."""
     return next((what for test, what in _SPECIAL_FILES if test(mode)), None)
 
 
