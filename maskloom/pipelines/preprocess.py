@@ -386,11 +386,9 @@ def seconds_per_input(
     for k, i in enumerate(picks):
         if k > 1 and time.perf_counter() > end:  # at least one timed input
             break
-        if special_file(split_part(inputs[i].source)[0]):
-            continue  # a named pipe: a plug-in's reader could block on it for ever
         t0 = time.perf_counter()
         try:
-            for _ in tokenizer.iter_records(inputs[i].source):  # as the workers read it, records not kept
+            for _ in _input_records(tokenizer, inputs[i].source):  # as the workers read it, records not kept
                 pass
         except Exception:  # noqa: BLE001 - a bad input is the workers' business (an error row)
             continue
@@ -423,6 +421,16 @@ def plan_shards(
 # ---------------------------------------------------------------------------------------------
 # the worker side: one shard
 # ---------------------------------------------------------------------------------------------
+def _input_records(tokenizer: Tokenizer, source: str) -> Iterator[Record]:
+    """``tokenizer.iter_records(source)``, the one way the pipeline reads an input (the workers, and
+    the driver timing a few), after refusing an input that is no file (:func:`special_file`) for
+    plug-ins that do not call :meth:`Tokenizer.check_file`: a named pipe would block their reader for
+    ever, and the pipeline must be able to read an input again."""
+    if what := special_file(split_part(source)[0]):
+        raise TokenizeError(source, "unsupported", f"not a regular file: {what}")
+    return tokenizer.iter_records(source)
+
+
 def _records(tokenizer: Tokenizer, item: Input, spec: tables.TableSpec) -> Iterator[Record]:
     """read + tokenize one input as a stream (:meth:`Tokenizer.iter_records`), labels applied,
     records validated; raise TokenizeError (or ``_Rejected``: a tokenizer's bug) otherwise, possibly
@@ -431,7 +439,7 @@ def _records(tokenizer: Tokenizer, item: Input, spec: tables.TableSpec) -> Itera
     stream = None
     count = 0
     try:
-        stream = tokenizer.iter_records(item.source)
+        stream = _input_records(tokenizer, item.source)
         for r in stream:
             if item.label is not None:
                 r = dataclasses.replace(r, label=item.label)
@@ -947,8 +955,6 @@ def _write_shard(
                 input_bytes += _size(item.source)
                 if index in skip:
                     raise _Rejected(item.source, *skip[index])
-                if what := special_file(split_part(item.source)[0]):  # for plug-ins that do not check_file
-                    raise _Rejected(item.source, "unsupported", f"not a regular file: {what}")
                 if attempts is not None:
                     attempts.at(index)  # until the next input: its records' writing counts as its own
                 if watchdog is not None:
