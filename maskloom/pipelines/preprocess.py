@@ -1305,7 +1305,7 @@ def preprocess(
     t0 = time.perf_counter()
     if not out_dir:
         raise ValueError("out_dir is required")
-    check_out_dir(out_dir)  # a URL: before it becomes a local folder named "s3:"
+    check_out_dir(out_dir)  # before any work (a URL: before it becomes a local folder named "s3:")
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 (0: in this process, without Ray), got {num_workers}")
     if max_error_rate is not None and not 0.0 <= max_error_rate <= 1.0:
@@ -1340,7 +1340,6 @@ def preprocess(
     artifacts_dir = os.path.join(out_dir, tables.ARTIFACTS)
 
     # ---- state of out_dir: finished table, partial job, or nothing ------------------------------
-    check_out_dir(out_dir)  # before any work
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         ours = os.path.exists(os.path.join(out_dir, tables.MANIFEST)) or os.path.isdir(commits_dir)
         if not ours:
@@ -1845,11 +1844,6 @@ def _check_visible(out_dir: str, commit: dict[str, Any], wait: float | None = No
     record = _commit_path(out_dir, commit["shard_id"])
     deadline = time.monotonic() + (VISIBLE_WAIT_S if wait is None else wait)
     while not (os.path.isfile(record) and _shard_intact(out_dir, commit)):
-        for folder in (os.path.dirname(record), out_dir):  # opening a folder makes NFS check it anew
-            with contextlib.suppress(OSError), os.scandir(folder) as entries:
-                next(entries, None)
-        if os.path.isfile(record) and _shard_intact(out_dir, commit):
-            break
         if time.monotonic() >= deadline:
             info = commit.get("shard")
             what = (
@@ -1860,6 +1854,9 @@ def _check_visible(out_dir: str, commit: dict[str, Any], wait: float | None = No
                 f"this driver on {socket.gethostname()} does not see {what}: on a cluster, --out must be a folder "
                 "on storage that every node sees (a shared filesystem), not a node's local disk"
             )
+        for folder in (os.path.dirname(record), out_dir):  # opening a folder makes NFS check it anew
+            with contextlib.suppress(OSError), os.scandir(folder) as entries:
+                next(entries, None)
         time.sleep(0.2)
 
 
@@ -1881,13 +1878,11 @@ def _check_inputs_seen(out_dir: str, commit: dict[str, Any]) -> None:
     if not seen:
         return
     info = commit.get("shard")
-    for p in (
-        _commit_path(out_dir, commit["shard_id"]),
-        os.path.join(out_dir, info["name"]) if info else None,
+    for p in [_commit_path(out_dir, commit["shard_id"])] + (
+        [os.path.join(out_dir, info["name"])] if info else []
     ):
-        if p is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
     raise PreprocessError(
         f"{seen[0]}: missing for the worker on {host}, but this driver on {socket.gethostname()} sees it "
         f"({_count(len(seen), 'such input')} in shard {commit['index']}): on a cluster, inputs must be on storage that every "
