@@ -77,20 +77,21 @@ def _cached_njit(fn: Any, **options: Any) -> Any:
     arbitrary user with ``HOME=/``) could not even be imported. Then the cache goes to this user's
     folder in the system's temporary folder (``numba.config.CACHE_DIR``, read when a function is
     decorated), and where even that fails each process compiles its kernels anew (``cache=False``)."""
+    compiled = _njit_cached_or_none(fn, options)
+    if compiled is None and not numba.config.CACHE_DIR and (folder := _temp_cache_dir()) is not None:
+        numba.config.CACHE_DIR = folder
+        compiled = _njit_cached_or_none(fn, options)
+    return compiled if compiled is not None else numba.njit(cache=False, **options)(fn)
+
+
+def _njit_cached_or_none(fn: Any, options: dict[str, Any]) -> Any:
+    """``numba.njit(cache=True, **options)(fn)``, or None when numba finds no folder for its cache."""
     try:
         return numba.njit(cache=True, **options)(fn)
     except RuntimeError as e:
         if NO_CACHE_LOCATOR not in str(e):
             raise
-    folder = _temp_cache_dir()
-    if folder is not None and not numba.config.CACHE_DIR:
-        numba.config.CACHE_DIR = folder
-        try:
-            return numba.njit(cache=True, **options)(fn)
-        except RuntimeError as e:
-            if NO_CACHE_LOCATOR not in str(e):
-                raise
-    return numba.njit(cache=False, **options)(fn)
+        return None
 
 
 def _jit(fn: Any, reassociate: bool = False) -> Any:
